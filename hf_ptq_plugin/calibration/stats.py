@@ -1,0 +1,57 @@
+"""Per-Linear input statistics gathered while the user's forward loop runs.
+
+Forward pre-hooks record, for every target Linear, the running per-input-channel max |x|
+(what `max` calibration needs; SmoothQuant and AWQ need it per channel). The hooks are removed
+when collection ends, also if the forward loop raises.
+"""
+
+import contextlib
+from typing import Callable, Dict
+
+import torch
+from torch import nn
+
+
+class InputStats:
+    """Running statistics of one Linear's input."""
+
+    def __init__(self):
+        self.channel_amax = None  # (K,) fp32, max |x| per input channel
+        self.num_tokens = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])  # (tokens, K)
+        amax = x.abs().amax(dim=0).float()
+        self.channel_amax = amax if self.channel_amax is None else torch.maximum(self.channel_amax, amax)
+        self.num_tokens += x.shape[0]
+
+    @property
+    def amax(self) -> torch.Tensor:
+        """Per-tensor max |x| (a 0-d fp32 tensor)."""
+        return self.channel_amax.amax()
+
+
+@contextlib.contextmanager
+def _input_hooks(linears: Dict[str, nn.Module], stats: Dict[str, InputStats]):
+    handles = [module.register_forward_pre_hook(lambda mod, args, s=stats[name]: s.update(args[0]))
+               for name, module in linears.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def collect_input_stats(model: nn.Module, linears: Dict[str, nn.Module], forward_loop: Callable) -> Dict[str, InputStats]:
+    """Run `forward_loop(model)` under no_grad and return {linear_name: InputStats}.
+
+    Raises ValueError naming the layers that saw no tokens (their scales would be invented).
+    """
+    stats = {name: InputStats() for name in linears}
+    with _input_hooks(linears, stats), torch.no_grad():
+        forward_loop(model)
+    unseen = [name for name, s in stats.items() if s.num_tokens == 0]
+    if unseen:
+        raise ValueError(f"forward_loop never reached {len(unseen)} layer(s), e.g. {unseen[:3]}; "
+                         "they would get made-up activation scales")
+    return stats

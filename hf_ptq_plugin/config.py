@@ -1,0 +1,101 @@
+"""PTQConfig: what to quantize and how, as JSON-primitive fields validated at construction.
+
+Errors name the bad value and list the valid choices. `to_dict` / `from_dict` round-trip
+exactly. (The transformers `QuantizationConfigMixin` side is added by the quantizer layer.)
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from . import formats as F
+
+SMOOTHING_ALGORITHMS = ("awq_lite", "awq_clip", "awq_full")
+
+
+def algorithm_fits_format(algorithm: str, fmt: F.Format) -> bool:
+    """Which calibration algorithms make sense for which format (ModelOpt's pairing)."""
+    if algorithm == "smoothquant":
+        return fmt.act == F.INT8
+    if algorithm in SMOOTHING_ALGORITHMS:
+        return fmt.pre_quant_scale
+    if algorithm in ("gptq", "mse"):
+        return fmt.weight in (F.INT4, F.INT8, F.NVFP4)
+    return algorithm == "max"
+
+
+@dataclass
+class PTQConfig:
+    """Post-training quantization settings; names follow ModelOpt's `hf_ptq.py` flags.
+
+    qformat: weight/activation format (`formats.FORMATS`). kv_cache_qformat: "none", "fp8" or
+    "nvfp4". algorithm: calibration algorithm, None = the format's default. group_size: None =
+    the format's default (for INT4: 128, or the largest engine-supported size that divides every
+    layer). exclude_modules: module names or fnmatch patterns kept in full precision, in addition
+    to the defaults (lm_head, MoE routers, vision towers). calib_*: calibration data and sizes.
+    """
+
+    qformat: str = "fp8"
+    kv_cache_qformat: str = "none"
+    algorithm: Optional[str] = None
+    group_size: Optional[int] = None
+    exclude_modules: List[str] = field(default_factory=list)
+    calib_dataset: Optional[str] = None
+    calib_size: int = 512
+    calib_seq_len: int = 512
+    calib_batch_size: int = 4
+
+    def __post_init__(self):
+        fmt = F.get_format(self.qformat)
+        F.get_kv_format(self.kv_cache_qformat)
+        self._check_algorithm(fmt)
+        self._check_group_size(fmt)
+        if not isinstance(self.exclude_modules, (list, tuple)) or not all(isinstance(m, str) for m in self.exclude_modules):
+            raise ValueError(f"exclude_modules must be a list of module names or patterns, got {self.exclude_modules!r}")
+        self.exclude_modules = list(self.exclude_modules)
+        for name in ("calib_size", "calib_seq_len", "calib_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    def _check_algorithm(self, fmt: F.Format) -> None:
+        if self.algorithm is None:
+            return
+        if self.algorithm not in F.ALGORITHMS:
+            raise ValueError(f"unknown algorithm {self.algorithm!r}; valid: {', '.join(F.ALGORITHMS)} "
+                             "(or None for the format's default)")
+        if not algorithm_fits_format(self.algorithm, fmt):
+            fitting = [a for a in F.ALGORITHMS if algorithm_fits_format(a, fmt)]
+            raise ValueError(f"algorithm {self.algorithm!r} does not fit qformat {fmt.name!r}; "
+                             f"valid for it: {', '.join(fitting)}")
+
+    def _check_group_size(self, fmt: F.Format) -> None:
+        if self.group_size is None:
+            return
+        valid = fmt.group_size_choices or ((fmt.group_size,) if fmt.group_size else ())
+        if self.group_size not in valid:
+            choices = ", ".join(map(str, valid)) if valid else "none (leave group_size=None)"
+            raise ValueError(f"group_size={self.group_size!r} is not valid for qformat {fmt.name!r}; valid: {choices}")
+
+    @property
+    def format(self) -> F.Format:
+        return F.get_format(self.qformat)
+
+    @property
+    def kv_format(self) -> Optional[F.KVFormat]:
+        return F.get_kv_format(self.kv_cache_qformat)
+
+    @property
+    def resolved_algorithm(self) -> str:
+        return self.algorithm or self.format.default_algorithm
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PTQConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown PTQConfig field(s) {unknown}; valid: {', '.join(sorted(known))}")
+        return cls(**values)

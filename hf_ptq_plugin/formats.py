@@ -1,0 +1,112 @@
+"""Quantization formats as data: one frozen `Format` per ModelOpt qformat, one per KV-cache format.
+
+Strings (qformat names, checkpoint `quant_algo` names) live only here and at the edges
+(config, CLI); the rest of the package passes `Format` objects around. The fields say how
+weights are stored, how activations are quantized at run time, and which calibration
+algorithm the format uses by default (ModelOpt's defaults, `modelopt-format.md` §1.4).
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+# Weight encodings (how `QuantLinear.weight` is stored).
+FP8 = "fp8"  # float8_e4m3fn values
+INT8 = "int8"  # int8 values
+INT4 = "int4"  # signed nibbles packed along the output dim, uint8 [out/2, in]
+NVFP4 = "nvfp4"  # E2M1 nibbles packed along the input dim, uint8 [out, in/2]
+MXFP8 = "mxfp8"  # float8_e4m3fn values with E8M0 (power of two) block scales
+
+# Weight scale granularities.
+PER_TENSOR = "tensor"
+PER_CHANNEL = "channel"  # one scale per output row
+PER_GROUP = "group"  # one scale per `group_size` inputs of a row
+PER_TILE = "tile"  # one scale per (group_size x group_size) tile
+
+# Activation scaling modes.
+STATIC = "static"  # one calibrated per-tensor scale (`input_scale`)
+DYNAMIC_TOKEN = "dynamic_token"  # one scale per token, computed at run time
+DYNAMIC_BLOCK = "dynamic_block"  # block scales at run time (MX: nothing stored)
+STATIC_GLOBAL_DYNAMIC_BLOCK = "static_global_dynamic_block"  # NVFP4: calibrated global scale
+
+# Group sizes the serving engines' INT4 group-wise GEMMs accept (TensorRT-LLM's W4A16/W4A8).
+INT4_GROUP_SIZES = (128, 64)
+
+
+@dataclass(frozen=True)
+class Format:
+    """One quantization format. `act_*` is None for weight-only formats."""
+
+    name: str  # ModelOpt qformat name, e.g. "int4_awq"
+    quant_algo: str  # unified-checkpoint `quant_algo`, e.g. "W4A16_AWQ"
+    weight: str  # weight encoding: FP8, INT8, INT4, NVFP4, MXFP8
+    weight_granularity: str  # PER_TENSOR, PER_CHANNEL, PER_GROUP, PER_TILE
+    group_size: Optional[int]  # default block/group size along the input dim
+    act: Optional[str]  # activation encoding: FP8, INT8, NVFP4, MXFP8 or None
+    act_scaling: Optional[str]  # STATIC, DYNAMIC_TOKEN, DYNAMIC_BLOCK, STATIC_GLOBAL_DYNAMIC_BLOCK
+    default_algorithm: str  # calibration algorithm used when the config leaves it None
+    pre_quant_scale: bool = False  # may carry a per-input-channel `pre_quant_scale`
+    fp8_weight_scale_2: bool = False  # W4A8: per-tensor FP8 `weight_scale_2` over INT4 groups
+    group_size_choices: tuple = ()  # allowed group sizes; () = fixed at `group_size`
+
+    @property
+    def needs_calibration_data(self) -> bool:
+        """True when a scale can only come from running data through the model."""
+        return self.act_scaling in (STATIC, STATIC_GLOBAL_DYNAMIC_BLOCK)
+
+    @property
+    def packs_two_per_byte(self) -> bool:
+        return self.weight in (INT4, NVFP4)
+
+
+FORMATS = {
+    f.name: f
+    for f in (
+        Format("fp8", "FP8", FP8, PER_TENSOR, None, FP8, STATIC, "max"),
+        Format("fp8_pc_pt", "FP8_PER_CHANNEL_PER_TOKEN", FP8, PER_CHANNEL, None, FP8, DYNAMIC_TOKEN, "max"),
+        Format("fp8_pb_wo", "FP8_PB_WO", FP8, PER_TILE, 128, None, None, "max"),
+        Format("int8_sq", "W8A8_SQ_PER_CHANNEL", INT8, PER_CHANNEL, None, INT8, STATIC, "smoothquant",
+               pre_quant_scale=True),
+        Format("int8_wo", "W8A16", INT8, PER_CHANNEL, None, None, None, "max"),
+        Format("int4_awq", "W4A16_AWQ", INT4, PER_GROUP, 128, None, None, "awq_lite",
+               pre_quant_scale=True, group_size_choices=INT4_GROUP_SIZES),
+        Format("w4a8_awq", "W4A8_AWQ", INT4, PER_GROUP, 128, FP8, STATIC, "awq_lite",
+               pre_quant_scale=True, fp8_weight_scale_2=True, group_size_choices=INT4_GROUP_SIZES),
+        Format("nvfp4", "NVFP4", NVFP4, PER_GROUP, 16, NVFP4, STATIC_GLOBAL_DYNAMIC_BLOCK, "max"),
+        Format("nvfp4_awq", "NVFP4_AWQ", NVFP4, PER_GROUP, 16, NVFP4, STATIC_GLOBAL_DYNAMIC_BLOCK,
+               "awq_lite", pre_quant_scale=True),
+        Format("w4a16_nvfp4", "W4A16_NVFP4", NVFP4, PER_GROUP, 16, None, None, "max"),
+        Format("mxfp8", "MXFP8", MXFP8, PER_GROUP, 32, MXFP8, DYNAMIC_BLOCK, "max"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class KVFormat:
+    """How attention keys and values are quantized before the attention kernel."""
+
+    name: str  # "fp8" or "nvfp4"
+    kv_cache_quant_algo: str  # "FP8" or "NVFP4"
+    values: str  # FP8 or NVFP4
+
+
+KV_FORMATS = {
+    "fp8": KVFormat("fp8", "FP8", FP8),
+    "nvfp4": KVFormat("nvfp4", "NVFP4", NVFP4),
+}
+KV_FORMAT_NAMES = ("none",) + tuple(KV_FORMATS)
+
+ALGORITHMS = ("max", "smoothquant", "awq_lite", "awq_clip", "awq_full", "gptq", "mse")
+
+
+def get_format(name: str) -> Format:
+    """The Format for a qformat name; a ValueError lists the valid names."""
+    if name not in FORMATS:
+        raise ValueError(f"unknown qformat {name!r}; valid: {', '.join(FORMATS)}")
+    return FORMATS[name]
+
+
+def get_kv_format(name: str) -> Optional[KVFormat]:
+    """The KVFormat for a kv_cache_qformat name, None for "none"."""
+    if name not in KV_FORMAT_NAMES:
+        raise ValueError(f"unknown kv_cache_qformat {name!r}; valid: {', '.join(KV_FORMAT_NAMES)}")
+    return KV_FORMATS.get(name)

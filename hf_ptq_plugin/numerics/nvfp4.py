@@ -1,0 +1,84 @@
+"""NVFP4: E2M1 values in 16-element blocks, FP8 E4M3 block scales, an fp32 global scale.
+
+Codes are 4 bits: bit 3 the sign, bits 0-2 an index into E2M1_GRID. Two codes per byte along
+the last (input) axis, the even element in the low nibble (`modelopt-format.md` §2.4, §2.7).
+"""
+
+import torch
+
+from .fp8 import FP8_MAX
+from .scales import block_amax
+
+E2M1_MAX = 6.0
+E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+NVFP4_BLOCK = 16
+FP8_MIN_SUBNORMAL = 2.0**-9  # block scales are clamped here so tiny blocks do not vanish
+
+
+def e2m1_codes(y: torch.Tensor) -> torch.Tensor:
+    """Round fp32 values (already divided by their scale) onto E2M1, ties to even, saturating at 6.
+
+    Midpoints between grid points tie toward the even mantissa: 0.25->0, 0.75->1, 1.25->1,
+    1.75->2, 2.5->2, 3.5->4, 5->4; so the boundaries alternate between > and >=.
+    Returns uint8 codes in [0, 15].
+    """
+    m = y.abs()
+    index = (
+        (m > 0.25).to(torch.uint8) + (m >= 0.75) + (m > 1.25) + (m >= 1.75)
+        + (m > 2.5) + (m >= 3.5) + (m > 5.0)
+    )
+    sign = (y < 0).to(torch.uint8) << 3
+    return sign | index
+
+
+def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes -> fp32 values."""
+    grid = torch.tensor(E2M1_GRID, dtype=torch.float32, device=codes.device)
+    magnitude = grid[(codes & 0x7).long()]
+    return torch.where((codes & 0x8) != 0, -magnitude, magnitude)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes (..., K) -> uint8 (..., K // 2), element 2k in the low nibble."""
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., K // 2) -> codes (..., K); exact inverse of `pack_nibbles`."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+
+
+def nvfp4_global_scale(amax: torch.Tensor) -> torch.Tensor:
+    """`weight_scale_2` / `input_scale` = amax / (6 * 448), fp32; zero amax gives 1.0."""
+    amax = amax.float()
+    return torch.where(amax > 0, amax / (E2M1_MAX * FP8_MAX), torch.ones_like(amax))
+
+
+def nvfp4_block_scales(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """Per-16-block scales in FP8 units: fp8(clamp(block_amax / (6 * gs), 2^-9, 448)).
+
+    (..., K) -> float8_e4m3fn (..., K // 16). An all-zero block gets 1.0, so it divides cleanly.
+    """
+    scales = block_amax(x, NVFP4_BLOCK) / (E2M1_MAX * global_scale)
+    scales = torch.where(scales == 0, torch.ones_like(scales), scales)
+    return scales.clamp(FP8_MIN_SUBNORMAL, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def nvfp4_quantize(x: torch.Tensor, global_scale: torch.Tensor):
+    """x (..., K) -> (codes uint8 (..., K), block scales float8_e4m3fn (..., K // 16))."""
+    block_scales = nvfp4_block_scales(x, global_scale)
+    step = block_scales.float() * global_scale  # (..., K // 16) fp32
+    y = x.float() / step.repeat_interleave(NVFP4_BLOCK, dim=-1)
+    return e2m1_codes(y), block_scales
+
+
+def nvfp4_dequantize(codes: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor):
+    """codes (..., K), block scales (..., K // 16) -> fp32 (..., K)."""
+    step = block_scales.float() * global_scale
+    return e2m1_values(codes) * step.repeat_interleave(NVFP4_BLOCK, dim=-1)
+
+
+def nvfp4_fake_quantize(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """Quantize with dynamic block scales under a fixed global scale, then dequantize (fp32)."""
+    codes, block_scales = nvfp4_quantize(x, global_scale)
+    return nvfp4_dequantize(codes, block_scales, global_scale)

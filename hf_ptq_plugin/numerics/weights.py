@@ -1,0 +1,123 @@
+"""Weight quantization per format, producing exactly the unified checkpoint's tensors.
+
+`quantize_weight` returns {"weight", "weight_scale"[, "weight_scale_2"]} with the names, dtypes
+and shapes of `modelopt-format.md` §6.4; `dequantize_weight` inverts it to fp32 the way the
+serving engine reconstructs the weight; `weight_buffer_specs` gives the same shapes without
+data (for building empty modules). Called by QuantLinear and the tests.
+"""
+
+from typing import Optional
+
+import torch
+
+from .. import formats as F
+from .fp8 import FP8_MAX, fp8_dequantize, fp8_quantize
+from .integer import INT4_MAX, INT8_MAX, int_dequantize, int_quantize, pack_int4_rows, unpack_int4_rows
+from .mx import MX_BLOCK, mxfp8_dequantize, mxfp8_quantize
+from .nvfp4 import nvfp4_dequantize, nvfp4_global_scale, nvfp4_quantize, pack_nibbles, unpack_nibbles
+from .scales import block_amax, scale_from_amax
+
+
+def quantize_weight(w: torch.Tensor, fmt: F.Format, group_size: Optional[int] = None,
+                    global_amax: Optional[torch.Tensor] = None) -> dict:
+    """Quantize a (N, K) weight into the format's checkpoint tensors.
+
+    `global_amax` overrides max|w| for the per-tensor second-level scale (NVFP4 and W4A8
+    `weight_scale_2`), so that layers an engine fuses (q/k/v, gate/up) can share one value.
+    """
+    w = w.detach().float()
+    group_size = group_size or fmt.group_size
+    if global_amax is None:
+        global_amax = w.abs().amax()
+    if fmt.weight == F.FP8:
+        return _quantize_fp8(w, fmt, group_size)
+    if fmt.weight == F.INT8:
+        scale = scale_from_amax(w.abs().amax(dim=1), INT8_MAX)  # (N,)
+        return {"weight": int_quantize(w, scale[:, None], 8), "weight_scale": scale}
+    if fmt.weight == F.INT4:
+        return _quantize_int4(w, fmt, group_size, global_amax)
+    if fmt.weight == F.NVFP4:
+        scale_2 = nvfp4_global_scale(global_amax)
+        codes, block_scales = nvfp4_quantize(w, scale_2)
+        return {"weight": pack_nibbles(codes), "weight_scale": block_scales, "weight_scale_2": scale_2}
+    if fmt.weight == F.MXFP8:
+        q, exponents = mxfp8_quantize(w)
+        return {"weight": q, "weight_scale": exponents}
+    raise ValueError(f"unknown weight encoding {fmt.weight!r} in format {fmt.name!r}")
+
+
+def _quantize_fp8(w: torch.Tensor, fmt: F.Format, tile: int) -> dict:
+    if fmt.weight_granularity == F.PER_TENSOR:
+        scale = scale_from_amax(w.abs().amax(), FP8_MAX)  # () fp32
+        return {"weight": fp8_quantize(w, scale), "weight_scale": scale}
+    if fmt.weight_granularity == F.PER_CHANNEL:
+        scale = scale_from_amax(w.abs().amax(dim=1), FP8_MAX)  # (N,)
+        return {"weight": fp8_quantize(w, scale[:, None]), "weight_scale": scale}
+    n, k = w.shape  # PER_TILE: one scale per (tile x tile) block, stored (N/t, 1, K/t, 1)
+    tiles = w.view(n // tile, tile, k // tile, tile)
+    scale = scale_from_amax(tiles.abs().amax(dim=(1, 3), keepdim=True), FP8_MAX)
+    return {"weight": fp8_quantize(tiles, scale).view(n, k), "weight_scale": scale}
+
+
+def _quantize_int4(w: torch.Tensor, fmt: F.Format, group_size: int, global_amax) -> dict:
+    scale = scale_from_amax(block_amax(w, group_size), INT4_MAX)  # (N, K / g) fp32
+    q = int_quantize(w, scale.repeat_interleave(group_size, dim=1), 4)  # (N, K) int8
+    out = {"weight": pack_int4_rows(q), "weight_scale": scale}
+    if fmt.fp8_weight_scale_2:
+        out["weight_scale_2"] = scale_from_amax(global_amax, FP8_MAX)
+    return out
+
+
+def dequantize_weight(buffers: dict, fmt: F.Format, group_size: Optional[int] = None) -> torch.Tensor:
+    """The fp32 (N, K) weight an engine multiplies with, from the checkpoint tensors."""
+    q, scale = buffers["weight"], buffers["weight_scale"]
+    group_size = group_size or fmt.group_size
+    if fmt.weight == F.FP8 and fmt.weight_granularity == F.PER_TILE:
+        n, k = q.shape
+        return fp8_dequantize(q.view(n // group_size, group_size, k // group_size, group_size), scale).view(n, k)
+    if fmt.weight in (F.FP8, F.INT8):
+        return (fp8_dequantize if fmt.weight == F.FP8 else int_dequantize)(q, scale if scale.dim() == 0 else scale[:, None])
+    if fmt.weight == F.INT4 and fmt.fp8_weight_scale_2:
+        return int4_w4a8_weight(buffers, group_size)
+    if fmt.weight == F.INT4:
+        return int_dequantize(unpack_int4_rows(q), scale.repeat_interleave(group_size, dim=1))
+    if fmt.weight == F.NVFP4:
+        return nvfp4_dequantize(unpack_nibbles(q), scale, buffers["weight_scale_2"])
+    if fmt.weight == F.MXFP8:
+        return mxfp8_dequantize(q, scale)
+    raise ValueError(f"unknown weight encoding {fmt.weight!r} in format {fmt.name!r}")
+
+
+def int4_w4a8_weight(buffers: dict, group_size: int) -> torch.Tensor:
+    """W4A8 weight as the engine sees it: fp8(q * fp16(ws / ws2)) * ws2, fp32 (N, K).
+
+    TensorRT-LLM feeds `weight_scale / weight_scale_2` as fp16 group scales; q times that ratio
+    (at most 7 * 448 / 7 = 448 by construction) is an FP8 value, and the GEMM result is scaled
+    by `weight_scale_2`. Both roundings (fp16 ratio, FP8 product) are reproduced here.
+    """
+    q = unpack_int4_rows(buffers["weight"]).float()
+    scale_2 = buffers["weight_scale_2"]
+    ratio = (buffers["weight_scale"] / scale_2).half().float().repeat_interleave(group_size, dim=1)
+    return fp8_dequantize(fp8_quantize(q * ratio, torch.tensor(1.0)), scale_2)
+
+
+def weight_buffer_specs(fmt: F.Format, out_features: int, in_features: int,
+                        group_size: Optional[int] = None) -> dict:
+    """{name: (shape, dtype)} of the weight tensors a layer of this format stores."""
+    n, k, g = out_features, in_features, group_size or fmt.group_size
+    scalar = ((), torch.float32)
+    if fmt.weight == F.FP8:
+        scale_shape = {F.PER_TENSOR: lambda: (), F.PER_CHANNEL: lambda: (n,), F.PER_TILE: lambda: (n // g, 1, k // g, 1)}
+        return {"weight": ((n, k), torch.float8_e4m3fn),
+                "weight_scale": (scale_shape[fmt.weight_granularity](), torch.float32)}
+    if fmt.weight == F.INT8:
+        return {"weight": ((n, k), torch.int8), "weight_scale": ((n,), torch.float32)}
+    if fmt.weight == F.INT4:
+        specs = {"weight": ((n // 2, k), torch.uint8), "weight_scale": ((n, k // g), torch.float32)}
+        return {**specs, "weight_scale_2": scalar} if fmt.fp8_weight_scale_2 else specs
+    if fmt.weight == F.NVFP4:
+        return {"weight": ((n, k // 2), torch.uint8), "weight_scale": ((n, k // g), torch.float8_e4m3fn),
+                "weight_scale_2": scalar}
+    if fmt.weight == F.MXFP8:
+        return {"weight": ((n, k), torch.float8_e4m3fn), "weight_scale": ((n, k // MX_BLOCK), torch.uint8)}
+    raise ValueError(f"unknown weight encoding {fmt.weight!r} in format {fmt.name!r}")

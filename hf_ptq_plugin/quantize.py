@@ -1,0 +1,106 @@
+"""quantize(model, config, forward_loop): quantize a model already in memory (ModelOpt's shape).
+
+Steps: pick the target Linears and the group size (failing early on shapes a format cannot
+store), run the forward loop once with hooks to collect activation and KV statistics, unify
+the scales of engine-fused siblings, then swap each Linear for a QuantLinear, layer by layer so
+the full-precision and quantized copies of the whole model never coexist.
+"""
+
+import dataclasses
+import logging
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+from . import formats as F
+from .calibration import collect_input_stats
+from .config import PTQConfig
+from .kv_cache import check_kv_support, enable_kv_quantization, observe_kv_amax
+from .quant_linear import QuantLinear
+from .selection import fused_groups, target_linears
+from .shapes import check_layer_shapes, resolve_group_size
+
+logger = logging.getLogger(__name__)
+
+IMPLEMENTED_ALGORITHMS = ("max",)
+
+
+def quantize(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callable] = None) -> nn.Module:
+    """Quantize `model` in place per `config` and return it.
+
+    `forward_loop(model)` runs calibration data through the model; it is required when the
+    format has static activation scales, when the KV cache is quantized, and for every algorithm
+    other than weight-only `max`.
+    """
+    fmt, kv_format, algorithm = config.format, config.kv_format, config.resolved_algorithm
+    linears = target_linears(model, config.exclude_modules)
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear left to quantize after exclusions "
+                         f"{config.exclude_modules}")
+    group_size = resolve_group_size(fmt, linears, config.group_size)
+    check_layer_shapes(fmt, linears, group_size)
+    _check_algorithm_and_loop(config, algorithm, forward_loop)
+    if kv_format is not None:
+        check_kv_support(model, kv_format)
+
+    input_amax, kv_amax = {}, {}
+    if forward_loop is not None and (fmt.needs_calibration_data or kv_format is not None):
+        input_amax, kv_amax = _calibrate_max(model, linears, forward_loop, kv_format is not None)
+    weight_global_amax = _unify_fused_scales(fmt, linears, input_amax)
+
+    for name, linear in linears.items():
+        _swap(model, name, QuantLinear.from_linear(
+            linear, fmt, group_size, input_amax.get(name), weight_global_amax.get(name)))
+    if kv_format is not None:
+        enable_kv_quantization(model, kv_format, kv_amax)
+    model.ptq_config = dataclasses.replace(config, group_size=group_size, algorithm=algorithm)
+    logger.info("quantized %d Linear layers to %s (group size %s)", len(linears), fmt.name, group_size)
+    return model
+
+
+def _check_algorithm_and_loop(config: PTQConfig, algorithm: str, forward_loop: Optional[Callable]) -> None:
+    if algorithm not in IMPLEMENTED_ALGORITHMS:
+        raise ValueError(f"algorithm {algorithm!r} (the default for qformat {config.qformat!r} when algorithm=None) "
+                         f"is not available in this version; available: {', '.join(IMPLEMENTED_ALGORITHMS)}")
+    if forward_loop is not None:
+        return
+    if config.format.needs_calibration_data:
+        raise ValueError(f"qformat {config.qformat!r} has static activation scales, which need calibration data: "
+                         "pass forward_loop=lambda model: ... that runs samples through the model")
+    if config.kv_format is not None:
+        raise ValueError(f"kv_cache_qformat {config.kv_cache_qformat!r} needs calibrated k/v scales: pass forward_loop")
+
+
+def _calibrate_max(model: nn.Module, linears: Dict[str, nn.Linear], forward_loop: Callable, with_kv: bool):
+    """One pass of the forward loop: per-Linear input amax and, if asked, per-attention K/V amax."""
+    if not with_kv:
+        stats = collect_input_stats(model, linears, forward_loop)
+        return {name: s.amax for name, s in stats.items()}, {}
+    with observe_kv_amax(model) as kv_amax:
+        stats = collect_input_stats(model, linears, forward_loop)
+    return {name: s.amax for name, s in stats.items()}, kv_amax
+
+
+def _unify_fused_scales(fmt: F.Format, linears: Dict[str, nn.Linear], input_amax: Dict[str, torch.Tensor]) -> dict:
+    """Give engine-fused siblings one input amax and one weight global amax (max of the group).
+
+    Updates `input_amax` in place; returns {name: weight global amax} for NVFP4 / W4A8 layers,
+    whose `weight_scale_2` must be shared before their block scales are computed.
+    """
+    shared_weight_amax = {}
+    needs_shared_weight = fmt.weight == F.NVFP4 or fmt.fp8_weight_scale_2
+    for group in fused_groups(linears):
+        if input_amax:
+            shared = torch.stack([input_amax[name] for name in group]).amax()
+            input_amax.update({name: shared for name in group})
+        if needs_shared_weight:
+            shared = torch.stack([linears[name].weight.detach().abs().amax().float() for name in group]).amax()
+            shared_weight_amax.update({name: shared for name in group})
+    return shared_weight_amax
+
+
+def _swap(model: nn.Module, name: str, new_module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new_module)

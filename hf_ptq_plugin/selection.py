@@ -1,0 +1,60 @@
+"""Which Linears get quantized, and which of them an engine fuses into one GEMM.
+
+Default exclusions follow ModelOpt's default-disabled list (`modelopt-format.md` §1.3): the LM
+head, MoE routers, vision towers and projectors. Patterns are fnmatch wildcards matched against
+the module name; a plain name also excludes everything under it.
+"""
+
+import fnmatch
+from typing import Dict, Iterable, List
+
+from torch import nn
+
+DEFAULT_EXCLUDE_PATTERNS = (
+    "*lm_head*", "*router*", "*mlp.gate.*", "*block_sparse_moe.gate*", "*shared_expert_gate*",
+    "*output_layer*", "*proj_out.*", "output.*", "mtp.*",
+    "*vision_tower*", "*vision_model*", "*visual*", "*embed_vision*", "*multi_modal_projector*",
+)
+
+# Sibling Linears that read the same input and that engines run as one fused GEMM; for NVFP4
+# and W4A8 they must share `input_scale` and `weight_scale_2` (TensorRT-LLM asserts it).
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+
+
+def is_excluded(name: str, patterns: Iterable[str]) -> bool:
+    """True if `name` matches a pattern, or sits under a module a pattern names exactly."""
+    dotted = name + "."  # lets "*mlp.gate.*" match "x.mlp.gate" but not "x.mlp.gate_proj"
+    for pattern in patterns:
+        if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(dotted, pattern):
+            return True
+        if dotted.startswith(pattern + "."):
+            return True
+    return False
+
+
+def target_linears(model: nn.Module, exclude_modules: Iterable[str] = ()) -> Dict[str, nn.Linear]:
+    """{name: module} of the nn.Linear modules to quantize (exact type: subclasses are left alone)."""
+    patterns = tuple(DEFAULT_EXCLUDE_PATTERNS) + tuple(exclude_modules)
+    return {name: module for name, module in model.named_modules()
+            if type(module) is nn.Linear and not is_excluded(name, patterns)}
+
+
+def excluded_linears(model: nn.Module, targets: Iterable[str]) -> List[str]:
+    """Names of the Linears left in full precision."""
+    targets = set(targets)
+    return [name for name, module in model.named_modules() if type(module) is nn.Linear and name not in targets]
+
+
+def fused_groups(names: Iterable[str]) -> List[List[str]]:
+    """Groups of target names that an engine fuses, e.g. [[...q_proj, ...k_proj, ...v_proj]]."""
+    names = set(names)
+    groups = []
+    for name in sorted(names):
+        parent, _, leaf = name.rpartition(".")
+        for siblings in FUSED_SIBLINGS:
+            if leaf == siblings[0]:
+                members = [f"{parent}.{s}" if parent else s for s in siblings]
+                members = [m for m in members if m in names]
+                if len(members) > 1:
+                    groups.append(members)
+    return groups

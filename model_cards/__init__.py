@@ -1,0 +1,1 @@
+"""Model-card templates shipped inside the installed package (filled by the export layer)."""

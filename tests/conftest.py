@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny Llama models built from a config (no hub access), and an SQNR helper."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama_config(hidden_size=128, intermediate_size=256, layers=2, heads=4, kv_heads=2, vocab=320):
+    return LlamaConfig(hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                       max_position_embeddings=256, tie_word_embeddings=False)
+
+
+def tiny_llama(seed=0, **overrides) -> LlamaForCausalLM:
+    """A fresh fp32 Llama with its own config object (attention switches must not leak between tests)."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB."""
+    noise = (reference.float() - approx.float()).pow(2).mean()
+    return (10 * torch.log10(reference.float().pow(2).mean() / noise)).item()
+
+
+@pytest.fixture
+def token_ids():
+    torch.manual_seed(1)
+    return torch.randint(0, 320, (2, 24))
