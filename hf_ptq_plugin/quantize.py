@@ -1,11 +1,12 @@
 """quantize(model, config, forward_loop): quantize a model already in memory (ModelOpt's shape).
 
 Steps: pick the target Linears and the group size (failing early on shapes a format cannot
-store), run the forward loop once with hooks to collect activation and KV statistics, unify
-the scales of engine-fused siblings, then swap each Linear for a QuantLinear, layer by layer so
-the full-precision and quantized copies of the whole model never coexist.
+store), calibrate (one pass of statistics for max and SmoothQuant; block-by-block streaming for
+AWQ), unify the scales of engine-fused siblings, then swap each Linear for a QuantLinear, layer
+by layer, so full-precision and quantized copies of the whole model never coexist.
 """
 
+import contextlib
 import dataclasses
 import logging
 from typing import Callable, Dict, Optional
@@ -15,6 +16,9 @@ from torch import nn
 
 from . import formats as F
 from .calibration import collect_input_stats
+from .calibration.smoothing import apply_pre_quant_scale, groups_sharing_input, stacked_weight
+from .calibration.smoothquant import smoothquant_scale
+from .calibration.streamed import streamed_awq
 from .config import PTQConfig
 from .kv_cache import check_kv_support, enable_kv_quantization, observe_kv_amax
 from .quant_linear import QuantLinear
@@ -23,7 +27,7 @@ from .shapes import check_layer_shapes, resolve_group_size
 
 logger = logging.getLogger(__name__)
 
-IMPLEMENTED_ALGORITHMS = ("max",)
+IMPLEMENTED_ALGORITHMS = ("max", "smoothquant", "awq_lite")
 
 
 def quantize(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callable] = None) -> nn.Module:
@@ -31,7 +35,8 @@ def quantize(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callabl
 
     `forward_loop(model)` runs calibration data through the model; it is required when the
     format has static activation scales, when the KV cache is quantized, and for every algorithm
-    other than weight-only `max`.
+    other than weight-only `max`. `max` and `smoothquant` run it once over the whole model;
+    `awq_lite` runs it once to capture the first block's inputs, then streams block by block.
     """
     fmt, kv_format, algorithm = config.format, config.kv_format, config.resolved_algorithm
     linears = target_linears(model, config.exclude_modules)
@@ -44,18 +49,17 @@ def quantize(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callabl
     if kv_format is not None:
         check_kv_support(model, kv_format)
 
-    input_amax, kv_amax = {}, {}
-    if forward_loop is not None and (fmt.needs_calibration_data or kv_format is not None):
-        input_amax, kv_amax = _calibrate_max(model, linears, forward_loop, kv_format is not None)
-    weight_global_amax = _unify_fused_scales(fmt, linears, input_amax)
-
-    for name, linear in linears.items():
-        _swap(model, name, QuantLinear.from_linear(
-            linear, fmt, group_size, input_amax.get(name), weight_global_amax.get(name)))
+    with _kv_observation(model, kv_format) as kv_amax:
+        if algorithm == "awq_lite":
+            streamed_awq(model, linears, fmt, group_size, forward_loop,
+                         lambda block_linears, plan: _quantize_linears(model, fmt, group_size, block_linears, plan))
+        else:
+            plan = _one_pass_plan(model, linears, fmt, algorithm, forward_loop)
+            _quantize_linears(model, fmt, group_size, linears, plan)
     if kv_format is not None:
         enable_kv_quantization(model, kv_format, kv_amax)
     model.ptq_config = dataclasses.replace(config, group_size=group_size, algorithm=algorithm)
-    logger.info("quantized %d Linear layers to %s (group size %s)", len(linears), fmt.name, group_size)
+    logger.info("quantized %d Linear layers to %s with %s (group size %s)", len(linears), fmt.name, algorithm, group_size)
     return model
 
 
@@ -65,6 +69,9 @@ def _check_algorithm_and_loop(config: PTQConfig, algorithm: str, forward_loop: O
                          f"is not available in this version; available: {', '.join(IMPLEMENTED_ALGORITHMS)}")
     if forward_loop is not None:
         return
+    if algorithm != "max":
+        raise ValueError(f"algorithm {algorithm!r} needs calibration data: pass forward_loop=lambda model: ... "
+                         "that runs samples through the model (or algorithm='max' for weight-only formats)")
     if config.format.needs_calibration_data:
         raise ValueError(f"qformat {config.qformat!r} has static activation scales, which need calibration data: "
                          "pass forward_loop=lambda model: ... that runs samples through the model")
@@ -72,14 +79,41 @@ def _check_algorithm_and_loop(config: PTQConfig, algorithm: str, forward_loop: O
         raise ValueError(f"kv_cache_qformat {config.kv_cache_qformat!r} needs calibrated k/v scales: pass forward_loop")
 
 
-def _calibrate_max(model: nn.Module, linears: Dict[str, nn.Linear], forward_loop: Callable, with_kv: bool):
-    """One pass of the forward loop: per-Linear input amax and, if asked, per-attention K/V amax."""
-    if not with_kv:
-        stats = collect_input_stats(model, linears, forward_loop)
-        return {name: s.amax for name, s in stats.items()}, {}
+@contextlib.contextmanager
+def _kv_observation(model: nn.Module, kv_format):
+    """Observe K/V amax during calibration when the KV cache is quantized; yields {attn: {"k", "v"}}."""
+    if kv_format is None:
+        yield {}
+        return
     with observe_kv_amax(model) as kv_amax:
-        stats = collect_input_stats(model, linears, forward_loop)
-    return {name: s.amax for name, s in stats.items()}, kv_amax
+        yield kv_amax
+
+
+def _one_pass_plan(model, linears, fmt: F.Format, algorithm: str, forward_loop) -> Dict[str, dict]:
+    """max / smoothquant: one pass of statistics, then {name: {"input_amax"[, "pre_quant_scale"]}}."""
+    if forward_loop is None:  # weight-only max: nothing to observe
+        return {}
+    stats = collect_input_stats(model, linears, forward_loop)
+    if algorithm != "smoothquant":
+        return {name: {"input_amax": s.amax} for name, s in stats.items()}
+    plan = {}
+    for group in groups_sharing_input(list(linears), fused_groups(linears)):
+        x_amax = stats[group[0]].channel_amax
+        scale = smoothquant_scale(stacked_weight(linears, group), x_amax)
+        scale = apply_pre_quant_scale([linears[name] for name in group], scale)
+        input_amax = (x_amax * scale.float()).amax()
+        plan.update({name: {"pre_quant_scale": scale, "input_amax": input_amax} for name in group})
+    return plan
+
+
+def _quantize_linears(model: nn.Module, fmt: F.Format, group_size, linears: Dict[str, nn.Linear], plan: dict) -> None:
+    """Unify fused siblings' scales, then swap each Linear for its QuantLinear."""
+    input_amax = {name: p["input_amax"] for name, p in plan.items() if "input_amax" in p}
+    weight_global_amax = _unify_fused_scales(fmt, linears, input_amax)
+    for name, linear in linears.items():
+        _swap(model, name, QuantLinear.from_linear(
+            linear, fmt, group_size, input_amax.get(name), weight_global_amax.get(name),
+            plan.get(name, {}).get("pre_quant_scale")))
 
 
 def _unify_fused_scales(fmt: F.Format, linears: Dict[str, nn.Linear], input_amax: Dict[str, torch.Tensor]) -> dict:

@@ -122,8 +122,3 @@ def test_nvfp4_layer_not_divisible_by_16_is_an_error_naming_the_layer():
     model = tiny_llama(hidden_size=72, intermediate_size=144, heads=3, kv_heads=1)  # 72 = 4.5 * 16
     with pytest.raises(ValueError, match=r"cannot store layer 'model.layers.0.self_attn.q_proj'.*block size 16"):
         quantize(model, PTQConfig(qformat="w4a16_nvfp4"))
-
-
-def test_default_algorithm_not_yet_available_says_so():
-    with pytest.raises(ValueError, match="awq_lite.*available: max"):
-        quantize(tiny_llama(), PTQConfig(qformat="int4_awq"))

@@ -13,17 +13,38 @@ from torch import nn
 
 
 class InputStats:
-    """Running statistics of one Linear's input."""
+    """Running statistics of one Linear's input.
 
-    def __init__(self):
+    Always: per-channel max |x|. With `sample_stride`: also per-channel sum |x| (for the mean
+    AWQ needs) and every `sample_stride`-th token, kept for searches that replay the inputs.
+    """
+
+    def __init__(self, sample_stride: int = 0):
         self.channel_amax = None  # (K,) fp32, max |x| per input channel
+        self.abs_sum = None  # (K,) fp32, sum |x| per input channel (only when sampling)
+        self.samples = []  # [(T_i, K)] fp32 token samples
         self.num_tokens = 0
+        self.sample_stride = sample_stride
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1])  # (tokens, K)
-        amax = x.abs().amax(dim=0).float()
+        x = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, K)
+        amax = x.abs().amax(dim=0)
         self.channel_amax = amax if self.channel_amax is None else torch.maximum(self.channel_amax, amax)
         self.num_tokens += x.shape[0]
+        if self.sample_stride:
+            abs_sum = x.abs().sum(dim=0)
+            self.abs_sum = abs_sum if self.abs_sum is None else self.abs_sum + abs_sum
+            self.samples.append(x[:: self.sample_stride].clone())
+
+    @property
+    def channel_mean(self) -> torch.Tensor:
+        """Per-channel mean |x| over every token seen (K,)."""
+        return self.abs_sum / self.num_tokens
+
+    @property
+    def sample(self) -> torch.Tensor:
+        """The kept tokens (T, K)."""
+        return torch.cat(self.samples)
 
     @property
     def amax(self) -> torch.Tensor:
@@ -32,7 +53,7 @@ class InputStats:
 
 
 @contextlib.contextmanager
-def _input_hooks(linears: Dict[str, nn.Module], stats: Dict[str, InputStats]):
+def input_hooks(linears: Dict[str, nn.Module], stats: Dict[str, InputStats]):
     handles = [module.register_forward_pre_hook(lambda mod, args, s=stats[name]: s.update(args[0]))
                for name, module in linears.items()]
     try:
@@ -48,7 +69,7 @@ def collect_input_stats(model: nn.Module, linears: Dict[str, nn.Module], forward
     Raises ValueError naming the layers that saw no tokens (their scales would be invented).
     """
     stats = {name: InputStats() for name in linears}
-    with _input_hooks(linears, stats), torch.no_grad():
+    with input_hooks(linears, stats), torch.no_grad():
         forward_loop(model)
     unseen = [name for name, s in stats.items() if s.num_tokens == 0]
     if unseen:

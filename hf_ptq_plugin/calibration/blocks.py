@@ -1,0 +1,79 @@
+"""Layer streaming: run calibration one decoder block at a time.
+
+`capture_block_inputs` runs the user's forward loop once with the decoder blocks replaced by a
+catcher that records the first block's inputs (hidden states plus keyword arguments such as
+position embeddings and the attention mask) and skips the blocks themselves. `run_block` then
+feeds those inputs through one block, producing the next block's inputs. Algorithms that need
+a layer's inputs (AWQ, GPTQ) quantize block i before computing block i+1's inputs, so every
+block is calibrated on the activations the quantized model will really produce.
+"""
+
+from typing import Callable, List, Tuple
+
+import torch
+from torch import nn
+
+# Keyword arguments that must not be replayed: a KV cache would grow at every replay.
+NOT_REPLAYED = ("cache", "past_key_values", "past_key_value", "use_cache")
+
+
+def decoder_blocks(model: nn.Module, linear_names) -> Tuple[str, nn.ModuleList]:
+    """(name, ModuleList) of the decoder blocks: the ModuleList that holds the most target Linears."""
+    best, best_count = None, 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            count = sum(1 for linear in linear_names if linear.startswith(name + "."))
+            if count > best_count:
+                best, best_count = (name, module), count
+    if best is None:
+        raise ValueError(f"{type(model).__name__}: found no ModuleList of decoder blocks holding the Linears "
+                         "to calibrate; layer-streamed algorithms need one")
+    return best
+
+
+class _Catcher(nn.Module):
+    """Stands in for a decoder block: records the inputs of block 0, passes hidden states through."""
+
+    def __init__(self, block: nn.Module, record: list = None):
+        super().__init__()
+        self.block, self.record = block, record
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.record is not None:
+            kept = {k: v for k, v in kwargs.items() if k not in NOT_REPLAYED}
+            self.record.append(((hidden_states.detach(),) + args, kept))
+        return hidden_states
+
+    def __getattr__(self, name):  # attributes the model reads from its blocks (e.g. attention_type)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.block, name)
+
+
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, forward_loop: Callable) -> List[tuple]:
+    """Run `forward_loop(model)` with the blocks bypassed; return [(args, kwargs)] of block 0, per call."""
+    record = []
+    originals = list(blocks)
+    try:
+        for i, block in enumerate(originals):
+            blocks[i] = _Catcher(block, record if i == 0 else None)
+        with torch.no_grad():
+            forward_loop(model)
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    if not record:
+        raise ValueError("forward_loop never ran the model: no calibration inputs were captured")
+    return record
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: List[tuple]) -> List[tuple]:
+    """Feed every recorded input through `block`; return the same structure for the next block."""
+    outputs = []
+    for args, kwargs in inputs:
+        hidden = block(*args, **kwargs)
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        outputs.append(((hidden,) + tuple(args[1:]), kwargs))
+    return outputs

@@ -1,0 +1,59 @@
+"""Layer-streamed smoothing calibration (AWQ-lite), one decoder block at a time.
+
+For each block: run it in full precision on its inputs with hooks that keep per-channel
+statistics and a token sample of every distinct Linear input, search the smoothing scale of each
+group of Linears sharing an input, hand the block's plan to `quantize_block` (which swaps in the
+QuantLinears), then run the now-quantized block to produce the next block's inputs. Memory holds
+one block's activations and samples, never the whole model's.
+"""
+
+from typing import Callable, Dict
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import formats as F
+from ..selection import fused_groups
+from .awq import awq_search
+from .blocks import capture_block_inputs, decoder_blocks, run_block
+from .smoothing import apply_pre_quant_scale, groups_sharing_input, stacked_weight
+from .stats import InputStats, input_hooks
+
+MAX_SEARCH_TOKENS = 2048  # tokens per input kept for the search: loss estimates, not statistics
+
+
+def streamed_awq(model: nn.Module, linears: Dict[str, nn.Linear], fmt: F.Format, group_size: int,
+                 forward_loop: Callable, quantize_block: Callable, max_tokens: int = MAX_SEARCH_TOKENS) -> None:
+    """AWQ-lite over every decoder block; `quantize_block(linears, plan)` swaps one block's Linears."""
+    blocks_name, blocks = decoder_blocks(model, linears)
+    outside = [name for name in linears if not name.startswith(blocks_name + ".")]
+    if outside:
+        raise ValueError(f"layer-streamed calibration handles Linears inside {blocks_name!r}; {outside[:3]} are "
+                         "outside it: exclude them with exclude_modules or use algorithm='max'")
+    inputs = capture_block_inputs(model, blocks, forward_loop)
+    total_tokens = sum(args[0].shape[:-1].numel() for args, _ in inputs)
+    stride = max(1, total_tokens // max_tokens)
+    for index, block in enumerate(tqdm(blocks, desc=f"awq_lite {fmt.name}", disable=None)):
+        prefix = f"{blocks_name}.{index}."
+        block_linears = {n: m for n, m in linears.items() if n.startswith(prefix)}
+        if block_linears:
+            quantize_block(block_linears, _smooth_block(block, block_linears, inputs, fmt, group_size, stride))
+        inputs = run_block(block, inputs)
+
+
+def _smooth_block(block, block_linears, inputs, fmt, group_size, stride) -> dict:
+    """Search and apply smoothing for one block; return {name: {"pre_quant_scale", "input_amax"}}."""
+    groups = groups_sharing_input(list(block_linears), fused_groups(block_linears))
+    leaders = {group[0]: block_linears[group[0]] for group in groups}
+    stats = {name: InputStats(sample_stride=stride) for name in leaders}
+    with input_hooks(leaders, stats):
+        run_block(block, inputs)
+    plan = {}
+    for group in groups:
+        s = stats[group[0]]
+        scale = awq_search(stacked_weight(block_linears, group), s.sample, s.channel_mean, fmt, group_size)
+        pre_quant_scale = apply_pre_quant_scale([block_linears[name] for name in group], 1.0 / scale)
+        input_amax = (s.channel_amax * pre_quant_scale.float()).amax()
+        plan.update({name: {"pre_quant_scale": pre_quant_scale, "input_amax": input_amax} for name in group})
+    return plan
