@@ -19,7 +19,9 @@ def algorithm_fits_format(algorithm: str, fmt: F.Format) -> bool:
         return fmt.act == F.INT8
     if algorithm in SMOOTHING_ALGORITHMS:
         return fmt.pre_quant_scale
-    if algorithm in ("gptq", "mse"):
+    if algorithm == "gptq":
+        return fmt.weight in (F.INT4, F.INT8) and not fmt.fp8_weight_scale_2
+    if algorithm == "mse":
         return fmt.weight in (F.INT4, F.INT8, F.NVFP4)
     return algorithm == "max"
 

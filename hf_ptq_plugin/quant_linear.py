@@ -40,12 +40,18 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: F.Format, group_size: Optional[int] = None,
                     input_amax: Optional[torch.Tensor] = None, weight_global_amax: Optional[torch.Tensor] = None,
-                    pre_quant_scale: Optional[torch.Tensor] = None) -> "QuantLinear":
-        """Quantize `linear.weight` (already smoothed, if a smoothing algorithm ran) into a new module."""
+                    pre_quant_scale: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+                    weight_scale: Optional[torch.Tensor] = None) -> "QuantLinear":
+        """Quantize `linear.weight` (already smoothed, if a smoothing algorithm ran) into a new module.
+
+        `weight` / `weight_scale` replace the Linear's weight and the computed scale (GPTQ hands
+        over its updated weight and the scales it quantized with).
+        """
         w = linear.weight
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, fmt, group_size,
                      dtype=w.dtype, device=w.device)
-        for name, tensor in quantize_weight(w, fmt, module.group_size, weight_global_amax).items():
+        w = w if weight is None else weight
+        for name, tensor in quantize_weight(w, fmt, module.group_size, weight_global_amax, weight_scale).items():
             getattr(module, name).copy_(tensor)
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.data)

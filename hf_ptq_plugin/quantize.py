@@ -18,7 +18,7 @@ from . import formats as F
 from .calibration import collect_input_stats
 from .calibration.smoothing import apply_pre_quant_scale, groups_sharing_input, stacked_weight
 from .calibration.smoothquant import smoothquant_scale
-from .calibration.streamed import streamed_awq
+from .calibration.streamed import STREAMED_ALGORITHMS, streamed_calibration
 from .config import PTQConfig
 from .kv_cache import check_kv_support, enable_kv_quantization, observe_kv_amax
 from .quant_linear import QuantLinear
@@ -27,7 +27,7 @@ from .shapes import check_layer_shapes, resolve_group_size
 
 logger = logging.getLogger(__name__)
 
-IMPLEMENTED_ALGORITHMS = ("max", "smoothquant", "awq_lite")
+IMPLEMENTED_ALGORITHMS = ("max", "smoothquant", "awq_lite", "gptq")
 
 
 def quantize(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callable] = None) -> nn.Module:
@@ -36,7 +36,7 @@ def quantize(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callabl
     `forward_loop(model)` runs calibration data through the model; it is required when the
     format has static activation scales, when the KV cache is quantized, and for every algorithm
     other than weight-only `max`. `max` and `smoothquant` run it once over the whole model;
-    `awq_lite` runs it once to capture the first block's inputs, then streams block by block.
+    `awq_lite` and `gptq` run it once to capture the first block's inputs, then stream block by block.
     """
     fmt, kv_format, algorithm = config.format, config.kv_format, config.resolved_algorithm
     linears = target_linears(model, config.exclude_modules)
@@ -50,9 +50,9 @@ def quantize(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callabl
         check_kv_support(model, kv_format)
 
     with _kv_observation(model, kv_format) as kv_amax:
-        if algorithm == "awq_lite":
-            streamed_awq(model, linears, fmt, group_size, forward_loop,
-                         lambda block_linears, plan: _quantize_linears(model, fmt, group_size, block_linears, plan))
+        if algorithm in STREAMED_ALGORITHMS:
+            streamed_calibration(model, linears, fmt, group_size, algorithm, forward_loop,
+                                 lambda block_linears, plan: _quantize_linears(model, fmt, group_size, block_linears, plan))
         else:
             plan = _one_pass_plan(model, linears, fmt, algorithm, forward_loop)
             _quantize_linears(model, fmt, group_size, linears, plan)
@@ -111,9 +111,10 @@ def _quantize_linears(model: nn.Module, fmt: F.Format, group_size, linears: Dict
     input_amax = {name: p["input_amax"] for name, p in plan.items() if "input_amax" in p}
     weight_global_amax = _unify_fused_scales(fmt, linears, input_amax)
     for name, linear in linears.items():
+        layer_plan = plan.get(name, {})
         _swap(model, name, QuantLinear.from_linear(
             linear, fmt, group_size, input_amax.get(name), weight_global_amax.get(name),
-            plan.get(name, {}).get("pre_quant_scale")))
+            layer_plan.get("pre_quant_scale"), layer_plan.get("weight"), layer_plan.get("weight_scale")))
 
 
 def _unify_fused_scales(fmt: F.Format, linears: Dict[str, nn.Linear], input_amax: Dict[str, torch.Tensor]) -> dict:

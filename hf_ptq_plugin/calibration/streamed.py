@@ -1,10 +1,11 @@
-"""Layer-streamed smoothing calibration (AWQ-lite), one decoder block at a time.
+"""Layer-streamed calibration (AWQ-lite, GPTQ), one decoder block at a time.
 
-For each block: run it in full precision on its inputs with hooks that keep per-channel
-statistics and a token sample of every distinct Linear input, search the smoothing scale of each
-group of Linears sharing an input, hand the block's plan to `quantize_block` (which swaps in the
-QuantLinears), then run the now-quantized block to produce the next block's inputs. Memory holds
-one block's activations and samples, never the whole model's.
+For each block: run it in full precision on its inputs with hooks that collect what the
+algorithm needs about every distinct Linear input (AWQ: per-channel statistics and a token
+sample; GPTQ: the Hessian), compute the block's plan (smoothing scales, or GPTQ-updated weights
+with their scales), hand it to `quantize_block` (which swaps in the QuantLinears), then run the
+now-quantized block to produce the next block's inputs. Memory holds one block's activations
+and statistics, never the whole model's.
 """
 
 from typing import Callable, Dict
@@ -17,15 +18,21 @@ from .. import formats as F
 from ..selection import fused_groups
 from .awq import awq_search
 from .blocks import capture_block_inputs, decoder_blocks, run_block
+from .gptq import HessianStats, gptq_quantize
 from .smoothing import apply_pre_quant_scale, groups_sharing_input, stacked_weight
 from .stats import InputStats, input_hooks
 
 MAX_SEARCH_TOKENS = 2048  # tokens per input kept for the search: loss estimates, not statistics
 
 
-def streamed_awq(model: nn.Module, linears: Dict[str, nn.Linear], fmt: F.Format, group_size: int,
-                 forward_loop: Callable, quantize_block: Callable, max_tokens: int = MAX_SEARCH_TOKENS) -> None:
-    """AWQ-lite over every decoder block; `quantize_block(linears, plan)` swaps one block's Linears."""
+STREAMED_ALGORITHMS = ("awq_lite", "gptq")
+
+
+def streamed_calibration(model: nn.Module, linears: Dict[str, nn.Linear], fmt: F.Format, group_size: int,
+                         algorithm: str, forward_loop: Callable, quantize_block: Callable,
+                         max_tokens: int = MAX_SEARCH_TOKENS) -> None:
+    """Run `algorithm` over every decoder block; `quantize_block(linears, plan)` swaps one block's Linears."""
+    calibrate_block = {"awq_lite": _smooth_block, "gptq": _gptq_block}[algorithm]
     blocks_name, blocks = decoder_blocks(model, linears)
     outside = [name for name in linears if not name.startswith(blocks_name + ".")]
     if outside:
@@ -34,11 +41,11 @@ def streamed_awq(model: nn.Module, linears: Dict[str, nn.Linear], fmt: F.Format,
     inputs = capture_block_inputs(model, blocks, forward_loop)
     total_tokens = sum(args[0].shape[:-1].numel() for args, _ in inputs)
     stride = max(1, total_tokens // max_tokens)
-    for index, block in enumerate(tqdm(blocks, desc=f"awq_lite {fmt.name}", disable=None)):
+    for index, block in enumerate(tqdm(blocks, desc=f"{algorithm} {fmt.name}", disable=None)):
         prefix = f"{blocks_name}.{index}."
         block_linears = {n: m for n, m in linears.items() if n.startswith(prefix)}
         if block_linears:
-            quantize_block(block_linears, _smooth_block(block, block_linears, inputs, fmt, group_size, stride))
+            quantize_block(block_linears, calibrate_block(block, block_linears, inputs, fmt, group_size, stride))
         inputs = run_block(block, inputs)
 
 
@@ -56,4 +63,20 @@ def _smooth_block(block, block_linears, inputs, fmt, group_size, stride) -> dict
         pre_quant_scale = apply_pre_quant_scale([block_linears[name] for name in group], 1.0 / scale)
         input_amax = (s.channel_amax * pre_quant_scale.float()).amax()
         plan.update({name: {"pre_quant_scale": pre_quant_scale, "input_amax": input_amax} for name in group})
+    return plan
+
+
+def _gptq_block(block, block_linears, inputs, fmt, group_size, stride) -> dict:
+    """GPTQ for one block; return {name: {"weight", "weight_scale", "input_amax"}}."""
+    groups = groups_sharing_input(list(block_linears), fused_groups(block_linears))
+    leaders = {group[0]: block_linears[group[0]] for group in groups}
+    hessians = {name: HessianStats() for name in leaders}
+    stats = {name: InputStats() for name in leaders}
+    with input_hooks(leaders, hessians), input_hooks(leaders, stats):
+        run_block(block, inputs)
+    plan = {}
+    for group in groups:
+        for name in group:
+            weight, scale = gptq_quantize(block_linears[name].weight, hessians[group[0]].hessian, fmt, group_size)
+            plan[name] = {"weight": weight, "weight_scale": scale, "input_amax": stats[group[0]].amax}
     return plan

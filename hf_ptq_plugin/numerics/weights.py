@@ -19,23 +19,26 @@ from .scales import block_amax, scale_from_amax
 
 
 def quantize_weight(w: torch.Tensor, fmt: F.Format, group_size: Optional[int] = None,
-                    global_amax: Optional[torch.Tensor] = None) -> dict:
+                    global_amax: Optional[torch.Tensor] = None, weight_scale: Optional[torch.Tensor] = None) -> dict:
     """Quantize a (N, K) weight into the format's checkpoint tensors.
 
     `global_amax` overrides max|w| for the per-tensor second-level scale (NVFP4 and W4A8
     `weight_scale_2`), so that layers an engine fuses (q/k/v, gate/up) can share one value.
+    `weight_scale` (INT8 and INT4 only) replaces the max-derived scale, e.g. GPTQ's fixed scales.
     """
     w = w.detach().float()
     group_size = group_size or fmt.group_size
     if global_amax is None:
         global_amax = w.abs().amax()
+    if weight_scale is not None and fmt.weight not in (F.INT8, F.INT4):
+        raise ValueError(f"a given weight_scale is supported for INT8 and INT4 weights, not qformat {fmt.name!r}")
     if fmt.weight == F.FP8:
         return _quantize_fp8(w, fmt, group_size)
     if fmt.weight == F.INT8:
-        scale = scale_from_amax(w.abs().amax(dim=1), INT8_MAX)  # (N,)
+        scale = scale_from_amax(w.abs().amax(dim=1), INT8_MAX) if weight_scale is None else weight_scale  # (N,)
         return {"weight": int_quantize(w, scale[:, None], 8), "weight_scale": scale}
     if fmt.weight == F.INT4:
-        return _quantize_int4(w, fmt, group_size, global_amax)
+        return _quantize_int4(w, fmt, group_size, global_amax, weight_scale)
     if fmt.weight == F.NVFP4:
         scale_2 = nvfp4_global_scale(global_amax)
         codes, block_scales = nvfp4_quantize(w, scale_2)
@@ -59,8 +62,9 @@ def _quantize_fp8(w: torch.Tensor, fmt: F.Format, tile: int) -> dict:
     return {"weight": fp8_quantize(tiles, scale).view(n, k), "weight_scale": scale}
 
 
-def _quantize_int4(w: torch.Tensor, fmt: F.Format, group_size: int, global_amax) -> dict:
-    scale = scale_from_amax(block_amax(w, group_size), INT4_MAX)  # (N, K / g) fp32
+def _quantize_int4(w: torch.Tensor, fmt: F.Format, group_size: int, global_amax, scale=None) -> dict:
+    if scale is None:
+        scale = scale_from_amax(block_amax(w, group_size), INT4_MAX)  # (N, K / g) fp32
     q = int_quantize(w, scale.repeat_interleave(group_size, dim=1), 4)  # (N, K) int8
     out = {"weight": pack_int4_rows(q), "weight_scale": scale}
     if fmt.fp8_weight_scale_2:

@@ -1,0 +1,94 @@
+"""Accuracy per format x calibration algorithm on SmolLM2-135M (issue 4's protocol).
+
+Calibration: --calib-samples windows of --seq-len tokens spread over the five Austen novels other
+than Pride and Prejudice; evaluation: perplexity on the first --eval-windows windows of Pride and
+Prejudice. Each run happens in its own process, so its peak RSS is its own.
+
+    python benchmarks/accuracy.py [--runs fp8:max,int8_sq:smoothquant,int4_awq:awq_lite] [--markdown]
+"""
+
+import argparse
+import multiprocessing
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_RUNS = ("fp8:max,int8_sq:smoothquant,int8_sq:max,int8_wo:max,int4_awq:awq_lite,int4_awq:gptq,"
+                "int4_awq:max,w4a8_awq:awq_lite,nvfp4:max,nvfp4_awq:awq_lite")
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default=DEFAULT_RUNS, help="comma-separated qformat:algorithm pairs")
+    parser.add_argument("--group-size", type=int, default=None, help="INT4 group size (default: automatic)")
+    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "hf_ptq_plugin")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--markdown", action="store_true")
+    return parser.parse_args()
+
+
+def windows(args):
+    from transformers import AutoTokenizer
+
+    from hf_ptq_plugin.data.austen import calibration_and_eval_texts
+    from hf_ptq_plugin.data.smollm2 import smollm2_checkpoint
+    from hf_ptq_plugin.data.text import first_windows, spread_windows, tokenize
+
+    path = smollm2_checkpoint(args.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    calib, evaluation = calibration_and_eval_texts(args.cache_dir)
+    return (path, spread_windows(tokenize(tokenizer, calib), args.seq_len, args.calib_samples),
+            first_windows(tokenize(tokenizer, evaluation), args.seq_len, args.eval_windows))
+
+
+def one_run(qformat, algorithm, group_size, path, calib_windows, eval_windows, batch_size):
+    """Runs in a child process: load, quantize, evaluate; returns the measurements."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_ptq_plugin import PTQConfig, quantize
+    from hf_ptq_plugin.evaluation import perplexity
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # fp32: fast on AVX2
+    start = time.perf_counter()
+    if qformat != "none":
+        config = PTQConfig(qformat=qformat, algorithm=algorithm, group_size=group_size)
+        quantize(model, config, forward_loop=lambda m: [m(input_ids=b) for b in calib_windows.split(batch_size)])
+    calib_seconds = time.perf_counter() - start
+    ppl = perplexity(model, eval_windows, batch_size, progress=f"{qformat}:{algorithm}")
+    group = getattr(getattr(model, "ptq_config", None), "group_size", None)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"run": f"{qformat}:{algorithm}", "group": group, "ppl": ppl, "calib_s": calib_seconds, "peak_mb": peak_mb}
+
+
+def main():
+    args = parse_args()
+    path, calib_windows, eval_windows = windows(args)
+    runs = [("none", "-")] + [tuple(r.split(":")) for r in args.runs.split(",")]
+    context = multiprocessing.get_context("spawn")
+    results = []
+    for qformat, algorithm in runs:
+        with context.Pool(1) as pool:
+            results.append(pool.apply(one_run, (qformat, algorithm, args.group_size, path, calib_windows,
+                                                eval_windows, args.batch_size)))
+    baseline = results[0]["ppl"]
+    header = ["format:algorithm", "group", "perplexity", "ratio to unquantized", "calibration s", "peak RSS MB"]
+    rows = [[r["run"], str(r["group"] or "-"), f"{r['ppl']:.2f}", f"{r['ppl'] / baseline:.3f}",
+             f"{r['calib_s']:.0f}", f"{r['peak_mb']:.0f}"] for r in results]
+    print(f"protocol: {args.calib_samples} calibration samples x {args.seq_len} tokens (Austen minus P&P), "
+          f"perplexity on the first {args.eval_windows} windows x {args.seq_len} of Pride and Prejudice, "
+          f"fp32 compute, {torch.get_num_threads()} threads")
+    if args.markdown:
+        print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+        print("\n".join("| " + " | ".join(row) + " |" for row in rows))
+    else:
+        print("\n".join("  ".join(cell.rjust(18) for cell in row) for row in [header] + rows))
+
+
+if __name__ == "__main__":
+    main()

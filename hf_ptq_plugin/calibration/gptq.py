@@ -1,0 +1,81 @@
+"""GPTQ (`modelopt-format.md` §3.8) for INT4 group-wise and INT8 per-channel weights.
+
+Per Linear, with the Hessian H = (2/n) sum x x^T of its inputs: dead columns are zeroed, H is
+damped by `perc_damp * mean(diag H)`, and columns are quantized left to right in blocks of 128,
+each column's rounding error spread over the columns not yet quantized through the upper
+Cholesky factor of H^-1 (no activation reordering).
+
+The scales are fixed before the loop from the original weights (block amax / 7 for INT4, row
+amax / 127 for INT8), and returned, so the QuantLinear stores exactly the integers GPTQ chose:
+recomputing scales from the updated weights would re-round them.
+"""
+
+import torch
+
+from .. import formats as F
+from ..numerics.integer import INT4_MAX, INT8_MAX
+from ..numerics.scales import block_amax, scale_from_amax
+
+PERC_DAMP = 0.01
+COLUMN_BLOCK = 128
+
+
+class HessianStats:
+    """Running (2/n) sum x x^T of a Linear's inputs, in fp32."""
+
+    def __init__(self):
+        self.hessian, self.num_tokens = None, 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, K)
+        total = self.num_tokens + x.shape[0]
+        contribution = (2.0 / total) * (x.T @ x)
+        if self.hessian is None:
+            self.hessian = contribution
+        else:
+            self.hessian = self.hessian * (self.num_tokens / total) + contribution
+        self.num_tokens = total
+
+
+def gptq_weight_scale(w: torch.Tensor, fmt: F.Format, group_size: int) -> torch.Tensor:
+    """The fixed scales GPTQ quantizes with: INT4 (N, K / g) or INT8 (N,)."""
+    if fmt.weight == F.INT4:
+        return scale_from_amax(block_amax(w, group_size), INT4_MAX)
+    if fmt.weight == F.INT8:
+        return scale_from_amax(w.abs().amax(dim=1).float(), INT8_MAX)
+    raise ValueError(f"gptq supports INT4 and INT8 weight formats; got qformat {fmt.name!r}")
+
+
+@torch.no_grad()
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: F.Format, group_size: int,
+                  perc_damp: float = PERC_DAMP):
+    """(dequantized weight (N, K) fp32 on the integer grid, its scale) for weight w (N, K)."""
+    w = w.float().clone()
+    scale = gptq_weight_scale(w, fmt, group_size)
+    column_scale = scale.repeat_interleave(group_size, dim=1) if fmt.weight == F.INT4 else scale[:, None].expand_as(w)
+    low, high = (-8, 7) if fmt.weight == F.INT4 else (-128, 127)
+    hinv = _inverse_hessian_factor(hessian, w, perc_damp)
+    k = w.shape[1]
+    for start in range(0, k, COLUMN_BLOCK):
+        end = min(start + COLUMN_BLOCK, k)
+        errors = torch.zeros_like(w[:, start:end])
+        for i in range(start, end):
+            s = column_scale[:, i]
+            q = torch.round(w[:, i] / s).clamp(low, high) * s
+            error = (w[:, i] - q) / hinv[i, i]
+            w[:, i:end] -= error[:, None] * hinv[i, i:end][None, :]
+            w[:, i] = q
+            errors[:, i - start] = error
+        w[:, end:] -= errors @ hinv[start:end, end:]
+    return w, scale
+
+
+def _inverse_hessian_factor(hessian: torch.Tensor, w: torch.Tensor, perc_damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of the damped H^-1; zeroes w's dead columns in place."""
+    h = hessian.float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += perc_damp * torch.diag(h).mean() * torch.eye(h.shape[0], device=h.device)
+    h_inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(h_inv, upper=True)
