@@ -65,14 +65,22 @@ def quantize_key_value(module: nn.Module, key: torch.Tensor, value: torch.Tensor
     """Fake-quantize (B, H_kv, S, D) keys and values with the module's KV format and scales."""
     observer = getattr(module, "kv_amax_observer", None)
     if observer is not None:  # calibrating: record statistics, leave the values untouched
-        observer["k"] = max(observer["k"], key.detach().abs().amax().item())
-        observer["v"] = max(observer["v"], value.detach().abs().amax().item())
+        observer["k"] = max(observer["k"], _real_token_amax(key, observer["token_mask"]))
+        observer["v"] = max(observer["v"], _real_token_amax(value, observer["token_mask"]))
         return key, value
     kv_format = getattr(module, "kv_format", None)
     if kv_format is None:
         return key, value
     return (_fake_quantize_kv(key, module.k_proj.k_scale, kv_format),
             _fake_quantize_kv(value, module.v_proj.v_scale, kv_format))
+
+
+def _real_token_amax(states: torch.Tensor, token_mask) -> float:
+    """max |states| over real tokens of (B, H, S, D) states (the cache may hold more than the batch)."""
+    mask = None if token_mask is None else token_mask.mask
+    if mask is not None and states.shape[0] == mask.shape[0] and states.shape[2] == mask.shape[1]:
+        states = states.transpose(1, 2)[mask.to(states.device)]  # (real tokens, H, D)
+    return states.detach().abs().amax().item() if states.numel() else 0.0
 
 
 def _fake_quantize_kv(x: torch.Tensor, scale: torch.Tensor, kv_format: F.KVFormat) -> torch.Tensor:
@@ -128,13 +136,14 @@ def _use_kv_attention(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def observe_kv_amax(model: nn.Module):
+def observe_kv_amax(model: nn.Module, token_mask=None):
     """Inside the block, forwards record K/V amax per attention module; yields {name: {"k", "v"}}.
 
-    The observers are removed on exit, also when the forward loop raises.
+    `token_mask` (a TokenMask) excludes padding. The observers are removed on exit, also when
+    the forward loop raises.
     """
     modules = attention_modules(model)
-    stats = {name: {"k": 0.0, "v": 0.0} for name in modules}
+    stats = {name: {"k": 0.0, "v": 0.0, "token_mask": token_mask} for name in modules}
     previous = model.config._attn_implementation
     try:
         for name, module in modules.items():

@@ -49,7 +49,7 @@ def quantize(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callabl
     if kv_format is not None:
         check_kv_support(model, kv_format)
 
-    with _kv_observation(model, kv_format) as kv_amax:
+    with _kv_observation(model, kv_format, getattr(forward_loop, "token_mask", None)) as kv_amax:
         if algorithm in STREAMED_ALGORITHMS:
             streamed_calibration(model, linears, fmt, group_size, algorithm, forward_loop,
                                  lambda block_linears, plan: _quantize_linears(model, fmt, group_size, block_linears, plan))
@@ -80,12 +80,12 @@ def _check_algorithm_and_loop(config: PTQConfig, algorithm: str, forward_loop: O
 
 
 @contextlib.contextmanager
-def _kv_observation(model: nn.Module, kv_format):
+def _kv_observation(model: nn.Module, kv_format, token_mask):
     """Observe K/V amax during calibration when the KV cache is quantized; yields {attn: {"k", "v"}}."""
     if kv_format is None:
         yield {}
         return
-    with observe_kv_amax(model) as kv_amax:
+    with observe_kv_amax(model, token_mask) as kv_amax:
         yield kv_amax
 
 

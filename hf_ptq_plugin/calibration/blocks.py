@@ -34,14 +34,15 @@ def decoder_blocks(model: nn.Module, linear_names) -> Tuple[str, nn.ModuleList]:
 class _Catcher(nn.Module):
     """Stands in for a decoder block: records the inputs of block 0, passes hidden states through."""
 
-    def __init__(self, block: nn.Module, record: list = None):
+    def __init__(self, block: nn.Module, record: list = None, token_mask=None):
         super().__init__()
-        self.block, self.record = block, record
+        self.block, self.record, self.token_mask = block, record, token_mask
 
     def forward(self, hidden_states, *args, **kwargs):
         if self.record is not None:
             kept = {k: v for k, v in kwargs.items() if k not in NOT_REPLAYED}
-            self.record.append(((hidden_states.detach(),) + args, kept))
+            mask = None if self.token_mask is None else self.token_mask.mask
+            self.record.append(((hidden_states.detach(),) + args, kept, mask))
         return hidden_states
 
     def __getattr__(self, name):  # attributes the model reads from its blocks (e.g. attention_type)
@@ -52,12 +53,13 @@ class _Catcher(nn.Module):
 
 
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, forward_loop: Callable) -> List[tuple]:
-    """Run `forward_loop(model)` with the blocks bypassed; return [(args, kwargs)] of block 0, per call."""
+    """Run `forward_loop(model)` with the blocks bypassed; return [(args, kwargs, token mask)] of block 0."""
     record = []
     originals = list(blocks)
+    token_mask = getattr(forward_loop, "token_mask", None)
     try:
         for i, block in enumerate(originals):
-            blocks[i] = _Catcher(block, record if i == 0 else None)
+            blocks[i] = _Catcher(block, record if i == 0 else None, token_mask)
         with torch.no_grad():
             forward_loop(model)
     finally:
@@ -69,11 +71,20 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, forward_loop: 
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: List[tuple]) -> List[tuple]:
-    """Feed every recorded input through `block`; return the same structure for the next block."""
+def run_block(block: nn.Module, inputs: List[tuple], token_mask=None) -> List[tuple]:
+    """Feed every recorded input through `block`; return the same structure for the next block.
+
+    `token_mask` (a TokenMask) is set to each batch's real tokens while that batch runs.
+    """
     outputs = []
-    for args, kwargs in inputs:
-        hidden = block(*args, **kwargs)
-        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        outputs.append(((hidden,) + tuple(args[1:]), kwargs))
+    try:
+        for args, kwargs, mask in inputs:
+            if token_mask is not None:
+                token_mask.mask = mask
+            hidden = block(*args, **kwargs)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+            outputs.append(((hidden,) + tuple(args[1:]), kwargs, mask))
+    finally:
+        if token_mask is not None:
+            token_mask.mask = None
     return outputs

@@ -53,8 +53,12 @@ class InputStats:
 
 
 @contextlib.contextmanager
-def input_hooks(linears: Dict[str, nn.Module], stats: Dict[str, InputStats]):
-    handles = [module.register_forward_pre_hook(lambda mod, args, s=stats[name]: s.update(args[0]))
+def input_hooks(linears: Dict[str, nn.Module], stats: Dict[str, "InputStats"], token_mask=None):
+    """Feed every Linear's input to its stats object; `token_mask` (a TokenMask) drops padding."""
+    def observe(stat, x):
+        stat.update(x if token_mask is None else token_mask.real_tokens(x))
+
+    handles = [module.register_forward_pre_hook(lambda mod, args, s=stats[name]: observe(s, args[0]))
                for name, module in linears.items()]
     try:
         yield
@@ -66,10 +70,11 @@ def input_hooks(linears: Dict[str, nn.Module], stats: Dict[str, InputStats]):
 def collect_input_stats(model: nn.Module, linears: Dict[str, nn.Module], forward_loop: Callable) -> Dict[str, InputStats]:
     """Run `forward_loop(model)` under no_grad and return {linear_name: InputStats}.
 
+    A loop from `calibration_forward_loop` publishes which tokens are padding; those are skipped.
     Raises ValueError naming the layers that saw no tokens (their scales would be invented).
     """
     stats = {name: InputStats() for name in linears}
-    with input_hooks(linears, stats), torch.no_grad():
+    with input_hooks(linears, stats, getattr(forward_loop, "token_mask", None)), torch.no_grad():
         forward_loop(model)
     unseen = [name for name, s in stats.items() if s.num_tokens == 0]
     if unseen:

@@ -18,6 +18,7 @@ from .. import formats as F
 from ..selection import fused_groups
 from .awq import awq_search
 from .blocks import capture_block_inputs, decoder_blocks, run_block
+from .data import TokenMask
 from .gptq import HessianStats, gptq_quantize
 from .smoothing import apply_pre_quant_scale, groups_sharing_input, stacked_weight
 from .stats import InputStats, input_hooks
@@ -39,23 +40,25 @@ def streamed_calibration(model: nn.Module, linears: Dict[str, nn.Linear], fmt: F
         raise ValueError(f"layer-streamed calibration handles Linears inside {blocks_name!r}; {outside[:3]} are "
                          "outside it: exclude them with exclude_modules or use algorithm='max'")
     inputs = capture_block_inputs(model, blocks, forward_loop)
-    total_tokens = sum(args[0].shape[:-1].numel() for args, _ in inputs)
+    token_mask = getattr(forward_loop, "token_mask", None) or TokenMask()
+    total_tokens = sum(args[0].shape[:-1].numel() for args, _, _ in inputs)
     stride = max(1, total_tokens // max_tokens)
     for index, block in enumerate(tqdm(blocks, desc=f"{algorithm} {fmt.name}", disable=None)):
         prefix = f"{blocks_name}.{index}."
         block_linears = {n: m for n, m in linears.items() if n.startswith(prefix)}
         if block_linears:
-            quantize_block(block_linears, calibrate_block(block, block_linears, inputs, fmt, group_size, stride))
+            plan = calibrate_block(block, block_linears, inputs, token_mask, fmt, group_size, stride)
+            quantize_block(block_linears, plan)
         inputs = run_block(block, inputs)
 
 
-def _smooth_block(block, block_linears, inputs, fmt, group_size, stride) -> dict:
+def _smooth_block(block, block_linears, inputs, token_mask, fmt, group_size, stride) -> dict:
     """Search and apply smoothing for one block; return {name: {"pre_quant_scale", "input_amax"}}."""
     groups = groups_sharing_input(list(block_linears), fused_groups(block_linears))
     leaders = {group[0]: block_linears[group[0]] for group in groups}
     stats = {name: InputStats(sample_stride=stride) for name in leaders}
-    with input_hooks(leaders, stats):
-        run_block(block, inputs)
+    with input_hooks(leaders, stats, token_mask):
+        run_block(block, inputs, token_mask)
     plan = {}
     for group in groups:
         s = stats[group[0]]
@@ -66,14 +69,14 @@ def _smooth_block(block, block_linears, inputs, fmt, group_size, stride) -> dict
     return plan
 
 
-def _gptq_block(block, block_linears, inputs, fmt, group_size, stride) -> dict:
+def _gptq_block(block, block_linears, inputs, token_mask, fmt, group_size, stride) -> dict:
     """GPTQ for one block; return {name: {"weight", "weight_scale", "input_amax"}}."""
     groups = groups_sharing_input(list(block_linears), fused_groups(block_linears))
     leaders = {group[0]: block_linears[group[0]] for group in groups}
     hessians = {name: HessianStats() for name in leaders}
     stats = {name: InputStats() for name in leaders}
-    with input_hooks(leaders, hessians), input_hooks(leaders, stats):
-        run_block(block, inputs)
+    with input_hooks(leaders, hessians, token_mask), input_hooks(leaders, stats, token_mask):
+        run_block(block, inputs, token_mask)
     plan = {}
     for group in groups:
         for name in group:

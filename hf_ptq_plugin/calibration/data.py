@@ -1,0 +1,155 @@
+"""Calibration data: from texts, files, datasets or token tensors to a forward loop.
+
+`calibration_forward_loop(tokenizer, data, ...)` accepts a local path (.txt, .json/.jsonl,
+.parquet, or a folder of them), a list of strings, a `datasets.Dataset`, a hub dataset name, or
+a (N, S) tensor of token ids, and returns a forward loop for `quantize()`. Selection is
+deterministic: records are taken in order (a plain-text file is one corpus, cut into windows
+spread evenly over it). Shorter samples are left-padded within a batch, and the loop publishes
+which tokens are real (`loop.token_mask`), so padding never enters a calibration statistic.
+"""
+
+import json
+import logging
+from pathlib import Path
+from typing import List, Optional, Union
+
+import torch
+
+from ..data.text import spread_windows, tokenize
+
+logger = logging.getLogger(__name__)
+
+TEXT_FIELDS = ("text", "article", "content", "document")  # cnn_dailymail's field is "article"
+FILE_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet")
+
+
+class TokenMask:
+    """Which tokens of the batch now running are real: (B, S) bool, or None when all are."""
+
+    def __init__(self):
+        self.mask: Optional[torch.Tensor] = None
+
+    def real_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, S, K) -> (T, K), dropping padded positions; other shapes pass through flattened."""
+        if self.mask is not None and x.shape[:-1] == self.mask.shape:
+            return x[self.mask.to(x.device)]
+        return x.reshape(-1, x.shape[-1])
+
+
+class CalibrationLoop:
+    """A forward loop over fixed batches; `token_mask` tells hooks which tokens are padding."""
+
+    def __init__(self, batches: List[dict]):
+        self.batches, self.token_mask = batches, TokenMask()
+
+    def __call__(self, model) -> None:
+        device = next(model.parameters()).device
+        try:
+            with torch.no_grad():
+                for batch in self.batches:
+                    self.token_mask.mask = batch["attention_mask"].bool()
+                    # Positions count real tokens only, so a left-padded sample sees the same
+                    # rotary positions as it would alone.
+                    positions = (batch["attention_mask"].cumsum(dim=-1) - 1).clamp(min=0)
+                    model(**{k: v.to(device) for k, v in batch.items()}, position_ids=positions.to(device))
+        finally:
+            self.token_mask.mask = None
+
+
+def calibration_forward_loop(tokenizer, data, calib_size: int = 512, seq_len: int = 512,
+                             batch_size: int = 4) -> CalibrationLoop:
+    """A forward loop over `calib_size` samples of at most `seq_len` tokens from `data`."""
+    samples = _token_samples(tokenizer, data, calib_size, seq_len)
+    batches = [_left_pad(samples[i:i + batch_size], tokenizer) for i in range(0, len(samples), batch_size)]
+    return CalibrationLoop(batches)
+
+
+def _token_samples(tokenizer, data, calib_size: int, seq_len: int) -> List[torch.Tensor]:
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 2 or data.shape[0] == 0:
+            raise ValueError(f"token-id calibration data must be a non-empty (N, S) tensor, got shape {tuple(data.shape)}")
+        return list(data[:calib_size, :seq_len])
+    if isinstance(data, (str, Path)) and Path(data).is_file() and Path(data).suffix == ".txt":
+        ids = tokenize(tokenizer, Path(data).read_text(encoding="utf-8"))
+        if ids.numel() < seq_len:
+            raise ValueError(f"calibration text {str(data)!r} has {ids.numel()} tokens, fewer than calib_seq_len={seq_len}")
+        return list(spread_windows(ids, seq_len, min(calib_size, ids.numel() // seq_len)))
+    texts = [t for t in load_texts(data) if t.strip()][:calib_size]
+    if not texts:
+        raise ValueError(f"calibration data {_describe(data)} holds no non-empty text")
+    return [ids[:seq_len] for ids in (tokenize(tokenizer, t) for t in texts) if ids.numel() > 0]
+
+
+def _left_pad(samples: List[torch.Tensor], tokenizer) -> dict:
+    """Left-pad a list of 1-D token tensors to the longest: {"input_ids", "attention_mask"} (B, S)."""
+    length = max(s.numel() for s in samples)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for row, sample in enumerate(samples):
+        input_ids[row, length - sample.numel():] = sample
+        attention_mask[row, length - sample.numel():] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def load_texts(data) -> List[str]:
+    """Texts from a list of strings, a datasets.Dataset, a local file or folder, or a hub dataset name."""
+    if isinstance(data, (list, tuple)):
+        if not all(isinstance(t, str) for t in data):
+            raise ValueError("a calibration list must hold strings")
+        return list(data)
+    if hasattr(data, "column_names"):  # a datasets.Dataset
+        return list(data[_text_field(data.column_names, "dataset")])
+    path = Path(data)
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.suffix in FILE_SUFFIXES)
+        if not files:
+            raise ValueError(f"calibration folder {str(path)!r} has no {'/'.join(FILE_SUFFIXES)} files")
+        return [text for f in files for text in load_texts(f)]
+    if path.is_file():
+        return _texts_from_file(path)
+    return _texts_from_hub(str(data))
+
+
+def _texts_from_file(path: Path) -> List[str]:
+    if path.suffix == ".txt":
+        return [path.read_text(encoding="utf-8")]
+    if path.suffix == ".jsonl":
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif path.suffix == ".json":
+        records = json.loads(path.read_text(encoding="utf-8"))
+        records = records if isinstance(records, list) else [records]
+    elif path.suffix == ".parquet":
+        import datasets
+
+        return load_texts(datasets.Dataset.from_parquet(str(path)))
+    else:
+        raise ValueError(f"calibration file {str(path)!r}: unsupported type; valid: {', '.join(FILE_SUFFIXES)}")
+    if records and isinstance(records[0], str):
+        return records
+    field = _text_field(list(records[0]) if records else [], str(path))
+    return [record[field] for record in records]
+
+
+def _texts_from_hub(name: str) -> List[str]:
+    import datasets
+
+    config = "3.0.0" if name in ("cnn_dailymail", "abisee/cnn_dailymail") else None
+    try:
+        dataset = datasets.load_dataset(name, config, split="train")
+    except (OSError, ValueError) as error:  # ConnectionError and DatasetNotFoundError are OSErrors
+        raise ValueError(f"calibration data {name!r} is not a local file or folder, and loading it from the Hugging "
+                         f"Face Hub failed ({type(error).__name__}: {error}); offline, pass a local path, a list of "
+                         "strings or a datasets.Dataset") from error
+    return load_texts(dataset)
+
+
+def _text_field(columns, where: str) -> str:
+    for field in TEXT_FIELDS:
+        if field in columns:
+            return field
+    raise ValueError(f"calibration data {where}: no text column among {list(columns)}; expected one of {TEXT_FIELDS}")
+
+
+def _describe(data) -> str:
+    return repr(data) if isinstance(data, (str, Path)) else type(data).__name__
