@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import formats as F
+from .calibration.distributed import all_reduce_number
 from .numerics.fp8 import FP8_MAX, fp8_fake_quantize
 from .numerics.nvfp4 import E2M1_MAX, NVFP4_BLOCK, nvfp4_fake_quantize
 from .numerics.scales import scale_from_amax
@@ -150,6 +151,8 @@ def observe_kv_amax(model: nn.Module, token_mask=None):
             module.kv_amax_observer = stats[name]
         _use_kv_attention(model)
         yield stats
+        for amax in stats.values():  # several calibrating processes agree on one scale
+            amax["k"], amax["v"] = all_reduce_number(amax["k"], "max"), all_reduce_number(amax["v"], "max")
     finally:
         for module in modules.values():
             module.__dict__.pop("kv_amax_observer", None)

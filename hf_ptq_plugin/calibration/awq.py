@@ -18,6 +18,7 @@ import torch
 
 from .. import formats as F
 from ..numerics import dequantize_weight, input_scale_from_amax, quantize_activation, quantize_weight
+from .distributed import all_reduce
 
 ALPHA_STEP = 0.1
 
@@ -28,14 +29,12 @@ def awq_search(w: torch.Tensor, x: torch.Tensor, x_mean: torch.Tensor, fmt: F.Fo
     w, x = w.float(), x.float()
     reference = x @ w.T
     w_mean = _normalized_weight_mean(w, _block_size(fmt, group_size))
-    best_loss, best_scale = float("inf"), torch.ones_like(x_mean)
-    steps = int(round(1 / alpha_step))
-    for alpha in (i * alpha_step for i in range(steps + 1)):
-        scale = _scale_for(alpha, x_mean, w_mean)
-        loss = (_quantized_output(w, x, scale, fmt, group_size) - reference).pow(2).mean().item()
-        if loss < best_loss:
-            best_loss, best_scale = loss, scale
-    return best_scale
+    alphas = [i * alpha_step for i in range(int(round(1 / alpha_step)) + 1)]
+    squared_errors = torch.stack([(_quantized_output(w, x, _scale_for(a, x_mean, w_mean), fmt, group_size)
+                                   - reference).pow(2).sum() for a in alphas])
+    # Several processes: each holds its own token sample; summed errors pick one alpha for all.
+    squared_errors = all_reduce(squared_errors, "sum")
+    return _scale_for(alphas[int(squared_errors.argmin())], x_mean, w_mean)
 
 
 def _block_size(fmt: F.Format, group_size: Optional[int]) -> int:

@@ -13,6 +13,7 @@ recomputing scales from the updated weights would re-round them.
 import torch
 
 from .. import formats as F
+from .distributed import all_reduce, all_reduce_number
 from ..numerics.integer import INT4_MAX, INT8_MAX
 from ..numerics.scales import block_amax, scale_from_amax
 
@@ -35,6 +36,13 @@ class HessianStats:
         else:
             self.hessian = self.hessian * (self.num_tokens / total) + contribution
         self.num_tokens = total
+
+    def reduce_across_processes(self) -> None:
+        """The Hessian of all processes' tokens: token-weighted sum, divided by the total count."""
+        total = all_reduce_number(self.num_tokens, "sum")
+        if self.hessian is not None and total > self.num_tokens:
+            self.hessian = all_reduce(self.hessian * self.num_tokens, "sum") / total
+        self.num_tokens = int(total)
 
 
 def gptq_weight_scale(w: torch.Tensor, fmt: F.Format, group_size: int) -> torch.Tensor:

@@ -11,6 +11,8 @@ from typing import Callable, Dict
 import torch
 from torch import nn
 
+from .distributed import all_reduce, all_reduce_number
+
 
 class InputStats:
     """Running statistics of one Linear's input.
@@ -35,6 +37,17 @@ class InputStats:
             abs_sum = x.abs().sum(dim=0)
             self.abs_sum = abs_sum if self.abs_sum is None else self.abs_sum + abs_sum
             self.samples.append(x[:: self.sample_stride].clone())
+
+    def reduce_across_processes(self) -> None:
+        """Make every process hold the statistics of all processes' tokens (no-op when alone).
+
+        Token samples stay local: they only estimate losses, which are reduced where used.
+        """
+        self.num_tokens = int(all_reduce_number(self.num_tokens, "sum"))
+        if self.channel_amax is not None:
+            self.channel_amax = all_reduce(self.channel_amax, "max")
+        if self.abs_sum is not None:
+            self.abs_sum = all_reduce(self.abs_sum, "sum")
 
     @property
     def channel_mean(self) -> torch.Tensor:
@@ -76,6 +89,8 @@ def collect_input_stats(model: nn.Module, linears: Dict[str, nn.Module], forward
     stats = {name: InputStats() for name in linears}
     with input_hooks(linears, stats, getattr(forward_loop, "token_mask", None)), torch.no_grad():
         forward_loop(model)
+    for s in stats.values():
+        s.reduce_across_processes()
     unseen = [name for name, s in stats.items() if s.num_tokens == 0]
     if unseen:
         raise ValueError(f"forward_loop never reached {len(unseen)} layer(s), e.g. {unseen[:3]}; "

@@ -59,6 +59,8 @@ def _smooth_block(block, block_linears, inputs, token_mask, fmt, group_size, str
     stats = {name: InputStats(sample_stride=stride) for name in leaders}
     with input_hooks(leaders, stats, token_mask):
         run_block(block, inputs, token_mask)
+    for s in stats.values():
+        s.reduce_across_processes()
     plan = {}
     for group in groups:
         s = stats[group[0]]
@@ -77,6 +79,8 @@ def _gptq_block(block, block_linears, inputs, token_mask, fmt, group_size, strid
     stats = {name: InputStats() for name in leaders}
     with input_hooks(leaders, hessians, token_mask), input_hooks(leaders, stats, token_mask):
         run_block(block, inputs, token_mask)
+    for s in list(hessians.values()) + list(stats.values()):
+        s.reduce_across_processes()
     plan = {}
     for group in groups:
         for name in group:

@@ -1,0 +1,86 @@
+"""Two CPU processes (gloo), each calibrating half of the data, agree with one process on all of it."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import tiny_llama
+
+from hf_ptq_plugin import PTQConfig, QuantLinear, quantize
+from hf_ptq_plugin.calibration.gptq import HessianStats
+
+RUNS = [("fp8", "max", "fp8"), ("int8_sq", "smoothquant", "none"), ("w4a8_awq", "awq_lite", "nvfp4")]
+
+
+def calibration_ids():
+    torch.manual_seed(3)
+    return torch.randint(0, 320, (4, 32))
+
+
+def quantized_state(qformat, algorithm, kv, ids):
+    model = tiny_llama()
+    quantize(model, PTQConfig(qformat=qformat, algorithm=algorithm, kv_cache_qformat=kv),
+             forward_loop=lambda m: [m(batch[None]) for batch in ids])
+    return {k: v.clone() for k, v in model.state_dict().items()
+            if any(k.startswith(n) for n, m in model.named_modules() if isinstance(m, QuantLinear))}
+
+
+def hessian_inputs():
+    torch.manual_seed(4)
+    return list(torch.randn(6, 10, 16).unbind())
+
+
+def _worker(rank, port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        ids = calibration_ids()[rank::2]  # this process's half of the samples
+        for run in RUNS:
+            results[(rank,) + run] = quantized_state(*run, ids)
+        hessian = HessianStats()
+        for chunk in hessian_inputs()[rank::2]:
+            hessian.update(chunk)
+        hessian.reduce_across_processes()
+        results[(rank, "hessian")] = (hessian.hessian, hessian.num_tokens)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_results():
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_worker, args=(_free_port(), results), nprocs=2, join=True)
+        return dict(results)
+
+
+@pytest.mark.parametrize("run", RUNS, ids=[r[1] for r in RUNS])
+def test_two_processes_match_one_process(run, two_process_results):
+    single = quantized_state(*run, calibration_ids())
+    for rank in (0, 1):
+        shared = two_process_results[(rank,) + run]
+        assert shared.keys() == single.keys()
+        for key, value in single.items():
+            torch.testing.assert_close(shared[key].float(), value.float(), rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_gptq_hessians_reduce_to_the_hessian_of_all_tokens(two_process_results):
+    """GPTQ itself is compared through its statistic: its error feedback turns last-bit differences
+    of a Hessian summed in another order into one-step rounding flips, so weights cannot match."""
+    single = HessianStats()
+    for chunk in hessian_inputs():
+        single.update(chunk)
+    for rank in (0, 1):
+        hessian, tokens = two_process_results[(rank, "hessian")]
+        assert tokens == single.num_tokens == 60
+        torch.testing.assert_close(hessian, single.hessian, rtol=1e-5, atol=1e-6)
