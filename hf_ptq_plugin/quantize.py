@@ -17,6 +17,7 @@ from torch import nn
 from . import formats as F
 from .calibration import collect_input_stats
 from .calibration.smoothing import apply_pre_quant_scale, groups_sharing_input, stacked_weight
+from .calibration.clipping import mse_weight_scale
 from .calibration.smoothquant import smoothquant_scale
 from .calibration.streamed import STREAMED_ALGORITHMS, streamed_calibration
 from .config import PTQConfig
@@ -26,9 +27,6 @@ from .selection import fused_groups, target_linears
 from .shapes import check_layer_shapes, resolve_group_size
 
 logger = logging.getLogger(__name__)
-
-IMPLEMENTED_ALGORITHMS = ("max", "smoothquant", "awq_lite", "gptq")
-
 
 def quantize(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callable] = None) -> nn.Module:
     """Quantize `model` in place per `config` and return it.
@@ -54,7 +52,7 @@ def quantize(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callabl
             streamed_calibration(model, linears, fmt, group_size, algorithm, forward_loop,
                                  lambda block_linears, plan: _quantize_linears(model, fmt, group_size, block_linears, plan))
         else:
-            plan = _one_pass_plan(model, linears, fmt, algorithm, forward_loop)
+            plan = _one_pass_plan(model, linears, fmt, group_size, algorithm, forward_loop)
             _quantize_linears(model, fmt, group_size, linears, plan)
     if kv_format is not None:
         enable_kv_quantization(model, kv_format, kv_amax)
@@ -64,12 +62,9 @@ def quantize(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callabl
 
 
 def _check_algorithm_and_loop(config: PTQConfig, algorithm: str, forward_loop: Optional[Callable]) -> None:
-    if algorithm not in IMPLEMENTED_ALGORITHMS:
-        raise ValueError(f"algorithm {algorithm!r} (the default for qformat {config.qformat!r} when algorithm=None) "
-                         f"is not available in this version; available: {', '.join(IMPLEMENTED_ALGORITHMS)}")
     if forward_loop is not None:
         return
-    if algorithm != "max":
+    if algorithm not in ("max", "mse"):
         raise ValueError(f"algorithm {algorithm!r} needs calibration data: pass forward_loop=lambda model: ... "
                          "that runs samples through the model (or algorithm='max' for weight-only formats)")
     if config.format.needs_calibration_data:
@@ -89,13 +84,17 @@ def _kv_observation(model: nn.Module, kv_format, token_mask):
         yield kv_amax
 
 
-def _one_pass_plan(model, linears, fmt: F.Format, algorithm: str, forward_loop) -> Dict[str, dict]:
-    """max / smoothquant: one pass of statistics, then {name: {"input_amax"[, "pre_quant_scale"]}}."""
-    if forward_loop is None:  # weight-only max: nothing to observe
-        return {}
+def _one_pass_plan(model, linears, fmt: F.Format, group_size, algorithm: str, forward_loop) -> Dict[str, dict]:
+    """max / mse / smoothquant: one pass of statistics, then {name: {"input_amax", ...}}."""
+    plan = {name: {} for name in linears}
+    if algorithm == "mse":  # data-free weight scales; activations still take their max below
+        for name, linear in linears.items():
+            plan[name]["weight_scale"] = mse_weight_scale(linear.weight, fmt, group_size)
+    if forward_loop is None:  # weight-only: nothing to observe
+        return plan
     stats = collect_input_stats(model, linears, forward_loop)
     if algorithm != "smoothquant":
-        return {name: {"input_amax": s.amax} for name, s in stats.items()}
+        return {name: {**plan[name], "input_amax": s.amax} for name, s in stats.items()}
     plan = {}
     for group in groups_sharing_input(list(linears), fused_groups(linears)):
         x_amax = stats[group[0]].channel_amax
@@ -110,6 +109,7 @@ def _quantize_linears(model: nn.Module, fmt: F.Format, group_size, linears: Dict
     """Unify fused siblings' scales, then swap each Linear for its QuantLinear."""
     input_amax = {name: p["input_amax"] for name, p in plan.items() if "input_amax" in p}
     weight_global_amax = _unify_fused_scales(fmt, linears, input_amax)
+    weight_global_amax.update({name: p["weight_global_amax"] for name, p in plan.items() if "weight_global_amax" in p})
     for name, linear in linears.items():
         layer_plan = plan.get(name, {})
         _swap(model, name, QuantLinear.from_linear(

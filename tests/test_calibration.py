@@ -95,11 +95,6 @@ def test_algorithms_that_need_data_refuse_to_run_without_a_forward_loop():
         quantize(tiny_llama(), PTQConfig(qformat="int4_awq"))
 
 
-def test_algorithm_not_yet_available_says_so():
-    with pytest.raises(ValueError, match="'mse'.*available: max, smoothquant, awq_lite, gptq"):
-        quantize(tiny_llama(), PTQConfig(qformat="int4_awq", algorithm="mse"), forward_loop=lambda m: None)
-
-
 def test_gptq_with_an_identity_hessian_is_round_to_nearest():
     torch.manual_seed(0)
     w = torch.randn(16, 256)
@@ -140,3 +135,23 @@ def test_gptq_with_static_activations_calibrates_input_scales(calib_ids):
     rtn, _ = logits_sqnr("int8_sq", "max", calib_ids)
     assert gptq >= rtn  # activation error dominates W8A8: GPTQ may only help a little
     assert all(m.input_calibrated for m in model.modules() if hasattr(m, "input_calibrated"))
+
+
+@pytest.mark.parametrize("qformat, algorithm", [("int4_awq", "awq_clip"), ("int4_awq", "awq_full"),
+                                                ("w4a8_awq", "awq_full"), ("nvfp4_awq", "awq_clip")])
+def test_awq_clip_and_full_beat_round_to_nearest(qformat, algorithm, calib_ids):
+    ours, _ = logits_sqnr(qformat, algorithm, calib_ids)
+    rtn, _ = logits_sqnr(qformat, "max", calib_ids)
+    assert ours > rtn + 0.2
+
+
+@pytest.mark.parametrize("qformat", ["int4_awq", "int8_wo"])
+def test_mse_lowers_every_layers_weight_error(qformat):
+    plain, searched = tiny_llama(), tiny_llama()
+    originals = {n: m.weight.detach().clone() for n, m in plain.named_modules() if n.endswith("proj")}
+    quantize(plain, PTQConfig(qformat=qformat, algorithm="max"))
+    quantize(searched, PTQConfig(qformat=qformat, algorithm="mse"))
+    for name, w in originals.items():
+        error = {label: (w - model.get_submodule(name).dequantized_weight()).pow(2).sum()
+                 for label, model in (("max", plain), ("mse", searched))}
+        assert error["mse"] <= error["max"], name

@@ -1,4 +1,4 @@
-"""Layer-streamed calibration (AWQ-lite, GPTQ), one decoder block at a time.
+"""Layer-streamed calibration (AWQ lite/clip/full, GPTQ), one decoder block at a time.
 
 For each block: run it in full precision on its inputs with hooks that collect what the
 algorithm needs about every distinct Linear input (AWQ: per-channel statistics and a token
@@ -8,6 +8,7 @@ now-quantized block to produce the next block's inputs. Memory holds one block's
 and statistics, never the whole model's.
 """
 
+import functools
 from typing import Callable, Dict
 
 import torch
@@ -18,6 +19,7 @@ from .. import formats as F
 from ..selection import fused_groups
 from .awq import awq_search
 from .blocks import capture_block_inputs, decoder_blocks, run_block
+from .clipping import clip_int4_scale, clip_nvfp4_global_amax
 from .data import TokenMask
 from .gptq import HessianStats, gptq_quantize
 from .smoothing import apply_pre_quant_scale, groups_sharing_input, stacked_weight
@@ -26,14 +28,15 @@ from .stats import InputStats, input_hooks
 MAX_SEARCH_TOKENS = 2048  # tokens per input kept for the search: loss estimates, not statistics
 
 
-STREAMED_ALGORITHMS = ("awq_lite", "gptq")
+STREAMED_ALGORITHMS = ("awq_lite", "awq_clip", "awq_full", "gptq")
+AWQ_STEPS = {"awq_lite": (True, False), "awq_clip": (False, True), "awq_full": (True, True)}  # (search, clip)
 
 
 def streamed_calibration(model: nn.Module, linears: Dict[str, nn.Linear], fmt: F.Format, group_size: int,
                          algorithm: str, forward_loop: Callable, quantize_block: Callable,
                          max_tokens: int = MAX_SEARCH_TOKENS) -> None:
     """Run `algorithm` over every decoder block; `quantize_block(linears, plan)` swaps one block's Linears."""
-    calibrate_block = {"awq_lite": _smooth_block, "gptq": _gptq_block}[algorithm]
+    calibrate_block = _gptq_block if algorithm == "gptq" else functools.partial(_awq_block, steps=AWQ_STEPS[algorithm])
     blocks_name, blocks = decoder_blocks(model, linears)
     outside = [name for name in linears if not name.startswith(blocks_name + ".")]
     if outside:
@@ -52,8 +55,12 @@ def streamed_calibration(model: nn.Module, linears: Dict[str, nn.Linear], fmt: F
         inputs = run_block(block, inputs)
 
 
-def _smooth_block(block, block_linears, inputs, token_mask, fmt, group_size, stride) -> dict:
-    """Search and apply smoothing for one block; return {name: {"pre_quant_scale", "input_amax"}}."""
+def _awq_block(block, block_linears, inputs, token_mask, fmt, group_size, stride, steps) -> dict:
+    """AWQ for one block: scale search and/or clipping per group of Linears sharing an input.
+
+    Returns {name: {"input_amax", and "pre_quant_scale" / "weight_scale" / "weight_global_amax"}}.
+    """
+    search, clip = steps
     groups = groups_sharing_input(list(block_linears), fused_groups(block_linears))
     leaders = {group[0]: block_linears[group[0]] for group in groups}
     stats = {name: InputStats(sample_stride=stride) for name in leaders}
@@ -63,12 +70,30 @@ def _smooth_block(block, block_linears, inputs, token_mask, fmt, group_size, str
         s.reduce_across_processes()
     plan = {}
     for group in groups:
-        s = stats[group[0]]
-        scale = awq_search(stacked_weight(block_linears, group), s.sample, s.channel_mean, fmt, group_size)
-        pre_quant_scale = apply_pre_quant_scale([block_linears[name] for name in group], 1.0 / scale)
-        input_amax = (s.channel_amax * pre_quant_scale.float()).amax()
-        plan.update({name: {"pre_quant_scale": pre_quant_scale, "input_amax": input_amax} for name in group})
+        s, members = stats[group[0]], [block_linears[name] for name in group]
+        layer_plan = {"input_amax": s.amax}
+        x_sample = s.sample
+        if search:
+            scale = awq_search(stacked_weight(block_linears, group), x_sample, s.channel_mean, fmt, group_size)
+            pre_quant_scale = apply_pre_quant_scale(members, 1.0 / scale)
+            x_sample = x_sample * pre_quant_scale.float()
+            layer_plan = {"pre_quant_scale": pre_quant_scale,
+                          "input_amax": (s.channel_amax * pre_quant_scale.float()).amax()}
+        for name in group:
+            plan[name] = dict(layer_plan)
+        if clip:
+            _clip_group(plan, group, block_linears, x_sample, fmt, group_size)
     return plan
+
+
+def _clip_group(plan, group, block_linears, x_sample, fmt, group_size) -> None:
+    if fmt.weight == F.NVFP4:
+        global_amax = clip_nvfp4_global_amax(stacked_weight(block_linears, group), x_sample, fmt)
+        for name in group:
+            plan[name]["weight_global_amax"] = global_amax
+        return
+    for name in group:
+        plan[name]["weight_scale"] = clip_int4_scale(block_linears[name].weight, x_sample, group_size)
 
 
 def _gptq_block(block, block_linears, inputs, token_mask, fmt, group_size, stride) -> dict:

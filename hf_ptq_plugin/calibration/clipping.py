@@ -1,0 +1,66 @@
+"""Clipping searches: weight ranges smaller than max |w| when that lowers the error.
+
+`awq_clip` (`modelopt-format.md` §3.6) measures the error on the layer's output, with calibration
+inputs x: for INT4, per (row, group) block, the squared error of the block's partial output
+sum_{k in group} x_k (w_k - Q(w_k)) over tokens, for clip ratios 0.5, 0.55, ..., 1.0 of the block
+amax; for NVFP4 the global amax (the per-tensor `weight_scale_2`) is clipped, scored on the whole
+output. `mse` needs no data: per block, the squared weight error sum (w - Q(w))^2.
+Each returns the scale (or global amax) the QuantLinear then stores as is.
+"""
+
+import torch
+
+from .. import formats as F
+from ..numerics import dequantize_weight, quantize_weight
+from ..numerics.integer import INT4_MAX, INT8_MAX, int_quantize
+from ..numerics.scales import block_amax, scale_from_amax
+from .distributed import all_reduce
+
+CLIP_RATIOS = tuple(0.5 + 0.05 * i for i in range(11))
+MSE_RATIOS = tuple(0.5 + 0.02 * i for i in range(26))
+MAX_CLIP_TOKENS = 256  # the per-block partial outputs are (tokens, N, groups): keep them small
+
+
+def clip_int4_scale(w: torch.Tensor, x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """INT4 group scales (N, K / g) minimizing each block's partial-output error on inputs x (T, K)."""
+    w, x = w.float(), x[:MAX_CLIP_TOKENS].float()
+    n, k = w.shape
+    groups = k // group_size
+    amax = block_amax(w, group_size)  # (N, G)
+    x_blocks = x.view(-1, groups, group_size)
+    errors = []
+    for ratio in CLIP_RATIOS:
+        step = scale_from_amax(amax * ratio, INT4_MAX).repeat_interleave(group_size, dim=1)  # (N, K)
+        diff = w - int_quantize(w, step, 4).float() * step
+        partial = torch.einsum("tgk,ngk->tng", x_blocks, diff.view(n, groups, group_size))  # (T, N, G)
+        errors.append(partial.pow(2).sum(dim=0))
+    errors = all_reduce(torch.stack(errors), "sum")  # (ratios, N, G), summed over processes' tokens
+    best = torch.tensor(CLIP_RATIOS)[errors.argmin(dim=0)]
+    return scale_from_amax(amax * best, INT4_MAX)
+
+
+def clip_nvfp4_global_amax(w: torch.Tensor, x: torch.Tensor, fmt: F.Format) -> torch.Tensor:
+    """The clipped global amax of (stacked) NVFP4 weights w (N, K) minimizing the output error on x."""
+    w, x = w.float(), x[:MAX_CLIP_TOKENS].float()
+    amax = w.abs().amax()
+    reference = x @ w.T
+    errors = torch.stack([(x @ dequantize_weight(quantize_weight(w, fmt, global_amax=amax * r), fmt).T
+                           - reference).pow(2).sum() for r in CLIP_RATIOS])
+    return amax * CLIP_RATIOS[int(all_reduce(errors, "sum").argmin())]
+
+
+def mse_weight_scale(w: torch.Tensor, fmt: F.Format, group_size: int) -> torch.Tensor:
+    """INT4 group (N, K / g) or INT8 row (N,) scales minimizing the squared weight error per block."""
+    if fmt.weight not in (F.INT4, F.INT8):
+        raise ValueError(f"mse supports INT4 and INT8 weights; got qformat {fmt.name!r}")
+    w = w.float()
+    bits, maxbound, block = (4, INT4_MAX, group_size) if fmt.weight == F.INT4 else (8, INT8_MAX, w.shape[1])
+    blocks = w.view(w.shape[0], -1, block)  # (N, G, b)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    errors = []
+    for ratio in MSE_RATIOS:
+        scale = scale_from_amax(amax * ratio, maxbound)
+        errors.append((blocks - int_quantize(blocks, scale, bits).float() * scale).pow(2).sum(dim=-1))
+    best = torch.tensor(MSE_RATIOS)[torch.stack(errors).argmin(dim=0)]  # (N, G)
+    scale = scale_from_amax(amax.squeeze(-1) * best, maxbound)
+    return scale if fmt.weight == F.INT4 else scale.squeeze(-1)
