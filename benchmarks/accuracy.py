@@ -28,6 +28,8 @@ def parse_args():
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--baseline-ppl", type=float, default=None,
+                        help="unquantized perplexity measured earlier with the same protocol (skips that run)")
     parser.add_argument("--markdown", action="store_true")
     return parser.parse_args()
 
@@ -69,20 +71,23 @@ def one_run(qformat, algorithm, group_size, path, calib_windows, eval_windows, b
 def main():
     args = parse_args()
     path, calib_windows, eval_windows = windows(args)
-    runs = [("none", "-")] + [tuple(r.split(":")) for r in args.runs.split(",")]
+    runs = [tuple(r.split(":")) for r in args.runs.split(",")]
+    if args.baseline_ppl is None:
+        runs.insert(0, ("none", "-"))
     context = multiprocessing.get_context("spawn")
     results = []
     for qformat, algorithm in runs:
         with context.Pool(1) as pool:
             results.append(pool.apply(one_run, (qformat, algorithm, args.group_size, path, calib_windows,
                                                 eval_windows, args.batch_size)))
-    baseline = results[0]["ppl"]
+    baseline = args.baseline_ppl if args.baseline_ppl is not None else results[0]["ppl"]
     header = ["format:algorithm", "group", "perplexity", "ratio to unquantized", "calibration s", "peak RSS MB"]
     rows = [[r["run"], str(r["group"] or "-"), f"{r['ppl']:.2f}", f"{r['ppl'] / baseline:.3f}",
              f"{r['calib_s']:.0f}", f"{r['peak_mb']:.0f}"] for r in results]
     print(f"protocol: {args.calib_samples} calibration samples x {args.seq_len} tokens (Austen minus P&P), "
           f"perplexity on the first {args.eval_windows} windows x {args.seq_len} of Pride and Prejudice, "
-          f"fp32 compute, {torch.get_num_threads()} threads")
+          f"fp32 compute, {torch.get_num_threads()} threads, unquantized perplexity {baseline:.2f}"
+          + (" (given with --baseline-ppl)" if args.baseline_ppl is not None else ""))
     if args.markdown:
         print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
         print("\n".join("| " + " | ".join(row) + " |" for row in rows))
