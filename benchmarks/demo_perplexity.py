@@ -31,7 +31,8 @@ def parse_args():
     parser.add_argument("--formats", default=DEFAULT_FORMATS,
                         help=f"comma-separated qformats, or 'all' (default {DEFAULT_FORMATS})")
     parser.add_argument("--kv-cache-qformat", default="none", choices=hf_ptq_plugin.formats.KV_FORMAT_NAMES)
-    parser.add_argument("--algorithm", default="max", help="calibration algorithm (default max)")
+    parser.add_argument("--algorithm", default="max",
+                        help="calibration algorithm, or 'default' for each format's own (default: max)")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "hf_ptq_plugin")
     parser.add_argument("--model", type=Path, help="a local HF checkpoint instead of SmolLM2-135M")
     parser.add_argument("--calib-text", type=Path, help="calibration text (.txt or folder); default: Austen")
@@ -60,7 +61,8 @@ def load_model(path: Path):
 
 def run_format(qformat, args, model_path, calib_windows, eval_windows):
     model = load_model(model_path)
-    config = hf_ptq_plugin.PTQConfig(qformat=qformat, kv_cache_qformat=args.kv_cache_qformat, algorithm=args.algorithm)
+    algorithm = None if args.algorithm == "default" else args.algorithm
+    config = hf_ptq_plugin.PTQConfig(qformat=qformat, kv_cache_qformat=args.kv_cache_qformat, algorithm=algorithm)
 
     def forward_loop(m):
         with torch.no_grad():
@@ -72,13 +74,14 @@ def run_format(qformat, args, model_path, calib_windows, eval_windows):
     quantize_seconds = time.perf_counter() - start
     start = time.perf_counter()
     ppl = perplexity(model, eval_windows, args.batch_size, progress=f"perplexity {qformat}")
-    return {"format": qformat, "group": model.ptq_config.group_size, "ppl": ppl, "bytes": model_bytes(model, torch.bfloat16),
-            "quantize_s": quantize_seconds, "eval_s": time.perf_counter() - start}
+    return {"format": qformat, "algorithm": model.ptq_config.algorithm, "group": model.ptq_config.group_size,
+            "ppl": ppl, "bytes": model_bytes(model, torch.bfloat16), "quantize_s": quantize_seconds,
+            "eval_s": time.perf_counter() - start}
 
 
 def print_table(rows, baseline, markdown: bool):
-    header = ["format", "group", "ppl before", "ppl after", "ratio", "MB before", "MB after", "quantize s", "eval s"]
-    lines = [[r["format"], str(r["group"] or "-"), f"{baseline['ppl']:.2f}", f"{r['ppl']:.2f}",
+    header = ["format", "algorithm", "group", "ppl before", "ppl after", "ratio", "MB before", "MB after", "quantize s", "eval s"]
+    lines = [[r["format"], r["algorithm"], str(r["group"] or "-"), f"{baseline['ppl']:.2f}", f"{r['ppl']:.2f}",
               f"{r['ppl'] / baseline['ppl']:.3f}", f"{baseline['bytes'] / 1e6:.1f}", f"{r['bytes'] / 1e6:.1f}",
               f"{r['quantize_s']:.1f}", f"{r['eval_s']:.1f}"] for r in rows]
     if markdown:

@@ -10,6 +10,7 @@ from hf_ptq_plugin.numerics import (
     quantize_weight, unpack_int4_rows, unpack_nibbles, weight_buffer_specs,
 )
 from hf_ptq_plugin.numerics.mx import mxfp8_dequantize, mxfp8_quantize
+from hf_ptq_plugin.numerics.weights import fake_quantize_weight
 from hf_ptq_plugin.numerics.nvfp4 import E2M1_GRID
 
 # Floors for Gaussian weights, a few dB under what each format reaches (measured: fp8 ~31 dB,
@@ -153,3 +154,14 @@ def test_w4a8_weight_is_the_int4_weight_through_fp8():
     assert torch.equal(tensors["weight_scale_2"], w.abs().amax() / 448)
     int4_only = dequantize_weight({k: v for k, v in tensors.items() if k != "weight_scale_2"}, w4a16)
     assert sqnr_db(int4_only, dequantize_weight(tensors, w4a8)) > 25  # FP8 rounding of q * scale only
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_fake_quantize_equals_dequantize_of_quantize(name):
+    torch.manual_seed(0)
+    fmt = get_format(name)
+    w = torch.randn(256, 384) * 0.05
+    assert torch.equal(fake_quantize_weight(w, fmt), dequantize_weight(quantize_weight(w, fmt), fmt))
+    amax = w.abs().amax() * 0.7
+    assert torch.equal(fake_quantize_weight(w, fmt, global_amax=amax),
+                       dequantize_weight(quantize_weight(w, fmt, global_amax=amax), fmt))

@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 
 from .. import formats as F
-from ..numerics import dequantize_weight, input_scale_from_amax, quantize_activation, quantize_weight
+from ..numerics import input_scale_from_amax, quantize_activation
+from ..numerics.weights import fake_quantize_weight
 from .distributed import all_reduce
 
 ALPHA_STEP = 0.1
@@ -54,7 +55,7 @@ def _scale_for(alpha: float, x_mean: torch.Tensor, w_mean: torch.Tensor) -> torc
 
 
 def _quantized_output(w, x, scale, fmt: F.Format, group_size: int) -> torch.Tensor:
-    w_q = dequantize_weight(quantize_weight(w * scale, fmt, group_size), fmt, group_size)
+    w_q = fake_quantize_weight(w * scale, fmt, group_size)
     x_s = x / scale
     input_scale = input_scale_from_amax(x_s.abs().amax(), fmt) if fmt.needs_calibration_data else None
     return quantize_activation(x_s, fmt, input_scale) @ w_q.T

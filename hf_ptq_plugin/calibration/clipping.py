@@ -11,7 +11,7 @@ Each returns the scale (or global amax) the QuantLinear then stores as is.
 import torch
 
 from .. import formats as F
-from ..numerics import dequantize_weight, quantize_weight
+from ..numerics.weights import fake_quantize_weight
 from ..numerics.integer import INT4_MAX, INT8_MAX, int_quantize
 from ..numerics.scales import block_amax, scale_from_amax
 from .distributed import all_reduce
@@ -44,7 +44,7 @@ def clip_nvfp4_global_amax(w: torch.Tensor, x: torch.Tensor, fmt: F.Format) -> t
     w, x = w.float(), x[:MAX_CLIP_TOKENS].float()
     amax = w.abs().amax()
     reference = x @ w.T
-    errors = torch.stack([(x @ dequantize_weight(quantize_weight(w, fmt, global_amax=amax * r), fmt).T
+    errors = torch.stack([(x @ fake_quantize_weight(w, fmt, global_amax=amax * r).T
                            - reference).pow(2).sum() for r in CLIP_RATIOS])
     return amax * CLIP_RATIOS[int(all_reduce(errors, "sum").argmin())]
 

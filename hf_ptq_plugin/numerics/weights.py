@@ -92,6 +92,25 @@ def dequantize_weight(buffers: dict, fmt: F.Format, group_size: Optional[int] = 
     raise ValueError(f"unknown weight encoding {fmt.weight!r} in format {fmt.name!r}")
 
 
+def fake_quantize_weight(w: torch.Tensor, fmt: F.Format, group_size: Optional[int] = None,
+                         global_amax: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`dequantize_weight(quantize_weight(w, ...))` without packing: the same values, faster.
+
+    Searches (AWQ, clipping) quantize a weight dozens of times and only need the values.
+    """
+    group_size = group_size or fmt.group_size
+    if fmt.weight != F.INT4:
+        return dequantize_weight(quantize_weight(w, fmt, group_size, global_amax), fmt, group_size)
+    w = w.detach().float()
+    step = scale_from_amax(block_amax(w, group_size), INT4_MAX).repeat_interleave(group_size, dim=1)
+    q = int_quantize(w, step, 4).float()
+    if not fmt.fp8_weight_scale_2:
+        return q * step
+    scale_2 = scale_from_amax(w.abs().amax() if global_amax is None else global_amax, FP8_MAX)
+    ratio = (step / scale_2).half().float()
+    return fp8_dequantize(fp8_quantize(q * ratio, torch.tensor(1.0)), scale_2)
+
+
 def int4_w4a8_weight(buffers: dict, group_size: int) -> torch.Tensor:
     """W4A8 weight as the engine sees it: fp8(q * fp16(ws / ws2)) * ws2, fp32 (N, K).
 
