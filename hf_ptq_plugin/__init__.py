@@ -1,17 +1,25 @@
 """hf-ptq-plugin: post-training quantization for Hugging Face Transformers models.
 
-`import hf_ptq_plugin` registers, once, the attention functions that quantize the KV cache.
+`import hf_ptq_plugin` registers, once, the attention functions that quantize the KV cache and the
+transformers quantizer for quant_method "modelopt" (`from_pretrained` then loads unified
+checkpoints and accepts `quantization_config=PTQConfig(...)`).
 """
 
+from .api import quantize
+from .calibrate import calibrate
 from .config import PTQConfig
+from .export import export_checkpoint
 from .formats import FORMATS, KV_FORMATS, Format, KVFormat, get_format, get_kv_format
+from .hf_quantizer import PTQHfQuantizer, attach_quantizer
+from .hf_quantizer import register as register_hf_quantizer
 from .kv_cache import register_kv_attention_functions
 from .quant_linear import QuantLinear
-from .quantize import quantize
 
 __version__ = "0.1.0"
 
 register_kv_attention_functions()
+register_hf_quantizer()
 
-__all__ = ["FORMATS", "KV_FORMATS", "Format", "KVFormat", "PTQConfig", "QuantLinear", "get_format",
-           "get_kv_format", "quantize", "__version__"]
+__all__ = ["FORMATS", "KV_FORMATS", "Format", "KVFormat", "PTQConfig", "PTQHfQuantizer", "QuantLinear",
+           "attach_quantizer", "calibrate", "export_checkpoint", "get_format", "get_kv_format", "quantize",
+           "__version__"]

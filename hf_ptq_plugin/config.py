@@ -1,12 +1,17 @@
 """PTQConfig: what to quantize and how, as JSON-primitive fields validated at construction.
 
 Errors name the bad value and list the valid choices. `to_dict` / `from_dict` round-trip
-exactly. (The transformers `QuantizationConfigMixin` side is added by the quantizer layer.)
+exactly. It is also transformers' `QuantizationConfigMixin` for quant_method "modelopt" (registered
+by `hf_quantizer.py`), so `from_pretrained(..., quantization_config=PTQConfig(...))` accepts it and
+`from_dict` also reads the `quantization_config` that ModelOpt (and our exporter) write into
+config.json.
 """
 
 import dataclasses
 from dataclasses import dataclass, field
 from typing import List, Optional
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import formats as F
 
@@ -22,12 +27,12 @@ def algorithm_fits_format(algorithm: str, fmt: F.Format) -> bool:
     if algorithm == "gptq":
         return fmt.weight in (F.INT4, F.INT8) and not fmt.fp8_weight_scale_2
     if algorithm == "mse":
-        return fmt.weight in (F.INT4, F.INT8, F.NVFP4)
+        return fmt.weight in (F.INT4, F.INT8)
     return algorithm == "max"
 
 
 @dataclass
-class PTQConfig:
+class PTQConfig(QuantizationConfigMixin):
     """Post-training quantization settings; names follow ModelOpt's `hf_ptq.py` flags.
 
     qformat: weight/activation format (`formats.FORMATS`). kv_cache_qformat: "none", "fp8" or
@@ -46,6 +51,9 @@ class PTQConfig:
     calib_size: int = 512
     calib_seq_len: int = 512
     calib_batch_size: int = 4
+
+    # transformers' registry key (the mixin declares it as a dataclass field); fixed, not an argument.
+    quant_method: str = field(default="modelopt", init=False, repr=False, compare=False)
 
     def __post_init__(self):
         fmt = F.get_format(self.qformat)
@@ -95,9 +103,22 @@ class PTQConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "PTQConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
+    def from_dict(cls, values: dict, return_unused_kwargs: bool = False, **kwargs):
+        """Build from our own dict, or from a checkpoint's `quantization_config` (ours or ModelOpt's).
+
+        `return_unused_kwargs` / `kwargs` follow transformers' `QuantizationConfigMixin.from_dict`.
+        """
+        from .export.quant_config import ptq_fields_from_checkpoint_config
+
+        values = dict(values)
+        method = values.pop("quant_method", cls.quant_method)
+        if method != cls.quant_method:
+            raise ValueError(f"quant_method {method!r} is not PTQConfig's; valid: {cls.quant_method!r}")
+        values = ptq_fields_from_checkpoint_config(values)
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown PTQConfig field(s) {unknown}; valid: {', '.join(sorted(known))}")
-        return cls(**values)
+        config = cls(**values)
+        unused = config.update(**kwargs)
+        return (config, unused) if return_unused_kwargs else config

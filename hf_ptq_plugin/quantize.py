@@ -1,4 +1,6 @@
-"""quantize(model, config, forward_loop): quantize a model already in memory (ModelOpt's shape).
+"""quantize_model(model, config, forward_loop): quantize a model in memory (ModelOpt's mtq.quantize).
+
+The public `hf_ptq_plugin.quantize` (api.py) calls it, then attaches the transformers quantizer.
 
 Steps: pick the target Linears and the group size (failing early on shapes a format cannot
 store), calibrate (one pass of statistics for max and SmoothQuant; block-by-block streaming for
@@ -28,7 +30,7 @@ from .shapes import check_layer_shapes, resolve_group_size
 
 logger = logging.getLogger(__name__)
 
-def quantize(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callable] = None) -> nn.Module:
+def quantize_model(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callable] = None) -> nn.Module:
     """Quantize `model` in place per `config` and return it.
 
     `forward_loop(model)` runs calibration data through the model; it is required when the

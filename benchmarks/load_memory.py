@@ -1,0 +1,158 @@
+"""Peak memory and wall time of quantize-while-loading vs a plain bf16 `from_pretrained`.
+
+A synthetic Llama of about 1.1 B parameters (TinyLlama's shape, random weights) is saved once as
+bf16 safetensors. Each case then loads it in its own process while a thread samples the process's
+resident anonymous memory (`RssAnon` in /proc/self/status) every millisecond or so: pages of the
+memory-mapped checkpoint are file-backed, the kernel can drop them, and they do not count. Reported:
+the peak above the level just before loading, divided by the bytes of the quantized modules'
+tensors (weights and scales), whose physical floor is 1.0x plus one layer in transit.
+
+glibc keeps freed heap memory resident, and how much depends on the order of allocations, so
+the 4-bit loads (more, smaller temporaries per weight) read higher than what is alive at any time.
+`--glibc-mmap-threshold 131072` runs the children with MALLOC_MMAP_THRESHOLD_ set, which makes
+glibc give large freed blocks back at once: the difference is memory the allocator holds, not
+tensors.
+
+    python benchmarks/load_memory.py [--formats int4_awq,nvfp4,fp8,int8_wo] [--work-dir DIR] [--markdown]
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+DEFAULT_FORMATS = "int4_awq,nvfp4,fp8,int8_wo"
+# TinyLlama-1.1B's shape: 1.10 B parameters, 2.2 GB in bf16.
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
+MIB = 2**20
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--formats", default=DEFAULT_FORMATS, help=f"comma-separated qformats (default {DEFAULT_FORMATS})")
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/hf_ptq_load_memory"),
+                        help="where the synthetic checkpoint is written (reused when present)")
+    parser.add_argument("--layers", type=int, default=LLAMA_1B["num_hidden_layers"], help="fewer for a quick run")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per case; the table shows the median")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--glibc-mmap-threshold", type=int,
+                        help="MALLOC_MMAP_THRESHOLD_ for the measured processes (see above)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one case in this process
+    return parser.parse_args()
+
+
+def make_checkpoint(directory: Path, layers: int) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = directory / f"llama-{layers}l-bf16"
+    if (path / "config.json").exists():
+        return path
+    torch.manual_seed(0)
+    config = LlamaConfig(**dict(LLAMA_1B, num_hidden_layers=layers), dtype="bfloat16")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.to_empty(device="cpu").to(torch.bfloat16)
+    for tensor in model.state_dict().values():  # small random weights, like a trained model's scale
+        if tensor.dim() > 1:
+            tensor.normal_(0, 0.02)
+        else:
+            tensor.fill_(1.0)
+    model.save_pretrained(path)
+    return path
+
+
+def rss_anon() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"RssAnon:\s+(\d+) kB", status).group(1)) * 1024
+
+
+class PeakSampler(threading.Thread):
+    """Samples RssAnon until stopped; `peak` is the largest value seen."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak, self._done = rss_anon(), threading.Event()
+
+    def run(self):
+        while not self._done.wait(0.001):
+            self.peak = max(self.peak, rss_anon())
+
+    def stop(self) -> int:
+        self._done.set()
+        self.join()
+        return max(self.peak, rss_anon())
+
+
+def run_case(checkpoint: Path, case: str) -> dict:
+    """Load once in this process; the numbers as a dict."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import hf_ptq_plugin
+    from hf_ptq_plugin import QuantLinear
+
+    kwargs = {} if case == "bf16" else {"quantization_config": hf_ptq_plugin.PTQConfig(qformat=case)}
+    baseline = rss_anon()
+    sampler = PeakSampler()
+    sampler.start()
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16, **kwargs)
+    seconds = time.perf_counter() - start
+    peak = sampler.stop() - baseline
+    quantized = sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, QuantLinear)
+                    for b in m.buffers())
+    return {"case": case, "seconds": seconds, "peak_anon": peak, "quantized_bytes": quantized,
+            "footprint": model.get_memory_footprint()}
+
+
+def measure(checkpoint: Path, case: str, repeats: int, mmap_threshold=None) -> dict:
+    env = dict(os.environ)
+    if mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
+    runs = []
+    for _ in range(repeats):
+        out = subprocess.run([sys.executable, __file__, "--child", case, "--work-dir", str(checkpoint)],
+                             capture_output=True, text=True, check=True, env=env)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    runs.sort(key=lambda r: r["seconds"])
+    return runs[len(runs) // 2]
+
+
+def print_table(rows, markdown: bool):
+    plain = rows[0]
+    header = ["load", "wall s", "x plain", "peak anon MiB", "quantized MiB", "peak / quantized", "footprint MiB"]
+    lines = [[r["case"], f"{r['seconds']:.1f}", f"{r['seconds'] / plain['seconds']:.2f}", f"{r['peak_anon'] / MIB:.0f}",
+              f"{r['quantized_bytes'] / MIB:.0f}" if r["quantized_bytes"] else "-",
+              f"{r['peak_anon'] / r['quantized_bytes']:.2f}" if r["quantized_bytes"] else "-",
+              f"{r['footprint'] / MIB:.0f}"] for r in rows]
+    if markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for line in lines:
+            print("| " + " | ".join(line) + " |")
+        return
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    for line in [header] + lines:
+        print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
+
+
+def main():
+    args = parse_args()
+    if args.child:
+        print(json.dumps(run_case(args.work_dir, args.child)))
+        return
+    checkpoint = make_checkpoint(args.work_dir, args.layers)
+    rows = [measure(checkpoint, case, args.repeats, args.glibc_mmap_threshold)
+            for case in ["bf16"] + args.formats.split(",")]
+    print_table(rows, args.markdown)
+
+
+if __name__ == "__main__":
+    main()

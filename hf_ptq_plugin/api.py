@@ -1,0 +1,26 @@
+"""Public entry points that join the orchestration to the transformers edge.
+
+`quantize` = `quantize_model` (which knows nothing of transformers' quantizer machinery) plus,
+for a transformers model, the quantizer that makes `save_pretrained` write the unified
+checkpoint and `from_pretrained` read it back.
+"""
+
+from typing import Callable, Optional
+
+from torch import nn
+from transformers import PreTrainedModel
+
+from .config import PTQConfig
+from .hf_quantizer import attach_quantizer
+from .quantize import quantize_model
+
+
+def quantize(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callable] = None) -> nn.Module:
+    """Quantize `model` in place per `config` (see `quantize_model`) and return it.
+
+    A transformers model then saves with `model.save_pretrained(dir)` as a unified checkpoint.
+    """
+    quantize_model(model, config, forward_loop)
+    if isinstance(model, PreTrainedModel):
+        attach_quantizer(model, model.ptq_config)
+    return model

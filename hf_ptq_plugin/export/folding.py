@@ -1,0 +1,104 @@
+"""Fold AWQ `pre_quant_scale`s into the norm that feeds a fused group (`modelopt-format.md` §6.1 3e).
+
+Engines apply `pre_quant_scale` only on layers whose input is not a norm output (o_proj,
+down_proj); for q/k/v and gate/up the scale must live in the preceding RMSNorm/LayerNorm
+(`gamma <- gamma * s`, and `(gamma + 1) * s - 1` for zero-centred Gemma norms). The fold happens
+in the model itself, so the model after saving computes exactly what the checkpoint holds.
+Which norm feeds which Linears is found the way ModelOpt does it: one two-token forward with
+hooks that match a norm's output tensor to the Linears that receive it. Called by the exporter.
+"""
+
+import logging
+from collections import defaultdict
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from ..quant_linear import QuantLinear
+
+logger = logging.getLogger(__name__)
+
+
+def fold_pre_quant_scales(model: nn.Module) -> List[str]:
+    """Fold the shared pre_quant_scale of every norm-fed AWQ group into its norm; returns the norms.
+
+    A ValueError names a group whose members carry different scales (one norm can hold only one).
+    """
+    if not any(_foldable(m) for m in model.modules()):
+        return []
+    folded = []
+    modules = dict(model.named_modules())
+    for norm_name, consumers in _norm_consumers(model).items():
+        members = [modules[name] for name in consumers]
+        if not all(_foldable(m) for m in members):
+            if any(_foldable(m) for m in members):
+                logger.warning("%s feeds %s, not all of which are AWQ layers with a pre_quant_scale; "
+                               "their pre_quant_scale stays on the layers", norm_name, consumers)
+            continue
+        scale = members[0].pre_quant_scale
+        differing = [name for name, m in zip(consumers, members) if not torch.equal(m.pre_quant_scale, scale)]
+        if differing:
+            raise ValueError(f"layers fed by {norm_name!r} carry different pre_quant_scale ({consumers[0]!r} vs "
+                             f"{differing}); engines fold one scale into the norm, so calibration must give "
+                             "the fused group one shared pre_quant_scale")
+        _scale_norm(norm_name, modules[norm_name], scale)
+        for m in members:
+            m.pre_quant_scale = None
+        folded.append(norm_name)
+    logger.info("folded AWQ pre_quant_scale into %d norms", len(folded))
+    return folded
+
+
+def _foldable(module: nn.Module) -> bool:
+    return (isinstance(module, QuantLinear) and "AWQ" in module.fmt.quant_algo
+            and module.pre_quant_scale is not None)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return isinstance(module, nn.LayerNorm) or name.endswith(("RMSNorm", "LayerNorm"))
+
+
+@torch.no_grad()
+def _norm_consumers(model: nn.Module) -> Dict[str, List[str]]:
+    """{norm name: [names of the Linears whose input is exactly that norm's output]}."""
+    producer, consumers, keep_alive, handles = {}, defaultdict(list), [], []
+
+    def on_norm(name):
+        def hook(module, args, output):
+            producer[id(output)] = name
+            keep_alive.append(output)  # ids stay unique only while the tensors live
+        return hook
+
+    def on_linear(name):
+        def hook(module, args):
+            if id(args[0]) in producer:
+                consumers[producer[id(args[0])]].append(name)
+        return hook
+
+    for name, module in model.named_modules():
+        if _is_norm(module):
+            handles.append(module.register_forward_hook(on_norm(name)))
+        elif isinstance(module, (nn.Linear, QuantLinear)):
+            handles.append(module.register_forward_pre_hook(on_linear(name)))
+    try:
+        device = next(model.parameters()).device
+        model(input_ids=torch.ones((1, 2), dtype=torch.long, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return dict(consumers)
+
+
+def _scale_norm(name: str, norm: nn.Module, scale: torch.Tensor) -> None:
+    weight = norm.weight
+    if weight is None or weight.shape != scale.shape:
+        raise ValueError(f"cannot fold a pre_quant_scale of shape {list(scale.shape)} into {name!r} "
+                         f"({type(norm).__name__} with weight {None if weight is None else list(weight.shape)})")
+    s = scale.float()
+    zero_centred = type(norm).__name__.startswith("Gemma")  # Gemma norms compute x * (1 + weight)
+    new_weight = (weight.float() + 1) * s - 1 if zero_centred else weight.float() * s
+    weight.data.copy_(new_weight.to(weight.dtype))
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.data.copy_((norm.bias.float() * s).to(norm.bias.dtype))

@@ -1,0 +1,137 @@
+"""ModelOpt's quantization-config vocabulary, both ways (`modelopt-format.md` §6.2, §6.3).
+
+Writing: `hf_quant_config(...)` builds `hf_quant_config.json` and `checkpoint_quantization_config(...)`
+the `quantization_config` entry of `config.json`, from a Format, its group size, the KV format and
+the summarized exclude list. Reading: `ptq_fields_from_checkpoint_config` turns the
+`quantization_config` of a checkpoint (ours, which carries our PTQConfig fields under
+`ptq_config`, or one ModelOpt wrote) into PTQConfig fields. Called by `PTQConfig.from_dict` and by
+the exporter. Imports only `formats`.
+"""
+
+from typing import List, Optional
+
+from .. import formats as F
+
+PRODUCER_NAME = "hf_ptq_plugin"
+# Bumped when the meaning of a tensor or a key we write changes; stamped into config.json,
+# hf_quant_config.json and every safetensors header.
+FORMAT_VERSION = "1"
+PTQ_CONFIG_KEY = "ptq_config"  # where config.json keeps our own PTQConfig fields
+
+# ModelOpt writes the 2-D block FP8 algorithm under its lowercase internal name (TensorRT-LLM maps
+# exactly "fp8_pb_wo"); every other algorithm is written as Format.quant_algo.
+_WRITTEN_ALGO = {"fp8_pb_wo": "fp8_pb_wo"}
+# Algorithms whose layer config carries a group size (§6.2 table); the others write group_size null.
+_GROUPED_WEIGHTS = (F.INT4, F.NVFP4, F.MXFP8)
+_FP8_SCHEME = {"dynamic": False, "num_bits": 8, "type": "float"}
+
+
+def written_quant_algo(fmt: F.Format) -> str:
+    return _WRITTEN_ALGO.get(fmt.name, fmt.quant_algo)
+
+
+def format_for_quant_algo(quant_algo: str) -> F.Format:
+    """The Format a checkpoint's `quant_algo` names (case-insensitive, as vLLM reads it)."""
+    for fmt in F.FORMATS.values():
+        if fmt.quant_algo.upper() == str(quant_algo).upper():
+            return fmt
+    valid = ", ".join(written_quant_algo(f) for f in F.FORMATS.values())
+    hint = " (per-layer formats are not supported yet)" if str(quant_algo).upper() == "MIXED_PRECISION" else ""
+    raise ValueError(f"unknown quant_algo {quant_algo!r}{hint}; valid: {valid}")
+
+
+def kv_format_for_checkpoint(value) -> str:
+    """kv_cache_qformat name from `kv_cache_quant_algo` ("FP8", "NVFP4", null) or config.json's
+    `kv_cache_scheme` (a {"num_bits", "type"} dict, or the algorithm as a string)."""
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "")):
+        return "none"
+    if isinstance(value, dict):
+        bits, kind = value.get("num_bits"), value.get("type")
+        value = {(8, "float"): "FP8", (4, "float"): "NVFP4"}.get((bits, kind), f"{kind}{bits}")
+    for kv in F.KV_FORMATS.values():
+        if kv.kv_cache_quant_algo == str(value).upper():
+            return kv.name
+    valid = ", ".join(kv.kv_cache_quant_algo for kv in F.KV_FORMATS.values())
+    raise ValueError(f"unknown KV-cache algorithm {value!r} in the checkpoint; valid: {valid} or null")
+
+
+def layer_config(fmt: F.Format, group_size: Optional[int]) -> dict:
+    """One format's fields of hf_quant_config.json; group_size is always present (null if none)."""
+    fields = {"quant_algo": written_quant_algo(fmt),
+              "group_size": group_size if fmt.weight in _GROUPED_WEIGHTS else None}
+    if "AWQ" in fmt.quant_algo:
+        fields.update(has_zero_point=False, pre_quant_scale=True)
+    return fields
+
+
+def producer() -> dict:
+    from .. import __version__
+
+    return {"name": PRODUCER_NAME, "version": __version__, "format_version": FORMAT_VERSION}
+
+
+def hf_quant_config(fmt: F.Format, group_size: Optional[int], kv_format: Optional[F.KVFormat],
+                    exclude_modules: List[str]) -> dict:
+    """The content of hf_quant_config.json, keys in ModelOpt's order."""
+    fields = layer_config(fmt, group_size)
+    quantization = {"quant_algo": fields.pop("quant_algo"),
+                    "kv_cache_quant_algo": kv_format.kv_cache_quant_algo if kv_format else None,
+                    **fields, "exclude_modules": list(exclude_modules)}
+    return {"producer": producer(), "quantization": quantization}
+
+
+def _config_groups(fmt: F.Format, group_size: Optional[int]) -> Optional[dict]:
+    """config.json `config_groups`, written by ModelOpt for FP8, NVFP4 and W4A16_NVFP4 only."""
+    if fmt.name == "fp8":
+        return {"group_0": {"input_activations": dict(_FP8_SCHEME), "weights": dict(_FP8_SCHEME), "targets": ["Linear"]}}
+    if fmt.name not in ("nvfp4", "w4a16_nvfp4"):
+        return None
+    fp4 = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": group_size}
+    group = {"weights": dict(fp4), "targets": ["Linear"]}
+    if fmt.act is not None:
+        group = {"input_activations": dict(fp4), **group}
+    return {"group_0": group}
+
+
+def checkpoint_quantization_config(fmt: F.Format, group_size: Optional[int], kv_format: Optional[F.KVFormat],
+                                   exclude_modules: List[str], ptq_fields: dict) -> dict:
+    """config.json's `quantization_config`: ModelOpt's keys, then our own PTQConfig fields."""
+    out = {}
+    groups = _config_groups(fmt, group_size)
+    if groups is not None:
+        out["config_groups"] = groups
+    out["ignore"] = list(exclude_modules)
+    out["quant_algo"] = written_quant_algo(fmt)
+    if kv_format is not None:
+        out["kv_cache_scheme"] = dict(_FP8_SCHEME) if kv_format.values == F.FP8 else kv_format.kv_cache_quant_algo
+    out.update(producer=producer(), quant_method="modelopt")
+    out[PTQ_CONFIG_KEY] = {k: v for k, v in ptq_fields.items() if k != "quant_method"}
+    return out
+
+
+def ptq_fields_from_checkpoint_config(values: dict) -> dict:
+    """PTQConfig fields from a `quantization_config` dict (without its quant_method).
+
+    Our checkpoints carry the fields under `ptq_config`; a dict with `quant_algo` but no such key
+    was written by ModelOpt and is translated; anything else is taken as PTQConfig fields as is.
+    """
+    if PTQ_CONFIG_KEY in values:
+        return {k: v for k, v in values[PTQ_CONFIG_KEY].items() if k != "quant_method"}
+    if "quant_algo" not in values:
+        return values
+    fmt = format_for_quant_algo(values["quant_algo"])
+    kv = values.get("kv_cache_quant_algo", values.get("kv_cache_scheme"))
+    exclude = values.get("ignore", values.get("exclude_modules")) or []
+    fields = {"qformat": fmt.name, "kv_cache_qformat": kv_format_for_checkpoint(kv), "exclude_modules": list(exclude)}
+    group_size = values.get("group_size") or _group_size_from_groups(values.get("config_groups"))
+    if group_size is not None and (fmt.group_size_choices or fmt.group_size):
+        fields["group_size"] = int(group_size)
+    return fields
+
+
+def _group_size_from_groups(groups: Optional[dict]) -> Optional[int]:
+    for group in (groups or {}).values():
+        size = (group.get("weights") or {}).get("group_size")
+        if size is not None:
+            return size
+    return None

@@ -1,0 +1,158 @@
+"""Quantization while `from_pretrained` reads a full-precision checkpoint (the 5.x `get_quantize_ops` path).
+
+`prepare_load_time` swaps the target Linears for meta QuantLinears before any weight is read;
+transformers' loader then reads one weight at a time, and `QuantizeOnLoad` turns it into the
+layer's checkpoint tensors before the next is read, so the full-precision model never exists.
+Engines need one `weight_scale_2` per fused group (q/k/v, gate/up) for NVFP4 and W4A8; since the
+group's other weights are not loaded yet when the first one is quantized, their amax is read
+ahead from the checkpoint files, a few rows at a time. Each weight is quantized in blocks of rows
+(every format's scales are per row, per row block or per tensor), so the temporaries stay a few
+MiB however large the layer: peak memory is the quantized model plus about one layer. Static
+activation scales cannot come from weights: such layers stay uncalibrated (dynamic scales, a
+warning) until `calibrate()`.
+Called by `PTQHfQuantizer`.
+"""
+
+import logging
+from typing import Dict, Iterable, Optional
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers.core_model_loading import ConversionOps
+
+from . import formats as F
+from .checkpoint_load import replace_module
+from .numerics import FP8_MAX, fp8_quantize, quantize_weight, scale_from_amax, weight_buffer_specs
+from .quant_linear import QuantLinear
+from .selection import fused_groups, target_linears
+from .shapes import check_layer_shapes, resolve_group_size
+
+logger = logging.getLogger(__name__)
+
+AMAX_ROWS = 256  # rows read at a time when pre-reading a fused sibling's amax
+# Elements quantized at a time (4 MiB of fp32 per temporary); blocks are whole multiples of 128 rows
+# (FP8 tiles are 128 rows, INT4 packs row pairs). Fewer, larger blocks cost less thread sync.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def prepare_load_time(model: nn.Module, fmt: F.Format, exclude_modules: Iterable[str],
+                      requested_group_size: Optional[int], checkpoint_files) -> tuple:
+    """Swap target Linears for meta QuantLinears; returns (group size, {name: shared weight amax})."""
+    linears = target_linears(model, exclude_modules)
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear left to quantize after exclusions "
+                         f"{list(exclude_modules)}")
+    group_size = resolve_group_size(fmt, linears, requested_group_size)
+    check_layer_shapes(fmt, linears, group_size)
+    shared_amax = {}
+    if fmt.weight == F.NVFP4 or fmt.fp8_weight_scale_2:
+        dtype = next(iter(linears.values())).weight.dtype
+        shared_amax = _fused_group_amax(fused_groups(linears), checkpoint_files, dtype)
+    for name, linear in linears.items():
+        replace_module(model, name, QuantLinear(linear.in_features, linear.out_features, linear.bias is not None,
+                                                fmt, group_size, dtype=linear.weight.dtype, device="meta"))
+    return group_size, shared_amax
+
+
+def _fused_group_amax(groups, checkpoint_files, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """{layer: max |W| over its fused group}, read from the checkpoint before loading starts.
+
+    Rows are cast to the model dtype first, as the loader will cast them, so the amax is the one
+    of the weights the layer actually quantizes.
+    """
+    locations = _tensor_locations(checkpoint_files or [])
+    shared = {}
+    for group in groups:
+        keys = [f"{name}.weight" for name in group]
+        missing = [k for k in keys if k not in locations]
+        if missing:
+            logger.warning("cannot pre-read %s from the checkpoint; %s get separate weight_scale_2 values, "
+                           "which engines that fuse them reject", missing, group)
+            continue
+        amax = torch.stack([_weight_amax(locations[k], k, dtype) for k in keys]).amax()
+        shared.update({name: amax for name in group})
+    return shared
+
+
+def _tensor_locations(checkpoint_files) -> Dict[str, str]:
+    locations = {}
+    for path in checkpoint_files:
+        if str(path).endswith(".safetensors"):
+            with safe_open(path, framework="pt") as handle:
+                locations.update({key: path for key in handle.keys()})
+    return locations
+
+
+def _weight_amax(path: str, key: str, dtype: torch.dtype) -> torch.Tensor:
+    # The caller runs inside transformers' meta-device init context; real data needs a real device.
+    with torch.device("cpu"), safe_open(path, framework="pt") as handle:
+        tensor = handle.get_slice(key)
+        rows = tensor.get_shape()[0]
+        chunks = (tensor[i:i + AMAX_ROWS].to(dtype).abs().amax().float() for i in range(0, rows, AMAX_ROWS))
+        return torch.stack(list(chunks)).amax()
+
+
+class QuantizeOnLoad(ConversionOps):
+    """Turns one full-precision `<layer>.weight` into the layer's checkpoint tensors."""
+
+    def __init__(self, shared_amax: Dict[str, torch.Tensor]):
+        self.shared_amax = shared_amax
+
+    def convert(self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None, model=None,
+                **kwargs) -> dict:
+        value = next(iter(input_dict.values()))
+        w = value[0] if isinstance(value, list) else value  # (N, K) in the model dtype
+        layer = full_layer_name.rpartition(".")[0]
+        module = model.get_submodule(layer)
+        amax = self.shared_amax.get(layer)
+        tensors = quantize_in_row_blocks(w, module, None if amax is None else amax.to(w.device))
+        out = {f"{layer}.{name}": tensor for name, tensor in tensors.items()}
+        if module.fmt.needs_calibration_data:
+            # A placeholder, never saved: the layer stays uncalibrated (dynamic scales) until calibrate().
+            out[f"{layer}.input_scale"] = torch.ones((), dtype=torch.float32, device=w.device)
+        return out
+
+
+def quantize_in_row_blocks(w: torch.Tensor, module: QuantLinear, global_amax: Optional[torch.Tensor]) -> dict:
+    """`quantize_weight` of the whole (N, K) weight, computed a block of rows at a time (same bits)."""
+    fmt, n = module.fmt, w.shape[0]
+    block = max(128, CHUNK_ELEMENTS // w.shape[1] // 128 * 128)
+    if n <= block:
+        return quantize_weight(w, fmt, module.group_size, global_amax)
+    per_tensor_fp8 = fmt.weight == F.FP8 and fmt.weight_granularity == F.PER_TENSOR
+    if per_tensor_fp8 or (global_amax is None and (fmt.weight == F.NVFP4 or fmt.fp8_weight_scale_2)):
+        global_amax = torch.stack([w[i:i + block].abs().amax().float() for i in range(0, n, block)]).amax()
+    specs = weight_buffer_specs(fmt, n, w.shape[1], module.group_size)
+    out = {name: torch.empty(shape, dtype=dtype, device=w.device) for name, (shape, dtype) in specs.items()}
+    if per_tensor_fp8:  # quantize_weight's per-tensor FP8 scale: always the tensor's own amax
+        out["weight_scale"] = scale_from_amax(global_amax, FP8_MAX)
+    for start in range(0, n, block):
+        rows = w[start:start + block]
+        if per_tensor_fp8:
+            out["weight"][start:start + block] = fp8_quantize(rows, out["weight_scale"])
+            continue
+        for name, tensor in quantize_weight(rows, fmt, module.group_size, global_amax).items():
+            if tensor.dim() == 0:  # per-tensor second-level scale, the same for every block
+                out[name] = tensor
+            else:  # INT4 packs 2 rows per byte row, FP8 tiles 128 rows per scale row
+                per_row = specs[name][0][0] / n
+                out[name][int(start * per_row):int((start + rows.shape[0]) * per_row)] = tensor
+    return out
+
+
+def finalize_load_time(model: nn.Module, fmt: F.Format, kv_format: Optional[F.KVFormat]) -> None:
+    """Freeze biases and say, once, what still needs calibration."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module.bias is not None:
+            module.bias.requires_grad_(False)
+    needs = []
+    if fmt.needs_calibration_data:
+        needs.append(f"qformat {fmt.name!r} has static activation scales; until then every layer uses "
+                     "dynamic (per-batch) activation scales")
+    if kv_format is not None:
+        needs.append(f"kv_cache_qformat {kv_format.name!r} needs calibrated k/v scales; until then the KV cache "
+                     "is not quantized")
+    if needs:
+        logger.warning("the model is not calibrated: %s. Call hf_ptq_plugin.calibrate(model, data) before "
+                       "save_pretrained, which refuses to write made-up scales.", "; ".join(needs))
