@@ -7,19 +7,29 @@ checkpoint. `forward` computes what the serving engine computes: multiply by
 engine reconstructs. Built by `quantize()` (and later by the transformers quantizer).
 """
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F_nn
 from torch import nn
 
 from . import formats as F
+from .backends.cpu_linear import cpu_linear
+from .backends.triton_linear import triton_available, triton_linear
 from .numerics import dequantize_weight, input_scale_from_amax, quantize_activation, quantize_weight
 from .numerics.weights import weight_buffer_specs
 
 
 class QuantLinear(nn.Module):
     """A Linear whose weight is stored quantized in `fmt`; see the module docstring."""
+
+    # Set True (on one layer, or on all with `reference_forward(model)`) to bypass the kernels
+    # and run the pure-torch reference, e.g. to tell a kernel bug from a quantization error.
+    force_reference: bool = False
+    # The CPU backend's derived weight (`backends.cpu_weights.CpuWeight`): a plain attribute, so
+    # never in state_dict; rebuilt whenever the checkpoint buffers change.
+    cpu_weight_cache = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool, fmt: F.Format,
                  group_size: Optional[int] = None, dtype: torch.dtype = torch.bfloat16, device=None):
@@ -75,8 +85,15 @@ class QuantLinear(nn.Module):
         return dequantize_weight(self.weight_buffers(), self.fmt, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The one backend choice point. Triton kernels (CUDA) and fast CPU paths plug in here;
-        # until then every device runs the reference, which defines the numbers.
+        # The one backend choice point. The reference defines the numbers; the kernels reproduce
+        # them within the tolerances their modules document, but have no backward, so inputs
+        # that need a gradient (PEFT on a quantized base) take the reference too.
+        if self.force_reference or (x.requires_grad and torch.is_grad_enabled()):
+            return self._reference_forward(x)
+        if x.is_cuda and triton_available():
+            return triton_linear(self, x)
+        if x.device.type == "cpu":
+            return cpu_linear(self, x)
         return self._reference_forward(x)
 
     def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,3 +113,24 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.name}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+@contextmanager
+def reference_forward(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every QuantLinear of `model` runs the reference instead of a kernel.
+
+    For debugging: `with reference_forward(model): ref = model(x)` gives the numbers the kernels
+    are tested against. Restores each layer's previous setting on exit.
+    """
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    previous = [layer.__dict__.get("force_reference") for layer in layers]
+    for layer in layers:
+        layer.force_reference = True
+    try:
+        yield model
+    finally:
+        for layer, value in zip(layers, previous):
+            if value is None:
+                del layer.force_reference  # back to the class default
+            else:
+                layer.force_reference = value

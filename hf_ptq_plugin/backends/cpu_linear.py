@@ -1,0 +1,58 @@
+"""QuantLinear's CPU backend: the reference's math on torch's fast CPU kernels.
+
+Called by `QuantLinear.forward` for CPU inputs. The activation side gives the reference's values
+(`x * pre_quant_scale` in the activation dtype, then `quantize_activation` / `int_quantize`, or
+their op-lean equivalents in `cpu_activations`, with the same scale); the GEMM runs on the weight
+form `cpu_weights` cached for the layer:
+
+  dense     F.linear on the reference's fp32 weight: the reference's output, bit for bit.
+  fp16pack  fbgemm's fp16-weight GEMM with fp32 activations: the reference's products (or an
+            fp16-rounded weight, see cpu_weights), accumulated in fp32 in another order.
+  int4pack  torch's packed INT4 matmul on bf16 activations with bf16 group scales (<= 2**-9
+            relative each) and a bf16 output (one more 2**-9).
+  int8pack  torch's INT8 weight matmul on bf16 activations (W8A8: the integer activation codes,
+            exact in bf16) with unit scales; the fp32 scales multiply its bf16 output.
+"""
+
+import torch
+import torch.nn.functional as F_nn
+
+from .. import formats as F
+from ..numerics import int_quantize, quantize_activation
+from .cpu_activations import fast_quantize_activation
+from .cpu_weights import build_cpu_weight
+
+
+def cpu_linear(module, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)` for a CPU tensor x (..., K); the reference's numbers within the bounds above."""
+    if module.pre_quant_scale is not None:
+        x = x * module.pre_quant_scale  # in the activation dtype, as the reference (and engines) do
+    weight, buffers = module.cpu_weight_cache, module.weight_buffers()
+    if weight is None or not weight.is_current(buffers, x.dtype):
+        weight = module.cpu_weight_cache = build_cpu_weight(module.fmt, buffers, module.group_size, x.dtype)
+    if weight.kind == "dense":  # the reference's own call on its own operands
+        x_q = quantize_activation(x, module.fmt, module._activation_scale(x))
+        return F_nn.linear(x_q, weight.matrix, None if module.bias is None else module.bias.float()).to(x.dtype)
+    x2d = x.reshape(-1, x.shape[-1])
+    if weight.kind == "int4pack":
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d.contiguous(), weight.matrix, module.group_size,
+                                                       weight.scales).float()
+    elif weight.kind == "int8pack":
+        y = _int8pack(module, weight, x2d)
+    else:
+        x_q = fast_quantize_activation(x2d, module.fmt, module._activation_scale(x2d))  # fp32 (M, K)
+        y = torch.ops.quantized.linear_dynamic_fp16(x_q.contiguous(), weight.matrix) * weight.out_scale
+    if module.bias is not None:
+        y = y + module.bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _int8pack(module, weight, x2d: torch.Tensor) -> torch.Tensor:
+    """int8 weight matmul in bf16 with unit scales; the fp32 scales multiply the output."""
+    if module.fmt.act == F.INT8:
+        x_scale = module._activation_scale(x2d)
+        codes = int_quantize(x2d, x_scale, 8).to(torch.bfloat16)  # integers in [-128, 127]: exact in bf16
+        y = torch.ops.aten._weight_int8pack_mm(codes, weight.matrix, weight.scales)
+        return y.float() * (x_scale * weight.out_scale)
+    y = torch.ops.aten._weight_int8pack_mm(x2d.contiguous(), weight.matrix, weight.scales)
+    return y.float() * weight.out_scale

@@ -1,0 +1,146 @@
+"""The CPU compute form of a QuantLinear's weight: built once from the checkpoint buffers, cached.
+
+On a CPU, dequantizing the checkpoint tensors on every call is far too slow (an fp8 -> fp32 cast
+moves ~0.1 G elements/s on this machine), so each layer keeps one derived copy of its weight in
+the form a fast torch kernel takes. Chosen by measurement (BENCHMARKS.md, "Speed (issue 5)"):
+
+  kind      used for                            what is cached                 extra memory
+  dense     fp32 / fp16 activations, any format the reference's fp32 weight     4 B/weight
+  int4pack  bf16 activations, int4_awq          torch's CPU int4 layout,       0.5 B/weight + scales
+                                                bf16 group scales
+  int8pack  bf16 activations, int8_wo / int8_sq nothing (reads `weight`)       N bf16 ones
+  fp16pack  bf16 activations, the other formats fbgemm's packed fp16 matrix    2 B/weight
+
+`dense` runs the reference's own F.linear on the reference's own operands, so fp32 models get
+the reference's numbers bit for bit (batch for batch, too). bf16 models take the faster kernels,
+which are never coarser than bf16: fp16pack stores a matrix C with W = C * out_scale, where
+`out_scale` is the per-tensor or per-channel factor the format lets us pull out of the dot
+product; C is exact in fp16 for FP8 codes, NVFP4's e2m1 x e4m3 products, W4A8's e4m3 weights and
+MXFP8 values of ordinary range, and rounded to fp16 (<= 2**-11 relative) for fp8_pb_wo (its 128 x
+128 tile scales cannot be pulled out) and INT4 layers torch's int4 kernel cannot take.
+
+The cache is a plain attribute, not a buffer: it never enters state_dict (the checkpoint),
+`.to(dtype)` cannot cast it, and deepcopy/pickle drop it. It remembers the buffer tensors it was
+built from and their version counters, so any in-place update (load_state_dict, calibration,
+`.copy_`) or replacement (`.to(device)`, assign=True loading) rebuilds it on the next call, as
+does a change of activation dtype.
+"""
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from .. import formats as F
+from ..numerics import dequantize_weight, fp8_quantize, unpack_int4_rows, unpack_nibbles
+from ..numerics.mx import mxfp8_dequantize
+from ..numerics.nvfp4 import e2m1_values
+
+INT4PACK_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 kernel accepts
+INT4PACK_N_MULTIPLE = 16
+
+
+@functools.cache
+def fbgemm_available() -> bool:
+    """fbgemm's fp16 GEMM exists on x86 builds of torch only."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def _dropped():
+    return None
+
+
+@dataclass
+class CpuWeight:
+    """A layer's weight in a fast torch kernel's form; see the module docstring."""
+
+    kind: str  # "int4pack", "int8pack", "fp16pack" or "dense"
+    sources: tuple  # ((tensor, data_ptr, version), ...) of the buffers it was built from
+    bf16_activations: bool  # built for bf16 activations (the packed int kernels) or for any other dtype
+    matrix: Any  # int4pack: uint8 (N, K/2); int8pack: the int8 weight; fp16pack: fbgemm packed; dense: fp32 (N, K)
+    scales: Optional[torch.Tensor] = None  # int4pack: bf16 (K/g, N, 2) scales and zeros; int8pack: bf16 ones (N,)
+    out_scale: Optional[torch.Tensor] = None  # fp32 () or (N,) multiplying the GEMM output
+    nbytes: int = 0  # memory held beyond the checkpoint buffers
+
+    def is_current(self, buffers: dict, act_dtype: torch.dtype) -> bool:
+        current = _sources(buffers)
+        same = len(current) == len(self.sources) and all(
+            old[0] is new[0] and old[1:] == new[1:] for old, new in zip(self.sources, current))
+        return same and self.bf16_activations == (act_dtype == torch.bfloat16)
+
+    def __reduce__(self):
+        return (_dropped, ())  # deepcopy and pickle drop the cache; the next forward rebuilds it
+
+
+def _sources(buffers: dict) -> tuple:
+    # Inference-mode tensors have no version counter; they cannot be updated in place outside
+    # inference mode, so identity and storage pointer are what can change.
+    return tuple((t, t.data_ptr(), None if t.is_inference() else t._version) for t in buffers.values())
+
+
+@torch.no_grad()
+def build_cpu_weight(fmt: F.Format, buffers: dict, group_size: int, act_dtype: torch.dtype) -> CpuWeight:
+    """The cached compute form of one layer's weight for activations of `act_dtype`.
+
+    `buffers` are the layer's checkpoint tensors. Only bf16 activations take the fast kernels
+    (whose bf16 arithmetic is no coarser than the activations); fp32 and fp16 ones get the
+    reference's own dequantized fp32 weight, so their outputs are the reference's, bit for bit.
+    """
+    sources, bf16 = _sources(buffers), act_dtype == torch.bfloat16
+    n = buffers["weight_scale"].shape[0] if fmt.weight == F.INT4 else buffers["weight"].shape[0]
+    if not bf16:
+        dense = dequantize_weight(buffers, fmt, group_size)
+        return CpuWeight("dense", sources, False, dense, nbytes=dense.nbytes)
+    if fmt.weight == F.INT4 and fmt.act is None and n % INT4PACK_N_MULTIPLE == 0 and group_size in INT4PACK_GROUP_SIZES:
+        return _int4pack(buffers, sources)
+    if fmt.weight == F.INT8:
+        ones = torch.ones(n, dtype=torch.bfloat16)
+        return CpuWeight("int8pack", sources, True, buffers["weight"], ones, buffers["weight_scale"], ones.nbytes)
+    matrix, out_scale = _factored_weight(fmt, buffers, group_size)
+    half = matrix.half()
+    if fbgemm_available() and _fp16_holds(matrix, half):
+        packed = torch.ops.quantized.linear_prepack_fp16(matrix, None)
+        return CpuWeight("fp16pack", sources, True, packed, out_scale=out_scale, nbytes=half.nbytes)
+    dense = dequantize_weight(buffers, fmt, group_size)
+    return CpuWeight("dense", sources, True, dense, nbytes=dense.nbytes)
+
+
+def _fp16_holds(matrix: torch.Tensor, half: torch.Tensor) -> bool:
+    """True if fp16 keeps every row within 2**-11 of its amax (finer than bf16 activations).
+
+    Exact for FP8 codes and NVFP4 / W4A8 values; rounded but within this for ordinary fp8_pb_wo,
+    INT4 and MXFP8 weights; false for rows too large or too tiny for fp16's range.
+    """
+    if not torch.isfinite(half).all():
+        return False
+    error = (half.float() - matrix).abs().amax(dim=1)
+    return bool((error <= 2.0**-11 * matrix.abs().amax(dim=1)).all())
+
+
+def _int4pack(buffers: dict, sources: tuple) -> CpuWeight:
+    # torch's layout wants unsigned nibbles and dequantizes (u - 8) * scale + zero: u = q + 8, zero = 0.
+    unsigned = unpack_int4_rows(buffers["weight"]).to(torch.int32) + 8  # (N, K)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 1)  # (N, K / 2) uint8
+    scale_t = buffers["weight_scale"].t().to(torch.bfloat16)  # (K / g, N)
+    scales_and_zeros = torch.stack((scale_t, torch.zeros_like(scale_t)), dim=-1).contiguous()
+    return CpuWeight("int4pack", sources, True, packed, scales_and_zeros, nbytes=packed.nbytes + scales_and_zeros.nbytes)
+
+
+def _factored_weight(fmt: F.Format, buffers: dict, group_size: int):
+    """(C fp32 (N, K), out_scale fp32 () or (N,)) with W = C * out_scale; C is fp16-exact where the format allows."""
+    q, scale = buffers["weight"], buffers["weight_scale"]
+    if fmt.weight in (F.FP8, F.INT8) and fmt.weight_granularity in (F.PER_TENSOR, F.PER_CHANNEL):
+        return q.float(), scale.float()  # e4m3 or int8 codes
+    if fmt.weight == F.NVFP4:
+        codes = unpack_nibbles(q)  # e2m1 x e4m3: <= 6 significant bits in [2**-10, 2688]
+        return e2m1_values(codes) * scale.float().repeat_interleave(16, dim=1), buffers["weight_scale_2"].float()
+    if fmt.weight == F.INT4 and fmt.fp8_weight_scale_2:
+        # The e4m3 values of `numerics.weights.int4_w4a8_weight`, before its final * weight_scale_2.
+        scale_2 = buffers["weight_scale_2"].float()
+        ratio = (scale / scale_2).half().float().repeat_interleave(group_size, dim=1)
+        return fp8_quantize(unpack_int4_rows(q).float() * ratio, torch.ones(())).float(), scale_2
+    if fmt.weight == F.MXFP8:
+        return mxfp8_dequantize(q, scale), torch.ones(())  # e4m3 times 2**e: exact in fp16 for ordinary e
+    # fp8_pb_wo (its tile scales cannot be pulled out) and INT4 (its group scales cannot either)
+    return dequantize_weight(buffers, fmt, group_size), torch.ones(())

@@ -1,0 +1,114 @@
+"""NVFP4 GEMM: FP4 (E2M1) weights with FP8 16-block scales; activations quantized on the fly.
+
+Layout (the unified checkpoint's `nvfp4`, `nvfp4_awq`, `w4a16_nvfp4`):
+    x              (M, K)       fp32 / fp16 / bf16 activations
+    weight         (N, K // 2)  uint8, two E2M1 codes per byte along K, element 2k in the low
+                                nibble; code = sign bit 3 | magnitude index bits 0-2
+    weight_scale   (N, K // 16) float8_e4m3fn block scales
+    weight_scale_2 ()           fp32 global scale: w = e2m1 * weight_scale * weight_scale_2
+    input_scale    ()           fp32 global activation scale (QUANTIZE_X); None for W4A16
+    pre_quant_scale (K,)        optional, in x's dtype (AWQ)
+    out            (M, N)       x's dtype
+
+QUANTIZE_X: each x tile is split into 16-element blocks; per block the scale
+fp8(clamp(amax / (6 * input_scale), 2**-9, 448)) (1.0 for an all-zero block) and the E2M1
+rounding (ties to even) are computed exactly as `numerics.nvfp4` does (e4m3 rounding emulated,
+division with div_rn). Both operands then hold e2m1 * e4m3-scale products: at most 6
+significant bits in [2**-10, 2688], exact in fp16, so tl.dot runs on fp16 operands with exact
+products and the two global scales multiply the fp32 sum once. W4A16 (no input_scale): x is
+multiplied in the dot dtype with the fp16/bf16-exact weight products. K % 16 == 0; K and N need
+not be multiples of the tiles (masked); BLOCK_K must be a multiple of 16.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import activation_2d, dot_dtype, gemm_blocks, new_output, require
+from .rounding import e2m1_decode, e2m1_index, e2m1_magnitude, fp8_e4m3_round
+from .tiles import load_x_tile, mma, store_out_tile
+
+NVFP4_BLOCK = 16
+
+
+@triton.jit
+def _quantize_x_blocks(x, global_scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_M, BLOCK_K) fp32 -> e2m1 value * fp8 block scale (fp32, exact in fp16)."""
+    blocks = tl.reshape(x, (BLOCK_M, BLOCK_K // 16, 16))
+    scale = tl.math.div_rn(tl.max(tl.abs(blocks), axis=2), 6.0 * global_scale)
+    scale = tl.where(scale == 0, 1.0, scale)
+    scale = fp8_e4m3_round(tl.maximum(scale, 0.001953125))  # clamp to [2**-9, 448]; 448 inside the rounding
+    step = scale * global_scale  # rounded like the reference's block_scale.float() * global_scale
+    y = tl.math.div_rn(blocks, step[:, :, None])
+    magnitude = e2m1_magnitude(e2m1_index(tl.abs(y)))
+    value = tl.where(y < 0, -magnitude, magnitude) * scale[:, :, None]
+    return tl.reshape(value, (BLOCK_M, BLOCK_K))
+
+
+@triton.jit
+def nvfp4_gemm_kernel(
+    # Pointers
+    x_ptr, x_scale_ptr, pqs_ptr, w_ptr, w_scale_ptr, w_scale_2_ptr, bias_ptr, out_ptr,
+    # Matrix dimensions
+    M, N, K,
+    # Strides
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_om, stride_on,
+    # Meta-parameters
+    QUANTIZE_X: tl.constexpr, HAS_PQS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_kp = tl.arange(0, BLOCK_K // 2)  # packed columns of one K step
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if QUANTIZE_X:
+        x_global = tl.load(x_scale_ptr)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = load_x_tile(x_ptr, pqs_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk, HAS_PQS)
+        # (BLOCK_N, BLOCK_K // 2) bytes -> (BLOCK_N, BLOCK_K) codes, low nibble first along K
+        packed_cols = k0 // 2 + offs_kp
+        packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + packed_cols[None, :] * stride_wk,
+                         mask=(offs_n[:, None] < N) & (packed_cols[None, :] < K // 2), other=0).to(tl.int32)
+        codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K))
+        scale_cols = k0 // 16 + tl.arange(0, BLOCK_K // 16)
+        w_scale = tl.load(w_scale_ptr + offs_n[:, None] * stride_sn + scale_cols[None, :] * stride_sk,
+                          mask=(offs_n[:, None] < N) & (scale_cols[None, :] < K // 16), other=0.0).to(tl.float32)
+        w = tl.reshape(tl.reshape(e2m1_decode(codes), (BLOCK_N, BLOCK_K // 16, 16)) * w_scale[:, :, None],
+                       (BLOCK_N, BLOCK_K))
+        if QUANTIZE_X:
+            acc = mma(acc, _quantize_x_blocks(x, x_global, BLOCK_M, BLOCK_K), tl.trans(w), tl.float16)
+        else:
+            acc = mma(acc, x, tl.trans(w), DOT_DTYPE)
+    acc = acc * tl.load(w_scale_2_ptr)
+    if QUANTIZE_X:
+        acc = acc * x_global
+    store_out_tile(out_ptr, bias_ptr, acc, offs_m, offs_n, M, N, stride_om, stride_on, HAS_BIAS)
+
+
+def nvfp4_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2: torch.Tensor,
+               input_scale: torch.Tensor = None, pre_quant_scale: torch.Tensor = None, bias: torch.Tensor = None,
+               block_m: int = None, block_n: int = None, block_k: int = None) -> torch.Tensor:
+    """x (..., K) -> (..., N) in x's dtype; activations quantized to NVFP4 when `input_scale` is given."""
+    n, half_k = weight.shape
+    k = 2 * half_k
+    require(weight.dtype == torch.uint8, f"NVFP4 weight must be uint8 (N, K/2), got {weight.dtype}")
+    require(weight_scale.shape == (n, k // NVFP4_BLOCK) and weight_scale.dtype == torch.float8_e4m3fn,
+            f"weight_scale must be float8_e4m3fn ({n}, {k // NVFP4_BLOCK}), got {weight_scale.dtype} "
+            f"{tuple(weight_scale.shape)}")
+    x2d = activation_2d(x, k)
+    m = x2d.shape[0]
+    bm, bn, bk = gemm_blocks(m, n, k, x.device, block_m, block_n, block_k)
+    require(bk % NVFP4_BLOCK == 0, f"BLOCK_K must be a multiple of {NVFP4_BLOCK}, got {bk}")
+    out = new_output(x2d, n)
+    nvfp4_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+        x2d, input_scale, pre_quant_scale, weight, weight_scale, weight_scale_2, bias, out,
+        m, n, k,
+        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
+        weight_scale.stride(0), weight_scale.stride(1), out.stride(0), out.stride(1),
+        QUANTIZE_X=input_scale is not None, HAS_PQS=pre_quant_scale is not None, HAS_BIAS=bias is not None,
+        DOT_DTYPE=dot_dtype(x.dtype, x.device), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+    )
+    return out.reshape(*x.shape[:-1], n)
