@@ -106,7 +106,9 @@ def kernel_weight_bytes(module: nn.Module) -> int:
 
 
 def gemm(args, read_bandwidth: float) -> None:
-    rows = []
+    print(f"### GEMMs at Llama-3-8B layer shapes ({torch.get_num_threads()} threads)\n")
+    print("x: the activation dtype; vs bf16: the unquantized bf16 F.linear of the same M, timed next to the "
+          "row; GB/s: weight bytes the kernel reads (its cached form) per second at M = 1.\n")
     for k, n in GEMM_SHAPES:
         torch.manual_seed(0)
         linear = nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
@@ -114,32 +116,27 @@ def gemm(args, read_bandwidth: float) -> None:
         baselines = {torch.float32: copy.deepcopy(linear).float(), torch.bfloat16: linear}
         layers = {name: QuantLinear.from_linear(linear, get_format(name), input_amax=torch.tensor(4.0))
                   for name in args.formats}
-        # dtype outermost: a layer's CPU cache is built for one activation dtype at a time
-        for dtype in (torch.bfloat16, torch.float32):
+        rows = []
+        for dtype in (torch.bfloat16, torch.float32):  # outermost: a layer caches one dtype's form at a time
+            variants = [("unquantized", baselines[dtype]), *layers.items()]
+            cells = {name: [] for name, _ in variants}
             for m in (1, 64):
                 reps = 10 if m == 1 else 2
                 x, x_bf16 = torch.randn(m, k).to(dtype), torch.randn(m, k, dtype=torch.bfloat16)
                 bf16_seconds = median_seconds(lambda: linear(x_bf16), reps)
-                seconds = median_seconds(lambda: baselines[dtype](x), reps) if dtype != torch.bfloat16 else bf16_seconds
-                rows.append(_gemm_row(k, n, m, "unquantized", dtype, seconds, bf16_seconds, baselines[dtype],
-                                      read_bandwidth))
-                for name, layer in layers.items():
-                    with torch.no_grad():
-                        seconds = median_seconds(lambda: layer(x), reps)
-                    rows.append(_gemm_row(k, n, m, name, dtype, seconds, bf16_seconds, layer, read_bandwidth))
+                for name, layer in variants:
+                    seconds = median_seconds(lambda: layer(x), reps)
+                    cells[name] += [f"{seconds * 1e3:.2f}", f"{bf16_seconds / seconds:.2f}x"]
+                    if m == 1:
+                        rate = kernel_weight_bytes(layer) / seconds
+                        cells[name] += [f"{rate / 1e9:.1f}", f"{100 * rate / read_bandwidth:.0f}%"]
+            for name, layer in variants:
+                kind = layer.cpu_weight_cache.kind if isinstance(layer, QuantLinear) else "F.linear"
+                rows.append([name, str(dtype)[6:], kind, *cells[name]])
+        print(f"K x N = {k} x {n}\n")
+        table(["weights", "x", "kernel", "M=1 ms", "vs bf16", "GB/s", "% read BW", "M=64 ms", "vs bf16"], rows)
         del layers, baselines
         gc.collect()
-    print(f"### GEMMs at Llama-3-8B layer shapes ({torch.get_num_threads()} threads)\n")
-    print("vs bf16: the unquantized bf16 F.linear of the same M, timed next to the row; weight GB/s: bytes the "
-          "kernel reads (its cached form) per second\n")
-    table(["K x N", "M", "weights", "x dtype", "kernel", "ms", "vs bf16", "weight GB/s", "% of read BW"], rows)
-
-
-def _gemm_row(k, n, m, name, dtype, seconds, bf16_seconds, layer, read_bandwidth):
-    kind = layer.cpu_weight_cache.kind if isinstance(layer, QuantLinear) else "F.linear"
-    rate = kernel_weight_bytes(layer) / seconds
-    return [f"{k} x {n}", m, name, str(dtype)[6:], kind, f"{seconds * 1e3:.2f}",
-            f"{bf16_seconds / seconds:.2f}x", f"{rate / 1e9:.1f}", f"{100 * rate / read_bandwidth:.0f}%"]
 
 
 def synthetic_llama(args) -> LlamaForCausalLM:
