@@ -21,8 +21,9 @@ from .config import PTQConfig
 from .dequantize import dequantize_model
 from .export.save import install_unified_save, ptq_config_of
 from .export.unified import plan_export, untie_shared_buffers
-from .load_time import QuantizeOnLoad, finalize_load_time, prepare_load_time
+from .load_time import QuantizeOnLoad, calibrate_while_loading, finalize_load_time, prepare_load_time
 from .quant_linear import QuantLinear
+from .source_weights import LoadSource
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +57,15 @@ class PTQHfQuantizer(HfQuantizer):
                                               read_header(checkpoint_files))
             self.quantization_config = dataclasses.replace(config, group_size=group_size)
             return model
-        if config.resolved_algorithm != "max":
-            logger.warning("algorithm %r needs calibration data, which from_pretrained does not run yet; weights are "
-                           "quantized with 'max' (round to nearest) while loading", config.resolved_algorithm)
-        if config.calib_dataset is not None:
-            logger.warning("calib_dataset is not used during from_pretrained yet; call hf_ptq_plugin.calibrate()")
+        if config.resolved_algorithm != "max" and config.calib_dataset is None:
+            logger.warning("algorithm %r needs calibration data and none was given (PTQConfig.calib_dataset); weights "
+                           "are quantized with 'max' (round to nearest). hf_ptq_plugin.calibrate(model, data) can "
+                           "apply %r later, re-reading the weights from this checkpoint", config.resolved_algorithm,
+                           config.resolved_algorithm)
         group_size, self.shared_weight_amax = prepare_load_time(model, config.format, exclude, config.group_size,
                                                                 checkpoint_files)
+        # Loading quantizes with max; the requested algorithm runs afterwards, on the source weights.
+        self.load_source = LoadSource([str(f) for f in checkpoint_files or []], config.resolved_algorithm)
         self.quantization_config = dataclasses.replace(config, group_size=group_size, algorithm="max")
         return model
 
@@ -74,10 +77,13 @@ class PTQHfQuantizer(HfQuantizer):
         if self.pre_quantized:
             finalize_prequantized(model, config.kv_format)
         else:
-            finalize_load_time(model, config.format, config.kv_format)
+            finalize_load_time(model, config.format, config.kv_format, calibrating=config.calib_dataset is not None)
+            model.ptq_source = self.load_source
         self.shared_weight_amax = {}
         model.ptq_config = config
         install_unified_save(model)
+        if not self.pre_quantized and config.calib_dataset is not None:
+            calibrate_while_loading(model, config)
         return model
 
     def get_state_dict_and_metadata(self, model):

@@ -27,6 +27,7 @@ from .numerics import FP8_MAX, fp8_quantize, quantize_weight, scale_from_amax, w
 from .quant_linear import QuantLinear
 from .selection import fused_groups, target_linears
 from .shapes import check_layer_shapes, resolve_group_size
+from .source_weights import tensor_locations
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def _fused_group_amax(groups, checkpoint_files, dtype: torch.dtype) -> Dict[str,
     Rows are cast to the model dtype first, as the loader will cast them, so the amax is the one
     of the weights the layer actually quantizes.
     """
-    locations = _tensor_locations(checkpoint_files or [])
+    locations = tensor_locations(checkpoint_files or [])
     shared = {}
     for group in groups:
         keys = [f"{name}.weight" for name in group]
@@ -73,15 +74,6 @@ def _fused_group_amax(groups, checkpoint_files, dtype: torch.dtype) -> Dict[str,
         amax = torch.stack([_weight_amax(locations[k], k, dtype) for k in keys]).amax()
         shared.update({name: amax for name in group})
     return shared
-
-
-def _tensor_locations(checkpoint_files) -> Dict[str, str]:
-    locations = {}
-    for path in checkpoint_files:
-        if str(path).endswith(".safetensors"):
-            with safe_open(path, framework="pt") as handle:
-                locations.update({key: path for key in handle.keys()})
-    return locations
 
 
 def _weight_amax(path: str, key: str, dtype: torch.dtype) -> torch.Tensor:
@@ -141,11 +133,13 @@ def quantize_in_row_blocks(w: torch.Tensor, module: QuantLinear, global_amax: Op
     return out
 
 
-def finalize_load_time(model: nn.Module, fmt: F.Format, kv_format: Optional[F.KVFormat]) -> None:
-    """Freeze biases and say, once, what still needs calibration."""
+def finalize_load_time(model: nn.Module, fmt: F.Format, kv_format: Optional[F.KVFormat], calibrating: bool) -> None:
+    """Freeze biases and, unless calibration follows, say once what still needs it."""
     for module in model.modules():
         if isinstance(module, QuantLinear) and module.bias is not None:
             module.bias.requires_grad_(False)
+    if calibrating:
+        return
     needs = []
     if fmt.needs_calibration_data:
         needs.append(f"qformat {fmt.name!r} has static activation scales; until then every layer uses "
@@ -156,3 +150,24 @@ def finalize_load_time(model: nn.Module, fmt: F.Format, kv_format: Optional[F.KV
     if needs:
         logger.warning("the model is not calibrated: %s. Call hf_ptq_plugin.calibrate(model, data) before "
                        "save_pretrained, which refuses to write made-up scales.", "; ".join(needs))
+
+
+def calibrate_while_loading(model: nn.Module, config) -> None:
+    """Run `config`'s calibration (data, sizes, algorithm) on a model just loaded compressed.
+
+    The tokenizer is read from the same source as the model, as `from_pretrained`'s caller would.
+    """
+    from transformers import AutoTokenizer
+
+    from .calibrate import calibrate  # calibrate imports the quantizer's modules; import at use
+
+    source = model.ptq_source
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"calib_dataset needs the model's tokenizer, which could not be loaded from "
+                         f"{model.name_or_path!r}: {error}") from error
+    logger.info("calibrating with %r on %d samples of %d tokens from %s", source.algorithm, config.calib_size,
+                config.calib_seq_len, config.calib_dataset)
+    calibrate(model, config.calib_dataset, algorithm=source.algorithm, tokenizer=tokenizer,
+              calib_size=config.calib_size, seq_len=config.calib_seq_len, batch_size=config.calib_batch_size)

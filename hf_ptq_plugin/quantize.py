@@ -18,9 +18,9 @@ from torch import nn
 
 from . import formats as F
 from .calibration import collect_input_stats
-from .calibration.smoothing import apply_pre_quant_scale, groups_sharing_input, stacked_weight
 from .calibration.clipping import mse_weight_scale
-from .calibration.smoothquant import smoothquant_scale
+from .calibration.smoothing import groups_sharing_input
+from .calibration.smoothquant import smoothquant_group_plan
 from .calibration.streamed import STREAMED_ALGORITHMS, streamed_calibration
 from .config import PTQConfig
 from .kv_cache import check_kv_support, enable_kv_quantization, observe_kv_amax
@@ -52,10 +52,10 @@ def quantize_model(model: nn.Module, config: PTQConfig, forward_loop: Optional[C
     with _kv_observation(model, kv_format, getattr(forward_loop, "token_mask", None)) as kv_amax:
         if algorithm in STREAMED_ALGORITHMS:
             streamed_calibration(model, linears, fmt, group_size, algorithm, forward_loop,
-                                 lambda block_linears, plan: _quantize_linears(model, fmt, group_size, block_linears, plan))
+                                 lambda block_linears, plan: quantize_linears(model, fmt, group_size, block_linears, plan))
         else:
             plan = _one_pass_plan(model, linears, fmt, group_size, algorithm, forward_loop)
-            _quantize_linears(model, fmt, group_size, linears, plan)
+            quantize_linears(model, fmt, group_size, linears, plan)
     if kv_format is not None:
         enable_kv_quantization(model, kv_format, kv_amax)
     model.ptq_config = dataclasses.replace(config, group_size=group_size, algorithm=algorithm)
@@ -99,16 +99,12 @@ def _one_pass_plan(model, linears, fmt: F.Format, group_size, algorithm: str, fo
         return {name: {**plan[name], "input_amax": s.amax} for name, s in stats.items()}
     plan = {}
     for group in groups_sharing_input(list(linears), fused_groups(linears)):
-        x_amax = stats[group[0]].channel_amax
-        scale = smoothquant_scale(stacked_weight(linears, group), x_amax)
-        scale = apply_pre_quant_scale([linears[name] for name in group], scale)
-        input_amax = (x_amax * scale.float()).amax()
-        plan.update({name: {"pre_quant_scale": scale, "input_amax": input_amax} for name in group})
+        plan.update(smoothquant_group_plan(linears, group, stats[group[0]].channel_amax))
     return plan
 
 
-def _quantize_linears(model: nn.Module, fmt: F.Format, group_size, linears: Dict[str, nn.Linear], plan: dict) -> None:
-    """Unify fused siblings' scales, then swap each Linear for its QuantLinear."""
+def quantize_linears(model: nn.Module, fmt: F.Format, group_size, linears: Dict[str, nn.Linear], plan: dict) -> None:
+    """Unify fused siblings' scales, then swap each Linear for its QuantLinear (also used by requantize.py)."""
     input_amax = {name: p["input_amax"] for name, p in plan.items() if "input_amax" in p}
     weight_global_amax = _unify_fused_scales(fmt, linears, input_amax)
     weight_global_amax.update({name: p["weight_global_amax"] for name, p in plan.items() if "weight_global_amax" in p})

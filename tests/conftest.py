@@ -1,8 +1,11 @@
-"""Shared fixtures: tiny Llama models built from a config (no hub access), and an SQNR helper."""
+"""Shared fixtures: tiny Llama models built from a config (no hub access), a word-level tokenizer, and an SQNR helper."""
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+WORDS = "the a of and to in is it that was he she you with for his her on at by not be had".split()
 
 
 def tiny_llama_config(hidden_size=128, intermediate_size=256, layers=2, heads=4, kv_heads=2, vocab=320):
@@ -15,6 +18,14 @@ def tiny_llama(seed=0, **overrides) -> LlamaForCausalLM:
     """A fresh fp32 Llama with its own config object (attention switches must not leak between tests)."""
     torch.manual_seed(seed)
     return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over WORDS (ids 2..), with <pad>=0 and <unk>=1: no files, no hub."""
+    vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:

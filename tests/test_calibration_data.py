@@ -5,22 +5,15 @@ import json
 import datasets
 import pytest
 import torch
-from conftest import tiny_llama
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from conftest import WORDS, tiny_llama, word_tokenizer
 
 from hf_ptq_plugin import PTQConfig, quantize
 from hf_ptq_plugin.calibration.data import calibration_forward_loop, load_texts
 
-WORDS = "the a of and to in is it that was he she you with for his her on at by not be had".split()
-
 
 @pytest.fixture
 def tokenizer():
-    vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
+    return word_tokenizer()
 
 
 def sentence(n, offset=0):

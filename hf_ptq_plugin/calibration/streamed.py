@@ -1,15 +1,18 @@
-"""Layer-streamed calibration (AWQ lite/clip/full, GPTQ), one decoder block at a time.
+"""Layer-streamed calibration (AWQ lite/clip/full, GPTQ; SmoothQuant too), one decoder block at a time.
 
 For each block: run it in full precision on its inputs with hooks that collect what the
 algorithm needs about every distinct Linear input (AWQ: per-channel statistics and a token
 sample; GPTQ: the Hessian), compute the block's plan (smoothing scales, or GPTQ-updated weights
 with their scales), hand it to `quantize_block` (which swaps in the QuantLinears), then run the
 now-quantized block to produce the next block's inputs. Memory holds one block's activations
-and statistics, never the whole model's.
+and statistics, never the whole model's. `prepare_block` lets the caller materialize a block's
+full-precision Linears just before it is calibrated (re-reading them from the source checkpoint
+when the model was loaded compressed); SmoothQuant streams only then, since in memory its one
+pass over the whole model is cheaper.
 """
 
 import functools
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -23,20 +26,25 @@ from .clipping import clip_int4_scale, clip_nvfp4_global_amax
 from .data import TokenMask
 from .gptq import HessianStats, gptq_quantize
 from .smoothing import apply_pre_quant_scale, groups_sharing_input, stacked_weight
+from .smoothquant import smoothquant_group_plan
 from .stats import InputStats, input_hooks
 
 MAX_SEARCH_TOKENS = 2048  # tokens per input kept for the search: loss estimates, not statistics
 
 
-STREAMED_ALGORITHMS = ("awq_lite", "awq_clip", "awq_full", "gptq")
+STREAMED_ALGORITHMS = ("awq_lite", "awq_clip", "awq_full", "gptq")  # always streamed; smoothquant on request
 AWQ_STEPS = {"awq_lite": (True, False), "awq_clip": (False, True), "awq_full": (True, True)}  # (search, clip)
 
 
-def streamed_calibration(model: nn.Module, linears: Dict[str, nn.Linear], fmt: F.Format, group_size: int,
+def streamed_calibration(model: nn.Module, linears: Dict[str, nn.Module], fmt: F.Format, group_size: int,
                          algorithm: str, forward_loop: Callable, quantize_block: Callable,
-                         max_tokens: int = MAX_SEARCH_TOKENS) -> None:
-    """Run `algorithm` over every decoder block; `quantize_block(linears, plan)` swaps one block's Linears."""
-    calibrate_block = _gptq_block if algorithm == "gptq" else functools.partial(_awq_block, steps=AWQ_STEPS[algorithm])
+                         max_tokens: int = MAX_SEARCH_TOKENS, prepare_block: Optional[Callable] = None) -> None:
+    """Run `algorithm` over every decoder block; `quantize_block(linears, plan)` swaps one block's Linears.
+
+    `prepare_block(block_linears) -> {name: nn.Linear}`, when given, turns a block's modules into
+    full-precision Linears right before the block is calibrated.
+    """
+    calibrate_block = _block_algorithm(algorithm)
     blocks_name, blocks = decoder_blocks(model, linears)
     outside = [name for name in linears if not name.startswith(blocks_name + ".")]
     if outside:
@@ -50,9 +58,33 @@ def streamed_calibration(model: nn.Module, linears: Dict[str, nn.Linear], fmt: F
         prefix = f"{blocks_name}.{index}."
         block_linears = {n: m for n, m in linears.items() if n.startswith(prefix)}
         if block_linears:
+            if prepare_block is not None:
+                block_linears = prepare_block(block_linears)
             plan = calibrate_block(block, block_linears, inputs, token_mask, fmt, group_size, stride)
             quantize_block(block_linears, plan)
         inputs = run_block(block, inputs)
+
+
+def _block_algorithm(algorithm: str) -> Callable:
+    if algorithm == "gptq":
+        return _gptq_block
+    if algorithm == "smoothquant":
+        return _smoothquant_block
+    return functools.partial(_awq_block, steps=AWQ_STEPS[algorithm])
+
+
+def _smoothquant_block(block, block_linears, inputs, token_mask, fmt, group_size, stride) -> dict:
+    """SmoothQuant for one block: per-channel input amax per group, then the shared smoothing scale."""
+    groups = groups_sharing_input(list(block_linears), fused_groups(block_linears))
+    leaders = {group[0]: block_linears[group[0]] for group in groups}
+    stats = {name: InputStats() for name in leaders}
+    with input_hooks(leaders, stats, token_mask):
+        run_block(block, inputs, token_mask)
+    plan = {}
+    for group in groups:
+        stats[group[0]].reduce_across_processes()
+        plan.update(smoothquant_group_plan(block_linears, group, stats[group[0]].channel_amax))
+    return plan
 
 
 def _awq_block(block, block_linears, inputs, token_mask, fmt, group_size, stride, steps) -> dict:

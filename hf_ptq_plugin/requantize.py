@@ -1,0 +1,48 @@
+"""Re-quantize a model loaded compressed with an algorithm that changes weights (SmoothQuant, AWQ, GPTQ).
+
+A model from `from_pretrained(src, quantization_config=PTQConfig(...))` holds only quantized
+weights (round to nearest, `max`). To apply SmoothQuant, AWQ or GPTQ, each decoder block's
+full-precision weights are read again from `src`'s safetensors just before the block is
+calibrated, the algorithm runs on them, and the block is quantized again, the next block fed
+by this one's quantized outputs (layer streaming). Peak memory: the compressed model, one block
+in full precision, and the calibration activations. Called by `calibrate()`.
+"""
+
+import dataclasses
+from typing import Callable
+
+from torch import nn
+
+from .calibration.streamed import streamed_calibration
+from .quant_linear import QuantLinear
+from .quantize import quantize_linears
+from .source_weights import restore_full_precision
+
+REQUANTIZING_ALGORITHMS = ("smoothquant", "awq_lite", "awq_clip", "awq_full", "gptq")
+
+
+def requantize_from_source(model: nn.Module, algorithm: str, forward_loop: Callable) -> None:
+    """Run `algorithm` block by block on the source weights of every QuantLinear, in place."""
+    source = getattr(model, "ptq_source", None)
+    if source is None:
+        raise ValueError(f"algorithm {algorithm!r} needs the full-precision weights, and this model's are gone: "
+                         "it was quantized in memory (quantize()) or loaded from a quantized checkpoint. Quantize "
+                         f"the full-precision model with PTQConfig(..., algorithm={algorithm!r}) instead")
+    config = model.ptq_config
+    fmt, group_size = config.format, config.group_size
+    targets = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    streamed_calibration(
+        model, targets, fmt, group_size, algorithm, forward_loop,
+        quantize_block=lambda block_linears, plan: quantize_linears(model, fmt, group_size, block_linears, plan),
+        prepare_block=lambda block_modules: restore_full_precision(model, block_modules, source))
+    _record_algorithm(model, dataclasses.replace(config, algorithm=algorithm))
+
+
+def _record_algorithm(model: nn.Module, config) -> None:
+    """Every place the model's PTQConfig lives (what save_pretrained and the model card read)."""
+    model.ptq_config = config
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.quantization_config = config
+    if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
+        model.config.quantization_config = config

@@ -1,0 +1,96 @@
+"""Calibration of a model loaded compressed: during from_pretrained (calib_dataset) or afterwards.
+
+SmoothQuant, AWQ and GPTQ re-read each block's full-precision weights from the source checkpoint,
+so a model that never held its full-precision weights in memory gets the same tensors as
+quantize() on the full-precision model (AWQ, GPTQ: bit for bit).
+"""
+
+import logging
+import random
+
+import pytest
+import torch
+from conftest import WORDS, tiny_llama, word_tokenizer
+from transformers import AutoModelForCausalLM
+
+from hf_ptq_plugin import PTQConfig, calibrate, quantize
+from hf_ptq_plugin.calibration.data import calibration_forward_loop
+
+CALIB = {"calib_size": 8, "calib_seq_len": 32, "calib_batch_size": 4}
+
+
+@pytest.fixture
+def source(tmp_path):
+    """A full-precision checkpoint with its tokenizer, and a text file of calibration data."""
+    tiny_llama().save_pretrained(tmp_path / "src")
+    word_tokenizer().save_pretrained(tmp_path / "src")
+    random.seed(0)
+    (tmp_path / "calib.txt").write_text(" ".join(random.choice(WORDS) for _ in range(2000)))
+    return tmp_path
+
+
+def load(source, **config):
+    return AutoModelForCausalLM.from_pretrained(source / "src", quantization_config=PTQConfig(**config))
+
+
+def quantized_in_memory(source, qformat, algorithm):
+    model = AutoModelForCausalLM.from_pretrained(source / "src")
+    loop = calibration_forward_loop(word_tokenizer(), str(source / "calib.txt"), CALIB["calib_size"],
+                                    CALIB["calib_seq_len"], CALIB["calib_batch_size"])
+    return quantize(model, PTQConfig(qformat=qformat, algorithm=algorithm), forward_loop=loop)
+
+
+def assert_same_tensors(a, b, prefix=""):
+    sd_a, sd_b = a.state_dict(), b.state_dict()
+    assert sd_a.keys() == sd_b.keys()
+    differing = [k for k in sd_a if k.startswith(prefix) and not torch.equal(sd_a[k], sd_b[k])]
+    assert not differing, differing
+
+
+@pytest.mark.parametrize("qformat,algorithm", [("int4_awq", "awq_lite"), ("int4_awq", "gptq"), ("w4a8_awq", "awq_full")])
+def test_calibrating_while_loading_equals_quantize_on_the_full_precision_model(source, qformat, algorithm, tmp_path):
+    loaded = load(source, qformat=qformat, algorithm=algorithm, calib_dataset=str(source / "calib.txt"), **CALIB)
+    assert_same_tensors(loaded, quantized_in_memory(source, qformat, algorithm))
+    assert loaded.ptq_config.algorithm == algorithm
+    loaded.save_pretrained(tmp_path / "out")  # calibrated: the save is allowed
+    assert '"algorithm": "' + algorithm in (tmp_path / "out" / "config.json").read_text()
+
+
+def test_smoothquant_streams_on_quantized_inputs(source):
+    """Block 0 sees the same inputs as the one-pass in-memory run, so its tensors match exactly;
+    later blocks see their quantized predecessors' outputs (as AWQ and GPTQ do), so they differ."""
+    loaded = load(source, qformat="int8_sq", calib_dataset=str(source / "calib.txt"), **CALIB)
+    in_memory = quantized_in_memory(source, "int8_sq", "smoothquant")
+    assert_same_tensors(loaded, in_memory, prefix="model.layers.0.")
+    q_proj = loaded.model.layers[1].self_attn.q_proj
+    assert q_proj.pre_quant_scale is not None and q_proj.input_calibrated
+    assert loaded.ptq_config.algorithm == "smoothquant"
+
+
+def test_calibrate_later_applies_the_algorithm_the_load_asked_for(source, caplog):
+    with caplog.at_level(logging.WARNING):
+        later = load(source, qformat="int4_awq", algorithm="gptq")
+    assert "calibrate(model, data) can apply 'gptq' later" in caplog.text
+    calibrate(later, str(source / "calib.txt"), tokenizer=word_tokenizer(), calib_size=8, seq_len=32, batch_size=4)
+    assert_same_tensors(later, quantized_in_memory(source, "int4_awq", "gptq"))
+
+
+def test_static_scales_and_kv_cache_are_calibrated_while_loading(source, tmp_path):
+    loaded = load(source, qformat="fp8", kv_cache_qformat="fp8", calib_dataset=str(source / "calib.txt"), **CALIB)
+    layers = [m for m in loaded.modules() if hasattr(m, "input_calibrated")]
+    assert layers and all(m.input_calibrated for m in layers)
+    assert loaded.model.layers[0].self_attn.k_proj.k_scale.item() != 1.0
+    loaded.save_pretrained(tmp_path / "out")
+    assert (tmp_path / "out" / "hf_quant_config.json").exists()
+
+
+def test_bad_requests_name_the_problem(source, tmp_path):
+    loaded = load(source, qformat="int4_awq")
+    with pytest.raises(ValueError, match="'smoothquant' does not fit qformat 'int4_awq'"):
+        calibrate(loaded, str(source / "calib.txt"), algorithm="smoothquant", tokenizer=word_tokenizer())
+    with pytest.raises(ValueError, match="unknown calibration algorithm 'awq'"):
+        calibrate(loaded, str(source / "calib.txt"), algorithm="awq", tokenizer=word_tokenizer())
+    (source / "src" / "tokenizer.json").unlink()
+    (source / "src" / "tokenizer_config.json").unlink()
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        load(source, qformat="int4_awq", calib_dataset=str(source / "calib.txt"), **CALIB)
