@@ -13,6 +13,7 @@ a quantized cache would hold.
 """
 
 import contextlib
+import logging
 import sys
 
 import torch
@@ -23,6 +24,8 @@ from .calibration.distributed import all_reduce_number
 from .numerics.fp8 import FP8_MAX, fp8_fake_quantize
 from .numerics.nvfp4 import E2M1_MAX, NVFP4_BLOCK, nvfp4_fake_quantize
 from .numerics.scales import scale_from_amax
+
+logger = logging.getLogger(__name__)
 
 KV_ATTENTION_PREFIX = "hf_ptq_kv_"
 BASE_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -81,7 +84,13 @@ def _real_token_amax(states: torch.Tensor, token_mask) -> float:
     mask = None if token_mask is None else token_mask.mask
     if mask is not None and states.shape[0] == mask.shape[0] and states.shape[2] == mask.shape[1]:
         states = states.transpose(1, 2)[mask.to(states.device)]  # (real tokens, H, D)
-    return states.detach().abs().amax().item() if states.numel() else 0.0
+    if not states.numel():
+        return 0.0
+    amax = states.detach().abs().amax()
+    if not torch.isfinite(amax):  # the calibration rule: non-finite values are left out (stats.finite_values)
+        logger.warning("NaN or Inf in the keys/values seen during calibration; left out of the k/v scales")
+        amax = torch.where(torch.isfinite(states), states, torch.zeros((), dtype=states.dtype, device=states.device)).abs().amax()
+    return amax.item()
 
 
 def _fake_quantize_kv(x: torch.Tensor, scale: torch.Tensor, kv_format: F.KVFormat) -> torch.Tensor:

@@ -44,3 +44,30 @@ def test_algorithms_that_change_weights_are_refused():
         calibrate(model, lambda m: None)
     with pytest.raises(ValueError, match="needs a tokenizer"):
         calibrate(model, ["some text"])
+
+
+def test_non_finite_activations_are_left_out_of_the_statistics_with_a_warning(token_ids, caplog):
+    """The documented rule: NaN/Inf calibration activations count as absent, and each layer says so once."""
+    clean, poisoned = tiny_llama(), tiny_llama()
+    down = poisoned.model.layers[0].mlp.down_proj
+
+    def inject(module, args):
+        x = args[0].clone()
+        x[0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+        x[0, 0, 3:] = 0.0  # the rest of that token carries nothing, so the clean run sees the same maxima
+        return (x,)
+
+    def zero_token(module, args):
+        x = args[0].clone()
+        x[0, 0, :] = 0.0
+        return (x,)
+
+    clean.model.layers[0].mlp.down_proj.register_forward_pre_hook(zero_token)
+    down.register_forward_pre_hook(inject)
+    with caplog.at_level("WARNING"):
+        quantize(poisoned, PTQConfig(qformat="int8_sq", algorithm="max"), forward_loop=lambda m: m(token_ids))
+    quantize(clean, PTQConfig(qformat="int8_sq", algorithm="max"), forward_loop=lambda m: m(token_ids))
+    poisoned_down = poisoned.model.layers[0].mlp.down_proj
+    assert torch.isfinite(poisoned_down.input_scale)
+    assert torch.equal(poisoned_down.input_scale, clean.model.layers[0].mlp.down_proj.input_scale)
+    assert caplog.text.count("model.layers.0.mlp.down_proj: 3 of") == 1 and "left out of the statistics" in caplog.text

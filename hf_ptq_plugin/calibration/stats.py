@@ -6,12 +6,15 @@ when collection ends, also if the forward loop raises.
 """
 
 import contextlib
+import logging
 from typing import Callable, Dict
 
 import torch
 from torch import nn
 
 from .distributed import all_reduce, all_reduce_number
+
+logger = logging.getLogger(__name__)
 
 
 class InputStats:
@@ -65,13 +68,30 @@ class InputStats:
         return self.channel_amax.amax()
 
 
+def finite_values(x: torch.Tensor, where: str, warned: set) -> torch.Tensor:
+    """x with NaN/Inf set to 0: the rule is that non-finite activations are left out of statistics
+    (a 0 never raises a max and adds nothing to a sum or a Hessian), with one warning per layer."""
+    finite = torch.isfinite(x)
+    if bool(finite.all()):
+        return x
+    if where not in warned:
+        warned.add(where)
+        logger.warning("%s: %d of %d calibration activation values are NaN or Inf; they are left out of the "
+                       "statistics (check the model's dtype for overflow, or the data)", where,
+                       int((~finite).sum()), x.numel())
+    return torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 @contextlib.contextmanager
 def input_hooks(linears: Dict[str, nn.Module], stats: Dict[str, "InputStats"], token_mask=None):
     """Feed every Linear's input to its stats object; `token_mask` (a TokenMask) drops padding."""
-    def observe(stat, x):
-        stat.update(x if token_mask is None else token_mask.real_tokens(x))
+    warned = set()
 
-    handles = [module.register_forward_pre_hook(lambda mod, args, s=stats[name]: observe(s, args[0]))
+    def observe(name, stat, x):
+        x = x if token_mask is None else token_mask.real_tokens(x)
+        stat.update(finite_values(x, name, warned))
+
+    handles = [module.register_forward_pre_hook(lambda mod, args, n=name: observe(n, stats[n], args[0]))
                for name, module in linears.items()]
     try:
         yield
