@@ -80,6 +80,7 @@ def main():
         with context.Pool(1) as pool:
             results.append(pool.apply(one_run, (qformat, algorithm, args.group_size, path, calib_windows,
                                                 eval_windows, args.batch_size)))
+        print(f"done: {results[-1]}", flush=True)  # a long series shows each result as it lands
     baseline = args.baseline_ppl if args.baseline_ppl is not None else results[0]["ppl"]
     header = ["format:algorithm", "group", "perplexity", "ratio to unquantized", "calibration s", "peak RSS MB"]
     rows = [[r["run"], str(r["group"] or "-"), f"{r['ppl']:.2f}", f"{r['ppl'] / baseline:.3f}",
