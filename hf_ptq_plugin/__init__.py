@@ -12,6 +12,7 @@ from .export import export_checkpoint
 from .formats import FORMATS, KV_FORMATS, Format, KVFormat, get_format, get_kv_format
 from .hf_quantizer import PTQHfQuantizer, attach_quantizer
 from .hf_quantizer import register as register_hf_quantizer
+from .hub import push_to_hub
 from .kv_cache import register_kv_attention_functions
 from .quant_linear import QuantLinear
 
@@ -21,5 +22,5 @@ register_kv_attention_functions()
 register_hf_quantizer()
 
 __all__ = ["FORMATS", "KV_FORMATS", "Format", "KVFormat", "PTQConfig", "PTQHfQuantizer", "QuantLinear",
-           "attach_quantizer", "calibrate", "export_checkpoint", "get_format", "get_kv_format", "quantize",
-           "__version__"]
+           "attach_quantizer", "calibrate", "export_checkpoint", "get_format", "get_kv_format", "push_to_hub",
+           "quantize", "__version__"]

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 from torch import nn
 from transformers import PreTrainedModel
 
+from .calibration.record import calibration_record
 from .config import PTQConfig
 from .hf_quantizer import attach_quantizer
 from .quantize import quantize_model
@@ -19,8 +20,10 @@ def quantize(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callabl
     """Quantize `model` in place per `config` (see `quantize_model`) and return it.
 
     A transformers model then saves with `model.save_pretrained(dir)` as a unified checkpoint.
+    `model.calibration_record` tells what data calibrated it (for the model card).
     """
     quantize_model(model, config, forward_loop)
+    model.calibration_record = calibration_record(forward_loop)
     if isinstance(model, PreTrainedModel):
         attach_quantizer(model, model.ptq_config)
     return model

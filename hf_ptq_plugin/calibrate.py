@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .calibration import calibration_forward_loop, collect_input_stats
+from .calibration.record import calibration_record
 from .config import PTQConfig
 from .formats import KVFormat
 from .kv_cache import attention_modules, enable_kv_quantization, observe_kv_amax
@@ -49,6 +50,7 @@ def calibrate(model: nn.Module, data, algorithm: Optional[str] = None, tokenizer
         model.train(was_training)
     if kv_format is not None:  # also switches on a KV cache that a compressed load left unquantized
         enable_kv_quantization(model, kv_format, kv_amax)
+    model.calibration_record = calibration_record(loop)  # what the model card reports
     return model
 
 

@@ -23,6 +23,7 @@ from transformers.core_model_loading import ConversionOps
 
 from . import formats as F
 from .checkpoint_load import replace_module
+from .memory import release_freed_heap
 from .numerics import FP8_MAX, fp8_quantize, quantize_weight, scale_from_amax, weight_buffer_specs
 from .quant_linear import QuantLinear
 from .selection import fused_groups, target_linears
@@ -93,6 +94,7 @@ class QuantizeOnLoad(ConversionOps):
 
     def convert(self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None, model=None,
                 **kwargs) -> dict:
+        release_freed_heap()  # the previous weight's temporaries, so the heap does not keep them resident
         value = next(iter(input_dict.values()))
         w = value[0] if isinstance(value, list) else value  # (N, K) in the model dtype
         layer = full_layer_name.rpartition(".")[0]

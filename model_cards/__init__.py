@@ -1,1 +1,4 @@
-"""Model-card templates shipped inside the installed package (filled by the export layer)."""
+"""Model-card templates shipped inside the installed package (filled by `hf_ptq_plugin.model_card`).
+
+`quantized_model.md`: a Jinja template rendered by huggingface_hub's `ModelCard.from_template`.
+"""

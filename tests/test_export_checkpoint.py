@@ -185,8 +185,8 @@ def test_tied_embeddings_model_round_trips(token_ids, tmp_path):
 
 
 def test_unknown_export_target_lists_the_valid_ones(token_ids, tmp_path):
-    with pytest.raises(ValueError, match=r"unknown export target 'trtllm'; valid: modelopt"):
-        export_checkpoint(quantized_model("int8_wo", token_ids), tmp_path, target="trtllm")
+    with pytest.raises(ValueError, match=r"unknown export target 'tensorrt'; valid: modelopt, vllm, sglang, trtllm, trtllm-legacy"):
+        export_checkpoint(quantized_model("int8_wo", token_ids), tmp_path, target="tensorrt")
 
 
 def test_a_model_that_was_never_quantized_is_refused(tmp_path):

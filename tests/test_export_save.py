@@ -53,8 +53,8 @@ def test_saving_over_a_checkpoint_keeps_other_files_and_drops_stale_shards(model
     (destination / "notes" / "eval.txt").write_text("ppl 10")
     export_checkpoint(model_int8, destination)
     names = sorted(p.name for p in destination.iterdir())
-    assert names == ["config.json", "generation_config.json", "hf_quant_config.json", "model.safetensors", "notes",
-                     "tokenizer.json"]
+    assert names == ["README.md", "config.json", "generation_config.json", "hf_quant_config.json", "model.safetensors",
+                     "notes", "tokenizer.json"]
     assert (destination / "notes" / "eval.txt").read_text() == "ppl 10"
     reloaded = AutoModelForCausalLM.from_pretrained(destination)
     with torch.no_grad():

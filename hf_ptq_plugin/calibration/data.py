@@ -16,6 +16,7 @@ from typing import List, Optional, Union
 import torch
 
 from ..data.text import spread_windows, tokenize
+from .record import describe_source
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +40,9 @@ class TokenMask:
 class CalibrationLoop:
     """A forward loop over fixed batches; `token_mask` tells hooks which tokens are padding."""
 
-    def __init__(self, batches: List[dict]):
+    def __init__(self, batches: List[dict], source: str = ""):
         self.batches, self.token_mask = batches, TokenMask()
+        self.source = source  # what the samples came from, for the model card (record.py)
 
     def __call__(self, model) -> None:
         device = next(model.parameters()).device
@@ -61,7 +63,7 @@ def calibration_forward_loop(tokenizer, data, calib_size: int = 512, seq_len: in
     """A forward loop over `calib_size` samples of at most `seq_len` tokens from `data`."""
     samples = _token_samples(tokenizer, data, calib_size, seq_len)
     batches = [_left_pad(samples[i:i + batch_size], tokenizer) for i in range(0, len(samples), batch_size)]
-    return CalibrationLoop(batches)
+    return CalibrationLoop(batches, source=describe_source(data))
 
 
 def _token_samples(tokenizer, data, calib_size: int, seq_len: int) -> List[torch.Tensor]:

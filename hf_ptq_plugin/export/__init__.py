@@ -1,22 +1,63 @@
-"""Checkpoint export: the unified ("modelopt") checkpoint that TensorRT-LLM, vLLM and SGLang load.
+"""Checkpoint export: the unified ("modelopt") checkpoint, and the dialect each serving engine reads.
 
-`export_checkpoint(model, out_dir)` works on any model quantized by hf_ptq_plugin, also one that
-`quantize()` made in memory; for models loaded through `from_pretrained` it is what
-`model.save_pretrained` does.
+`export_checkpoint(model, out_dir, target=...)` works on any model quantized by hf_ptq_plugin, also one
+that `quantize()` made in memory. Targets:
+- "modelopt": the unified checkpoint (what `model.save_pretrained` writes).
+- "vllm", "sglang", "trtllm": the dialect `engines.py` says that engine serves the model's qformat
+  (and KV-cache format) in: the unified checkpoint where it is accepted, else compressed-tensors
+  (vLLM, SGLang) or the legacy TensorRT-LLM checkpoint (TensorRT-LLM); a ValueError names the engines
+  that can serve the format otherwise.
+- "trtllm-legacy": always the legacy TensorRT-LLM checkpoint (`config.json` + `rank{N}.safetensors`,
+  for `trtllm-build`), split for `tp_size` x `pp_size` ranks. A separate target rather than a flag, so
+  that every target names exactly one layout.
+Every write is atomic: a temporary directory renamed into place only when complete.
 """
 
 from torch import nn
 
-EXPORT_TARGETS = ("modelopt",)
+EXPORT_TARGETS = ("modelopt", "vllm", "sglang", "trtllm", "trtllm-legacy")
 
 
-def export_checkpoint(model: nn.Module, export_dir, target: str = "modelopt", **save_kwargs) -> None:
-    """Write `model` as a checkpoint for `target` (kwargs go to transformers' save_pretrained,
-    e.g. `max_shard_size`)."""
+def export_target_dialect(target: str, qformat: str, kv_cache_qformat: str = "none") -> str:
+    """The checkpoint dialect `export_checkpoint` writes for `target`; ValueError if none serves it."""
+    from ..engines import TRTLLM_LEGACY, describe_serving, dialect_for
+
     if target not in EXPORT_TARGETS:
         raise ValueError(f"unknown export target {target!r}; valid: {', '.join(EXPORT_TARGETS)}")
+    if target in ("modelopt", "trtllm-legacy"):
+        return TRTLLM_LEGACY if target == "trtllm-legacy" else "modelopt"
+    dialect = dialect_for(target, qformat, kv_cache_qformat)
+    if dialect is None:
+        raise ValueError(f"export target {target!r} cannot serve qformat {qformat!r} with kv_cache_qformat "
+                         f"{kv_cache_qformat!r}; engines that can (dialect): "
+                         f"{describe_serving(qformat, kv_cache_qformat)}")
+    return dialect
+
+
+def export_checkpoint(model: nn.Module, export_dir, target: str = "modelopt", tp_size: int = 1, pp_size: int = 1,
+                      **save_kwargs) -> None:
+    """Write `model` as a checkpoint for `target` (see the module docstring).
+
+    `tp_size` / `pp_size` split the legacy TensorRT-LLM checkpoint; other dialects take 1. kwargs go to
+    transformers' save_pretrained for the unified checkpoint (e.g. `max_shard_size`); the
+    compressed-tensors writer takes `max_shard_size` too.
+    """
     from ..hf_quantizer import attach_quantizer  # the quantizer layer sits above export
     from .save import ptq_config_of, save_unified
 
-    attach_quantizer(model, ptq_config_of(model))
-    save_unified(model, export_dir, **save_kwargs)
+    config = ptq_config_of(model)
+    dialect = export_target_dialect(target, config.qformat, config.kv_cache_qformat)
+    if dialect != "trtllm-legacy" and (tp_size, pp_size) != (1, 1):
+        raise ValueError(f"tp_size/pp_size ({tp_size}, {pp_size}) split only the legacy TensorRT-LLM checkpoint; "
+                         f"target {target!r} writes the {dialect} checkpoint, which engines split themselves")
+    if dialect == "modelopt":
+        attach_quantizer(model, config)
+        save_unified(model, export_dir, **save_kwargs)
+    elif dialect == "compressed-tensors":
+        from .compressed_tensors import save_compressed_tensors
+
+        save_compressed_tensors(model, export_dir, config, target=target, **save_kwargs)
+    else:
+        from .trtllm_legacy import save_trtllm_legacy
+
+        save_trtllm_legacy(model, export_dir, config, tp_size=tp_size, pp_size=pp_size)

@@ -20,7 +20,7 @@ from typing import Iterator
 logger = logging.getLogger(__name__)
 
 # Weight files of an older save: carrying them over would mix two checkpoints.
-STALE_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+STALE_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "rank*.safetensors",
                   "pytorch_model.bin.index.json", "hf_quant_config.json")
 
 

@@ -3,8 +3,9 @@
 transformers' own `save_pretrained` writes the tensors (our QuantLinear buffers already are the
 checkpoint's tensors), config.json, generation_config.json, shards and index; around it we check
 the model can be written truthfully, fold AWQ scales into norms, put ModelOpt's
-`quantization_config` into config.json, add hf_quant_config.json and the source's tokenizer files,
-all inside a temporary directory that replaces the destination only when everything succeeded.
+`quantization_config` into config.json, add hf_quant_config.json, the source's tokenizer files and
+the model card (README.md, `model_card.py`), all inside a temporary directory that replaces the
+destination only when everything succeeded.
 `UnifiedSave` is installed as the model's `save_pretrained` by `PTQHfQuantizer`.
 """
 
@@ -48,6 +49,7 @@ def save_unified(model: nn.Module, save_directory, **save_kwargs) -> None:
         type(model).save_pretrained(model, staging, **save_kwargs)
         write_quant_configs(staging, plan)
         _copy_sidecars(model, staging, Path(save_directory))
+        _write_model_card(model, staging, Path(save_directory))
     logger.info("wrote a %s unified checkpoint to %s", plan.fmt.quant_algo, save_directory)
 
 
@@ -60,6 +62,13 @@ def _copy_sidecars(model: nn.Module, staging: Path, destination: Path) -> None:
         if (entry.is_file() and any(fnmatch.fnmatch(entry.name, p) for p in SIDECAR_PATTERNS)
                 and not (staging / entry.name).exists() and not (destination / entry.name).exists()):
             shutil.copy2(entry, staging / entry.name)
+
+
+def _write_model_card(model: nn.Module, staging: Path, destination: Path) -> None:
+    """README.md: the model card (`model_card.py`), its snippets pointing at the final directory."""
+    from ..model_card import write_model_card  # the card sits above export (it reads engines, evaluation)
+
+    write_model_card(model, staging, model_id=str(destination))
 
 
 class UnifiedSave:

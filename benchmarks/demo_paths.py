@@ -1,0 +1,33 @@
+"""Print the three paths the command-line part of `make demo` needs, preparing them once.
+
+SmolLM2-135M-Instruct as a local checkpoint (`hf_ptq_plugin.data.smollm2`), the calibration text
+(the five Austen novels other than Pride and Prejudice, written once into one .txt file) and the
+evaluation text (Pride and Prejudice), all in --cache-dir. One line, separated by spaces, for the
+shell:
+
+    set -- $(python benchmarks/demo_paths.py); hf-ptq quantize $1 --dataset $2 ...; hf-ptq eval ... --text $3
+"""
+
+import argparse
+from pathlib import Path
+
+from hf_ptq_plugin.data.austen import EVAL_NOVEL, austen_novels, calibration_and_eval_texts
+from hf_ptq_plugin.data.smollm2 import smollm2_checkpoint
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "hf_ptq_plugin")
+    args = parser.parse_args()
+    model = smollm2_checkpoint(args.cache_dir)
+    austen_novels(args.cache_dir)  # extracts the novels once
+    calib = args.cache_dir / "austen_calibration.txt"
+    if not calib.exists():
+        partial = calib.with_suffix(".partial")
+        partial.write_text(calibration_and_eval_texts(args.cache_dir)[0], encoding="utf-8")
+        partial.rename(calib)  # a complete file or none
+    print(model, calib, args.cache_dir / "austen" / f"{EVAL_NOVEL}.txt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""The compressed-tensors checkpoint: the layout vLLM and SGLang load with `quant_method: "compressed-tensors"`.
+
+Pure functions turn our unified-checkpoint tensors into compressed-tensors ones (`convert_layer`,
+`convert_state_dict`) and build config.json's `quantization_config` (`quantization_config`);
+`save_compressed_tensors` writes a model atomically. Called by `export_checkpoint` for targets
+"vllm" / "sglang" when `engines.py` says the engine serves the format in this dialect.
+
+Layouts, as the compressed-tensors package (0.20) reads them (compressors/*/base.py):
+- "pack-quantized" (INT weight-only, vLLM/SGLang WNA16): `weight_packed` int32 (N, K * bits / 32), value + 2^(bits-1)
+  stored unsigned, element k of a row at bits [bits * (k % (32 / bits)), ...) of word k // (32 / bits);
+  `weight_scale` (N, K / group) or (N, 1); `weight_shape` int64 [N, K]. Our INT4 packs two rows per byte
+  along the OUTPUT dim, so it is unpacked and repacked along the input dim; the values do not change.
+- "int-quantized" / "float-quantized": `weight` int8 / float8_e4m3fn as is, `weight_scale` (N, 1) or (1,),
+  static `input_scale` (1,).
+- "nvfp4-pack-quantized": `weight_packed` = our uint8 nibbles (same order), `weight_scale` FP8 blocks, and
+  global scales stored as divisors: `weight_global_scale` = 1 / weight_scale_2, `input_global_scale`
+  = 1 / input_scale (the package's own ModelOpt converter, entrypoints/convert/converters/modelopt_nvfp4.py).
+The dialect has no per-input-channel activation scale: a layer that still carries a pre_quant_scale
+after AWQ scales are folded into norms cannot be written, and the error says which engines can serve it.
+KV cache (FP8 only): `<attn>.k_scale` / `<attn>.v_scale` (1,), the names the package registers on attention.
+"""
+
+import json
+import logging
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .. import formats as F
+from ..numerics.integer import unpack_int4_rows
+from ..quant_linear import QuantLinear
+from .atomic import atomic_directory
+from .folding import fold_pre_quant_scales
+from .save import _copy_sidecars
+from .unified import ExportPlan, plan_export
+
+logger = logging.getLogger(__name__)
+
+PACK_QUANTIZED, INT_QUANTIZED, FLOAT_QUANTIZED, NVFP4_PACKED = (
+    "pack-quantized", "int-quantized", "float-quantized", "nvfp4-pack-quantized")
+
+
+def _args(bits: int, kind: str, strategy: str, group_size: Optional[int] = None, dynamic=False) -> dict:
+    return {"num_bits": bits, "type": kind, "symmetric": True, "group_size": group_size, "strategy": strategy,
+            "dynamic": dynamic}
+
+
+def _scheme(fmt: F.Format, group_size: Optional[int]) -> tuple:
+    """(compression format, weights args, input_activations args or None) for a qformat."""
+    if fmt.name == "int4_awq":
+        return PACK_QUANTIZED, _args(4, "int", "group", group_size), None
+    if fmt.name == "int8_wo":
+        return PACK_QUANTIZED, _args(8, "int", "channel"), None
+    if fmt.name == "int8_sq":
+        return INT_QUANTIZED, _args(8, "int", "channel"), _args(8, "int", "tensor")
+    if fmt.name == "fp8":
+        return FLOAT_QUANTIZED, _args(8, "float", "tensor"), _args(8, "float", "tensor")
+    if fmt.name == "fp8_pc_pt":
+        return FLOAT_QUANTIZED, _args(8, "float", "channel"), _args(8, "float", "token", dynamic=True)
+    if fmt.name in ("nvfp4", "nvfp4_awq", "w4a16_nvfp4"):
+        acts = _args(4, "float", "tensor_group", 16, dynamic="local") if fmt.act is not None else None
+        return NVFP4_PACKED, _args(4, "float", "tensor_group", 16), acts
+    valid = ", ".join(COMPRESSED_TENSORS_QFORMATS)
+    raise ValueError(f"qformat {fmt.name!r} has no compressed-tensors layout here; valid: {valid}")
+
+
+COMPRESSED_TENSORS_QFORMATS = ("fp8", "fp8_pc_pt", "int8_sq", "int8_wo", "int4_awq", "nvfp4", "nvfp4_awq",
+                               "w4a16_nvfp4")
+FP8_KV_SCHEME = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "tensor",
+                 "dynamic": False}
+
+
+def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed ints (N, K) in [-2^(bits-1), 2^(bits-1)) -> int32 (N, K * bits / 32), packed along K."""
+    per_word = 32 // bits
+    n, k = q.shape
+    if k % per_word:
+        raise ValueError(f"cannot pack {k} inputs {per_word} to an int32 word; the input size must be a multiple")
+    unsigned = (q.to(torch.int64) + (1 << (bits - 1))).view(n, k // per_word, per_word)
+    shifts = torch.arange(per_word, dtype=torch.int64, device=q.device) * bits
+    words = (unsigned << shifts).sum(dim=-1)  # (N, K / per_word) in [0, 2^32)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _column(scale: torch.Tensor) -> torch.Tensor:
+    return scale.reshape(-1, 1) if scale.dim() == 1 else scale.reshape(1)
+
+
+def convert_layer(tensors: Dict[str, torch.Tensor], fmt: F.Format) -> Dict[str, torch.Tensor]:
+    """One layer's unified tensors {weight, weight_scale, ...} -> its compressed-tensors tensors."""
+    if fmt.name not in COMPRESSED_TENSORS_QFORMATS:
+        _scheme(fmt, None)  # raises, naming the formats that have a layout
+    out = {k: v for k, v in tensors.items() if k == "bias"}
+    if "pre_quant_scale" in tensors:
+        raise ValueError("compressed-tensors has no pre_quant_scale; fold or remove it before converting")
+    weight, scale = tensors["weight"], tensors["weight_scale"]
+    if fmt.weight == F.INT4 or fmt.name == "int8_wo":
+        q = unpack_int4_rows(weight) if fmt.weight == F.INT4 else weight  # (N, K) int8
+        out.update(weight_packed=pack_int32(q, 4 if fmt.weight == F.INT4 else 8),
+                   weight_scale=_column(scale) if scale.dim() == 1 else scale.clone(),
+                   weight_shape=torch.tensor(list(q.shape), dtype=torch.int64))
+    elif fmt.weight in (F.INT8, F.FP8):
+        out.update(weight=weight.clone(), weight_scale=_column(scale))
+        if "input_scale" in tensors:
+            out["input_scale"] = tensors["input_scale"].reshape(1).clone()
+    elif fmt.weight == F.NVFP4:
+        out.update(weight_packed=weight.clone(), weight_scale=scale.clone(),
+                   weight_global_scale=(1.0 / tensors["weight_scale_2"].float()).reshape(1))
+        if "input_scale" in tensors:
+            out["input_global_scale"] = (1.0 / tensors["input_scale"].float()).reshape(1)
+    return out
+
+
+def convert_state_dict(state_dict: Dict[str, torch.Tensor], layers: Dict[str, F.Format],
+                       attention: List[str] = ()) -> Dict[str, torch.Tensor]:
+    """A unified-checkpoint state dict -> compressed-tensors; the input is not modified.
+
+    `layers` maps each quantized Linear's name to its Format; `attention` names the attention modules
+    whose `k_proj.k_scale` / `v_proj.v_scale` move to `<attn>.k_scale` / `<attn>.v_scale` (shape (1,)).
+    """
+    out, taken = {}, set()
+    for name, fmt in layers.items():
+        prefix = name + "."
+        local = {key[len(prefix):]: value for key, value in state_dict.items()
+                 if key.startswith(prefix) and "." not in key[len(prefix):]}
+        taken.update(prefix + key for key in local)
+        out.update({prefix + key: value for key, value in convert_layer(local, fmt).items()})
+    for attn in attention:
+        for proj, kind in (("k_proj", "k"), ("v_proj", "v")):
+            key = f"{attn}.{proj}.{kind}_scale"
+            if key in state_dict:
+                out[f"{attn}.{kind}_scale"] = state_dict[key].reshape(1).clone()
+                taken.add(key)
+    out.update({key: value for key, value in state_dict.items() if key not in taken})
+    return out
+
+
+def quantization_config(fmt: F.Format, group_size: Optional[int], kv_format: Optional[F.KVFormat],
+                        ignore: List[str]) -> dict:
+    """config.json's `quantization_config` in the compressed-tensors vocabulary (quant_config.py there)."""
+    compression, weights, inputs = _scheme(fmt, group_size)
+    if kv_format is not None and kv_format.values != F.FP8:
+        raise ValueError(f"compressed-tensors KV cache: fp8 or none here, not kv_cache_qformat {kv_format.name!r}")
+    group = {"targets": ["Linear"], "weights": weights, "input_activations": inputs, "output_activations": None,
+             "format": compression}
+    return {"quant_method": "compressed-tensors", "format": compression, "quantization_status": "compressed",
+            "config_groups": {"group_0": group}, "ignore": sorted(ignore),
+            "kv_cache_scheme": dict(FP8_KV_SCHEME) if kv_format is not None else None,
+            "global_compression_ratio": None}
+
+
+def _leftover_pre_quant_scales(model: nn.Module) -> List[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, QuantLinear) and m.pre_quant_scale is not None]
+
+
+def check_convertible(model: nn.Module, plan: ExportPlan, target: str) -> None:
+    """ValueError when `model` cannot be written as compressed-tensors (call after folding)."""
+    from ..engines import describe_serving
+
+    kv = plan.kv_format.name if plan.kv_format else "none"
+    leftover = _leftover_pre_quant_scales(model)
+    if leftover:
+        raise ValueError(f"{len(leftover)} layer(s) keep a pre_quant_scale (e.g. {leftover[0]!r}), which the "
+                         f"compressed-tensors checkpoint for target {target!r} cannot express; qformat "
+                         f"{plan.fmt.name!r} with that scale is served by: {describe_serving(plan.fmt.name, kv)} "
+                         "(calibrating with algorithm='max' or 'gptq' leaves no pre_quant_scale)")
+    _scheme(plan.fmt, plan.group_size)
+
+
+def save_compressed_tensors(model: nn.Module, export_dir, config, target: str = "vllm",
+                            max_shard_size="5GB") -> None:
+    """Write `model` (quantized per PTQConfig `config`) as a compressed-tensors checkpoint, atomically."""
+    from huggingface_hub import save_torch_state_dict
+
+    plan = plan_export(model, config)
+    fold_pre_quant_scales(model)
+    check_convertible(model, plan, target)
+    layers = {name: m.fmt for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    attention = [name for name, m in model.named_modules() if getattr(m, "kv_format", None) is not None]
+    state_dict = convert_state_dict(model.state_dict(), layers, attention)
+    ignore = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    with atomic_directory(export_dir) as staging:
+        save_torch_state_dict(state_dict, staging, max_shard_size=max_shard_size,
+                              metadata={"format": "pt", "quant_method": "compressed-tensors"})
+        _write_config(model, staging, quantization_config(plan.fmt, plan.group_size, plan.kv_format, ignore))
+        _copy_sidecars(model, staging, Path(export_dir))  # the source's tokenizer files, as the unified save does
+    logger.info("wrote a compressed-tensors (%s) checkpoint to %s", plan.fmt.name, export_dir)
+
+
+def _write_config(model: nn.Module, directory, quant_config: dict) -> None:
+    config = model.config.to_dict()
+    config["quantization_config"] = quant_config
+    config["architectures"] = [type(model).__name__]
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(directory)

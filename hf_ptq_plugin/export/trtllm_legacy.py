@@ -1,0 +1,274 @@
+"""The legacy TensorRT-LLM checkpoint (`config.json` + `rank{N}.safetensors`) of a Llama-style decoder.
+
+`legacy_state_dict(model)` renames and merges a quantized model's tensors into TensorRT-LLM's names,
+unsharded; `shard(...)` splits them for tp_size x pp_size ranks; `legacy_config(...)` builds config.json;
+`save_trtllm_legacy` writes all of it atomically. Called by `export_checkpoint(target="trtllm-legacy")`
+(and "trtllm" for the formats TensorRT-LLM serves only this way, `engines.py`). The files are the input
+of `trtllm-build --checkpoint_dir`.
+
+Verified (NVIDIA/TensorRT-LLM docs/source/architecture/checkpoint.md, tensorrt_llm/models/llama/convert.py,
+models/modeling_utils.py; `modelopt-format.md` §8): names `transformer.vocab_embedding.weight`,
+`transformer.layers.{i}.{input_layernorm,post_layernorm}.weight`, `attention.qkv` (q, k, v stacked along
+the output dim), `attention.dense` (o_proj), `mlp.fc` (HF gate_proj, the activated branch), `mlp.gate`
+(HF up_proj), `mlp.proj` (down_proj), `transformer.ln_f.weight`, `lm_head.weight`; per Linear
+`weights_scaling_factor` (our weight_scale), `weights_scaling_factor_2`, `activation_scaling_factor`
+(input_scale), `prequant_scaling_factor`; `attention.kv_cache_scaling_factor` = max(k_scale, v_scale)
+(TensorRT-LLM merges separate k/v factors the same way). Layer indices are local to a pipeline stage.
+INT4 weights are int8 [N/2, K] (nibbles along the output dim; TensorRT-LLM transposes them for its
+mixed GEMM), FP8 weights float8_e4m3fn, scalar factors shape (1,). Config fields follow ModelOpt's
+`convert_to_tensorrt_llm_config`. Merging q/k/v: per-channel and group scales concatenate exactly;
+per-tensor FP8 weight scales are unified to their max and the smaller members requantized (one
+rounding, `_unify_fp8`); NVFP4 / W4A8 `weights_scaling_factor_2` and AWQ pre-quant scales must already
+be shared (our quantizer shares them). TP: column-parallel (qkv per q/k/v section, fc, gate, lm_head,
+vocab embedding) split on dim 0, row-parallel (dense, proj) on dim 1 with group scales on dim 1 and
+`prequant_scaling_factor` on dim 0; per-channel scales of row-parallel layers, scalars and biases of
+row-parallel layers are replicated. PP: layers split evenly, embedding on the first stage,
+ln_f / lm_head on the last.
+Not verified: that `trtllm-build` accepts these ModelOpt-style factor names for W8A8_SQ_PER_CHANNEL and
+W8A16 (its own converters write other names for SmoothQuant); vocab padding (a vocab not divisible by
+tp_size is refused); NVFP4 KV cache (not a legacy algorithm); models other than Llama-style.
+"""
+
+import json
+import logging
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from .. import formats as F
+from ..numerics.fp8 import fp8_dequantize, fp8_quantize
+from ..quant_linear import QuantLinear
+from .atomic import atomic_directory
+from .save import _copy_sidecars
+from .unified import plan_export
+
+logger = logging.getLogger(__name__)
+
+LEGACY_QUANT_ALGO = {"fp8": "FP8", "fp8_pc_pt": "FP8_PER_CHANNEL_PER_TOKEN", "int8_sq": "W8A8_SQ_PER_CHANNEL",
+                     "int8_wo": "W8A16", "int4_awq": "W4A16_AWQ", "w4a8_awq": "W4A8_AWQ", "nvfp4": "NVFP4"}
+SUFFIX = {"weight": "weight", "weight_scale": "weights_scaling_factor", "weight_scale_2": "weights_scaling_factor_2",
+          "input_scale": "activation_scaling_factor", "pre_quant_scale": "prequant_scaling_factor", "bias": "bias"}
+COLUMN, ROW = "column", "row"
+# HF leaf -> (TensorRT-LLM module, parallel style); q/k/v become one attention.qkv.
+LINEARS = {"self_attn.o_proj": ("attention.dense", ROW), "mlp.gate_proj": ("mlp.fc", COLUMN),
+           "mlp.up_proj": ("mlp.gate", COLUMN), "mlp.down_proj": ("mlp.proj", ROW)}
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
+
+def _check_model(model: nn.Module, fmt: F.Format) -> None:
+    if fmt.name not in LEGACY_QUANT_ALGO:
+        raise ValueError(f"qformat {fmt.name!r} has no legacy TensorRT-LLM checkpoint; "
+                         f"valid: {', '.join(LEGACY_QUANT_ALGO)}")
+    names = dict(model.named_modules())
+    needed = ["model.embed_tokens", "model.norm", "lm_head", "model.layers.0.input_layernorm",
+              "model.layers.0.post_attention_layernorm"] + [f"model.layers.0.{leaf}" for leaf in (*QKV, *LINEARS)]
+    missing = [name for name in needed if name not in names]
+    if missing:
+        raise ValueError(f"the legacy TensorRT-LLM export handles Llama-style decoders; {type(model).__name__} "
+                         f"has no {missing}")
+    plain = [n for n, m in names.items() if n.startswith("model.layers.") and isinstance(m, nn.Linear)]
+    if plain:
+        raise ValueError(f"the legacy export needs every decoder Linear quantized; unquantized: {plain[:4]}")
+
+
+def _linear(module: nn.Module, fmt: F.Format) -> Dict[str, torch.Tensor]:
+    """One Linear's legacy tensors; AWQ layers always carry a prequant factor (ones when none)."""
+    if not isinstance(module, QuantLinear):
+        return {"weight": module.weight.detach()} | ({"bias": module.bias.detach()} if module.bias is not None else {})
+    out = {SUFFIX[name]: t.detach() for name, t in module.state_dict().items() if name in SUFFIX}
+    if fmt.weight == F.INT4:
+        out["weight"] = out["weight"].view(torch.int8)
+    if "AWQ" in fmt.quant_algo and "prequant_scaling_factor" not in out:
+        out["prequant_scaling_factor"] = torch.ones(module.in_features, dtype=module.dtype)
+    return {k: v.reshape(1) if v.dim() == 0 else v for k, v in out.items()}
+
+
+def _unify_fp8(parts: List[dict]) -> List[torch.Tensor]:
+    """Requantize per-tensor FP8 weights to the largest of their scales: fp8(q * s / s_max)."""
+    scales = [p["weights_scaling_factor"] for p in parts]
+    s_max = torch.stack(scales).amax(dim=0)
+    return [p["weight"] if torch.equal(s, s_max) else fp8_quantize(fp8_dequantize(p["weight"], s), s_max)
+            for p, s in zip(parts, scales)]
+
+
+def merge_qkv(parts: List[dict], fmt: F.Format) -> dict:
+    """q, k, v legacy tensors -> attention.qkv; ValueError when a shared factor differs."""
+    merged = {}
+    per_tensor_fp8 = fmt.weight == F.FP8 and parts[0]["weights_scaling_factor"].numel() == 1
+    weights = _unify_fp8(parts) if per_tensor_fp8 else [p["weight"] for p in parts]
+    merged["weight"] = torch.cat(weights, dim=0)
+    for key in parts[0]:
+        values = [p[key] for p in parts]
+        if key == "weight":
+            continue
+        if key == "bias" or (key == "weights_scaling_factor" and not per_tensor_fp8):
+            merged[key] = torch.cat(values, dim=0)
+        elif key in ("weights_scaling_factor", "activation_scaling_factor"):
+            merged[key] = torch.stack(values).amax(dim=0)
+        elif all(torch.equal(v, values[0]) for v in values):
+            merged[key] = values[0]
+        else:
+            raise ValueError(f"q/k/v carry different {key}; one merged qkv GEMM needs one shared value")
+    return merged
+
+
+def legacy_state_dict(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, tuple]]:
+    """(unsharded legacy tensors, {name: split rule}); rules: ("column",), ("row",), ("replicate",),
+    ("qkv", (q, k, v) output sizes)."""
+    first = next((m for m in model.modules() if isinstance(m, QuantLinear)), None)
+    if first is None:
+        raise ValueError(f"{type(model).__name__} has no quantized layer; quantize it before exporting")
+    fmt = first.fmt
+    _check_model(model, fmt)
+    tensors, rules = {}, {}
+
+    def put(prefix, layer_tensors, style, sizes=None):
+        for key, value in layer_tensors.items():
+            tensors[f"{prefix}.{key}"] = value
+            rules[f"{prefix}.{key}"] = _rule(key, value, style, sizes)
+
+    modules = dict(model.named_modules())
+    put("transformer.vocab_embedding", {"weight": model.model.embed_tokens.weight.detach()}, COLUMN)
+    for i, layer in enumerate(model.model.layers):
+        prefix, hf = f"transformer.layers.{i}", f"model.layers.{i}"
+        put(f"{prefix}.input_layernorm", {"weight": layer.input_layernorm.weight.detach()}, None)
+        put(f"{prefix}.post_layernorm", {"weight": layer.post_attention_layernorm.weight.detach()}, None)
+        qkv = [modules[f"{hf}.{leaf}"] for leaf in QKV]
+        put(f"{prefix}.attention.qkv", merge_qkv([_linear(m, fmt) for m in qkv], fmt), COLUMN,
+            tuple(m.out_features for m in qkv))
+        for leaf, (name, style) in LINEARS.items():
+            put(f"{prefix}.{name}", _linear(modules[f"{hf}.{leaf}"], fmt), style)
+        kv = [getattr(layer.self_attn.k_proj, "k_scale", None), getattr(layer.self_attn.v_proj, "v_scale", None)]
+        if kv[0] is not None:
+            put(f"{prefix}.attention", {"kv_cache_scaling_factor": torch.maximum(*kv).reshape(1).float()}, None)
+    put("transformer.ln_f", {"weight": model.model.norm.weight.detach()}, None)
+    put("lm_head", _linear(model.lm_head, fmt), COLUMN)
+    return tensors, rules
+
+
+def _rule(key: str, value: torch.Tensor, style, sizes) -> tuple:
+    if style is None or value.numel() == 1 or (key == "prequant_scaling_factor" and style == COLUMN):
+        return ("replicate",)
+    if style == COLUMN:
+        return ("qkv", sizes) if sizes else ("column",)
+    if key == "prequant_scaling_factor" or value.dim() == 2:
+        return ("row",)
+    return ("replicate",)  # row-parallel per-channel scales and bias
+
+
+def _split(name: str, value: torch.Tensor, rule: tuple, tp: int) -> List[torch.Tensor]:
+    if rule[0] == "replicate" or tp == 1:
+        return [value] * tp
+    dim = 1 if rule[0] == "row" and value.dim() == 2 else 0
+    if rule[0] == "qkv":
+        # Packed INT4 rows hold two outputs each, so sections scale with the tensor's own dim 0.
+        sections = [size * value.shape[0] // sum(rule[1]) for size in rule[1]]
+        pieces = [_split(name, part, ("column",), tp) for part in value.split(sections, dim=0)]
+        return [torch.cat(ranks, dim=0) for ranks in zip(*pieces)]
+    if value.shape[dim] % tp:
+        raise ValueError(f"{name} {list(value.shape)} cannot be split into tp_size={tp} parts along dim {dim}")
+    return list(value.chunk(tp, dim=dim))
+
+
+def shard_rank(tensors: Dict[str, torch.Tensor], rules: Dict[str, tuple], num_layers: int, tp_size: int,
+               pp_size: int, rank: int) -> Dict[str, torch.Tensor]:
+    """The tensors of one rank; rank = pp_rank * tp_size + tp_rank, as TensorRT-LLM's Mapping numbers them.
+
+    Every tensor is its own copy: safetensors refuses two names sharing storage (calibration may give
+    a fused group one scale tensor).
+    """
+    if num_layers % pp_size:
+        raise ValueError(f"{num_layers} layers cannot be split into pp_size={pp_size} equal stages")
+    per_stage, (pp_rank, tp_rank) = num_layers // pp_size, divmod(rank, tp_size)
+    out = {}
+    for name, value in tensors.items():
+        stage, local_name = _stage(name, per_stage, pp_size)
+        if stage == pp_rank:
+            piece = _split(name, value, rules[name], tp_size)[tp_rank]
+            out[local_name] = piece.clone(memory_format=torch.contiguous_format)
+    return out
+
+
+def shard(tensors: Dict[str, torch.Tensor], rules: Dict[str, tuple], num_layers: int,
+          tp_size: int, pp_size: int) -> Dict[int, Dict[str, torch.Tensor]]:
+    """{rank: tensors} for every rank (`shard_rank` for each)."""
+    return {rank: shard_rank(tensors, rules, num_layers, tp_size, pp_size, rank) for rank in range(tp_size * pp_size)}
+
+
+def _stage(name: str, per_stage: int, pp_size: int) -> Tuple[int, str]:
+    """(pipeline stage, name within the stage): layers by index, embedding first, the rest last."""
+    if name.startswith("transformer.layers."):
+        index = int(name.split(".")[2])
+        local = name.replace(f"transformer.layers.{index}.", f"transformer.layers.{index % per_stage}.", 1)
+        return index // per_stage, local
+    return (0 if name.startswith("transformer.vocab_embedding") else pp_size - 1), name
+
+
+def legacy_config(model: nn.Module, plan, tp_size: int, pp_size: int) -> dict:
+    """config.json for `trtllm-build` (TensorRT-LLM PretrainedConfig fields, as ModelOpt fills them)."""
+    dtype = str(model.model.embed_tokens.weight.dtype).split(".")[1]
+    if dtype not in ("float16", "bfloat16"):
+        logger.warning("legacy TensorRT-LLM checkpoint in %s; TensorRT-LLM expects float16 or bfloat16 models", dtype)
+    return {"producer": {"name": "hf_ptq_plugin"}, "architecture": "LlamaForCausalLM", "dtype": dtype,
+            "logits_dtype": "float32", **_model_fields(model),
+            "mapping": {"world_size": tp_size * pp_size, "tp_size": tp_size, "pp_size": pp_size},
+            "quantization": _quantization_fields(model, plan)}
+
+
+def _model_fields(model: nn.Module) -> dict:
+    c = model.config
+    rope = dict(getattr(c, "rope_parameters", None) or {})
+    fields = {
+        "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads, "hidden_size": c.hidden_size,
+        "head_size": model.model.layers[0].self_attn.head_dim, "intermediate_size": c.intermediate_size,
+        "norm_epsilon": c.rms_norm_eps, "vocab_size": c.vocab_size,
+        "max_position_embeddings": c.max_position_embeddings,
+        "hidden_act": c.hidden_act, "position_embedding_type": "rope_gpt_neox",
+        "rotary_base": rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)),
+        "use_parallel_embedding": True, "embedding_sharding_dim": 0, "share_embedding_table": False,
+        "bias": bool(getattr(c, "attention_bias", False)),
+    }
+    if rope.get("rope_type", "default") != "default":
+        fields["rotary_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return fields
+
+
+def _quantization_fields(model: nn.Module, plan) -> dict:
+    fmt = plan.fmt
+    return {"quant_algo": LEGACY_QUANT_ALGO[fmt.name],
+            "kv_cache_quant_algo": plan.kv_format.kv_cache_quant_algo if plan.kv_format else None,
+            "group_size": plan.group_size if fmt.weight in (F.INT4, F.NVFP4) else None,
+            "has_zero_point": False, "pre_quant_scale": "AWQ" in fmt.quant_algo,
+            "exclude_modules": [] if isinstance(model.lm_head, QuantLinear) else ["lm_head"]}
+
+
+def _check_parallel(config, tp_size: int, pp_size: int) -> None:
+    for name in ("num_attention_heads", "num_key_value_heads"):
+        if getattr(config, name) % tp_size:
+            raise ValueError(f"{name}={getattr(config, name)} cannot be split into tp_size={tp_size} parts")
+    if config.num_hidden_layers % pp_size:
+        raise ValueError(f"{config.num_hidden_layers} layers cannot be split into pp_size={pp_size} equal stages")
+
+
+def save_trtllm_legacy(model: nn.Module, export_dir, config, tp_size: int = 1, pp_size: int = 1) -> None:
+    """Write the legacy TensorRT-LLM checkpoint of `model` for tp_size x pp_size ranks, atomically."""
+    from safetensors.torch import save_file
+
+    plan = plan_export(model, config)
+    if plan.kv_format is not None and plan.kv_format.values != F.FP8:
+        raise ValueError(f"the legacy TensorRT-LLM checkpoint has an FP8 or no KV cache, not {plan.kv_format.name!r}; "
+                         "use target='trtllm' (unified checkpoint) for an NVFP4 KV cache")
+    tensors, rules = legacy_state_dict(model)
+    _check_parallel(model.config, tp_size, pp_size)
+    config_json = json.dumps(legacy_config(model, plan, tp_size, pp_size), indent=2) + "\n"
+    with atomic_directory(export_dir) as staging:
+        (staging / "config.json").write_text(config_json, encoding="utf-8")
+        for rank in range(tp_size * pp_size):  # one rank in memory at a time
+            rank_tensors = shard_rank(tensors, rules, model.config.num_hidden_layers, tp_size, pp_size, rank)
+            save_file(rank_tensors, str(staging / f"rank{rank}.safetensors"), metadata={"format": "pt"})
+        _copy_sidecars(model, staging, Path(export_dir))  # tokenizer files: trtllm-serve --tokenizer <dir>
+    logger.info("wrote a legacy TensorRT-LLM %s checkpoint (tp=%d, pp=%d) to %s", plan.fmt.quant_algo, tp_size,
+                pp_size, export_dir)
