@@ -95,17 +95,20 @@ def test_algorithms_that_need_data_refuse_to_run_without_a_forward_loop():
         quantize(tiny_llama(), PTQConfig(qformat="int4_awq"))
 
 
-def test_gptq_with_an_identity_hessian_is_round_to_nearest():
+@pytest.mark.parametrize("qformat", ["int4_awq", "int8_wo", "fp8", "fp8_pc_pt"])
+def test_gptq_with_an_identity_hessian_is_round_to_nearest(qformat):
     torch.manual_seed(0)
     w = torch.randn(16, 256)
-    fmt = FORMATS["int4_awq"]
+    fmt = FORMATS[qformat]
     gptq_w, scale = gptq_quantize(w, torch.eye(256) * 3.0, fmt, group_size=64)
     rtn = dequantize_weight(quantize_weight(w, fmt, 64), fmt, 64)
     assert torch.equal(gptq_w, rtn)
     assert torch.equal(scale, quantize_weight(w, fmt, 64)["weight_scale"])
+    # The stored codes are GPTQ's: re-quantizing its weight with its scale changes nothing.
+    assert torch.equal(dequantize_weight(quantize_weight(gptq_w, fmt, 64, weight_scale=scale), fmt, 64), gptq_w)
 
 
-@pytest.mark.parametrize("qformat", ["int4_awq", "int8_wo"])
+@pytest.mark.parametrize("qformat", ["int4_awq", "int8_wo", "fp8", "fp8_pc_pt"])
 def test_gptq_lowers_the_layer_output_error_on_correlated_inputs(qformat):
     torch.manual_seed(0)
     fmt = FORMATS[qformat]
@@ -123,7 +126,7 @@ def test_gptq_lowers_the_layer_output_error_on_correlated_inputs(qformat):
     torch.testing.assert_close(stats.hessian, 2 * x.T @ x / 2048, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("qformat", ["int4_awq", "int8_wo"])
+@pytest.mark.parametrize("qformat", ["int4_awq", "int8_wo", "fp8"])
 def test_gptq_beats_round_to_nearest(qformat, calib_ids):
     gptq, _ = logits_sqnr(qformat, "gptq", calib_ids)
     rtn, _ = logits_sqnr(qformat, "max", calib_ids)

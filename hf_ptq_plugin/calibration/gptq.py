@@ -1,19 +1,22 @@
-"""GPTQ (`modelopt-format.md` §3.8) for INT4 group-wise and INT8 per-channel weights.
+"""GPTQ (`modelopt-format.md` §3.8) for INT4 group-wise, INT8 per-channel and FP8 per-tensor or
+per-channel weights.
 
 Per Linear, with the Hessian H = (2/n) sum x x^T of its inputs: dead columns are zeroed, H is
 damped by `perc_damp * mean(diag H)`, and columns are quantized left to right in blocks of 128,
 each column's rounding error spread over the columns not yet quantized through the upper
-Cholesky factor of H^-1 (no activation reordering).
+Cholesky factor of H^-1 (no activation reordering). Error feedback needs only a rounding grid,
+so FP8's (E4M3 values times a fixed scale) works as the integers' does.
 
 The scales are fixed before the loop from the original weights (block amax / 7 for INT4, row
-amax / 127 for INT8), and returned, so the QuantLinear stores exactly the integers GPTQ chose:
-recomputing scales from the updated weights would re-round them.
+amax / 127 for INT8, tensor or row amax / 448 for FP8), and returned, so the QuantLinear stores
+exactly the codes GPTQ chose: recomputing scales from the updated weights would re-round them.
 """
 
 import torch
 
 from .. import formats as F
 from .distributed import all_reduce, all_reduce_number
+from ..numerics.fp8 import FP8_MAX, fp8_quantize
 from ..numerics.integer import INT4_MAX, INT8_MAX
 from ..numerics.scales import block_amax, scale_from_amax
 
@@ -46,22 +49,35 @@ class HessianStats:
 
 
 def gptq_weight_scale(w: torch.Tensor, fmt: F.Format, group_size: int) -> torch.Tensor:
-    """The fixed scales GPTQ quantizes with: INT4 (N, K / g) or INT8 (N,)."""
+    """The fixed scales GPTQ quantizes with: INT4 (N, K / g), INT8 (N,), FP8 () or (N,)."""
     if fmt.weight == F.INT4:
         return scale_from_amax(block_amax(w, group_size), INT4_MAX)
     if fmt.weight == F.INT8:
         return scale_from_amax(w.abs().amax(dim=1).float(), INT8_MAX)
-    raise ValueError(f"gptq supports INT4 and INT8 weight formats; got qformat {fmt.name!r}")
+    if fmt.weight == F.FP8 and fmt.weight_granularity == F.PER_TENSOR:
+        return scale_from_amax(w.abs().amax().float(), FP8_MAX)
+    if fmt.weight == F.FP8 and fmt.weight_granularity == F.PER_CHANNEL:
+        return scale_from_amax(w.abs().amax(dim=1).float(), FP8_MAX)
+    raise ValueError(f"gptq supports INT4, INT8 and per-tensor or per-channel FP8 weights; got qformat {fmt.name!r}")
+
+
+def _column_grid(w: torch.Tensor, scale: torch.Tensor, fmt: F.Format, group_size: int):
+    """(per-element scale (N, K), rounding of a column of w/scale onto the format's grid)."""
+    if fmt.weight == F.INT4:
+        return scale.repeat_interleave(group_size, dim=1), lambda y: torch.round(y).clamp(-8, 7)
+    if fmt.weight == F.INT8:
+        return scale[:, None].expand_as(w), lambda y: torch.round(y).clamp(-128, 127)
+    column_scale = scale.expand_as(w) if scale.dim() == 0 else scale[:, None].expand_as(w)
+    return column_scale, lambda y: fp8_quantize(y, torch.ones((), device=y.device)).float()
 
 
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: F.Format, group_size: int,
                   perc_damp: float = PERC_DAMP):
-    """(dequantized weight (N, K) fp32 on the integer grid, its scale) for weight w (N, K)."""
+    """(dequantized weight (N, K) fp32 on the format's grid, its scale) for weight w (N, K)."""
     w = w.float().clone()
     scale = gptq_weight_scale(w, fmt, group_size)
-    column_scale = scale.repeat_interleave(group_size, dim=1) if fmt.weight == F.INT4 else scale[:, None].expand_as(w)
-    low, high = (-8, 7) if fmt.weight == F.INT4 else (-128, 127)
+    column_scale, to_grid = _column_grid(w, scale, fmt, group_size)
     hinv = _inverse_hessian_factor(hessian, w, perc_damp)
     k = w.shape[1]
     for start in range(0, k, COLUMN_BLOCK):
@@ -69,7 +85,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: F.Format, group_s
         errors = torch.zeros_like(w[:, start:end])
         for i in range(start, end):
             s = column_scale[:, i]
-            q = torch.round(w[:, i] / s).clamp(low, high) * s
+            q = to_grid(w[:, i] / s) * s
             error = (w[:, i] - q) / hinv[i, i]
             w[:, i:end] -= error[:, None] * hinv[i, i:end][None, :]
             w[:, i] = q

@@ -24,14 +24,19 @@ def quantize_weight(w: torch.Tensor, fmt: F.Format, group_size: Optional[int] = 
 
     `global_amax` overrides max|w| for the per-tensor second-level scale (NVFP4 and W4A8
     `weight_scale_2`), so that layers an engine fuses (q/k/v, gate/up) can share one value.
-    `weight_scale` (INT8 and INT4 only) replaces the max-derived scale, e.g. GPTQ's fixed scales.
+    `weight_scale` (INT8, INT4, per-tensor or per-channel FP8) replaces the max-derived scale,
+    e.g. GPTQ's fixed scales.
     """
     w = w.detach().float()
     group_size = group_size or fmt.group_size
     if global_amax is None:
         global_amax = w.abs().amax()
-    if weight_scale is not None and fmt.weight not in (F.INT8, F.INT4):
-        raise ValueError(f"a given weight_scale is supported for INT8 and INT4 weights, not qformat {fmt.name!r}")
+    if weight_scale is not None and not _takes_weight_scale(fmt):
+        raise ValueError(f"a given weight_scale is supported for INT8, INT4 and per-tensor or per-channel FP8 "
+                         f"weights, not qformat {fmt.name!r}")
+    if fmt.weight == F.FP8 and weight_scale is not None:
+        return {"weight": fp8_quantize(w, weight_scale if weight_scale.dim() == 0 else weight_scale[:, None]),
+                "weight_scale": weight_scale}
     if fmt.weight == F.FP8:
         return _quantize_fp8(w, fmt, group_size)
     if fmt.weight == F.INT8:
@@ -47,6 +52,12 @@ def quantize_weight(w: torch.Tensor, fmt: F.Format, group_size: Optional[int] = 
         q, exponents = mxfp8_quantize(w)
         return {"weight": q, "weight_scale": exponents}
     raise ValueError(f"unknown weight encoding {fmt.weight!r} in format {fmt.name!r}")
+
+
+def _takes_weight_scale(fmt: F.Format) -> bool:
+    if fmt.weight == F.FP8:
+        return fmt.weight_granularity in (F.PER_TENSOR, F.PER_CHANNEL)
+    return fmt.weight in (F.INT8, F.INT4)
 
 
 def _quantize_fp8(w: torch.Tensor, fmt: F.Format, tile: int) -> dict:
