@@ -6,7 +6,7 @@ quantization are switched off. Scales already folded into norms stay there: the 
 computes the same function. Called by `PTQHfQuantizer._dequantize`.
 """
 
-from typing import Optional
+from typing import Union
 
 import torch
 from torch import nn
@@ -17,7 +17,9 @@ from .quant_linear import QuantLinear
 
 
 @torch.no_grad()
-def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
+def dequantize_model(model: nn.Module, dtype: Union[torch.dtype, str, None] = None) -> nn.Module:
+    if isinstance(dtype, str):  # transformers passes config.dtype, a string once the config was saved
+        dtype = getattr(torch, dtype.removeprefix("torch."))
     for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]:
         replace_module(model, name, _dense(module, dtype or module.dtype))
     for attention in attention_modules(model).values():

@@ -33,7 +33,9 @@ def resolve_group_size(fmt: F.Format, linears: Dict[str, nn.Linear], requested: 
                              f"({fmt.name}); group sizes that fit every layer: {_listing(fitting)}")
         return requested
     if not fitting:
-        bad = next(n for n, k in in_sizes.items() if any(k % g for g in fmt.group_size_choices))
+        # Name a layer that no supported size divides (else one that breaks the largest size).
+        bad = next((n for n, k in in_sizes.items() if all(k % g for g in fmt.group_size_choices)), None)
+        bad = bad or next(n for n, k in in_sizes.items() if k % fmt.group_size_choices[0])
         raise ValueError(f"no supported {fmt.name} group size {fmt.group_size_choices} divides in_features="
                          f"{in_sizes[bad]} of layer {bad!r}; exclude it with exclude_modules=[{bad!r}]")
     if fitting[0] != fmt.group_size:

@@ -70,3 +70,13 @@ def test_dequantize_turns_kv_quantization_off(tmp_path, token_ids):
     loaded.dequantize()
     assert loaded.config._attn_implementation == "sdpa"
     assert not hasattr(loaded.model.layers[0].self_attn.k_proj, "k_scale")
+
+
+def test_dequantize_after_save_pretrained(source, tmp_path, token_ids):
+    """save_pretrained leaves config.dtype a string; dequantize() must still take it as the dtype."""
+    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=PTQConfig(qformat="int8_wo"))
+    quantized = run(model, token_ids)
+    model.save_pretrained(tmp_path / "q")
+    model.dequantize()
+    assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
+    torch.testing.assert_close(run(model, token_ids), quantized, rtol=1e-4, atol=1e-4)

@@ -118,6 +118,12 @@ def test_int4_without_any_supported_group_size_is_an_error_naming_the_layer():
         quantize(model, PTQConfig(qformat="int4_awq", algorithm="max"))
 
 
+def test_int4_without_a_fitting_group_size_names_the_layer_that_breaks_it():
+    model = tiny_llama(hidden_size=128, intermediate_size=96)  # only down_proj (in 96) fits neither size
+    with pytest.raises(ValueError, match=r"divides in_features=96 of layer 'model.layers.0.mlp.down_proj'"):
+        quantize(model, PTQConfig(qformat="int4_awq", algorithm="max"))
+
+
 def test_nvfp4_layer_not_divisible_by_16_is_an_error_naming_the_layer():
     model = tiny_llama(hidden_size=72, intermediate_size=144, heads=3, kv_heads=1)  # 72 = 4.5 * 16
     with pytest.raises(ValueError, match=r"cannot store layer 'model.layers.0.self_attn.q_proj'.*block size 16"):
