@@ -19,6 +19,7 @@ from torch import nn
 
 from . import formats as F
 from .kv_cache import _use_kv_attention, attention_modules
+from .moe import prepare_prequantized_experts
 from .numerics.weights import weight_buffer_specs
 from .quant_linear import QuantLinear
 from .selection import target_linears
@@ -50,9 +51,14 @@ def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
 
 def prepare_prequantized(model: nn.Module, fmt: F.Format, exclude_modules, group_size: Optional[int],
                          kv_format: Optional[F.KVFormat], header: Header) -> int:
-    """Swap the checkpoint's quantized Linears for meta QuantLinears; returns the group size used."""
+    """Swap the checkpoint's quantized Linears (and fused MoE experts) for meta modules; returns the group size."""
     linears = _quantized_linears(model, exclude_modules, header)
     group_size = _group_size(fmt, linears, group_size, header)
+    experts = prepare_prequantized_experts(model, fmt, exclude_modules, group_size, header, lambda key, module: (
+        _check_layer(key, module, header), _declare_optional_tensors(key, module, header)))
+    if not linears and not experts:
+        raise ValueError("the checkpoint's quantization_config quantizes no Linear of this model "
+                         f"(exclude_modules={list(exclude_modules)})")
     for name, linear in linears.items():
         module = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, fmt, group_size,
                              dtype=linear.weight.dtype, device="meta")
@@ -69,9 +75,6 @@ def _quantized_linears(model: nn.Module, exclude_modules, header: Header) -> Dic
     linears = target_linears(model, exclude_modules)
     linears.update({name: m for name, m in model.named_modules()
                     if type(m) is nn.Linear and f"{name}.weight_scale" in header})
-    if not linears:
-        raise ValueError("the checkpoint's quantization_config quantizes no Linear of this model "
-                         f"(exclude_modules={list(exclude_modules)})")
     return linears
 
 

@@ -19,9 +19,11 @@ from transformers.quantizers import auto as transformers_auto
 from .checkpoint_load import finalize_prequantized, prepare_prequantized, read_header
 from .config import PTQConfig
 from .dequantize import dequantize_model
+from .experts import FUSED_PARAMS, without_expert_converters
 from .export.save import install_unified_save, ptq_config_of
 from .export.unified import plan_export, untie_shared_buffers
 from .load_time import QuantizeOnLoad, calibrate_while_loading, finalize_load_time, prepare_load_time
+from .quant_experts import QuantExperts
 from .quant_linear import QuantLinear
 from .source_weights import LoadSource
 
@@ -42,9 +44,18 @@ class PTQHfQuantizer(HfQuantizer):
         self.shared_weight_amax = {}
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
-        if self.pre_quantized or not param_name.endswith(".weight"):
+        if self.pre_quantized:
             return False
-        return isinstance(model.get_submodule(param_name.rpartition(".")[0]), QuantLinear)
+        layer, _, leaf = param_name.rpartition(".")
+        module = model.get_submodule(layer)
+        # A QuantLinear's weight, or a merged fused-experts weight (a QuantExperts placeholder, moe.py).
+        return (isinstance(module, QuantLinear) and leaf == "weight") or (
+            isinstance(module, QuantExperts) and leaf in FUSED_PARAMS)
+
+    def update_weight_conversions(self, weight_conversions, model):
+        # Pre-quantized experts load per expert, by name: no merge into fused params they no longer have.
+        conversions = super().update_weight_conversions(weight_conversions, model)
+        return without_expert_converters(conversions, model) if self.pre_quantized else conversions
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         config = self.quantization_config

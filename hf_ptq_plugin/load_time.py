@@ -23,8 +23,11 @@ from transformers.core_model_loading import ConversionOps
 
 from . import formats as F
 from .checkpoint_load import replace_module
+from .experts import projection_shapes, target_experts
 from .memory import release_freed_heap
+from .moe import drop_load_placeholders, prepare_load_time_experts, quantize_experts_on_load
 from .numerics import FP8_MAX, fp8_quantize, quantize_weight, scale_from_amax, weight_buffer_specs
+from .quant_experts import QuantExperts
 from .quant_linear import QuantLinear
 from .selection import fused_groups, target_linears
 from .shapes import check_layer_shapes, resolve_group_size
@@ -45,8 +48,11 @@ def prepare_load_time(model: nn.Module, fmt: F.Format, exclude_modules: Iterable
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear left to quantize after exclusions "
                          f"{list(exclude_modules)}")
-    group_size = resolve_group_size(fmt, linears, requested_group_size)
-    check_layer_shapes(fmt, linears, group_size)
+    experts = target_experts(model, exclude_modules)  # fused MoE experts: merged, then quantized (moe.py)
+    shapes = {**linears, **projection_shapes(experts)}
+    group_size = resolve_group_size(fmt, shapes, requested_group_size)
+    check_layer_shapes(fmt, shapes, group_size)
+    prepare_load_time_experts(model, experts, fmt, group_size)
     shared_amax = {}
     if fmt.weight == F.NVFP4 or fmt.fp8_weight_scale_2:
         dtype = next(iter(linears.values())).weight.dtype
@@ -97,8 +103,10 @@ class QuantizeOnLoad(ConversionOps):
         release_freed_heap()  # the previous weight's temporaries, so the heap does not keep them resident
         value = next(iter(input_dict.values()))
         w = value[0] if isinstance(value, list) else value  # (N, K) in the model dtype
-        layer = full_layer_name.rpartition(".")[0]
+        layer, _, param = full_layer_name.rpartition(".")
         module = model.get_submodule(layer)
+        if isinstance(module, QuantExperts):  # a merged (E, 2I, H) gate_up_proj or (E, H, I) down_proj
+            return quantize_experts_on_load(module, layer, param, w)
         amax = self.shared_amax.get(layer)
         tensors = quantize_in_row_blocks(w, module, None if amax is None else amax.to(w.device))
         out = {f"{layer}.{name}": tensor for name, tensor in tensors.items()}
@@ -136,7 +144,9 @@ def quantize_in_row_blocks(w: torch.Tensor, module: QuantLinear, global_amax: Op
 
 
 def finalize_load_time(model: nn.Module, fmt: F.Format, kv_format: Optional[F.KVFormat], calibrating: bool) -> None:
-    """Freeze biases and, unless calibration follows, say once what still needs it."""
+    """Freeze biases, drop the experts' load placeholders and, unless calibration follows, say once
+    what still needs it."""
+    drop_load_placeholders(model)
     for module in model.modules():
         if isinstance(module, QuantLinear) and module.bias is not None:
             module.bias.requires_grad_(False)

@@ -24,6 +24,7 @@ from .calibration.smoothquant import smoothquant_group_plan
 from .calibration.streamed import STREAMED_ALGORITHMS, streamed_calibration
 from .config import PTQConfig
 from .kv_cache import check_kv_support, enable_kv_quantization, observe_kv_amax
+from .moe import ExpertQuantization
 from .quant_linear import QuantLinear
 from .selection import fused_groups, target_linears
 from .shapes import check_layer_shapes, resolve_group_size
@@ -43,19 +44,26 @@ def quantize_model(model: nn.Module, config: PTQConfig, forward_loop: Optional[C
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear left to quantize after exclusions "
                          f"{config.exclude_modules}")
-    group_size = resolve_group_size(fmt, linears, config.group_size)
-    check_layer_shapes(fmt, linears, group_size)
+    moe = ExpertQuantization(model, config.exclude_modules, fmt, algorithm)  # fused MoE experts (moe.py)
+    shapes = {**linears, **moe.shapes()}
+    group_size = resolve_group_size(fmt, shapes, config.group_size)
+    check_layer_shapes(fmt, shapes, group_size)
     _check_algorithm_and_loop(config, algorithm, forward_loop)
     if kv_format is not None:
         check_kv_support(model, kv_format)
 
-    with _kv_observation(model, kv_format, getattr(forward_loop, "token_mask", None)) as kv_amax:
+    token_mask = getattr(forward_loop, "token_mask", None)
+    with _kv_observation(model, kv_format, token_mask) as kv_amax, moe.observing(token_mask):
         if algorithm in STREAMED_ALGORITHMS:
-            streamed_calibration(model, linears, fmt, group_size, algorithm, forward_loop,
-                                 lambda block_linears, plan: quantize_linears(model, fmt, group_size, block_linears, plan))
+            def quantize_block(block_linears, plan):
+                quantize_linears(model, fmt, group_size, block_linears, plan)
+                moe.quantize_observed(group_size)  # this block's experts, before they feed the next block
+
+            streamed_calibration(model, linears, fmt, group_size, algorithm, forward_loop, quantize_block)
         else:
             plan = _one_pass_plan(model, linears, fmt, group_size, algorithm, forward_loop)
             quantize_linears(model, fmt, group_size, linears, plan)
+    moe.finish(group_size)
     if kv_format is not None:
         enable_kv_quantization(model, kv_format, kv_amax)
     model.ptq_config = dataclasses.replace(config, group_size=group_size, algorithm=algorithm)

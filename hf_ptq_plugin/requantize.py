@@ -9,14 +9,18 @@ in full precision, and the calibration activations. Called by `calibrate()`.
 """
 
 import dataclasses
+import logging
 from typing import Callable
 
 from torch import nn
 
+from .calibration.stats import collect_input_stats
 from .calibration.streamed import streamed_calibration
 from .quant_linear import QuantLinear
 from .quantize import quantize_linears
 from .source_weights import restore_full_precision
+
+logger = logging.getLogger(__name__)
 
 REQUANTIZING_ALGORITHMS = ("smoothquant", "awq_lite", "awq_clip", "awq_full", "gptq")
 
@@ -31,11 +35,25 @@ def requantize_from_source(model: nn.Module, algorithm: str, forward_loop: Calla
     config = model.ptq_config
     fmt, group_size = config.format, config.group_size
     targets = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    experts = {name: m for name, m in targets.items() if getattr(m, "shared_input", None) is not None}
+    targets = {name: m for name, m in targets.items() if name not in experts}
     streamed_calibration(
         model, targets, fmt, group_size, algorithm, forward_loop,
         quantize_block=lambda block_linears, plan: quantize_linears(model, fmt, group_size, block_linears, plan),
         prepare_block=lambda block_modules: restore_full_precision(model, block_modules, source))
+    if experts:
+        _calibrate_experts(model, experts, algorithm, forward_loop)
     _record_algorithm(model, dataclasses.replace(config, algorithm=algorithm))
+
+
+def _calibrate_experts(model: nn.Module, experts: dict, algorithm: str, forward_loop: Callable) -> None:
+    """MoE experts keep their round-to-nearest weights (moe.py); static formats get their input scales
+    (shared per layer and projection, calibration/shared_inputs.py) from one more pass over the data."""
+    logger.warning("algorithm %r is not applied to MoE experts: their %d projections (e.g. %s) keep their 'max' "
+                   "weights", algorithm, len(experts), min(experts))
+    if next(iter(experts.values())).fmt.needs_calibration_data:
+        for name, stats in collect_input_stats(model, experts, forward_loop).items():
+            experts[name].set_input_amax(stats.channel_amax.amax())
 
 
 def _record_algorithm(model: nn.Module, config) -> None:

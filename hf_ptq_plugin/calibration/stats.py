@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .distributed import all_reduce, all_reduce_number
+from .shared_inputs import pool_shared_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -104,14 +105,17 @@ def collect_input_stats(model: nn.Module, linears: Dict[str, nn.Module], forward
     """Run `forward_loop(model)` under no_grad and return {linear_name: InputStats}.
 
     A loop from `calibration_forward_loop` publishes which tokens are padding; those are skipped.
-    Raises ValueError naming the layers that saw no tokens (their scales would be invented).
+    Layers sharing one input scale (the experts of a MoE layer) get their group's statistics
+    (`shared_inputs.py`). Raises ValueError naming the layers that saw no tokens (their scales
+    would be invented).
     """
     stats = {name: InputStats() for name in linears}
     with input_hooks(linears, stats, getattr(forward_loop, "token_mask", None)), torch.no_grad():
         forward_loop(model)
     for s in stats.values():
         s.reduce_across_processes()
-    unseen = [name for name, s in stats.items() if s.num_tokens == 0]
+    pool_shared_inputs(linears, stats)
+    unseen = [name for name, s in stats.items() if s.channel_amax is None]
     if unseen:
         raise ValueError(f"forward_loop never reached {len(unseen)} layer(s), e.g. {unseen[:3]}; "
                          "they would get made-up activation scales")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .. import formats as F
+from ..experts import checkpoint_namer, moe_unquantized
 from ..kv_cache import attention_modules
 from ..quant_linear import QuantLinear
 from ..selection import fused_groups
@@ -57,9 +58,11 @@ def plan_export(model: nn.Module, config) -> ExportPlan:
     kv_format = _kv_format(model, config.kv_format)
     if fmt.weight == F.NVFP4 or fmt.fp8_weight_scale_2:
         _check_fused_scales_shared(layers)
-    unquantized = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return ExportPlan(fmt, next(iter(group_sizes)), kv_format, summarize_exclude_modules(unquantized, layers),
-                      config.to_dict())
+    # MoE routers and fused experts are not nn.Linear; ModelOpt lists them. Names as the tensors are written.
+    unquantized = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)] + moe_unquantized(model)
+    to_checkpoint = checkpoint_namer(model)
+    exclude = summarize_exclude_modules(map(to_checkpoint, unquantized), map(to_checkpoint, layers))
+    return ExportPlan(fmt, next(iter(group_sizes)), kv_format, exclude, config.to_dict())
 
 
 def _check_calibrated(layers: dict, fmt: F.Format) -> None:

@@ -1,0 +1,94 @@
+"""Per-expert input statistics of fused-experts modules, collected while calibration data runs.
+
+`observe_experts` replaces, for the duration of the block, each fused-experts module's forward by
+the eager experts forward (experts.route_tokens) in full precision that also records, per expert,
+the tokens routed to it (padding excluded when the forward loop publishes a token mask) and the
+max |x| of the inputs of its gate/up and of its down projection. Called by moe.py around the
+calibration pass of `quantize_model`; the rule for experts that get no token is in
+`shared_inputs.py` and `ExpertStats.shared_amax`.
+"""
+
+import contextlib
+from typing import Dict
+
+import torch
+import torch.nn.functional as F_nn
+from torch import nn
+
+from ..experts import route_tokens
+from .distributed import all_reduce
+from .stats import finite_values
+
+KINDS = ("gate_up", "down")
+
+
+class ExpertStats:
+    """One fused-experts module's statistics: tokens and input amax per expert."""
+
+    def __init__(self, num_experts: int, device=None):
+        self.tokens = torch.zeros(num_experts, dtype=torch.int64, device=device)
+        self.amax = {kind: torch.zeros(num_experts, device=device) for kind in KINDS}  # fp32 max |x|, per expert
+        self.reduced = False
+
+    def observe(self, e: int, kind: str, x: torch.Tensor) -> None:
+        if x.numel():
+            self.amax[kind][e] = torch.maximum(self.amax[kind][e], x.detach().abs().amax().float().to(self.amax[kind].device))
+
+    def reduce_across_processes(self) -> None:
+        """Sum tokens and max the amax over calibrating processes (no-op when alone); once."""
+        if not self.reduced:
+            self.tokens = all_reduce(self.tokens, "sum")
+            self.amax = {kind: all_reduce(a, "max") for kind, a in self.amax.items()}
+            self.reduced = True
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.tokens.sum())
+
+    def shared_amax(self, kind: str) -> torch.Tensor:
+        """The layer's input amax for `kind`: the max over its experts (0-d fp32).
+
+        Experts without tokens hold 0 here, so the max is the one over the experts that saw tokens.
+        """
+        return self.amax[kind].amax()
+
+
+@contextlib.contextmanager
+def observe_experts(experts: Dict[str, nn.Module], token_mask=None):
+    """Inside the block, the fused-experts modules record statistics; yields {name: ExpertStats}."""
+    stats = {name: ExpertStats(module.num_experts, module.gate_up_proj.device) for name, module in experts.items()}
+    warned = set()
+    try:
+        for name, module in experts.items():
+            module.forward = _observed_forward(name, module, stats[name], token_mask, warned)
+        yield stats
+    finally:
+        for module in experts.values():
+            vars(module).pop("forward", None)
+
+
+def _observed_forward(name: str, module: nn.Module, stat: ExpertStats, token_mask, warned: set):
+    def forward(hidden_states, top_k_index, top_k_weights):
+        real = _real_token_flags(hidden_states, token_mask)  # (T,) bool or None
+
+        def run_expert(e, x, token_idx):
+            keep = slice(None) if real is None else real[token_idx]
+            stat.tokens[e] += int(x[keep].shape[0])
+            stat.observe(e, "gate_up", finite_values(x[keep], f"{name}.{e}", warned))
+            gate, up = F_nn.linear(x, module.gate_up_proj[e]).chunk(2, dim=-1)
+            h = module.act_fn(gate) * up  # (n, I)
+            stat.observe(e, "down", finite_values(h[keep], f"{name}.{e}", warned))
+            return F_nn.linear(h, module.down_proj[e])
+
+        with torch.no_grad():
+            return route_tokens(hidden_states, top_k_index, top_k_weights, module.num_experts, run_expert)
+
+    return forward
+
+
+def _real_token_flags(hidden: torch.Tensor, token_mask):
+    """(T,) flags of the real (non-padding) tokens of the flattened batch, None when all are real."""
+    mask = None if token_mask is None else token_mask.mask
+    if mask is None or mask.numel() != hidden.shape[0]:
+        return None
+    return mask.reshape(-1).to(hidden.device)

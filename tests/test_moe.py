@@ -1,0 +1,317 @@
+"""MoE experts on tiny Qwen3-MoE / Mixtral models: swap, numerics, no-token rule, token counts, save/load."""
+
+import copy
+import json
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F_nn
+from conftest import sqnr_db
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from hf_ptq_plugin import FORMATS, PTQConfig, QuantLinear, calibrate, quantize
+from hf_ptq_plugin.calibration.data import CalibrationLoop
+from hf_ptq_plugin.numerics import input_scale_from_amax, quantize_activation, quantize_weight, weight_buffer_specs
+from hf_ptq_plugin.quant_experts import QuantExperts
+from hf_ptq_plugin.quant_linear import reference_forward
+
+MOE_FORMATS = ("fp8", "int8_wo", "int4_awq", "nvfp4", "w4a8_awq")
+NAMES = {"qwen3_moe": ("gate_proj", "up_proj", "down_proj"), "mixtral": ("w1", "w3", "w2")}
+CHECKPOINT_BLOCK = {"qwen3_moe": "mlp", "mixtral": "block_sparse_moe"}  # transformers renames .mlp. back on save
+# Expert weight SQNR floors (measured on these models: fp8 31 dB, int8 44, int4 19, nvfp4 20, w4a8 19).
+WEIGHT_SQNR_FLOOR_DB = {"fp8": 28, "int8_wo": 40, "int4_awq": 17, "nvfp4": 17, "w4a8_awq": 17}
+TOKENS, TOP_K, EXPERTS, LAYERS = 2 * 16, 2, 4, 2
+
+
+def tiny_moe(family: str, seed: int = 0):
+    """hidden 64, 2 layers, 4 experts, top-2; expert intermediate 64 (Qwen3) or 128 (Mixtral)."""
+    torch.manual_seed(seed)
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+                  num_key_value_heads=2, num_experts_per_tok=TOP_K, vocab_size=320)
+    if family == "qwen3_moe":
+        return Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, moe_intermediate_size=64, num_experts=EXPERTS,
+                                                  head_dim=16)).eval()
+    return MixtralForCausalLM(MixtralConfig(**common, num_local_experts=EXPERTS)).eval()
+
+
+@pytest.fixture
+def ids():
+    torch.manual_seed(1)
+    return torch.randint(0, 320, (2, 16))
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def quantized(family, fmt, ids, **config):
+    model = tiny_moe(family)
+    return quantize(model, PTQConfig(qformat=fmt, algorithm="max", **config), forward_loop=lambda m: m(ids))
+
+
+def experts_of(model, layer=0):
+    return model.model.layers[layer].mlp.experts
+
+
+@pytest.mark.parametrize("family", list(NAMES))
+def test_transformers_holds_experts_as_fused_3d_parameters(family):
+    experts = experts_of(tiny_moe(family))
+    intermediate = 64 if family == "qwen3_moe" else 128
+    assert type(experts).__name__ == {"qwen3_moe": "Qwen3MoeExperts", "mixtral": "MixtralExperts"}[family]
+    assert experts.gate_up_proj.shape == (EXPERTS, 2 * intermediate, 64)
+    assert experts.down_proj.shape == (EXPERTS, 64, intermediate)
+    assert not any(isinstance(m, torch.nn.Linear) for m in experts.modules())
+
+
+@pytest.mark.parametrize("family", list(NAMES))
+@pytest.mark.parametrize("fmt", MOE_FORMATS)
+def test_experts_are_swapped_with_checkpoint_buffers_and_shared_scales(family, fmt, ids):
+    original = tiny_moe(family)
+    model = quantized(family, fmt, ids)
+    gate, up, down = NAMES[family]
+    for layer in range(LAYERS):
+        experts, fused = experts_of(model, layer), experts_of(original, layer)
+        assert isinstance(experts, QuantExperts) and experts.names == NAMES[family]
+        assert not isinstance(model.model.layers[layer].mlp.gate, QuantLinear)  # the router stays as it was
+        for e in range(EXPERTS):
+            expert = experts.expert(e)
+            for name in NAMES[family]:
+                linear = getattr(expert, name)
+                specs = weight_buffer_specs(FORMATS[fmt], linear.out_features, linear.in_features, linear.group_size)
+                for buffer, (shape, dtype) in specs.items():
+                    assert getattr(linear, buffer).shape == shape and getattr(linear, buffer).dtype == dtype
+            # gate and up are the two halves of the expert's fused (2I, H) weight, quantized as one
+            whole = quantize_weight(fused.gate_up_proj[e], FORMATS[fmt], experts.projections("down")[0].group_size)
+            rows = getattr(expert, gate).weight.shape[0]
+            assert torch.equal(torch.cat([getattr(expert, gate).weight, getattr(expert, up).weight]), whole["weight"])
+            assert rows * 2 == whole["weight"].shape[0]
+            for shared in ("weight_scale_2",) + (("weight_scale",) if fmt == "fp8" else ()):
+                if shared in whole:
+                    assert torch.equal(getattr(expert, gate).get_buffer(shared), getattr(expert, up).get_buffer(shared))
+        if FORMATS[fmt].needs_calibration_data:  # one input scale per projection for the whole layer
+            for kind in ("gate_up", "down"):
+                scales = torch.stack([linear.input_scale for linear in experts.projections(kind)])
+                assert torch.equal(scales, scales[:1].expand_as(scales)) and bool(torch.isfinite(scales).all())
+
+
+@pytest.mark.parametrize("fmt", MOE_FORMATS)
+def test_forward_equals_the_original_module_on_dequantized_weights(fmt, ids, monkeypatch):
+    original = experts_of(tiny_moe("qwen3_moe"))
+    model = quantized("qwen3_moe", fmt, ids)
+    experts = experts_of(model)
+    gate_up = torch.stack([torch.cat([experts.expert(e).gate_proj.dequantized_weight(),
+                                      experts.expert(e).up_proj.dequantized_weight()]) for e in range(EXPERTS)])
+    down = torch.stack([experts.expert(e).down_proj.dequantized_weight() for e in range(EXPERTS)])
+    assert sqnr_db(original.gate_up_proj, gate_up) > WEIGHT_SQNR_FLOOR_DB[fmt]
+    assert sqnr_db(original.down_proj, down) > WEIGHT_SQNR_FLOOR_DB[fmt]
+    torch.manual_seed(2)
+    x = torch.randn(40, 64)
+    _, weights, index = model.model.layers[0].mlp.gate(x)
+    with torch.no_grad(), reference_forward(model):
+        ours = experts(x, index, weights)
+
+    # The reference: transformers' own eager experts forward on the dequantized weights, its F.linear
+    # inputs quantized as the format quantizes activations, with the layer's shared input scales.
+    reference = copy.deepcopy(original)
+    reference.config._experts_implementation = "eager"
+    with torch.no_grad():
+        reference.gate_up_proj.copy_(gate_up)
+        reference.down_proj.copy_(down)
+    scales = {gate_up.shape[1:]: experts.expert(0).gate_proj._activation_scale(x),
+              down.shape[1:]: experts.expert(0).down_proj._activation_scale(x)}
+    linear = F_nn.linear
+    monkeypatch.setattr(F_nn, "linear", lambda a, w, b=None: linear(
+        quantize_activation(a, FORMATS[fmt], scales[tuple(w.shape)]), w.float()).to(a.dtype))
+    with torch.no_grad():
+        expected = reference(x, index, weights)
+    monkeypatch.undo()
+    # Bit-identical here; the tolerance allows BLAS to block the fused (2I, H) and split (I, H) GEMMs differently.
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-7)
+
+
+def never_route_to(router, expert: int):
+    """A forward hook making `router` pick its top-k among the other experts only."""
+    def hook(module, args, output):
+        router_logits = output[0].clone()
+        router_logits[:, expert] = float("-inf")
+        probs = torch.softmax(router_logits.float(), dim=-1)
+        top, index = torch.topk(probs, module.top_k, dim=-1)
+        if getattr(module, "norm_topk_prob", True):
+            top = top / top.sum(dim=-1, keepdim=True)
+        return router_logits, top.to(output[1].dtype), index
+
+    return router.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+def test_an_expert_without_tokens_gets_the_layer_input_scales_and_weight_scales_from_its_weights(fmt, ids, caplog):
+    model = tiny_moe("qwen3_moe")
+    original = copy.deepcopy(model)
+    for layer in model.model.layers:
+        never_route_to(layer.mlp.gate, 3)
+    inputs_amax = {}
+    for i, layer in enumerate(model.model.layers):  # every token reaches some expert: gate/up amax = input amax
+        layer.mlp.experts.register_forward_pre_hook(
+            lambda m, args, i=i: inputs_amax.__setitem__(i, max(inputs_amax.get(i, 0.0), args[0].abs().amax().item())))
+    with caplog.at_level(logging.INFO):
+        quantize(model, PTQConfig(qformat=fmt), forward_loop=lambda m: m(ids))
+    assert "received no calibration token" in caplog.text
+    for i in range(LAYERS):
+        assert model.expert_token_counts[f"model.layers.{i}.mlp.experts"][3] == 0
+        experts, fused = experts_of(model, i), experts_of(original, i)
+        unseen = experts.expert(3)
+        expected = input_scale_from_amax(torch.tensor(inputs_amax[i]), FORMATS[fmt])
+        assert torch.equal(unseen.gate_proj.input_scale, expected) and torch.equal(unseen.up_proj.input_scale, expected)
+        down_scale = experts.expert(0).down_proj.input_scale
+        assert torch.equal(unseen.down_proj.input_scale, down_scale) and 0 < down_scale.item() < float("inf")
+        whole = quantize_weight(fused.gate_up_proj[3], FORMATS[fmt])
+        for name, tensor in whole.items():
+            half = unseen.gate_proj.get_buffer(name)
+            assert torch.equal(half, tensor if tensor.dim() == 0 else tensor[: half.shape[0]])
+        for name, tensor in quantize_weight(fused.down_proj[3], FORMATS[fmt]).items():
+            assert torch.equal(unseen.down_proj.get_buffer(name), tensor)
+
+
+def test_tokens_per_expert_are_reported_and_sum_to_tokens_times_top_k(ids, caplog):
+    model = tiny_moe("mixtral")
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # five padding tokens, left out of the counts
+    loop = CalibrationLoop([{"input_ids": ids, "attention_mask": mask}])
+    with caplog.at_level(logging.INFO):
+        quantize(model, PTQConfig(qformat="fp8"), forward_loop=loop)
+    assert "calibration tokens per expert" in caplog.text
+    assert set(model.expert_token_counts) == {f"model.layers.{i}.mlp.experts" for i in range(LAYERS)}
+    for counts in model.expert_token_counts.values():
+        assert len(counts) == EXPERTS and sum(counts) == (TOKENS - 5) * TOP_K
+
+
+@pytest.mark.parametrize("family", list(NAMES))
+@pytest.mark.parametrize("fmt", MOE_FORMATS)
+def test_save_then_load_gives_bit_identical_logits_and_the_checkpoint_names(family, fmt, ids, tmp_path):
+    model = quantized(family, fmt, ids)
+    before = logits(model, ids)
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as handle:
+        header = {key: (handle.get_slice(key).get_dtype(), tuple(handle.get_slice(key).get_shape()))
+                  for key in handle.keys()}
+    block = CHECKPOINT_BLOCK[family]
+    assert not [key for key in header if "gate_up_proj" in key or key.endswith("experts.down_proj")]
+    experts = experts_of(model)
+    dtype_names = {torch.float8_e4m3fn: "F8_E4M3", torch.uint8: "U8", torch.int8: "I8", torch.float32: "F32"}
+    for e in range(EXPERTS):
+        for name in NAMES[family]:
+            linear = getattr(experts.expert(e), name)
+            for buffer, tensor in linear.state_dict().items():
+                key = f"model.layers.0.{block}.experts.{e}.{name}.{buffer}"
+                assert header[key] == (dtype_names[tensor.dtype], tuple(tensor.shape)), key
+    exclude = json.loads((tmp_path / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
+    assert {f"model.layers.{i}.{block}.gate" for i in range(LAYERS)} <= set(exclude)
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(experts_of(reloaded), QuantExperts) and experts_of(reloaded).names == NAMES[family]
+    assert torch.equal(logits(reloaded, ids), before)
+
+
+@pytest.mark.parametrize("family", list(NAMES))
+@pytest.mark.parametrize("fmt", ["int8_wo", "int4_awq", "nvfp4"])
+def test_quantizing_while_loading_gives_the_same_expert_tensors_as_quantize(family, fmt, ids, tmp_path):
+    tiny_moe(family).save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=PTQConfig(qformat=fmt, algorithm="max"))
+    in_memory = quantize(AutoModelForCausalLM.from_pretrained(tmp_path), PTQConfig(qformat=fmt, algorithm="max"),
+                         forward_loop=lambda m: m(ids))
+    for layer in range(LAYERS):
+        experts = experts_of(loaded, layer)
+        assert isinstance(experts, QuantExperts) and not list(experts.parameters(recurse=False))  # placeholders gone
+        expected = experts_of(in_memory, layer).state_dict()
+        for key, tensor in experts.state_dict().items():
+            if not key.endswith("input_scale"):  # static scales wait for calibrate() after a compressed load
+                assert torch.equal(tensor, expected[key]), key
+    if not FORMATS[fmt].needs_calibration_data:
+        assert torch.equal(logits(loaded, ids), logits(in_memory, ids))
+
+
+def test_calibrate_after_a_compressed_load_gives_every_expert_the_layer_input_scale(ids, tmp_path):
+    tiny_moe("qwen3_moe").save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=PTQConfig(qformat="fp8"))
+    routing = never_route_to(model.model.layers[0].mlp.gate, 1)
+    inputs_amax = []
+    experts_of(model).register_forward_pre_hook(lambda m, args: inputs_amax.append(args[0].abs().amax()))
+    calibrate(model, lambda m: m(ids))
+    expected = input_scale_from_amax(torch.stack(inputs_amax).amax(), FORMATS["fp8"])
+    assert all(torch.equal(linear.input_scale, expected) for linear in experts_of(model).projections("gate_up"))
+    model.save_pretrained(tmp_path / "out")  # refuses uncalibrated layers: every expert, unrouted 1 too, is set
+    routing.remove()
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), ids), logits(model, ids))
+
+
+def test_awq_keeps_its_algorithm_on_linears_and_quantizes_experts_round_to_nearest(ids, caplog):
+    original = tiny_moe("qwen3_moe")
+    model = tiny_moe("qwen3_moe")
+    with caplog.at_level(logging.WARNING):
+        quantize(model, PTQConfig(qformat="int4_awq", algorithm="awq_lite"), forward_loop=lambda m: m(ids))
+    assert "'awq_lite' is not applied to MoE experts" in caplog.text
+    assert model.model.layers[0].self_attn.o_proj.pre_quant_scale is not None
+    experts, fused = experts_of(model), experts_of(original)
+    for e in range(EXPERTS):
+        down = quantize_weight(fused.down_proj[e], FORMATS["int4_awq"], experts.group_size)
+        assert experts.expert(e).down_proj.pre_quant_scale is None
+        assert torch.equal(experts.expert(e).down_proj.weight, down["weight"])
+
+
+def test_awq_after_a_compressed_load_keeps_experts_and_calibrates_their_input_scales(ids, tmp_path, caplog):
+    tiny_moe("mixtral").save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=PTQConfig(qformat="w4a8_awq"))
+    weights = {k: v.clone() for k, v in experts_of(model).state_dict().items() if not k.endswith("input_scale")}
+    with caplog.at_level(logging.WARNING):
+        calibrate(model, lambda m: m(ids))  # the PTQConfig's algorithm: awq_lite, re-reading the source
+    assert "'awq_lite' is not applied to MoE experts" in caplog.text
+    assert model.model.layers[0].self_attn.o_proj.pre_quant_scale is not None
+    after = experts_of(model).state_dict()
+    assert all(torch.equal(after[k], v) for k, v in weights.items())
+    for kind in ("gate_up", "down"):
+        scales = {linear.input_scale.item() for linear in experts_of(model).projections(kind)}
+        assert len(scales) == 1 and 0 < scales.pop() < float("inf")
+    model.save_pretrained(tmp_path / "out")  # would refuse uncalibrated expert input scales
+
+
+def test_excluded_experts_stay_fused_and_are_listed_as_excluded(ids, tmp_path):
+    model = quantized("qwen3_moe", "int8_wo", ids, exclude_modules=["*mlp.experts"])
+    assert type(experts_of(model)).__name__ == "Qwen3MoeExperts"
+    model.save_pretrained(tmp_path)
+    exclude = json.loads((tmp_path / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
+    assert {f"model.layers.{i}.mlp*" for i in range(LAYERS)} <= set(exclude)
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path), ids), logits(model, ids))
+
+
+def test_a_mixtral_checkpoint_split_into_gate_up_down_proj_loads_too(ids, tmp_path):
+    """ModelOpt HEAD names every family's experts gate_proj/up_proj/down_proj, Mixtral's included."""
+    from safetensors.torch import load_file, save_file
+
+    model = quantized("mixtral", "nvfp4", ids)
+    model.save_pretrained(tmp_path)
+    renames = {".w1.": ".gate_proj.", ".w3.": ".up_proj.", ".w2.": ".down_proj."}
+    tensors = {}
+    for key, tensor in load_file(tmp_path / "model.safetensors").items():
+        for old, new in renames.items():
+            key = key.replace(old, new)
+        tensors[key] = tensor
+    assert "model.layers.0.block_sparse_moe.experts.0.gate_proj.weight_scale_2" in tensors
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert experts_of(reloaded).names == ("gate_proj", "up_proj", "down_proj")
+    assert torch.equal(logits(reloaded, ids), logits(model, ids))
+
+
+def test_a_missing_expert_tensor_is_named_when_loading(ids, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    quantized("qwen3_moe", "nvfp4", ids).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    missing = "model.layers.1.mlp.experts.2.up_proj.weight_scale_2"
+    del tensors[missing]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=missing.replace(".", r"\.")):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
