@@ -50,8 +50,14 @@ def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
 
 
 def prepare_prequantized(model: nn.Module, fmt: F.Format, exclude_modules, group_size: Optional[int],
-                         kv_format: Optional[F.KVFormat], header: Header) -> int:
-    """Swap the checkpoint's quantized Linears (and fused MoE experts) for meta modules; returns the group size."""
+                         kv_format: Optional[F.KVFormat], header: Header,
+                         layer_qformats: Optional[Dict[str, str]] = None) -> int:
+    """Swap the checkpoint's quantized Linears (and fused MoE experts) for meta modules; returns the group size.
+
+    `layer_qformats` (a MIXED_PRECISION checkpoint) names every quantized Linear and its format.
+    """
+    if layer_qformats:
+        return _prepare_mixed(model, layer_qformats, group_size, kv_format, header)
     linears = _quantized_linears(model, exclude_modules, header)
     group_size = _group_size(fmt, linears, group_size, header)
     experts = prepare_prequantized_experts(model, fmt, exclude_modules, group_size, header, lambda key, module: (
@@ -68,6 +74,39 @@ def prepare_prequantized(model: nn.Module, fmt: F.Format, exclude_modules, group
     if kv_format is not None:
         _declare_kv_scales(model, header)
     return group_size
+
+
+def _prepare_mixed(model: nn.Module, layer_qformats: Dict[str, str], group_size: Optional[int],
+                   kv_format: Optional[F.KVFormat], header: Header) -> Optional[int]:
+    """Per-layer formats: exactly the listed Linears, each in its own format."""
+    linears = {}
+    for name in layer_qformats:
+        module = model.get_submodule(name) if _has_submodule(model, name) else None
+        if type(module) is not nn.Linear:
+            raise ValueError(f"quantized_layers lists {name!r}, which is not an nn.Linear of "
+                             f"{type(model).__name__} (found {type(module).__name__})")
+        linears[name] = module
+    int4 = {name: m for name, m in linears.items() if F.get_format(layer_qformats[name]).group_size_choices}
+    if int4:
+        group_size = _group_size(F.get_format(layer_qformats[next(iter(int4))]), int4, group_size, header)
+    for name, linear in linears.items():
+        fmt = F.get_format(layer_qformats[name])
+        module = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, fmt,
+                             group_size if fmt.group_size_choices else None, dtype=linear.weight.dtype, device="meta")
+        _check_layer(name, module, header)
+        _declare_optional_tensors(name, module, header)
+        replace_module(model, name, module)
+    if kv_format is not None:
+        _declare_kv_scales(model, header)
+    return group_size if int4 else None
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _quantized_linears(model: nn.Module, exclude_modules, header: Header) -> Dict[str, nn.Linear]:

@@ -9,7 +9,7 @@ config.json.
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
@@ -41,6 +41,10 @@ class PTQConfig(QuantizationConfigMixin):
     the format's default (for INT4: 128, or the largest engine-supported size that divides every
     layer). exclude_modules: module names or fnmatch patterns kept in full precision, in addition
     to the defaults (lm_head, MoE routers, vision towers). calib_*: calibration data and sizes.
+    layer_qformats: {Linear name: qformat} of a per-layer (ModelOpt MIXED_PRECISION) checkpoint:
+    exactly these Linears are quantized, each in its own format (`qformat` then names the most
+    common one); it comes from loading such a checkpoint, and quantize() and quantizing while
+    loading take one qformat.
     """
 
     qformat: str = "fp8"
@@ -52,6 +56,7 @@ class PTQConfig(QuantizationConfigMixin):
     calib_size: int = 512
     calib_seq_len: int = 512
     calib_batch_size: int = 4
+    layer_qformats: Optional[Dict[str, str]] = None
 
     # transformers' registry key (the mixin declares it as a dataclass field); fixed, not an argument.
     quant_method: str = field(default="modelopt", init=False, repr=False, compare=False)
@@ -59,8 +64,9 @@ class PTQConfig(QuantizationConfigMixin):
     def __post_init__(self):
         fmt = F.get_format(self.qformat)
         F.get_kv_format(self.kv_cache_qformat)
+        self._check_layer_qformats()
         self._check_algorithm(fmt)
-        self._check_group_size(fmt)
+        self._check_group_size(self._grouped_format() or fmt)
         if not isinstance(self.exclude_modules, (list, tuple)) or not all(isinstance(m, str) for m in self.exclude_modules):
             raise ValueError(f"exclude_modules must be a list of module names or patterns, got {self.exclude_modules!r}")
         self.exclude_modules = list(self.exclude_modules)
@@ -68,6 +74,24 @@ class PTQConfig(QuantizationConfigMixin):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    def _check_layer_qformats(self) -> None:
+        if self.layer_qformats is None:
+            return
+        if not isinstance(self.layer_qformats, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.layer_qformats.items()):
+            raise ValueError(f"layer_qformats must map Linear names to qformat names, got {self.layer_qformats!r}")
+        for qformat in self.layer_qformats.values():
+            F.get_format(qformat)
+
+    def _grouped_format(self) -> Optional[F.Format]:
+        """With per-layer formats, the one whose group size `group_size` sets (INT4), if any."""
+        formats = [F.get_format(q) for q in (self.layer_qformats or {}).values()]
+        return next((fmt for fmt in formats if fmt.group_size_choices), None)
+
+    def format_of(self, layer: str) -> F.Format:
+        """The Format of one quantized Linear: its own with per-layer formats, else `qformat`'s."""
+        return F.get_format((self.layer_qformats or {}).get(layer, self.qformat))
 
     def _check_algorithm(self, fmt: F.Format) -> None:
         if self.algorithm is None:

@@ -65,9 +65,12 @@ class PTQHfQuantizer(HfQuantizer):
                 raise ValueError("loading a pre-quantized checkpoint needs its safetensors files; "
                                  "from_pretrained(None, state_dict=...) is not supported for it")
             group_size = prepare_prequantized(model, config.format, exclude, config.group_size, config.kv_format,
-                                              read_header(checkpoint_files))
+                                              read_header(checkpoint_files), config.layer_qformats)
             self.quantization_config = dataclasses.replace(config, group_size=group_size)
             return model
+        if config.layer_qformats:
+            raise ValueError("layer_qformats (per-layer formats) describe a MIXED_PRECISION checkpoint; quantizing "
+                             "while loading takes one qformat (leave layer_qformats=None)")
         if config.resolved_algorithm != "max" and config.calib_dataset is None:
             logger.warning("algorithm %r needs calibration data and none was given (PTQConfig.calib_dataset); weights "
                            "are quantized with 'max' (round to nearest). hf_ptq_plugin.calibrate(model, data) can "

@@ -39,6 +39,9 @@ def quantize_model(model: nn.Module, config: PTQConfig, forward_loop: Optional[C
     other than weight-only `max`. `max` and `smoothquant` run it once over the whole model;
     `awq_lite` and `gptq` run it once to capture the first block's inputs, then stream block by block.
     """
+    if config.layer_qformats:
+        raise ValueError("layer_qformats (per-layer formats) describe a MIXED_PRECISION checkpoint; quantize() takes "
+                         "one qformat (leave layer_qformats=None)")
     fmt, kv_format, algorithm = config.format, config.kv_format, config.resolved_algorithm
     linears = target_linears(model, config.exclude_modules)
     if not linears:

@@ -215,7 +215,7 @@ def test_a_bad_tensor_names_itself_what_was_expected_and_what_was_found(edit, me
 
 
 @pytest.mark.parametrize("algo, message", [("W2A16", r"unknown quant_algo 'W2A16'; valid: FP8, FP8_PER_CHANNEL"),
-                                           ("MIXED_PRECISION", r"per-layer formats are not supported yet")])
+                                           ("MIXED_PRECISION", r"MIXED_PRECISION needs a non-empty quantized_layers mapping; found None")])
 def test_an_unknown_quant_algo_lists_the_valid_ones(algo, message, tmp_path):
     write_checkpoint(tmp_path, "FP8")
     config = json.loads((tmp_path / "config.json").read_text())
@@ -223,3 +223,75 @@ def test_an_unknown_quant_algo_lists_the_valid_ones(algo, message, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=message):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+MIXED = {"self_attn.q_proj": "FP8", "self_attn.k_proj": "FP8", "self_attn.v_proj": "FP8", "self_attn.o_proj": "FP8",
+         "mlp.gate_proj": "NVFP4", "mlp.up_proj": "NVFP4", "mlp.down_proj": "W4A16_AWQ"}
+MIXED_LAYER_CONFIGS = {"FP8": {"quant_algo": "FP8"}, "NVFP4": {"quant_algo": "NVFP4", "group_size": 16},
+                       "W4A16_AWQ": {"quant_algo": "W4A16_AWQ", "group_size": 128, "has_zero_point": False,
+                                     "pre_quant_scale": True}}
+
+
+def write_mixed_checkpoint(directory):
+    """A 1-layer Llama in ModelOpt's MIXED_PRECISION layout (§6.2): FP8 attention, NVFP4 gate/up, INT4 down."""
+    directory.mkdir()
+    model = tiny_llama(layers=1).to(torch.bfloat16)
+    model.config.save_pretrained(directory)
+    state = {k: v for k, v in model.state_dict().items() if not any(f".{leaf}." in k for leaf in LINEARS)}
+    expected, torch_gen = {}, torch.Generator().manual_seed(0)
+    for group in (LINEARS[:3], LINEARS[3:4], LINEARS[4:6], LINEARS[6:]):
+        algo = MIXED[group[0]]
+        weights = {leaf: model.get_submodule(f"model.layers.0.{leaf}").weight.detach().float() for leaf in group}
+        group_amax = torch.stack([w.abs().max() for w in weights.values()]).max()
+        input_scale = torch.rand((), generator=torch_gen) / 20 + 0.01
+        for leaf, w in weights.items():
+            tensors, expected[f"model.layers.0.{leaf}"] = hand_quantize(algo, w, group_amax)
+            if algo in STATIC_INPUT:
+                tensors["input_scale"] = input_scale.clone()
+            state.update({f"model.layers.0.{leaf}.{name}": t.contiguous() for name, t in tensors.items()})
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    layers = {f"model.layers.0.{leaf}": MIXED_LAYER_CONFIGS[algo] for leaf, algo in MIXED.items()}
+    producer = {"name": "modelopt", "version": "0.47.0"}
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {"ignore": [], "quant_algo": "MIXED_PRECISION", "producer": producer,
+                                     "quant_method": "modelopt", "quantized_layers": layers}
+    (directory / "config.json").write_text(json.dumps(config))
+    hf_quant = {"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": None, "quantized_layers": layers}
+    (directory / "hf_quant_config.json").write_text(json.dumps({"producer": producer, "quantization": hf_quant}))
+    return expected, layers
+
+
+def test_mixed_precision_checkpoint_loads_each_layer_in_its_format_and_saves_back(tmp_path, token_ids):
+    expected, layers = write_mixed_checkpoint(tmp_path / "src")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "src")
+    for prefix, engine_weight in expected.items():
+        module = model.get_submodule(prefix)
+        assert isinstance(module, QuantLinear) and module.fmt.quant_algo == MIXED[prefix.split(".", 3)[3]], prefix
+        torch.testing.assert_close(module.dequantized_weight(), engine_weight, rtol=1e-6, atol=0, msg=prefix)
+    assert model.model.layers[0].mlp.down_proj.group_size == 128
+    with torch.no_grad():
+        logits = model(token_ids).logits
+    model.save_pretrained(tmp_path / "out")
+    hf_quant = json.loads((tmp_path / "out" / "hf_quant_config.json").read_text())["quantization"]
+    assert hf_quant == {"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": None, "quantized_layers": layers}
+    written = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert written["quant_algo"] == "MIXED_PRECISION" and written["quantized_layers"] == layers
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(reloaded(token_ids).logits, logits)
+
+
+def test_mixed_precision_errors_name_the_problem(tmp_path):
+    from hf_ptq_plugin import PTQConfig, export_checkpoint, quantize
+
+    _, layers = write_mixed_checkpoint(tmp_path / "src")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "src")
+    with pytest.raises(ValueError, match=r"per-layer formats \['fp8', 'int4_awq', 'nvfp4'\].*'vllm'"):
+        export_checkpoint(model, tmp_path / "vllm", target="vllm")
+    with pytest.raises(ValueError, match="quantize\\(\\) takes one qformat"):
+        quantize(tiny_llama(), PTQConfig(layer_qformats={"model.layers.0.mlp.up_proj": "fp8"}))
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    config["quantization_config"]["quantized_layers"]["model.layers.0.mlp"] = {"quant_algo": "FP8"}
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="lists 'model.layers.0.mlp', which is not an nn.Linear"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "src")

@@ -46,7 +46,7 @@ def export_checkpoint(model: nn.Module, export_dir, target: str = "modelopt", tp
     from .save import ptq_config_of, save_unified
 
     config = ptq_config_of(model)
-    dialect = export_target_dialect(target, config.qformat, config.kv_cache_qformat)
+    dialect = _dialect(target, config)
     if dialect != "trtllm-legacy" and (tp_size, pp_size) != (1, 1):
         raise ValueError(f"tp_size/pp_size ({tp_size}, {pp_size}) split only the legacy TensorRT-LLM checkpoint; "
                          f"target {target!r} writes the {dialect} checkpoint, which engines split themselves")
@@ -61,3 +61,13 @@ def export_checkpoint(model: nn.Module, export_dir, target: str = "modelopt", tp
         from .trtllm_legacy import save_trtllm_legacy
 
         save_trtllm_legacy(model, export_dir, config, tp_size=tp_size, pp_size=pp_size)
+
+
+def _dialect(target: str, config) -> str:
+    """The dialect for every format the model holds; per-layer formats need the unified checkpoint."""
+    qformats = sorted(set((config.layer_qformats or {}).values()) or {config.qformat})
+    dialects = {q: export_target_dialect(target, q, config.kv_cache_qformat) for q in qformats}
+    if len(qformats) > 1 and set(dialects.values()) != {"modelopt"}:
+        raise ValueError(f"a model with per-layer formats {qformats} exports as one MIXED_PRECISION unified "
+                         f"checkpoint; target {target!r} takes {dialects} instead")
+    return dialects[qformats[0]]

@@ -175,6 +175,9 @@ def save_compressed_tensors(model: nn.Module, export_dir, config, target: str = 
     from huggingface_hub import save_torch_state_dict
 
     plan = plan_export(model, config)
+    if plan.layer_formats:
+        raise ValueError("a model with per-layer formats (MIXED_PRECISION) exports only as the unified checkpoint "
+                         "(target 'modelopt'); the compressed-tensors writer takes one format")
     fold_pre_quant_scales(model)
     check_convertible(model, plan, target)
     layers = {name: m.fmt for name, m in model.named_modules() if isinstance(m, QuantLinear)}

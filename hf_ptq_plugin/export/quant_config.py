@@ -24,6 +24,7 @@ _WRITTEN_ALGO = {"fp8_pb_wo": "fp8_pb_wo"}
 # Algorithms whose layer config carries a group size (§6.2 table); the others write group_size null.
 _GROUPED_WEIGHTS = (F.INT4, F.NVFP4, F.MXFP8)
 _FP8_SCHEME = {"dynamic": False, "num_bits": 8, "type": "float"}
+MIXED_PRECISION = "MIXED_PRECISION"  # per-layer formats, listed under `quantized_layers`
 
 
 def written_quant_algo(fmt: F.Format) -> str:
@@ -36,8 +37,7 @@ def format_for_quant_algo(quant_algo: str) -> F.Format:
         if fmt.quant_algo.upper() == str(quant_algo).upper():
             return fmt
     valid = ", ".join(written_quant_algo(f) for f in F.FORMATS.values())
-    hint = " (per-layer formats are not supported yet)" if str(quant_algo).upper() == "MIXED_PRECISION" else ""
-    raise ValueError(f"unknown quant_algo {quant_algo!r}{hint}; valid: {valid}")
+    raise ValueError(f"unknown quant_algo {quant_algo!r}; valid: {valid}, or {MIXED_PRECISION} with quantized_layers")
 
 
 def kv_format_for_checkpoint(value) -> str:
@@ -119,6 +119,8 @@ def ptq_fields_from_checkpoint_config(values: dict) -> dict:
         return {k: v for k, v in values[PTQ_CONFIG_KEY].items() if k != "quant_method"}
     if "quant_algo" not in values:
         return values
+    if str(values["quant_algo"]).upper() == MIXED_PRECISION:
+        return _mixed_precision_fields(values)
     fmt = format_for_quant_algo(values["quant_algo"])
     kv = values.get("kv_cache_quant_algo", values.get("kv_cache_scheme"))
     exclude = values.get("ignore", values.get("exclude_modules")) or []
@@ -127,6 +129,57 @@ def ptq_fields_from_checkpoint_config(values: dict) -> dict:
     if group_size is not None and (fmt.group_size_choices or fmt.group_size):
         fields["group_size"] = int(group_size)
     return fields
+
+
+def _mixed_precision_fields(values: dict) -> dict:
+    """PTQConfig fields of a MIXED_PRECISION checkpoint: one qformat per listed layer."""
+    layers = values.get("quantized_layers")
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(f"quant_algo {MIXED_PRECISION} needs a non-empty quantized_layers mapping; found {layers!r}")
+    layer_qformats, group_sizes = {}, set()
+    for name, layer in layers.items():
+        fmt = format_for_quant_algo((layer or {}).get("quant_algo"))
+        layer_qformats[name] = fmt.name
+        if fmt.group_size_choices and layer.get("group_size"):
+            group_sizes.add(int(layer["group_size"]))
+    if len(group_sizes) > 1:
+        raise ValueError(f"the checkpoint's INT4 layers use group sizes {sorted(group_sizes)}; one per model is "
+                         "supported")
+    names = list(layer_qformats.values())
+    kv = values.get("kv_cache_quant_algo", values.get("kv_cache_scheme"))
+    fields = {"qformat": max(set(names), key=names.count), "layer_qformats": layer_qformats,
+              "kv_cache_qformat": kv_format_for_checkpoint(kv)}
+    if group_sizes:
+        fields["group_size"] = group_sizes.pop()
+    return fields
+
+
+def mixed_quantized_layers(layer_formats: dict) -> dict:
+    """`quantized_layers` of a MIXED_PRECISION checkpoint from {name: (Format, group size)} (§6.2's
+    per-layer configs: a group size only where the format has one)."""
+    layers = {}
+    for name, (fmt, group_size) in sorted(layer_formats.items()):
+        layers[name] = {k: v for k, v in layer_config(fmt, group_size).items() if v is not None}
+    return layers
+
+
+def mixed_hf_quant_config(layer_formats: dict, kv_format: Optional[F.KVFormat]) -> dict:
+    """hf_quant_config.json of a MIXED_PRECISION checkpoint (no exclude_modules: unlisted = unquantized)."""
+    return {"producer": producer(), "quantization": {
+        "quant_algo": MIXED_PRECISION, "kv_cache_quant_algo": kv_format.kv_cache_quant_algo if kv_format else None,
+        "quantized_layers": mixed_quantized_layers(layer_formats)}}
+
+
+def mixed_checkpoint_quantization_config(layer_formats: dict, kv_format: Optional[F.KVFormat],
+                                         ptq_fields: dict) -> dict:
+    """config.json's `quantization_config` of a MIXED_PRECISION checkpoint. ModelOpt also writes
+    `config_groups` there; engines read `quantized_layers`, so we write only that."""
+    out = {"ignore": [], "quant_algo": MIXED_PRECISION}
+    if kv_format is not None:
+        out["kv_cache_scheme"] = dict(_FP8_SCHEME) if kv_format.values == F.FP8 else kv_format.kv_cache_quant_algo
+    out.update(producer=producer(), quant_method="modelopt", quantized_layers=mixed_quantized_layers(layer_formats))
+    out[PTQ_CONFIG_KEY] = {k: v for k, v in ptq_fields.items() if k != "quant_method"}
+    return out
 
 
 def _group_size_from_groups(groups: Optional[dict]) -> Optional[int]:

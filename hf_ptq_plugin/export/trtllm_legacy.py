@@ -258,6 +258,9 @@ def save_trtllm_legacy(model: nn.Module, export_dir, config, tp_size: int = 1, p
     from safetensors.torch import save_file
 
     plan = plan_export(model, config)
+    if plan.layer_formats:
+        raise ValueError("a model with per-layer formats (MIXED_PRECISION) exports only as the unified checkpoint "
+                         "(target 'modelopt'); the legacy TensorRT-LLM writer takes one format")
     if plan.kv_format is not None and plan.kv_format.values != F.FP8:
         raise ValueError(f"the legacy TensorRT-LLM checkpoint has an FP8 or no KV cache, not {plan.kv_format.name!r}; "
                          "use target='trtllm' (unified checkpoint) for an NVFP4 KV cache")

@@ -2,16 +2,17 @@
 
 `plan_export(model)` reads a quantized model (its QuantLinears are the checkpoint's tensors) and
 returns what the JSON files need, or a ValueError when the model cannot be written truthfully:
-uncalibrated static or KV scales (never write made-up scales), several formats in one model, or
-fused siblings (q/k/v, gate/up) with different `weight_scale_2` / `input_scale` where engines need
-one. `write_quant_configs` puts ModelOpt's `quantization_config` into config.json and writes
+uncalibrated static or KV scales (never write made-up scales), INT4 layers with different group
+sizes, or fused siblings (q/k/v, gate/up) with different formats, or different `weight_scale_2` /
+`input_scale` where engines need one. Layers in different formats make a MIXED_PRECISION checkpoint
+(`quantized_layers` lists each layer's format). `write_quant_configs` puts ModelOpt's `quantization_config` into config.json and writes
 hf_quant_config.json. Called by `export.save`.
 """
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -22,7 +23,8 @@ from ..kv_cache import attention_modules
 from ..quant_linear import QuantLinear
 from ..selection import fused_groups
 from .exclude import summarize_exclude_modules
-from .quant_config import FORMAT_VERSION, PRODUCER_NAME, checkpoint_quantization_config, hf_quant_config
+from .quant_config import (FORMAT_VERSION, MIXED_PRECISION, PRODUCER_NAME, checkpoint_quantization_config,
+                           hf_quant_config, mixed_checkpoint_quantization_config, mixed_hf_quant_config)
 
 
 @dataclass
@@ -32,10 +34,14 @@ class ExportPlan:
     kv_format: Optional[F.KVFormat]
     exclude_modules: List[str]
     ptq_fields: dict  # PTQConfig.to_dict() of the config the model was quantized with
+    # {checkpoint name: (Format, group size)} when layers differ in format (MIXED_PRECISION); `fmt`
+    # is then the most common one.
+    layer_formats: Optional[Dict[str, Tuple[F.Format, Optional[int]]]] = None
 
     def safetensors_metadata(self) -> dict:
+        quant_algo = MIXED_PRECISION if self.layer_formats else self.fmt.quant_algo
         return {"producer": PRODUCER_NAME, "hf_ptq_plugin_format": FORMAT_VERSION, "quant_method": "modelopt",
-                "quant_algo": self.fmt.quant_algo}
+                "quant_algo": quant_algo}
 
 
 def quantized_layers(model: nn.Module) -> dict:
@@ -48,26 +54,29 @@ def plan_export(model: nn.Module, config) -> ExportPlan:
     if not layers:
         raise ValueError(f"{type(model).__name__} has no quantized layer; quantize it first "
                          "(hf_ptq_plugin.quantize, or from_pretrained(..., quantization_config=PTQConfig(...)))")
-    formats = {m.fmt.name for m in layers.values()}
-    group_sizes = {m.group_size for m in layers.values()}
-    if len(formats) > 1 or len(group_sizes) > 1:
-        raise ValueError(f"one format and group size per model can be exported; found formats {sorted(formats)}, "
-                         f"group sizes {sorted(group_sizes, key=str)}")
-    fmt = next(iter(layers.values())).fmt
-    _check_calibrated(layers, fmt)
+    names = [m.fmt.name for m in layers.values()]
+    int4_group_sizes = {m.group_size for m in layers.values() if m.fmt.group_size_choices}
+    if len(int4_group_sizes) > 1:
+        raise ValueError(f"one INT4 group size per model can be exported; found {sorted(int4_group_sizes)}")
+    fmt = F.get_format(max(set(names), key=names.count))
+    _check_calibrated(layers)
     kv_format = _kv_format(model, config.kv_format)
-    if fmt.weight == F.NVFP4 or fmt.fp8_weight_scale_2:
-        _check_fused_scales_shared(layers)
+    _check_fused_scales_shared(layers)
     # MoE routers and fused experts are not nn.Linear; ModelOpt lists them. Names as the tensors are written.
     unquantized = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)] + moe_unquantized(model)
     to_checkpoint = checkpoint_namer(model)
     exclude = summarize_exclude_modules(map(to_checkpoint, unquantized), map(to_checkpoint, layers))
-    return ExportPlan(fmt, next(iter(group_sizes)), kv_format, exclude, config.to_dict())
+    group_size = next(iter(int4_group_sizes), next(iter(layers.values())).group_size if len(set(names)) == 1 else None)
+    layer_formats = None
+    if len(set(names)) > 1:
+        layer_formats = {to_checkpoint(name): (m.fmt, m.group_size) for name, m in layers.items()}
+    return ExportPlan(fmt, group_size, kv_format, exclude, config.to_dict(), layer_formats)
 
 
-def _check_calibrated(layers: dict, fmt: F.Format) -> None:
+def _check_calibrated(layers: dict) -> None:
     uncalibrated = [name for name, m in layers.items() if not m.input_calibrated]
     if uncalibrated:
+        fmt = layers[uncalibrated[0]].fmt
         raise ValueError(f"{len(uncalibrated)} layer(s) have no calibrated input_scale (e.g. {uncalibrated[0]!r}); "
                          f"qformat {fmt.name!r} needs static activation scales from calibration data. Call "
                          "hf_ptq_plugin.calibrate(model, data) first; made-up scales are never written")
@@ -87,7 +96,15 @@ def _kv_format(model: nn.Module, configured: Optional[F.KVFormat]) -> Optional[F
 
 
 def _check_fused_scales_shared(layers: dict) -> None:
+    """Engines run q/k/v and gate/up as one GEMM: one format, and for NVFP4 / W4A8 one scale each."""
     for group in fused_groups(layers):
+        formats = {layers[name].fmt.name for name in group}
+        if len(formats) > 1:
+            raise ValueError(f"{group} have different formats {sorted(formats)}; engines run them as one GEMM and "
+                             "need one format for the group")
+        fmt = layers[group[0]].fmt
+        if not (fmt.weight == F.NVFP4 or fmt.fp8_weight_scale_2):
+            continue
         for suffix in ("weight_scale_2", "input_scale"):
             values = [getattr(layers[name], suffix, None) for name in group]
             if values[0] is None:
@@ -119,8 +136,13 @@ def write_quant_configs(directory: Path, plan: ExportPlan) -> None:
     """Put ModelOpt's quantization_config into config.json and write hf_quant_config.json."""
     config_path = Path(directory) / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    config["quantization_config"] = checkpoint_quantization_config(
-        plan.fmt, plan.group_size, plan.kv_format, plan.exclude_modules, plan.ptq_fields)
+    if plan.layer_formats:
+        config["quantization_config"] = mixed_checkpoint_quantization_config(
+            plan.layer_formats, plan.kv_format, plan.ptq_fields)
+        quant = mixed_hf_quant_config(plan.layer_formats, plan.kv_format)
+    else:
+        config["quantization_config"] = checkpoint_quantization_config(
+            plan.fmt, plan.group_size, plan.kv_format, plan.exclude_modules, plan.ptq_fields)
+        quant = hf_quant_config(plan.fmt, plan.group_size, plan.kv_format, plan.exclude_modules)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    quant = hf_quant_config(plan.fmt, plan.group_size, plan.kv_format, plan.exclude_modules)
     (Path(directory) / "hf_quant_config.json").write_text(json.dumps(quant, indent=4) + "\n", encoding="utf-8")
