@@ -4,6 +4,7 @@ import json
 
 import pytest
 import yaml
+from huggingface_hub import ModelCard
 from conftest import WORDS, tiny_llama, word_tokenizer
 from transformers import AutoModelForCausalLM
 
@@ -44,6 +45,10 @@ def test_metadata_names_the_source_inherits_its_license_and_tags_the_format(tmp_
     assert meta["pipeline_tag"] == "text-generation"
     assert {"int8_wo", "hf-ptq-plugin", "modelopt"} <= set(meta["tags"])
     assert "No calibration data" in body and "No evaluation was run" in body  # quantized while loading
+    card = ModelCard.load(tmp_path / "out" / "README.md")  # what the Hub parses
+    assert card.data.base_model == str(source) and card.data.base_model_relation == "quantized"
+    assert card.data.license == "apache-2.0" and card.data.pipeline_tag == "text-generation"
+    assert card.data.library_name == "transformers" and "int8_wo" in card.data.tags
 
 
 def test_no_license_is_invented_and_base_model_can_be_overridden(tmp_path):
