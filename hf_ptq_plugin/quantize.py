@@ -3,8 +3,8 @@
 The public `hf_ptq_plugin.quantize` (api.py) calls it, then attaches the transformers quantizer.
 
 Steps: pick the target Linears and the group size (failing early on shapes a format cannot
-store), calibrate (one pass of statistics for max and SmoothQuant; block-by-block streaming for
-AWQ), unify the scales of engine-fused siblings, then swap each Linear for a QuantLinear, layer
+store), calibrate (one pass of statistics for max; block-by-block streaming for SmoothQuant,
+AWQ and GPTQ), unify the scales of engine-fused siblings, then swap each Linear for a QuantLinear, layer
 by layer, so full-precision and quantized copies of the whole model never coexist.
 """
 
@@ -19,8 +19,6 @@ from torch import nn
 from . import formats as F
 from .calibration import collect_input_stats
 from .calibration.clipping import mse_weight_scale
-from .calibration.smoothing import groups_sharing_input
-from .calibration.smoothquant import smoothquant_group_plan
 from .calibration.streamed import STREAMED_ALGORITHMS, streamed_calibration
 from .config import PTQConfig
 from .kv_cache import check_kv_support, enable_kv_quantization, observe_kv_amax
@@ -36,8 +34,8 @@ def quantize_model(model: nn.Module, config: PTQConfig, forward_loop: Optional[C
 
     `forward_loop(model)` runs calibration data through the model; it is required when the
     format has static activation scales, when the KV cache is quantized, and for every algorithm
-    other than weight-only `max`. `max` and `smoothquant` run it once over the whole model;
-    `awq_lite` and `gptq` run it once to capture the first block's inputs, then stream block by block.
+    other than weight-only `max`. `max` runs it once over the whole model; `smoothquant`, the AWQ
+    algorithms and `gptq` run it once to capture the first block's inputs, then stream block by block.
     """
     if config.layer_qformats:
         raise ValueError("layer_qformats (per-layer formats) describe a MIXED_PRECISION checkpoint; quantize() takes "
@@ -57,7 +55,7 @@ def quantize_model(model: nn.Module, config: PTQConfig, forward_loop: Optional[C
 
     token_mask = getattr(forward_loop, "token_mask", None)
     with _kv_observation(model, kv_format, token_mask) as kv_amax, moe.observing(token_mask):
-        if algorithm in STREAMED_ALGORITHMS:
+        if algorithm in STREAMED_ALGORITHMS or algorithm == "smoothquant":
             def quantize_block(block_linears, plan):
                 quantize_linears(model, fmt, group_size, block_linears, plan)
                 moe.quantize_observed(group_size)  # this block's experts, before they feed the next block
@@ -98,7 +96,7 @@ def _kv_observation(model: nn.Module, kv_format, token_mask):
 
 
 def _one_pass_plan(model, linears, fmt: F.Format, group_size, algorithm: str, forward_loop) -> Dict[str, dict]:
-    """max / mse / smoothquant: one pass of statistics, then {name: {"input_amax", ...}}."""
+    """max / mse: one pass of statistics, then {name: {"input_amax", ...}}."""
     plan = {name: {} for name in linears}
     if algorithm == "mse":  # data-free weight scales; activations still take their max below
         for name, linear in linears.items():
@@ -106,12 +104,7 @@ def _one_pass_plan(model, linears, fmt: F.Format, group_size, algorithm: str, fo
     if forward_loop is None:  # weight-only: nothing to observe
         return plan
     stats = collect_input_stats(model, linears, forward_loop)
-    if algorithm != "smoothquant":
-        return {name: {**plan[name], "input_amax": s.amax} for name, s in stats.items()}
-    plan = {}
-    for group in groups_sharing_input(list(linears), fused_groups(linears)):
-        plan.update(smoothquant_group_plan(linears, group, stats[group[0]].channel_amax))
-    return plan
+    return {name: {**plan[name], "input_amax": s.amax} for name, s in stats.items()}
 
 
 def quantize_linears(model: nn.Module, fmt: F.Format, group_size, linears: Dict[str, nn.Linear], plan: dict) -> None:

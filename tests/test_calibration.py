@@ -8,8 +8,9 @@ from hf_ptq_plugin import FORMATS, PTQConfig, quantize
 from hf_ptq_plugin.calibration.gptq import HessianStats, gptq_quantize
 from hf_ptq_plugin.calibration.blocks import capture_block_inputs, decoder_blocks, run_block
 from hf_ptq_plugin.calibration.smoothing import apply_pre_quant_scale
-from hf_ptq_plugin.calibration.smoothquant import smoothquant_scale
-from hf_ptq_plugin.numerics import dequantize_weight, quantize_weight
+from hf_ptq_plugin.calibration.smoothquant import ALPHAS, search_alpha, smoothquant_scale
+from hf_ptq_plugin.numerics import dequantize_weight, input_scale_from_amax, quantize_activation, quantize_weight
+from hf_ptq_plugin.numerics.weights import fake_quantize_weight
 from hf_ptq_plugin.selection import target_linears
 
 
@@ -158,3 +159,22 @@ def test_mse_lowers_every_layers_weight_error(qformat):
         error = {label: (w - model.get_submodule(name).dequantized_weight()).pow(2).sum()
                  for label, model in (("max", plain), ("mse", searched))}
         assert error["mse"] <= error["max"], name
+
+
+def test_smoothquant_alpha_search_picks_the_alpha_with_the_least_output_error():
+    torch.manual_seed(0)
+    fmt = FORMATS["int8_sq"]
+    x = torch.randn(512, 64)
+    x[:, :3] *= 40  # outlier channels, as LLM activations have
+    w = torch.randn(96, 64)
+    x_amax = x.abs().amax(dim=0)
+
+    def error(alpha):
+        a = smoothquant_scale(w, x_amax, alpha)
+        scale = input_scale_from_amax((x_amax * a).amax(), fmt)
+        out = quantize_activation(x * a, fmt, scale) @ fake_quantize_weight(w / a, fmt).T
+        return (out - x @ w.T).pow(2).sum().item()
+
+    best = search_alpha(w, x_amax, x, fmt)
+    assert error(best) == min(error(alpha) for alpha in ALPHAS)
+    assert error(best) < 0.5 * error(0.0)  # smoothing at all beats none on outlier channels

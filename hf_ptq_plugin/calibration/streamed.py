@@ -7,8 +7,8 @@ with their scales), hand it to `quantize_block` (which swaps in the QuantLinears
 now-quantized block to produce the next block's inputs. Memory holds one block's activations
 and statistics, never the whole model's. `prepare_block` lets the caller materialize a block's
 full-precision Linears just before it is calibrated (re-reading them from the source checkpoint
-when the model was loaded compressed); SmoothQuant streams only then, since in memory its one
-pass over the whole model is cheaper.
+when the model was loaded compressed). SmoothQuant streams too: its alpha search needs a token
+sample of each layer's input, which only one block at a time can hold.
 """
 
 import functools
@@ -77,13 +77,14 @@ def _smoothquant_block(block, block_linears, inputs, token_mask, fmt, group_size
     """SmoothQuant for one block: per-channel input amax per group, then the shared smoothing scale."""
     groups = groups_sharing_input(list(block_linears), fused_groups(block_linears))
     leaders = {group[0]: block_linears[group[0]] for group in groups}
-    stats = {name: InputStats() for name in leaders}
+    stats = {name: InputStats(sample_stride=stride) for name in leaders}
     with input_hooks(leaders, stats, token_mask):
         run_block(block, inputs, token_mask)
     plan = {}
     for group in groups:
-        stats[group[0]].reduce_across_processes()
-        plan.update(smoothquant_group_plan(block_linears, group, stats[group[0]].channel_amax))
+        s = stats[group[0]]
+        s.reduce_across_processes()
+        plan.update(smoothquant_group_plan(block_linears, group, s.channel_amax, s.sample, fmt))
     return plan
 
 
