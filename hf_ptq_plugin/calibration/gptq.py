@@ -7,9 +7,11 @@ each column's rounding error spread over the columns not yet quantized through t
 Cholesky factor of H^-1 (no activation reordering). Error feedback needs only a rounding grid,
 so FP8's (E4M3 values times a fixed scale) works as the integers' does.
 
-The scales are fixed before the loop from the original weights (block amax / 7 for INT4, row
-amax / 127 for INT8, tensor or row amax / 448 for FP8), and returned, so the QuantLinear stores
-exactly the codes GPTQ chose: recomputing scales from the updated weights would re-round them.
+The scales: an INT4 group's (amax / 7) is taken when the loop reaches the group, from the weights
+as earlier columns' error feedback left them (as GPTQ's reference implementation does: a scale
+from the original weights would clip or waste range on the updated ones); INT8 rows (amax / 127)
+and FP8 tensors or rows (amax / 448) are fixed before the loop. They are returned, so the
+QuantLinear stores exactly the codes GPTQ chose: recomputing scales afterwards would re-round them.
 """
 
 import torch
@@ -84,6 +86,9 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: F.Format, group_s
         end = min(start + COLUMN_BLOCK, k)
         errors = torch.zeros_like(w[:, start:end])
         for i in range(start, end):
+            if fmt.weight == F.INT4 and i % group_size == 0:  # the group's scale, from the updated weights
+                scale[:, i // group_size] = scale_from_amax(w[:, i:i + group_size].abs().amax(dim=1), INT4_MAX)
+                column_scale[:, i:i + group_size] = scale[:, i // group_size, None]
             s = column_scale[:, i]
             q = to_grid(w[:, i] / s) * s
             error = (w[:, i] - q) / hinv[i, i]
