@@ -26,7 +26,7 @@ def algorithm_fits_format(algorithm: str, fmt: F.Format) -> bool:
         return fmt.pre_quant_scale
     if algorithm == "gptq":
         fp8_grid = fmt.weight == F.FP8 and fmt.weight_granularity in (F.PER_TENSOR, F.PER_CHANNEL)
-        return (fmt.weight in (F.INT4, F.INT8) or fp8_grid) and not fmt.fp8_weight_scale_2
+        return (fmt.weight in (F.INT4, F.INT8, F.NVFP4) or fp8_grid) and not fmt.fp8_weight_scale_2
     if algorithm == "mse":
         return fmt.weight in (F.INT4, F.INT8)
     return algorithm == "max"

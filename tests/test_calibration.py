@@ -10,6 +10,7 @@ from hf_ptq_plugin.calibration.blocks import capture_block_inputs, decoder_block
 from hf_ptq_plugin.calibration.smoothing import apply_pre_quant_scale
 from hf_ptq_plugin.calibration.smoothquant import ALPHAS, search_alpha, smoothquant_scale
 from hf_ptq_plugin.numerics import dequantize_weight, input_scale_from_amax, quantize_activation, quantize_weight
+from hf_ptq_plugin.numerics.scales import block_amax
 from hf_ptq_plugin.numerics.weights import fake_quantize_weight
 from hf_ptq_plugin.selection import target_linears
 
@@ -96,21 +97,46 @@ def test_algorithms_that_need_data_refuse_to_run_without_a_forward_loop():
         quantize(tiny_llama(), PTQConfig(qformat="int4_awq"))
 
 
-@pytest.mark.parametrize("qformat", ["int4_awq", "int8_wo", "fp8", "fp8_pc_pt"])
-def test_gptq_with_an_identity_hessian_is_round_to_nearest(qformat):
+GPTQ_FORMATS = ["int4_awq", "int8_wo", "fp8", "fp8_pc_pt", "nvfp4"]
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+@pytest.mark.parametrize("qformat", GPTQ_FORMATS)
+def test_gptq_with_an_identity_hessian_is_round_to_nearest(qformat, act_order):
     torch.manual_seed(0)
     w = torch.randn(16, 256)
-    fmt = FORMATS[qformat]
-    gptq_w, scale = gptq_quantize(w, torch.eye(256) * 3.0, fmt, group_size=64)
-    rtn = dequantize_weight(quantize_weight(w, fmt, 64), fmt, 64)
+    fmt, amax = FORMATS[qformat], w.abs().amax()
+    gptq_w, scale = gptq_quantize(w, torch.eye(256) * 3.0, fmt, group_size=64, act_order=act_order)
+    # INT4 GPTQ uses all 16 codes (amax / 7.5); the other grids are round-to-nearest's.
+    expected_scale = block_amax(w, 64) / 7.5 if qformat == "int4_awq" else quantize_weight(w, fmt, 64)["weight_scale"]
+    rtn = dequantize_weight(quantize_weight(w, fmt, 64, weight_scale=expected_scale), fmt, 64)
     assert torch.equal(gptq_w, rtn)
-    assert torch.equal(scale, quantize_weight(w, fmt, 64)["weight_scale"])
-    # The stored codes are GPTQ's: re-quantizing its weight with its scale changes nothing.
-    assert torch.equal(dequantize_weight(quantize_weight(gptq_w, fmt, 64, weight_scale=scale), fmt, 64), gptq_w)
+    assert torch.equal(scale, expected_scale)
+    # The stored codes are GPTQ's: re-quantizing its weight with its scale (and, for NVFP4, the
+    # original global amax) changes nothing.
+    requantized = quantize_weight(gptq_w, fmt, 64, global_amax=amax, weight_scale=scale)
+    assert torch.equal(dequantize_weight(requantized, fmt, 64), gptq_w)
 
 
-@pytest.mark.parametrize("qformat", ["int4_awq", "int8_wo", "fp8", "fp8_pc_pt"])
-def test_gptq_lowers_the_layer_output_error_on_correlated_inputs(qformat):
+@pytest.mark.parametrize("qformat", ["int8_wo", "fp8_pc_pt"])
+def test_gptq_act_order_visits_columns_by_hessian_diagonal_whatever_their_position(qformat):
+    """Per-row scales do not depend on column positions, so permuting the input channels (and the
+    Hessian with them) must permute the act-order result and nothing else."""
+    torch.manual_seed(0)
+    x = torch.randn(1024, 64) @ (torch.randn(64, 64) / 4) * torch.linspace(0.1, 3, 64)
+    w, h = torch.randn(32, 64), 2 * x.T @ x / 1024
+    perm = torch.randperm(64)
+    fmt = FORMATS[qformat]
+    direct, _ = gptq_quantize(w, h, fmt, group_size=64, act_order=True)
+    permuted, _ = gptq_quantize(w[:, perm], h[perm][:, perm], fmt, group_size=64, act_order=True)
+    torch.testing.assert_close(permuted, direct[:, perm], rtol=1e-5, atol=1e-6)
+    in_place_order, _ = gptq_quantize(w[:, perm], h[perm][:, perm], fmt, group_size=64, act_order=False)
+    assert not torch.allclose(in_place_order, direct[:, perm])  # the order matters, so the test can fail
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+@pytest.mark.parametrize("qformat", GPTQ_FORMATS)
+def test_gptq_lowers_the_layer_output_error_on_correlated_inputs(qformat, act_order):
     torch.manual_seed(0)
     fmt = FORMATS[qformat]
     mixing = torch.randn(128, 128) / 8
@@ -119,7 +145,7 @@ def test_gptq_lowers_the_layer_output_error_on_correlated_inputs(qformat):
     stats = HessianStats()
     for chunk in x.split(512):
         stats.update(chunk)
-    gptq_w, _ = gptq_quantize(w, stats.hessian, fmt, group_size=64)
+    gptq_w, _ = gptq_quantize(w, stats.hessian, fmt, group_size=64, act_order=act_order)
     rtn_w = dequantize_weight(quantize_weight(w, fmt, 64), fmt, 64)
     gptq_error = (x @ gptq_w.T - x @ w.T).pow(2).mean()
     rtn_error = (x @ rtn_w.T - x @ w.T).pow(2).mean()
@@ -127,7 +153,7 @@ def test_gptq_lowers_the_layer_output_error_on_correlated_inputs(qformat):
     torch.testing.assert_close(stats.hessian, 2 * x.T @ x / 2048, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("qformat", ["int4_awq", "int8_wo", "fp8"])
+@pytest.mark.parametrize("qformat", ["int4_awq", "int8_wo", "fp8", "nvfp4"])
 def test_gptq_beats_round_to_nearest(qformat, calib_ids):
     gptq, _ = logits_sqnr(qformat, "gptq", calib_ids)
     rtn, _ = logits_sqnr(qformat, "max", calib_ids)

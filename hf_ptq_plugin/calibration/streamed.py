@@ -139,9 +139,22 @@ def _gptq_block(block, block_linears, inputs, token_mask, fmt, group_size, strid
         run_block(block, inputs, token_mask)
     for s in list(hessians.values()) + list(stats.values()):
         s.reduce_across_processes()
+    global_amax = _fused_weight_amax(block_linears) if fmt.weight == F.NVFP4 else {}
     plan = {}
     for group in groups:
         for name in group:
-            weight, scale = gptq_quantize(block_linears[name].weight, hessians[group[0]].hessian, fmt, group_size)
+            weight, scale = gptq_quantize(block_linears[name].weight, hessians[group[0]].hessian, fmt, group_size,
+                                          global_amax=global_amax.get(name))
             plan[name] = {"weight": weight, "weight_scale": scale, "input_amax": stats[group[0]].amax}
+            if name in global_amax:
+                plan[name]["weight_global_amax"] = global_amax[name]
     return plan
+
+
+def _fused_weight_amax(block_linears) -> dict:
+    """{name: amax behind weight_scale_2}: an engine-fused group's (q/k/v, gate/up) shared maximum."""
+    amax = {name: linear.weight.detach().abs().amax().float() for name, linear in block_linears.items()}
+    for group in fused_groups(block_linears):
+        shared = torch.stack([amax[name] for name in group]).amax()
+        amax.update({name: shared for name in group})
+    return amax

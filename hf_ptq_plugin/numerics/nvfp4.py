@@ -64,9 +64,13 @@ def nvfp4_block_scales(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Ten
     return scales.clamp(FP8_MIN_SUBNORMAL, FP8_MAX).to(torch.float8_e4m3fn)
 
 
-def nvfp4_quantize(x: torch.Tensor, global_scale: torch.Tensor):
-    """x (..., K) -> (codes uint8 (..., K), block scales float8_e4m3fn (..., K // 16))."""
-    block_scales = nvfp4_block_scales(x, global_scale)
+def nvfp4_quantize(x: torch.Tensor, global_scale: torch.Tensor, block_scales=None):
+    """x (..., K) -> (codes uint8 (..., K), block scales float8_e4m3fn (..., K // 16)).
+
+    `block_scales`, when given (GPTQ's fixed scales), are used instead of the max-derived ones.
+    """
+    if block_scales is None:
+        block_scales = nvfp4_block_scales(x, global_scale)
     step = block_scales.float() * global_scale  # (..., K // 16) fp32
     y = x.float() / step.repeat_interleave(NVFP4_BLOCK, dim=-1)
     return e2m1_codes(y), block_scales

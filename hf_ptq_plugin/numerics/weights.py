@@ -24,15 +24,15 @@ def quantize_weight(w: torch.Tensor, fmt: F.Format, group_size: Optional[int] = 
 
     `global_amax` overrides max|w| for the per-tensor second-level scale (NVFP4 and W4A8
     `weight_scale_2`), so that layers an engine fuses (q/k/v, gate/up) can share one value.
-    `weight_scale` (INT8, INT4, per-tensor or per-channel FP8) replaces the max-derived scale,
-    e.g. GPTQ's fixed scales.
+    `weight_scale` (INT8, INT4, NVFP4 block scales, per-tensor or per-channel FP8) replaces the
+    max-derived scale, e.g. GPTQ's fixed scales.
     """
     w = w.detach().float()
     group_size = group_size or fmt.group_size
     if global_amax is None:
         global_amax = w.abs().amax()
     if weight_scale is not None and not _takes_weight_scale(fmt):
-        raise ValueError(f"a given weight_scale is supported for INT8, INT4 and per-tensor or per-channel FP8 "
+        raise ValueError(f"a given weight_scale is supported for INT8, INT4, NVFP4 and per-tensor or per-channel FP8 "
                          f"weights, not qformat {fmt.name!r}")
     if fmt.weight == F.FP8 and weight_scale is not None:
         return {"weight": fp8_quantize(w, weight_scale if weight_scale.dim() == 0 else weight_scale[:, None]),
@@ -46,7 +46,7 @@ def quantize_weight(w: torch.Tensor, fmt: F.Format, group_size: Optional[int] = 
         return _quantize_int4(w, fmt, group_size, global_amax, weight_scale)
     if fmt.weight == F.NVFP4:
         scale_2 = nvfp4_global_scale(global_amax)
-        codes, block_scales = nvfp4_quantize(w, scale_2)
+        codes, block_scales = nvfp4_quantize(w, scale_2, weight_scale)
         return {"weight": pack_nibbles(codes), "weight_scale": block_scales, "weight_scale_2": scale_2}
     if fmt.weight == F.MXFP8:
         q, exponents = mxfp8_quantize(w)
@@ -57,7 +57,7 @@ def quantize_weight(w: torch.Tensor, fmt: F.Format, group_size: Optional[int] = 
 def _takes_weight_scale(fmt: F.Format) -> bool:
     if fmt.weight == F.FP8:
         return fmt.weight_granularity in (F.PER_TENSOR, F.PER_CHANNEL)
-    return fmt.weight in (F.INT8, F.INT4)
+    return fmt.weight in (F.INT8, F.INT4, F.NVFP4)
 
 
 def _quantize_fp8(w: torch.Tensor, fmt: F.Format, tile: int) -> dict:
