@@ -36,7 +36,10 @@ def cpu_linear(module, x: torch.Tensor) -> torch.Tensor:
     x2d = x.reshape(-1, x.shape[-1])
     if weight.kind == "int4pack":
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d.contiguous(), weight.matrix, module.group_size,
-                                                       weight.scales).float()
+                                                       weight.scales)
+        if module.bias is None:  # already bf16: skip two casts per call (decode makes hundreds a token)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        y = y.float()
     elif weight.kind == "int8pack":
         y = _int8pack(module, weight, x2d)
     else:
