@@ -111,24 +111,25 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: F.Format, group_s
     step, to_grid = _column_grid(w, scale, fmt, group_size, global_amax)
     dynamic_groups = fmt.weight == F.INT4 and not act_order
     order = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(w.shape[1])
-    w, step, h = w[:, order], step[:, order], h[order][:, order]
+    # Work on the transpose: column i of w is then the contiguous row i, which the updates sweep.
+    wt, step_t, h = w[:, order].t().contiguous(), step[:, order].t().contiguous(), h[order][:, order]
     hinv = _inverse_hessian_factor(h, perc_damp)
-    k = w.shape[1]
+    k = wt.shape[0]
     for start in range(0, k, COLUMN_BLOCK):
         end = min(start + COLUMN_BLOCK, k)
-        errors = torch.zeros_like(w[:, start:end])
+        errors = torch.empty_like(wt[start:end])
         for i in range(start, end):
             if dynamic_groups and i % group_size == 0:  # the group's scale, from the updated weights
-                scale[:, i // group_size] = scale_from_amax(w[:, i:i + group_size].abs().amax(dim=1), INT4_GPTQ_MAX)
-                step[:, i:i + group_size] = scale[:, i // group_size, None]
-            s = step[:, i]
-            q = to_grid(w[:, i] / s) * s
-            error = (w[:, i] - q) / hinv[i, i]
-            w[:, i:end] -= error[:, None] * hinv[i, i:end][None, :]
-            w[:, i] = q
-            errors[:, i - start] = error
-        w[:, end:] -= errors @ hinv[start:end, end:]
-    return w[:, torch.argsort(order)], scale
+                scale[:, i // group_size] = scale_from_amax(wt[i:i + group_size].abs().amax(dim=0), INT4_GPTQ_MAX)
+                step_t[i:i + group_size] = scale[None, :, i // group_size]
+            s = step_t[i]
+            q = to_grid(wt[i] / s) * s
+            error = (wt[i] - q) / hinv[i, i]
+            wt[i + 1:end].addr_(hinv[i, i + 1:end], error, alpha=-1.0)  # spread over the block's later columns
+            wt[i] = q
+            errors[i - start] = error
+        wt[end:].addmm_(hinv[start:end, end:].t(), errors, alpha=-1.0)  # and over every later block
+    return wt.t()[:, torch.argsort(order)].contiguous(), scale
 
 
 def _inverse_hessian_factor(h: torch.Tensor, perc_damp: float) -> torch.Tensor:
