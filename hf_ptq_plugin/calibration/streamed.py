@@ -130,7 +130,7 @@ def _clip_group(plan, group, block_linears, x_sample, fmt, group_size) -> None:
 
 
 def _gptq_block(block, block_linears, inputs, token_mask, fmt, group_size, stride) -> dict:
-    """GPTQ for one block; return {name: {"weight", "weight_scale", "input_amax"}}."""
+    """GPTQ for one block; return {name: {"weight", "weight_scale", "input_amax"[, "weight_global_amax"]}}."""
     groups = groups_sharing_input(list(block_linears), fused_groups(block_linears))
     leaders = {group[0]: block_linears[group[0]] for group in groups}
     hessians = {name: HessianStats() for name in leaders}
