@@ -24,7 +24,7 @@ from .config import PTQConfig
 from .kv_cache import check_kv_support, enable_kv_quantization, observe_kv_amax
 from .moe import ExpertQuantization
 from .quant_linear import QuantLinear
-from .selection import fused_groups, target_linears
+from .selection import fused_groups, fused_weight_amax, target_linears
 from .shapes import check_layer_shapes, resolve_group_size
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def quantize_model(model: nn.Module, config: PTQConfig, forward_loop: Optional[C
 
     token_mask = getattr(forward_loop, "token_mask", None)
     with _kv_observation(model, kv_format, token_mask) as kv_amax, moe.observing(token_mask):
-        if algorithm in STREAMED_ALGORITHMS or algorithm == "smoothquant":
+        if algorithm in STREAMED_ALGORITHMS:
             def quantize_block(block_linears, plan):
                 quantize_linears(model, fmt, group_size, block_linears, plan)
                 moe.quantize_observed(group_size)  # this block's experts, before they feed the next block
@@ -125,16 +125,11 @@ def _unify_fused_scales(fmt: F.Format, linears: Dict[str, nn.Linear], input_amax
     Updates `input_amax` in place; returns {name: weight global amax} for NVFP4 / W4A8 layers,
     whose `weight_scale_2` must be shared before their block scales are computed.
     """
-    shared_weight_amax = {}
-    needs_shared_weight = fmt.weight == F.NVFP4 or fmt.fp8_weight_scale_2
-    for group in fused_groups(linears):
-        if input_amax:
+    if input_amax:
+        for group in fused_groups(linears):
             shared = torch.stack([input_amax[name] for name in group]).amax()
             input_amax.update({name: shared for name in group})
-        if needs_shared_weight:
-            shared = torch.stack([linears[name].weight.detach().abs().amax().float() for name in group]).amax()
-            shared_weight_amax.update({name: shared for name in group})
-    return shared_weight_amax
+    return fused_weight_amax(linears) if fmt.weight == F.NVFP4 or fmt.fp8_weight_scale_2 else {}
 
 
 def _swap(model: nn.Module, name: str, new_module: nn.Module) -> None:

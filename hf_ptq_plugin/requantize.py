@@ -15,14 +15,14 @@ from typing import Callable
 from torch import nn
 
 from .calibration.stats import collect_input_stats
-from .calibration.streamed import streamed_calibration
+from .calibration.streamed import STREAMED_ALGORITHMS, streamed_calibration
 from .quant_linear import QuantLinear
 from .quantize import quantize_linears
 from .source_weights import restore_full_precision
 
 logger = logging.getLogger(__name__)
 
-REQUANTIZING_ALGORITHMS = ("smoothquant", "awq_lite", "awq_clip", "awq_full", "gptq")
+REQUANTIZING_ALGORITHMS = STREAMED_ALGORITHMS  # the ones that change weights, so need the source's
 
 
 def requantize_from_source(model: nn.Module, algorithm: str, forward_loop: Callable) -> None:

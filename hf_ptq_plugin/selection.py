@@ -8,6 +8,7 @@ the module name; a plain name also excludes everything under it.
 import fnmatch
 from typing import Dict, Iterable, List
 
+import torch
 from torch import nn
 
 DEFAULT_EXCLUDE_PATTERNS = (
@@ -58,3 +59,16 @@ def fused_groups(names: Iterable[str]) -> List[List[str]]:
                 if len(members) > 1:
                     groups.append(members)
     return groups
+
+
+def fused_weight_amax(linears: Dict[str, nn.Module]) -> Dict[str, torch.Tensor]:
+    """{name: max |W| over its engine-fused group} for the members of fused groups.
+
+    NVFP4 and W4A8 derive `weight_scale_2` from it, which fused siblings must share.
+    """
+    shared = {}
+    for group in fused_groups(linears):
+        amax = torch.stack([linears[name].weight.detach().abs().amax().float() for name in group]).amax()
+        shared.update({name: amax for name in group})
+    return shared
+

@@ -66,14 +66,14 @@ class HessianStats:
         self.num_tokens = int(total)
 
 
-def gptq_weight_scale(w: torch.Tensor, fmt: F.Format, group_size: int, global_amax=None) -> torch.Tensor:
+def gptq_weight_scale(w: torch.Tensor, fmt: F.Format, group_size: int, global_amax: torch.Tensor) -> torch.Tensor:
     """The scales GPTQ quantizes with: INT4 (N, K / g), INT8 (N,), FP8 () or (N,), NVFP4 e4m3 (N, K / 16)."""
     if fmt.weight == F.INT4:
         return scale_from_amax(block_amax(w, group_size), INT4_GPTQ_MAX)
     if fmt.weight == F.INT8:
         return scale_from_amax(w.abs().amax(dim=1).float(), INT8_MAX)
     if fmt.weight == F.NVFP4:
-        return nvfp4_block_scales(w, nvfp4_global_scale(w.abs().amax() if global_amax is None else global_amax))
+        return nvfp4_block_scales(w, nvfp4_global_scale(global_amax))
     if fmt.weight == F.FP8 and fmt.weight_granularity == F.PER_TENSOR:
         return scale_from_amax(w.abs().amax().float(), FP8_MAX)
     if fmt.weight == F.FP8 and fmt.weight_granularity == F.PER_CHANNEL:
@@ -83,15 +83,14 @@ def gptq_weight_scale(w: torch.Tensor, fmt: F.Format, group_size: int, global_am
 
 
 def _column_grid(w: torch.Tensor, scale: torch.Tensor, fmt: F.Format, group_size: int,
-                 global_amax=None) -> Tuple[torch.Tensor, Callable]:
+                 global_amax: torch.Tensor) -> Tuple[torch.Tensor, Callable]:
     """(per-element step (N, K), rounding of a column of w / step onto the format's grid)."""
     if fmt.weight == F.INT4:
         return scale.repeat_interleave(group_size, dim=1), lambda y: torch.round(y).clamp(-8, 7)
     if fmt.weight == F.INT8:
         return scale[:, None].expand_as(w).clone(), lambda y: torch.round(y).clamp(-128, 127)
     if fmt.weight == F.NVFP4:
-        global_scale = nvfp4_global_scale(w.abs().amax() if global_amax is None else global_amax)
-        step = (scale.float() * global_scale).repeat_interleave(NVFP4_BLOCK, dim=1)
+        step = (scale.float() * nvfp4_global_scale(global_amax)).repeat_interleave(NVFP4_BLOCK, dim=1)
         return step, lambda y: e2m1_values(e2m1_codes(y))
     step = scale.expand_as(w) if scale.dim() == 0 else scale[:, None].expand_as(w)
     return step.clone(), lambda y: fp8_quantize(y, torch.ones((), device=y.device)).float()
@@ -105,6 +104,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: F.Format, group_s
     `global_amax` (NVFP4) is the amax behind `weight_scale_2`, shared by fused layers.
     """
     w, h = w.float().clone(), hessian.float().clone()
+    if global_amax is None:  # the original weight's, as QuantLinear will derive weight_scale_2
+        global_amax = w.abs().amax()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0

@@ -62,4 +62,4 @@ def smoothquant_group_plan(linears: Dict[str, nn.Linear], group: List[str], x_ch
     alpha = DEFAULT_ALPHA if x_sample is None else search_alpha(w, x_channel_amax, x_sample, fmt)
     scale = apply_pre_quant_scale([linears[name] for name in group], smoothquant_scale(w, x_channel_amax, alpha))
     input_amax = (x_channel_amax.float() * scale.float()).amax()
-    return {name: {"pre_quant_scale": scale, "input_amax": input_amax, "alpha": alpha} for name in group}
+    return {name: {"pre_quant_scale": scale, "input_amax": input_amax} for name in group}

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import formats as F
-from ..selection import fused_groups
+from ..selection import fused_groups, fused_weight_amax
 from .awq import awq_search
 from .blocks import capture_block_inputs, decoder_blocks, run_block
 from .clipping import clip_int4_scale, clip_nvfp4_global_amax
@@ -32,7 +32,7 @@ from .stats import InputStats, input_hooks
 MAX_SEARCH_TOKENS = 2048  # tokens per input kept for the search: loss estimates, not statistics
 
 
-STREAMED_ALGORITHMS = ("awq_lite", "awq_clip", "awq_full", "gptq")  # always streamed; smoothquant on request
+STREAMED_ALGORITHMS = ("smoothquant", "awq_lite", "awq_clip", "awq_full", "gptq")
 AWQ_STEPS = {"awq_lite": (True, False), "awq_clip": (False, True), "awq_full": (True, True)}  # (search, clip)
 
 
@@ -130,7 +130,7 @@ def _clip_group(plan, group, block_linears, x_sample, fmt, group_size) -> None:
 
 
 def _gptq_block(block, block_linears, inputs, token_mask, fmt, group_size, stride) -> dict:
-    """GPTQ for one block; return {name: {"weight", "weight_scale", "input_amax"[, "weight_global_amax"]}}."""
+    """GPTQ for one block; return {name: {"weight", "weight_scale", "input_amax"}}."""
     groups = groups_sharing_input(list(block_linears), fused_groups(block_linears))
     leaders = {group[0]: block_linears[group[0]] for group in groups}
     hessians = {name: HessianStats() for name in leaders}
@@ -139,22 +139,12 @@ def _gptq_block(block, block_linears, inputs, token_mask, fmt, group_size, strid
         run_block(block, inputs, token_mask)
     for s in list(hessians.values()) + list(stats.values()):
         s.reduce_across_processes()
-    global_amax = _fused_weight_amax(block_linears) if fmt.weight == F.NVFP4 else {}
+    # NVFP4: the shared weight_scale_2 that quantize_linears will also give fused siblings.
+    global_amax = fused_weight_amax(block_linears) if fmt.weight == F.NVFP4 else {}
     plan = {}
     for group in groups:
         for name in group:
             weight, scale = gptq_quantize(block_linears[name].weight, hessians[group[0]].hessian, fmt, group_size,
                                           global_amax=global_amax.get(name))
             plan[name] = {"weight": weight, "weight_scale": scale, "input_amax": stats[group[0]].amax}
-            if name in global_amax:
-                plan[name]["weight_global_amax"] = global_amax[name]
     return plan
-
-
-def _fused_weight_amax(block_linears) -> dict:
-    """{name: amax behind weight_scale_2}: an engine-fused group's (q/k/v, gate/up) shared maximum."""
-    amax = {name: linear.weight.detach().abs().amax().float() for name, linear in block_linears.items()}
-    for group in fused_groups(block_linears):
-        shared = torch.stack([amax[name] for name in group]).amax()
-        amax.update({name: shared for name in group})
-    return amax
