@@ -5,6 +5,7 @@ import torch
 from conftest import sqnr_db, tiny_llama
 
 from hf_ptq_plugin import FORMATS, PTQConfig, quantize
+from hf_ptq_plugin.calibration.clipping import mse_weight_scale
 from hf_ptq_plugin.calibration.gptq import HessianStats, gptq_quantize
 from hf_ptq_plugin.calibration.blocks import capture_block_inputs, decoder_blocks, run_block
 from hf_ptq_plugin.calibration.smoothing import apply_pre_quant_scale
@@ -107,8 +108,10 @@ def test_gptq_with_an_identity_hessian_is_round_to_nearest(qformat, act_order):
     w = torch.randn(16, 256)
     fmt, amax = FORMATS[qformat], w.abs().amax()
     gptq_w, scale = gptq_quantize(w, torch.eye(256) * 3.0, fmt, group_size=64, act_order=act_order)
-    # INT4 GPTQ uses all 16 codes (amax / 7.5); the other grids are round-to-nearest's.
-    expected_scale = block_amax(w, 64) / 7.5 if qformat == "int4_awq" else quantize_weight(w, fmt, 64)["weight_scale"]
+    # INT4 GPTQ uses all 16 codes (amax / 7.5, then clipped by the weight-error search, which a
+    # uniform diag(H) leaves unweighted); the other grids are round-to-nearest's.
+    expected_scale = (mse_weight_scale(w, fmt, 64, int4_max=7.5) if qformat == "int4_awq"
+                      else quantize_weight(w, fmt, 64)["weight_scale"])
     rtn = dequantize_weight(quantize_weight(w, fmt, 64, weight_scale=expected_scale), fmt, 64)
     assert torch.equal(gptq_w, rtn)
     assert torch.equal(scale, expected_scale)
@@ -116,6 +119,23 @@ def test_gptq_with_an_identity_hessian_is_round_to_nearest(qformat, act_order):
     # original global amax) changes nothing.
     requantized = quantize_weight(gptq_w, fmt, 64, global_amax=amax, weight_scale=scale)
     assert torch.equal(dequantize_weight(requantized, fmt, 64), gptq_w)
+
+
+def test_gptq_int4_scales_minimize_the_rounding_error_weighted_by_input_energy():
+    torch.manual_seed(0)
+    fmt = FORMATS["int4_awq"]
+    w, energy = torch.randn(32, 128), torch.rand(128) ** 4 * 10  # a few channels carry most energy
+
+    def weighted_error(scale):
+        step = scale.repeat_interleave(64, dim=1)
+        return ((w - torch.round(w / step).clamp(-8, 7) * step).pow(2) * energy).sum()
+
+    searched = mse_weight_scale(w, fmt, 64, importance=energy, int4_max=7.5)
+    unweighted = mse_weight_scale(w, fmt, 64, int4_max=7.5)
+    assert weighted_error(searched) < weighted_error(unweighted) < weighted_error(block_amax(w, 64) / 7.5)
+    h = torch.diag(energy)
+    _, gptq_scale = gptq_quantize(w, h, fmt, group_size=64)
+    assert torch.equal(gptq_scale, searched)
 
 
 @pytest.mark.parametrize("qformat", ["int8_wo", "fp8_pc_pt"])

@@ -4,7 +4,8 @@
 inputs x: for INT4, per (row, group) block, the squared error of the block's partial output
 sum_{k in group} x_k (w_k - Q(w_k)) over tokens, for clip ratios 0.5, 0.55, ..., 1.0 of the block
 amax; for NVFP4 the global amax (the per-tensor `weight_scale_2`) is clipped, scored on the whole
-output. `mse` needs no data: per block, the squared weight error sum (w - Q(w))^2.
+output. `mse` needs no data: per block, the squared weight error sum (w - Q(w))^2, optionally
+weighted per input channel (GPTQ's INT4 scales).
 Each returns the scale (or global amax) the QuantLinear then stores as is.
 """
 
@@ -49,18 +50,26 @@ def clip_nvfp4_global_amax(w: torch.Tensor, x: torch.Tensor, fmt: F.Format) -> t
     return amax * CLIP_RATIOS[int(all_reduce(errors, "sum").argmin())]
 
 
-def mse_weight_scale(w: torch.Tensor, fmt: F.Format, group_size: int) -> torch.Tensor:
-    """INT4 group (N, K / g) or INT8 row (N,) scales minimizing the squared weight error per block."""
+def mse_weight_scale(w: torch.Tensor, fmt: F.Format, group_size: int, importance: torch.Tensor = None,
+                     int4_max: float = INT4_MAX) -> torch.Tensor:
+    """INT4 group (N, K / g) or INT8 row (N,) scales minimizing the squared weight error per block.
+
+    `importance` (K,), if given, weighs each input channel's squared error: GPTQ passes diag(H),
+    the channel's input energy, so the search minimizes the output error that round-to-nearest
+    would leave if the channels were uncorrelated. `int4_max` is the amax's code (7, or GPTQ's 7.5).
+    """
     if fmt.weight not in (F.INT4, F.INT8):
         raise ValueError(f"mse supports INT4 and INT8 weights; got qformat {fmt.name!r}")
     w = w.float()
-    bits, maxbound, block = (4, INT4_MAX, group_size) if fmt.weight == F.INT4 else (8, INT8_MAX, w.shape[1])
+    bits, maxbound, block = (4, int4_max, group_size) if fmt.weight == F.INT4 else (8, INT8_MAX, w.shape[1])
     blocks = w.view(w.shape[0], -1, block)  # (N, G, b)
+    weights = torch.ones(()) if importance is None else importance.float().view(1, -1, block)
     amax = blocks.abs().amax(dim=-1, keepdim=True)
     errors = []
     for ratio in MSE_RATIOS:
         scale = scale_from_amax(amax * ratio, maxbound)
-        errors.append((blocks - int_quantize(blocks, scale, bits).float() * scale).pow(2).sum(dim=-1))
+        diff = blocks - int_quantize(blocks, scale, bits).float() * scale
+        errors.append((diff.pow(2) * weights).sum(dim=-1))
     best = torch.tensor(MSE_RATIOS)[torch.stack(errors).argmin(dim=0)]  # (N, G)
     scale = scale_from_amax(amax.squeeze(-1) * best, maxbound)
     return scale if fmt.weight == F.INT4 else scale.squeeze(-1)
