@@ -79,6 +79,27 @@ def test_bf16_activations_match_the_reference_within_the_bound(name, m):
     assert excess.max() <= 0, f"exceeds the bound by {excess.max().item():.3g}"
 
 
+def at_byte_offset(t, offset=24):
+    """A copy of t that starts `offset` bytes into its storage, as a weight mapped from a file can."""
+    nbytes = t.numel() * t.element_size()
+    raw = torch.empty(nbytes + 64, dtype=torch.uint8)[offset:offset + nbytes]
+    return raw.view(t.dtype).view(t.shape).copy_(t)
+
+
+@pytest.mark.parametrize("name", ["int8_wo", "int8_sq"])
+def test_int8_kernel_gets_64_byte_aligned_operands(name):
+    """torch's AVX-512 int8 matmul crashes on operands off a 64-byte boundary (see cpu_weights)."""
+    module = make_module(name, torch.bfloat16)
+    torch.manual_seed(1)
+    x = torch.randn(3, K, dtype=torch.bfloat16)
+    expected = module(x)
+    module.weight = at_byte_offset(module.weight)
+    x_view = at_byte_offset(x, offset=8)
+    assert module.weight.data_ptr() % 64 and x_view.data_ptr() % 64
+    assert torch.equal(module(x_view), expected)
+    assert module.cpu_weight_cache.kind == "int8pack" and module.cpu_weight_cache.matrix.data_ptr() % 64 == 0
+
+
 def test_lean_activation_quantizers_give_the_reference_bits():
     torch.manual_seed(4)
     x = torch.randn(5, 7, 64) * torch.logspace(-6, 4, 7)[:, None]  # many magnitudes

@@ -20,7 +20,7 @@ import torch.nn.functional as F_nn
 from .. import formats as F
 from ..numerics import int_quantize, quantize_activation
 from .cpu_activations import fast_quantize_activation
-from .cpu_weights import build_cpu_weight
+from .cpu_weights import aligned_for_int8pack, build_cpu_weight
 
 
 def cpu_linear(module, x: torch.Tensor) -> torch.Tensor:
@@ -54,8 +54,8 @@ def _int8pack(module, weight, x2d: torch.Tensor) -> torch.Tensor:
     """int8 weight matmul in bf16 with unit scales; the fp32 scales multiply the output."""
     if module.fmt.act == F.INT8:
         x_scale = module._activation_scale(x2d)
-        codes = int_quantize(x2d, x_scale, 8).to(torch.bfloat16)  # integers in [-128, 127]: exact in bf16
+        codes = int_quantize(x2d, x_scale, 8).to(torch.bfloat16)  # integers in [-128, 127]: exact in bf16 (a new tensor)
         y = torch.ops.aten._weight_int8pack_mm(codes, weight.matrix, weight.scales)
         return y.float() * (x_scale * weight.out_scale)
-    y = torch.ops.aten._weight_int8pack_mm(x2d.contiguous(), weight.matrix, weight.scales)
+    y = torch.ops.aten._weight_int8pack_mm(aligned_for_int8pack(x2d), weight.matrix, weight.scales)
     return y.float() * weight.out_scale

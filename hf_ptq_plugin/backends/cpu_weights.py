@@ -38,6 +38,7 @@ from ..numerics.mx import mxfp8_dequantize
 from ..numerics.nvfp4 import e2m1_values
 
 INT4PACK_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 kernel accepts
+INT8PACK_ALIGNMENT = 64  # bytes; see aligned_for_int8pack
 INT4PACK_N_MULTIPLE = 16
 
 
@@ -73,6 +74,17 @@ class CpuWeight:
         return (_dropped, ())  # deepcopy and pickle drop the cache; the next forward rebuilds it
 
 
+def aligned_for_int8pack(t: torch.Tensor) -> torch.Tensor:
+    """t, or a copy of it at a 64-byte boundary (torch's own allocations always are).
+
+    torch 2.13's AVX-512 `_weight_int8pack_mm` reads both operands with aligned vector loads and
+    crashes (SIGSEGV) on a tensor that starts elsewhere, e.g. a weight memory-mapped from a
+    safetensors file at a 24-byte offset, or an activation that is a view into a larger tensor.
+    """
+    t = t.contiguous()
+    return t if t.data_ptr() % INT8PACK_ALIGNMENT == 0 else t.clone()
+
+
 def _sources(buffers: dict) -> tuple:
     # Inference-mode tensors have no version counter; they cannot be updated in place outside
     # inference mode, so identity and storage pointer are what can change.
@@ -96,7 +108,9 @@ def build_cpu_weight(fmt: F.Format, buffers: dict, group_size: int, act_dtype: t
         return _int4pack(buffers, sources)
     if fmt.weight == F.INT8:
         ones = torch.ones(n, dtype=torch.bfloat16)
-        return CpuWeight("int8pack", sources, True, buffers["weight"], ones, buffers["weight_scale"], ones.nbytes)
+        weight = aligned_for_int8pack(buffers["weight"])
+        extra = ones.nbytes + (0 if weight is buffers["weight"] else weight.nbytes)
+        return CpuWeight("int8pack", sources, True, weight, ones, buffers["weight_scale"], extra)
     matrix, out_scale = _factored_weight(fmt, buffers, group_size)
     half = matrix.half()
     if fbgemm_available() and _fp16_holds(matrix, half):
