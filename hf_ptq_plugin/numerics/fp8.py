@@ -11,8 +11,8 @@ def fp8_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     torch's cast rounds to nearest even but turns out-of-range values into NaN, so clamp first
     (ModelOpt's eager path does the same). `scale` broadcasts against `x`.
     """
-    y = x.float() / scale
-    return y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    y = x.float() / scale  # a new tensor: clamp it in place
+    return y.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
 def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,8 @@ INT4_MAX = 7.0
 def int_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """round-half-even(x / scale) clamped to the signed range, as int8 (also for 4 bits)."""
     low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return torch.round(x.float() / scale).clamp(low, high).to(torch.int8)
+    y = x.float() / scale  # a new tensor: round and clamp it in place (whole weights are large)
+    return y.round_().clamp_(low, high).to(torch.int8)
 
 
 def int_dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -24,8 +25,8 @@ def int_dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def pack_int4_rows(q: torch.Tensor) -> torch.Tensor:
     """int8 values in [-8, 7], (N, K) with N even -> uint8 (N // 2, K)."""
-    nibbles = q.to(torch.uint8) & 0xF  # two's complement low 4 bits
-    return nibbles[0::2] | (nibbles[1::2] << 4)
+    nibbles = q.contiguous().view(torch.uint8)  # two's complement bytes; the shift drops the high bits
+    return (nibbles[0::2] & 0xF) | (nibbles[1::2] << 4)
 
 
 def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:

@@ -72,8 +72,8 @@ def nvfp4_quantize(x: torch.Tensor, global_scale: torch.Tensor, block_scales=Non
     if block_scales is None:
         block_scales = nvfp4_block_scales(x, global_scale)
     step = block_scales.float() * global_scale  # (..., K // 16) fp32
-    y = x.float() / step.repeat_interleave(NVFP4_BLOCK, dim=-1)
-    return e2m1_codes(y), block_scales
+    y = x.float().unflatten(-1, (-1, NVFP4_BLOCK)) / step[..., None]
+    return e2m1_codes(y).flatten(-2), block_scales
 
 
 def nvfp4_dequantize(codes: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor):

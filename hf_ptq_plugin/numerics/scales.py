@@ -14,9 +14,14 @@ def scale_from_amax(amax: torch.Tensor, maxbound: float) -> torch.Tensor:
 
 
 def block_amax(x: torch.Tensor, block: int) -> torch.Tensor:
-    """max |x| over consecutive blocks of `block` elements of the last axis.
+    """max |x| over consecutive blocks of `block` elements of the last axis, fp32.
 
     (..., K) -> (..., K // block); K must be a multiple of `block` (callers check and name the layer).
     """
-    blocks = x.float().unflatten(-1, (x.shape[-1] // block, block))
-    return blocks.abs().amax(dim=-1)
+    return abs_amax(x.unflatten(-1, (x.shape[-1] // block, block)), dim=-1)
+
+
+def abs_amax(x: torch.Tensor, dim=None) -> torch.Tensor:
+    """max |x| (over `dim`, or all of x), fp32: exact, from one min/max pass with no |x| temporary."""
+    low, high = torch.aminmax(x) if dim is None else torch.aminmax(x, dim=dim)
+    return torch.maximum(high, -low).float()

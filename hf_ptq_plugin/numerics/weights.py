@@ -15,7 +15,7 @@ from .fp8 import FP8_MAX, fp8_dequantize, fp8_quantize
 from .integer import INT4_MAX, INT8_MAX, int_dequantize, int_quantize, pack_int4_rows, unpack_int4_rows
 from .mx import MX_BLOCK, mxfp8_dequantize, mxfp8_quantize
 from .nvfp4 import nvfp4_dequantize, nvfp4_global_scale, nvfp4_quantize, pack_nibbles, unpack_nibbles
-from .scales import block_amax, scale_from_amax
+from .scales import abs_amax, block_amax, scale_from_amax
 
 
 def quantize_weight(w: torch.Tensor, fmt: F.Format, group_size: Optional[int] = None,
@@ -29,8 +29,8 @@ def quantize_weight(w: torch.Tensor, fmt: F.Format, group_size: Optional[int] = 
     """
     w = w.detach().float()
     group_size = group_size or fmt.group_size
-    if global_amax is None:
-        global_amax = w.abs().amax()
+    if global_amax is None and (fmt.weight == F.NVFP4 or fmt.fp8_weight_scale_2):
+        global_amax = abs_amax(w)
     if weight_scale is not None and not _takes_weight_scale(fmt):
         raise ValueError(f"a given weight_scale is supported for INT8, INT4, NVFP4 and per-tensor or per-channel FP8 "
                          f"weights, not qformat {fmt.name!r}")
@@ -40,7 +40,7 @@ def quantize_weight(w: torch.Tensor, fmt: F.Format, group_size: Optional[int] = 
     if fmt.weight == F.FP8:
         return _quantize_fp8(w, fmt, group_size)
     if fmt.weight == F.INT8:
-        scale = scale_from_amax(w.abs().amax(dim=1), INT8_MAX) if weight_scale is None else weight_scale  # (N,)
+        scale = scale_from_amax(abs_amax(w, dim=1), INT8_MAX) if weight_scale is None else weight_scale  # (N,)
         return {"weight": int_quantize(w, scale[:, None], 8), "weight_scale": scale}
     if fmt.weight == F.INT4:
         return _quantize_int4(w, fmt, group_size, global_amax, weight_scale)
@@ -62,10 +62,10 @@ def _takes_weight_scale(fmt: F.Format) -> bool:
 
 def _quantize_fp8(w: torch.Tensor, fmt: F.Format, tile: int) -> dict:
     if fmt.weight_granularity == F.PER_TENSOR:
-        scale = scale_from_amax(w.abs().amax(), FP8_MAX)  # () fp32
+        scale = scale_from_amax(abs_amax(w), FP8_MAX)  # () fp32
         return {"weight": fp8_quantize(w, scale), "weight_scale": scale}
     if fmt.weight_granularity == F.PER_CHANNEL:
-        scale = scale_from_amax(w.abs().amax(dim=1), FP8_MAX)  # (N,)
+        scale = scale_from_amax(abs_amax(w, dim=1), FP8_MAX)  # (N,)
         return {"weight": fp8_quantize(w, scale[:, None]), "weight_scale": scale}
     n, k = w.shape  # PER_TILE: one scale per (tile x tile) block, stored (N/t, 1, K/t, 1)
     tiles = w.view(n // tile, tile, k // tile, tile)
@@ -76,7 +76,8 @@ def _quantize_fp8(w: torch.Tensor, fmt: F.Format, tile: int) -> dict:
 def _quantize_int4(w: torch.Tensor, fmt: F.Format, group_size: int, global_amax, scale=None) -> dict:
     if scale is None:
         scale = scale_from_amax(block_amax(w, group_size), INT4_MAX)  # (N, K / g) fp32
-    q = int_quantize(w, scale.repeat_interleave(group_size, dim=1), 4)  # (N, K) int8
+    n, k = w.shape
+    q = int_quantize(w.view(n, k // group_size, group_size), scale[:, :, None], 4).view(n, k)  # int8
     out = {"weight": pack_int4_rows(q), "weight_scale": scale}
     if fmt.fp8_weight_scale_2:
         out["weight_scale_2"] = scale_from_amax(global_amax, FP8_MAX)
