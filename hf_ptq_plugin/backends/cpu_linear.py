@@ -11,7 +11,8 @@ form `cpu_weights` cached for the layer:
   int4pack  torch's packed INT4 matmul on bf16 activations with bf16 group scales (<= 2**-9
             relative each) and a bf16 output (one more 2**-9).
   int8pack  torch's INT8 weight matmul on bf16 activations (W8A8: the integer activation codes,
-            exact in bf16) with unit scales; the fp32 scales multiply its bf16 output.
+            exact in bf16) with unit scales; the fp32 scales multiply its bf16 output. W8A8 with
+            one row or many (prefill) runs torch's int8 x int8 GEMM instead: exact int32 sums.
 """
 
 import torch
@@ -22,22 +23,32 @@ from ..numerics import int_quantize, quantize_activation
 from .cpu_activations import fast_quantize_activation
 from .cpu_weights import aligned_for_int8pack, build_cpu_weight
 
+# W8A8 runs on torch._int_mm for one row (its matrix-vector path is 1.2-2.4x faster than int8pack
+# at Llama and SmolLM2 shapes) and from INT_MM_MIN_ROWS rows on (1.2-2.7x at 16-64 rows); int8pack
+# wins in between. Measured on an AVX-512 EPYC, see BENCHMARKS.md "W8A8 kernel by rows".
+INT_MM_MIN_ROWS = 16
+
 
 def cpu_linear(module, x: torch.Tensor) -> torch.Tensor:
     """`module(x)` for a CPU tensor x (..., K); the reference's numbers within the bounds above."""
-    if module.pre_quant_scale is not None:
-        x = x * module.pre_quant_scale  # in the activation dtype, as the reference (and engines) do
-    weight, buffers = module.cpu_weight_cache, module.weight_buffers()
+    # module._buffers / _parameters rather than attributes: nn.Module.__getattr__ costs about a
+    # microsecond per lookup, and decoding makes hundreds of these calls per token.
+    buffers, bias = module._buffers, module._parameters.get("bias")
+    pre_quant_scale = buffers.get("pre_quant_scale")
+    if pre_quant_scale is not None:
+        x = x * pre_quant_scale  # in the activation dtype, as the reference (and engines) do
+    weight = module.cpu_weight_cache
     if weight is None or not weight.is_current(buffers, x.dtype):
-        weight = module.cpu_weight_cache = build_cpu_weight(module.fmt, buffers, module.group_size, x.dtype)
+        weight = module.cpu_weight_cache = build_cpu_weight(module.fmt, module.weight_buffers(), module.group_size,
+                                                            x.dtype)
     if weight.kind == "dense":  # the reference's own call on its own operands
         x_q = quantize_activation(x, module.fmt, module._activation_scale(x))
-        return F_nn.linear(x_q, weight.matrix, None if module.bias is None else module.bias.float()).to(x.dtype)
+        return F_nn.linear(x_q, weight.matrix, None if bias is None else bias.float()).to(x.dtype)
     x2d = x.reshape(-1, x.shape[-1])
     if weight.kind == "int4pack":
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d.contiguous(), weight.matrix, module.group_size,
                                                        weight.scales)
-        if module.bias is None:  # already bf16: skip two casts per call (decode makes hundreds a token)
+        if bias is None:  # already bf16: skip two casts per call (decode makes hundreds a token)
             return y.reshape(*x.shape[:-1], y.shape[-1])
         y = y.float()
     elif weight.kind == "int8pack":
@@ -45,17 +56,23 @@ def cpu_linear(module, x: torch.Tensor) -> torch.Tensor:
     else:
         x_q = fast_quantize_activation(x2d, module.fmt, module._activation_scale(x2d))  # fp32 (M, K)
         y = torch.ops.quantized.linear_dynamic_fp16(x_q.contiguous(), weight.matrix) * weight.out_scale
-    if module.bias is not None:
-        y = y + module.bias.float()
+    if bias is not None:
+        y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _int8pack(module, weight, x2d: torch.Tensor) -> torch.Tensor:
-    """int8 weight matmul in bf16 with unit scales; the fp32 scales multiply the output."""
+    """int8 weight matmul in bf16 with unit scales; the fp32 scales multiply the output.
+
+    W8A8 with 1 or from INT_MM_MIN_ROWS rows: torch's int8 x int8 -> int32 GEMM, exact sums.
+    """
     if module.fmt.act == F.INT8:
         x_scale = module._activation_scale(x2d)
-        codes = int_quantize(x2d, x_scale, 8).to(torch.bfloat16)  # integers in [-128, 127]: exact in bf16 (a new tensor)
-        y = torch.ops.aten._weight_int8pack_mm(codes, weight.matrix, weight.scales)
-        return y.float() * (x_scale * weight.out_scale)
+        codes = int_quantize(x2d, x_scale, 8)  # a new tensor, so 64-byte aligned
+        if codes.shape[0] == 1 or codes.shape[0] >= INT_MM_MIN_ROWS:
+            y = torch._int_mm(codes, weight.matrix.t()).float()
+        else:  # integers in [-128, 127]: exact in bf16
+            y = torch.ops.aten._weight_int8pack_mm(codes.to(torch.bfloat16), weight.matrix, weight.scales).float()
+        return y * (x_scale * weight.out_scale)
     y = torch.ops.aten._weight_int8pack_mm(aligned_for_int8pack(x2d), weight.matrix, weight.scales)
     return y.float() * weight.out_scale

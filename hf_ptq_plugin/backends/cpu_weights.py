@@ -57,18 +57,26 @@ class CpuWeight:
     """A layer's weight in a fast torch kernel's form; see the module docstring."""
 
     kind: str  # "int4pack", "int8pack", "fp16pack" or "dense"
-    sources: tuple  # ((tensor, data_ptr, version), ...) of the buffers it was built from
+    sources: tuple  # ((name, tensor, data_ptr, version), ...) of the buffers it was built from
     bf16_activations: bool  # built for bf16 activations (the packed int kernels) or for any other dtype
     matrix: Any  # int4pack: uint8 (N, K/2); int8pack: the int8 weight; fp16pack: fbgemm packed; dense: fp32 (N, K)
     scales: Optional[torch.Tensor] = None  # int4pack: bf16 (K/g, N, 2) scales and zeros; int8pack: bf16 ones (N,)
     out_scale: Optional[torch.Tensor] = None  # fp32 () or (N,) multiplying the GEMM output
     nbytes: int = 0  # memory held beyond the checkpoint buffers
 
-    def is_current(self, buffers: dict, act_dtype: torch.dtype) -> bool:
-        current = _sources(buffers)
-        same = len(current) == len(self.sources) and all(
-            old[0] is new[0] and old[1:] == new[1:] for old, new in zip(self.sources, current))
-        return same and self.bf16_activations == (act_dtype == torch.bfloat16)
+    def is_current(self, module_buffers: dict, act_dtype: torch.dtype) -> bool:
+        """Built from `module_buffers` (a module's `_buffers`) as they are now, for `act_dtype`?
+
+        Runs on every forward (hundreds per decoded token), hence plain loops and no new objects.
+        """
+        if self.bf16_activations != (act_dtype == torch.bfloat16):
+            return False
+        for name, tensor, data_ptr, version in self.sources:
+            current = module_buffers.get(name)
+            if current is not tensor or (tensor is not None and (tensor.data_ptr() != data_ptr or (
+                    version is not None and tensor._version != version))):
+                return False
+        return True
 
     def __reduce__(self):
         return (_dropped, ())  # deepcopy and pickle drop the cache; the next forward rebuilds it
@@ -85,10 +93,15 @@ def aligned_for_int8pack(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % INT8PACK_ALIGNMENT == 0 else t.clone()
 
 
+WEIGHT_BUFFERS = ("weight", "weight_scale", "weight_scale_2")
+
+
 def _sources(buffers: dict) -> tuple:
     # Inference-mode tensors have no version counter; they cannot be updated in place outside
-    # inference mode, so identity and storage pointer are what can change.
-    return tuple((t, t.data_ptr(), None if t.is_inference() else t._version) for t in buffers.values())
+    # inference mode, so identity and storage pointer are what can change. Absent buffers are
+    # recorded too, so one that appears later invalidates the cache.
+    return tuple((name, t, None if t is None else t.data_ptr(), None if t is None or t.is_inference() else t._version)
+                 for name, t in ((name, buffers.get(name)) for name in WEIGHT_BUFFERS))
 
 
 @torch.no_grad()
