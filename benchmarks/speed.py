@@ -3,6 +3,7 @@
 Sections (all by default):
   bandwidth   this machine's memory bandwidth (sum = read, copy = read + write)
   candidates  the torch CPU kernels a path could use, at 4096 x 4096 (why each format uses its kernel)
+  w8a8rows    W8A8's int8pack against torch._int_mm by rows (where cpu_linear switches)
   gemm        Llama-3-8B layer shapes (K, N) in {4096, 14336}, M = 1 and 64: every format, bf16 and
               fp32 activations, time, speed-up over bf16 and weight bytes/s the chosen kernel reads
   model       a synthetic ~1.1B Llama: decode (batch 1, --new-tokens) and prefill (--prefill tokens)
@@ -77,7 +78,7 @@ def candidates(args) -> None:
     for m in (1, 64):
         x = torch.randn(m, k)
         xb = x.bfloat16()
-        x8 = torch.randint(-127, 128, (max(m, 17), k), dtype=torch.int8)  # _int_mm needs M > 16
+        x8 = torch.randint(-127, 128, (m, k), dtype=torch.int8)
         probes = {
             "fp32 F.linear": lambda: F_nn.linear(x, w),
             "bf16 F.linear": lambda: F_nn.linear(xb, wb),
@@ -86,7 +87,7 @@ def candidates(args) -> None:
             "int4pack, fp32 x": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, int4, 128, sz[torch.float32]),
             "int8pack, bf16 x": lambda: torch.ops.aten._weight_int8pack_mm(xb, w8, torch.ones(n, dtype=torch.bfloat16)),
             "int8pack, fp32 x": lambda: torch.ops.aten._weight_int8pack_mm(x, w8, torch.ones(n)),
-            "_int_mm int8 x int8 (M >= 17)": lambda: torch._int_mm(x8, w8.t()),
+            "_int_mm int8 x int8": lambda: torch._int_mm(x8, w8.t()),
             "fp8 -> fp32 cast, per call": lambda: w_fp8.float(),
             "fp8 -> fp32 lookup table, per call": lambda: lut[w_fp8.view(torch.uint8).long()],
         }
@@ -95,6 +96,35 @@ def candidates(args) -> None:
             rows.append([m, name, f"{seconds * 1e3:.2f}", f"{2 * m * k * n / seconds / 1e9:.1f}"])
     print(f"### CPU kernel candidates, one 4096 x 4096 layer ({torch.get_num_threads()} threads)\n")
     table(["M", "kernel", "ms", "GFLOP/s"], rows)
+
+
+def w8a8_rows(args) -> None:
+    """W8A8's two kernels by the number of rows, on 4096 x 4096 (what cpu_linear.INT_MM_MIN_ROWS rests on).
+
+    Eight weights in turn (134 MB, more than the last-level cache), so each call reads its weight
+    from memory as a model's layers do.
+    """
+    k = n = 4096
+    weights = [torch.randint(-127, 128, (n, k), dtype=torch.int8) for _ in range(8)]
+    bf16_weights = [torch.randn(n, k, dtype=torch.bfloat16) for _ in range(4)]
+    ones = torch.ones(n, dtype=torch.bfloat16)
+    rows = []
+    for m in (1, 2, 4, 8, 12, 16, 32, 64):
+        codes = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+        as_bf16 = codes.bfloat16()
+        probes = {"int8pack (bf16 codes)": lambda i: torch.ops.aten._weight_int8pack_mm(as_bf16, weights[i % 8], ones),
+                  "_int_mm": lambda i: torch._int_mm(codes, weights[i % 8].t()),
+                  "bf16 F.linear": lambda i: F_nn.linear(as_bf16, bf16_weights[i % 4])}
+        times = {name: median_seconds(_cycling(fn), 5) for name, fn in probes.items()}
+        rows.append([m] + [f"{seconds * 1e3:.2f}" for seconds in times.values()])
+    print(f"### W8A8 kernel by rows, 4096 x 4096 ({torch.get_num_threads()} threads)\n")
+    table(["M", "int8pack ms", "_int_mm ms", "bf16 F.linear ms"], rows)
+
+
+def _cycling(fn):
+    """fn(0), fn(1), ... on successive calls."""
+    calls = iter(range(1 << 30))
+    return lambda: fn(next(calls))
 
 
 def kernel_weight_bytes(module: nn.Module) -> int:
@@ -148,13 +178,14 @@ def synthetic_llama(args) -> LlamaForCausalLM:
     return LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
 
 
-def measure_model(model, ids_prompt, ids_prefill, new_tokens: int):
-    """(decode tokens/s, prefill tokens/s); greedy, batch 1, caches built by a warm-up first."""
+def measure_model(model, ids_prompt, ids_prefill, new_tokens: int, repeats: int):
+    """(decode tokens/s, prefill tokens/s), medians of `repeats` runs; greedy, batch 1, caches built
+    by a warm-up first."""
     generate = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         model.generate(ids_prompt, **{**generate, "max_new_tokens": 2, "min_new_tokens": 2})  # builds CPU caches
-        decode = median_seconds(lambda: model.generate(ids_prompt, **generate), 1, warmup=0)
-        prefill = median_seconds(lambda: model(ids_prefill), 1, warmup=0) if ids_prefill is not None else None
+        decode = median_seconds(lambda: model.generate(ids_prompt, **generate), repeats, warmup=0)
+        prefill = median_seconds(lambda: model(ids_prefill), repeats, warmup=0) if ids_prefill is not None else None
     return new_tokens / decode, (ids_prefill.shape[1] / prefill if prefill else None)
 
 
@@ -178,7 +209,7 @@ def model_section(args, read_bandwidth: float) -> None:
         if name != "unquantized":
             quantize(model, PTQConfig(qformat=name, algorithm="max"), forward_loop=lambda m: m(calib))
         quantize_seconds = time.perf_counter() - start
-        decode, prefill_rate = measure_model(model, prompt, prefill, args.new_tokens)
+        decode, prefill_rate = measure_model(model, prompt, prefill, args.new_tokens, args.repeats)
         results.append((name, dtype, decode, prefill_rate, decode_weight_bytes(model), quantize_seconds))
         print(f"  done: {name} {dtype} decode {decode:.2f} tok/s, prefill {prefill_rate:.1f} tok/s", flush=True)
         del model
@@ -205,7 +236,7 @@ def smollm2_section(args) -> None:
         if name != "unquantized":
             group = 64 if get_format(name).group_size_choices else None  # 576 is not a multiple of 128
             quantize(model, PTQConfig(qformat=name, algorithm="max", group_size=group), forward_loop=lambda m: m(prompt))
-        rate, _ = measure_model(model, prompt, None, 64)
+        rate, _ = measure_model(model, prompt, None, 64, args.repeats)
         results.append((name, dtype, rate))
         print(f"  done: {name} {dtype} {rate:.1f} tok/s", flush=True)
         del model
@@ -218,11 +249,12 @@ def smollm2_section(args) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="bandwidth,candidates,gemm,model,smollm2")
+    parser.add_argument("--sections", default="bandwidth,candidates,w8a8rows,gemm,model,smollm2")
     parser.add_argument("--formats", default=",".join(FORMATS), help="formats of the gemm section")
     parser.add_argument("--model-formats", default=",".join(MODEL_FORMATS))
     parser.add_argument("--smollm2-formats", default=",".join(SMOLLM2_FORMATS))
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per model measurement (median)")
     # The issue's 512-token prefill takes minutes per variant in bf16 here (bf16 GEMMs run at
     # ~3-6 GFLOP/s on this AVX2 CPU); prefill throughput is GEMM-bound and flat in length from M ~ 64.
     parser.add_argument("--prefill", type=int, default=128)
@@ -240,6 +272,8 @@ def main():
     read_bandwidth = bandwidth(args)
     if "candidates" in sections:
         candidates(args)
+    if "w8a8rows" in sections:
+        w8a8_rows(args)
     if "gemm" in sections:
         gemm(args, read_bandwidth)
     if "model" in sections:
