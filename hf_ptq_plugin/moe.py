@@ -2,11 +2,13 @@
 
 - `ExpertQuantization` (quantize_model): finds the fused-experts modules, observes them while the
   calibration data runs (per-expert tokens and input amax, calibration/experts.py), then swaps each
-  for a QuantExperts (quant_experts.py) with one shared input scale per projection. Experts are
-  always quantized with `max` (round to nearest, weight scales from the weights): with another
-  algorithm (AWQ, GPTQ, SmoothQuant, MSE) a warning says so, and the other Linears keep it. Under
-  layer streaming (AWQ/GPTQ) each block's experts are quantized right after that block's pass, so
-  the next block is fed by quantized experts. The tokens each expert saw are logged and kept on
+  for a QuantExperts (quant_experts.py) with one shared input scale per projection. With GPTQ
+  each expert's gate/up (as one tensor) and down get GPTQ on the Hessian of the tokens routed to
+  it; an expert no calibration token reached has no Hessian and is rounded to nearest. Every other
+  algorithm (AWQ, SmoothQuant, MSE) quantizes experts with `max` (round to nearest, weight scales
+  from the weights), a warning says so, and the other Linears keep it. Under layer streaming
+  each block's experts are quantized right after that block's pass, so the next block is fed by
+  quantized experts. The tokens each expert saw are logged and kept on
   the model as `model.expert_token_counts` ({experts module: [tokens per expert]}); they sum to
   tokens x top_k per layer. Experts without tokens: see calibration/shared_inputs.py.
 - `prepare_prequantized_experts` (checkpoint_load.py): meta QuantExperts whose buffers the
@@ -27,6 +29,7 @@ from torch import nn
 
 from . import formats as F
 from .calibration.experts import observe_experts
+from .calibration.gptq import gptq_quantize
 from .calibration.shared_inputs import log_token_counts
 from .experts import (DEFAULT_PROJECTION_NAMES, FUSED_PARAMS, checkpoint_namer, is_fused_experts, projection_names,
                       projection_shapes, target_experts)
@@ -39,11 +42,11 @@ class ExpertQuantization:
     """The fused experts of one quantize_model call, from observation to QuantExperts."""
 
     def __init__(self, model: nn.Module, exclude_modules, fmt: F.Format, algorithm: str):
-        self.model, self.fmt = model, fmt
+        self.model, self.fmt, self.algorithm = model, fmt, "gptq" if algorithm == "gptq" else "max"
         self.experts = target_experts(model, exclude_modules)
         self.names = projection_names(model) if self.experts else None
         self.stats, self.done = {}, set()
-        if self.experts and algorithm != "max":
+        if self.experts and algorithm not in ("max", "gptq"):
             logger.warning("algorithm %r is not applied to MoE experts: the %d fused-experts module(s) (e.g. %s) are "
                            "quantized with 'max' (round to nearest); the other Linears use %r", algorithm,
                            len(self.experts), next(iter(self.experts)), algorithm)
@@ -55,7 +58,7 @@ class ExpertQuantization:
     @contextlib.contextmanager
     def observing(self, token_mask=None):
         """Record per-expert statistics while the calibration data runs inside the block."""
-        with observe_experts(self.experts, token_mask) as stats:
+        with observe_experts(self.experts, token_mask, hessians=self.algorithm == "gptq") as stats:
             self.stats = stats
             yield
 
@@ -77,16 +80,20 @@ class ExpertQuantization:
         self.model.expert_token_counts = counts if observed else None
         if observed:
             log_token_counts(counts)
-        logger.info("quantized the experts of %d MoE layer(s) to %s with max (checkpoint names %s)",
-                    len(self.experts), self.fmt.name, "/".join(self.names))
+        logger.info("quantized the experts of %d MoE layer(s) to %s with %s (checkpoint names %s)",
+                    len(self.experts), self.fmt.name, self.algorithm, "/".join(self.names))
 
     def _quantize(self, name: str, group_size: Optional[int]) -> None:
         fused, stat = self.experts[name], self.stats.get(name)
         quantized = QuantExperts.like(fused, self.fmt, group_size, self.names)
-        for param in FUSED_PARAMS:
-            quantized.load_fused(param, getattr(fused, param))
         if stat is not None:
             stat.reduce_across_processes()
+        for param, kind in zip(FUSED_PARAMS, ("gate_up", "down")):
+            w = getattr(fused, param)
+            chosen = self._gptq(w, stat, kind, quantized.group_size) if stat is not None and stat.outer else None
+            quantized.load_fused(param, w, chosen)
+        if stat is not None:
+            stat.release_hessians()
         if self.fmt.needs_calibration_data:
             if stat is None or stat.total_tokens == 0:
                 raise ValueError(f"calibration never reached the experts of {name!r}; qformat {self.fmt.name!r} "
@@ -95,6 +102,11 @@ class ExpertQuantization:
                 quantized.set_input_amax(kind, stat.shared_amax(kind))
         self.model.set_submodule(name, quantized)
         self.done.add(name)
+
+    def _gptq(self, w: torch.Tensor, stat, kind: str, group_size: Optional[int]) -> Dict[int, tuple]:
+        """{e: GPTQ's (weight, scale)} for the experts of fused weights w (E, N, K) that saw tokens."""
+        return {e: gptq_quantize(w[e], stat.hessian(kind, e), self.fmt, group_size or self.fmt.group_size)
+                for e in range(w.shape[0]) if int(stat.tokens[e]) > 0}
 
 
 def prepare_prequantized_experts(model: nn.Module, fmt: F.Format, exclude_modules, group_size: Optional[int],

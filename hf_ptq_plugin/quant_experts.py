@@ -99,13 +99,24 @@ class QuantExperts(nn.Module):
         return [getattr(self.expert(e), name) for e in range(self.num_experts) for name in names]
 
     @torch.no_grad()
-    def quantize_fused(self, param: str, w: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """{"{e}.{proj}.{buffer}": tensor} quantizing fused weights `w` (E, 2I, H) or (E, H, I)."""
+    def quantize_fused(self, param: str, w: torch.Tensor, chosen: Optional[Dict[int, tuple]] = None
+                       ) -> Dict[str, torch.Tensor]:
+        """{"{e}.{proj}.{buffer}": tensor} quantizing fused weights `w` (E, 2I, H) or (E, H, I).
+
+        `chosen` {e: (weight on the format's grid, its weight_scale)} gives experts whose values an
+        algorithm (GPTQ) picked; they are encoded as they are, with `w[e]`'s own amax for the
+        per-tensor second-level scale. The other experts are rounded to nearest.
+        """
         if param not in FUSED_PARAMS:
             raise ValueError(f"unknown fused experts parameter {param!r}; valid: {', '.join(FUSED_PARAMS)}")
-        out = {}
+        out, chosen = {}, chosen or {}
         for e in range(self.num_experts):
-            tensors = quantize_weight(w[e], self.fmt, self.group_size)
+            if e in chosen:
+                weight, scale = chosen[e]
+                tensors = quantize_weight(weight, self.fmt, self.group_size, global_amax=w[e].detach().abs().amax().float(),
+                                          weight_scale=scale)
+            else:
+                tensors = quantize_weight(w[e], self.fmt, self.group_size)
             if param == "down_proj":
                 out.update({f"{e}.{self.names[2]}.{k}": t for k, t in tensors.items()})
                 continue
@@ -114,9 +125,9 @@ class QuantExperts(nn.Module):
         return out
 
     @torch.no_grad()
-    def load_fused(self, param: str, w: torch.Tensor) -> None:
-        """Quantize fused weights `w` into this module's buffers."""
-        for key, tensor in self.quantize_fused(param, w).items():
+    def load_fused(self, param: str, w: torch.Tensor, chosen: Optional[Dict[int, tuple]] = None) -> None:
+        """Quantize fused weights `w` into this module's buffers (`chosen`: see quantize_fused)."""
+        for key, tensor in self.quantize_fused(param, w, chosen).items():
             self.get_buffer(key).copy_(tensor)
 
     def set_input_amax(self, kind: str, amax: torch.Tensor) -> None:

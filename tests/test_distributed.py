@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 from conftest import tiny_llama
 
 from hf_ptq_plugin import PTQConfig, QuantLinear, quantize
+from hf_ptq_plugin.calibration.experts import ExpertStats
 from hf_ptq_plugin.calibration.gptq import HessianStats
 
 RUNS = [("fp8", "max", "fp8"), ("int8_sq", "smoothquant", "none"), ("w4a8_awq", "awq_lite", "nvfp4")]
@@ -33,6 +34,23 @@ def hessian_inputs():
     return list(torch.randn(6, 10, 16).unbind())
 
 
+def expert_inputs():
+    """(expert, gate/up inputs, down inputs) chunks; expert 2 only in rank 0's share, expert 3 in none."""
+    torch.manual_seed(5)
+    return [(e, torch.randn(5, 16), torch.randn(5, 8)) for e in (0, 1, 2, 1, 0, 1)]
+
+
+def expert_stats(chunks):
+    stats = ExpertStats(4, input_dims={"gate_up": 16, "down": 8})
+    stats.allocate_hessians()
+    for e, gate_up_x, down_x in chunks:
+        stats.tokens[e] += gate_up_x.shape[0]
+        stats.observe(e, "gate_up", gate_up_x)
+        stats.observe(e, "down", down_x)
+    stats.reduce_across_processes()
+    return stats
+
+
 def _worker(rank, port, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -46,6 +64,8 @@ def _worker(rank, port, results):
             hessian.update(chunk)
         hessian.reduce_across_processes()
         results[(rank, "hessian")] = (hessian.hessian, hessian.num_tokens)
+        experts = expert_stats(expert_inputs()[rank::2])
+        results[(rank, "experts")] = (experts.tokens, experts.amax, experts.outer)
     finally:
         dist.destroy_process_group()
 
@@ -84,3 +104,13 @@ def test_gptq_hessians_reduce_to_the_hessian_of_all_tokens(two_process_results):
         hessian, tokens = two_process_results[(rank, "hessian")]
         assert tokens == single.num_tokens == 60
         torch.testing.assert_close(hessian, single.hessian, rtol=1e-5, atol=1e-6)
+
+
+def test_expert_hessians_and_counts_reduce_to_those_of_all_tokens(two_process_results):
+    single = expert_stats(expert_inputs())
+    for rank in (0, 1):
+        tokens, amax, outer = two_process_results[(rank, "experts")]
+        assert torch.equal(tokens, single.tokens) and tokens.tolist() == [10, 15, 5, 0]
+        for kind in ("gate_up", "down"):
+            assert torch.equal(amax[kind], single.amax[kind])
+            torch.testing.assert_close(outer[kind], single.outer[kind], rtol=1e-5, atol=1e-5)

@@ -13,7 +13,9 @@ from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from hf_ptq_plugin import FORMATS, PTQConfig, QuantLinear, calibrate, quantize
 from hf_ptq_plugin.calibration.data import CalibrationLoop
-from hf_ptq_plugin.numerics import input_scale_from_amax, quantize_activation, quantize_weight, weight_buffer_specs
+from hf_ptq_plugin.calibration.experts import observe_experts
+from hf_ptq_plugin.numerics import (dequantize_weight, input_scale_from_amax, quantize_activation, quantize_weight,
+                                    weight_buffer_specs)
 from hf_ptq_plugin.quant_experts import QuantExperts
 from hf_ptq_plugin.quant_linear import reference_forward
 
@@ -259,6 +261,38 @@ def test_awq_keeps_its_algorithm_on_linears_and_quantizes_experts_round_to_neare
         down = quantize_weight(fused.down_proj[e], FORMATS["int4_awq"], experts.group_size)
         assert experts.expert(e).down_proj.pre_quant_scale is None
         assert torch.equal(experts.expert(e).down_proj.weight, down["weight"])
+
+
+@pytest.mark.parametrize("fmt", ["int4_awq", "nvfp4", "fp8", "int8_wo"])
+def test_gptq_rounds_each_expert_on_the_hessian_of_its_own_tokens(fmt, ids, caplog):
+    original = tiny_moe("qwen3_moe")
+    model, reference = copy.deepcopy(original), copy.deepcopy(original)
+    for m in (model, reference):
+        never_route_to(m.model.layers[0].mlp.gate, 3)  # expert 3 gets no token: no Hessian, round to nearest
+    # Layer 0's experts are calibrated on the full-precision block's outputs, so the reference model
+    # gives the same per-expert Hessians.
+    with observe_experts({"experts": experts_of(reference)}, hessians=True) as stats:
+        logits(reference, ids)
+    with caplog.at_level(logging.WARNING):
+        quantize(model, PTQConfig(qformat=fmt, algorithm="gptq"), forward_loop=lambda m: m(ids))
+    assert "not applied to MoE experts" not in caplog.text
+    experts, fused, stat, f = experts_of(model), experts_of(original), stats["experts"], FORMATS[fmt]
+    for e in range(EXPERTS):
+        mlp = experts.expert(e)
+        stored = {"gate_up": torch.cat([mlp.gate_proj.dequantized_weight(), mlp.up_proj.dequantized_weight()]),
+                  "down": mlp.down_proj.dequantized_weight()}
+        for kind, w in (("gate_up", fused.gate_up_proj[e]), ("down", fused.down_proj[e])):
+            rtn = dequantize_weight(quantize_weight(w, f, experts.group_size), f, experts.group_size)
+            if e == 3:
+                assert torch.equal(stored[kind], rtn)
+                continue
+            h = stat.hessian(kind, e)
+
+            def output_error(q):
+                d = q - w.float()
+                return torch.trace(d @ h @ d.T)
+
+            assert output_error(stored[kind]) < 0.9 * output_error(rtn), (e, kind)
 
 
 def test_awq_after_a_compressed_load_keeps_experts_and_calibrates_their_input_scales(ids, tmp_path, caplog):

@@ -3,13 +3,14 @@
 `observe_experts` replaces, for the duration of the block, each fused-experts module's forward by
 the eager experts forward (experts.route_tokens) in full precision that also records, per expert,
 the tokens routed to it (padding excluded when the forward loop publishes a token mask) and the
-max |x| of the inputs of its gate/up and of its down projection. Called by moe.py around the
+max |x| of the inputs of its gate/up and of its down projection; for GPTQ also each expert's
+sum of x x^T per projection input, from which its Hessian follows. Called by moe.py around the
 calibration pass of `quantize_model`; the rule for experts that get no token is in
 `shared_inputs.py` and `ExpertStats.shared_amax`.
 """
 
 import contextlib
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F_nn
@@ -23,22 +24,45 @@ KINDS = ("gate_up", "down")
 
 
 class ExpertStats:
-    """One fused-experts module's statistics: tokens and input amax per expert."""
+    """One fused-experts module's statistics: tokens and input amax per expert.
 
-    def __init__(self, num_experts: int, device=None):
+    `input_dims` ({kind: K}), when given, also accumulates per expert the fp32 sum of x x^T of
+    each projection's inputs (E, K, K). These are allocated when the module first runs (every
+    process runs every block, so each holds them to reduce, tokens or not) and freed by the
+    quantizer once used: one MoE layer's at a time under layer streaming.
+    """
+
+    def __init__(self, num_experts: int, device=None, input_dims: Optional[Dict[str, int]] = None):
         self.tokens = torch.zeros(num_experts, dtype=torch.int64, device=device)
         self.amax = {kind: torch.zeros(num_experts, device=device) for kind in KINDS}  # fp32 max |x|, per expert
+        self.input_dims, self.outer = input_dims or {}, {}
         self.reduced = False
+
+    def allocate_hessians(self) -> None:
+        if self.input_dims and not self.outer:
+            device, experts = self.tokens.device, self.tokens.shape[0]
+            self.outer = {kind: torch.zeros(experts, k, k, device=device) for kind, k in self.input_dims.items()}
+
+    def release_hessians(self) -> None:
+        self.input_dims, self.outer = {}, {}
 
     def observe(self, e: int, kind: str, x: torch.Tensor) -> None:
         if x.numel():
             self.amax[kind][e] = torch.maximum(self.amax[kind][e], x.detach().abs().amax().float().to(self.amax[kind].device))
+            if kind in self.outer:
+                x = x.detach().float().to(self.outer[kind].device)
+                self.outer[kind][e].addmm_(x.T, x)
+
+    def hessian(self, kind: str, e: int) -> torch.Tensor:
+        """GPTQ's H = (2 / n) sum x x^T over the n tokens expert e saw (reduced across processes)."""
+        return self.outer[kind][e] * (2.0 / max(int(self.tokens[e]), 1))
 
     def reduce_across_processes(self) -> None:
-        """Sum tokens and max the amax over calibrating processes (no-op when alone); once."""
+        """Sum tokens and x x^T and max the amax over calibrating processes (no-op when alone); once."""
         if not self.reduced:
             self.tokens = all_reduce(self.tokens, "sum")
             self.amax = {kind: all_reduce(a, "max") for kind, a in self.amax.items()}
+            self.outer = {kind: all_reduce(s, "sum") for kind, s in self.outer.items()}
             self.reduced = True
 
     @property
@@ -54,9 +78,16 @@ class ExpertStats:
 
 
 @contextlib.contextmanager
-def observe_experts(experts: Dict[str, nn.Module], token_mask=None):
-    """Inside the block, the fused-experts modules record statistics; yields {name: ExpertStats}."""
-    stats = {name: ExpertStats(module.num_experts, module.gate_up_proj.device) for name, module in experts.items()}
+def observe_experts(experts: Dict[str, nn.Module], token_mask=None, hessians: bool = False):
+    """Inside the block, the fused-experts modules record statistics; yields {name: ExpertStats}.
+
+    `hessians`: also accumulate each expert's x x^T (GPTQ).
+    """
+    def dims(module):  # gate_up_proj (E, 2I, H) takes H inputs, down_proj (E, H, I) takes I
+        return {"gate_up": module.gate_up_proj.shape[2], "down": module.down_proj.shape[2]} if hessians else None
+
+    stats = {name: ExpertStats(module.num_experts, module.gate_up_proj.device, dims(module))
+             for name, module in experts.items()}
     warned = set()
     try:
         for name, module in experts.items():
@@ -69,6 +100,7 @@ def observe_experts(experts: Dict[str, nn.Module], token_mask=None):
 
 def _observed_forward(name: str, module: nn.Module, stat: ExpertStats, token_mask, warned: set):
     def forward(hidden_states, top_k_index, top_k_weights):
+        stat.allocate_hessians()
         real = _real_token_flags(hidden_states, token_mask)  # (T,) bool or None
 
         def run_expert(e, x, token_idx):
