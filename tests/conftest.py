@@ -3,7 +3,8 @@
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast,
+                          Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 WORDS = "the a of and to in is it that was he she you with for his her on at by not be had".split()
 
@@ -18,6 +19,17 @@ def tiny_llama(seed=0, **overrides) -> LlamaForCausalLM:
     """A fresh fp32 Llama with its own config object (attention switches must not leak between tests)."""
     torch.manual_seed(seed)
     return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
+
+
+def tiny_moe(family: str, seed: int = 0, layers: int = 2, experts: int = 4, top_k: int = 2):
+    """hidden 64, top-2 of 4 experts; expert intermediate 64 (Qwen3-MoE) or 128 (Mixtral)."""
+    torch.manual_seed(seed)
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, num_experts_per_tok=top_k, vocab_size=320)
+    if family == "qwen3_moe":
+        return Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, moe_intermediate_size=64, num_experts=experts,
+                                                  head_dim=16)).eval()
+    return MixtralForCausalLM(MixtralConfig(**common, num_local_experts=experts)).eval()
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:

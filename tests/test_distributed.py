@@ -7,13 +7,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import tiny_llama
+from conftest import tiny_llama, tiny_moe
 
 from hf_ptq_plugin import PTQConfig, QuantLinear, quantize
 from hf_ptq_plugin.calibration.experts import ExpertStats
 from hf_ptq_plugin.calibration.gptq import HessianStats
 
-RUNS = [("fp8", "max", "fp8"), ("int8_sq", "smoothquant", "none"), ("w4a8_awq", "awq_lite", "nvfp4")]
+# (model, qformat, algorithm, kv cache): the MoE run streams SmoothQuant block by block and gives
+# the experts input scales from per-expert amax reduced across the processes.
+RUNS = [("llama", "fp8", "max", "fp8"), ("llama", "int8_sq", "smoothquant", "none"),
+        ("llama", "w4a8_awq", "awq_lite", "nvfp4"), ("qwen3_moe", "int8_sq", "smoothquant", "none")]
+MODELS = {"llama": tiny_llama, "qwen3_moe": lambda: tiny_moe("qwen3_moe")}
 
 
 def calibration_ids():
@@ -21,8 +25,8 @@ def calibration_ids():
     return torch.randint(0, 320, (4, 32))
 
 
-def quantized_state(qformat, algorithm, kv, ids):
-    model = tiny_llama()
+def quantized_state(model_name, qformat, algorithm, kv, ids):
+    model = MODELS[model_name]()
     quantize(model, PTQConfig(qformat=qformat, algorithm=algorithm, kv_cache_qformat=kv),
              forward_loop=lambda m: [m(batch[None]) for batch in ids])
     return {k: v.clone() for k, v in model.state_dict().items()
@@ -84,7 +88,7 @@ def two_process_results():
         return dict(results)
 
 
-@pytest.mark.parametrize("run", RUNS, ids=[r[1] for r in RUNS])
+@pytest.mark.parametrize("run", RUNS, ids=[f"{r[0]}-{r[2]}" for r in RUNS])
 def test_two_processes_match_one_process(run, two_process_results):
     single = quantized_state(*run, calibration_ids())
     for rank in (0, 1):

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F_nn
 from conftest import sqnr_db
+from conftest import tiny_moe as conftest_tiny_moe
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import AutoModelForCausalLM
 
 from hf_ptq_plugin import FORMATS, PTQConfig, QuantLinear, calibrate, quantize
 from hf_ptq_plugin.calibration.data import CalibrationLoop
@@ -28,14 +29,7 @@ TOKENS, TOP_K, EXPERTS, LAYERS = 2 * 16, 2, 4, 2
 
 
 def tiny_moe(family: str, seed: int = 0):
-    """hidden 64, 2 layers, 4 experts, top-2; expert intermediate 64 (Qwen3) or 128 (Mixtral)."""
-    torch.manual_seed(seed)
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
-                  num_key_value_heads=2, num_experts_per_tok=TOP_K, vocab_size=320)
-    if family == "qwen3_moe":
-        return Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, moe_intermediate_size=64, num_experts=EXPERTS,
-                                                  head_dim=16)).eval()
-    return MixtralForCausalLM(MixtralConfig(**common, num_local_experts=EXPERTS)).eval()
+    return conftest_tiny_moe(family, seed, layers=LAYERS, experts=EXPERTS, top_k=TOP_K)
 
 
 @pytest.fixture
