@@ -5,12 +5,13 @@ import torch
 from conftest import sqnr_db, tiny_llama
 
 from hf_ptq_plugin import FORMATS, PTQConfig, quantize
-from hf_ptq_plugin.calibration.clipping import mse_weight_scale
+from hf_ptq_plugin.calibration.clipping import mse_weight_scale, weighted_nvfp4_block_scales
 from hf_ptq_plugin.calibration.gptq import HessianStats, gptq_quantize
 from hf_ptq_plugin.calibration.blocks import capture_block_inputs, decoder_blocks, run_block
 from hf_ptq_plugin.calibration.smoothing import apply_pre_quant_scale
 from hf_ptq_plugin.calibration.smoothquant import ALPHAS, search_alpha, smoothquant_scale
 from hf_ptq_plugin.numerics import dequantize_weight, input_scale_from_amax, quantize_activation, quantize_weight
+from hf_ptq_plugin.numerics.nvfp4 import nvfp4_block_scales, nvfp4_dequantize, nvfp4_global_scale, nvfp4_quantize
 from hf_ptq_plugin.numerics.scales import block_amax
 from hf_ptq_plugin.numerics.weights import fake_quantize_weight
 from hf_ptq_plugin.selection import target_linears
@@ -108,10 +109,12 @@ def test_gptq_with_an_identity_hessian_is_round_to_nearest(qformat, act_order):
     w = torch.randn(16, 256)
     fmt, amax = FORMATS[qformat], w.abs().amax()
     gptq_w, scale = gptq_quantize(w, torch.eye(256) * 3.0, fmt, group_size=64, act_order=act_order)
-    # INT4 GPTQ uses all 16 codes (amax / 7.5, then clipped by the weight-error search, which a
-    # uniform diag(H) leaves unweighted); the other grids are round-to-nearest's.
-    expected_scale = (mse_weight_scale(w, fmt, 64, int4_max=7.5) if qformat == "int4_awq"
-                      else quantize_weight(w, fmt, 64)["weight_scale"])
+    # INT4 GPTQ uses all 16 codes (amax / 7.5), and INT4 and NVFP4 scales are clipped by the
+    # weight-error search, which a uniform diag(H) leaves unweighted; the other grids are
+    # round-to-nearest's.
+    expected_scale = {"int4_awq": lambda: mse_weight_scale(w, fmt, 64, int4_max=7.5),
+                      "nvfp4": lambda: weighted_nvfp4_block_scales(w, nvfp4_global_scale(amax), torch.ones(256)),
+                      }.get(qformat, lambda: quantize_weight(w, fmt, 64)["weight_scale"])()
     rtn = dequantize_weight(quantize_weight(w, fmt, 64, weight_scale=expected_scale), fmt, 64)
     assert torch.equal(gptq_w, rtn)
     assert torch.equal(scale, expected_scale)
@@ -136,6 +139,22 @@ def test_gptq_int4_scales_minimize_the_rounding_error_weighted_by_input_energy()
     h = torch.diag(energy)
     _, gptq_scale = gptq_quantize(w, h, fmt, group_size=64)
     assert torch.equal(gptq_scale, searched)
+
+
+def test_gptq_nvfp4_block_scales_minimize_the_rounding_error_weighted_by_input_energy():
+    torch.manual_seed(0)
+    fmt = FORMATS["nvfp4"]
+    w, energy = torch.randn(32, 128), torch.rand(128) ** 4 * 10
+    global_scale = nvfp4_global_scale(w.abs().amax())
+
+    def weighted_error(scales):
+        codes, _ = nvfp4_quantize(w, global_scale, scales)
+        return ((w - nvfp4_dequantize(codes, scales, global_scale)).pow(2) * energy).sum()
+
+    searched = weighted_nvfp4_block_scales(w, global_scale, energy)
+    assert weighted_error(searched) < 0.95 * weighted_error(nvfp4_block_scales(w, global_scale))
+    _, gptq_scale = gptq_quantize(w, torch.diag(energy), fmt, group_size=16)
+    assert torch.equal(gptq_scale.float(), searched.float())
 
 
 @pytest.mark.parametrize("qformat", ["int8_wo", "fp8_pc_pt"])

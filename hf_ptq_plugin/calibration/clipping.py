@@ -5,7 +5,8 @@ inputs x: for INT4, per (row, group) block, the squared error of the block's par
 sum_{k in group} x_k (w_k - Q(w_k)) over tokens, for clip ratios 0.5, 0.55, ..., 1.0 of the block
 amax; for NVFP4 the global amax (the per-tensor `weight_scale_2`) is clipped, scored on the whole
 output. `mse` needs no data: per block, the squared weight error sum (w - Q(w))^2, optionally
-weighted per input channel (GPTQ's INT4 scales).
+weighted per input channel (GPTQ's INT4 scales; `weighted_nvfp4_block_scales` is the same search
+for GPTQ's NVFP4 block scales).
 Each returns the scale (or global amax) the QuantLinear then stores as is.
 """
 
@@ -14,6 +15,7 @@ import torch
 from .. import formats as F
 from ..numerics.weights import fake_quantize_weight
 from ..numerics.integer import INT4_MAX, INT8_MAX, int_quantize
+from ..numerics.nvfp4 import NVFP4_BLOCK, nvfp4_block_scales, nvfp4_dequantize, nvfp4_quantize
 from ..numerics.scales import block_amax, scale_from_amax
 from .distributed import all_reduce
 
@@ -73,3 +75,27 @@ def mse_weight_scale(w: torch.Tensor, fmt: F.Format, group_size: int, importance
     best = torch.tensor(MSE_RATIOS)[torch.stack(errors).argmin(dim=0)]  # (N, G)
     scale = scale_from_amax(amax.squeeze(-1) * best, maxbound)
     return scale if fmt.weight == F.INT4 else scale.squeeze(-1)
+
+
+def weighted_nvfp4_block_scales(w: torch.Tensor, global_scale: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+    """NVFP4 e4m3 block scales (N, K / 16) under `global_scale` with, per 16-block, the least
+    rounding error weighted per input channel by `importance` (K,) (GPTQ passes diag(H)).
+
+    Candidates are the max-derived scale times 0.50, 0.52, ..., 1.00, each rounded to e4m3 as the
+    checkpoint stores it.
+    """
+    w = w.float()
+    weights = importance.float().view(1, -1, NVFP4_BLOCK)
+    best_scales, best_errors = None, None
+    for ratio in MSE_RATIOS:
+        scales = nvfp4_block_scales(w * ratio, global_scale)  # ratio x the block amax, then to e4m3
+        codes, _ = nvfp4_quantize(w, global_scale, scales)
+        diff = (w - nvfp4_dequantize(codes, scales, global_scale)).unflatten(-1, (-1, NVFP4_BLOCK))
+        errors = (diff.pow(2) * weights).sum(dim=-1)  # (N, K / 16)
+        if best_scales is None:
+            best_scales, best_errors = scales, errors
+        else:
+            better = errors < best_errors
+            best_scales = torch.where(better, scales, best_scales)
+            best_errors = torch.where(better, errors, best_errors)
+    return best_scales

@@ -33,11 +33,11 @@ from typing import Callable, Tuple
 import torch
 
 from .. import formats as F
-from .clipping import mse_weight_scale
+from .clipping import mse_weight_scale, weighted_nvfp4_block_scales
 from .distributed import all_reduce, all_reduce_number
 from ..numerics.fp8 import FP8_MAX, fp8_quantize
 from ..numerics.integer import INT8_MAX
-from ..numerics.nvfp4 import NVFP4_BLOCK, e2m1_codes, e2m1_values, nvfp4_block_scales, nvfp4_global_scale
+from ..numerics.nvfp4 import NVFP4_BLOCK, e2m1_codes, e2m1_values, nvfp4_global_scale
 from ..numerics.scales import scale_from_amax
 
 PERC_DAMP = 0.01
@@ -74,15 +74,15 @@ def gptq_weight_scale(w: torch.Tensor, fmt: F.Format, group_size: int, global_am
                       input_energy: torch.Tensor) -> torch.Tensor:
     """The scales GPTQ quantizes with: INT4 (N, K / g), INT8 (N,), FP8 () or (N,), NVFP4 e4m3 (N, K / 16).
 
-    INT4 group scales are searched (ratios of amax / 7.5) for the least squared rounding error
-    weighted by `input_energy`, diag(H).
+    INT4 group scales (ratios of amax / 7.5) and NVFP4 block scales (ratios of the max-derived
+    ones) are searched for the least squared rounding error weighted by `input_energy`, diag(H).
     """
     if fmt.weight == F.INT4:
         return mse_weight_scale(w, fmt, group_size, importance=input_energy, int4_max=INT4_GPTQ_MAX)
     if fmt.weight == F.INT8:
         return scale_from_amax(w.abs().amax(dim=1).float(), INT8_MAX)
     if fmt.weight == F.NVFP4:
-        return nvfp4_block_scales(w, nvfp4_global_scale(global_amax))
+        return weighted_nvfp4_block_scales(w, nvfp4_global_scale(global_amax), input_energy)
     if fmt.weight == F.FP8 and fmt.weight_granularity == F.PER_TENSOR:
         return scale_from_amax(w.abs().amax().float(), FP8_MAX)
     if fmt.weight == F.FP8 and fmt.weight_granularity == F.PER_CHANNEL:
