@@ -41,8 +41,8 @@ def cpu_linear(module, x: torch.Tensor) -> torch.Tensor:
     if weight is None or not weight.is_current(buffers, x.dtype):
         weight = module.cpu_weight_cache = build_cpu_weight(module.fmt, module.weight_buffers(), module.group_size,
                                                             x.dtype)
-    if weight.kind == "dense":  # the reference's own call on its own operands
-        x_q = quantize_activation(x, module.fmt, module._activation_scale(x))
+    if weight.kind == "dense":  # the reference's weight, activations quantized to the reference's values
+        x_q = fast_quantize_activation(x, module.fmt, module._activation_scale(x))
         return F_nn.linear(x_q, weight.matrix, None if bias is None else bias.float()).to(x.dtype)
     x2d = x.reshape(-1, x.shape[-1])
     if weight.kind == "int4pack":
