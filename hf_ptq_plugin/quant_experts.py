@@ -40,6 +40,7 @@ from torch import nn
 from . import formats as F
 from .experts import FUSED_PARAMS, route_tokens
 from .numerics import quantize_weight
+from .numerics.scales import abs_amax
 from .quant_linear import QuantLinear
 
 
@@ -113,7 +114,7 @@ class QuantExperts(nn.Module):
         for e in range(self.num_experts):
             if e in chosen:
                 weight, scale = chosen[e]
-                tensors = quantize_weight(weight, self.fmt, self.group_size, global_amax=w[e].detach().abs().amax().float(),
+                tensors = quantize_weight(weight, self.fmt, self.group_size, global_amax=abs_amax(w[e].detach()),
                                           weight_scale=scale)
             else:
                 tensors = quantize_weight(w[e], self.fmt, self.group_size)

@@ -18,7 +18,7 @@ from . import formats as F
 from .backends.cpu_linear import cpu_linear
 from .backends.triton_linear import triton_available, triton_linear
 from .numerics import dequantize_weight, input_scale_from_amax, quantize_activation, quantize_weight
-from .numerics.weights import weight_buffer_specs
+from .numerics.weights import WEIGHT_BUFFERS, weight_buffer_specs
 
 
 class QuantLinear(nn.Module):
@@ -77,7 +77,7 @@ class QuantLinear(nn.Module):
         self.input_calibrated = True
 
     def weight_buffers(self) -> dict:
-        return {name: getattr(self, name) for name in ("weight", "weight_scale", "weight_scale_2")
+        return {name: getattr(self, name) for name in WEIGHT_BUFFERS
                 if getattr(self, name, None) is not None}
 
     def dequantized_weight(self) -> torch.Tensor:

@@ -36,6 +36,7 @@ from .. import formats as F
 from ..numerics import dequantize_weight, fp8_quantize, unpack_int4_rows, unpack_nibbles
 from ..numerics.mx import mxfp8_dequantize
 from ..numerics.nvfp4 import e2m1_values
+from ..numerics.weights import WEIGHT_BUFFERS
 
 INT4PACK_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 kernel accepts
 INT8PACK_ALIGNMENT = 64  # bytes; see aligned_for_int8pack
@@ -91,9 +92,6 @@ def aligned_for_int8pack(t: torch.Tensor) -> torch.Tensor:
     """
     t = t.contiguous()
     return t if t.data_ptr() % INT8PACK_ALIGNMENT == 0 else t.clone()
-
-
-WEIGHT_BUFFERS = ("weight", "weight_scale", "weight_scale_2")
 
 
 def _sources(buffers: dict) -> tuple:

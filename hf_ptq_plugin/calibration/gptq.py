@@ -118,12 +118,14 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: F.Format, group_s
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    scale = gptq_weight_scale(w, fmt, group_size, global_amax, torch.diag(h))
+    energy = torch.diag(h)  # each input channel's, the weights of the scale search
+    scale = gptq_weight_scale(w, fmt, group_size, global_amax, energy)
     step, to_grid = _column_grid(w, scale, fmt, group_size, global_amax)
     dynamic_groups = fmt.weight == F.INT4 and not act_order
-    order = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(w.shape[1])
+    order = torch.argsort(energy, descending=True, stable=True) if act_order else torch.arange(w.shape[1])
     # Work on the transpose: column i of w is then the contiguous row i, which the updates sweep.
     wt, step_t, h = w[:, order].t().contiguous(), step[:, order].t().contiguous(), h[order][:, order]
+    energy = energy[order]
     hinv = _inverse_hessian_factor(h, perc_damp)
     k = wt.shape[0]
     for start in range(0, k, COLUMN_BLOCK):
@@ -131,7 +133,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: F.Format, group_s
         errors = torch.empty_like(wt[start:end])
         for i in range(start, end):
             if dynamic_groups and i % group_size == 0:  # the group's scale, from the updated weights
-                group_w, group_energy = wt[i:i + group_size].t(), torch.diag(h)[i:i + group_size]
+                group_w, group_energy = wt[i:i + group_size].t(), energy[i:i + group_size]
                 scale[:, i // group_size] = gptq_weight_scale(group_w, fmt, group_size, global_amax, group_energy)[:, 0]
                 step_t[i:i + group_size] = scale[None, :, i // group_size]
             s = step_t[i]

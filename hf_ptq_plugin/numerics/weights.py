@@ -18,6 +18,9 @@ from .nvfp4 import nvfp4_dequantize, nvfp4_global_scale, nvfp4_quantize, pack_ni
 from .scales import abs_amax, block_amax, scale_from_amax
 
 
+WEIGHT_BUFFERS = ("weight", "weight_scale", "weight_scale_2")  # the names quantize_weight returns
+
+
 def quantize_weight(w: torch.Tensor, fmt: F.Format, group_size: Optional[int] = None,
                     global_amax: Optional[torch.Tensor] = None, weight_scale: Optional[torch.Tensor] = None) -> dict:
     """Quantize a (N, K) weight into the format's checkpoint tensors.
