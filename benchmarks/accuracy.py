@@ -30,6 +30,9 @@ def parse_args():
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--baseline-ppl", type=float, default=None,
                         help="unquantized perplexity measured earlier with the same protocol (skips that run)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype of the model for calibration and evaluation (bfloat16: the checkpoint's "
+                             "own dtype, fast on CPUs with AVX512-BF16 or AMX; float32: fast on AVX2-only CPUs)")
     parser.add_argument("--markdown", action="store_true")
     return parser.parse_args()
 
@@ -48,7 +51,7 @@ def windows(args):
             first_windows(tokenize(tokenizer, evaluation), args.seq_len, args.eval_windows))
 
 
-def one_run(qformat, algorithm, group_size, path, calib_windows, eval_windows, batch_size):
+def one_run(qformat, algorithm, group_size, dtype, path, calib_windows, eval_windows, batch_size):
     """Runs in a child process: load, quantize, evaluate; returns the measurements."""
     from transformers import AutoModelForCausalLM
 
@@ -56,7 +59,7 @@ def one_run(qformat, algorithm, group_size, path, calib_windows, eval_windows, b
     from hf_ptq_plugin.evaluation import perplexity
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # fp32: fast on AVX2
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     start = time.perf_counter()
     if qformat != "none":
         config = PTQConfig(qformat=qformat, algorithm=algorithm, group_size=group_size)
@@ -78,7 +81,7 @@ def main():
     results = []
     for qformat, algorithm in runs:
         with context.Pool(1) as pool:
-            results.append(pool.apply(one_run, (qformat, algorithm, args.group_size, path, calib_windows,
+            results.append(pool.apply(one_run, (qformat, algorithm, args.group_size, args.dtype, path, calib_windows,
                                                 eval_windows, args.batch_size)))
         print(f"done: {results[-1]}", flush=True)  # a long series shows each result as it lands
     baseline = args.baseline_ppl if args.baseline_ppl is not None else results[0]["ppl"]
@@ -87,7 +90,7 @@ def main():
              f"{r['calib_s']:.0f}", f"{r['peak_mb']:.0f}"] for r in results]
     print(f"protocol: {args.calib_samples} calibration samples x {args.seq_len} tokens (Austen minus P&P), "
           f"perplexity on the first {args.eval_windows} windows x {args.seq_len} of Pride and Prejudice, "
-          f"fp32 compute, {torch.get_num_threads()} threads, unquantized perplexity {baseline:.2f}"
+          f"{args.dtype} compute, {torch.get_num_threads()} threads, unquantized perplexity {baseline:.2f}"
           + (" (given with --baseline-ppl)" if args.baseline_ppl is not None else ""))
     if args.markdown:
         print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))

@@ -5,7 +5,8 @@ Called by `QuantLinear.forward` for CPU inputs. The activation side gives the re
 their op-lean equivalents in `cpu_activations`, with the same scale); the GEMM runs on the weight
 form `cpu_weights` cached for the layer:
 
-  dense     F.linear on the reference's fp32 weight: the reference's output, bit for bit.
+  dense     F.linear on the reference's fp32 weight: the reference's output, bit for bit (or,
+            inside `cpu_weights.bf16_dense_weights`, on its weight and activations rounded to bf16).
   fp16pack  fbgemm's fp16-weight GEMM with fp32 activations: the reference's products (or an
             fp16-rounded weight, see cpu_weights), accumulated in fp32 in another order.
   int4pack  torch's packed INT4 matmul on bf16 activations with bf16 group scales (<= 2**-9
@@ -42,8 +43,9 @@ def cpu_linear(module, x: torch.Tensor) -> torch.Tensor:
         weight = module.cpu_weight_cache = build_cpu_weight(module.fmt, module.weight_buffers(), module.group_size,
                                                             x.dtype)
     if weight.kind == "dense":  # the reference's weight, activations quantized to the reference's values
-        x_q = fast_quantize_activation(x, module.fmt, module._activation_scale(x))
-        return F_nn.linear(x_q, weight.matrix, None if bias is None else bias.float()).to(x.dtype)
+        x_q = fast_quantize_activation(x, module.fmt, module._activation_scale(x))  # fp32
+        dtype = weight.matrix.dtype  # fp32, or bf16 inside `bf16_dense_weights`
+        return F_nn.linear(x_q.to(dtype), weight.matrix, None if bias is None else bias.to(dtype)).to(x.dtype)
     x2d = x.reshape(-1, x.shape[-1])
     if weight.kind == "int4pack":
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d.contiguous(), weight.matrix, module.group_size,

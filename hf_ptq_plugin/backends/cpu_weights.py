@@ -10,6 +10,8 @@ the form a fast torch kernel takes. Chosen by measurement (BENCHMARKS.md, "Speed
                                                 bf16 group scales
   int8pack  bf16 activations, int8_wo / int8_sq nothing (reads `weight`)       N bf16 ones
   fp16pack  bf16 activations, the other formats fbgemm's packed fp16 matrix    2 B/weight
+  dense     bf16 activations, inside            the reference's weight         2 B/weight,
+  (bf16)    `bf16_dense_weights` only           rounded to bf16                while inside
 
 `dense` runs the reference's own F.linear on the reference's own operands, so fp32 models get
 the reference's numbers bit for bit (batch for batch, too). bf16 models take the faster kernels,
@@ -26,9 +28,10 @@ built from and their version counters, so any in-place update (load_state_dict, 
 does a change of activation dtype.
 """
 
+import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
@@ -60,7 +63,7 @@ class CpuWeight:
     kind: str  # "int4pack", "int8pack", "fp16pack" or "dense"
     sources: tuple  # ((name, tensor, data_ptr, version), ...) of the buffers it was built from
     bf16_activations: bool  # built for bf16 activations (the packed int kernels) or for any other dtype
-    matrix: Any  # int4pack: uint8 (N, K/2); int8pack: the int8 weight; fp16pack: fbgemm packed; dense: fp32 (N, K)
+    matrix: Any  # int4pack: uint8 (N, K/2); int8pack: the int8 weight; fp16pack: fbgemm packed; dense: fp32 or bf16 (N, K)
     scales: Optional[torch.Tensor] = None  # int4pack: bf16 (K/g, N, 2) scales and zeros; int8pack: bf16 ones (N,)
     out_scale: Optional[torch.Tensor] = None  # fp32 () or (N,) multiplying the GEMM output
     nbytes: int = 0  # memory held beyond the checkpoint buffers
@@ -81,6 +84,29 @@ class CpuWeight:
 
     def __reduce__(self):
         return (_dropped, ())  # deepcopy and pickle drop the cache; the next forward rebuilds it
+
+
+@contextlib.contextmanager
+def bf16_dense_weights(modules: Iterable) -> Iterator[None]:
+    """Within the block, QuantLinears `modules` multiply bf16 activations with their dequantized
+    weight rounded to bf16, on torch's native bf16 GEMM; on exit they go back to their kernels.
+
+    For many-token passes that are not inference: calibration feeding a just-quantized decoder
+    block's outputs on to the next block. At 2048 rows the packed INT4 / INT8 / fp16 kernels run at
+    145-195 GFLOP/s on an AVX512-BF16 CPU, bf16 F.linear at ~410. The bf16 rounding of the weight
+    (<= 2**-9 relative) is the size of int4pack's bf16 group scales. W8A8 keeps torch's int8 GEMM,
+    which is faster than bf16 there and exact. Costs 2 B/weight of the modules while inside.
+    """
+    modules = [m for m in modules if m.fmt.act != F.INT8]
+    try:
+        for module in modules:
+            buffers = module._buffers
+            matrix = dequantize_weight(module.weight_buffers(), module.fmt, module.group_size).to(torch.bfloat16)
+            module.cpu_weight_cache = CpuWeight("dense", _sources(buffers), True, matrix, nbytes=matrix.nbytes)
+        yield
+    finally:
+        for module in modules:
+            module.cpu_weight_cache = None  # the next call builds the layer's kernel form again
 
 
 def aligned_for_int8pack(t: torch.Tensor) -> torch.Tensor:

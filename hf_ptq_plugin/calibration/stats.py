@@ -33,14 +33,15 @@ class InputStats:
         self.sample_stride = sample_stride
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, K)
-        amax = x.abs().amax(dim=0)
+        x = x.detach().reshape(-1, x.shape[-1])  # (tokens, K), in the model's dtype
+        magnitude = x.abs()
+        amax = magnitude.amax(dim=0).float()  # exact in any dtype
         self.channel_amax = amax if self.channel_amax is None else torch.maximum(self.channel_amax, amax)
         self.num_tokens += x.shape[0]
         if self.sample_stride:
-            abs_sum = x.abs().sum(dim=0)
+            abs_sum = magnitude.sum(dim=0, dtype=torch.float32)
             self.abs_sum = abs_sum if self.abs_sum is None else self.abs_sum + abs_sum
-            self.samples.append(x[:: self.sample_stride].clone())
+            self.samples.append(x[:: self.sample_stride].to(torch.float32, copy=True))  # never a view of x
 
     def reduce_across_processes(self) -> None:
         """Make every process hold the statistics of all processes' tokens (no-op when alone).
@@ -72,8 +73,10 @@ class InputStats:
 def finite_values(x: torch.Tensor, where: str, warned: set) -> torch.Tensor:
     """x with NaN/Inf set to 0: the rule is that non-finite activations are left out of statistics
     (a 0 never raises a max and adds nothing to a sum or a Hessian), with one warning per layer."""
+    if bool(torch.isfinite(x.sum())):  # a NaN or Inf anywhere makes the sum NaN or Inf: one cheap pass
+        return x
     finite = torch.isfinite(x)
-    if bool(finite.all()):
+    if bool(finite.all()):  # the sum overflowed; every value is finite
         return x
     if where not in warned:
         warned.add(where)

@@ -1,0 +1,110 @@
+"""The faster forms calibration computes in: they must give the numbers of the plain forms.
+
+- AWQ's loss through the Gram matrix x^T x equals the loss on the outputs themselves.
+- A just-quantized bf16 block feeds the next block through bf16 dense weights
+  (`bf16_dense_weights`): within bf16 rounding of the kernels' outputs, and back to the kernels after.
+- The NaN/Inf check's one-sum fast path still finds every non-finite value.
+"""
+
+import logging
+
+import pytest
+import torch
+from conftest import sqnr_db, tiny_llama
+
+from hf_ptq_plugin import FORMATS, PTQConfig, quantize
+from hf_ptq_plugin.backends.cpu_weights import bf16_dense_weights
+from hf_ptq_plugin.calibration.awq import _quantized_output, _squared_output_error
+from hf_ptq_plugin.calibration.stats import finite_values
+from hf_ptq_plugin.quant_linear import QuantLinear
+
+
+def test_awq_gram_loss_equals_the_output_loss():
+    torch.manual_seed(0)
+    w, x = torch.randn(96, 256), torch.randn(512, 256) * (torch.rand(256) * 4)
+    fmt = FORMATS["int4_awq"]
+    gram_form = _squared_output_error(w, x, fmt, 64, evaluations=11)  # K (tokens + 11 N) < 11 tokens N
+    reference = x @ w.T
+    for scale in (torch.ones(256), torch.rand(256) + 0.5, torch.rand(256) * 3 + 0.1):
+        direct = (_quantized_output(w, x, scale, fmt, 64) - reference).pow(2).sum()
+        torch.testing.assert_close(gram_form(scale), direct, rtol=1e-4, atol=0)
+
+
+def test_awq_loss_quantizes_activations_of_formats_that_do():
+    """W4A8's loss must see its FP8 activations, which the Gram form cannot: the direct form is kept."""
+    torch.manual_seed(0)
+    w, x, scale = torch.randn(96, 256), torch.randn(512, 256), torch.rand(256) + 0.5
+    fmt = FORMATS["w4a8_awq"]
+    direct = (_quantized_output(w, x, scale, fmt, 64) - x @ w.T).pow(2).sum()
+    assert torch.equal(_squared_output_error(w, x, fmt, 64, evaluations=11)(scale), direct)
+
+
+def bf16_quantized_layer(qformat):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 192, bias=True, dtype=torch.bfloat16)
+    return QuantLinear.from_linear(linear, FORMATS[qformat], input_amax=torch.tensor(4.0))
+
+
+@pytest.mark.parametrize("qformat", ["int4_awq", "fp8", "nvfp4", "w4a8_awq", "int8_wo"])
+def test_bf16_dense_weights_match_the_kernels_and_hand_back(qformat):
+    module = bf16_quantized_layer(qformat)
+    x = torch.randn(300, 256).bfloat16()
+    with torch.no_grad():
+        kernel = module(x)
+        kernel_kind = module.cpu_weight_cache.kind
+        with bf16_dense_weights([module]):
+            dense = module(x)
+            assert module.cpu_weight_cache.kind == "dense"
+            assert module.cpu_weight_cache.matrix.dtype == torch.bfloat16
+        assert module.cpu_weight_cache is None  # the next call builds the kernel form again
+        assert torch.equal(module(x), kernel) and module.cpu_weight_cache.kind == kernel_kind
+    assert dense.dtype == torch.bfloat16
+    assert sqnr_db(kernel.float(), dense.float()) > 40  # both within bf16 rounding of the reference
+
+
+def test_bf16_dense_weights_leave_w8a8_on_its_exact_int8_gemm():
+    module = bf16_quantized_layer("int8_sq")
+    x = torch.randn(300, 256).bfloat16()
+    with torch.no_grad():
+        kernel = module(x)
+        with bf16_dense_weights([module]):
+            assert torch.equal(module(x), kernel)
+            assert module.cpu_weight_cache.kind == "int8pack"
+
+
+def test_streamed_bf16_calibration_on_dense_weights_matches_it_on_the_kernels(monkeypatch):
+    """The dense weights only speed up the pass that feeds block i's outputs to block i + 1."""
+    import contextlib
+
+    import hf_ptq_plugin.calibration.streamed as streamed
+
+    torch.manual_seed(2)
+    ids = torch.randint(0, 320, (8, 64))
+    models = []
+    for use_dense in (True, False):
+        if not use_dense:
+            monkeypatch.setattr(streamed, "bf16_dense_weights", lambda modules: contextlib.nullcontext())
+        model = tiny_llama(0, layers=3).to(torch.bfloat16)
+        quantize(model, PTQConfig(qformat="int4_awq", algorithm="awq_lite"), forward_loop=lambda m: m(ids))
+        models.append([m for m in model.modules() if isinstance(m, QuantLinear)])
+    assert len(models[0]) == 21
+    for dense, kernel in zip(*models):
+        torch.testing.assert_close(dense.pre_quant_scale, kernel.pre_quant_scale, rtol=0.02, atol=0)
+        assert (dense.weight != kernel.weight).float().mean() < 0.01
+
+
+def test_finite_check_fast_path_keeps_finite_values_whose_sum_overflows(caplog):
+    x = torch.full((4, 8), 3e38)
+    with caplog.at_level(logging.WARNING):
+        assert finite_values(x, "layer", set()) is x
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_finite_check_still_zeroes_every_non_finite_value(bad, caplog):
+    x = torch.randn(4, 8).bfloat16()
+    x[1, 3], x[2, 5] = bad, bad
+    with caplog.at_level(logging.WARNING):
+        cleaned = finite_values(x, "layer", set())
+    assert cleaned[1, 3] == 0 and cleaned[2, 5] == 0 and torch.isfinite(cleaned).all()
+    assert "2 of 32" in caplog.text
