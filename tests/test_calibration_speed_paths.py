@@ -4,6 +4,8 @@
 - A just-quantized bf16 block feeds the next block through bf16 dense weights
   (`bf16_dense_weights`): within bf16 rounding of the kernels' outputs, and back to the kernels after.
 - The NaN/Inf check's one-sum fast path still finds every non-finite value.
+- GPTQ's Hessian from half the Gram matrix equals x^T x; the statistics pass that stops a block
+  once every Linear had its input collects what the full run collects.
 """
 
 import logging
@@ -15,7 +17,9 @@ from conftest import sqnr_db, tiny_llama
 from hf_ptq_plugin import FORMATS, PTQConfig, quantize
 from hf_ptq_plugin.backends.cpu_weights import bf16_dense_weights
 from hf_ptq_plugin.calibration.awq import _quantized_output, _squared_output_error
-from hf_ptq_plugin.calibration.stats import finite_values
+from hf_ptq_plugin.calibration.blocks import capture_block_inputs, observe_block
+from hf_ptq_plugin.calibration.gptq import symmetric_gram
+from hf_ptq_plugin.calibration.stats import InputStats, finite_values, input_hooks
 from hf_ptq_plugin.quant_linear import QuantLinear
 
 
@@ -108,3 +112,35 @@ def test_finite_check_still_zeroes_every_non_finite_value(bad, caplog):
         cleaned = finite_values(x, "layer", set())
     assert cleaned[1, 3] == 0 and cleaned[2, 5] == 0 and torch.isfinite(cleaned).all()
     assert "2 of 32" in caplog.text
+
+
+@pytest.mark.parametrize("k", [96, 200, 576])
+def test_symmetric_gram_is_x_transpose_x(k):
+    torch.manual_seed(0)
+    x = torch.randn(300, k)
+    gram = symmetric_gram(x)
+    torch.testing.assert_close(gram, x.T @ x, rtol=1e-5, atol=1e-4)
+    assert torch.equal(gram, gram.T)
+
+
+def test_statistics_pass_stops_after_the_last_observed_input_with_the_same_statistics():
+    torch.manual_seed(2)
+    model = tiny_llama(0)
+    ids = torch.randint(0, 320, (6, 32))
+    blocks = model.model.layers
+    inputs = capture_block_inputs(model, blocks, lambda m: [m(b) for b in ids.split(2)])
+    block = blocks[0]
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    down_calls = []
+    block.mlp.down_proj.register_forward_hook(lambda *args: down_calls.append(1))
+    collected = []
+    for stop_after in (linears.values(), ()):
+        stats = {name: InputStats(sample_stride=1) for name in linears}
+        with input_hooks(linears, stats):
+            observe_block(block, inputs, stop_after)
+        collected.append(stats)
+    assert len(down_calls) == 3  # only the run to the end computed down_proj (3 batches)
+    for name in linears:
+        early, full = collected[0][name], collected[1][name]
+        assert early.num_tokens == full.num_tokens == 6 * 32
+        assert torch.equal(early.channel_amax, full.channel_amax) and torch.equal(early.sample, full.sample)

@@ -8,7 +8,7 @@ a layer's inputs (AWQ, GPTQ) quantize block i before computing block i+1's input
 block is calibrated on the activations the quantized model will really produce.
 """
 
-from typing import Callable, List, Tuple
+from typing import Callable, Iterable, List, Tuple
 
 import torch
 from torch import nn
@@ -88,3 +88,41 @@ def run_block(block: nn.Module, inputs: List[tuple], token_mask=None) -> List[tu
         if token_mask is not None:
             token_mask.mask = None
     return outputs
+
+
+class _AllInputsSeen(Exception):
+    """Ends a block's forward early: every observed module has had its input."""
+
+
+@torch.no_grad()
+def observe_block(block: nn.Module, inputs: List[tuple], stop_after: Iterable[nn.Module], token_mask=None) -> None:
+    """Feed every recorded input through `block` for the statistics hooks registered before this call.
+
+    The block's output is not needed, so each batch stops as soon as every module of `stop_after`
+    has received its input (their pre-hooks registered earlier have run): for a Llama block that
+    skips down_proj's GEMM and what follows, ~20% of the block. A module that a batch never
+    reaches (an unrouted expert Linear) lets that batch run to the end, as does an empty `stop_after`.
+    """
+    stop_after = list(stop_after)
+    seen = set()
+
+    def mark(module, args):
+        seen.add(id(module))
+        if len(seen) == len(stop_after):
+            raise _AllInputsSeen
+
+    handles = [module.register_forward_pre_hook(mark) for module in stop_after]
+    try:
+        for args, kwargs, mask in inputs:
+            seen.clear()
+            if token_mask is not None:
+                token_mask.mask = mask
+            try:
+                block(*args, **kwargs)
+            except _AllInputsSeen:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+        if token_mask is not None:
+            token_mask.mask = None

@@ -46,6 +46,24 @@ ACT_ORDER = True
 INT4_GPTQ_MAX = 7.5  # amax / 7.5: all 16 codes, see the module docstring
 
 
+GRAM_STRIP = 192  # rows of x^T x per GEMM in symmetric_gram: the fastest of 96-512 at K = 576 and 1536
+
+
+def symmetric_gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x (K, K) for x (T, K), computing only the strips on and right of the diagonal and
+    mirroring them. These GEMMs are GPTQ's largest cost after the forward passes; on 2048 tokens
+    this takes 0.75x (K = 576) and 0.65x (K = 1536) the time of `x.T @ x` (AVX-512 EPYC, fp32).
+    Exactly symmetric, as the Cholesky needs."""
+    k = x.shape[1]
+    gram = torch.empty(k, k, dtype=x.dtype, device=x.device)
+    for start in range(0, k, GRAM_STRIP):
+        stop = min(start + GRAM_STRIP, k)
+        strip = x[:, start:stop].T @ x[:, start:]  # rows start:stop, columns start: (strided views: no copy)
+        gram[start:stop, start:] = strip
+        gram[stop:, start:stop] = strip[:, stop - start:].T
+    return gram
+
+
 class HessianStats:
     """Running (2/n) sum x x^T of a Linear's inputs, in fp32."""
 
@@ -55,11 +73,11 @@ class HessianStats:
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, K)
         total = self.num_tokens + x.shape[0]
-        contribution = (2.0 / total) * (x.T @ x)
+        contribution = symmetric_gram(x).mul_(2.0 / total)
         if self.hessian is None:
             self.hessian = contribution
         else:
-            self.hessian = self.hessian * (self.num_tokens / total) + contribution
+            self.hessian = self.hessian.mul_(self.num_tokens / total).add_(contribution)
         self.num_tokens = total
 
     def reduce_across_processes(self) -> None:

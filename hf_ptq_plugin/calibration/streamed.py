@@ -21,10 +21,11 @@ from tqdm.auto import tqdm
 
 from .. import formats as F
 from ..backends.cpu_weights import bf16_dense_weights
+from ..experts import is_fused_experts
 from ..quant_linear import QuantLinear
 from ..selection import fused_groups, fused_weight_amax
 from .awq import awq_search
-from .blocks import capture_block_inputs, decoder_blocks, run_block
+from .blocks import capture_block_inputs, decoder_blocks, observe_block, run_block
 from .clipping import clip_int4_scale, clip_nvfp4_global_amax
 from .data import TokenMask
 from .gptq import HessianStats, gptq_quantize
@@ -77,13 +78,23 @@ def _block_algorithm(algorithm: str) -> Callable:
     return functools.partial(_awq_block, steps=AWQ_STEPS[algorithm])
 
 
+def _statistics_pass(block, inputs, leaders, token_mask) -> None:
+    """Run the block for the hooks on its Linears, stopping each batch once they all had their input.
+
+    Fused experts are observed inside the block's forward (calibration/experts.py), possibly after
+    its last Linear: a block that has them runs to its end.
+    """
+    has_fused_experts = any(is_fused_experts(m) for m in block.modules())
+    observe_block(block, inputs, () if has_fused_experts else leaders.values(), token_mask)
+
+
 def _smoothquant_block(block, block_linears, inputs, token_mask, fmt, group_size, stride) -> dict:
     """SmoothQuant for one block: per-channel input amax per group, then the shared smoothing scale."""
     groups = groups_sharing_input(list(block_linears), fused_groups(block_linears))
     leaders = {group[0]: block_linears[group[0]] for group in groups}
     stats = {name: InputStats(sample_stride=stride) for name in leaders}
     with input_hooks(leaders, stats, token_mask):
-        run_block(block, inputs, token_mask)
+        _statistics_pass(block, inputs, leaders, token_mask)
     plan = {}
     for group in groups:
         s = stats[group[0]]
@@ -102,7 +113,7 @@ def _awq_block(block, block_linears, inputs, token_mask, fmt, group_size, stride
     leaders = {group[0]: block_linears[group[0]] for group in groups}
     stats = {name: InputStats(sample_stride=stride) for name in leaders}
     with input_hooks(leaders, stats, token_mask):
-        run_block(block, inputs, token_mask)
+        _statistics_pass(block, inputs, leaders, token_mask)
     for s in stats.values():
         s.reduce_across_processes()
     plan = {}
@@ -140,7 +151,7 @@ def _gptq_block(block, block_linears, inputs, token_mask, fmt, group_size, strid
     hessians = {name: HessianStats() for name in leaders}
     stats = {name: InputStats() for name in leaders}
     with input_hooks(leaders, hessians, token_mask), input_hooks(leaders, stats, token_mask):
-        run_block(block, inputs, token_mask)
+        _statistics_pass(block, inputs, leaders, token_mask)
     for s in list(hessians.values()) + list(stats.values()):
         s.reduce_across_processes()
     # NVFP4: the shared weight_scale_2 that quantize_linears will also give fused siblings.
