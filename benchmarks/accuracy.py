@@ -2,7 +2,8 @@
 
 Calibration: --calib-samples windows of --seq-len tokens spread over the five Austen novels other
 than Pride and Prejudice; evaluation: perplexity on the first --eval-windows windows of Pride and
-Prejudice. Each run happens in its own process, so its peak RSS is its own.
+Prejudice. The model runs in --dtype (bf16 by default, the checkpoint's own). Each run happens in
+its own process, so its peak RSS is its own.
 
     python benchmarks/accuracy.py [--runs fp8:max,int8_sq:smoothquant,int4_awq:awq_lite] [--markdown]
 """
@@ -30,9 +31,10 @@ def parse_args():
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--baseline-ppl", type=float, default=None,
                         help="unquantized perplexity measured earlier with the same protocol (skips that run)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="compute dtype of the model for calibration and evaluation (bfloat16: the checkpoint's "
-                             "own dtype, fast on CPUs with AVX512-BF16 or AMX; float32: fast on AVX2-only CPUs)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="the model's dtype for calibration and evaluation: bfloat16 (the checkpoint's and the "
+                             "issue's protocol; fast on CPUs with AVX512-BF16 or AMX) or float32 (faster on AVX2-only "
+                             "CPUs; quantized layers then compute the reference's numbers bit for bit)")
     parser.add_argument("--markdown", action="store_true")
     return parser.parse_args()
 

@@ -62,7 +62,10 @@ def quantize_model(model: nn.Module, config: PTQConfig, forward_loop: Optional[C
 
             streamed_calibration(model, linears, fmt, group_size, algorithm, forward_loop, quantize_block)
         else:
-            plan = _one_pass_plan(model, linears, fmt, group_size, algorithm, forward_loop)
+            # Weight-only max / mse reads no activation: a pass over the data would only cost time,
+            # unless the KV cache's scales or the experts' token counts need it.
+            observed = fmt.needs_calibration_data or kv_format is not None or bool(moe.experts)
+            plan = _one_pass_plan(model, linears, fmt, group_size, algorithm, forward_loop if observed else None)
             quantize_linears(model, fmt, group_size, linears, plan)
     moe.finish(group_size)
     if kv_format is not None:

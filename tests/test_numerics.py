@@ -11,7 +11,7 @@ from hf_ptq_plugin.numerics import (
 )
 from hf_ptq_plugin.numerics.mx import mxfp8_dequantize, mxfp8_quantize
 from hf_ptq_plugin.numerics.weights import fake_quantize_weight
-from hf_ptq_plugin.numerics.nvfp4 import E2M1_GRID
+from hf_ptq_plugin.numerics.nvfp4 import E2M1_GRID, e2m1_codes, e2m1_round, e2m1_values
 
 # Floors for Gaussian weights, a few dB under what each format reaches (measured: fp8 ~31 dB,
 # int8 per-channel ~42, int4 group ~20, nvfp4 ~20, mxfp8 ~31), so a broken scale or rounding fails.
@@ -165,3 +165,14 @@ def test_fake_quantize_equals_dequantize_of_quantize(name):
     amax = w.abs().amax() * 0.7
     assert torch.equal(fake_quantize_weight(w, fmt, global_amax=amax),
                        dequantize_weight(quantize_weight(w, fmt, global_amax=amax), fmt))
+
+
+def test_e2m1_round_equals_the_code_round_trip_on_every_boundary():
+    """GPTQ's one-column E2M1 rounding must give exactly the codes' values, ties and signed zeros too."""
+    torch.manual_seed(0)
+    edges = torch.tensor([0.0, 0.25, 0.75, 1.25, 1.75, 2.0, 2.5, 3.5, 4.0, 5.0, 6.0, 7.0, 1e-30, 1e30])
+    near = torch.cat([edges, torch.nextafter(edges, torch.tensor(100.0)), torch.nextafter(edges, torch.tensor(-100.0))])
+    y = torch.cat([near, -near, torch.arange(-80000, 80001) / 10000, torch.randn(100000) * 3])
+    rounded, reference = e2m1_round(y), e2m1_values(e2m1_codes(y))
+    assert torch.equal(rounded, reference)
+    assert torch.equal(torch.signbit(rounded), torch.signbit(reference))

@@ -51,6 +51,16 @@ def test_weight_only_format_needs_no_forward_loop(token_ids):
     assert torch.isfinite(run(model, token_ids)).all()
 
 
+@pytest.mark.parametrize("config, passes", [(PTQConfig(qformat="int4_awq", algorithm="max"), 0),
+                                            (PTQConfig(qformat="int8_wo", algorithm="mse"), 0),
+                                            (PTQConfig(qformat="int8_wo", kv_cache_qformat="fp8"), 1),
+                                            (PTQConfig(qformat="fp8"), 1)])
+def test_the_data_runs_only_when_a_scale_needs_it(config, passes, token_ids):
+    calls = []
+    quantize(tiny_llama(), config, forward_loop=lambda model: calls.append(model(token_ids)))
+    assert len(calls) == passes
+
+
 @pytest.mark.parametrize("config", [PTQConfig(qformat="fp8"), PTQConfig(qformat="nvfp4"),
                                     PTQConfig(qformat="int8_wo", kv_cache_qformat="fp8")])
 def test_static_scales_without_forward_loop_is_an_error(config):

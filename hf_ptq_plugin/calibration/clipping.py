@@ -15,7 +15,7 @@ import torch
 from .. import formats as F
 from ..numerics.weights import fake_quantize_weight
 from ..numerics.integer import INT4_MAX, INT8_MAX, int_quantize
-from ..numerics.nvfp4 import NVFP4_BLOCK, nvfp4_block_scales, nvfp4_dequantize, nvfp4_quantize
+from ..numerics.nvfp4 import NVFP4_BLOCK, e2m1_round, nvfp4_block_scales
 from ..numerics.scales import block_amax, scale_from_amax
 from .distributed import all_reduce
 
@@ -89,8 +89,9 @@ def weighted_nvfp4_block_scales(w: torch.Tensor, global_scale: torch.Tensor, imp
     best_scales, best_errors = None, None
     for ratio in MSE_RATIOS:
         scales = nvfp4_block_scales(w * ratio, global_scale)  # ratio x the block amax, then to e4m3
-        codes, _ = nvfp4_quantize(w, global_scale, scales)
-        diff = (w - nvfp4_dequantize(codes, scales, global_scale)).unflatten(-1, (-1, NVFP4_BLOCK))
+        step = (scales.float() * global_scale)[..., None]  # (N, K / 16, 1)
+        blocks = w.unflatten(-1, (-1, NVFP4_BLOCK))
+        diff = blocks - e2m1_round(blocks / step) * step  # nvfp4_quantize then nvfp4_dequantize's values
         errors = (diff.pow(2) * weights).sum(dim=-1)  # (N, K / 16)
         if best_scales is None:
             best_scales, best_errors = scales, errors

@@ -37,7 +37,7 @@ from .clipping import mse_weight_scale, weighted_nvfp4_block_scales
 from .distributed import all_reduce, all_reduce_number
 from ..numerics.fp8 import FP8_MAX, fp8_quantize
 from ..numerics.integer import INT8_MAX
-from ..numerics.nvfp4 import NVFP4_BLOCK, e2m1_codes, e2m1_values, nvfp4_global_scale
+from ..numerics.nvfp4 import NVFP4_BLOCK, e2m1_round, nvfp4_global_scale
 from ..numerics.scales import scale_from_amax
 
 PERC_DAMP = 0.01
@@ -118,7 +118,7 @@ def _column_grid(w: torch.Tensor, scale: torch.Tensor, fmt: F.Format, group_size
         return scale[:, None].expand_as(w).clone(), lambda y: torch.round(y).clamp(-128, 127)
     if fmt.weight == F.NVFP4:
         step = (scale.float() * nvfp4_global_scale(global_amax)).repeat_interleave(NVFP4_BLOCK, dim=1)
-        return step, lambda y: e2m1_values(e2m1_codes(y))
+        return step, e2m1_round
     step = scale.expand_as(w) if scale.dim() == 0 else scale[:, None].expand_as(w)
     return step.clone(), lambda y: fp8_quantize(y, torch.ones((), device=y.device)).float()
 

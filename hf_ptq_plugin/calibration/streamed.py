@@ -12,6 +12,7 @@ when the model was loaded compressed). SmoothQuant streams too: its alpha search
 sample of each layer's input, which only one block at a time can hold.
 """
 
+import contextlib
 import functools
 from typing import Callable, Dict, Optional
 
@@ -66,8 +67,17 @@ def streamed_calibration(model: nn.Module, linears: Dict[str, nn.Module], fmt: F
                 block_linears = prepare_block(block_linears)
             plan = calibrate_block(block, block_linears, inputs, token_mask, fmt, group_size, stride)
             quantize_block(block_linears, plan)
-        with bf16_dense_weights(m for m in block.modules() if isinstance(m, QuantLinear)):
+        with _feeding_weights(block, inputs):
             inputs = run_block(block, inputs)
+
+
+def _feeding_weights(block: nn.Module, inputs: list):
+    """The weights a just-quantized block feeds the next one with: bf16 dense ones on CPU for bf16
+    hidden states (`bf16_dense_weights`), else the layers' own forward (fp32 runs the reference)."""
+    hidden = inputs[0][0][0]
+    if hidden.dtype != torch.bfloat16 or hidden.device.type != "cpu":
+        return contextlib.nullcontext()
+    return bf16_dense_weights(m for m in block.modules() if isinstance(m, QuantLinear))
 
 
 def _block_algorithm(algorithm: str) -> Callable:
@@ -145,12 +155,13 @@ def _clip_group(plan, group, block_linears, x_sample, fmt, group_size) -> None:
 
 
 def _gptq_block(block, block_linears, inputs, token_mask, fmt, group_size, stride) -> dict:
-    """GPTQ for one block; return {name: {"weight", "weight_scale", "input_amax"}}."""
+    """GPTQ for one block; return {name: {"weight", "weight_scale"(, "input_amax" for static activation scales)}}."""
     groups = groups_sharing_input(list(block_linears), fused_groups(block_linears))
     leaders = {group[0]: block_linears[group[0]] for group in groups}
     hessians = {name: HessianStats() for name in leaders}
-    stats = {name: InputStats() for name in leaders}
-    with input_hooks(leaders, hessians, token_mask), input_hooks(leaders, stats, token_mask):
+    # The input amax only sets static activation scales: weight-only formats skip that statistic.
+    stats = {name: InputStats() for name in leaders} if fmt.needs_calibration_data else {}
+    with input_hooks(leaders, hessians, token_mask), input_hooks({n: leaders[n] for n in stats}, stats, token_mask):
         _statistics_pass(block, inputs, leaders, token_mask)
     for s in list(hessians.values()) + list(stats.values()):
         s.reduce_across_processes()
@@ -161,5 +172,7 @@ def _gptq_block(block, block_linears, inputs, token_mask, fmt, group_size, strid
         for name in group:
             weight, scale = gptq_quantize(block_linears[name].weight, hessians[group[0]].hessian, fmt, group_size,
                                           global_amax=global_amax.get(name))
-            plan[name] = {"weight": weight, "weight_scale": scale, "input_amax": stats[group[0]].amax}
+            plan[name] = {"weight": weight, "weight_scale": scale}
+            if stats:
+                plan[name]["input_amax"] = stats[group[0]].amax
     return plan

@@ -38,6 +38,20 @@ def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
     return torch.where((codes & 0x8) != 0, -magnitude, magnitude)
 
 
+def e2m1_round(y: torch.Tensor) -> torch.Tensor:
+    """`e2m1_values(e2m1_codes(y))` for finite y, in a third of the ops (GPTQ rounds one column at a
+    time, where the op count is the cost).
+
+    E2M1's spacing is 0.5 below 2, 1 below 4 and 2 above: rounding |y| half-to-even at that spacing
+    gives the same values and ties (0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4,
+    5 -> 4), then saturating at 6.
+    """
+    m = y.abs()
+    spacing = torch.where(m < 2.0, 0.5, torch.where(m < 4.0, 1.0, 2.0))
+    magnitude = torch.round(m / spacing).mul_(spacing).clamp_(max=E2M1_MAX)
+    return torch.where(y < 0, -magnitude, magnitude)
+
+
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     """uint8 codes (..., K) -> uint8 (..., K // 2), element 2k in the low nibble."""
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
