@@ -53,6 +53,11 @@ def windows(args):
             first_windows(tokenize(tokenizer, evaluation), args.seq_len, args.eval_windows))
 
 
+def calibration_pass(model, windows, batch_size):
+    for batch in windows.split(batch_size):
+        model(input_ids=batch)  # outputs dropped: kept, 16 batches of logits would add ~3 GB to the peak RSS
+
+
 def one_run(qformat, algorithm, group_size, dtype, path, calib_windows, eval_windows, batch_size):
     """Runs in a child process: load, quantize, evaluate; returns the measurements."""
     from transformers import AutoModelForCausalLM
@@ -65,7 +70,7 @@ def one_run(qformat, algorithm, group_size, dtype, path, calib_windows, eval_win
     start = time.perf_counter()
     if qformat != "none":
         config = PTQConfig(qformat=qformat, algorithm=algorithm, group_size=group_size)
-        quantize(model, config, forward_loop=lambda m: [m(input_ids=b) for b in calib_windows.split(batch_size)])
+        quantize(model, config, forward_loop=lambda m: calibration_pass(m, calib_windows, batch_size))
     calib_seconds = time.perf_counter() - start
     ppl = perplexity(model, eval_windows, batch_size, progress=f"{qformat}:{algorithm}")
     group = getattr(getattr(model, "ptq_config", None), "group_size", None)
