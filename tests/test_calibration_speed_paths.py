@@ -1,6 +1,7 @@
 """The faster forms calibration computes in: they must give the numbers of the plain forms.
 
-- AWQ's loss through the Gram matrix x^T x equals the loss on the outputs themselves.
+- AWQ's loss through the Gram matrix x^T x equals the loss on the outputs themselves, and
+  awq_clip's per-group Gram matrices choose the clip ratios the partial outputs choose.
 - A just-quantized bf16 block feeds the next block through bf16 dense weights
   (`bf16_dense_weights`): within bf16 rounding of the kernels' outputs, and back to the kernels after.
 - The NaN/Inf check's one-sum fast path still finds every non-finite value.
@@ -18,8 +19,11 @@ from hf_ptq_plugin import FORMATS, PTQConfig, quantize
 from hf_ptq_plugin.backends.cpu_weights import bf16_dense_weights
 from hf_ptq_plugin.calibration.awq import _quantized_output, _squared_output_error
 from hf_ptq_plugin.calibration.blocks import capture_block_inputs, observe_block
+from hf_ptq_plugin.calibration.clipping import CLIP_RATIOS, clip_int4_scale
 from hf_ptq_plugin.calibration.gptq import symmetric_gram
 from hf_ptq_plugin.calibration.stats import InputStats, finite_values, input_hooks
+from hf_ptq_plugin.numerics.integer import INT4_MAX, int_quantize
+from hf_ptq_plugin.numerics.scales import block_amax, scale_from_amax
 from hf_ptq_plugin.quant_linear import QuantLinear
 
 
@@ -144,3 +148,19 @@ def test_statistics_pass_stops_after_the_last_observed_input_with_the_same_stati
         early, full = collected[0][name], collected[1][name]
         assert early.num_tokens == full.num_tokens == 6 * 32
         assert torch.equal(early.channel_amax, full.channel_amax) and torch.equal(early.sample, full.sample)
+
+
+def test_int4_clip_through_group_gram_matrices_picks_what_the_partial_outputs_pick():
+    """awq_clip scores each (row, group) block by sum_t (x_t,g . (w - Q(w))_g)^2; the Gram form
+    must choose the same clip ratio per block as computing those partial outputs."""
+    torch.manual_seed(0)
+    w, x = torch.randn(96, 256) * 0.02, torch.randn(400, 256) * (torch.rand(256) * 3)
+    amax = block_amax(w, 64)
+    errors = []
+    for ratio in CLIP_RATIOS:
+        step = scale_from_amax(amax * ratio, INT4_MAX).repeat_interleave(64, dim=1)
+        diff = (w - int_quantize(w, step, 4).float() * step).view(96, 4, 64)
+        errors.append(torch.einsum("tgk,ngk->tng", x.view(400, 4, 64), diff).pow(2).sum(dim=0))
+    best = torch.tensor(CLIP_RATIOS)[torch.stack(errors).argmin(dim=0)]
+    assert (best < 1.0).any()  # some blocks clip: the comparison is not vacuous
+    assert torch.equal(clip_int4_scale(w, x, 64), scale_from_amax(amax * best, INT4_MAX))
