@@ -1,6 +1,7 @@
 """Scale helpers shared by every format: amax -> scale, and block-wise amax along the last axis."""
 
 import torch
+import torch.nn.functional as F_nn
 
 
 def scale_from_amax(amax: torch.Tensor, maxbound: float) -> torch.Tensor:
@@ -13,15 +14,30 @@ def scale_from_amax(amax: torch.Tensor, maxbound: float) -> torch.Tensor:
     return torch.where(amax > 0, amax / maxbound, torch.ones_like(amax))
 
 
+# torch's CPU reductions over a short innermost axis are slow: max |x| over 16-element blocks runs at
+# ~1.4 G elements/s with abs().amax(-1), ~5.8 with max_pool1d; from 32 elements on, amax wins.
+MAX_POOL_BLOCK = 16
+
+
 def block_amax(x: torch.Tensor, block: int) -> torch.Tensor:
     """max |x| over consecutive blocks of `block` elements of the last axis, fp32.
 
     (..., K) -> (..., K // block); K must be a multiple of `block` (callers check and name the layer).
     """
-    return abs_amax(x.unflatten(-1, (x.shape[-1] // block, block)), dim=-1)
+    k = x.shape[-1]
+    if block <= MAX_POOL_BLOCK:
+        pooled = F_nn.max_pool1d(x.abs().reshape(-1, 1, k), block)  # (rows, 1, K // block)
+        return pooled.reshape(*x.shape[:-1], k // block).float()
+    return x.unflatten(-1, (k // block, block)).abs().amax(dim=-1).float()
 
 
 def abs_amax(x: torch.Tensor, dim=None) -> torch.Tensor:
-    """max |x| (over `dim`, or all of x), fp32: exact, from one min/max pass with no |x| temporary."""
-    low, high = torch.aminmax(x) if dim is None else torch.aminmax(x, dim=dim)
-    return torch.maximum(high, -low).float()
+    """max |x| (over `dim`, or all of x), fp32, exact, with no |x| temporary.
+
+    All of x: one `aminmax` pass. Over a dim: `amax` and `amin`, ~15x faster there than `aminmax`
+    with a dim on torch 2.13's CPU kernels (0.9 against 13-17 G elements/s on 2048-wide rows).
+    """
+    if dim is None:
+        low, high = torch.aminmax(x)
+        return torch.maximum(high, -low).float()
+    return torch.maximum(x.amax(dim=dim), -x.amin(dim=dim)).float()
