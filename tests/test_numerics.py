@@ -176,3 +176,17 @@ def test_e2m1_round_equals_the_code_round_trip_on_every_boundary():
     rounded, reference = e2m1_round(y), e2m1_values(e2m1_codes(y))
     assert torch.equal(rounded, reference)
     assert torch.equal(torch.signbit(rounded), torch.signbit(reference))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block", [16, 32, 64, 128])
+def test_block_amax_and_abs_amax_are_the_plain_max_of_magnitudes(block, dtype):
+    """The fast reductions (max_pool1d for short blocks, amax/amin over a dim) change no value."""
+    from hf_ptq_plugin.numerics.scales import abs_amax, block_amax
+
+    torch.manual_seed(0)
+    x = (torch.randn(3, 40, 256) * torch.rand(256) * 5).to(dtype)
+    assert torch.equal(block_amax(x, block), x.float().abs().unflatten(-1, (-1, block)).amax(dim=-1))
+    for dim in (None, 1, -1):
+        expected = x.float().abs().amax() if dim is None else x.float().abs().amax(dim=dim)
+        assert torch.equal(abs_amax(x, dim), expected)
