@@ -26,8 +26,8 @@ from .checkpoint_load import replace_module
 from .experts import projection_shapes, target_experts
 from .memory import release_freed_heap
 from .moe import drop_load_placeholders, prepare_load_time_experts, quantize_experts_on_load
-from .numerics import FP8_MAX, fp8_quantize, quantize_weight, scale_from_amax, weight_buffer_specs
-from .numerics.scales import abs_amax
+from .numerics import weight_buffer_specs
+from .numerics.weights import quantize_weight_in_row_blocks
 from .quant_experts import QuantExperts
 from .quant_linear import QuantLinear
 from .selection import fused_groups, target_linears
@@ -37,9 +37,6 @@ from .source_weights import tensor_locations
 logger = logging.getLogger(__name__)
 
 AMAX_ROWS = 256  # rows read at a time when pre-reading a fused sibling's amax
-# Elements quantized at a time (4 MiB of fp32 per temporary); blocks are whole multiples of 128 rows
-# (FP8 tiles are 128 rows, INT4 packs row pairs). Fewer, larger blocks cost less thread sync.
-CHUNK_ELEMENTS = 1 << 20
 
 
 def prepare_load_time(model: nn.Module, fmt: F.Format, exclude_modules: Iterable[str],
@@ -109,42 +106,13 @@ class QuantizeOnLoad(ConversionOps):
         if isinstance(module, QuantExperts):  # a merged (E, 2I, H) gate_up_proj or (E, H, I) down_proj
             return quantize_experts_on_load(module, layer, param, w)
         amax = self.shared_amax.get(layer)
-        tensors = quantize_in_row_blocks(w, module, None if amax is None else amax.to(w.device))
+        tensors = quantize_weight_in_row_blocks(w, module.fmt, module.group_size,
+                                                None if amax is None else amax.to(w.device))
         out = {f"{layer}.{name}": tensor for name, tensor in tensors.items()}
         if module.fmt.needs_calibration_data:
             # A placeholder, never saved: the layer stays uncalibrated (dynamic scales) until calibrate().
             out[f"{layer}.input_scale"] = torch.ones((), dtype=torch.float32, device=w.device)
         return out
-
-
-def quantize_in_row_blocks(w: torch.Tensor, module: QuantLinear, global_amax: Optional[torch.Tensor]) -> dict:
-    """`quantize_weight` of the whole (N, K) weight, computed a block of rows at a time (same bits)."""
-    fmt, n = module.fmt, w.shape[0]
-    block = max(128, CHUNK_ELEMENTS // w.shape[1] // 128 * 128)
-    if n <= block:
-        return quantize_weight(w, fmt, module.group_size, global_amax)
-    per_tensor_fp8 = fmt.weight == F.FP8 and fmt.weight_granularity == F.PER_TENSOR
-    if per_tensor_fp8 or (global_amax is None and (fmt.weight == F.NVFP4 or fmt.fp8_weight_scale_2)):
-        global_amax = torch.stack([abs_amax(w[i:i + block]) for i in range(0, n, block)]).amax()
-    specs = weight_buffer_specs(fmt, n, w.shape[1], module.group_size)
-    out = {name: torch.empty(shape, dtype=dtype, device=w.device) for name, (shape, dtype) in specs.items()}
-    if per_tensor_fp8:  # quantize_weight's per-tensor FP8 scale: always the tensor's own amax
-        out["weight_scale"] = scale_from_amax(global_amax, FP8_MAX)
-    # Each block goes through one reused fp32 buffer: a fresh `.float()` per block faults in new
-    # pages every time (bf16 -> fp32 at ~4.4 G elements/s here, against ~13.7 into a warm buffer).
-    scratch = torch.empty(block, w.shape[1], dtype=torch.float32, device=w.device)
-    for start in range(0, n, block):
-        rows = scratch[:min(block, n - start)].copy_(w[start:start + block])
-        if per_tensor_fp8:
-            out["weight"][start:start + block] = fp8_quantize(rows, out["weight_scale"])
-            continue
-        for name, tensor in quantize_weight(rows, fmt, module.group_size, global_amax).items():
-            if tensor.dim() == 0:  # per-tensor second-level scale, the same for every block
-                out[name] = tensor
-            else:  # INT4 packs 2 rows per byte row, FP8 tiles 128 rows per scale row
-                per_row = specs[name][0][0] / n
-                out[name][int(start * per_row):int((start + rows.shape[0]) * per_row)] = tensor
-    return out
 
 
 def finalize_load_time(model: nn.Module, fmt: F.Format, kv_format: Optional[F.KVFormat], calibrating: bool) -> None:

@@ -18,7 +18,7 @@ from . import formats as F
 from .backends.cpu_linear import cpu_linear
 from .backends.triton_linear import triton_available, triton_linear
 from .numerics import dequantize_weight, input_scale_from_amax, quantize_activation, quantize_weight
-from .numerics.weights import WEIGHT_BUFFERS, weight_buffer_specs
+from .numerics.weights import WEIGHT_BUFFERS, quantize_weight_in_row_blocks, weight_buffer_specs
 
 
 class QuantLinear(nn.Module):
@@ -61,7 +61,8 @@ class QuantLinear(nn.Module):
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, fmt, group_size,
                      dtype=w.dtype, device=w.device)
         w = w if weight is None else weight
-        for name, tensor in quantize_weight(w, fmt, module.group_size, weight_global_amax, weight_scale).items():
+        for name, tensor in quantize_weight_in_row_blocks(w, fmt, module.group_size, weight_global_amax,
+                                                          weight_scale).items():
             getattr(module, name).copy_(tensor)
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.data)

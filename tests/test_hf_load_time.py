@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM
 import hf_ptq_plugin.load_time as load_time
 from hf_ptq_plugin import FORMATS, PTQConfig, QuantLinear, get_format, quantize
 from hf_ptq_plugin.numerics import quantize_weight
+from hf_ptq_plugin.numerics import weights as weights_module
+from hf_ptq_plugin.numerics.weights import quantize_weight_in_row_blocks
 
 WEIGHT_ONLY = [name for name, fmt in FORMATS.items() if not fmt.needs_calibration_data]
 
@@ -64,15 +66,20 @@ def test_weight_only_formats_are_complete_after_loading_and_round_trip(name, tmp
 @pytest.mark.parametrize("name", list(FORMATS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantizing_in_row_blocks_gives_the_same_bits_as_the_whole_tensor(name, dtype, monkeypatch):
-    monkeypatch.setattr(load_time, "CHUNK_ELEMENTS", 128 * 256)  # blocks of 128 rows
+    monkeypatch.setattr(weights_module, "CHUNK_ELEMENTS", 128 * 256)  # blocks of 128 rows
     torch.manual_seed(0)
     w = (torch.randn(384, 256) * torch.linspace(0.01, 0.2, 384)[:, None]).to(dtype)  # rows of different ranges
-    module = QuantLinear(256, 384, False, get_format(name), dtype=dtype, device="meta")
+    fmt = get_format(name)
+    group_size = QuantLinear(256, 384, False, fmt, dtype=dtype, device="meta").group_size
+    given_scales = [None]
+    if weights_module._takes_weight_scale(fmt):
+        given_scales.append(quantize_weight(w * 0.9, fmt, group_size)["weight_scale"])  # as GPTQ hands over
     for amax in (None, torch.tensor(1.5)):
-        expected = quantize_weight(w, module.fmt, module.group_size, amax)
-        found = load_time.quantize_in_row_blocks(w, module, amax)
-        assert found.keys() == expected.keys()
-        assert all(torch.equal(found[k], expected[k]) and found[k].dtype == expected[k].dtype for k in expected)
+        for weight_scale in given_scales:
+            expected = quantize_weight(w, fmt, group_size, amax, weight_scale)
+            found = quantize_weight_in_row_blocks(w, fmt, group_size, amax, weight_scale)
+            assert found.keys() == expected.keys()
+            assert all(torch.equal(found[k], expected[k]) and found[k].dtype == expected[k].dtype for k in expected)
 
 
 def test_each_weight_is_quantized_right_after_it_is_read(tmp_path, monkeypatch):
