@@ -26,7 +26,6 @@ from .checkpoint_load import replace_module
 from .experts import projection_shapes, target_experts
 from .memory import release_freed_heap
 from .moe import drop_load_placeholders, prepare_load_time_experts, quantize_experts_on_load
-from .numerics import weight_buffer_specs
 from .numerics.weights import quantize_weight_in_row_blocks
 from .quant_experts import QuantExperts
 from .quant_linear import QuantLinear

@@ -17,7 +17,7 @@ from torch import nn
 from . import formats as F
 from .backends.cpu_linear import cpu_linear
 from .backends.triton_linear import triton_available, triton_linear
-from .numerics import dequantize_weight, input_scale_from_amax, quantize_activation, quantize_weight
+from .numerics import dequantize_weight, input_scale_from_amax, quantize_activation
 from .numerics.weights import WEIGHT_BUFFERS, quantize_weight_in_row_blocks, weight_buffer_specs
 
 

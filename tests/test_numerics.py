@@ -11,7 +11,7 @@ from hf_ptq_plugin.numerics import (
 )
 from hf_ptq_plugin.numerics.mx import mxfp8_dequantize, mxfp8_quantize
 from hf_ptq_plugin.numerics.weights import fake_quantize_weight
-from hf_ptq_plugin.numerics.nvfp4 import E2M1_GRID, e2m1_codes, e2m1_round, e2m1_values
+from hf_ptq_plugin.numerics.nvfp4 import E2M1_GRID, e2m1_round
 
 # Floors for Gaussian weights, a few dB under what each format reaches (measured: fp8 ~31 dB,
 # int8 per-channel ~42, int4 group ~20, nvfp4 ~20, mxfp8 ~31), so a broken scale or rounding fails.

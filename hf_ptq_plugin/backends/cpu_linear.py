@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F_nn
 
 from .. import formats as F
-from ..numerics import int_quantize, quantize_activation
+from ..numerics import int_quantize
 from .cpu_activations import fast_quantize_activation
 from .cpu_weights import aligned_for_int8pack, build_cpu_weight
 

@@ -6,9 +6,9 @@ sum_{k in group} x_k (w_k - Q(w_k)) over tokens (every token of the AWQ sample, 
 matrix per group), for clip ratios 0.5, 0.55, ..., 1.0 of the block amax; for NVFP4 the global
 amax (the per-tensor `weight_scale_2`) is clipped, scored on the whole output of the sample's
 first MAX_CLIP_TOKENS tokens. On SmolLM2, scoring INT4 blocks on all 2048 sampled tokens instead
-of the first 256 took awq_full from 34.15 to 34.00 (BENCHMARKS.md). `mse` needs no data: per block, the squared weight error sum (w - Q(w))^2, optionally
-weighted per input channel (GPTQ's INT4 scales; `weighted_nvfp4_block_scales` is the same search
-for GPTQ's NVFP4 block scales).
+of the first 256 took awq_full from 34.15 to 34.00 (BENCHMARKS.md). `mse` needs no data: per
+block, the squared weight error sum (w - Q(w))^2, optionally weighted per input channel (GPTQ's
+INT4 scales; `weighted_nvfp4_block_scales` is the same search for GPTQ's NVFP4 block scales).
 Each returns the scale (or global amax) the QuantLinear then stores as is.
 """
 
@@ -89,12 +89,12 @@ def weighted_nvfp4_block_scales(w: torch.Tensor, global_scale: torch.Tensor, imp
     checkpoint stores it.
     """
     w = w.float()
+    blocks = w.unflatten(-1, (-1, NVFP4_BLOCK))  # (N, K / 16, 16)
     weights = importance.float().view(1, -1, NVFP4_BLOCK)
     best_scales, best_errors = None, None
     for ratio in MSE_RATIOS:
         scales = nvfp4_block_scales(w * ratio, global_scale)  # ratio x the block amax, then to e4m3
         step = (scales.float() * global_scale)[..., None]  # (N, K / 16, 1)
-        blocks = w.unflatten(-1, (-1, NVFP4_BLOCK))
         diff = blocks - e2m1_round(blocks / step) * step  # nvfp4_quantize then nvfp4_dequantize's values
         errors = (diff.pow(2) * weights).sum(dim=-1)  # (N, K / 16)
         if best_scales is None:

@@ -11,7 +11,7 @@ which tokens are real (`loop.token_mask`), so padding never enters a calibration
 import json
 import logging
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Optional
 
 import torch
 

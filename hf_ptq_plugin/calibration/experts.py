@@ -18,6 +18,7 @@ from torch import nn
 
 from ..experts import route_tokens
 from .distributed import all_reduce
+from .gptq import symmetric_gram
 from .stats import finite_values
 
 KINDS = ("gate_up", "down")
@@ -51,7 +52,7 @@ class ExpertStats:
             self.amax[kind][e] = torch.maximum(self.amax[kind][e], x.detach().abs().amax().float().to(self.amax[kind].device))
             if kind in self.outer:
                 x = x.detach().float().to(self.outer[kind].device)
-                self.outer[kind][e].addmm_(x.T, x)
+                self.outer[kind][e].add_(symmetric_gram(x))  # exactly symmetric, as the Cholesky needs
 
     def hessian(self, kind: str, e: int) -> torch.Tensor:
         """GPTQ's H = (2 / n) sum x x^T over the n tokens expert e saw (reduced across processes)."""
