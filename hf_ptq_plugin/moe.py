@@ -4,9 +4,11 @@
   calibration data runs (per-expert tokens and input amax, calibration/experts.py), then swaps each
   for a QuantExperts (quant_experts.py) with one shared input scale per projection. With GPTQ
   each expert's gate/up (as one tensor) and down get GPTQ on the Hessian of the tokens routed to
-  it; an expert no calibration token reached has no Hessian and is rounded to nearest. Every other
-  algorithm (AWQ, SmoothQuant, MSE) quantizes experts with `max` (round to nearest, weight scales
-  from the weights), a warning says so, and the other Linears keep it. Under layer streaming
+  it; an expert no calibration token reached has no Hessian and is rounded to nearest. The AWQ
+  algorithms give each layer's experts one shared pre_quant_scale per projection input and clip
+  each expert on its own tokens (calibration/expert_awq.py); `mse` searches each expert's weight
+  scales. SmoothQuant quantizes experts with `max` (round to nearest, weight scales from the
+  weights), a warning says so, and the other Linears keep it. Under layer streaming
   each block's experts are quantized right after that block's pass, so the next block is fed by
   quantized experts. The tokens each expert saw are logged and kept on
   the model as `model.expert_token_counts` ({experts module: [tokens per expert]}); they sum to
@@ -28,6 +30,9 @@ import torch
 from torch import nn
 
 from . import formats as F
+from .calibration.awq import AWQ_STEPS
+from .calibration.clipping import mse_weight_scale
+from .calibration.expert_awq import SAMPLE_TOKENS, expert_awq_plan
 from .calibration.experts import observe_experts
 from .calibration.gptq import gptq_quantize
 from .calibration.shared_inputs import log_token_counts
@@ -37,16 +42,19 @@ from .quant_experts import QuantExperts
 
 logger = logging.getLogger(__name__)
 
+EXPERT_ALGORITHMS = ("max", "mse", "gptq", *AWQ_STEPS)  # what experts get; any other algorithm: max
+
 
 class ExpertQuantization:
     """The fused experts of one quantize_model call, from observation to QuantExperts."""
 
     def __init__(self, model: nn.Module, exclude_modules, fmt: F.Format, algorithm: str):
-        self.model, self.fmt, self.algorithm = model, fmt, "gptq" if algorithm == "gptq" else "max"
+        self.model, self.fmt = model, fmt
+        self.algorithm = algorithm if algorithm in EXPERT_ALGORITHMS else "max"
         self.experts = target_experts(model, exclude_modules)
         self.names = projection_names(model) if self.experts else None
         self.stats, self.done = {}, set()
-        if self.experts and algorithm not in ("max", "gptq"):
+        if self.experts and algorithm != self.algorithm:
             logger.warning("algorithm %r is not applied to MoE experts: the %d fused-experts module(s) (e.g. %s) are "
                            "quantized with 'max' (round to nearest); the other Linears use %r", algorithm,
                            len(self.experts), next(iter(self.experts)), algorithm)
@@ -58,7 +66,8 @@ class ExpertQuantization:
     @contextlib.contextmanager
     def observing(self, token_mask=None):
         """Record per-expert statistics while the calibration data runs inside the block."""
-        with observe_experts(self.experts, token_mask, hessians=self.algorithm == "gptq") as stats:
+        sample_size = SAMPLE_TOKENS if self.algorithm in AWQ_STEPS else 0
+        with observe_experts(self.experts, token_mask, self.algorithm == "gptq", sample_size) as stats:
             self.stats = stats
             yield
 
@@ -88,25 +97,39 @@ class ExpertQuantization:
         quantized = QuantExperts.like(fused, self.fmt, group_size, self.names)
         if stat is not None:
             stat.reduce_across_processes()
+        observed = stat is not None and stat.total_tokens > 0
+        if self.fmt.needs_calibration_data and not observed:
+            raise ValueError(f"calibration never reached the experts of {name!r}; qformat {self.fmt.name!r} "
+                             "needs their activation scales: run samples through every MoE layer")
         for param, kind in zip(FUSED_PARAMS, ("gate_up", "down")):
             w = getattr(fused, param)
-            chosen = self._gptq(w, stat, kind, quantized.group_size) if stat is not None and stat.outer else None
+            chosen, input_amax = {}, stat.shared_amax(kind) if observed else None
+            if self.algorithm == "gptq" and observed:
+                chosen = self._gptq(w, stat, kind, quantized.group_size)
+            elif self.algorithm in AWQ_STEPS and observed:
+                plan = expert_awq_plan(w, stat, kind, self.fmt, quantized.group_size, *AWQ_STEPS[self.algorithm])
+                chosen, input_amax = plan.quantize_args, plan.input_amax
+                if plan.pre_quant_scale is not None:
+                    quantized.set_pre_quant_scale(kind, plan.pre_quant_scale)
+            elif self.algorithm == "mse":
+                chosen = {e: {"weight_scale": mse_weight_scale(w[e], self.fmt, quantized.group_size)}
+                          for e in range(w.shape[0])}
             quantized.load_fused(param, w, chosen)
+            if self.fmt.needs_calibration_data:
+                quantized.set_input_amax(kind, input_amax)
         if stat is not None:
-            stat.release_hessians()
-        if self.fmt.needs_calibration_data:
-            if stat is None or stat.total_tokens == 0:
-                raise ValueError(f"calibration never reached the experts of {name!r}; qformat {self.fmt.name!r} "
-                                 "needs their activation scales: run samples through every MoE layer")
-            for kind in ("gate_up", "down"):
-                quantized.set_input_amax(kind, stat.shared_amax(kind))
+            stat.release()
         self.model.set_submodule(name, quantized)
         self.done.add(name)
 
-    def _gptq(self, w: torch.Tensor, stat, kind: str, group_size: Optional[int]) -> Dict[int, tuple]:
-        """{e: GPTQ's (weight, scale)} for the experts of fused weights w (E, N, K) that saw tokens."""
-        return {e: gptq_quantize(w[e], stat.hessian(kind, e), self.fmt, group_size or self.fmt.group_size)
-                for e in range(w.shape[0]) if int(stat.tokens[e]) > 0}
+    def _gptq(self, w: torch.Tensor, stat, kind: str, group_size: Optional[int]) -> Dict[int, dict]:
+        """{e: GPTQ's weight and scale} for the experts of fused weights w (E, N, K) that saw tokens."""
+        chosen = {}
+        for e in range(w.shape[0]):
+            if int(stat.tokens[e]) > 0:
+                weight, scale = gptq_quantize(w[e], stat.hessian(kind, e), self.fmt, group_size or self.fmt.group_size)
+                chosen[e] = {"weight": weight, "weight_scale": scale}
+        return chosen
 
 
 def prepare_prequantized_experts(model: nn.Module, fmt: F.Format, exclude_modules, group_size: Optional[int],

@@ -100,24 +100,23 @@ class QuantExperts(nn.Module):
         return [getattr(self.expert(e), name) for e in range(self.num_experts) for name in names]
 
     @torch.no_grad()
-    def quantize_fused(self, param: str, w: torch.Tensor, chosen: Optional[Dict[int, tuple]] = None
+    def quantize_fused(self, param: str, w: torch.Tensor, chosen: Optional[Dict[int, dict]] = None
                        ) -> Dict[str, torch.Tensor]:
         """{"{e}.{proj}.{buffer}": tensor} quantizing fused weights `w` (E, 2I, H) or (E, H, I).
 
-        `chosen` {e: (weight on the format's grid, its weight_scale)} gives experts whose values an
-        algorithm (GPTQ) picked; they are encoded as they are, with `w[e]`'s own amax for the
-        per-tensor second-level scale. The other experts are rounded to nearest.
+        `chosen` {e: overrides} gives experts whose quantization an algorithm picked, as keyword
+        arguments of `quantize_weight`: "weight" (values on the format's grid, GPTQ; the per-tensor
+        second-level scale still comes from `w[e]`'s amax), "weight_scale" and "global_amax"
+        (clipping). The other experts are rounded to nearest.
         """
         if param not in FUSED_PARAMS:
             raise ValueError(f"unknown fused experts parameter {param!r}; valid: {', '.join(FUSED_PARAMS)}")
         out, chosen = {}, chosen or {}
         for e in range(self.num_experts):
-            if e in chosen:
-                weight, scale = chosen[e]
-                tensors = quantize_weight(weight, self.fmt, self.group_size, global_amax=abs_amax(w[e].detach()),
-                                          weight_scale=scale)
-            else:
-                tensors = quantize_weight(w[e], self.fmt, self.group_size)
+            overrides = dict(chosen.get(e, {}))
+            if "weight" in overrides and "global_amax" not in overrides:
+                overrides["global_amax"] = abs_amax(w[e].detach())
+            tensors = quantize_weight(overrides.pop("weight", w[e]), self.fmt, self.group_size, **overrides)
             if param == "down_proj":
                 out.update({f"{e}.{self.names[2]}.{k}": t for k, t in tensors.items()})
                 continue
@@ -126,7 +125,7 @@ class QuantExperts(nn.Module):
         return out
 
     @torch.no_grad()
-    def load_fused(self, param: str, w: torch.Tensor, chosen: Optional[Dict[int, tuple]] = None) -> None:
+    def load_fused(self, param: str, w: torch.Tensor, chosen: Optional[Dict[int, dict]] = None) -> None:
         """Quantize fused weights `w` into this module's buffers (`chosen`: see quantize_fused)."""
         for key, tensor in self.quantize_fused(param, w, chosen).items():
             self.get_buffer(key).copy_(tensor)
@@ -135,6 +134,11 @@ class QuantExperts(nn.Module):
         """One static input scale for every expert's `kind` ("gate_up" or "down") projections."""
         for linear in self.projections(kind):
             linear.set_input_amax(amax)
+
+    def set_pre_quant_scale(self, kind: str, pre_quant_scale: torch.Tensor) -> None:
+        """One `pre_quant_scale` (K,) for every expert's `kind` projections (AWQ, calibration/expert_awq.py)."""
+        for linear in self.projections(kind):
+            linear.pre_quant_scale = pre_quant_scale.to(device=linear.weight.device, dtype=linear.dtype).clone()
 
     def add_fused_placeholders(self) -> None:
         """Meta `gate_up_proj` / `down_proj` parameters, so the loader merges per-expert source

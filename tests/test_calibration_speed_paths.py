@@ -22,8 +22,10 @@ from hf_ptq_plugin.calibration.blocks import capture_block_inputs, observe_block
 from hf_ptq_plugin.calibration.clipping import CLIP_RATIOS, clip_int4_scale
 from hf_ptq_plugin.calibration.gptq import symmetric_gram
 from hf_ptq_plugin.calibration.stats import InputStats, finite_values, input_hooks
+from hf_ptq_plugin.numerics import input_scale_from_amax, quantize_activation
 from hf_ptq_plugin.numerics.integer import INT4_MAX, int_quantize
 from hf_ptq_plugin.numerics.scales import block_amax, scale_from_amax
+from hf_ptq_plugin.numerics.weights import fake_quantize_weight
 from hf_ptq_plugin.quant_linear import QuantLinear
 
 
@@ -31,10 +33,11 @@ def test_awq_gram_loss_equals_the_output_loss():
     torch.manual_seed(0)
     w, x = torch.randn(96, 256), torch.randn(512, 256) * (torch.rand(256) * 4)
     fmt = FORMATS["int4_awq"]
-    gram_form = _squared_output_error(w, x, fmt, 64, evaluations=11)  # K (tokens + 11 N) < 11 tokens N
+    x_amax = x.abs().amax(dim=0)
+    gram_form = _squared_output_error(w, x, x_amax, fmt, 64, evaluations=11)  # K (tokens + 11 N) < 11 tokens N
     reference = x @ w.T
     for scale in (torch.ones(256), torch.rand(256) + 0.5, torch.rand(256) * 3 + 0.1):
-        direct = (_quantized_output(w, x, scale, fmt, 64) - reference).pow(2).sum()
+        direct = (_quantized_output(w, x, x_amax, scale, fmt, 64) - reference).pow(2).sum()
         torch.testing.assert_close(gram_form(scale), direct, rtol=1e-4, atol=0)
 
 
@@ -43,8 +46,20 @@ def test_awq_loss_quantizes_activations_of_formats_that_do():
     torch.manual_seed(0)
     w, x, scale = torch.randn(96, 256), torch.randn(512, 256), torch.rand(256) + 0.5
     fmt = FORMATS["w4a8_awq"]
-    direct = (_quantized_output(w, x, scale, fmt, 64) - x @ w.T).pow(2).sum()
-    assert torch.equal(_squared_output_error(w, x, fmt, 64, evaluations=11)(scale), direct)
+    x_amax = x.abs().amax(dim=0)
+    direct = (_quantized_output(w, x, x_amax, scale, fmt, 64) - x @ w.T).pow(2).sum()
+    assert torch.equal(_squared_output_error(w, x, x_amax, fmt, 64, evaluations=11)(scale), direct)
+
+
+def test_awq_loss_takes_the_static_input_scale_of_all_tokens_not_of_the_sample():
+    """The sample is a subset of the tokens: the input scale the model will get comes from the
+    per-channel max over all of them (here twice the sample's), divided by the smoothing scale."""
+    torch.manual_seed(0)
+    w, x, scale = torch.randn(96, 256), torch.randn(512, 256), torch.rand(256) + 0.5
+    fmt, x_amax = FORMATS["w4a8_awq"], 2 * x.abs().amax(dim=0)
+    input_scale = input_scale_from_amax((x_amax / scale).amax(), fmt)
+    expected = quantize_activation(x / scale, fmt, input_scale) @ fake_quantize_weight(w * scale, fmt, 64).T
+    assert torch.equal(_quantized_output(w, x, x_amax, scale, fmt, 64), expected)
 
 
 def bf16_quantized_layer(qformat):

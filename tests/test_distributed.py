@@ -13,10 +13,12 @@ from hf_ptq_plugin import PTQConfig, QuantLinear, quantize
 from hf_ptq_plugin.calibration.experts import ExpertStats
 from hf_ptq_plugin.calibration.gptq import HessianStats
 
-# (model, qformat, algorithm, kv cache): the MoE run streams SmoothQuant block by block and gives
-# the experts input scales from per-expert amax reduced across the processes.
+# (model, qformat, algorithm, kv cache): the MoE runs stream block by block and give the experts
+# input scales from per-expert amax reduced across the processes; with AWQ also the experts' shared
+# pre_quant_scales (losses summed over processes) and clipping.
 RUNS = [("llama", "fp8", "max", "fp8"), ("llama", "int8_sq", "smoothquant", "none"),
-        ("llama", "w4a8_awq", "awq_lite", "nvfp4"), ("qwen3_moe", "int8_sq", "smoothquant", "none")]
+        ("llama", "w4a8_awq", "awq_lite", "nvfp4"), ("qwen3_moe", "int8_sq", "smoothquant", "none"),
+        ("qwen3_moe", "w4a8_awq", "awq_full", "none")]
 MODELS = {"llama": tiny_llama, "qwen3_moe": lambda: tiny_moe("qwen3_moe")}
 
 

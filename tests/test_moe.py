@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_ptq_plugin import FORMATS, PTQConfig, QuantLinear, calibrate, quantize
 from hf_ptq_plugin.calibration.data import CalibrationLoop
-from hf_ptq_plugin.calibration.experts import observe_experts
+from hf_ptq_plugin.calibration.experts import ExpertSample, observe_experts
 from hf_ptq_plugin.numerics import (dequantize_weight, input_scale_from_amax, quantize_activation, quantize_weight,
                                     weight_buffer_specs)
 from hf_ptq_plugin.quant_experts import QuantExperts
@@ -212,6 +212,25 @@ def test_save_then_load_gives_bit_identical_logits_and_the_checkpoint_names(fami
 
 
 @pytest.mark.parametrize("family", list(NAMES))
+@pytest.mark.parametrize("fmt", ["int4_awq", "w4a8_awq", "nvfp4_awq"])
+def test_awq_experts_save_their_pre_quant_scales_unfolded_and_load_bit_identical(family, fmt, ids, tmp_path):
+    model = quantize(tiny_moe(family), PTQConfig(qformat=fmt, algorithm="awq_lite"), forward_loop=lambda m: m(ids))
+    before = logits(model, ids)
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys() if key.endswith("pre_quant_scale")}
+    block, (gate, up, down) = CHECKPOINT_BLOCK[family], NAMES[family]
+    for i in range(LAYERS):
+        prefix = f"model.layers.{i}.{block}.experts"
+        for names, width in (((gate, up), 64), ((down,), experts_of(model, i).intermediate_dim)):
+            scales = [tensors[f"{prefix}.{e}.{name}.pre_quant_scale"] for e in range(EXPERTS) for name in names]
+            assert scales[0].shape == (width,) and all(torch.equal(s, scales[0]) for s in scales)
+        assert f"model.layers.{i}.self_attn.q_proj.pre_quant_scale" not in tensors  # folded into the norm
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(logits(reloaded, ids), before)
+
+
+@pytest.mark.parametrize("family", list(NAMES))
 @pytest.mark.parametrize("fmt", ["int8_wo", "int4_awq", "nvfp4"])
 def test_quantizing_while_loading_gives_the_same_expert_tensors_as_quantize(family, fmt, ids, tmp_path):
     tiny_moe(family).save_pretrained(tmp_path)
@@ -243,16 +262,85 @@ def test_calibrate_after_a_compressed_load_gives_every_expert_the_layer_input_sc
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), ids), logits(model, ids))
 
 
-def test_awq_keeps_its_algorithm_on_linears_and_quantizes_experts_round_to_nearest(ids, caplog):
+def with_outlier_channels(model, channels=4, factor=20.0):
+    """Make a few hidden channels of every MoE layer's input large, as AWQ's motivating outliers."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.post_attention_layernorm.weight[:channels] *= factor
+    return model
+
+
+def experts_inputs(model, layer=0):
+    """Run `ids` later and keep the (hidden, top_k_index, top_k_weights) layer `layer`'s experts receive."""
+    captured = []
+    experts_of(model, layer).register_forward_pre_hook(lambda m, args: captured.append(args))
+    return captured
+
+
+@pytest.mark.parametrize("fmt", ["int4_awq", "w4a8_awq", "nvfp4_awq"])
+@pytest.mark.parametrize("algorithm", ["awq_lite", "awq_full"])
+def test_awq_gives_a_layers_experts_one_pre_quant_scale_per_input_and_less_output_error(fmt, algorithm, ids, caplog):
+    original = with_outlier_channels(tiny_moe("qwen3_moe"))
+    inputs = experts_inputs(original)
+    logits(original, ids)  # layer 0's experts see the same inputs in every model below (attention is
+    hidden, index, weights = inputs[0]  # quantized in them, but the error is measured on these inputs)
+    runs = {}
+    for name in (algorithm, "max"):
+        model = copy.deepcopy(original)
+        with caplog.at_level(logging.WARNING):
+            quantize(model, PTQConfig(qformat=fmt, algorithm=name), forward_loop=lambda m: m(ids))
+        runs[name] = experts_of(model)
+    assert "not applied to MoE experts" not in caplog.text
+    with torch.no_grad():
+        reference = experts_of(original)(hidden, index, weights)
+        errors = {name: (experts(hidden, index, weights) - reference).pow(2).sum() for name, experts in runs.items()}
+    assert errors[algorithm] < 0.9 * errors["max"], errors
+    experts = runs[algorithm]
+    for kind in ("gate_up", "down"):
+        scales = [linear.pre_quant_scale for linear in experts.projections(kind)]
+        assert scales[0] is not None and all(torch.equal(s, scales[0]) for s in scales)
+        assert not torch.equal(scales[0], torch.ones_like(scales[0]))
+    assert all(linear.pre_quant_scale is None for linear in runs["max"].projections("gate_up"))
+
+
+@pytest.mark.parametrize("fmt", ["int4_awq", "nvfp4_awq"])
+def test_awq_smooths_an_expert_without_tokens_with_the_shared_scale_and_rounds_it_to_nearest(fmt, ids):
     original = tiny_moe("qwen3_moe")
-    model = tiny_moe("qwen3_moe")
+    model = copy.deepcopy(original)
+    never_route_to(model.model.layers[0].mlp.gate, 3)
+    quantize(model, PTQConfig(qformat=fmt, algorithm="awq_full"), forward_loop=lambda m: m(ids))
+    experts, fused, f = experts_of(model), experts_of(original), FORMATS[fmt]
+    assert model.expert_token_counts["model.layers.0.mlp.experts"][3] == 0
+    unseen = experts.expert(3)
+    for proj, w in ((unseen.gate_proj, fused.gate_up_proj[3]), (unseen.down_proj, fused.down_proj[3])):
+        smoothed = (w.float() / proj.pre_quant_scale.float()).to(w.dtype)
+        for name, tensor in quantize_weight(smoothed, f, experts.group_size).items():  # gate: the first rows
+            stored = proj.get_buffer(name)
+            assert torch.equal(stored, tensor if tensor.dim() == 0 else tensor[: stored.shape[0]]), name
+
+
+def test_mse_searches_each_experts_weight_scales(ids):
+    from hf_ptq_plugin.calibration.clipping import mse_weight_scale
+    original = tiny_moe("mixtral")
+    model = quantize(copy.deepcopy(original), PTQConfig(qformat="int4_awq", algorithm="mse"))
+    experts, fused = experts_of(model), experts_of(original)
+    for e in range(EXPERTS):
+        scale = mse_weight_scale(fused.down_proj[e], FORMATS["int4_awq"], experts.group_size)
+        assert torch.equal(experts.expert(e).w2.weight_scale, scale.to(experts.expert(e).w2.weight_scale.dtype))
+        rtn = quantize_weight(fused.down_proj[e], FORMATS["int4_awq"], experts.group_size)["weight_scale"]
+        assert not torch.equal(experts.expert(e).w2.weight_scale, rtn)
+
+
+def test_smoothquant_quantizes_experts_round_to_nearest_and_says_so(ids, caplog):
+    original = tiny_moe("qwen3_moe")
+    model = copy.deepcopy(original)
     with caplog.at_level(logging.WARNING):
-        quantize(model, PTQConfig(qformat="int4_awq", algorithm="awq_lite"), forward_loop=lambda m: m(ids))
-    assert "'awq_lite' is not applied to MoE experts" in caplog.text
+        quantize(model, PTQConfig(qformat="int8_sq", algorithm="smoothquant"), forward_loop=lambda m: m(ids))
+    assert "'smoothquant' is not applied to MoE experts" in caplog.text
     assert model.model.layers[0].self_attn.o_proj.pre_quant_scale is not None
     experts, fused = experts_of(model), experts_of(original)
     for e in range(EXPERTS):
-        down = quantize_weight(fused.down_proj[e], FORMATS["int4_awq"], experts.group_size)
+        down = quantize_weight(fused.down_proj[e], FORMATS["int8_sq"])
         assert experts.expert(e).down_proj.pre_quant_scale is None
         assert torch.equal(experts.expert(e).down_proj.weight, down["weight"])
 
@@ -343,3 +431,16 @@ def test_a_missing_expert_tensor_is_named_when_loading(ids, tmp_path):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=missing.replace(".", r"\.")):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_an_expert_sample_is_every_stride_th_token_whatever_the_batches():
+    tokens = torch.arange(1000, dtype=torch.float32)[:, None].repeat(1, 3)
+    sample = ExpertSample(size=64)
+    start = 0
+    for batch in (1, 7, 300, 0, 13, 679):  # 1000 tokens in uneven batches, one empty
+        sample.add(tokens[start:start + batch])
+        start += batch
+    assert sample.stride == 8 and torch.equal(sample.tokens, tokens[::8])  # 125 kept: between 64 and 128
+    few = ExpertSample(size=64)
+    few.add(tokens[:10])
+    assert few.stride == 1 and torch.equal(few.tokens, tokens[:10])

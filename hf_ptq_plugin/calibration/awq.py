@@ -9,7 +9,9 @@ and the best s becomes `pre_quant_scale = 1 / s` (the weight is multiplied by s)
 
 Unlike ModelOpt, which measures weight error only, the loss here includes the activation
 quantization of formats that quantize activations (W4A8, NVFP4-AWQ), with the static scale
-that the smoothed input would get; weight-only formats are unaffected by this.
+that the smoothed input will get: from the per-channel max |x| over every calibration token (of
+every process), max_c(x_amax[c] / s[c]), not from the sample's own max. Weight-only formats are
+unaffected by this.
 """
 
 from typing import Callable, Optional
@@ -22,38 +24,59 @@ from ..numerics.weights import fake_quantize_weight
 from .distributed import all_reduce
 
 ALPHA_STEP = 0.1
+AWQ_STEPS = {"awq_lite": (True, False), "awq_clip": (False, True), "awq_full": (True, True)}  # (search, clip)
 
 
-def awq_search(w: torch.Tensor, x: torch.Tensor, x_mean: torch.Tensor, fmt: F.Format, group_size: int,
-               alpha_step: float = ALPHA_STEP) -> torch.Tensor:
-    """The best smoothing factor s (K,) for stacked weights w (N, K) and sampled inputs x (T, K)."""
+def awq_search(w: torch.Tensor, x: torch.Tensor, x_mean: torch.Tensor, x_amax: torch.Tensor, fmt: F.Format,
+               group_size: int, alpha_step: float = ALPHA_STEP) -> torch.Tensor:
+    """The best smoothing factor s (K,) for stacked weights w (N, K) and sampled inputs x (T, K),
+    given the per-channel mean and max |x| (K,) over all calibration tokens."""
+    w_mean = normalized_weight_mean(w.float(), block_size(fmt, group_size))
+    alphas = alpha_grid(alpha_step)
+    losses = alpha_losses(w, x, x_mean, x_amax, w_mean, fmt, group_size, alphas)
+    return best_scale(losses, alphas, x_mean, w_mean)
+
+
+def alpha_grid(alpha_step: float = ALPHA_STEP) -> list:
+    return [i * alpha_step for i in range(int(round(1 / alpha_step)) + 1)]
+
+
+def alpha_losses(w: torch.Tensor, x: torch.Tensor, x_mean: torch.Tensor, x_amax: torch.Tensor, w_mean: torch.Tensor,
+                 fmt: F.Format, group_size: int, alphas: list) -> torch.Tensor:
+    """(len(alphas),) summed squared output errors on x (T, K) of w (N, K) smoothed by each alpha's scale.
+
+    `x_mean`, `x_amax` and `w_mean` (K,) may describe more than w and x (all experts of a MoE
+    layer, whose losses are then summed to choose their one shared scale).
+    """
     w, x = w.float(), x.float()
-    w_mean = _normalized_weight_mean(w, _block_size(fmt, group_size))
-    alphas = [i * alpha_step for i in range(int(round(1 / alpha_step)) + 1)]
-    output_error = _squared_output_error(w, x, fmt, group_size, len(alphas))
-    squared_errors = torch.stack([output_error(_scale_for(a, x_mean, w_mean)) for a in alphas])
+    output_error = _squared_output_error(w, x, x_amax.float(), fmt, group_size, len(alphas))
+    return torch.stack([output_error(scale_for(a, x_mean, w_mean)) for a in alphas])
+
+
+def best_scale(losses: torch.Tensor, alphas: list, x_mean: torch.Tensor, w_mean: torch.Tensor) -> torch.Tensor:
+    """The scale of the alpha with the least loss summed over processes."""
     # Several processes: each holds its own token sample; summed errors pick one alpha for all.
-    squared_errors = all_reduce(squared_errors, "sum")
-    return _scale_for(alphas[int(squared_errors.argmin())], x_mean, w_mean)
+    losses = all_reduce(losses, "sum")
+    return scale_for(alphas[int(losses.argmin())], x_mean, w_mean)
 
 
-def _block_size(fmt: F.Format, group_size: Optional[int]) -> int:
+def block_size(fmt: F.Format, group_size: Optional[int]) -> int:
     return group_size if fmt.weight in (F.INT4, F.NVFP4) else 1
 
 
-def _normalized_weight_mean(w: torch.Tensor, block: int) -> torch.Tensor:
+def normalized_weight_mean(w: torch.Tensor, block: int) -> torch.Tensor:
     n, k = w.shape
     blocks = w.abs().view(n, k // block, block)
     normalized = blocks / blocks.amax(dim=-1, keepdim=True).clamp(min=1e-12)
     return normalized.view(n, k).mean(dim=0)
 
 
-def _scale_for(alpha: float, x_mean: torch.Tensor, w_mean: torch.Tensor) -> torch.Tensor:
+def scale_for(alpha: float, x_mean: torch.Tensor, w_mean: torch.Tensor) -> torch.Tensor:
     scale = (x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)).clamp(1e-4, 1e4)
     return scale / (scale.max() * scale.min()).sqrt()
 
 
-def _squared_output_error(w, x, fmt: F.Format, group_size: int, evaluations: int) -> Callable:
+def _squared_output_error(w, x, x_amax, fmt: F.Format, group_size: int, evaluations: int) -> Callable:
     """scale -> the summed squared difference between the smoothed, quantized layer's outputs on x
     and the original ones.
 
@@ -67,15 +90,14 @@ def _squared_output_error(w, x, fmt: F.Format, group_size: int, evaluations: int
         gram = x.T @ x
         return lambda scale: _gram_error(fake_quantize_weight(w * scale, fmt, group_size) / scale - w, gram)
     reference = x @ w.T
-    return lambda scale: (_quantized_output(w, x, scale, fmt, group_size) - reference).pow(2).sum()
+    return lambda scale: (_quantized_output(w, x, x_amax, scale, fmt, group_size) - reference).pow(2).sum()
 
 
 def _gram_error(error: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     return ((error @ gram) * error).sum()
 
 
-def _quantized_output(w, x, scale, fmt: F.Format, group_size: int) -> torch.Tensor:
+def _quantized_output(w, x, x_amax, scale, fmt: F.Format, group_size: int) -> torch.Tensor:
     w_q = fake_quantize_weight(w * scale, fmt, group_size)
-    x_s = x / scale
-    input_scale = input_scale_from_amax(x_s.abs().amax(), fmt) if fmt.needs_calibration_data else None
-    return quantize_activation(x_s, fmt, input_scale) @ w_q.T
+    input_scale = input_scale_from_amax((x_amax / scale).amax(), fmt) if fmt.needs_calibration_data else None
+    return quantize_activation(x / scale, fmt, input_scale) @ w_q.T

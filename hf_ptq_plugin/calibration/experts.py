@@ -4,7 +4,9 @@
 the eager experts forward (experts.route_tokens) in full precision that also records, per expert,
 the tokens routed to it (padding excluded when the forward loop publishes a token mask) and the
 max |x| of the inputs of its gate/up and of its down projection; for GPTQ also each expert's
-sum of x x^T per projection input, from which its Hessian follows. Called by moe.py around the
+sum of x x^T per projection input, from which its Hessian follows; for AWQ also the per-channel
+sum and max of |x| and an evenly strided sample of each expert's inputs (`ExpertSample`). Called
+by moe.py around the
 calibration pass of `quantize_model`; the rule for experts that get no token is in
 `shared_inputs.py` and `ExpertStats.shared_amax`.
 """
@@ -33,10 +35,15 @@ class ExpertStats:
     quantizer once used: one MoE layer's at a time under layer streaming.
     """
 
-    def __init__(self, num_experts: int, device=None, input_dims: Optional[Dict[str, int]] = None):
+    def __init__(self, num_experts: int, device=None, input_dims: Optional[Dict[str, int]] = None,
+                 sample_size: int = 0):
         self.tokens = torch.zeros(num_experts, dtype=torch.int64, device=device)
         self.amax = {kind: torch.zeros(num_experts, device=device) for kind in KINDS}  # fp32 max |x|, per expert
         self.input_dims, self.outer = input_dims or {}, {}
+        # AWQ (sample_size > 0): {kind: (E, K) sum |x|}, {kind: (K,) max |x| over experts}, {kind: [sample per expert]}
+        self.abs_sum, self.channel_amax, self.samples = {}, {}, {}
+        if sample_size:
+            self.samples = {kind: [ExpertSample(sample_size) for _ in range(num_experts)] for kind in KINDS}
         self.reduced = False
 
     def allocate_hessians(self) -> None:
@@ -44,8 +51,9 @@ class ExpertStats:
             device, experts = self.tokens.device, self.tokens.shape[0]
             self.outer = {kind: torch.zeros(experts, k, k, device=device) for kind, k in self.input_dims.items()}
 
-    def release_hessians(self) -> None:
-        self.input_dims, self.outer = {}, {}
+    def release(self) -> None:
+        """Free the Hessian sums and token samples once the experts are quantized."""
+        self.input_dims, self.outer, self.samples = {}, {}, {}
 
     def observe(self, e: int, kind: str, x: torch.Tensor) -> None:
         if x.numel():
@@ -53,6 +61,25 @@ class ExpertStats:
             if kind in self.outer:
                 x = x.detach().float().to(self.outer[kind].device)
                 self.outer[kind][e].add_(symmetric_gram(x))  # exactly symmetric, as the Cholesky needs
+        if self.samples:
+            self._observe_for_awq(e, kind, x.detach())
+
+    def _observe_for_awq(self, e: int, kind: str, x: torch.Tensor) -> None:
+        if kind not in self.abs_sum:  # (E, K) and (K,) once the input width is known
+            experts, k = self.tokens.shape[0], x.shape[-1]
+            # fp64, as InputStats.abs_sum: the same mean whatever the order of the batches' sums
+            self.abs_sum[kind] = torch.zeros(experts, k, dtype=torch.float64, device=self.tokens.device)
+            self.channel_amax[kind] = torch.zeros(k, device=self.tokens.device)
+        if x.numel():
+            magnitude = x.abs()
+            self.abs_sum[kind][e] += magnitude.sum(dim=0, dtype=torch.float32).to(self.tokens.device).double()
+            self.channel_amax[kind] = torch.maximum(self.channel_amax[kind],
+                                                    magnitude.amax(dim=0).float().to(self.tokens.device))
+        self.samples[kind][e].add(x)
+
+    def channel_mean(self, kind: str) -> torch.Tensor:
+        """Per-channel mean |x| over every token routed to any expert of the layer (K,)."""
+        return (self.abs_sum[kind].sum(dim=0) / max(self.total_tokens, 1)).float()
 
     def hessian(self, kind: str, e: int) -> torch.Tensor:
         """GPTQ's H = (2 / n) sum x x^T over the n tokens expert e saw (reduced across processes)."""
@@ -64,6 +91,8 @@ class ExpertStats:
             self.tokens = all_reduce(self.tokens, "sum")
             self.amax = {kind: all_reduce(a, "max") for kind, a in self.amax.items()}
             self.outer = {kind: all_reduce(s, "sum") for kind, s in self.outer.items()}
+            self.abs_sum = {kind: all_reduce(s, "sum") for kind, s in self.abs_sum.items()}
+            self.channel_amax = {kind: all_reduce(a, "max") for kind, a in self.channel_amax.items()}
             self.reduced = True
 
     @property
@@ -78,16 +107,37 @@ class ExpertStats:
         return self.amax[kind].amax()
 
 
+class ExpertSample:
+    """Every `stride`-th input token one expert receives, the stride doubling (and every other kept
+    token dropped) whenever more than 2 x `size` are kept: an evenly spaced sample of all its tokens,
+    between `size` and 2 x `size` long once the expert has seen that many, the same on every run."""
+
+    def __init__(self, size: int):
+        self.size, self.stride, self.seen = size, 1, 0
+        self.tokens: Optional[torch.Tensor] = None  # (n, K) fp32, None until the expert receives a token
+
+    def add(self, x: torch.Tensor) -> None:
+        if not x.shape[0]:
+            return
+        start = -self.seen % self.stride  # the first of these tokens whose overall index the stride divides
+        new = x[start::self.stride].float()
+        self.tokens = new.clone() if self.tokens is None else torch.cat([self.tokens, new])
+        self.seen += x.shape[0]
+        while self.tokens.shape[0] > 2 * self.size:  # kept token i has overall index i * stride
+            self.tokens, self.stride = self.tokens[::2].clone(), self.stride * 2
+
+
 @contextlib.contextmanager
-def observe_experts(experts: Dict[str, nn.Module], token_mask=None, hessians: bool = False):
+def observe_experts(experts: Dict[str, nn.Module], token_mask=None, hessians: bool = False, sample_size: int = 0):
     """Inside the block, the fused-experts modules record statistics; yields {name: ExpertStats}.
 
-    `hessians`: also accumulate each expert's x x^T (GPTQ).
+    `hessians`: also accumulate each expert's x x^T (GPTQ). `sample_size`: also the AWQ statistics,
+    with samples of `sample_size` to twice that many tokens per expert and projection input.
     """
     def dims(module):  # gate_up_proj (E, 2I, H) takes H inputs, down_proj (E, H, I) takes I
         return {"gate_up": module.gate_up_proj.shape[2], "down": module.down_proj.shape[2]} if hessians else None
 
-    stats = {name: ExpertStats(module.num_experts, module.gate_up_proj.device, dims(module))
+    stats = {name: ExpertStats(module.num_experts, module.gate_up_proj.device, dims(module), sample_size)
              for name, module in experts.items()}
     warned = set()
     try:

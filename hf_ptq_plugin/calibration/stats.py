@@ -27,7 +27,9 @@ class InputStats:
 
     def __init__(self, sample_stride: int = 0):
         self.channel_amax = None  # (K,) fp32, max |x| per input channel
-        self.abs_sum = None  # (K,) fp32, sum |x| per input channel (only when sampling)
+        # (K,) sum |x| per input channel (only when sampling). fp64: the batches' fp32 sums add up
+        # exactly, so the mean is the same whatever order they arrive in or process they ran in.
+        self.abs_sum = None
         self.samples = []  # [(T_i, K)] fp32 token samples
         self.num_tokens = 0
         self.sample_stride = sample_stride
@@ -39,7 +41,7 @@ class InputStats:
         self.channel_amax = amax if self.channel_amax is None else torch.maximum(self.channel_amax, amax)
         self.num_tokens += x.shape[0]
         if self.sample_stride:
-            abs_sum = magnitude.sum(dim=0, dtype=torch.float32)
+            abs_sum = magnitude.sum(dim=0, dtype=torch.float32).double()
             self.abs_sum = abs_sum if self.abs_sum is None else self.abs_sum + abs_sum
             self.samples.append(x[:: self.sample_stride].to(torch.float32, copy=True))  # never a view of x
 
@@ -57,7 +59,7 @@ class InputStats:
     @property
     def channel_mean(self) -> torch.Tensor:
         """Per-channel mean |x| over every token seen (K,)."""
-        return self.abs_sum / self.num_tokens
+        return (self.abs_sum / self.num_tokens).float()
 
     @property
     def sample(self) -> torch.Tensor:

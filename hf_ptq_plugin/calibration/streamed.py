@@ -25,7 +25,7 @@ from ..backends.cpu_weights import bf16_dense_weights
 from ..experts import is_fused_experts
 from ..quant_linear import QuantLinear
 from ..selection import fused_groups, fused_weight_amax
-from .awq import awq_search
+from .awq import AWQ_STEPS, awq_search
 from .blocks import capture_block_inputs, decoder_blocks, observe_block, run_block
 from .clipping import clip_int4_scale, clip_nvfp4_global_amax
 from .data import TokenMask
@@ -38,7 +38,6 @@ MAX_SEARCH_TOKENS = 2048  # tokens per input kept for the search: loss estimates
 
 
 STREAMED_ALGORITHMS = ("smoothquant", "awq_lite", "awq_clip", "awq_full", "gptq")
-AWQ_STEPS = {"awq_lite": (True, False), "awq_clip": (False, True), "awq_full": (True, True)}  # (search, clip)
 
 
 def streamed_calibration(model: nn.Module, linears: Dict[str, nn.Module], fmt: F.Format, group_size: int,
@@ -132,7 +131,8 @@ def _awq_block(block, block_linears, inputs, token_mask, fmt, group_size, stride
         layer_plan = {"input_amax": s.amax}
         x_sample = s.sample
         if search:
-            scale = awq_search(stacked_weight(block_linears, group), x_sample, s.channel_mean, fmt, group_size)
+            scale = awq_search(stacked_weight(block_linears, group), x_sample, s.channel_mean, s.channel_amax, fmt,
+                               group_size)
             pre_quant_scale = apply_pre_quant_scale(members, 1.0 / scale)
             x_sample = x_sample * pre_quant_scale.float()
             layer_plan = {"pre_quant_scale": pre_quant_scale,
