@@ -33,7 +33,7 @@ from . import formats as F
 from .calibration.awq import AWQ_STEPS
 from .calibration.clipping import mse_weight_scale
 from .calibration.expert_awq import SAMPLE_TOKENS, expert_awq_plan
-from .calibration.experts import observe_experts
+from .calibration.experts import ExpertObserver
 from .calibration.gptq import gptq_quantize
 from .calibration.shared_inputs import log_token_counts
 from .experts import (DEFAULT_PROJECTION_NAMES, FUSED_PARAMS, checkpoint_namer, is_fused_experts, projection_names,
@@ -46,18 +46,42 @@ EXPERT_ALGORITHMS = ("max", "mse", "gptq", *AWQ_STEPS)  # what experts get; any 
 
 
 class ExpertQuantization:
-    """The fused experts of one quantize_model call, from observation to QuantExperts."""
+    """The fused experts of one calibration, from observation to QuantExperts.
 
-    def __init__(self, model: nn.Module, exclude_modules, fmt: F.Format, algorithm: str):
-        self.model, self.fmt = model, fmt
+    `experts` {name: fused-experts module}; more can join later with `add` (requantize.py adds each
+    block's experts as it restores them from the source checkpoint). `names`: the checkpoint names
+    of an expert's (gate, up, down) projections.
+    """
+
+    def __init__(self, model: nn.Module, experts: Dict[str, nn.Module], fmt: F.Format, algorithm: str,
+                 names: Optional[Tuple[str, str, str]] = None):
+        self.model, self.fmt, self.requested = model, fmt, algorithm
         self.algorithm = algorithm if algorithm in EXPERT_ALGORITHMS else "max"
-        self.experts = target_experts(model, exclude_modules)
-        self.names = projection_names(model) if self.experts else None
-        self.stats, self.done = {}, set()
-        if self.experts and algorithm != self.algorithm:
-            logger.warning("algorithm %r is not applied to MoE experts: the %d fused-experts module(s) (e.g. %s) are "
-                           "quantized with 'max' (round to nearest); the other Linears use %r", algorithm,
-                           len(self.experts), next(iter(self.experts)), algorithm)
+        self.experts, self.names = dict(experts), names
+        self.stats, self.done, self.observer = {}, set(), None
+        if self.experts:
+            self._warn_unapplied()
+
+    @classmethod
+    def of_model(cls, model: nn.Module, exclude_modules, fmt: F.Format, algorithm: str) -> "ExpertQuantization":
+        """The model's fused experts that `exclude_modules` leaves to quantize (quantize_model)."""
+        experts = target_experts(model, exclude_modules)
+        return cls(model, experts, fmt, algorithm, projection_names(model) if experts else None)
+
+    def add(self, name: str, fused: nn.Module) -> None:
+        """A fused-experts module to quantize too, observed from now on when inside `observing`."""
+        first = not self.experts
+        self.experts[name] = fused
+        if first:
+            self._warn_unapplied()
+        if self.observer is not None:
+            self.observer.add(name, fused)
+
+    def _warn_unapplied(self) -> None:
+        if self.requested != self.algorithm:
+            logger.warning("algorithm %r is not applied to MoE experts: the fused-experts modules (e.g. %s) are "
+                           "quantized with 'max' (round to nearest); the other Linears use %r", self.requested,
+                           next(iter(self.experts)), self.requested)
 
     def shapes(self) -> dict:
         """Expert projection shapes for the group-size and shape checks."""
@@ -67,9 +91,15 @@ class ExpertQuantization:
     def observing(self, token_mask=None):
         """Record per-expert statistics while the calibration data runs inside the block."""
         sample_size = SAMPLE_TOKENS if self.algorithm in AWQ_STEPS else 0
-        with observe_experts(self.experts, token_mask, self.algorithm == "gptq", sample_size) as stats:
-            self.stats = stats
+        self.observer = ExpertObserver(token_mask, self.algorithm == "gptq", sample_size)
+        self.stats = self.observer.stats
+        try:
+            for name, module in self.experts.items():
+                self.observer.add(name, module)
             yield
+        finally:
+            self.observer.close()
+            self.observer = None
 
     def quantize_observed(self, group_size: Optional[int]) -> None:
         """Quantize the experts that calibration has reached (a streamed block's, after its pass)."""

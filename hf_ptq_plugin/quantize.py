@@ -45,7 +45,7 @@ def quantize_model(model: nn.Module, config: PTQConfig, forward_loop: Optional[C
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear left to quantize after exclusions "
                          f"{config.exclude_modules}")
-    moe = ExpertQuantization(model, config.exclude_modules, fmt, algorithm)  # fused MoE experts (moe.py)
+    moe = ExpertQuantization.of_model(model, config.exclude_modules, fmt, algorithm)  # fused MoE experts (moe.py)
     shapes = {**linears, **moe.shapes()}
     group_size = resolve_group_size(fmt, shapes, config.group_size)
     check_layer_shapes(fmt, shapes, group_size)

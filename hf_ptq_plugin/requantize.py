@@ -3,8 +3,8 @@
 A model from `from_pretrained(src, quantization_config=PTQConfig(...))` holds only quantized
 weights (round to nearest, `max`). To apply SmoothQuant, AWQ or GPTQ, each decoder block's
 full-precision weights are read again from `src`'s safetensors just before the block is
-calibrated, the algorithm runs on them, and the block is quantized again, the next block fed
-by this one's quantized outputs (layer streaming). Peak memory: the compressed model, one block
+calibrated (its MoE experts included), the algorithm runs on them, and the block is quantized
+again, the next block fed by this one's quantized outputs (layer streaming). Peak memory: the compressed model, one block
 in full precision, and the calibration activations. Called by `calibrate()`.
 """
 
@@ -14,11 +14,13 @@ from typing import Callable
 
 from torch import nn
 
-from .calibration.stats import collect_input_stats
+from .calibration.blocks import decoder_blocks
 from .calibration.streamed import STREAMED_ALGORITHMS, streamed_calibration
+from .moe import ExpertQuantization
+from .quant_experts import QuantExperts
 from .quant_linear import QuantLinear
 from .quantize import quantize_linears
-from .source_weights import restore_full_precision
+from .source_weights import restore_experts, restore_full_precision
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +28,12 @@ REQUANTIZING_ALGORITHMS = STREAMED_ALGORITHMS  # the ones that change weights, s
 
 
 def requantize_from_source(model: nn.Module, algorithm: str, forward_loop: Callable) -> None:
-    """Run `algorithm` block by block on the source weights of every QuantLinear, in place."""
+    """Run `algorithm` block by block on the source weights of every QuantLinear and QuantExperts, in place.
+
+    Each block's MoE experts are restored from the source too, observed in the block's pass and
+    quantized again as quantize_model quantizes experts (moe.py): with this algorithm's expert
+    variant (GPTQ, AWQ) or, for SmoothQuant, round to nearest with freshly observed input scales.
+    """
     source = getattr(model, "ptq_source", None)
     if source is None:
         raise ValueError(f"algorithm {algorithm!r} needs the full-precision weights, and this model's are gone: "
@@ -34,26 +41,40 @@ def requantize_from_source(model: nn.Module, algorithm: str, forward_loop: Calla
                          f"the full-precision model with PTQConfig(..., algorithm={algorithm!r}) instead")
     config = model.ptq_config
     fmt, group_size = config.format, config.group_size
-    targets = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    experts = {name: m for name, m in targets.items() if getattr(m, "shared_input", None) is not None}
-    targets = {name: m for name, m in targets.items() if name not in experts}
-    streamed_calibration(
-        model, targets, fmt, group_size, algorithm, forward_loop,
-        quantize_block=lambda block_linears, plan: quantize_linears(model, fmt, group_size, block_linears, plan),
-        prepare_block=lambda block_modules: restore_full_precision(model, block_modules, source))
-    if experts:
-        _calibrate_experts(model, experts, algorithm, forward_loop)
+    experts = {name: m for name, m in model.named_modules() if isinstance(m, QuantExperts)}
+    targets = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)
+               and not any(name.startswith(e + ".") for e in experts)}
+    _check_experts_are_in_calibrated_blocks(model, experts, targets, algorithm)
+    names = next(iter(experts.values())).names if experts else None
+    moe = ExpertQuantization(model, {}, fmt, algorithm, names)
+
+    def prepare_block(prefix: str, block_linears: dict) -> dict:
+        for name in [n for n in experts if n.startswith(prefix)]:
+            moe.add(name, restore_experts(model, name, experts.pop(name), source))
+        return restore_full_precision(model, block_linears, source)
+
+    def quantize_block(block_linears: dict, plan: dict) -> None:
+        quantize_linears(model, fmt, group_size, block_linears, plan)
+        moe.quantize_observed(group_size)
+
+    with moe.observing(getattr(forward_loop, "token_mask", None)):
+        streamed_calibration(model, targets, fmt, group_size, algorithm, forward_loop, quantize_block,
+                             prepare_block=prepare_block)
+    moe.finish(group_size)
     _record_algorithm(model, dataclasses.replace(config, algorithm=algorithm))
 
 
-def _calibrate_experts(model: nn.Module, experts: dict, algorithm: str, forward_loop: Callable) -> None:
-    """MoE experts keep their round-to-nearest weights (moe.py); static formats get their input scales
-    (shared per layer and projection, calibration/shared_inputs.py) from one more pass over the data."""
-    logger.warning("algorithm %r is not applied to MoE experts: their %d projections (e.g. %s) keep their 'max' "
-                   "weights", algorithm, len(experts), min(experts))
-    if next(iter(experts.values())).fmt.needs_calibration_data:
-        for name, stats in collect_input_stats(model, experts, forward_loop).items():
-            experts[name].set_input_amax(stats.channel_amax.amax())
+def _check_experts_are_in_calibrated_blocks(model: nn.Module, experts: dict, targets: dict, algorithm: str) -> None:
+    """Streaming restores a block's experts with its Linears: a block with experts and no Linear is never reached."""
+    if not experts:
+        return
+    blocks_name, _ = decoder_blocks(model, targets)
+    depth = blocks_name.count(".") + 2  # "<blocks>.<i>"
+    calibrated = {".".join(name.split(".")[:depth]) for name in targets}
+    orphans = [name for name in experts if ".".join(name.split(".")[:depth]) not in calibrated]
+    if orphans:
+        raise ValueError(f"the experts {sorted(orphans)[:3]} are in decoder blocks with no other quantized Linear; "
+                         f"algorithm {algorithm!r} re-reads experts block by block with the block's Linears")
 
 
 def _record_algorithm(model: nn.Module, config) -> None:

@@ -3,8 +3,10 @@
 `from_pretrained(src, quantization_config=PTQConfig(...))` quantizes each weight as it is read and
 keeps no full-precision copy. Algorithms that change weights (SmoothQuant, AWQ, GPTQ) need that
 copy, one decoder block at a time: `LoadSource` remembers the checkpoint files (and the algorithm
-the load asked for), and `restore_full_precision` swaps a block's QuantLinears back to Linears
-holding the source weights. Set by `PTQHfQuantizer`; used by `requantize.py`.
+the load asked for), `restore_full_precision` swaps a block's QuantLinears back to Linears
+holding the source weights, and `restore_experts` a QuantExperts back to a fused-experts module
+(`SourceExperts`) holding its experts' source weights. Set by `PTQHfQuantizer`; used by
+`requantize.py`.
 """
 
 from dataclasses import dataclass, field
@@ -14,7 +16,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+import torch.nn.functional as F_nn
+
 from .checkpoint_load import replace_module
+from .experts import checkpoint_namer, route_tokens
+from .quant_experts import QuantExperts
 from .quant_linear import QuantLinear
 
 
@@ -35,6 +41,11 @@ class LoadSource:
     files: List[str]
     algorithm: str  # the calibration algorithm the load asked for (loading itself applies max)
     _locations: Dict[str, str] = field(default=None, repr=False)
+
+    def has(self, name: str) -> bool:
+        if self._locations is None:
+            self._locations = tensor_locations(self.files)
+        return name in self._locations
 
     def read(self, name: str) -> torch.Tensor:
         """The tensor `name` as stored in the source checkpoint (its own dtype), on the CPU."""
@@ -64,4 +75,58 @@ def restore_full_precision(model: nn.Module, modules: Dict[str, QuantLinear], so
         linear.requires_grad_(False)
         replace_module(model, name, linear)
         restored[name] = linear
+    return restored
+
+
+class SourceExperts(nn.Module):
+    """A fused-experts module in full precision, as transformers 5 holds one: `gate_up_proj`
+    (E, 2I, H), gate rows first, and `down_proj` (E, H, I), run by the eager experts forward."""
+
+    def __init__(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, act_fn: nn.Module):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(gate_up_proj, requires_grad=False)
+        self.down_proj = nn.Parameter(down_proj, requires_grad=False)
+        self.num_experts, self.act_fn = gate_up_proj.shape[0], act_fn
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        def run_expert(e, x, token_idx):
+            gate, up = F_nn.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+            return F_nn.linear(self.act_fn(gate) * up, self.down_proj[e])
+
+        return route_tokens(hidden_states, top_k_index, top_k_weights, self.num_experts, run_expert)
+
+
+@torch.no_grad()
+def restore_experts(model: nn.Module, name: str, module: QuantExperts, source: LoadSource) -> SourceExperts:
+    """Swap the QuantExperts `name` for a SourceExperts holding its source weights (in its dtype).
+
+    The source holds the experts as the family's checkpoints do, per expert (e.g.
+    `...experts.{e}.gate_proj.weight`, Mixtral `...block_sparse_moe.experts.{e}.w1.weight`), or
+    already fused (`...experts.gate_up_proj`).
+    """
+    device = module.projections("down")[0].weight.device
+    if device.type == "meta":
+        raise ValueError(f"experts {name!r} are offloaded (on the meta device); re-reading full-precision weights "
+                         "for AWQ/GPTQ needs the model's layers in memory (no disk offload)")
+    prefix = checkpoint_namer(model)(name)
+    dtype = module.projections("down")[0].dtype
+    if source.has(f"{prefix}.gate_up_proj"):
+        gate_up, down = source.read(f"{prefix}.gate_up_proj"), source.read(f"{prefix}.down_proj")
+    else:
+        gate, up, down_name = module.names
+
+        def read(e: int, proj: str) -> torch.Tensor:
+            return source.read(f"{prefix}.{e}.{proj}.weight")
+
+        gate_up = torch.stack([torch.cat([read(e, gate), read(e, up)]) for e in range(module.num_experts)])
+        down = torch.stack([read(e, down_name) for e in range(module.num_experts)])
+    expected = {"gate_up_proj": (module.num_experts, 2 * module.intermediate_dim, module.hidden_dim),
+                "down_proj": (module.num_experts, module.hidden_dim, module.intermediate_dim)}
+    for param, tensor in (("gate_up_proj", gate_up), ("down_proj", down)):
+        if tuple(tensor.shape) != expected[param]:
+            raise ValueError(f"source weights of {prefix}.{param}: expected shape {list(expected[param])}, "
+                             f"found {list(tensor.shape)}")
+    restored = SourceExperts(gate_up.to(device=device, dtype=dtype), down.to(device=device, dtype=dtype),
+                             module.act_fn)
+    replace_module(model, name, restored)
     return restored

@@ -377,20 +377,25 @@ def test_gptq_rounds_each_expert_on_the_hessian_of_its_own_tokens(fmt, ids, capl
             assert output_error(stored[kind]) < 0.9 * output_error(rtn), (e, kind)
 
 
-def test_awq_after_a_compressed_load_keeps_experts_and_calibrates_their_input_scales(ids, tmp_path, caplog):
-    tiny_moe("mixtral").save_pretrained(tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=PTQConfig(qformat="w4a8_awq"))
-    weights = {k: v.clone() for k, v in experts_of(model).state_dict().items() if not k.endswith("input_scale")}
-    with caplog.at_level(logging.WARNING):
-        calibrate(model, lambda m: m(ids))  # the PTQConfig's algorithm: awq_lite, re-reading the source
-    assert "'awq_lite' is not applied to MoE experts" in caplog.text
-    assert model.model.layers[0].self_attn.o_proj.pre_quant_scale is not None
-    after = experts_of(model).state_dict()
-    assert all(torch.equal(after[k], v) for k, v in weights.items())
-    for kind in ("gate_up", "down"):
-        scales = {linear.input_scale.item() for linear in experts_of(model).projections(kind)}
-        assert len(scales) == 1 and 0 < scales.pop() < float("inf")
+@pytest.mark.parametrize("family", list(NAMES))
+@pytest.mark.parametrize("fmt, algorithm", [("w4a8_awq", "awq_full"), ("int4_awq", "gptq"),
+                                            ("int8_sq", "smoothquant")])
+def test_calibrating_after_a_compressed_load_requantizes_experts_from_the_source_as_quantize_does(
+        family, fmt, algorithm, ids, tmp_path):
+    tiny_moe(family).save_pretrained(tmp_path)
+    config = PTQConfig(qformat=fmt, algorithm=algorithm)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config)
+    calibrate(model, lambda m: m(ids))  # the PTQConfig's algorithm, re-reading every block from the source
+    in_memory = quantize(AutoModelForCausalLM.from_pretrained(tmp_path), config, forward_loop=lambda m: m(ids))
+    assert all(isinstance(experts_of(model, i), QuantExperts) for i in range(LAYERS))
+    expected = in_memory.state_dict()
+    state = model.state_dict()
+    assert state.keys() == expected.keys()
+    for key, tensor in state.items():
+        assert torch.equal(tensor, expected[key]), key
+    assert model.expert_token_counts == in_memory.expert_token_counts
     model.save_pretrained(tmp_path / "out")  # would refuse uncalibrated expert input scales
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), ids), logits(model, ids))
 
 
 def test_excluded_experts_stay_fused_and_are_listed_as_excluded(ids, tmp_path):

@@ -127,26 +127,44 @@ class ExpertSample:
             self.tokens, self.stride = self.tokens[::2].clone(), self.stride * 2
 
 
-@contextlib.contextmanager
-def observe_experts(experts: Dict[str, nn.Module], token_mask=None, hessians: bool = False, sample_size: int = 0):
-    """Inside the block, the fused-experts modules record statistics; yields {name: ExpertStats}.
+class ExpertObserver:
+    """Makes fused-experts modules record ExpertStats (in `stats`) until `close()`.
 
     `hessians`: also accumulate each expert's x x^T (GPTQ). `sample_size`: also the AWQ statistics,
     with samples of `sample_size` to twice that many tokens per expert and projection input.
     """
-    def dims(module):  # gate_up_proj (E, 2I, H) takes H inputs, down_proj (E, H, I) takes I
-        return {"gate_up": module.gate_up_proj.shape[2], "down": module.down_proj.shape[2]} if hessians else None
 
-    stats = {name: ExpertStats(module.num_experts, module.gate_up_proj.device, dims(module), sample_size)
-             for name, module in experts.items()}
-    warned = set()
+    def __init__(self, token_mask=None, hessians: bool = False, sample_size: int = 0):
+        self.token_mask, self.hessians, self.sample_size = token_mask, hessians, sample_size
+        self.stats: Dict[str, ExpertStats] = {}
+        self._modules, self._warned = [], set()
+
+    def add(self, name: str, module: nn.Module) -> None:
+        # gate_up_proj (E, 2I, H) takes H inputs, down_proj (E, H, I) takes I
+        dims = {"gate_up": module.gate_up_proj.shape[2], "down": module.down_proj.shape[2]} if self.hessians else None
+        self.stats[name] = ExpertStats(module.num_experts, module.gate_up_proj.device, dims, self.sample_size)
+        module.forward = _observed_forward(name, module, self.stats[name], self.token_mask, self._warned)
+        self._modules.append(module)
+
+    def close(self) -> None:
+        for module in self._modules:
+            vars(module).pop("forward", None)
+        self._modules = []
+
+
+@contextlib.contextmanager
+def observe_experts(experts: Dict[str, nn.Module], token_mask=None, hessians: bool = False, sample_size: int = 0):
+    """Inside the block, the fused-experts modules record statistics; yields {name: ExpertStats}.
+
+    Options as ExpertObserver's.
+    """
+    observer = ExpertObserver(token_mask, hessians, sample_size)
     try:
         for name, module in experts.items():
-            module.forward = _observed_forward(name, module, stats[name], token_mask, warned)
-        yield stats
+            observer.add(name, module)
+        yield observer.stats
     finally:
-        for module in experts.values():
-            vars(module).pop("forward", None)
+        observer.close()
 
 
 def _observed_forward(name: str, module: nn.Module, stat: ExpertStats, token_mask, warned: set):

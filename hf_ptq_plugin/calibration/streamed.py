@@ -45,8 +45,9 @@ def streamed_calibration(model: nn.Module, linears: Dict[str, nn.Module], fmt: F
                          max_tokens: int = MAX_SEARCH_TOKENS, prepare_block: Optional[Callable] = None) -> None:
     """Run `algorithm` over every decoder block; `quantize_block(linears, plan)` swaps one block's Linears.
 
-    `prepare_block(block_linears) -> {name: nn.Linear}`, when given, turns a block's modules into
-    full-precision Linears right before the block is calibrated.
+    `prepare_block(prefix, block_linears) -> {name: nn.Linear}`, when given, turns the modules of
+    the block whose names start with `prefix` into full-precision ones right before the block is
+    calibrated, and returns its Linears.
     """
     calibrate_block = _block_algorithm(algorithm)
     blocks_name, blocks = decoder_blocks(model, linears)
@@ -63,7 +64,7 @@ def streamed_calibration(model: nn.Module, linears: Dict[str, nn.Module], fmt: F
         block_linears = {n: m for n, m in linears.items() if n.startswith(prefix)}
         if block_linears:
             if prepare_block is not None:
-                block_linears = prepare_block(block_linears)
+                block_linears = prepare_block(prefix, block_linears)
             plan = calibrate_block(block, block_linears, inputs, token_mask, fmt, group_size, stride)
             quantize_block(block_linears, plan)
         with _feeding_weights(block, inputs):
