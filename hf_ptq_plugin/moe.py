@@ -5,10 +5,10 @@
   for a QuantExperts (quant_experts.py) with one shared input scale per projection. With GPTQ
   each expert's gate/up (as one tensor) and down get GPTQ on the Hessian of the tokens routed to
   it; an expert no calibration token reached has no Hessian and is rounded to nearest. The AWQ
-  algorithms give each layer's experts one shared pre_quant_scale per projection input and clip
-  each expert on its own tokens (calibration/expert_awq.py); `mse` searches each expert's weight
-  scales. SmoothQuant quantizes experts with `max` (round to nearest, weight scales from the
-  weights), a warning says so, and the other Linears keep it. Under layer streaming
+  algorithms and SmoothQuant give each layer's experts one shared pre_quant_scale per projection
+  input, AWQ's clipping is per expert on its own tokens (calibration/expert_smoothing.py); `mse`
+  searches each expert's weight scales. Any other algorithm would quantize experts with `max`
+  (round to nearest, weight scales from the weights) and say so in a warning. Under layer streaming
   each block's experts are quantized right after that block's pass, so the next block is fed by
   quantized experts. The tokens each expert saw are logged and kept on
   the model as `model.expert_token_counts` ({experts module: [tokens per expert]}); they sum to
@@ -32,7 +32,7 @@ from torch import nn
 from . import formats as F
 from .calibration.awq import AWQ_STEPS
 from .calibration.clipping import mse_weight_scale
-from .calibration.expert_awq import SAMPLE_TOKENS, expert_awq_plan
+from .calibration.expert_smoothing import SAMPLE_TOKENS, ExpertPlan, expert_awq_plan, expert_smoothquant_plan
 from .calibration.experts import ExpertObserver
 from .calibration.gptq import gptq_quantize
 from .calibration.shared_inputs import log_token_counts
@@ -42,7 +42,8 @@ from .quant_experts import QuantExperts
 
 logger = logging.getLogger(__name__)
 
-EXPERT_ALGORITHMS = ("max", "mse", "gptq", *AWQ_STEPS)  # what experts get; any other algorithm: max
+EXPERT_ALGORITHMS = ("max", "mse", "gptq", "smoothquant", *AWQ_STEPS)
+SAMPLING_ALGORITHMS = ("smoothquant", *AWQ_STEPS)  # their searches replay samples of each expert's tokens
 
 
 class ExpertQuantization:
@@ -90,7 +91,7 @@ class ExpertQuantization:
     @contextlib.contextmanager
     def observing(self, token_mask=None):
         """Record per-expert statistics while the calibration data runs inside the block."""
-        sample_size = SAMPLE_TOKENS if self.algorithm in AWQ_STEPS else 0
+        sample_size = SAMPLE_TOKENS if self.algorithm in SAMPLING_ALGORITHMS else 0
         self.observer = ExpertObserver(token_mask, self.algorithm == "gptq", sample_size)
         self.stats = self.observer.stats
         try:
@@ -133,31 +134,39 @@ class ExpertQuantization:
                              "needs their activation scales: run samples through every MoE layer")
         for param, kind in zip(FUSED_PARAMS, ("gate_up", "down")):
             w = getattr(fused, param)
-            chosen, input_amax = {}, stat.shared_amax(kind) if observed else None
-            if self.algorithm == "gptq" and observed:
-                chosen = self._gptq(w, stat, kind, quantized.group_size)
-            elif self.algorithm in AWQ_STEPS and observed:
-                plan = expert_awq_plan(w, stat, kind, self.fmt, quantized.group_size, *AWQ_STEPS[self.algorithm])
-                chosen, input_amax = plan.quantize_args, plan.input_amax
-                if plan.pre_quant_scale is not None:
-                    quantized.set_pre_quant_scale(kind, plan.pre_quant_scale)
-            elif self.algorithm == "mse":
-                chosen = {e: {"weight_scale": mse_weight_scale(w[e], self.fmt, quantized.group_size)}
+            plan = self._plan(w, stat, kind, quantized.group_size) if observed else None
+            if self.algorithm == "mse":  # needs no data
+                scales = {e: {"weight_scale": mse_weight_scale(w[e], self.fmt, quantized.group_size)}
                           for e in range(w.shape[0])}
-            quantized.load_fused(param, w, chosen)
+                plan = ExpertPlan(None, None, scales)
+            quantized.load_fused(param, w, plan.quantize_args if plan else None)
+            if plan is not None and plan.pre_quant_scale is not None:
+                quantized.set_pre_quant_scale(kind, plan.pre_quant_scale)
             if self.fmt.needs_calibration_data:
-                quantized.set_input_amax(kind, input_amax)
+                amax = plan.input_amax if plan is not None and plan.input_amax is not None else stat.shared_amax(kind)
+                quantized.set_input_amax(kind, amax)
         if stat is not None:
             stat.release()
         self.model.set_submodule(name, quantized)
         self.done.add(name)
+
+    def _plan(self, w: torch.Tensor, stat, kind: str, group_size: int) -> Optional[ExpertPlan]:
+        """What the algorithm makes of observed experts' fused weights w (E, N, K), or None for `max`.
+        Smoothing algorithms change w in place."""
+        if self.algorithm == "gptq":
+            return ExpertPlan(None, None, self._gptq(w, stat, kind, group_size))
+        if self.algorithm in AWQ_STEPS:
+            return expert_awq_plan(w, stat, kind, self.fmt, group_size, *AWQ_STEPS[self.algorithm])
+        if self.algorithm == "smoothquant":
+            return expert_smoothquant_plan(w, stat, kind, self.fmt)
+        return None
 
     def _gptq(self, w: torch.Tensor, stat, kind: str, group_size: Optional[int]) -> Dict[int, dict]:
         """{e: GPTQ's weight and scale} for the experts of fused weights w (E, N, K) that saw tokens."""
         chosen = {}
         for e in range(w.shape[0]):
             if int(stat.tokens[e]) > 0:
-                weight, scale = gptq_quantize(w[e], stat.hessian(kind, e), self.fmt, group_size or self.fmt.group_size)
+                weight, scale = gptq_quantize(w[e], stat.hessian(kind, e), self.fmt, group_size)
                 chosen[e] = {"weight": weight, "weight_scale": scale}
         return chosen
 

@@ -136,7 +136,7 @@ class QuantExperts(nn.Module):
             linear.set_input_amax(amax)
 
     def set_pre_quant_scale(self, kind: str, pre_quant_scale: torch.Tensor) -> None:
-        """One `pre_quant_scale` (K,) for every expert's `kind` projections (AWQ, calibration/expert_awq.py)."""
+        """One `pre_quant_scale` (K,) for every expert's `kind` projections (AWQ, SmoothQuant: calibration/expert_smoothing.py)."""
         for linear in self.projections(kind):
             linear.pre_quant_scale = pre_quant_scale.to(device=linear.weight.device, dtype=linear.dtype).clone()
 

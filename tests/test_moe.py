@@ -277,9 +277,10 @@ def experts_inputs(model, layer=0):
     return captured
 
 
-@pytest.mark.parametrize("fmt", ["int4_awq", "w4a8_awq", "nvfp4_awq"])
-@pytest.mark.parametrize("algorithm", ["awq_lite", "awq_full"])
-def test_awq_gives_a_layers_experts_one_pre_quant_scale_per_input_and_less_output_error(fmt, algorithm, ids, caplog):
+@pytest.mark.parametrize("fmt, algorithm", [(fmt, algorithm) for fmt in ("int4_awq", "w4a8_awq", "nvfp4_awq")
+                                             for algorithm in ("awq_lite", "awq_full")] + [("int8_sq", "smoothquant")])
+def test_smoothing_gives_a_layers_experts_one_pre_quant_scale_per_input_and_less_output_error(fmt, algorithm, ids,
+                                                                                             caplog):
     original = with_outlier_channels(tiny_moe("qwen3_moe"))
     inputs = experts_inputs(original)
     logits(original, ids)  # layer 0's experts see the same inputs in every model below (attention is
@@ -329,20 +330,6 @@ def test_mse_searches_each_experts_weight_scales(ids):
         assert torch.equal(experts.expert(e).w2.weight_scale, scale.to(experts.expert(e).w2.weight_scale.dtype))
         rtn = quantize_weight(fused.down_proj[e], FORMATS["int4_awq"], experts.group_size)["weight_scale"]
         assert not torch.equal(experts.expert(e).w2.weight_scale, rtn)
-
-
-def test_smoothquant_quantizes_experts_round_to_nearest_and_says_so(ids, caplog):
-    original = tiny_moe("qwen3_moe")
-    model = copy.deepcopy(original)
-    with caplog.at_level(logging.WARNING):
-        quantize(model, PTQConfig(qformat="int8_sq", algorithm="smoothquant"), forward_loop=lambda m: m(ids))
-    assert "'smoothquant' is not applied to MoE experts" in caplog.text
-    assert model.model.layers[0].self_attn.o_proj.pre_quant_scale is not None
-    experts, fused = experts_of(model), experts_of(original)
-    for e in range(EXPERTS):
-        down = quantize_weight(fused.down_proj[e], FORMATS["int8_sq"])
-        assert experts.expert(e).down_proj.pre_quant_scale is None
-        assert torch.equal(experts.expert(e).down_proj.weight, down["weight"])
 
 
 @pytest.mark.parametrize("fmt", ["int4_awq", "nvfp4", "fp8", "int8_wo"])

@@ -27,29 +27,44 @@ DEFAULT_ALPHA = 1.0  # ModelOpt's default, used only when no token sample is at 
 ALPHAS = tuple(i / 10 for i in range(11))
 
 
-def smoothquant_scale(w: torch.Tensor, x_channel_amax: torch.Tensor, alpha: float = DEFAULT_ALPHA) -> torch.Tensor:
-    """The per-input-channel `pre_quant_scale` (K,) for weight(s) w (N, K) and activation amax (K,)."""
+def smoothquant_scale(w: torch.Tensor, x_channel_amax: torch.Tensor, alpha: float = DEFAULT_ALPHA,
+                      w_channel_amax: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The per-input-channel `pre_quant_scale` (K,) for weight(s) w (N, K) and activation amax (K,).
+
+    `w_channel_amax` (K,), when given, replaces w's own per-channel max |w| (the max over all the
+    experts of a MoE layer, which share one scale).
+    """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"smoothquant alpha must be in [0, 1], got {alpha!r}")
-    w_max = w.abs().amax(dim=0).float().clamp(min=1e-8)
-    x_max = x_channel_amax.float()
+    w_max = w.abs().amax(dim=0) if w_channel_amax is None else w_channel_amax
+    w_max, x_max = w_max.float().clamp(min=1e-8), x_channel_amax.float()
     scale = (w_max.pow(1 - alpha) / x_max.clamp(min=1e-8).pow(alpha)).clamp(1e-4, 1e4)
     return torch.where(x_max > 2**-31, scale, torch.ones_like(scale))
 
 
 def search_alpha(w: torch.Tensor, x_channel_amax: torch.Tensor, x_sample: torch.Tensor, fmt: F.Format) -> float:
     """The alpha of ALPHAS whose smoothed, quantized output on x_sample (T, K) is closest to x @ w.T."""
+    return best_alpha(alpha_errors(w, x_channel_amax, x_sample, fmt))
+
+
+def alpha_errors(w: torch.Tensor, x_channel_amax: torch.Tensor, x_sample: torch.Tensor, fmt: F.Format,
+                 w_channel_amax: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(len(ALPHAS),) summed squared differences between the smoothed, quantized output of w on
+    x_sample and x_sample @ w.T, per alpha (`w_channel_amax`: see smoothquant_scale)."""
     w, x, x_amax = w.float(), x_sample.float(), x_channel_amax.float()
     reference = x @ w.T
     errors = []
     for alpha in ALPHAS:
-        a = smoothquant_scale(w, x_amax, alpha)
+        a = smoothquant_scale(w, x_amax, alpha, w_channel_amax)
         input_scale = input_scale_from_amax((x_amax * a).amax(), fmt)
         output = quantize_activation(x * a, fmt, input_scale) @ fake_quantize_weight(w / a, fmt).T
         errors.append((output - reference).pow(2).sum())
+    return torch.stack(errors)
+
+
+def best_alpha(errors: torch.Tensor) -> float:
     # Several processes: each holds its own token sample; summed errors pick one alpha for all.
-    errors = all_reduce(torch.stack(errors), "sum")
-    return ALPHAS[int(errors.argmin())]
+    return ALPHAS[int(all_reduce(errors, "sum").argmin())]
 
 
 def smoothquant_group_plan(linears: Dict[str, nn.Linear], group: List[str], x_channel_amax: torch.Tensor,
