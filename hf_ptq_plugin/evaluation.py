@@ -8,11 +8,13 @@ import torch.nn.functional as F_nn
 from torch import nn
 from tqdm.auto import tqdm
 
+from .offload import input_device
+
 
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: str = "") -> float:
     """exp(mean next-token NLL) over every predicted position of (n, seq_len) windows."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     total_nll, total_tokens = 0.0, 0
     batches = windows.split(batch_size)
     for batch in tqdm(batches, desc=progress or "perplexity", leave=False, disable=None):

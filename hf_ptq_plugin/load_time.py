@@ -26,6 +26,7 @@ from .checkpoint_load import replace_module
 from .experts import projection_shapes, target_experts
 from .memory import release_freed_heap
 from .moe import drop_load_placeholders, prepare_load_time_experts, quantize_experts_on_load
+from .numerics.scales import abs_amax
 from .numerics.weights import quantize_weight_in_row_blocks
 from .quant_experts import QuantExperts
 from .quant_linear import QuantLinear
@@ -85,7 +86,7 @@ def _weight_amax(path: str, key: str, dtype: torch.dtype) -> torch.Tensor:
     with torch.device("cpu"), safe_open(path, framework="pt") as handle:
         tensor = handle.get_slice(key)
         rows = tensor.get_shape()[0]
-        chunks = (tensor[i:i + AMAX_ROWS].to(dtype).abs().amax().float() for i in range(0, rows, AMAX_ROWS))
+        chunks = (abs_amax(tensor[i:i + AMAX_ROWS].to(dtype)) for i in range(0, rows, AMAX_ROWS))
         return torch.stack(list(chunks)).amax()
 
 

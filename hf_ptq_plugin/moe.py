@@ -38,6 +38,7 @@ from .calibration.gptq import gptq_quantize
 from .calibration.shared_inputs import log_token_counts
 from .experts import (DEFAULT_PROJECTION_NAMES, FUSED_PARAMS, checkpoint_namer, is_fused_experts, projection_names,
                       projection_shapes, target_experts)
+from .offload import onloaded
 from .quant_experts import QuantExperts
 
 logger = logging.getLogger(__name__)
@@ -124,6 +125,10 @@ class ExpertQuantization:
                     len(self.experts), self.fmt.name, self.algorithm, "/".join(self.names))
 
     def _quantize(self, name: str, group_size: Optional[int]) -> None:
+        with onloaded(self.experts[name]):  # an accelerate-offloaded module's weights, for this only
+            self._quantize_onloaded(name, group_size)
+
+    def _quantize_onloaded(self, name: str, group_size: Optional[int]) -> None:
         fused, stat = self.experts[name], self.stats.get(name)
         quantized = QuantExperts.like(fused, self.fmt, group_size, self.names)
         if stat is not None:
@@ -238,7 +243,8 @@ def quantize_experts_on_load(module: QuantExperts, name: str, param: str, w: tor
         for e in range(module.num_experts):
             for proj in (module.names[2:] if kind == "down" else module.names[:2]):
                 out[f"{name}.{e}.{proj}.input_scale"] = torch.ones((), dtype=torch.float32, device=w.device)
-    out[f"{name}.{param}"] = torch.empty(0, dtype=w.dtype, device=w.device)  # marks the placeholder consumed
+    out[f"{name}.{param}"] = torch.empty(0, dtype=w.dtype, device=w.device)  # replaces the placeholder's data
+    module.consumed_placeholders.add(param)  # recorded here too: a disk-offloaded placeholder keeps its meta data
     return out
 
 
@@ -247,7 +253,7 @@ def drop_load_placeholders(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if not isinstance(module, QuantExperts):
             continue
-        unloaded = [p for p in FUSED_PARAMS if p in module._parameters and module._parameters[p].numel()]
+        unloaded = [p for p in FUSED_PARAMS if p in module._parameters and p not in module.consumed_placeholders]
         if unloaded:
             raise ValueError(f"the source checkpoint has no weights for {name}.{unloaded[0]} (per-expert "
                              f"{', '.join(module.names)} tensors); cannot quantize those experts")

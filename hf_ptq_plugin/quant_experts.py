@@ -146,6 +146,7 @@ class QuantExperts(nn.Module):
         shapes = {"gate_up_proj": (2 * self.intermediate_dim, self.hidden_dim),
                   "down_proj": (self.hidden_dim, self.intermediate_dim)}
         dtype = self.projections("down")[0].dtype
+        self.consumed_placeholders = set()  # filled by the quantize op (moe.quantize_experts_on_load)
         for name, shape in shapes.items():
             placeholder = torch.empty((self.num_experts, *shape), dtype=dtype, device="meta")
             self.register_parameter(name, nn.Parameter(placeholder, requires_grad=False))
@@ -153,6 +154,7 @@ class QuantExperts(nn.Module):
     def drop_fused_placeholders(self) -> None:
         for name in FUSED_PARAMS:
             self._parameters.pop(name, None)
+        vars(self).pop("consumed_placeholders", None)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from .calibration.streamed import STREAMED_ALGORITHMS, streamed_calibration
 from .config import PTQConfig
 from .kv_cache import check_kv_support, enable_kv_quantization, observe_kv_amax
 from .moe import ExpertQuantization
+from .offload import materialize, onloaded
 from .quant_linear import QuantLinear
 from .selection import fused_groups, fused_weight_amax, target_linears
 from .shapes import check_layer_shapes, resolve_group_size
@@ -103,7 +104,8 @@ def _one_pass_plan(model, linears, fmt: F.Format, group_size, algorithm: str, fo
     plan = {name: {} for name in linears}
     if algorithm == "mse":  # data-free weight scales; activations still take their max below
         for name, linear in linears.items():
-            plan[name]["weight_scale"] = mse_weight_scale(linear.weight, fmt, group_size)
+            with onloaded(linear):
+                plan[name]["weight_scale"] = mse_weight_scale(linear.weight, fmt, group_size)
     if forward_loop is None:  # weight-only: nothing to observe
         return plan
     stats = collect_input_stats(model, linears, forward_loop)
@@ -117,6 +119,7 @@ def quantize_linears(model: nn.Module, fmt: F.Format, group_size, linears: Dict[
     weight_global_amax.update({name: p["weight_global_amax"] for name, p in plan.items() if "weight_global_amax" in p})
     for name, linear in linears.items():
         layer_plan = plan.get(name, {})
+        materialize(linear)  # offloaded: in memory until its QuantLinear replaces it (offload.py)
         _swap(model, name, QuantLinear.from_linear(
             linear, fmt, group_size, input_amax.get(name), weight_global_amax.get(name),
             layer_plan.get("pre_quant_scale"), layer_plan.get("weight"), layer_plan.get("weight_scale")))

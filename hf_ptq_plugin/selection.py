@@ -11,6 +11,8 @@ from typing import Dict, Iterable, List
 import torch
 from torch import nn
 
+from .offload import onloaded
+
 DEFAULT_EXCLUDE_PATTERNS = (
     "*lm_head*", "*router*", "*mlp.gate.*", "*block_sparse_moe.gate*", "*shared_expert_gate*",
     "*output_layer*", "*proj_out.*", "output.*", "mtp.*",
@@ -61,6 +63,11 @@ def fused_groups(names: Iterable[str]) -> List[List[str]]:
     return groups
 
 
+def _weight_amax(linear: nn.Module) -> torch.Tensor:
+    with onloaded(linear):  # an accelerate-offloaded weight is read for this, then dropped again
+        return linear.weight.detach().abs().amax().float()
+
+
 def fused_weight_amax(linears: Dict[str, nn.Module]) -> Dict[str, torch.Tensor]:
     """{name: max |W| over its engine-fused group} for the members of fused groups.
 
@@ -68,7 +75,7 @@ def fused_weight_amax(linears: Dict[str, nn.Module]) -> Dict[str, torch.Tensor]:
     """
     shared = {}
     for group in fused_groups(linears):
-        amax = torch.stack([linears[name].weight.detach().abs().amax().float() for name in group]).amax()
+        amax = torch.stack([_weight_amax(linears[name]) for name in group]).amax()
         shared.update({name: amax for name in group})
     return shared
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F_nn
 
 from .checkpoint_load import replace_module
 from .experts import checkpoint_namer, route_tokens
+from .offload import execution_device, onloaded
 from .quant_experts import QuantExperts
 from .quant_linear import QuantLinear
 
@@ -63,15 +64,13 @@ def restore_full_precision(model: nn.Module, modules: Dict[str, QuantLinear], so
     """Swap each QuantLinear for an nn.Linear holding its source weight (in the layer's dtype)."""
     restored = {}
     for name, module in modules.items():
-        device = module.weight.device
-        if device.type == "meta":
-            raise ValueError(f"layer {name!r} is offloaded (on the meta device); re-reading full-precision weights "
-                             "for SmoothQuant/AWQ/GPTQ needs the model's layers in memory (no disk offload)")
+        device = execution_device(module)  # an accelerate-offloaded layer's weights sit on meta
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                            dtype=module.dtype, device=device)
         linear.weight.copy_(source.read(f"{name}.weight"))  # cast as the loader casts it
         if module.bias is not None:
-            linear.bias.copy_(module.bias)
+            with onloaded(module):
+                linear.bias.copy_(module.bias)
         linear.requires_grad_(False)
         replace_module(model, name, linear)
         restored[name] = linear
@@ -104,10 +103,7 @@ def restore_experts(model: nn.Module, name: str, module: QuantExperts, source: L
     `...experts.{e}.gate_proj.weight`, Mixtral `...block_sparse_moe.experts.{e}.w1.weight`), or
     already fused (`...experts.gate_up_proj`).
     """
-    device = module.projections("down")[0].weight.device
-    if device.type == "meta":
-        raise ValueError(f"experts {name!r} are offloaded (on the meta device); re-reading full-precision weights "
-                         "for AWQ/GPTQ needs the model's layers in memory (no disk offload)")
+    device = execution_device(module.projections("down")[0])  # an offloaded layer's weights sit on meta
     prefix = checkpoint_namer(model)(name)
     dtype = module.projections("down")[0].dtype
     if source.has(f"{prefix}.gate_up_proj"):

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import tiny_llama, tiny_moe
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from hf_ptq_plugin import PTQConfig, QuantLinear, export_checkpoint, quantize
+from hf_ptq_plugin import PTQConfig, QuantLinear, calibrate, export_checkpoint, quantize
 
 LINEAR_SHAPES = [(128, 128), (64, 128), (64, 128), (128, 128), (256, 128), (256, 128), (128, 256)]  # per layer
 
@@ -39,6 +39,48 @@ def test_cpu_and_disk_offload_load_and_run_like_the_in_memory_model(pre_quantize
     model.save_pretrained(tmp_path / "again")  # offloaded tensors are read back from disk to be written
     assert torch.equal(run(AutoModelForCausalLM.from_pretrained(tmp_path / "again"), token_ids),
                        run(reference, token_ids))
+
+
+CALIBRATIONS = [("llama", "fp8", "max"), ("llama", "int4_awq", "mse"), ("llama", "int4_awq", "awq_full"),
+                ("llama", "nvfp4", "gptq"), ("llama", "int8_sq", "smoothquant"), ("qwen3_moe", "w4a8_awq", "awq_lite"),
+                ("qwen3_moe", "int4_awq", "gptq")]
+
+
+@pytest.mark.filterwarnings("ignore:Attempting to save a model with offloaded modules")
+@pytest.mark.parametrize("family, qformat, algorithm", CALIBRATIONS)
+def test_calibrating_a_disk_offloaded_model_gives_the_in_memory_result(family, qformat, algorithm, tmp_path, token_ids):
+    """Every weight starts on disk (accelerate hooks load it per forward); calibration brings one
+    layer (or block) into memory at a time and the result, saved, equals calibrating in memory."""
+    (tiny_llama() if family == "llama" else tiny_moe(family)).save_pretrained(tmp_path / "src")
+    config = PTQConfig(qformat=qformat, algorithm=algorithm)
+    reference = quantize(AutoModelForCausalLM.from_pretrained(tmp_path / "src"), config,
+                         forward_loop=lambda m: m(token_ids))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "src", device_map="auto", max_memory={"cpu": "100KB"},
+                                                 offload_folder=str(tmp_path / "off"))
+    assert set(model.hf_device_map.values()) == {"disk"}
+    quantize(model, config, forward_loop=lambda m: m(token_ids))
+    assert torch.equal(run(model, token_ids), run(reference, token_ids))
+    model.save_pretrained(tmp_path / "offloaded")  # folds AWQ scales into norms that were on disk
+    reference.save_pretrained(tmp_path / "in_memory")
+    assert torch.equal(run(AutoModelForCausalLM.from_pretrained(tmp_path / "offloaded"), token_ids),
+                       run(AutoModelForCausalLM.from_pretrained(tmp_path / "in_memory"), token_ids))
+
+
+@pytest.mark.filterwarnings("ignore:Attempting to save a model with offloaded modules")
+@pytest.mark.parametrize("family, qformat, algorithm", [("llama", "int4_awq", "awq_full"), ("qwen3_moe", "nvfp4", "gptq")])
+def test_calibrating_after_an_offloaded_compressed_load_gives_the_in_memory_result(family, qformat, algorithm,
+                                                                                   tmp_path, token_ids):
+    (tiny_llama() if family == "llama" else tiny_moe(family)).save_pretrained(tmp_path / "src")
+    config = PTQConfig(qformat=qformat, algorithm=algorithm)
+    reference = quantize(AutoModelForCausalLM.from_pretrained(tmp_path / "src"), config,
+                         forward_loop=lambda m: m(token_ids))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "src", quantization_config=config, device_map="auto",
+                                                 max_memory={"cpu": "100KB"}, offload_folder=str(tmp_path / "off"))
+    assert "disk" in set(model.hf_device_map.values())
+    calibrate(model, lambda m: m(token_ids))  # re-reads each block's weights from the source checkpoint
+    assert torch.equal(run(model, token_ids), run(reference, token_ids))
+    model.save_pretrained(tmp_path / "out")
+    assert torch.equal(run(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), token_ids), run(reference, token_ids))
 
 
 def test_memory_footprint_is_the_compressed_size(source):

@@ -16,6 +16,7 @@ from typing import List, Optional
 import torch
 
 from ..data.text import spread_windows, tokenize
+from ..offload import input_device
 from .record import describe_source
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class CalibrationLoop:
         self.source = source  # what the samples came from, for the model card (record.py)
 
     def __call__(self, model) -> None:
-        device = next(model.parameters()).device
+        device = input_device(model)
         try:
             with torch.no_grad():
                 for batch in self.batches:

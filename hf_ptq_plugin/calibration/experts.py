@@ -19,6 +19,7 @@ import torch.nn.functional as F_nn
 from torch import nn
 
 from ..experts import route_tokens
+from ..offload import execution_device, onloaded
 from .distributed import all_reduce
 from .gptq import symmetric_gram
 from .stats import finite_values
@@ -137,19 +138,23 @@ class ExpertObserver:
     def __init__(self, token_mask=None, hessians: bool = False, sample_size: int = 0):
         self.token_mask, self.hessians, self.sample_size = token_mask, hessians, sample_size
         self.stats: Dict[str, ExpertStats] = {}
-        self._modules, self._warned = [], set()
+        self._replaced, self._warned = [], set()  # [(module, the instance forward it had or None)]
 
     def add(self, name: str, module: nn.Module) -> None:
         # gate_up_proj (E, 2I, H) takes H inputs, down_proj (E, H, I) takes I
         dims = {"gate_up": module.gate_up_proj.shape[2], "down": module.down_proj.shape[2]} if self.hessians else None
-        self.stats[name] = ExpertStats(module.num_experts, module.gate_up_proj.device, dims, self.sample_size)
+        self.stats[name] = ExpertStats(module.num_experts, execution_device(module), dims, self.sample_size)
+        # An accelerate hook's wrapper may be the instance's forward already: kept, and put back on close.
+        self._replaced.append((module, vars(module).get("forward")))
         module.forward = _observed_forward(name, module, self.stats[name], self.token_mask, self._warned)
-        self._modules.append(module)
 
     def close(self) -> None:
-        for module in self._modules:
-            vars(module).pop("forward", None)
-        self._modules = []
+        for module, previous in self._replaced:
+            if previous is None:
+                vars(module).pop("forward", None)
+            else:
+                module.forward = previous
+        self._replaced = []
 
 
 @contextlib.contextmanager
@@ -181,7 +186,7 @@ def _observed_forward(name: str, module: nn.Module, stat: ExpertStats, token_mas
             stat.observe(e, "down", finite_values(h[keep], f"{name}.{e}", warned))
             return F_nn.linear(h, module.down_proj[e])
 
-        with torch.no_grad():
+        with torch.no_grad(), onloaded(module):  # accelerate-offloaded experts: their weights for this forward
             return route_tokens(hidden_states, top_k_index, top_k_weights, module.num_experts, run_expert)
 
     return forward

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .. import formats as F
 from ..backends.cpu_weights import bf16_dense_weights
 from ..experts import is_fused_experts
+from ..offload import materialize
 from ..quant_linear import QuantLinear
 from ..selection import fused_groups, fused_weight_amax
 from .awq import AWQ_STEPS, awq_search
@@ -65,6 +66,8 @@ def streamed_calibration(model: nn.Module, linears: Dict[str, nn.Module], fmt: F
         if block_linears:
             if prepare_block is not None:
                 block_linears = prepare_block(prefix, block_linears)
+            for linear in block_linears.values():
+                materialize(linear)  # accelerate-offloaded: this block's weights in memory (offload.py)
             plan = calibrate_block(block, block_linears, inputs, token_mask, fmt, group_size, stride)
             quantize_block(block_linears, plan)
         with _feeding_weights(block, inputs):

@@ -15,6 +15,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
+from ..offload import input_device, materialize
 from ..quant_linear import QuantLinear
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def _norm_consumers(model: nn.Module) -> Dict[str, List[str]]:
         elif isinstance(module, (nn.Linear, QuantLinear)):
             handles.append(module.register_forward_pre_hook(on_linear(name)))
     try:
-        device = next(model.parameters()).device
+        device = input_device(model)
         model(input_ids=torch.ones((1, 2), dtype=torch.long, device=device))
     finally:
         for handle in handles:
@@ -92,6 +93,7 @@ def _norm_consumers(model: nn.Module) -> Dict[str, List[str]]:
 
 
 def _scale_norm(name: str, norm: nn.Module, scale: torch.Tensor) -> None:
+    materialize(norm)  # accelerate-offloaded: its changed weight must stay (it is small)
     weight = norm.weight
     if weight is None or weight.shape != scale.shape:
         raise ValueError(f"cannot fold a pre_quant_scale of shape {list(scale.shape)} into {name!r} "
