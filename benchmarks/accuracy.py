@@ -22,7 +22,9 @@ DEFAULT_RUNS = ("fp8:max,int8_sq:smoothquant,int8_sq:max,int8_wo:max,int4_awq:aw
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default=DEFAULT_RUNS, help="comma-separated qformat:algorithm pairs")
+    parser.add_argument("--runs", default=DEFAULT_RUNS,
+                        help="comma-separated qformat:algorithm pairs; qformat:algorithm:nonseq calibrates with "
+                             "PTQConfig(sequential=False) (blocks fed full-precision outputs, one pass per block)")
     parser.add_argument("--group-size", type=int, default=None, help="INT4 group size (default: automatic)")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "hf_ptq_plugin")
     parser.add_argument("--seq-len", type=int, default=512)
@@ -58,38 +60,39 @@ def calibration_pass(model, windows, batch_size):
         model(input_ids=batch)  # outputs dropped: kept, 16 batches of logits would add ~3 GB to the peak RSS
 
 
-def one_run(qformat, algorithm, group_size, dtype, path, calib_windows, eval_windows, batch_size):
+def one_run(run, group_size, dtype, path, calib_windows, eval_windows, batch_size):
     """Runs in a child process: load, quantize, evaluate; returns the measurements."""
     from transformers import AutoModelForCausalLM
 
     from hf_ptq_plugin import PTQConfig, quantize
     from hf_ptq_plugin.evaluation import perplexity
 
+    qformat, algorithm, *mode = run.split(":")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     start = time.perf_counter()
     if qformat != "none":
-        config = PTQConfig(qformat=qformat, algorithm=algorithm, group_size=group_size)
+        config = PTQConfig(qformat=qformat, algorithm=algorithm, group_size=group_size, sequential=mode != ["nonseq"])
         quantize(model, config, forward_loop=lambda m: calibration_pass(m, calib_windows, batch_size))
     calib_seconds = time.perf_counter() - start
     ppl = perplexity(model, eval_windows, batch_size, progress=f"{qformat}:{algorithm}")
     group = getattr(getattr(model, "ptq_config", None), "group_size", None)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"run": f"{qformat}:{algorithm}", "group": group, "ppl": ppl, "calib_s": calib_seconds, "peak_mb": peak_mb}
+    return {"run": run, "group": group, "ppl": ppl, "calib_s": calib_seconds, "peak_mb": peak_mb}
 
 
 def main():
     args = parse_args()
     path, calib_windows, eval_windows = windows(args)
-    runs = [tuple(r.split(":")) for r in args.runs.split(",")]
+    runs = args.runs.split(",")
     if args.baseline_ppl is None:
-        runs.insert(0, ("none", "-"))
+        runs.insert(0, "none:-")
     context = multiprocessing.get_context("spawn")
     results = []
-    for qformat, algorithm in runs:
+    for run in runs:
         with context.Pool(1) as pool:
-            results.append(pool.apply(one_run, (qformat, algorithm, args.group_size, args.dtype, path, calib_windows,
-                                                eval_windows, args.batch_size)))
+            results.append(pool.apply(one_run, (run, args.group_size, args.dtype, path, calib_windows, eval_windows,
+                                                args.batch_size)))
         print(f"done: {results[-1]}", flush=True)  # a long series shows each result as it lands
     baseline = args.baseline_ppl if args.baseline_ppl is not None else results[0]["ppl"]
     header = ["format:algorithm", "group", "perplexity", "ratio to unquantized", "calibration s", "peak RSS MB"]

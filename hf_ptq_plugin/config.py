@@ -41,6 +41,9 @@ class PTQConfig(QuantizationConfigMixin):
     the format's default (for INT4: 128, or the largest engine-supported size that divides every
     layer). exclude_modules: module names or fnmatch patterns kept in full precision, in addition
     to the defaults (lm_head, MoE routers, vision towers). calib_*: calibration data and sizes.
+    sequential: the layer-streamed algorithms (SmoothQuant, AWQ, GPTQ) calibrate each decoder
+    block on the outputs of the blocks before it as quantized (True), or on their full-precision
+    outputs (False, ModelOpt's way for AWQ and SmoothQuant: one pass per block instead of two).
     layer_qformats: {Linear name: qformat} of a per-layer (ModelOpt MIXED_PRECISION) checkpoint:
     exactly these Linears are quantized, each in its own format (`qformat` then names the most
     common one); it comes from loading such a checkpoint, and quantize() and quantizing while
@@ -56,6 +59,7 @@ class PTQConfig(QuantizationConfigMixin):
     calib_size: int = 512
     calib_seq_len: int = 512
     calib_batch_size: int = 4
+    sequential: bool = True
     layer_qformats: Optional[Dict[str, str]] = None
 
     # transformers' registry key (the mixin declares it as a dataclass field); fixed, not an argument.
@@ -70,6 +74,8 @@ class PTQConfig(QuantizationConfigMixin):
         if not isinstance(self.exclude_modules, (list, tuple)) or not all(isinstance(m, str) for m in self.exclude_modules):
             raise ValueError(f"exclude_modules must be a list of module names or patterns, got {self.exclude_modules!r}")
         self.exclude_modules = list(self.exclude_modules)
+        if not isinstance(self.sequential, bool):
+            raise ValueError(f"sequential must be True or False, got {self.sequential!r}")
         for name in ("calib_size", "calib_seq_len", "calib_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -61,7 +61,8 @@ def quantize_model(model: nn.Module, config: PTQConfig, forward_loop: Optional[C
                 quantize_linears(model, fmt, group_size, block_linears, plan)
                 moe.quantize_observed(group_size)  # this block's experts, before they feed the next block
 
-            streamed_calibration(model, linears, fmt, group_size, algorithm, forward_loop, quantize_block)
+            streamed_calibration(model, linears, fmt, group_size, algorithm, forward_loop, quantize_block,
+                                 sequential=config.sequential)
         else:
             # Weight-only max / mse reads no activation: a pass over the data would only cost time,
             # unless the KV cache's scales or the experts' token counts need it.

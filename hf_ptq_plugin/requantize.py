@@ -59,7 +59,7 @@ def requantize_from_source(model: nn.Module, algorithm: str, forward_loop: Calla
 
     with moe.observing(getattr(forward_loop, "token_mask", None)):
         streamed_calibration(model, targets, fmt, group_size, algorithm, forward_loop, quantize_block,
-                             prepare_block=prepare_block)
+                             prepare_block=prepare_block, sequential=config.sequential)
     moe.finish(group_size)
     _record_algorithm(model, dataclasses.replace(config, algorithm=algorithm))
 

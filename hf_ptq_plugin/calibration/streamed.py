@@ -43,12 +43,16 @@ STREAMED_ALGORITHMS = ("smoothquant", "awq_lite", "awq_clip", "awq_full", "gptq"
 
 def streamed_calibration(model: nn.Module, linears: Dict[str, nn.Module], fmt: F.Format, group_size: int,
                          algorithm: str, forward_loop: Callable, quantize_block: Callable,
-                         max_tokens: int = MAX_SEARCH_TOKENS, prepare_block: Optional[Callable] = None) -> None:
+                         max_tokens: int = MAX_SEARCH_TOKENS, prepare_block: Optional[Callable] = None,
+                         sequential: bool = True) -> None:
     """Run `algorithm` over every decoder block; `quantize_block(linears, plan)` swaps one block's Linears.
 
     `prepare_block(prefix, block_linears) -> {name: nn.Linear}`, when given, turns the modules of
     the block whose names start with `prefix` into full-precision ones right before the block is
-    calibrated, and returns its Linears.
+    calibrated, and returns its Linears. `sequential`: each block is fed the outputs of the
+    quantized blocks before it (a second pass per block, after quantizing it); False feeds the
+    full-precision outputs that its statistics pass computes anyway, as ModelOpt's AWQ and
+    SmoothQuant calibrate, in one pass per block.
     """
     calibrate_block = _block_algorithm(algorithm)
     blocks_name, blocks = decoder_blocks(model, linears)
@@ -68,8 +72,12 @@ def streamed_calibration(model: nn.Module, linears: Dict[str, nn.Module], fmt: F
                 block_linears = prepare_block(prefix, block_linears)
             for linear in block_linears.values():
                 materialize(linear)  # accelerate-offloaded: this block's weights in memory (offload.py)
-            plan = calibrate_block(block, block_linears, inputs, token_mask, fmt, group_size, stride)
+            outputs = None if sequential else []
+            plan = calibrate_block(block, block_linears, inputs, token_mask, fmt, group_size, stride, outputs)
             quantize_block(block_linears, plan)
+            if outputs:
+                inputs = outputs
+                continue
         with _feeding_weights(block, inputs):
             inputs = run_block(block, inputs)
 
@@ -91,23 +99,26 @@ def _block_algorithm(algorithm: str) -> Callable:
     return functools.partial(_awq_block, steps=AWQ_STEPS[algorithm])
 
 
-def _statistics_pass(block, inputs, leaders, token_mask) -> None:
+def _statistics_pass(block, inputs, leaders, token_mask, outputs: Optional[list] = None) -> None:
     """Run the block for the hooks on its Linears, stopping each batch once they all had their input.
 
     Fused experts are observed inside the block's forward (calibration/experts.py), possibly after
     its last Linear: a block that has them runs to its end.
     """
+    if outputs is not None:  # not sequential: the whole full-precision block, its outputs feed the next one
+        outputs.extend(run_block(block, inputs, token_mask))
+        return
     has_fused_experts = any(is_fused_experts(m) for m in block.modules())
     observe_block(block, inputs, () if has_fused_experts else leaders.values(), token_mask)
 
 
-def _smoothquant_block(block, block_linears, inputs, token_mask, fmt, group_size, stride) -> dict:
+def _smoothquant_block(block, block_linears, inputs, token_mask, fmt, group_size, stride, outputs=None) -> dict:
     """SmoothQuant for one block: per-channel input amax per group, then the shared smoothing scale."""
     groups = groups_sharing_input(list(block_linears), fused_groups(block_linears))
     leaders = {group[0]: block_linears[group[0]] for group in groups}
     stats = {name: InputStats(sample_stride=stride) for name in leaders}
     with input_hooks(leaders, stats, token_mask):
-        _statistics_pass(block, inputs, leaders, token_mask)
+        _statistics_pass(block, inputs, leaders, token_mask, outputs)
     plan = {}
     for group in groups:
         s = stats[group[0]]
@@ -116,7 +127,7 @@ def _smoothquant_block(block, block_linears, inputs, token_mask, fmt, group_size
     return plan
 
 
-def _awq_block(block, block_linears, inputs, token_mask, fmt, group_size, stride, steps) -> dict:
+def _awq_block(block, block_linears, inputs, token_mask, fmt, group_size, stride, outputs=None, steps=None) -> dict:
     """AWQ for one block: scale search and/or clipping per group of Linears sharing an input.
 
     Returns {name: {"input_amax", and "pre_quant_scale" / "weight_scale" / "weight_global_amax"}}.
@@ -126,7 +137,7 @@ def _awq_block(block, block_linears, inputs, token_mask, fmt, group_size, stride
     leaders = {group[0]: block_linears[group[0]] for group in groups}
     stats = {name: InputStats(sample_stride=stride) for name in leaders}
     with input_hooks(leaders, stats, token_mask):
-        _statistics_pass(block, inputs, leaders, token_mask)
+        _statistics_pass(block, inputs, leaders, token_mask, outputs)
     for s in stats.values():
         s.reduce_across_processes()
     plan = {}
@@ -158,7 +169,7 @@ def _clip_group(plan, group, block_linears, x_sample, fmt, group_size) -> None:
         plan[name]["weight_scale"] = clip_int4_scale(block_linears[name].weight, x_sample, group_size)
 
 
-def _gptq_block(block, block_linears, inputs, token_mask, fmt, group_size, stride) -> dict:
+def _gptq_block(block, block_linears, inputs, token_mask, fmt, group_size, stride, outputs=None) -> dict:
     """GPTQ for one block; return {name: {"weight", "weight_scale"(, "input_amax" for static activation scales)}}."""
     groups = groups_sharing_input(list(block_linears), fused_groups(block_linears))
     leaders = {group[0]: block_linears[group[0]] for group in groups}
@@ -166,7 +177,7 @@ def _gptq_block(block, block_linears, inputs, token_mask, fmt, group_size, strid
     # The input amax only sets static activation scales: weight-only formats skip that statistic.
     stats = {name: InputStats() for name in leaders} if fmt.needs_calibration_data else {}
     with input_hooks(leaders, hessians, token_mask), input_hooks({n: leaders[n] for n in stats}, stats, token_mask):
-        _statistics_pass(block, inputs, leaders, token_mask)
+        _statistics_pass(block, inputs, leaders, token_mask, outputs)
     for s in list(hessians.values()) + list(stats.values()):
         s.reduce_across_processes()
     # NVFP4: the shared weight_scale_2 that quantize_linears will also give fused siblings.
