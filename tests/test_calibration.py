@@ -94,6 +94,31 @@ def test_streaming_blocks_reproduces_the_models_hidden_states(calib_ids):
     torch.testing.assert_close(inputs[0][0][0], final["x"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("qformat, algorithm", [("int4_awq", "awq_full"), ("int8_sq", "smoothquant"),
+                                              ("nvfp4", "gptq")])
+def test_non_sequential_calibration_feeds_each_block_the_full_precision_outputs(qformat, algorithm, calib_ids):
+    """Block 1 calibrated non-sequentially sees block 0's full-precision outputs: what it sees
+    sequentially when block 0 stays unquantized. Block 0 sees the embeddings either way."""
+    def quantized_tensors(layer, sequential, exclude=()):
+        model = outlier_llama()
+        quantize(model, PTQConfig(qformat=qformat, algorithm=algorithm, sequential=sequential,
+                                  exclude_modules=list(exclude)), forward_loop=lambda m: m(calib_ids))
+        return model.model.layers[layer].state_dict()
+
+    for layer, reference in ((0, quantized_tensors(0, True)), (1, quantized_tensors(1, True, ["model.layers.0.*"]))):
+        ours = quantized_tensors(layer, False)
+        assert ours.keys() == reference.keys()
+        for key, tensor in ours.items():
+            assert torch.equal(tensor, reference[key]), (layer, key)
+    differs = quantized_tensors(1, True)  # sequentially, block 1 sees block 0's quantized outputs
+    assert not all(torch.equal(t, differs[k]) for k, t in quantized_tensors(1, False).items())
+
+
+def test_sequential_must_be_a_bool():
+    with pytest.raises(ValueError, match="sequential must be True or False, got 'no'"):
+        PTQConfig(qformat="int4_awq", sequential="no")
+
+
 def test_algorithms_that_need_data_refuse_to_run_without_a_forward_loop():
     with pytest.raises(ValueError, match="'awq_lite' needs calibration data"):
         quantize(tiny_llama(), PTQConfig(qformat="int4_awq"))
