@@ -71,6 +71,9 @@ def _add_quantize(subparsers) -> None:
                        help="tokens per sample (at most)")
     calib.add_argument("--batch_size", "--calib_batch_size", dest="calib_batch_size", type=int, default=4,
                        help="samples per forward pass; 0 means the default 4 (ModelOpt's 0 probes memory)")
+    calib.add_argument("--no_sequential", dest="sequential", action="store_false",
+                       help="SmoothQuant/AWQ/GPTQ: feed each block full-precision outputs (one pass per block, "
+                            "about half the time) instead of the quantized blocks' outputs")
     parser.add_argument("--low_memory_mode", action="store_true",
                         help="quantize while loading (from_pretrained with a PTQConfig), then calibrate")
     evaluation = parser.add_argument_group("evaluation (perplexity before and after, reported in the model card)")

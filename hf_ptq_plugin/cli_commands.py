@@ -58,7 +58,7 @@ def _ptq_config(args) -> PTQConfig:
     return PTQConfig(qformat=args.qformat, kv_cache_qformat=args.kv_cache_qformat, algorithm=args.algorithm,
                      group_size=args.group_size, exclude_modules=exclude, calib_dataset=args.calib_dataset,
                      calib_size=args.calib_size, calib_seq_len=args.calib_seq_len,
-                     calib_batch_size=args.calib_batch_size or DEFAULT_BATCH_SIZE)
+                     calib_batch_size=args.calib_batch_size or DEFAULT_BATCH_SIZE, sequential=args.sequential)
 
 
 def _needs_data(config: PTQConfig) -> bool:

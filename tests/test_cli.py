@@ -77,6 +77,19 @@ def test_low_memory_mode_quantizes_while_loading_then_calibrates(files, token_id
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(out), token_ids), logits(expected, token_ids))
 
 
+def test_no_sequential_calibrates_on_full_precision_block_outputs(files, token_ids):
+    out = files["tmp"] / "awq"
+    assert main(["quantize", files["src"], "--qformat", "int4_awq", "--algorithm", "awq_lite", "--no_sequential",
+                 "--dataset", files["calib"], *CALIB_ARGS, "--export_path", str(out)]) == 0
+    expected, sequential = (quantize(AutoModelForCausalLM.from_pretrained(files["src"]),
+                                     PTQConfig(qformat="int4_awq", algorithm="awq_lite", sequential=flag),
+                                     calibration_forward_loop(word_tokenizer(), files["calib"], 4, 16, 2))
+                            for flag in (False, True))
+    reloaded = logits(AutoModelForCausalLM.from_pretrained(out), token_ids)
+    assert torch.equal(reloaded, logits(expected, token_ids))
+    assert not torch.equal(reloaded, logits(sequential, token_ids))
+
+
 def test_eval_prints_the_perplexity_of_the_model_and_the_baseline(files, capsys):
     quantize(AutoModelForCausalLM.from_pretrained(files["src"]), PTQConfig(qformat="int8_wo")).save_pretrained(
         files["tmp"] / "q")
