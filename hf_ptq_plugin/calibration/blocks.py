@@ -5,13 +5,15 @@ catcher that records the first block's inputs (hidden states plus keyword argume
 position embeddings and the attention mask) and skips the blocks themselves. `run_block` then
 feeds those inputs through one block, producing the next block's inputs. Algorithms that need
 a layer's inputs (AWQ, GPTQ) quantize block i before computing block i+1's inputs, so every
-block is calibrated on the activations the quantized model will really produce.
+block is calibrated on the activations the quantized model will really produce (unless
+`PTQConfig(sequential=False)`, streamed.py). A progress bar per block's batches shows each pass.
 """
 
 from typing import Callable, Iterable, List, Tuple
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 # Keyword arguments that must not be replayed: a KV cache would grow at every replay.
 NOT_REPLAYED = ("cache", "past_key_values", "past_key_value", "use_cache")
@@ -78,7 +80,7 @@ def run_block(block: nn.Module, inputs: List[tuple], token_mask=None) -> List[tu
     """
     outputs = []
     try:
-        for args, kwargs, mask in inputs:
+        for args, kwargs, mask in tqdm(inputs, desc="block batches", leave=False, disable=None):
             if token_mask is not None:
                 token_mask.mask = mask
             hidden = block(*args, **kwargs)
@@ -113,7 +115,7 @@ def observe_block(block: nn.Module, inputs: List[tuple], stop_after: Iterable[nn
 
     handles = [module.register_forward_pre_hook(mark) for module in stop_after]
     try:
-        for args, kwargs, mask in inputs:
+        for args, kwargs, mask in tqdm(inputs, desc="block statistics", leave=False, disable=None):
             seen.clear()
             if token_mask is not None:
                 token_mask.mask = mask

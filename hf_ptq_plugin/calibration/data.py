@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from ..data.text import spread_windows, tokenize
 from ..offload import input_device
@@ -49,7 +50,7 @@ class CalibrationLoop:
         device = input_device(model)
         try:
             with torch.no_grad():
-                for batch in self.batches:
+                for batch in tqdm(self.batches, desc="calibration batches", leave=False, disable=None):
                     self.token_mask.mask = batch["attention_mask"].bool()
                     # Positions count real tokens only, so a left-padded sample sees the same
                     # rotary positions as it would alone.
