@@ -365,12 +365,13 @@ def test_gptq_rounds_each_expert_on_the_hessian_of_its_own_tokens(fmt, ids, capl
 
 
 @pytest.mark.parametrize("family", list(NAMES))
-@pytest.mark.parametrize("fmt, algorithm", [("w4a8_awq", "awq_full"), ("int4_awq", "gptq"),
-                                            ("int8_sq", "smoothquant")])
+@pytest.mark.parametrize("fmt, algorithm, sequential", [("w4a8_awq", "awq_full", True), ("int4_awq", "gptq", True),
+                                                        ("int8_sq", "smoothquant", True),
+                                                        ("int4_awq", "awq_lite", False)])
 def test_calibrating_after_a_compressed_load_requantizes_experts_from_the_source_as_quantize_does(
-        family, fmt, algorithm, ids, tmp_path):
+        family, fmt, algorithm, sequential, ids, tmp_path):
     tiny_moe(family).save_pretrained(tmp_path)
-    config = PTQConfig(qformat=fmt, algorithm=algorithm)
+    config = PTQConfig(qformat=fmt, algorithm=algorithm, sequential=sequential)
     model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config)
     calibrate(model, lambda m: m(ids))  # the PTQConfig's algorithm, re-reading every block from the source
     in_memory = quantize(AutoModelForCausalLM.from_pretrained(tmp_path), config, forward_loop=lambda m: m(ids))
