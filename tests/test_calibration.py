@@ -232,7 +232,8 @@ def test_gptq_with_static_activations_calibrates_input_scales(calib_ids):
 
 
 @pytest.mark.parametrize("qformat, algorithm", [("int4_awq", "awq_clip"), ("int4_awq", "awq_full"),
-                                                ("w4a8_awq", "awq_full"), ("nvfp4_awq", "awq_clip")])
+                                                ("w4a8_awq", "awq_full"), ("nvfp4_awq", "awq_clip"),
+                                                ("int8_sq", "awq_full")])
 def test_awq_clip_and_full_beat_round_to_nearest(qformat, algorithm, calib_ids):
     ours, _ = logits_sqnr(qformat, algorithm, calib_ids)
     rtn, _ = logits_sqnr(qformat, "max", calib_ids)

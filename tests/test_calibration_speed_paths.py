@@ -19,11 +19,11 @@ from hf_ptq_plugin import FORMATS, PTQConfig, quantize
 from hf_ptq_plugin.backends.cpu_weights import bf16_dense_weights
 from hf_ptq_plugin.calibration.awq import _quantized_output, _squared_output_error
 from hf_ptq_plugin.calibration.blocks import capture_block_inputs, observe_block
-from hf_ptq_plugin.calibration.clipping import CLIP_RATIOS, clip_int4_scale
+from hf_ptq_plugin.calibration.clipping import CLIP_RATIOS, clip_int_scale, clip_weight_scale
 from hf_ptq_plugin.calibration.gptq import symmetric_gram
 from hf_ptq_plugin.calibration.stats import InputStats, finite_values, input_hooks
 from hf_ptq_plugin.numerics import input_scale_from_amax, quantize_activation
-from hf_ptq_plugin.numerics.integer import INT4_MAX, int_quantize
+from hf_ptq_plugin.numerics.integer import INT4_MAX, INT8_MAX, int_quantize
 from hf_ptq_plugin.numerics.scales import block_amax, scale_from_amax
 from hf_ptq_plugin.numerics.weights import fake_quantize_weight
 from hf_ptq_plugin.quant_linear import QuantLinear
@@ -178,4 +178,21 @@ def test_int4_clip_through_group_gram_matrices_picks_what_the_partial_outputs_pi
         errors.append(torch.einsum("tgk,ngk->tng", x.view(400, 4, 64), diff).pow(2).sum(dim=0))
     best = torch.tensor(CLIP_RATIOS)[torch.stack(errors).argmin(dim=0)]
     assert (best < 1.0).any()  # some blocks clip: the comparison is not vacuous
-    assert torch.equal(clip_int4_scale(w, x, 64), scale_from_amax(amax * best, INT4_MAX))
+    assert torch.equal(clip_int_scale(w, x, 64), scale_from_amax(amax * best, INT4_MAX))
+
+
+def test_int8_clip_picks_per_row_the_ratio_with_the_least_output_error():
+    """INT8 (int8_sq under awq_clip) clips whole rows: the row's output error sum_t (x_t . d)^2."""
+    torch.manual_seed(0)
+    w, x = torch.randn(96, 256) * 0.02, torch.randn(400, 256) * (torch.rand(256) * 3)
+    w[:, :3] *= 30  # a few large columns, so that clipping them can pay
+    amax = w.abs().amax(dim=1, keepdim=True)
+    errors = []
+    for ratio in CLIP_RATIOS:
+        step = scale_from_amax(amax * ratio, INT8_MAX)
+        errors.append((x @ (w - int_quantize(w, step, 8).float() * step).T).pow(2).sum(dim=0))  # (N,)
+    best = torch.tensor(CLIP_RATIOS)[torch.stack(errors).argmin(dim=0)]
+    assert (best < 1.0).any() and (best == 1.0).any()  # rows differ: the comparison is not vacuous
+    scale = clip_weight_scale(w, x, FORMATS["int8_sq"], None)
+    assert scale.shape == (96,)
+    torch.testing.assert_close(scale, scale_from_amax(amax[:, 0] * best, INT8_MAX), rtol=0, atol=0)

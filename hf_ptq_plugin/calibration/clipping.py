@@ -1,7 +1,7 @@
 """Clipping searches: weight ranges smaller than max |w| when that lowers the error.
 
 `awq_clip` (`modelopt-format.md` §3.6) measures the error on the layer's output, with calibration
-inputs x: for INT4, per (row, group) block, the squared error of the block's partial output
+inputs x: for INT4, per (row, group) block (for INT8, per row), the squared error of the block's partial output
 sum_{k in group} x_k (w_k - Q(w_k)) over tokens (every token of the AWQ sample, through one Gram
 matrix per group), for clip ratios 0.5, 0.55, ..., 1.0 of the block amax; for NVFP4 the global
 amax (the per-tensor `weight_scale_2`) is clipped, scored on the whole output of the sample's
@@ -26,8 +26,19 @@ MSE_RATIOS = tuple(0.5 + 0.02 * i for i in range(26))
 MAX_CLIP_TOKENS = 256  # NVFP4's global-amax search multiplies the whole layer per ratio: keep it small
 
 
-def clip_int4_scale(w: torch.Tensor, x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """INT4 group scales (N, K / g) minimizing each block's partial-output error on inputs x (T, K)."""
+def clip_weight_scale(w: torch.Tensor, x: torch.Tensor, fmt: F.Format, group_size: int) -> torch.Tensor:
+    """awq_clip's scales for integer weights: INT4 group scales (N, K / g), INT8 row scales (N,)."""
+    if fmt.weight == F.INT4:
+        return clip_int_scale(w, x, group_size)
+    if fmt.weight == F.INT8:
+        return clip_int_scale(w, x, w.shape[1], bits=8)[:, 0]
+    raise ValueError(f"awq_clip clips INT4, INT8 and NVFP4 weights; qformat {fmt.name!r} has {fmt.weight} weights")
+
+
+def clip_int_scale(w: torch.Tensor, x: torch.Tensor, group_size: int, bits: int = 4) -> torch.Tensor:
+    """Integer scales (N, K / g) minimizing each block's partial-output error on inputs x (T, K);
+    INT4 groups, or (bits=8, group_size=K) INT8 rows."""
+    maxbound = INT4_MAX if bits == 4 else INT8_MAX
     w, x = w.float(), x.float()
     n, k = w.shape
     groups = k // group_size
@@ -38,12 +49,12 @@ def clip_int4_scale(w: torch.Tensor, x: torch.Tensor, group_size: int) -> torch.
     gram = torch.bmm(x_groups.transpose(1, 2), x_groups)  # (G, g, g)
     errors = []
     for ratio in CLIP_RATIOS:
-        step = scale_from_amax(amax * ratio, INT4_MAX).repeat_interleave(group_size, dim=1)  # (N, K)
-        diff = (w - int_quantize(w, step, 4).float() * step).view(n, groups, group_size).transpose(0, 1)  # (G, N, g)
+        step = scale_from_amax(amax * ratio, maxbound).repeat_interleave(group_size, dim=1)  # (N, K)
+        diff = (w - int_quantize(w, step, bits).float() * step).view(n, groups, group_size).transpose(0, 1)  # (G, N, g)
         errors.append((torch.bmm(diff, gram) * diff).sum(dim=-1).T)  # (N, G)
     errors = all_reduce(torch.stack(errors), "sum")  # (ratios, N, G), summed over processes' tokens
     best = torch.tensor(CLIP_RATIOS)[errors.argmin(dim=0)]
-    return scale_from_amax(amax * best, INT4_MAX)
+    return scale_from_amax(amax * best, maxbound)
 
 
 def clip_nvfp4_global_amax(w: torch.Tensor, x: torch.Tensor, fmt: F.Format) -> torch.Tensor:

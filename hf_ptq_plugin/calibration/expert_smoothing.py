@@ -27,7 +27,7 @@ import torch
 
 from .. import formats as F
 from .awq import alpha_grid, alpha_losses, best_scale, block_size, normalized_weight_mean
-from .clipping import clip_int4_scale, clip_nvfp4_global_amax
+from .clipping import clip_nvfp4_global_amax, clip_weight_scale
 from .smoothquant import ALPHAS, alpha_errors, best_alpha, smoothquant_scale
 
 SAMPLE_TOKENS = 256  # per expert and projection input: 256 to 512 tokens kept for the losses
@@ -104,6 +104,6 @@ def _clipped(w, samples, tokens: torch.Tensor, fmt: F.Format, group_size: int) -
         x = x if x is not None else w.new_zeros((0, w.shape[2]), dtype=torch.float32)
         if fmt.weight == F.NVFP4:
             args[e] = {"global_amax": clip_nvfp4_global_amax(w[e], x, fmt)}
-        elif fmt.weight == F.INT4:
-            args[e] = {"weight_scale": clip_int4_scale(w[e], x, group_size)}
+        else:
+            args[e] = {"weight_scale": clip_weight_scale(w[e], x, fmt, group_size)}
     return args

@@ -28,7 +28,7 @@ from ..quant_linear import QuantLinear
 from ..selection import fused_groups, fused_weight_amax
 from .awq import AWQ_STEPS, awq_search
 from .blocks import capture_block_inputs, decoder_blocks, observe_block, run_block
-from .clipping import clip_int4_scale, clip_nvfp4_global_amax
+from .clipping import clip_nvfp4_global_amax, clip_weight_scale
 from .data import TokenMask
 from .gptq import HessianStats, gptq_quantize
 from .smoothing import apply_pre_quant_scale, groups_sharing_input, stacked_weight
@@ -166,7 +166,7 @@ def _clip_group(plan, group, block_linears, x_sample, fmt, group_size) -> None:
             plan[name]["weight_global_amax"] = global_amax
         return
     for name in group:
-        plan[name]["weight_scale"] = clip_int4_scale(block_linears[name].weight, x_sample, group_size)
+        plan[name]["weight_scale"] = clip_weight_scale(block_linears[name].weight, x_sample, fmt, group_size)
 
 
 def _gptq_block(block, block_linears, inputs, token_mask, fmt, group_size, stride, outputs=None) -> dict:
