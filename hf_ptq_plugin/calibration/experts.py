@@ -4,11 +4,10 @@
 the eager experts forward (experts.route_tokens) in full precision that also records, per expert,
 the tokens routed to it (padding excluded when the forward loop publishes a token mask) and the
 max |x| of the inputs of its gate/up and of its down projection; for GPTQ also each expert's
-sum of x x^T per projection input, from which its Hessian follows; for AWQ also the per-channel
-sum and max of |x| and an evenly strided sample of each expert's inputs (`ExpertSample`). Called
-by moe.py around the
-calibration pass of `quantize_model`; the rule for experts that get no token is in
-`shared_inputs.py` and `ExpertStats.shared_amax`.
+sum of x x^T per projection input, from which its Hessian follows; for AWQ and SmoothQuant also
+the per-channel sum and max of |x| and an evenly strided sample of each expert's inputs
+(`ExpertSample`). Called by moe.py around the calibration pass of `quantize_model`; the rule for
+experts that get no token is in `shared_inputs.py` and `ExpertStats.shared_amax`.
 """
 
 import contextlib
@@ -41,7 +40,8 @@ class ExpertStats:
         self.tokens = torch.zeros(num_experts, dtype=torch.int64, device=device)
         self.amax = {kind: torch.zeros(num_experts, device=device) for kind in KINDS}  # fp32 max |x|, per expert
         self.input_dims, self.outer = input_dims or {}, {}
-        # AWQ (sample_size > 0): {kind: (E, K) sum |x|}, {kind: (K,) max |x| over experts}, {kind: [sample per expert]}
+        # AWQ / SmoothQuant (sample_size > 0): {kind: (E, K) sum |x|}, {kind: (K,) max |x| over
+        # experts}, {kind: [ExpertSample per expert]}
         self.abs_sum, self.channel_amax, self.samples = {}, {}, {}
         if sample_size:
             self.samples = {kind: [ExpertSample(sample_size) for _ in range(num_experts)] for kind in KINDS}
@@ -63,9 +63,9 @@ class ExpertStats:
                 x = x.detach().float().to(self.outer[kind].device)
                 self.outer[kind][e].add_(symmetric_gram(x))  # exactly symmetric, as the Cholesky needs
         if self.samples:
-            self._observe_for_awq(e, kind, x.detach())
+            self._observe_for_smoothing(e, kind, x.detach())
 
-    def _observe_for_awq(self, e: int, kind: str, x: torch.Tensor) -> None:
+    def _observe_for_smoothing(self, e: int, kind: str, x: torch.Tensor) -> None:
         if kind not in self.abs_sum:  # (E, K) and (K,) once the input width is known
             experts, k = self.tokens.shape[0], x.shape[-1]
             # fp64, as InputStats.abs_sum: the same mean whatever the order of the batches' sums
@@ -131,8 +131,9 @@ class ExpertSample:
 class ExpertObserver:
     """Makes fused-experts modules record ExpertStats (in `stats`) until `close()`.
 
-    `hessians`: also accumulate each expert's x x^T (GPTQ). `sample_size`: also the AWQ statistics,
-    with samples of `sample_size` to twice that many tokens per expert and projection input.
+    `hessians`: also accumulate each expert's x x^T (GPTQ). `sample_size`: also the AWQ and
+    SmoothQuant statistics, with samples of `sample_size` to twice that many tokens per expert and
+    projection input.
     """
 
     def __init__(self, token_mask=None, hessians: bool = False, sample_size: int = 0):
