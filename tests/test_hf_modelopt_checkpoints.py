@@ -295,3 +295,98 @@ def test_mixed_precision_errors_name_the_problem(tmp_path):
     (tmp_path / "src" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="lists 'model.layers.0.mlp', which is not an nn.Linear"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "src")
+
+
+MOE_ALGOS = ("FP8", "NVFP4", "NVFP4_AWQ", "W4A16_AWQ", "W4A8_AWQ")
+
+
+def moe_model():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(hidden_size=128, intermediate_size=256, moe_intermediate_size=128, num_experts=4,
+                            num_experts_per_tok=2, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=32, vocab_size=320)
+    return Qwen3MoeForCausalLM(config).eval()
+
+
+def write_moe_checkpoint(directory, algo):
+    """A 1-layer bf16 Qwen3-MoE in ModelOpt HEAD's layout (modelopt-format.md §6.4, "MoE"): per-expert
+    `mlp.experts.{e}.{gate,up,down}_proj` tensors, the router `mlp.gate` unquantized and excluded, one
+    input_scale per projection input shared by all experts, an expert's gate and up quantized against
+    one second-level amax, and AWQ's pre_quant_scale averaged over the experts (so equal across them).
+    Returns {module name: (engine weight, pre_quant_scale)}."""
+    model = moe_model().to(torch.bfloat16)
+    model.config.save_pretrained(directory)
+    experts = model.model.layers[0].mlp.experts
+    state = {k: v for k, v in model.state_dict().items()
+             if ".experts." not in k and not any(f".{leaf}." in k for leaf in LINEARS[:4])}
+    expected, gen = {}, torch.Generator().manual_seed(0)
+
+    def put(prefix, tensors, engine_weight, input_scale, pqs):
+        tensors = dict(tensors)
+        if algo in STATIC_INPUT:
+            tensors["input_scale"] = input_scale.clone()
+        if pqs is not None:
+            tensors["pre_quant_scale"] = pqs.clone()  # one tensor per expert, equal values
+        state.update({f"{prefix}.{name}": t.contiguous() for name, t in tensors.items()})
+        expected[prefix] = (engine_weight, pqs)
+
+    for group in (LINEARS[:3], LINEARS[3:4]):
+        weights = {leaf: model.get_submodule(f"model.layers.0.{leaf}").weight.detach().float() for leaf in group}
+        group_amax, scale = torch.stack([w.abs().max() for w in weights.values()]).max(), torch.tensor(0.02)
+        for leaf, w in weights.items():
+            pqs = (torch.rand(128, generator=gen) + 0.5).to(torch.bfloat16) if "AWQ" in algo and leaf == LINEARS[3] else None
+            put(f"model.layers.0.{leaf}", *hand_quantize(algo, w, group_amax), scale, pqs)
+    awq = "AWQ" in algo
+    pqs = {kind: (torch.rand(128, generator=gen) + 0.5).to(torch.bfloat16) if awq else None for kind in ("gate_up", "down")}
+    for e in range(4):
+        gate, up = experts.gate_up_proj[e].detach().float().chunk(2)
+        down = experts.down_proj[e].detach().float()
+        pair_amax = torch.maximum(gate.abs().max(), up.abs().max())  # gate and up share weight_scale_2
+        for name, w, amax, kind in (("gate_proj", gate, pair_amax, "gate_up"), ("up_proj", up, pair_amax, "gate_up"),
+                                    ("down_proj", down, down.abs().max(), "down")):
+            scale = torch.tensor(0.03 if kind == "gate_up" else 0.05)
+            put(f"model.layers.0.mlp.experts.{e}.{name}", *hand_quantize(algo, w, amax), scale, pqs[kind])
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    _write_configs(directory, algo, None)
+    for path in (directory / "hf_quant_config.json", directory / "config.json"):
+        config = json.loads(path.read_text())
+        section = config["quantization"] if "quantization" in config else config["quantization_config"]
+        key = "exclude_modules" if "quantization" in config else "ignore"
+        section[key] = ["lm_head", "model.layers.0.mlp.gate"]
+        path.write_text(json.dumps(config))
+    return expected
+
+
+@pytest.mark.parametrize("algo", MOE_ALGOS)
+def test_a_moe_checkpoint_in_modelopt_layout_loads_every_expert_to_the_engines_weights(algo, tmp_path, token_ids):
+    from hf_ptq_plugin.quant_experts import QuantExperts
+
+    expected = write_moe_checkpoint(tmp_path, algo)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(model.model.layers[0].mlp.experts, QuantExperts)
+    assert type(model.model.layers[0].mlp.gate).__name__ == "Qwen3MoeTopKRouter"  # the router stays as it was
+    dense = moe_model()
+    fused = {"gate_up": dense.model.layers[0].mlp.experts.gate_up_proj.data,
+             "down": dense.model.layers[0].mlp.experts.down_proj.data}
+    for prefix, (engine_weight, pqs) in expected.items():
+        module = model.get_submodule(prefix)
+        assert isinstance(module, QuantLinear) and module.input_calibrated
+        torch.testing.assert_close(module.dequantized_weight(), engine_weight, rtol=1e-6, atol=0, msg=prefix)
+        assert (module.pre_quant_scale is None) == (pqs is None) and (pqs is None or torch.equal(module.pre_quant_scale, pqs))
+        effective = engine_weight * (1 if pqs is None else pqs.float())
+        if ".experts." not in prefix:
+            dense.get_submodule(prefix).weight.data = effective
+            continue
+        e, name = int(prefix.split(".")[-2]), prefix.split(".")[-1]
+        if name == "down_proj":
+            fused["down"][e] = effective
+        else:
+            fused["gate_up"][e, (0 if name == "gate_proj" else 128):][:128] = effective
+    with torch.no_grad():
+        found = model(token_ids).logits.float()
+        reference = dense.to(torch.bfloat16)(token_ids).logits.float()
+    # As for the dense checkpoints: rounding only for weight-only formats, activation quantization too
+    # for the others; a misread layout (or expert order) would give about 0 dB.
+    assert sqnr_db(reference, found) > (35 if algo == "W4A16_AWQ" else 12)
