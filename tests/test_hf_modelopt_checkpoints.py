@@ -323,6 +323,9 @@ def write_moe_checkpoint(directory, algo):
              if ".experts." not in k and not any(f".{leaf}." in k for leaf in LINEARS[:4])}
     expected, gen = {}, torch.Generator().manual_seed(0)
 
+    def random_scale():
+        return (torch.rand(128, generator=gen) + 0.5).to(torch.bfloat16)
+
     def put(prefix, tensors, engine_weight, input_scale, pqs):
         tensors = dict(tensors)
         if algo in STATIC_INPUT:
@@ -336,10 +339,9 @@ def write_moe_checkpoint(directory, algo):
         weights = {leaf: model.get_submodule(f"model.layers.0.{leaf}").weight.detach().float() for leaf in group}
         group_amax, scale = torch.stack([w.abs().max() for w in weights.values()]).max(), torch.tensor(0.02)
         for leaf, w in weights.items():
-            pqs = (torch.rand(128, generator=gen) + 0.5).to(torch.bfloat16) if "AWQ" in algo and leaf == LINEARS[3] else None
+            pqs = random_scale() if "AWQ" in algo and leaf == LINEARS[3] else None  # o_proj keeps its own
             put(f"model.layers.0.{leaf}", *hand_quantize(algo, w, group_amax), scale, pqs)
-    awq = "AWQ" in algo
-    pqs = {kind: (torch.rand(128, generator=gen) + 0.5).to(torch.bfloat16) if awq else None for kind in ("gate_up", "down")}
+    pqs = {kind: random_scale() if "AWQ" in algo else None for kind in ("gate_up", "down")}
     for e in range(4):
         gate, up = experts.gate_up_proj[e].detach().float().chunk(2)
         down = experts.down_proj[e].detach().float()
@@ -374,7 +376,8 @@ def test_a_moe_checkpoint_in_modelopt_layout_loads_every_expert_to_the_engines_w
         module = model.get_submodule(prefix)
         assert isinstance(module, QuantLinear) and module.input_calibrated
         torch.testing.assert_close(module.dequantized_weight(), engine_weight, rtol=1e-6, atol=0, msg=prefix)
-        assert (module.pre_quant_scale is None) == (pqs is None) and (pqs is None or torch.equal(module.pre_quant_scale, pqs))
+        assert (module.pre_quant_scale is None) == (pqs is None)
+        assert pqs is None or torch.equal(module.pre_quant_scale, pqs)
         effective = engine_weight * (1 if pqs is None else pqs.float())
         if ".experts." not in prefix:
             dense.get_submodule(prefix).weight.data = effective

@@ -67,7 +67,8 @@ def test_calibrating_a_disk_offloaded_model_gives_the_in_memory_result(family, q
 
 
 @pytest.mark.filterwarnings("ignore:Attempting to save a model with offloaded modules")
-@pytest.mark.parametrize("family, qformat, algorithm", [("llama", "int4_awq", "awq_full"), ("qwen3_moe", "nvfp4", "gptq")])
+@pytest.mark.parametrize("family, qformat, algorithm", [("llama", "int4_awq", "awq_full"),
+                                                       ("qwen3_moe", "nvfp4", "gptq")])
 def test_calibrating_after_an_offloaded_compressed_load_gives_the_in_memory_result(family, qformat, algorithm,
                                                                                    tmp_path, token_ids):
     (tiny_llama() if family == "llama" else tiny_moe(family)).save_pretrained(tmp_path / "src")
@@ -80,7 +81,8 @@ def test_calibrating_after_an_offloaded_compressed_load_gives_the_in_memory_resu
     calibrate(model, lambda m: m(token_ids))  # re-reads each block's weights from the source checkpoint
     assert torch.equal(run(model, token_ids), run(reference, token_ids))
     model.save_pretrained(tmp_path / "out")
-    assert torch.equal(run(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), token_ids), run(reference, token_ids))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert torch.equal(run(reloaded, token_ids), run(reference, token_ids))
 
 
 def test_memory_footprint_is_the_compressed_size(source):
