@@ -30,7 +30,7 @@ from .awq import alpha_grid, alpha_losses, best_scale, block_size, normalized_we
 from .clipping import clip_nvfp4_global_amax, clip_weight_scale
 from .smoothquant import ALPHAS, alpha_errors, best_alpha, smoothquant_scale
 
-SAMPLE_TOKENS = 256  # per expert and projection input: 256 to 512 tokens kept for the losses
+SAMPLE_TOKENS = 128  # per expert and projection input: 128 to 256 tokens kept for the losses
 
 
 @dataclass
