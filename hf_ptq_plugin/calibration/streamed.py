@@ -5,7 +5,9 @@ algorithm needs about every distinct Linear input (AWQ: per-channel statistics a
 sample; GPTQ: the Hessian), compute the block's plan (smoothing scales, or GPTQ-updated weights
 with their scales), hand it to `quantize_block` (which swaps in the QuantLinears), then run the
 now-quantized block to produce the next block's inputs (bf16 models: on the block's dequantized
-weights, `bf16_dense_weights`, 2-3x faster than the packed kernels at this many tokens). Memory
+weights, `bf16_dense_weights`, 2-3x faster than the packed kernels at this many tokens). With
+`sequential=False` the statistics pass runs the whole full-precision block and its outputs are
+the next block's inputs: one pass per block instead of two. Memory
 holds one block's activations and statistics, never the whole model's. `prepare_block` lets the
 caller materialize a block's full-precision Linears just before it is calibrated (re-reading
 them from the source checkpoint when the model was loaded compressed). SmoothQuant streams too: its alpha search needs a token
