@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from tables import print_table  # benchmarks/tables.py: the script's own directory is on sys.path
 
 DEFAULT_RUNS = ("fp8:max,int8_sq:smoothquant,int8_sq:max,int8_wo:max,int4_awq:awq_lite,int4_awq:gptq,"
                 "int4_awq:max,w4a8_awq:awq_lite,nvfp4:max,nvfp4_awq:awq_lite")
@@ -102,11 +103,7 @@ def main():
           f"perplexity on the first {args.eval_windows} windows x {args.seq_len} of Pride and Prejudice, "
           f"{args.dtype} compute, {torch.get_num_threads()} threads, unquantized perplexity {baseline:.2f}"
           + (" (given with --baseline-ppl)" if args.baseline_ppl is not None else ""))
-    if args.markdown:
-        print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-        print("\n".join("| " + " | ".join(row) + " |" for row in rows))
-    else:
-        print("\n".join("  ".join(cell.rjust(18) for cell in row) for row in [header] + rows))
+    print_table(header, rows, args.markdown)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from hf_ptq_plugin import PTQConfig, quantize
+from tables import print_table  # benchmarks/tables.py: the script's own directory is on sys.path
 
 DEFAULT_RUNS = "int4_awq:max,int4_awq:awq_lite,int4_awq:awq_full,int4_awq:gptq,int8_sq:smoothquant,nvfp4:max"
 
@@ -79,11 +80,7 @@ def main():
           f"top-{args.top_k}; {args.samples} x {args.seq_len} random tokens; one bf16 forward pass over them "
           f"{forward_s:.1f} s; {torch.get_num_threads()} threads")
     header = ["format:algorithm", "calibration s", "x one forward pass", "logits SQNR dB (sanity only)"]
-    if args.markdown:
-        print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-        print("\n".join("| " + " | ".join(row) + " |" for row in rows))
-    else:
-        print("\n".join("  ".join(cell.rjust(20) for cell in row) for row in [header] + rows))
+    print_table(header, rows, args.markdown, width=20)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,7 @@
   it; an expert no calibration token reached has no Hessian and is rounded to nearest. The AWQ
   algorithms and SmoothQuant give each layer's experts one shared pre_quant_scale per projection
   input, AWQ's clipping is per expert on its own tokens (calibration/expert_smoothing.py); `mse`
-  searches each expert's weight scales. Any other algorithm would quantize experts with `max`
-  (round to nearest, weight scales from the weights) and say so in a warning. Under layer streaming
+  searches each expert's weight scales; `max` rounds them to nearest. Under layer streaming
   each block's experts are quantized right after that block's pass, so the next block is fed by
   quantized experts. The tokens each expert saw are logged and kept on
   the model as `model.expert_token_counts` ({experts module: [tokens per expert]}); they sum to
@@ -43,7 +42,6 @@ from .quant_experts import QuantExperts
 
 logger = logging.getLogger(__name__)
 
-EXPERT_ALGORITHMS = ("max", "mse", "gptq", "smoothquant", *AWQ_STEPS)
 SAMPLING_ALGORITHMS = ("smoothquant", *AWQ_STEPS)  # their searches replay samples of each expert's tokens
 
 
@@ -57,12 +55,9 @@ class ExpertQuantization:
 
     def __init__(self, model: nn.Module, experts: Dict[str, nn.Module], fmt: F.Format, algorithm: str,
                  names: Optional[Tuple[str, str, str]] = None):
-        self.model, self.fmt, self.requested = model, fmt, algorithm
-        self.algorithm = algorithm if algorithm in EXPERT_ALGORITHMS else "max"
+        self.model, self.fmt, self.algorithm = model, fmt, algorithm  # every algorithm has an expert variant
         self.experts, self.names = dict(experts), names
         self.stats, self.done, self.observer = {}, set(), None
-        if self.experts:
-            self._warn_unapplied()
 
     @classmethod
     def of_model(cls, model: nn.Module, exclude_modules, fmt: F.Format, algorithm: str) -> "ExpertQuantization":
@@ -72,18 +67,9 @@ class ExpertQuantization:
 
     def add(self, name: str, fused: nn.Module) -> None:
         """A fused-experts module to quantize too, observed from now on when inside `observing`."""
-        first = not self.experts
         self.experts[name] = fused
-        if first:
-            self._warn_unapplied()
         if self.observer is not None:
             self.observer.add(name, fused)
-
-    def _warn_unapplied(self) -> None:
-        if self.requested != self.algorithm:
-            logger.warning("algorithm %r is not applied to MoE experts: the fused-experts modules (e.g. %s) are "
-                           "quantized with 'max' (round to nearest); the other Linears use %r", self.requested,
-                           next(iter(self.experts)), self.requested)
 
     def shapes(self) -> dict:
         """Expert projection shapes for the group-size and shape checks."""
@@ -93,15 +79,14 @@ class ExpertQuantization:
     def observing(self, token_mask=None):
         """Record per-expert statistics while the calibration data runs inside the block."""
         sample_size = SAMPLE_TOKENS if self.algorithm in SAMPLING_ALGORITHMS else 0
-        self.observer = ExpertObserver(token_mask, self.algorithm == "gptq", sample_size)
-        self.stats = self.observer.stats
-        try:
+        with ExpertObserver(token_mask, self.algorithm == "gptq", sample_size) as observer:
+            self.observer, self.stats = observer, observer.stats  # `add` joins modules to it meanwhile
             for name, module in self.experts.items():
-                self.observer.add(name, module)
-            yield
-        finally:
-            self.observer.close()
-            self.observer = None
+                observer.add(name, module)
+            try:
+                yield
+            finally:
+                self.observer = None
 
     def quantize_observed(self, group_size: Optional[int]) -> None:
         """Quantize the experts that calibration has reached (a streamed block's, after its pass)."""

@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from typing import Dict, List
 
 import torch
+import torch.nn.functional as F_nn
 from safetensors import safe_open
 from torch import nn
-
-import torch.nn.functional as F_nn
 
 from .checkpoint_load import replace_module
 from .experts import checkpoint_namer, route_tokens
@@ -43,19 +42,22 @@ class LoadSource:
     algorithm: str  # the calibration algorithm the load asked for (loading itself applies max)
     _locations: Dict[str, str] = field(default=None, repr=False)
 
-    def has(self, name: str) -> bool:
+    @property
+    def locations(self) -> Dict[str, str]:
+        """{tensor name: file}, read from the files' headers on first use."""
         if self._locations is None:
             self._locations = tensor_locations(self.files)
-        return name in self._locations
+        return self._locations
+
+    def has(self, name: str) -> bool:
+        return name in self.locations
 
     def read(self, name: str) -> torch.Tensor:
         """The tensor `name` as stored in the source checkpoint (its own dtype), on the CPU."""
-        if self._locations is None:
-            self._locations = tensor_locations(self.files)
-        if name not in self._locations:
+        if name not in self.locations:
             raise ValueError(f"tensor {name!r} is not in the source checkpoint files {self.files}; the "
                              "full-precision weights are needed again to calibrate with this algorithm")
-        with torch.device("cpu"), safe_open(self._locations[name], framework="pt") as handle:
+        with torch.device("cpu"), safe_open(self.locations[name], framework="pt") as handle:
             return handle.get_tensor(name)
 
 

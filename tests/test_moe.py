@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_ptq_plugin import FORMATS, PTQConfig, QuantLinear, calibrate, quantize
 from hf_ptq_plugin.calibration.data import CalibrationLoop
-from hf_ptq_plugin.calibration.experts import ExpertSample, observe_experts
+from hf_ptq_plugin.calibration.experts import ExpertObserver, ExpertSample
 from hf_ptq_plugin.numerics import (dequantize_weight, input_scale_from_amax, quantize_activation, quantize_weight,
                                     weight_buffer_specs)
 from hf_ptq_plugin.quant_experts import QuantExperts
@@ -340,8 +340,10 @@ def test_gptq_rounds_each_expert_on_the_hessian_of_its_own_tokens(fmt, ids, capl
         never_route_to(m.model.layers[0].mlp.gate, 3)  # expert 3 gets no token: no Hessian, round to nearest
     # Layer 0's experts are calibrated on the full-precision block's outputs, so the reference model
     # gives the same per-expert Hessians.
-    with observe_experts({"experts": experts_of(reference)}, hessians=True) as stats:
+    with ExpertObserver(hessians=True) as observer:
+        observer.add("experts", experts_of(reference))
         logits(reference, ids)
+    stats = observer.stats
     with caplog.at_level(logging.WARNING):
         quantize(model, PTQConfig(qformat=fmt, algorithm="gptq"), forward_loop=lambda m: m(ids))
     assert "not applied to MoE experts" not in caplog.text

@@ -1,9 +1,9 @@
 """Clipping searches: weight ranges smaller than max |w| when that lowers the error.
 
 `awq_clip` (`modelopt-format.md` §3.6) measures the error on the layer's output, with calibration
-inputs x: for INT4, per (row, group) block (for INT8, per row), the squared error of the block's partial output
-sum_{k in group} x_k (w_k - Q(w_k)) over tokens (every token of the AWQ sample, through one Gram
-matrix per group), for clip ratios 0.5, 0.55, ..., 1.0 of the block amax; for NVFP4 the global
+inputs x: for INT4, per (row, group) block (for INT8, per row), the squared error of the block's
+partial output sum_{k in group} x_k (w_k - Q(w_k)) over tokens (every token of the AWQ sample,
+through one Gram matrix per group), for clip ratios 0.5, 0.55, ..., 1.0 of the block amax; for NVFP4 the global
 amax (the per-tensor `weight_scale_2`) is clipped, scored on the whole output of the sample's
 first MAX_CLIP_TOKENS tokens. On SmolLM2, scoring INT4 blocks on all 2048 sampled tokens instead
 of the first 256 took awq_full from 34.15 to 34.00 (BENCHMARKS.md). `mse` needs no data: per

@@ -1,6 +1,6 @@
 """Per-expert input statistics of fused-experts modules, collected while calibration data runs.
 
-`observe_experts` replaces, for the duration of the block, each fused-experts module's forward by
+`ExpertObserver` replaces, while it is open, each fused-experts module's forward given to `add` by
 the eager experts forward (experts.route_tokens) in full precision that also records, per expert,
 the tokens routed to it (padding excluded when the forward loop publishes a token mask) and the
 max |x| of the inputs of its gate/up and of its down projection; for GPTQ also each expert's
@@ -10,7 +10,6 @@ the per-channel sum and max of |x| and an evenly strided sample of each expert's
 experts that get no token is in `shared_inputs.py` and `ExpertStats.shared_amax`.
 """
 
-import contextlib
 from typing import Dict, Optional
 
 import torch
@@ -129,7 +128,8 @@ class ExpertSample:
 
 
 class ExpertObserver:
-    """Makes fused-experts modules record ExpertStats (in `stats`) until `close()`.
+    """Makes fused-experts modules record ExpertStats (in `stats`) until `close()` (or the end of a
+    `with` block).
 
     `hessians`: also accumulate each expert's x x^T (GPTQ). `sample_size`: also the AWQ and
     SmoothQuant statistics, with samples of `sample_size` to twice that many tokens per expert and
@@ -157,20 +157,11 @@ class ExpertObserver:
                 module.forward = previous
         self._replaced = []
 
+    def __enter__(self) -> "ExpertObserver":
+        return self
 
-@contextlib.contextmanager
-def observe_experts(experts: Dict[str, nn.Module], token_mask=None, hessians: bool = False, sample_size: int = 0):
-    """Inside the block, the fused-experts modules record statistics; yields {name: ExpertStats}.
-
-    Options as ExpertObserver's.
-    """
-    observer = ExpertObserver(token_mask, hessians, sample_size)
-    try:
-        for name, module in experts.items():
-            observer.add(name, module)
-        yield observer.stats
-    finally:
-        observer.close()
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _observed_forward(name: str, module: nn.Module, stat: ExpertStats, token_mask, warned: set):
