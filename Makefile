@@ -2,21 +2,27 @@
 #   make demo   quantize SmolLM2-135M with several formats and print a perplexity table, then
 #               the same through the `hf-ptq` command line (quantize, export, eval)
 #   make test   run the test suite
-# torch is installed first and pinned: 2.13.0 is the CPU build on this machine's disk; an
-# unpinned torch would pull a multi-GB CUDA build.
+# Both install the exact versions of requirements-lock.txt into .venv. torch comes first, pinned:
+# 2.13.0 is the CPU build on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
+#   make test-latest   the suite on the newest releases the ranges of pyproject.toml allow, and the
+#                      newest transformers even past its tested upper bound (torch stays 2.13.0), in
+#                      .venv-latest: how the next transformers release is caught on purpose
+#   make lock          write requirements-lock.txt from .venv-latest, after test-latest passed
 
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCK := requirements-lock.txt
+LATEST := .venv-latest
 DEMO_CACHE := $(HOME)/.cache/hf_ptq_plugin
 
-.PHONY: demo test clean
+.PHONY: demo test test-latest lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PYTHON) || python3 -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet torch==2.13.0
-	$(PYTHON) -m pip install --quiet -e ".[dev]"
+	$(PYTHON) -m pip install --quiet -c $(LOCK) pip setuptools
+	$(PYTHON) -m pip install --quiet -c $(LOCK) torch
+	$(PYTHON) -m pip install --quiet -c $(LOCK) --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -31,5 +37,22 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PYTHON) -m pytest -q tests
 
+test-latest:
+	rm -rf $(LATEST)
+	python3 -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade pip setuptools
+	$(LATEST)/bin/python -m pip install --quiet torch==2.13.0
+	$(LATEST)/bin/python -m pip install --quiet --no-build-isolation -e ".[dev]"
+	$(LATEST)/bin/python -m pip install --quiet --upgrade transformers
+	$(LATEST)/bin/python -m pip list --format=freeze | grep -iE '^(transformers|accelerate|peft|kernels)=='
+	$(LATEST)/bin/python -m pytest -q tests
+
+lock:
+	test -x $(LATEST)/bin/python || { echo "run make test-latest first"; exit 1; }
+	{ sed -n '1,/^[^#]/{/^#/p}' $(LOCK); \
+	  $(LATEST)/bin/python -m pip freeze --all --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/' \
+	  | sort -f; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(LATEST) build *.egg-info

@@ -5,8 +5,11 @@ transformers quantizer for quant_method "modelopt" (`from_pretrained` then loads
 checkpoints and accepts `quantization_config=PTQConfig(...)`).
 """
 
+import transformers
+
 from .api import quantize
 from .calibrate import calibrate
+from .compat import transformers_tested_range, warn_if_untested
 from .config import PTQConfig
 from .export import export_checkpoint
 from .formats import FORMATS, KV_FORMATS, Format, KVFormat, get_format, get_kv_format
@@ -18,6 +21,7 @@ from .quant_linear import QuantLinear
 
 __version__ = "0.1.0"
 
+warn_if_untested(transformers.__version__, transformers_tested_range())
 register_kv_attention_functions()
 register_hf_quantizer()
 
