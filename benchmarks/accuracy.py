@@ -45,9 +45,9 @@ def parse_args():
 def windows(args):
     from transformers import AutoTokenizer
 
-    from hf_ptq_plugin.data.austen import calibration_and_eval_texts
-    from hf_ptq_plugin.data.smollm2 import smollm2_checkpoint
-    from hf_ptq_plugin.data.text import first_windows, spread_windows, tokenize
+    from austen import calibration_and_eval_texts
+    from smollm2 import smollm2_checkpoint
+    from hf_ptq_plugin.calibration.text import first_windows, spread_windows, tokenize
 
     path = smollm2_checkpoint(args.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -1,6 +1,6 @@
 """Print the three paths the command-line part of `make demo` needs, preparing them once.
 
-SmolLM2-135M-Instruct as a local checkpoint (`hf_ptq_plugin.data.smollm2`), the calibration text
+SmolLM2-135M-Instruct as a local checkpoint (`smollm2`), the calibration text
 (the five Austen novels other than Pride and Prejudice, written once into one .txt file) and the
 evaluation text (Pride and Prejudice), all in --cache-dir. One line, separated by spaces, for the
 shell:
@@ -11,8 +11,8 @@ shell:
 import argparse
 from pathlib import Path
 
-from hf_ptq_plugin.data.austen import EVAL_NOVEL, austen_novels, calibration_and_eval_texts
-from hf_ptq_plugin.data.smollm2 import smollm2_checkpoint
+from austen import EVAL_NOVEL, austen_novels, calibration_and_eval_texts
+from smollm2 import smollm2_checkpoint
 
 
 def main():

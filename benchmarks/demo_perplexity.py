@@ -18,9 +18,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_ptq_plugin
-from hf_ptq_plugin.data.austen import calibration_and_eval_texts
-from hf_ptq_plugin.data.smollm2 import smollm2_checkpoint
-from hf_ptq_plugin.data.text import first_windows, read_text, spread_windows, tokenize
+from austen import calibration_and_eval_texts
+from smollm2 import smollm2_checkpoint
+from hf_ptq_plugin.calibration.text import first_windows, read_text, spread_windows, tokenize
 from hf_ptq_plugin.evaluation import model_bytes, perplexity
 
 DEFAULT_FORMATS = "fp8,int8_sq,int4_awq"
@@ -70,7 +70,7 @@ def run_format(qformat, args, model_path, calib_windows, eval_windows):
                 m(input_ids=batch)
 
     start = time.perf_counter()
-    hf_ptq_plugin.quantize(model, config, forward_loop=forward_loop)
+    hf_ptq_plugin.calibration.pipeline(model, config, forward_loop=forward_loop)
     quantize_seconds = time.perf_counter() - start
     start = time.perf_counter()
     ppl = perplexity(model, eval_windows, args.batch_size, progress=f"perplexity {qformat}")

@@ -27,7 +27,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from hf_ptq_plugin import FORMATS, PTQConfig, QuantLinear, get_format, quantize
-from hf_ptq_plugin.data.smollm2 import smollm2_checkpoint
+from smollm2 import smollm2_checkpoint
 
 GEMM_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (K, N): q/o, gate/up, down of Llama-3-8B
 # Under algorithm "max" the *_awq variants have no pre_quant_scale and run exactly nvfp4's path.

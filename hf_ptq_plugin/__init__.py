@@ -8,16 +8,16 @@ checkpoints and accepts `quantization_config=PTQConfig(...)`).
 import transformers
 
 from .api import quantize
-from .calibrate import calibrate
+from .calibration.calibrate import calibrate
 from .compat import transformers_tested_range, warn_if_untested
 from .config import PTQConfig
 from .export import export_checkpoint
 from .formats import FORMATS, KV_FORMATS, Format, KVFormat, get_format, get_kv_format
-from .hf_quantizer import PTQHfQuantizer, attach_quantizer
-from .hf_quantizer import register as register_hf_quantizer
-from .hub import push_to_hub
-from .kv_cache import register_kv_attention_functions
-from .quant_linear import QuantLinear
+from .hf.quantizer import PTQHfQuantizer, attach_quantizer
+from .hf.quantizer import register as register_hf_quantizer
+from .export.hub import push_to_hub
+from .modules.kv_cache import register_kv_attention_functions
+from .modules.quant_linear import QuantLinear
 
 __version__ = "0.1.0"
 

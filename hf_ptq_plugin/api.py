@@ -12,8 +12,8 @@ from transformers import PreTrainedModel
 
 from .calibration.record import calibration_record
 from .config import PTQConfig
-from .hf_quantizer import attach_quantizer
-from .quantize import quantize_model
+from .hf.quantizer import attach_quantizer
+from .calibration.pipeline import quantize_model
 
 
 def quantize(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callable] = None) -> nn.Module:

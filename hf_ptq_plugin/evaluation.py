@@ -8,7 +8,7 @@ import torch.nn.functional as F_nn
 from torch import nn
 from tqdm.auto import tqdm
 
-from .offload import input_device
+from .calibration.offload import input_device
 
 
 @torch.no_grad()

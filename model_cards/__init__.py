@@ -1,4 +1,4 @@
-"""Model-card templates shipped inside the installed package (filled by `hf_ptq_plugin.model_card`).
+"""Model-card templates shipped inside the installed package (filled by `hf_ptq_plugin.export.model_card`).
 
 `quantized_model.md`: a Jinja template rendered by huggingface_hub's `ModelCard.from_template`.
 """

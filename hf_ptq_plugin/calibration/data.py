@@ -16,8 +16,8 @@ from typing import List, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..data.text import spread_windows, tokenize
-from ..offload import input_device
+from .text import spread_windows, tokenize
+from .offload import input_device
 from .record import describe_source
 
 logger = logging.getLogger(__name__)

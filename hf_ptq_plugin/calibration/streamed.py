@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 
 from .. import formats as F
 from ..backends.cpu_weights import bf16_dense_weights
-from ..experts import is_fused_experts
-from ..offload import materialize
-from ..quant_linear import QuantLinear
-from ..selection import fused_groups, fused_weight_amax
+from ..modules.fused_experts import is_fused_experts
+from .offload import materialize
+from ..modules.quant_linear import QuantLinear
+from .selection import fused_groups, fused_weight_amax
 from .awq import AWQ_STEPS, awq_search
 from .blocks import capture_block_inputs, decoder_blocks, observe_block, run_block
 from .clipping import clip_nvfp4_global_amax, clip_weight_scale

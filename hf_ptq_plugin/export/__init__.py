@@ -20,7 +20,7 @@ EXPORT_TARGETS = ("modelopt", "vllm", "sglang", "trtllm", "trtllm-legacy")
 
 def export_target_dialect(target: str, qformat: str, kv_cache_qformat: str = "none") -> str:
     """The checkpoint dialect `export_checkpoint` writes for `target`; ValueError if none serves it."""
-    from ..engines import TRTLLM_LEGACY, describe_serving, dialect_for
+    from .engines import TRTLLM_LEGACY, describe_serving, dialect_for
 
     if target not in EXPORT_TARGETS:
         raise ValueError(f"unknown export target {target!r}; valid: {', '.join(EXPORT_TARGETS)}")
@@ -42,7 +42,7 @@ def export_checkpoint(model: nn.Module, export_dir, target: str = "modelopt", tp
     transformers' save_pretrained for the unified checkpoint (e.g. `max_shard_size`); the
     compressed-tensors writer takes `max_shard_size` too.
     """
-    from ..hf_quantizer import attach_quantizer  # the quantizer layer sits above export
+    from ..hf.quantizer import attach_quantizer  # the quantizer layer sits above export
     from .save import ptq_config_of, save_unified
 
     config = ptq_config_of(model)

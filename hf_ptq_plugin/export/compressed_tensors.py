@@ -30,7 +30,7 @@ from torch import nn
 
 from .. import formats as F
 from ..numerics.integer import unpack_int4_rows
-from ..quant_linear import QuantLinear
+from ..modules.quant_linear import QuantLinear
 from .atomic import atomic_directory
 from .folding import fold_pre_quant_scales
 from .save import _copy_sidecars
@@ -157,7 +157,7 @@ def _leftover_pre_quant_scales(model: nn.Module) -> List[str]:
 
 def check_convertible(model: nn.Module, plan: ExportPlan, target: str) -> None:
     """ValueError when `model` cannot be written as compressed-tensors (call after folding)."""
-    from ..engines import describe_serving
+    from .engines import describe_serving
 
     kv = plan.kv_format.name if plan.kv_format else "none"
     leftover = _leftover_pre_quant_scales(model)

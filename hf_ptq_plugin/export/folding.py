@@ -15,8 +15,8 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from ..offload import input_device, materialize
-from ..quant_linear import QuantLinear
+from ..calibration.offload import input_device, materialize
+from ..modules.quant_linear import QuantLinear
 
 logger = logging.getLogger(__name__)
 

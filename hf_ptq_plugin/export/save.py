@@ -34,7 +34,7 @@ def ptq_config_of(model: nn.Module):
     config = getattr(quantizer, "quantization_config", None) or getattr(model, "ptq_config", None)
     if config is None:
         raise ValueError(f"{type(model).__name__} was not quantized by hf_ptq_plugin (no PTQConfig on it); "
-                         "quantize it with hf_ptq_plugin.quantize or from_pretrained(..., quantization_config=...)")
+                         "quantize it with hf_ptq_plugin.calibration.pipeline or from_pretrained(..., quantization_config=...)")
     return config
 
 
@@ -66,7 +66,7 @@ def _copy_sidecars(model: nn.Module, staging: Path, destination: Path) -> None:
 
 def _write_model_card(model: nn.Module, staging: Path, destination: Path) -> None:
     """README.md: the model card (`model_card.py`), its snippets pointing at the final directory."""
-    from ..model_card import write_model_card  # the card sits above export (it reads engines, evaluation)
+    from .model_card import write_model_card  # the card sits above export (it reads engines, evaluation)
 
     write_model_card(model, staging, model_id=str(destination))
 

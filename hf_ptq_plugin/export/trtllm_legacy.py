@@ -39,7 +39,7 @@ from torch import nn
 
 from .. import formats as F
 from ..numerics.fp8 import fp8_dequantize, fp8_quantize
-from ..quant_linear import QuantLinear
+from ..modules.quant_linear import QuantLinear
 from .atomic import atomic_directory
 from .save import _copy_sidecars
 from .unified import plan_export

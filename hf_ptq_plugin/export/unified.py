@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from .. import formats as F
-from ..experts import checkpoint_namer, moe_unquantized
-from ..kv_cache import attention_modules
-from ..quant_linear import QuantLinear
-from ..selection import fused_groups
+from ..modules.fused_experts import checkpoint_namer, moe_unquantized
+from ..modules.kv_cache import attention_modules
+from ..modules.quant_linear import QuantLinear
+from ..calibration.selection import fused_groups
 from .exclude import summarize_exclude_modules
 from .quant_config import (FORMAT_VERSION, MIXED_PRECISION, PRODUCER_NAME, checkpoint_quantization_config,
                            hf_quant_config, mixed_checkpoint_quantization_config, mixed_hf_quant_config)
@@ -53,7 +53,7 @@ def plan_export(model: nn.Module, config) -> ExportPlan:
     layers = quantized_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no quantized layer; quantize it first "
-                         "(hf_ptq_plugin.quantize, or from_pretrained(..., quantization_config=PTQConfig(...)))")
+                         "(hf_ptq_plugin.calibration.pipeline, or from_pretrained(..., quantization_config=PTQConfig(...)))")
     names = [m.fmt.name for m in layers.values()]
     int4_group_sizes = {m.group_size for m in layers.values() if m.fmt.group_size_choices}
     if len(int4_group_sizes) > 1:
@@ -79,7 +79,7 @@ def _check_calibrated(layers: dict) -> None:
         fmt = layers[uncalibrated[0]].fmt
         raise ValueError(f"{len(uncalibrated)} layer(s) have no calibrated input_scale (e.g. {uncalibrated[0]!r}); "
                          f"qformat {fmt.name!r} needs static activation scales from calibration data. Call "
-                         "hf_ptq_plugin.calibrate(model, data) first; made-up scales are never written")
+                         "hf_ptq_plugin.calibration.calibrate(model, data) first; made-up scales are never written")
 
 
 def _kv_format(model: nn.Module, configured: Optional[F.KVFormat]) -> Optional[F.KVFormat]:
@@ -90,7 +90,7 @@ def _kv_format(model: nn.Module, configured: Optional[F.KVFormat]) -> Optional[F
         raise ValueError(f"one KV-cache format per model can be exported; found {sorted(k.name for k in in_use)}")
     if configured is not None and (not formats or None in formats):
         raise ValueError(f"kv_cache_qformat {configured.name!r} is configured but the KV cache has no calibrated "
-                         "k/v scales; call hf_ptq_plugin.calibrate(model, data) first, or use "
+                         "k/v scales; call hf_ptq_plugin.calibration.calibrate(model, data) first, or use "
                          "kv_cache_qformat='none'")
     return next(iter(in_use), None)
 

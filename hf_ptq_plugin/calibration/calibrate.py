@@ -1,0 +1,106 @@
+"""calibrate(model, data, algorithm): calibrate a model whose weights are already quantized.
+
+- `max` (the default for a model quantized in memory or loaded from a quantized checkpoint) runs
+  the data through the model and sets every static `input_scale` from the observed maxima.
+- `smoothquant`, `awq_lite`, `awq_clip`, `awq_full`, `gptq` change the weights, so they need the
+  full-precision ones: possible for a model loaded compressed by `from_pretrained(src,
+  quantization_config=PTQConfig(...))`, whose weights are read again from `src` one decoder block
+  at a time (`requantize.py`). For a model loaded that way, `algorithm=None` means the algorithm
+  its PTQConfig asked for.
+The KV cache's `k_scale`/`v_scale` are set in the same pass whenever the KV cache is quantized.
+`from_pretrained` calls this itself when the PTQConfig carries `calib_dataset`.
+"""
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import calibration_forward_loop, collect_input_stats
+from .record import calibration_record
+from ..config import PTQConfig
+from ..formats import KVFormat
+from ..modules.kv_cache import attention_modules, enable_kv_quantization, observe_kv_amax
+from ..modules.quant_linear import QuantLinear
+from .requantize import REQUANTIZING_ALGORITHMS, requantize_from_source
+
+
+def calibrate(model: nn.Module, data, algorithm: Optional[str] = None, tokenizer=None, calib_size: int = 512,
+              seq_len: int = 512, batch_size: int = 4) -> nn.Module:
+    """Calibrate a quantized model on `data` and return it.
+
+    `data` is a forward loop (`data(model)` runs the samples), or anything
+    `calibration_forward_loop` accepts (texts, files, datasets, token ids), then tokenized with
+    `tokenizer`.
+    """
+    algorithm = _resolve_algorithm(model, algorithm)
+    loop = data if callable(data) else _loop_from(data, tokenizer, calib_size, seq_len, batch_size)
+    kv_format = _kv_format(model)
+    token_mask = getattr(loop, "token_mask", None)
+    was_training = model.training
+    model.eval()
+    try:
+        with observe_kv_amax(model, token_mask) if kv_format else contextlib.nullcontext({}) as kv_amax:
+            if algorithm == "max":
+                _calibrate_input_scales(model, loop, kv_format is not None)
+            else:
+                requantize_from_source(model, algorithm, loop)
+    finally:
+        model.train(was_training)
+    if kv_format is not None:  # also switches on a KV cache that a compressed load left unquantized
+        enable_kv_quantization(model, kv_format, kv_amax)
+    model.calibration_record = calibration_record(loop)  # what the model card reports
+    return model
+
+
+def _kv_format(model: nn.Module) -> Optional[KVFormat]:
+    """The KV-cache format the model's config asks for, or the one its attention modules already use."""
+    config = getattr(model, "ptq_config", None)
+    if config is not None and config.kv_format is not None:
+        return config.kv_format
+    formats = {getattr(m, "kv_format", None) for m in attention_modules(model).values()} - {None}
+    return formats.pop() if formats else None
+
+
+def _resolve_algorithm(model: nn.Module, algorithm: Optional[str]) -> str:
+    source = getattr(model, "ptq_source", None)
+    if algorithm is None:
+        return source.algorithm if source is not None else "max"
+    if algorithm == "max":
+        return algorithm
+    if algorithm not in REQUANTIZING_ALGORITHMS:
+        raise ValueError(f"unknown calibration algorithm {algorithm!r}; valid: max, {', '.join(REQUANTIZING_ALGORITHMS)}")
+    config = getattr(model, "ptq_config", None)
+    if config is not None:
+        PTQConfig(qformat=config.qformat, algorithm=algorithm)  # raises if the algorithm does not fit the format
+    if source is None:
+        raise ValueError(f"algorithm {algorithm!r} changes the weights and needs the full-precision ones, which this "
+                         "model no longer has (quantized in memory, or loaded from a quantized checkpoint); only "
+                         f"'max' can calibrate it. Run quantize(model, PTQConfig(..., algorithm={algorithm!r}), "
+                         "forward_loop) on the full-precision model, or load it with from_pretrained(src, "
+                         "quantization_config=PTQConfig(...)), which can re-read src's weights")
+    return algorithm
+
+
+def _calibrate_input_scales(model: nn.Module, loop, has_kv: bool) -> None:
+    static = {name: m for name, m in model.named_modules()
+              if isinstance(m, QuantLinear) and m.fmt.needs_calibration_data}
+    if not static and not has_kv:
+        raise ValueError(f"{type(model).__name__} has no quantized layer or KV cache with static scales to calibrate")
+    stats = collect_input_stats(model, static, loop)
+    for name, module in static.items():
+        module.set_input_amax(_pre_scaled_amax(module, stats[name].channel_amax))
+
+
+def _loop_from(data, tokenizer, calib_size, seq_len, batch_size):
+    if tokenizer is None and not isinstance(data, torch.Tensor):
+        raise ValueError("calibration data that is text needs a tokenizer: calibrate(model, data, tokenizer=...)")
+    return calibration_forward_loop(tokenizer, data, calib_size, seq_len, batch_size)
+
+
+def _pre_scaled_amax(module: QuantLinear, channel_amax: torch.Tensor) -> torch.Tensor:
+    """amax of the input after `pre_quant_scale`, which is what the activation quantizer sees."""
+    if module.pre_quant_scale is None:
+        return channel_amax.amax()
+    return (channel_amax * module.pre_quant_scale.float().to(channel_amax.device)).amax()

@@ -1,0 +1,198 @@
+"""The `hf-ptq` subcommands: quantize, eval, export, push (parsed arguments in, summary printed out).
+
+`cli.py` builds the parser and calls `COMMANDS[name](args)`; a ValueError or OSError raised here
+becomes its one-line error. Each command is a thin sequence of library calls: load with
+transformers, `quantize` / `calibrate`, `evaluation.perplexity`, `export_checkpoint`,
+`write_model_card`, `push_to_hub`.
+"""
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..api import quantize
+from ..calibration.calibrate import calibrate
+from ..calibration.data import calibration_forward_loop, load_texts
+from ..calibration.record import describe_source
+from ..config import PTQConfig
+from ..calibration.text import first_windows, read_text, tokenize
+from ..evaluation import perplexity
+from ..export import export_checkpoint, export_target_dialect
+from ..export.hub import push_to_hub
+from ..export.model_card import EvaluationRecord, card_facts, write_model_card
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+DEFAULT_BATCH_SIZE = 4
+
+
+def load_model(source: str, args, quantization_config: Optional[PTQConfig] = None):
+    if args.dtype not in DTYPES:
+        raise ValueError(f"unknown --dtype {args.dtype!r}; valid: {', '.join(DTYPES)}")
+    kwargs = {"dtype": args.dtype if args.dtype == "auto" else getattr(torch, args.dtype),
+              "trust_remote_code": args.trust_remote_code}
+    if torch.cuda.is_available():
+        kwargs["device_map"] = "auto"
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    return AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
+
+
+def load_tokenizer(source: str, args):
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code)
+
+
+def eval_windows(tokenizer, seq_len: int, windows: int, text: Optional[str] = None, dataset: Optional[str] = None):
+    """(windows (n, seq_len), description of the text) from a text file/folder or any calibration source."""
+    if (text is None) == (dataset is None):
+        raise ValueError("evaluation needs exactly one text: --text FILE (a .txt file or folder) or --dataset NAME")
+    content = read_text(text) if text is not None else "\n\n".join(load_texts(dataset))
+    return first_windows(tokenize(tokenizer, content), seq_len, windows), describe_source(text or dataset)
+
+
+def _ptq_config(args) -> PTQConfig:
+    exclude = [name.strip() for name in args.exclude_modules.split(",") if name.strip()]
+    return PTQConfig(qformat=args.qformat, kv_cache_qformat=args.kv_cache_qformat, algorithm=args.algorithm,
+                     group_size=args.group_size, exclude_modules=exclude, calib_dataset=args.calib_dataset,
+                     calib_size=args.calib_size, calib_seq_len=args.calib_seq_len,
+                     calib_batch_size=args.calib_batch_size or DEFAULT_BATCH_SIZE, sequential=args.sequential)
+
+
+def _needs_data(config: PTQConfig) -> bool:
+    return (config.format.needs_calibration_data or config.kv_format is not None
+            or config.resolved_algorithm not in ("max", "mse"))
+
+
+def run_quantize(args) -> None:
+    start = time.perf_counter()
+    config = _ptq_config(args)
+    if _needs_data(config) and config.calib_dataset is None:
+        raise ValueError(f"qformat {config.qformat!r} with algorithm {config.resolved_algorithm!r} and "
+                         f"kv_cache_qformat {config.kv_cache_qformat!r} needs calibration data: pass --dataset FILE (.txt, .json, "
+                         ".jsonl, .parquet or a folder of them)")
+    dialect = export_target_dialect(args.export_target, config.qformat, config.kv_cache_qformat)  # fail before work
+    # A local source's tokenizer files come along with the export; a Hub source's are saved from the tokenizer.
+    needs_tokenizer = config.calib_dataset or args.eval_text or not Path(args.model).is_dir()
+    tokenizer = load_tokenizer(args.model, args) if needs_tokenizer else None
+    windows, eval_data = (eval_windows(tokenizer, args.eval_seq_len, args.eval_windows, text=args.eval_text)
+                          if args.eval_text else (None, None))
+    model, before = _quantized_model(args, config, tokenizer, windows)
+    evaluation = None
+    if windows is not None:
+        after = perplexity(model, windows, config.calib_batch_size, progress="perplexity after")
+        evaluation = EvaluationRecord(eval_data, windows.shape[0], windows.shape[1], after, before)
+    if args.export_path:
+        _export(model, tokenizer, args, dialect, evaluation)
+    commit = _push(model, args.push_to_hub, tokenizer, args, evaluation) if args.push_to_hub else None
+    print_summary(_quantize_summary(model, args, evaluation, dialect, commit, time.perf_counter() - start))
+
+
+def _quantized_model(args, config: PTQConfig, tokenizer, windows):
+    """(quantized model, perplexity before or None); low-memory mode never holds the full-precision model."""
+    if args.low_memory_mode:
+        model = load_model(args.model, args, dataclasses.replace(config, calib_dataset=None))
+        if _needs_data(config):
+            calibrate(model, config.calib_dataset, tokenizer=tokenizer, calib_size=config.calib_size,
+                      seq_len=config.calib_seq_len, batch_size=config.calib_batch_size)
+        return model, None
+    model = load_model(args.model, args)
+    before = None if windows is None else perplexity(model, windows, config.calib_batch_size,
+                                                      progress="perplexity before")
+    loop = None
+    if config.calib_dataset is not None:
+        loop = calibration_forward_loop(tokenizer, config.calib_dataset, config.calib_size, config.calib_seq_len,
+                                        config.calib_batch_size)
+    return quantize(model, config, loop), before
+
+
+def _export(model, tokenizer, args, dialect: str, evaluation) -> None:
+    export_checkpoint(model, args.export_path, target=args.export_target)
+    if tokenizer is not None and not (Path(args.export_path) / "tokenizer_config.json").exists():
+        tokenizer.save_pretrained(args.export_path)
+    write_model_card(model, args.export_path, base_model=args.base_model, evaluation=evaluation, dialect=dialect)
+
+
+def _push(model, repo_id: str, tokenizer, args, evaluation=None):
+    return push_to_hub(model, repo_id, tokenizer=tokenizer, private=args.private, token=args.token,
+                       commit_message=args.commit_message, revision=args.revision, create_pr=args.create_pr,
+                       base_model=args.base_model, evaluation=evaluation, endpoint=args.endpoint)
+
+
+def _quantize_summary(model, args, evaluation, dialect: str, commit, seconds: float) -> List[Tuple[str, str]]:
+    facts = card_facts(model, args.base_model, evaluation)
+    record = facts.calibration
+    rows = [("model", args.model),
+            ("format", f"{facts.qformat} ({facts.quant_algo}), group size {facts.group_size or '-'}"),
+            ("algorithm", facts.algorithm or "not recorded"), ("KV cache", facts.kv_cache_qformat),
+            ("layers quantized", str(facts.layers)),
+            ("bytes before", f"{facts.bytes_before:,} ({facts.bytes_before / 1e6:.2f} MB)"),
+            ("bytes after", f"{facts.bytes_after:,} ({facts.bytes_after / 1e6:.2f} MB, "
+                            f"{facts.bytes_after / facts.bytes_before:.1%})"),
+            ("calibration", "none" if record is None else
+             f"{record['samples']} samples x <= {record['max_seq_len']} tokens from {record['source']}"),
+            ("perplexity", _perplexity_text(evaluation)),
+            ("export", f"{args.export_path} ({args.export_target}: {dialect})" if args.export_path
+             else "not written (pass --export_path)")]
+    if commit is not None:
+        rows.append(("pushed", commit.pr_url or commit.commit_url))
+    rows.append(("seconds", f"{seconds:.1f}"))
+    return rows
+
+
+def _perplexity_text(evaluation) -> str:
+    if evaluation is None:
+        return "not measured (pass --eval_text)"
+    where = f"on {evaluation.windows} x {evaluation.seq_len} tokens of {evaluation.data}"
+    if evaluation.before is None:
+        return f"after {evaluation.after:.4f} {where} (before not measured in low-memory mode)"
+    return (f"before {evaluation.before:.4f}, after {evaluation.after:.4f} "
+            f"(x{evaluation.after / evaluation.before:.4f}) {where}")
+
+
+def print_summary(rows: List[Tuple[str, str]]) -> None:
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        print(f"{key.ljust(width)}  {value}")
+
+
+def run_eval(args) -> None:
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(args.model, args)
+    windows, data = eval_windows(tokenizer, args.seq_len, args.windows, text=args.text, dataset=args.dataset)
+    rows, results = [], {}
+    for label, source in (("baseline", args.baseline), ("model", args.model)):
+        if source is None:
+            continue
+        model = load_model(source, args)
+        results[label] = perplexity(model, windows, args.batch_size, progress=f"perplexity {label}")
+        del model
+        rows.append((f"{label} perplexity", f"{results[label]:.4f}  ({source})"))
+    if "baseline" in results:
+        rows.append(("ratio", f"{results['model'] / results['baseline']:.4f}"))
+    rows += [("text", f"{windows.shape[0]} windows x {windows.shape[1]} tokens of {data}"),
+             ("seconds", f"{time.perf_counter() - start:.1f}")]
+    print_summary(rows)
+
+
+def run_export(args) -> None:
+    model = load_model(args.model, args)
+    config = model.ptq_config if hasattr(model, "ptq_config") else None
+    if config is None:
+        raise ValueError(f"{args.model!r} is not a checkpoint quantized by hf_ptq_plugin or ModelOpt (no "
+                         "quantization_config with quant_method 'modelopt' in its config.json)")
+    dialect = export_target_dialect(args.export_target, config.qformat, config.kv_cache_qformat)
+    export_checkpoint(model, args.export_path, target=args.export_target)
+    write_model_card(model, args.export_path, base_model=args.base_model, dialect=dialect)
+    print_summary([("exported", args.model), ("to", f"{args.export_path} ({args.export_target}: {dialect})")])
+
+
+def run_push(args) -> None:
+    model = load_model(args.model, args)
+    commit = _push(model, args.repo_id, None, args)  # tokenizer files come along from the checkpoint directory
+    print_summary([("pushed", args.model), ("to", commit.pr_url or commit.commit_url)])
+
+
+COMMANDS = {"quantize": run_quantize, "eval": run_eval, "export": run_export, "push": run_push}

@@ -1,0 +1,214 @@
+"""Which serving engine loads which format, in which checkpoint dialect: one table, read everywhere.
+
+`SERVING[engine][qformat]` is the dialect an engine serves a qformat in; a missing entry means we
+have no evidence that the engine serves it. `KV_CACHE[engine][dialect]` lists the KV-cache
+formats the engine reads in that dialect. The exporter (`export_checkpoint(target=...)`), the
+model card, the CLI and the README table (`python -m hf_ptq_plugin.export.engines README.md` rewrites it) all read
+these two tables, so they cannot disagree. Imports only `formats`.
+
+Dialects: "modelopt" is the unified checkpoint (`modelopt-format.md` §6), "compressed-tensors"
+the layout of the compressed-tensors package (`export/compressed_tensors.py`), "trtllm-legacy"
+the TensorRT-LLM checkpoint that `trtllm-build` turns into an engine (§8). Sources are named next
+to each entry; "§" means `modelopt-format.md`.
+"""
+
+from typing import Dict, Optional
+
+from ..formats import FORMATS, get_format, get_kv_format
+
+ENGINES = ("trtllm", "vllm", "sglang")
+MODELOPT, COMPRESSED_TENSORS, TRTLLM_LEGACY = "modelopt", "compressed-tensors", "trtllm-legacy"
+DIALECTS = (MODELOPT, COMPRESSED_TENSORS, TRTLLM_LEGACY)
+
+SERVING = {
+    # TensorRT-LLM's PyTorch backend reads the unified checkpoint (§7.3, §7.4).
+    "trtllm": {
+        "fp8": MODELOPT, "fp8_pc_pt": MODELOPT, "int4_awq": MODELOPT, "w4a8_awq": MODELOPT, "nvfp4": MODELOPT,
+        "fp8_pb_wo": MODELOPT,  # read as QuantAlgo.FP8_BLOCK_SCALES (§7.3)
+        "nvfp4_awq": MODELOPT,  # recent releases only (QuantAlgo.NVFP4_AWQ, §7.3, §7.4)
+        "mxfp8": MODELOPT,  # recent releases only (QuantAlgo.MXFP8, §7.4)
+        # §7.4: "W8A8_SQ_PER_CHANNEL / W8A16: via legacy TRT-LLM ckpt"; ModelOpt's hf_ptq.py still exports
+        # int8 SmoothQuant that way (§8). TensorRT-LLM's checkpoint doc lists both algorithms
+        # (NVIDIA/TensorRT-LLM docs/source/architecture/checkpoint.md).
+        "int8_sq": TRTLLM_LEGACY, "int8_wo": TRTLLM_LEGACY,
+    },
+    # vLLM's ModelOpt loader accepts FP8, FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, NVFP4, W4A16_NVFP4, MXFP8
+    # and rejects the rest (§7.1; vllm docs/features/quantization/modelopt.md).
+    "vllm": {
+        "fp8": MODELOPT, "fp8_pc_pt": MODELOPT, "fp8_pb_wo": MODELOPT, "nvfp4": MODELOPT, "w4a16_nvfp4": MODELOPT,
+        "mxfp8": MODELOPT,
+        # vllm-project/vllm model_executor/layers/quantization/compressed_tensors/compressed_tensors.py
+        # (_get_scheme_from_parts) and schemes/compressed_tensors_wNa16.py: pack-quantized symmetric INT
+        # weights of 4 or 8 bits, group or channel strategy, no activation quantization -> WNA16 (Marlin).
+        "int4_awq": COMPRESSED_TENSORS, "int8_wo": COMPRESSED_TENSORS,
+        # Same file: 8-bit INT weights (channel) + static per-tensor INT8 input -> W8A8Int8 with
+        # is_static_input_scheme=True (schemes/compressed_tensors_w8a8_int8.py loads `input_scale` (1,)).
+        "int8_sq": COMPRESSED_TENSORS,
+        # NVFP4 weights + NVFP4 activations (tensor_group, group 16) -> W4A4Fp4; served when no
+        # pre_quant_scale is left (the dialect has no per-channel activation scale; export checks).
+        "nvfp4_awq": COMPRESSED_TENSORS,
+    },
+    # SGLang's ModelOpt loader: FP8 and NVFP4 only (§7.2, §7.4).
+    "sglang": {
+        "fp8": MODELOPT, "nvfp4": MODELOPT,
+        # sgl-project/sglang python/sglang/srt/layers/quantization/compressed_tensors/: schemes/
+        # compressed_tensors_wNa16.py (4 and 8 bits, Marlin), compressed_tensors_w8a8_int8.py (loads the
+        # static input_scale but quantizes activations per token at run time), compressed_tensors_w8a8_fp8.py
+        # (channel weights + dynamic per-token input), and the W4A16Fp4 / W4A4Fp4 NVFP4 schemes selected for
+        # nvfp4-pack-quantized (test/.../test_fp4_linear_scheme_selection: W4A4 on SM100, weight-only below).
+        "int4_awq": COMPRESSED_TENSORS, "int8_wo": COMPRESSED_TENSORS, "int8_sq": COMPRESSED_TENSORS,
+        "fp8_pc_pt": COMPRESSED_TENSORS, "w4a16_nvfp4": COMPRESSED_TENSORS, "nvfp4_awq": COMPRESSED_TENSORS,
+    },
+}
+
+KV_CACHE = {
+    "trtllm": {
+        MODELOPT: ("none", "fp8", "nvfp4"),  # kv_cache_quant_algo FP8 / NVFP4 (§7.3)
+        TRTLLM_LEGACY: ("none", "fp8"),  # checkpoint.md: KV algorithms FP8, INT8
+    },
+    "vllm": {
+        MODELOPT: ("none", "fp8", "nvfp4"),  # §7.1
+        # compressed_tensors.py returns CompressedTensorsKVCacheMethod for attention layers; scales are
+        # the compressed-tensors package's `<attn>.k_scale` / `<attn>.v_scale`.
+        COMPRESSED_TENSORS: ("none", "fp8"),
+    },
+    "sglang": {
+        MODELOPT: ("none", "fp8"),  # §7.2 (FP8 KV scales remapped from k_proj.k_scale); NVFP4 KV not verified
+        COMPRESSED_TENSORS: ("none",),  # its CompressedTensorsConfig gives attention layers no KV method
+    },
+}
+
+# Conditions a table cell cannot show, per (engine, qformat); the exporter enforces the first kind.
+_NO_PQS = "only when no pre_quant_scale remains after folding AWQ scales into norms (export checks)"
+_NO_SQ_PQS = "only without pre_quant_scale: SmoothQuant scales are not folded (calibrate with `max`)"
+# TensorRT-LLM's own converters name these tensors differently (per_channel_scale, act_scale, ...); ours
+# follow ModelOpt's legacy export (`export/trtllm_legacy.py`), untested against trtllm-build here.
+_LEGACY_NAMES = "legacy checkpoint with ModelOpt's tensor names; not verified against trtllm-build for this algorithm"
+FOOTNOTES = {
+    ("vllm", "int4_awq"): _NO_PQS, ("sglang", "int4_awq"): _NO_PQS,
+    ("vllm", "nvfp4_awq"): _NO_PQS, ("sglang", "nvfp4_awq"): _NO_PQS,
+    ("vllm", "int8_sq"): _NO_SQ_PQS,
+    ("sglang", "int8_sq"): _NO_SQ_PQS + "; SGLang quantizes activations per token, not with the static scale",
+    ("trtllm", "int8_sq"): _LEGACY_NAMES, ("trtllm", "int8_wo"): _LEGACY_NAMES,
+}
+
+
+def _check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
+
+
+def dialect_for(engine: str, qformat: str, kv_cache_qformat: str = "none") -> Optional[str]:
+    """The dialect `engine` serves `qformat` (with that KV cache) in, or None."""
+    _check_engine(engine)
+    get_format(qformat)
+    get_kv_format(kv_cache_qformat)
+    dialect = SERVING[engine].get(qformat)
+    if dialect is None or kv_cache_qformat not in KV_CACHE[engine].get(dialect, ()):
+        return None
+    return dialect
+
+
+def engines_serving(qformat: str, kv_cache_qformat: str = "none") -> Dict[str, str]:
+    """{engine: dialect} of the engines that serve `qformat` with `kv_cache_qformat`."""
+    found = {engine: dialect_for(engine, qformat, kv_cache_qformat) for engine in ENGINES}
+    return {engine: dialect for engine, dialect in found.items() if dialect is not None}
+
+
+def describe_serving(qformat: str, kv_cache_qformat: str = "none") -> str:
+    """"trtllm (modelopt), vllm (compressed-tensors)", or "no engine" (for error messages)."""
+    serving = engines_serving(qformat, kv_cache_qformat)
+    return ", ".join(f"{engine} ({dialect})" for engine, dialect in serving.items()) or "no engine"
+
+
+# vLLM names the ModelOpt loader per family (vllm docs/features/quantization/modelopt.md); without the
+# flag it detects the method from hf_quant_config.json / config.json, as it does for compressed-tensors.
+_VLLM_MODELOPT_METHOD = {"nvfp4": "modelopt_fp4", "w4a16_nvfp4": "modelopt_fp4", "mxfp8": "modelopt_mxfp8"}
+
+
+def _served_dialect(engine: str, qformat: str) -> str:
+    get_format(qformat)
+    dialect = SERVING[engine].get(qformat)
+    if dialect is None:
+        raise ValueError(f"{engine} does not serve qformat {qformat!r}; engines that can (dialect): "
+                         f"{describe_serving(qformat)}")
+    return dialect
+
+
+def serve_command(engine: str, path: str, qformat: Optional[str] = None) -> str:
+    """The shell command that serves the checkpoint at `path` with `engine`.
+
+    Without `qformat` the command relies on the engine detecting the method from config.json (vLLM and
+    SGLang do; SGLang's docs say not to pass --quantization for pre-quantized models). With it,
+    vLLM gets its explicit ModelOpt method, a TensorRT-LLM legacy checkpoint is built first
+    (`trtllm-build`, then `trtllm-serve <engine dir> --backend tensorrt`), and a qformat the engine does
+    not serve is a ValueError naming the engines that do.
+    """
+    _check_engine(engine)
+    dialect = MODELOPT if qformat is None else _served_dialect(engine, qformat)
+    if engine == "vllm":
+        method = _VLLM_MODELOPT_METHOD.get(qformat, "modelopt") if qformat and dialect == MODELOPT else None
+        return f"vllm serve {path}" + (f" --quantization {method}" if method else "")
+    if engine == "sglang":
+        return f"python -m sglang.launch_server --model-path {path}"
+    if dialect == TRTLLM_LEGACY:
+        engine_dir = f"{path.rstrip('/')}-engine"
+        return (f"trtllm-build --checkpoint_dir {path} --output_dir {engine_dir} && "
+                f"trtllm-serve {engine_dir} --backend tensorrt --tokenizer {path}")
+    return f"trtllm-serve {path}"
+
+
+def markdown_table() -> str:
+    """The README's serving table: one row per qformat, one column per engine, then KV formats."""
+    lines = ["| qformat | " + " | ".join(ENGINES) + " |", "|---|" + "---|" * len(ENGINES)]
+    notes = []
+    for qformat in FORMATS:
+        cells = []
+        for engine in ENGINES:
+            dialect = SERVING[engine].get(qformat)
+            note = FOOTNOTES.get((engine, qformat))
+            if note is not None and note not in notes:
+                notes.append(note)
+            mark = "" if note is None else "[^" + str(notes.index(note) + 1) + "]"
+            cells.append("-" if dialect is None else f"{dialect}{mark}")
+        lines.append(f"| `{qformat}` | " + " | ".join(cells) + " |")
+    kv = [", ".join(f"{d}: {'/'.join(k)}" for d, k in KV_CACHE[engine].items()) for engine in ENGINES]
+    lines.append("| KV cache | " + " | ".join(kv) + " |")
+    lines += [""] + [f"[^{i}]: {note}" for i, note in enumerate(notes, 1)]
+    return "\n".join(lines) + "\n"
+
+
+README_START = "<!-- engines-table:start (generated: python -m hf_ptq_plugin.export.engines README.md) -->"
+README_END = "<!-- engines-table:end -->"
+
+
+def readme_section(text: str) -> str:
+    """What README text holds between the table markers; a ValueError if the markers are missing."""
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"README has no {README_START!r} ... {README_END!r} markers")
+    return text[start + len(README_START):end].strip("\n") + "\n"
+
+
+def update_readme(path) -> bool:
+    """Rewrite the table between the markers of the README at `path`; True when it changed."""
+    from pathlib import Path
+
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    readme_section(text)  # checks the markers
+    head, rest = text.split(README_START, 1)
+    tail = rest.split(README_END, 1)[1]
+    new_text = f"{head}{README_START}\n{markdown_table()}{README_END}{tail}"
+    path.write_text(new_text, encoding="utf-8")
+    return new_text != text
+
+
+if __name__ == "__main__":  # python -m hf_ptq_plugin.export.engines README.md
+    import logging
+    import sys
+
+    logging.basicConfig(level=logging.INFO)
+    target = sys.argv[1] if len(sys.argv) > 1 else "README.md"
+    changed = update_readme(target)
+    logging.getLogger(__name__).info("%s: engines table %s", target, "updated" if changed else "already current")

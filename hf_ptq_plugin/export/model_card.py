@@ -1,0 +1,196 @@
+"""The model card (README.md) of a quantized checkpoint, built from facts the model carries.
+
+`write_model_card(model, directory)` renders `model_cards/quantized_model.md` through
+huggingface_hub's `ModelCard` / `ModelCardData`. The facts: the model's PTQConfig, its
+QuantLinears (layer count, exclusions, bytes), `model.calibration_record` (set by `quantize()` /
+`calibrate()`), and an evaluation only when the caller passes one that actually ran. Metadata:
+`base_model` (the source's `_name_or_path`, or the caller's), `base_model_relation: quantized`,
+`license` only when the source directory's card states one. A model reloaded from one of our
+checkpoints inherits base_model, license, calibration and evaluation from the card found there
+(they are kept in the card's metadata under `hf_ptq_plugin`). Called by `export/save.py` on
+every save, by `hub.py` and by the CLI.
+"""
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import List, Optional
+
+from huggingface_hub import ModelCard, ModelCardData
+from torch import nn
+
+from . import card_sections as sections
+from ..evaluation import model_bytes
+from .exclude import summarize_exclude_modules
+from .save import ptq_config_of
+from ..modules.quant_linear import QuantLinear
+
+logger = logging.getLogger(__name__)
+
+FACTS_KEY = "hf_ptq_plugin"  # card metadata holding the facts config.json does not (calibration, evaluation)
+BASE_TAGS = ("hf-ptq-plugin", "modelopt", "quantized")
+_INHERITED_LICENSE_KEYS = ("license", "license_name", "license_link")
+_UNKNOWN = object()  # "no record on the model", as opposed to a record of None (no data used)
+
+
+@dataclass
+class EvaluationRecord:
+    """A perplexity measurement that actually ran; `before` is None when only the quantized model was measured."""
+
+    data: str  # what the text was, e.g. "pride.txt (local file)"
+    windows: int
+    seq_len: int
+    after: float
+    before: Optional[float] = None
+
+
+@dataclass
+class CardFacts:
+    qformat: str
+    quant_algo: str
+    algorithm: Optional[str]  # None: not recorded
+    group_size: Optional[int]
+    kv_cache_qformat: str
+    layers: int
+    excluded: List[str]
+    bytes_before: int
+    bytes_after: int
+    calibration: Optional[dict]  # calibration_record(); None = no data used
+    calibration_known: bool  # False: the model carries no record of its calibration
+    evaluation: Optional[EvaluationRecord]
+    base_model: Optional[str]
+    license: dict  # {"license": ..., maybe "license_name", "license_link"}; {} = unknown
+    pipeline_tag: Optional[str]
+
+
+def unquantized_bytes(model: nn.Module) -> int:
+    """Bytes of the same model with every QuantLinear back to a full-precision Linear of its dtype."""
+    total, seen = model_bytes(model), set()
+    for module in model.modules():
+        if not isinstance(module, QuantLinear):
+            continue
+        for buffer in module.buffers(recurse=False):
+            key = (buffer.device, buffer.data_ptr())
+            if key not in seen:
+                seen.add(key)
+                total -= buffer.numel() * buffer.element_size()
+        total += module.in_features * module.out_features * module.dtype.itemsize
+    return total
+
+
+def source_card(model: nn.Module) -> dict:
+    """Metadata of the card (README.md) in the directory the model was loaded from; {} if none."""
+    source = str(getattr(model, "name_or_path", "") or "")
+    readme = Path(source) / "README.md"
+    if not source or not readme.is_file():
+        return {}
+    try:
+        return ModelCard.load(readme, ignore_metadata_errors=True).data.to_dict()
+    except (OSError, ValueError) as error:
+        logger.warning("could not read the source model card %s (%s); license and base_model not inherited",
+                       readme, error)
+        return {}
+
+
+def card_facts(model: nn.Module, base_model: Optional[str] = None,
+               evaluation: Optional[EvaluationRecord] = None) -> CardFacts:
+    """Everything the card states about `model` (a model quantized by hf_ptq_plugin)."""
+    config = ptq_config_of(model)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    unquantized = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    source = source_card(model)
+    ours = isinstance(source.get(FACTS_KEY), dict)  # the card of one of our checkpoints: this model's own facts
+    inherited = source.get(FACTS_KEY, {}) if ours else {}
+    calibration = _calibration(model, inherited)
+    if evaluation is None and ours and not hasattr(model, "calibration_record"):
+        # Loaded from our checkpoint and not recalibrated since: the evaluation recorded there still holds.
+        evaluation = _evaluation_from(inherited.get("evaluation"))
+    return CardFacts(
+        # A ModelOpt-made checkpoint does not say which algorithm calibrated it: None, never the format's default.
+        qformat=config.qformat, quant_algo=config.format.quant_algo, algorithm=config.algorithm,
+        group_size=next(iter(layers.values())).group_size if layers else config.group_size,
+        kv_cache_qformat=config.kv_cache_qformat, layers=len(layers),
+        excluded=summarize_exclude_modules(unquantized, layers), bytes_before=unquantized_bytes(model),
+        bytes_after=model_bytes(model), calibration=None if calibration is _UNKNOWN else calibration,
+        calibration_known=calibration is not _UNKNOWN, evaluation=evaluation,
+        # Reloaded from our checkpoint: its source is the one that card names (if any), never itself.
+        base_model=base_model or (source.get("base_model") if ours else _name_or_path(model)),
+        license={k: source[k] for k in _INHERITED_LICENSE_KEYS if source.get(k)},
+        pipeline_tag="text-generation" if _is_causal_lm(model) else None)
+
+
+def _calibration(model: nn.Module, inherited: dict):
+    if hasattr(model, "calibration_record"):
+        return model.calibration_record
+    if "calibration" in inherited:
+        return inherited["calibration"]
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and quantizer.pre_quantized is False:
+        return None  # quantized while loading, never calibrated: no data was used
+    return _UNKNOWN
+
+
+def _evaluation_from(values) -> Optional[EvaluationRecord]:
+    if not isinstance(values, dict):
+        return None
+    fields = {f.name for f in dataclasses.fields(EvaluationRecord)}
+    try:
+        return EvaluationRecord(**{k: v for k, v in values.items() if k in fields})
+    except TypeError:
+        return None  # an incomplete record is not a measurement
+
+
+def _name_or_path(model: nn.Module) -> Optional[str]:
+    return str(getattr(model, "name_or_path", "") or "") or None
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    architectures = getattr(getattr(model, "config", None), "architectures", None) or [type(model).__name__]
+    return any(a.endswith("ForCausalLM") for a in architectures)
+
+
+def card_data(facts: CardFacts, dialect: str = "modelopt") -> ModelCardData:
+    """The card's YAML metadata."""
+    tags = list(BASE_TAGS) + [facts.qformat]
+    if facts.kv_cache_qformat != "none":
+        tags.append(f"kv-cache-{facts.kv_cache_qformat}")
+    if dialect != "modelopt":
+        tags.append(dialect)
+    facts_metadata = {"qformat": facts.qformat, "algorithm": facts.algorithm, "calibration": facts.calibration,
+                      "evaluation": dataclasses.asdict(facts.evaluation) if facts.evaluation else None}
+    if not facts.calibration_known:
+        facts_metadata.pop("calibration")
+    return ModelCardData(base_model=facts.base_model, base_model_relation="quantized" if facts.base_model else None,
+                         library_name="transformers", pipeline_tag=facts.pipeline_tag, tags=tags,
+                         **facts.license, **{FACTS_KEY: facts_metadata})
+
+
+def render_model_card(model: nn.Module, model_id: Optional[str] = None, base_model: Optional[str] = None,
+                      evaluation: Optional[EvaluationRecord] = None, dialect: str = "modelopt") -> ModelCard:
+    """The card of `model`; `model_id` (repo id or path) is what the usage snippets load."""
+    from .. import __version__
+
+    facts = card_facts(model, base_model, evaluation)
+    model_id = model_id or "path/to/this/checkpoint"
+    template = resources.files("hf_ptq_plugin.model_cards").joinpath("quantized_model.md")
+    with resources.as_file(template) as template_path:
+        return ModelCard.from_template(
+            card_data(facts, dialect), template_path=str(template_path), version=__version__,
+            title=f"{Path(model_id).name} ({facts.qformat})", summary=sections.summary(facts, dialect),
+            qformat=facts.qformat, quant_algo=facts.quant_algo, algorithm=sections.code_or(facts.algorithm),
+            group_size=facts.group_size or "-", kv_cache=sections.kv_cache(facts.kv_cache_qformat),
+            layers=facts.layers, excluded=sections.excluded(facts.excluded),
+            size=sections.size(facts.bytes_before, facts.bytes_after), calibration=sections.calibration(facts),
+            evaluation=sections.evaluation(facts.evaluation),
+            transformers_usage=sections.transformers_usage(model_id, dialect),
+            serving=sections.serving(facts.qformat, facts.kv_cache_qformat, model_id, dialect))
+
+
+def write_model_card(model: nn.Module, directory, model_id: Optional[str] = None, **card_kwargs) -> Path:
+    """Write the card as `directory/README.md` and return its path (kwargs: `render_model_card`'s)."""
+    path = Path(directory) / "README.md"
+    card = render_model_card(model, model_id=model_id or str(directory), **card_kwargs)
+    path.write_text(str(card).rstrip("\n") + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,218 @@
+"""Loading a pre-quantized unified checkpoint (ours or ModelOpt's) through `from_pretrained`.
+
+Before any tensor is read, `prepare_prequantized` reads the safetensors headers (names, dtypes,
+shapes; no data), decides which Linears are quantized, checks that every tensor their format needs
+is present with the dtype and shape of `modelopt-format.md` §6.4, and swaps in QuantLinears on the
+meta device whose buffers have exactly those names, so transformers' loader fills them with no
+translation. A problem raises a ValueError naming the tensor, what was expected and what was
+found. `finalize_prequantized` runs after loading: marks static scales as calibrated and turns KV
+quantization on (scale 1.0 with one warning when the checkpoint has none, as ModelOpt's newer
+default writes). Called by `PTQHfQuantizer`.
+"""
+
+import logging
+from typing import Dict, Iterable, Optional, Tuple
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .. import formats as F
+from ..modules.kv_cache import _use_kv_attention, attention_modules
+from ..calibration.moe import prepare_prequantized_experts
+from ..numerics.weights import weight_buffer_specs
+from ..modules.quant_linear import QuantLinear
+from ..calibration.selection import target_linears
+
+logger = logging.getLogger(__name__)
+
+Header = Dict[str, Tuple[str, Tuple[int, ...]]]  # tensor name -> (safetensors dtype, shape)
+SAFETENSORS_DTYPES = {torch.float8_e4m3fn: "F8_E4M3", torch.uint8: "U8", torch.int8: "I8",
+                      torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+FLOAT_DTYPES = ("F32", "BF16", "F16")
+SCALAR = ()
+
+
+def read_header(checkpoint_files: Iterable[str]) -> Header:
+    """Names, dtypes and shapes of every tensor in the checkpoint files (reads no tensor data)."""
+    header = {}
+    for path in checkpoint_files:
+        with safe_open(path, framework="pt") as handle:
+            for key in handle.keys():
+                tensor = handle.get_slice(key)
+                header[key] = (tensor.get_dtype(), tuple(tensor.get_shape()))
+    return header
+
+
+def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new_module)
+
+
+def prepare_prequantized(model: nn.Module, fmt: F.Format, exclude_modules, group_size: Optional[int],
+                         kv_format: Optional[F.KVFormat], header: Header,
+                         layer_qformats: Optional[Dict[str, str]] = None) -> int:
+    """Swap the checkpoint's quantized Linears (and fused MoE experts) for meta modules; returns the group size.
+
+    `layer_qformats` (a MIXED_PRECISION checkpoint) names every quantized Linear and its format.
+    """
+    if layer_qformats:
+        return _prepare_mixed(model, layer_qformats, group_size, kv_format, header)
+    linears = _quantized_linears(model, exclude_modules, header)
+    group_size = _group_size(fmt, linears, group_size, header)
+    experts = prepare_prequantized_experts(model, fmt, exclude_modules, group_size, header, lambda key, module: (
+        _check_layer(key, module, header), _declare_optional_tensors(key, module, header)))
+    if not linears and not experts:
+        raise ValueError("the checkpoint's quantization_config quantizes no Linear of this model "
+                         f"(exclude_modules={list(exclude_modules)})")
+    for name, linear in linears.items():
+        module = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, fmt, group_size,
+                             dtype=linear.weight.dtype, device="meta")
+        _check_layer(name, module, header)
+        _declare_optional_tensors(name, module, header)
+        replace_module(model, name, module)
+    if kv_format is not None:
+        _declare_kv_scales(model, header)
+    return group_size
+
+
+def _prepare_mixed(model: nn.Module, layer_qformats: Dict[str, str], group_size: Optional[int],
+                   kv_format: Optional[F.KVFormat], header: Header) -> Optional[int]:
+    """Per-layer formats: exactly the listed Linears, each in its own format."""
+    linears = {}
+    for name in layer_qformats:
+        module = model.get_submodule(name) if _has_submodule(model, name) else None
+        if type(module) is not nn.Linear:
+            raise ValueError(f"quantized_layers lists {name!r}, which is not an nn.Linear of "
+                             f"{type(model).__name__} (found {type(module).__name__})")
+        linears[name] = module
+    int4 = {name: m for name, m in linears.items() if F.get_format(layer_qformats[name]).group_size_choices}
+    if int4:
+        group_size = _group_size(F.get_format(layer_qformats[next(iter(int4))]), int4, group_size, header)
+    for name, linear in linears.items():
+        fmt = F.get_format(layer_qformats[name])
+        module = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, fmt,
+                             group_size if fmt.group_size_choices else None, dtype=linear.weight.dtype, device="meta")
+        _check_layer(name, module, header)
+        _declare_optional_tensors(name, module, header)
+        replace_module(model, name, module)
+    if kv_format is not None:
+        _declare_kv_scales(model, header)
+    return group_size if int4 else None
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _quantized_linears(model: nn.Module, exclude_modules, header: Header) -> Dict[str, nn.Linear]:
+    """Linears the config does not exclude, plus any whose `weight_scale` is in the checkpoint."""
+    linears = target_linears(model, exclude_modules)
+    linears.update({name: m for name, m in model.named_modules()
+                    if type(m) is nn.Linear and f"{name}.weight_scale" in header})
+    return linears
+
+
+def _group_size(fmt: F.Format, linears: Dict[str, nn.Linear], requested: Optional[int], header: Header):
+    """INT4 group size: the config's, else read off the `weight_scale` shapes (ModelOpt's config.json has none)."""
+    if not fmt.group_size_choices or requested is not None:
+        return requested or fmt.group_size
+    found = {}
+    for name, linear in linears.items():
+        shape = header.get(f"{name}.weight_scale", (None, ()))[1]
+        if len(shape) == 2 and shape[1] and linear.in_features % shape[1] == 0:
+            found.setdefault(linear.in_features // shape[1], name)
+    if len(found) > 1:
+        raise ValueError(f"{fmt.quant_algo} layers in the checkpoint use different group sizes ({found}, "
+                         "size: first layer); one group size per model is supported")
+    return next(iter(found), fmt.group_size)
+
+
+def _expected(module: QuantLinear) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
+    specs = dict(weight_buffer_specs(module.fmt, module.out_features, module.in_features, module.group_size))
+    if module.fmt.needs_calibration_data:
+        specs["input_scale"] = (SCALAR, torch.float32)
+    return specs
+
+
+def _check_layer(name: str, module: QuantLinear, header: Header) -> None:
+    for suffix, (shape, dtype) in _expected(module).items():
+        key = f"{name}.{suffix}"
+        want = f"{SAFETENSORS_DTYPES[dtype]} {list(shape)}"
+        if key not in header:
+            raise ValueError(f"checkpoint tensor {key!r} is missing: {module.fmt.quant_algo} expects {want}; "
+                             "found no such tensor")
+        found_dtype, found_shape = header[key]
+        shape_ok = found_shape == shape or (shape == SCALAR and found_shape == (1,))
+        if found_dtype != SAFETENSORS_DTYPES[dtype] or not shape_ok:
+            raise ValueError(f"checkpoint tensor {key!r}: {module.fmt.quant_algo} expects {want}; "
+                             f"found {found_dtype} {list(found_shape)}")
+
+
+def _declare_optional_tensors(name: str, module: QuantLinear, header: Header) -> None:
+    """Give the meta module the optional tensors the checkpoint has, in the checkpoint's shapes."""
+    for suffix, (shape, dtype) in _expected(module).items():
+        if shape == SCALAR and header[f"{name}.{suffix}"][1] == (1,):  # a [1] scale, squeezed after loading
+            setattr(module, suffix, torch.empty(1, dtype=dtype, device="meta"))
+    key = f"{name}.pre_quant_scale"
+    if key not in header:
+        return
+    found_dtype, found_shape = header[key]
+    if found_dtype not in FLOAT_DTYPES or found_shape != (module.in_features,):
+        raise ValueError(f"checkpoint tensor {key!r}: expects a float tensor [{module.in_features}] "
+                         f"({' or '.join(FLOAT_DTYPES)}); found {found_dtype} {list(found_shape)}")
+    if not module.fmt.pre_quant_scale:
+        raise ValueError(f"checkpoint tensor {key!r}: {module.fmt.quant_algo} has no pre_quant_scale; "
+                         "found one (formats with it: int8_sq and the AWQ formats)")
+    module.pre_quant_scale = torch.empty(module.in_features, dtype=module.dtype, device="meta")
+
+
+def _declare_kv_scales(model: nn.Module, header: Header) -> None:
+    for name, attention in attention_modules(model).items():
+        for proj, kind in (("k_proj", "k"), ("v_proj", "v")):
+            key = f"{name}.{proj}.{kind}_scale"
+            if key not in header:
+                continue
+            found_dtype, found_shape = header[key]
+            if found_dtype != "F32" or found_shape not in (SCALAR, (1,)):
+                raise ValueError(f"checkpoint tensor {key!r}: KV cache expects F32 []; found {found_dtype} "
+                                 f"{list(found_shape)}")
+            placeholder = torch.empty(found_shape, dtype=torch.float32, device="meta")
+            getattr(attention, proj).register_buffer(f"{kind}_scale", placeholder)
+
+
+def finalize_prequantized(model: nn.Module, kv_format: Optional[F.KVFormat]) -> None:
+    """After loading: scales are calibrated, 1-element scales become 0-d, KV quantization is on."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            for suffix, (shape, _) in _expected(module).items():
+                if shape == SCALAR and getattr(module, suffix).shape == (1,):
+                    setattr(module, suffix, getattr(module, suffix).reshape(()))
+            module.input_calibrated = True
+            if module.bias is not None:
+                module.bias.requires_grad_(False)
+    if kv_format is not None:
+        _enable_loaded_kv(model, kv_format)
+
+
+def _enable_loaded_kv(model: nn.Module, kv_format: F.KVFormat) -> None:
+    defaulted = []
+    for name, attention in attention_modules(model).items():
+        for proj, kind in ((attention.k_proj, "k"), (attention.v_proj, "v")):
+            scale = getattr(proj, f"{kind}_scale", None)
+            if scale is None:
+                # Not persistent: a default is never written back as if it had been calibrated.
+                proj.register_buffer(f"{kind}_scale", torch.ones((), device=proj.weight.device), persistent=False)
+                defaulted.append(f"{name}.{kind}_proj.{kind}_scale")
+            elif scale.dim() == 1:
+                proj.register_buffer(f"{kind}_scale", scale.reshape(()))
+        attention.kv_format = kv_format
+    if defaulted:
+        logger.warning("the checkpoint quantizes the KV cache (%s) but has no k/v scales (%d missing, e.g. %s); "
+                       "using scale 1.0, as the serving engines do", kv_format.kv_cache_quant_algo, len(defaulted),
+                       defaulted[0])
+    _use_kv_attention(model)

@@ -1,0 +1,157 @@
+"""Quantization while `from_pretrained` reads a full-precision checkpoint (the 5.x `get_quantize_ops` path).
+
+`prepare_load_time` swaps the target Linears for meta QuantLinears before any weight is read;
+transformers' loader then reads one weight at a time, and `QuantizeOnLoad` turns it into the
+layer's checkpoint tensors before the next is read, so the full-precision model never exists.
+Engines need one `weight_scale_2` per fused group (q/k/v, gate/up) for NVFP4 and W4A8; since the
+group's other weights are not loaded yet when the first one is quantized, their amax is read
+ahead from the checkpoint files, a few rows at a time. Each weight is quantized in blocks of rows
+(every format's scales are per row, per row block or per tensor), so the temporaries stay a few
+MiB however large the layer: peak memory is the quantized model plus about one layer. Static
+activation scales cannot come from weights: such layers stay uncalibrated (dynamic scales, a
+warning) until `calibrate()`.
+Called by `PTQHfQuantizer`.
+"""
+
+import logging
+from typing import Dict, Iterable, Optional
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers.core_model_loading import ConversionOps
+
+from .. import formats as F
+from .prequantized import replace_module
+from ..modules.fused_experts import projection_shapes, target_experts
+from .memory import release_freed_heap
+from ..calibration.moe import drop_load_placeholders, prepare_load_time_experts, quantize_experts_on_load
+from ..numerics.scales import abs_amax
+from ..numerics.weights import quantize_weight_in_row_blocks
+from ..modules.quant_experts import QuantExperts
+from ..modules.quant_linear import QuantLinear
+from ..calibration.selection import fused_groups, target_linears
+from ..calibration.shapes import check_layer_shapes, resolve_group_size
+from ..calibration.sources import tensor_locations
+
+logger = logging.getLogger(__name__)
+
+AMAX_ROWS = 256  # rows read at a time when pre-reading a fused sibling's amax
+
+
+def prepare_load_time(model: nn.Module, fmt: F.Format, exclude_modules: Iterable[str],
+                      requested_group_size: Optional[int], checkpoint_files) -> tuple:
+    """Swap target Linears for meta QuantLinears; returns (group size, {name: shared weight amax})."""
+    linears = target_linears(model, exclude_modules)
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear left to quantize after exclusions "
+                         f"{list(exclude_modules)}")
+    experts = target_experts(model, exclude_modules)  # fused MoE experts: merged, then quantized (moe.py)
+    shapes = {**linears, **projection_shapes(experts)}
+    group_size = resolve_group_size(fmt, shapes, requested_group_size)
+    check_layer_shapes(fmt, shapes, group_size)
+    prepare_load_time_experts(model, experts, fmt, group_size)
+    shared_amax = {}
+    if fmt.weight == F.NVFP4 or fmt.fp8_weight_scale_2:
+        dtype = next(iter(linears.values())).weight.dtype
+        shared_amax = _fused_group_amax(fused_groups(linears), checkpoint_files, dtype)
+    for name, linear in linears.items():
+        replace_module(model, name, QuantLinear(linear.in_features, linear.out_features, linear.bias is not None,
+                                                fmt, group_size, dtype=linear.weight.dtype, device="meta"))
+    return group_size, shared_amax
+
+
+def _fused_group_amax(groups, checkpoint_files, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """{layer: max |W| over its fused group}, read from the checkpoint before loading starts.
+
+    Rows are cast to the model dtype first, as the loader will cast them, so the amax is the one
+    of the weights the layer actually quantizes.
+    """
+    locations = tensor_locations(checkpoint_files or [])
+    shared = {}
+    for group in groups:
+        keys = [f"{name}.weight" for name in group]
+        missing = [k for k in keys if k not in locations]
+        if missing:
+            logger.warning("cannot pre-read %s from the checkpoint; %s get separate weight_scale_2 values, "
+                           "which engines that fuse them reject", missing, group)
+            continue
+        amax = torch.stack([_weight_amax(locations[k], k, dtype) for k in keys]).amax()
+        shared.update({name: amax for name in group})
+    return shared
+
+
+def _weight_amax(path: str, key: str, dtype: torch.dtype) -> torch.Tensor:
+    # The caller runs inside transformers' meta-device init context; real data needs a real device.
+    with torch.device("cpu"), safe_open(path, framework="pt") as handle:
+        tensor = handle.get_slice(key)
+        rows = tensor.get_shape()[0]
+        chunks = (abs_amax(tensor[i:i + AMAX_ROWS].to(dtype)) for i in range(0, rows, AMAX_ROWS))
+        return torch.stack(list(chunks)).amax()
+
+
+class QuantizeOnLoad(ConversionOps):
+    """Turns one full-precision `<layer>.weight` into the layer's checkpoint tensors."""
+
+    def __init__(self, shared_amax: Dict[str, torch.Tensor]):
+        self.shared_amax = shared_amax
+
+    def convert(self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None, model=None,
+                **kwargs) -> dict:
+        release_freed_heap()  # the previous weight's temporaries, so the heap does not keep them resident
+        value = next(iter(input_dict.values()))
+        w = value[0] if isinstance(value, list) else value  # (N, K) in the model dtype
+        layer, _, param = full_layer_name.rpartition(".")
+        module = model.get_submodule(layer)
+        if isinstance(module, QuantExperts):  # a merged (E, 2I, H) gate_up_proj or (E, H, I) down_proj
+            return quantize_experts_on_load(module, layer, param, w)
+        amax = self.shared_amax.get(layer)
+        tensors = quantize_weight_in_row_blocks(w, module.fmt, module.group_size,
+                                                None if amax is None else amax.to(w.device))
+        out = {f"{layer}.{name}": tensor for name, tensor in tensors.items()}
+        if module.fmt.needs_calibration_data:
+            # A placeholder, never saved: the layer stays uncalibrated (dynamic scales) until calibrate().
+            out[f"{layer}.input_scale"] = torch.ones((), dtype=torch.float32, device=w.device)
+        return out
+
+
+def finalize_load_time(model: nn.Module, fmt: F.Format, kv_format: Optional[F.KVFormat], calibrating: bool) -> None:
+    """Freeze biases, drop the experts' load placeholders and, unless calibration follows, say once
+    what still needs it."""
+    drop_load_placeholders(model)
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module.bias is not None:
+            module.bias.requires_grad_(False)
+    if calibrating:
+        return
+    needs = []
+    if fmt.needs_calibration_data:
+        needs.append(f"qformat {fmt.name!r} has static activation scales; until then every layer uses "
+                     "dynamic (per-batch) activation scales")
+    if kv_format is not None:
+        needs.append(f"kv_cache_qformat {kv_format.name!r} needs calibrated k/v scales; until then the KV cache "
+                     "is not quantized")
+    if needs:
+        logger.warning("the model is not calibrated: %s. Call hf_ptq_plugin.calibration.calibrate(model, data) before "
+                       "save_pretrained, which refuses to write made-up scales.", "; ".join(needs))
+
+
+def calibrate_while_loading(model: nn.Module, config) -> None:
+    """Run `config`'s calibration (data, sizes, algorithm) on a model just loaded compressed.
+
+    The tokenizer is read from the same source as the model, as `from_pretrained`'s caller would.
+    """
+    from transformers import AutoTokenizer
+
+    from ..calibration.calibrate import calibrate  # calibrate imports the quantizer's modules; import at use
+
+    source = model.ptq_source
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"calib_dataset needs the model's tokenizer, which could not be loaded from "
+                         f"{model.name_or_path!r}: {error}") from error
+    logger.info("calibrating with %r on %d samples of %d tokens from %s", source.algorithm, config.calib_size,
+                config.calib_seq_len, config.calib_dataset)
+    calibrate(model, config.calib_dataset, algorithm=source.algorithm, tokenizer=tokenizer,
+              calib_size=config.calib_size, seq_len=config.calib_seq_len, batch_size=config.calib_batch_size)

@@ -1,0 +1,225 @@
+"""QuantLinear's CPU backend against the reference, its weight cache, and the backend switch.
+
+fp32 activations run the reference's own F.linear on the cached fp32 weight: bit-identical.
+bf16 activations take the fast kernels; per output element, with S = sum_k |x_q[m, k] w[n, k]|
++ |bias| and both sides rounding the output to bf16 once (two half-ulps: 2**-7 |reference|):
+  fp16pack, fp16-exact matrix (FP8, NVFP4, W4A8, MXFP8): only fp32 accumulation order differs,
+      <= K * 2**-24 * S (gamma_K).
+  fp16pack, rounded matrix (fp8_pb_wo; INT4 torch cannot pack): + 2**-11 * S (fp16's relative
+      rounding) + 2**-25 * sum_k |x_q| (half of fp16's subnormal spacing, for tiny weights).
+  int4pack: bf16 group scales (2**-9 per weight) and the kernel's own bf16 output (2**-9 of
+      |y| <= S): <= 2**-8 * S, doubled for margin.
+  int8pack: the kernel's bf16 output before the fp32 scales: <= 2**-9 * S, doubled for margin.
+"""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import sqnr_db, tiny_llama
+from torch import nn
+
+from hf_ptq_plugin import FORMATS, PTQConfig, QuantLinear, get_format, quantize
+from hf_ptq_plugin.backends.cpu_activations import fast_quantize_activation
+from hf_ptq_plugin.numerics import quantize_activation
+from hf_ptq_plugin.modules.quant_linear import reference_forward
+
+N, K = 96, 384  # K: INT4 group 128 x 3, NVFP4 16 x 24, MXFP8 32 x 12; N % 16 == 0 for torch's int4 kernel
+PB_SHAPE = (256, 384)  # fp8_pb_wo: 128 x 128 tiles
+
+BF16_KINDS = {"int4_awq": "int4pack", "int8_wo": "int8pack", "int8_sq": "int8pack"}
+
+
+def make_module(name, dtype, seed=0, n=N, k=K):
+    torch.manual_seed(seed)
+    linear = nn.Linear(k, n).to(dtype)
+    linear.weight.data.normal_(0, 0.05)
+    fmt = get_format(name)
+    pqs = (torch.rand(k) + 0.5).to(dtype) if fmt.pre_quant_scale else None
+    return QuantLinear.from_linear(linear, fmt, input_amax=torch.tensor(2.5), pre_quant_scale=pqs)
+
+
+def bf16_bound(module, x, ref, kind):
+    x_in = x if module.pre_quant_scale is None else x * module.pre_quant_scale
+    x_q = quantize_activation(x_in, module.fmt, module._activation_scale(x_in))
+    s = x_q.abs() @ module.dequantized_weight().abs().t() + module.bias.float().abs()
+    rel = {"int4pack": 2.0**-7, "int8pack": 2.0**-8}.get(kind, x.shape[-1] * 2.0**-24)
+    extra = 0.0
+    if kind == "fp16pack" and module.fmt.name in ("fp8_pb_wo", "int4_awq"):  # the fp16-rounded matrices
+        extra = 2.0**-25 * x_q.abs().sum(-1, keepdim=True)
+        rel += 2.0**-11
+    return rel * s + extra + 2.0**-7 * ref.float().abs()
+
+
+@pytest.mark.parametrize("m", [1, 17])
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_fp32_activations_get_the_reference_bit_for_bit(name, m):
+    n, k = PB_SHAPE if name == "fp8_pb_wo" else (N, K)
+    module = make_module(name, torch.float32, n=n, k=k)
+    torch.manual_seed(1)
+    x = torch.randn(2, m, k)
+    assert torch.equal(module(x), module._reference_forward(x))
+    assert module.cpu_weight_cache.kind == "dense"
+
+
+@pytest.mark.parametrize("m", [1, 3, 17])  # W8A8 takes torch._int_mm at 1 and 17 rows, int8pack at 3
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_bf16_activations_match_the_reference_within_the_bound(name, m):
+    n, k = PB_SHAPE if name == "fp8_pb_wo" else (N, K)
+    module = make_module(name, torch.bfloat16, n=n, k=k)
+    torch.manual_seed(1)
+    x = torch.randn(m, k, dtype=torch.bfloat16)
+    out, ref = module(x), module._reference_forward(x)
+    kind = module.cpu_weight_cache.kind
+    assert kind == BF16_KINDS.get(name, "fp16pack")
+    assert out.dtype == ref.dtype == torch.bfloat16
+    excess = (out.float() - ref.float()).abs() - bf16_bound(module, x, ref, kind)
+    assert excess.max() <= 0, f"exceeds the bound by {excess.max().item():.3g}"
+
+
+def at_byte_offset(t, offset=24):
+    """A copy of t that starts `offset` bytes into its storage, as a weight mapped from a file can."""
+    nbytes = t.numel() * t.element_size()
+    raw = torch.empty(nbytes + 64, dtype=torch.uint8)[offset:offset + nbytes]
+    return raw.view(t.dtype).view(t.shape).copy_(t)
+
+
+@pytest.mark.parametrize("name", ["int8_wo", "int8_sq"])
+def test_int8_kernel_gets_64_byte_aligned_operands(name):
+    """torch's AVX-512 int8 matmul crashes on operands off a 64-byte boundary (see cpu_weights)."""
+    module = make_module(name, torch.bfloat16)
+    torch.manual_seed(1)
+    x = torch.randn(3, K, dtype=torch.bfloat16)
+    expected = module(x)
+    module.weight = at_byte_offset(module.weight)
+    x_view = at_byte_offset(x, offset=8)
+    assert module.weight.data_ptr() % 64 and x_view.data_ptr() % 64
+    assert torch.equal(module(x_view), expected)
+    assert module.cpu_weight_cache.kind == "int8pack" and module.cpu_weight_cache.matrix.data_ptr() % 64 == 0
+
+
+def test_lean_activation_quantizers_give_the_reference_bits():
+    torch.manual_seed(4)
+    x = torch.randn(5, 7, 64) * torch.logspace(-6, 4, 7)[:, None]  # many magnitudes
+    x[0, 0] = 0  # all-zero blocks
+    # one NVFP4 block whose y = x / step hits every E2M1 tie exactly (global 0.25, amax 6 -> step 1)
+    x[1, 1, :16] = torch.tensor([6, .25, .75, 1.25, 1.75, 2.5, 3.5, 5, -.25, -.75, -1.25, -1.75, -2.5, -3.5, -5, -0.0])
+    for name, scale in (("nvfp4", torch.tensor(0.25)), ("nvfp4", torch.tensor(3e-3)), ("mxfp8", None)):
+        fmt = get_format(name)
+        for dtype in (torch.float32, torch.bfloat16):
+            fast, ref = fast_quantize_activation(x.to(dtype), fmt, scale), quantize_activation(x.to(dtype), fmt, scale)
+            assert torch.equal(fast.view(torch.int32), ref.view(torch.int32)), (name, dtype)
+
+
+def test_int4_layers_torch_cannot_pack_fall_back_to_an_exact_path():
+    module = make_module("int4_awq", torch.bfloat16, n=40)  # 40 % 16 != 0
+    x = torch.randn(3, K, dtype=torch.bfloat16)
+    out, ref = module(x), module._reference_forward(x)
+    assert module.cpu_weight_cache.kind == "fp16pack"
+    assert ((out.float() - ref.float()).abs() - bf16_bound(module, x, ref, "fp16pack")).max() <= 0
+
+
+def test_weights_fp16_cannot_hold_fall_back_to_dense():
+    module = make_module("fp8_pb_wo", torch.bfloat16, n=256, k=384)
+    module.weight_scale.mul_(2.0**-30)  # dequantized weights ~1e-11: below fp16's smallest subnormal
+    x = torch.randn(3, 384, dtype=torch.bfloat16)
+    assert torch.equal(module(x), module._reference_forward(x))
+    assert module.cpu_weight_cache.kind == "dense"
+
+
+def test_the_cache_never_enters_the_checkpoint():
+    module = make_module("int4_awq", torch.bfloat16)
+    keys = set(module.state_dict())
+    module(torch.randn(2, K, dtype=torch.bfloat16))
+    assert module.cpu_weight_cache is not None and module.cpu_weight_cache.nbytes > 0
+    assert set(module.state_dict()) == keys
+    assert all("cache" not in name for name, _ in module.named_buffers())
+
+
+@pytest.mark.parametrize("name, dtype", [("int4_awq", torch.bfloat16), ("nvfp4", torch.float32),
+                                         ("int8_wo", torch.bfloat16)])
+def test_load_state_dict_invalidates_the_cache(name, dtype):
+    module, other = make_module(name, dtype, seed=0), make_module(name, dtype, seed=1)
+    x = torch.randn(4, K).to(dtype)
+    before = module(x)
+    module.load_state_dict(other.state_dict())
+    assert torch.equal(module(x), other(x))
+    assert not torch.equal(module(x), before)
+
+
+def test_in_place_and_replaced_buffers_invalidate_the_cache():
+    module = make_module("int4_awq", torch.bfloat16)
+    module.bias = None
+    x = torch.randn(4, K, dtype=torch.bfloat16)
+    before = module(x).float()
+    module.weight_scale.mul_(2)  # exact in fp32 and bf16, so the output doubles exactly
+    torch.testing.assert_close(module(x).float(), 2 * before, rtol=0, atol=0)
+    module.weight_scale = module.weight_scale / 2  # a new tensor object
+    torch.testing.assert_close(module(x).float(), before, rtol=0, atol=0)
+
+
+def test_changing_the_activation_dtype_rebuilds_the_cache():
+    module = make_module("int8_wo", torch.float32)
+    module(torch.randn(2, K))
+    assert module.cpu_weight_cache.kind == "dense"
+    module(torch.randn(2, K, dtype=torch.bfloat16))
+    assert module.cpu_weight_cache.kind == "int8pack"
+
+
+def test_deepcopy_drops_the_cache_and_rebuilds_it():
+    module = make_module("fp8", torch.bfloat16)
+    x = torch.randn(3, K, dtype=torch.bfloat16)
+    out = module(x)
+    clone = copy.deepcopy(module)
+    assert clone.cpu_weight_cache is None
+    assert torch.equal(clone(x), out)
+
+
+def test_reference_forward_switch_restores_each_layer():
+    model = nn.Sequential(make_module("int4_awq", torch.bfloat16), nn.ReLU(), make_module("int8_wo", torch.bfloat16, k=N))
+    model[2].force_reference = True  # a per-layer setting survives the context manager
+    x = torch.randn(3, K, dtype=torch.bfloat16)
+    with reference_forward(model):
+        inside = model(x)
+    expected = model[2]._reference_forward(torch.relu(model[0]._reference_forward(x)))
+    assert torch.equal(inside, expected)
+    assert model[0].force_reference is False and model[2].force_reference is True
+    assert not torch.equal(model[0](x), model[0]._reference_forward(x))  # the fast path is back
+
+
+def test_inputs_that_need_a_gradient_take_the_differentiable_reference():
+    module = make_module("int4_awq", torch.float32)
+    x = torch.randn(3, K, requires_grad=True)
+    out = module(x)
+    assert torch.equal(out, module._reference_forward(x))
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("name", ["int4_awq", "int8_sq", "fp8", "nvfp4"])
+def test_a_quantized_model_on_the_cpu_path_tracks_the_reference(name, token_ids):
+    model = tiny_llama(hidden_size=128, intermediate_size=256).to(torch.bfloat16)
+    quantize(model, PTQConfig(qformat=name, algorithm="max", group_size=64 if name == "int4_awq" else None),
+             forward_loop=lambda m: m(token_ids))
+    with torch.no_grad():
+        fast = model(token_ids).logits
+        with reference_forward(model):
+            ref = model(token_ids).logits
+    # bf16 end to end: each layer may differ by a couple of bf16 roundings; 30 dB is ~3% rms.
+    assert sqnr_db(ref, fast) > 30
+
+
+def test_the_package_imports_and_runs_without_triton(tmp_path):
+    probe = (
+        "import sys; sys.modules['triton'] = None\n"  # `import triton` now raises ImportError
+        "import torch, hf_ptq_plugin\n"
+        "from hf_ptq_plugin.backends.triton_linear import triton_available\n"
+        "m = hf_ptq_plugin.QuantLinear.from_linear(torch.nn.Linear(256, 64), hf_ptq_plugin.get_format('int4_awq'))\n"
+        "y = m(torch.randn(2, 256))\n"
+        "kernels = [n for n in sys.modules if n.startswith('hf_ptq_plugin.kernels.')]\n"
+        "print(triton_available(), tuple(y.shape), kernels)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, check=True, capture_output=True, text=True)
+    assert out.stdout.split("\n")[0] == "False (2, 64) []"

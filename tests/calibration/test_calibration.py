@@ -1,0 +1,271 @@
+"""Calibration algorithms: relations on a model with outlier channels, and streaming correctness."""
+
+import pytest
+import torch
+from conftest import sqnr_db, tiny_llama
+
+from hf_ptq_plugin import FORMATS, PTQConfig, quantize
+from hf_ptq_plugin.calibration.clipping import mse_weight_scale, weighted_nvfp4_block_scales
+from hf_ptq_plugin.calibration.gptq import HessianStats, gptq_quantize
+from hf_ptq_plugin.calibration.blocks import capture_block_inputs, decoder_blocks, run_block
+from hf_ptq_plugin.calibration.smoothing import apply_pre_quant_scale
+from hf_ptq_plugin.calibration.smoothquant import ALPHAS, search_alpha, smoothquant_scale
+from hf_ptq_plugin.numerics import dequantize_weight, input_scale_from_amax, quantize_activation, quantize_weight
+from hf_ptq_plugin.numerics.nvfp4 import nvfp4_block_scales, nvfp4_dequantize, nvfp4_global_scale, nvfp4_quantize
+from hf_ptq_plugin.numerics.scales import block_amax
+from hf_ptq_plugin.numerics.weights import fake_quantize_weight
+from hf_ptq_plugin.calibration.selection import target_linears
+
+
+def outlier_llama(seed=0):
+    """A tiny Llama whose norms amplify four channels 20x: the activation outliers of real LLMs."""
+    model = tiny_llama(seed)
+    for layer in model.model.layers:
+        layer.input_layernorm.weight.data[:4] *= 20
+        layer.post_attention_layernorm.weight.data[:4] *= 20
+    return model
+
+
+@pytest.fixture
+def calib_ids():
+    torch.manual_seed(2)
+    return torch.randint(0, 320, (8, 64))
+
+
+def logits_sqnr(qformat, algorithm, ids):
+    model = outlier_llama()
+    with torch.no_grad():
+        reference = model(ids).logits
+    quantize(model, PTQConfig(qformat=qformat, algorithm=algorithm), forward_loop=lambda m: m(ids))
+    with torch.no_grad():
+        return sqnr_db(reference, model(ids).logits), model
+
+
+def test_smoothquant_beats_max_for_int8_sq(calib_ids):
+    smooth, _ = logits_sqnr("int8_sq", "smoothquant", calib_ids)
+    plain, _ = logits_sqnr("int8_sq", "max", calib_ids)
+    assert smooth > plain + 3
+
+
+@pytest.mark.parametrize("qformat", ["int4_awq", "w4a8_awq", "nvfp4_awq"])
+def test_awq_beats_round_to_nearest(qformat, calib_ids):
+    awq, _ = logits_sqnr(qformat, "awq_lite", calib_ids)
+    rtn, _ = logits_sqnr(qformat, "max", calib_ids)
+    assert awq > rtn + 0.2  # measured gains on this toy: 0.4 to 1.8 dB
+
+
+def test_smoothing_alone_leaves_outputs_unchanged(calib_ids):
+    model = outlier_llama()
+    with torch.no_grad():
+        reference = model(calib_ids).logits
+    layer = model.model.layers[0]
+    x_amax = torch.rand(128) * 10 + 0.1
+    group = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
+    scale = apply_pre_quant_scale(group, smoothquant_scale(torch.cat([m.weight for m in group]), x_amax))
+    layer.input_layernorm.weight.data *= scale  # what the export does: fold the scale into the norm
+    with torch.no_grad():
+        torch.testing.assert_close(model(calib_ids).logits, reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("qformat, algorithm", [("int8_sq", "smoothquant"), ("int4_awq", "awq_lite")])
+def test_siblings_share_one_pre_quant_scale_in_the_model_dtype(qformat, algorithm, calib_ids):
+    _, model = logits_sqnr(qformat, algorithm, calib_ids)
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        assert torch.equal(attn.q_proj.pre_quant_scale, attn.k_proj.pre_quant_scale)
+        assert torch.equal(attn.q_proj.pre_quant_scale, attn.v_proj.pre_quant_scale)
+        assert torch.equal(mlp.gate_proj.pre_quant_scale, mlp.up_proj.pre_quant_scale)
+        assert mlp.down_proj.pre_quant_scale.shape == (256,)
+        assert attn.o_proj.pre_quant_scale.dtype == torch.float32  # the model's dtype
+
+
+def test_streaming_blocks_reproduces_the_models_hidden_states(calib_ids):
+    model = tiny_llama()
+    final = {}
+    hook = model.model.norm.register_forward_pre_hook(lambda m, args: final.update(x=args[0]))
+    with torch.no_grad():
+        model(calib_ids)
+    hook.remove()
+    _, blocks = decoder_blocks(model, target_linears(model))
+    inputs = capture_block_inputs(model, blocks, lambda m: m(calib_ids))
+    for block in blocks:
+        inputs = run_block(block, inputs)
+    assert type(model.model.layers[0]).__name__ == "LlamaDecoderLayer"  # blocks restored
+    torch.testing.assert_close(inputs[0][0][0], final["x"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("qformat, algorithm", [("int4_awq", "awq_full"), ("int8_sq", "smoothquant"),
+                                              ("nvfp4", "gptq")])
+def test_non_sequential_calibration_feeds_each_block_the_full_precision_outputs(qformat, algorithm, calib_ids):
+    """Block 1 calibrated non-sequentially sees block 0's full-precision outputs: what it sees
+    sequentially when block 0 stays unquantized. Block 0 sees the embeddings either way."""
+    def quantized_tensors(layer, sequential, exclude=()):
+        model = outlier_llama()
+        quantize(model, PTQConfig(qformat=qformat, algorithm=algorithm, sequential=sequential,
+                                  exclude_modules=list(exclude)), forward_loop=lambda m: m(calib_ids))
+        return model.model.layers[layer].state_dict()
+
+    for layer, reference in ((0, quantized_tensors(0, True)), (1, quantized_tensors(1, True, ["model.layers.0.*"]))):
+        ours = quantized_tensors(layer, False)
+        assert ours.keys() == reference.keys()
+        for key, tensor in ours.items():
+            assert torch.equal(tensor, reference[key]), (layer, key)
+    differs = quantized_tensors(1, True)  # sequentially, block 1 sees block 0's quantized outputs
+    assert not all(torch.equal(t, differs[k]) for k, t in quantized_tensors(1, False).items())
+
+
+def test_sequential_must_be_a_bool():
+    with pytest.raises(ValueError, match="sequential must be True or False, got 'no'"):
+        PTQConfig(qformat="int4_awq", sequential="no")
+
+
+def test_algorithms_that_need_data_refuse_to_run_without_a_forward_loop():
+    with pytest.raises(ValueError, match="'awq_lite' needs calibration data"):
+        quantize(tiny_llama(), PTQConfig(qformat="int4_awq"))
+
+
+GPTQ_FORMATS = ["int4_awq", "int8_wo", "fp8", "fp8_pc_pt", "nvfp4"]
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+@pytest.mark.parametrize("qformat", GPTQ_FORMATS)
+def test_gptq_with_an_identity_hessian_is_round_to_nearest(qformat, act_order):
+    torch.manual_seed(0)
+    w = torch.randn(16, 256)
+    fmt, amax = FORMATS[qformat], w.abs().amax()
+    gptq_w, scale = gptq_quantize(w, torch.eye(256) * 3.0, fmt, group_size=64, act_order=act_order)
+    # INT4 GPTQ uses all 16 codes (amax / 7.5), and INT4 and NVFP4 scales are clipped by the
+    # weight-error search, which a uniform diag(H) leaves unweighted; the other grids are
+    # round-to-nearest's.
+    expected_scale = {"int4_awq": lambda: mse_weight_scale(w, fmt, 64, int4_max=7.5),
+                      "nvfp4": lambda: weighted_nvfp4_block_scales(w, nvfp4_global_scale(amax), torch.ones(256)),
+                      }.get(qformat, lambda: quantize_weight(w, fmt, 64)["weight_scale"])()
+    rtn = dequantize_weight(quantize_weight(w, fmt, 64, weight_scale=expected_scale), fmt, 64)
+    assert torch.equal(gptq_w, rtn)
+    assert torch.equal(scale, expected_scale)
+    # The stored codes are GPTQ's: re-quantizing its weight with its scale (and, for NVFP4, the
+    # original global amax) changes nothing.
+    requantized = quantize_weight(gptq_w, fmt, 64, global_amax=amax, weight_scale=scale)
+    assert torch.equal(dequantize_weight(requantized, fmt, 64), gptq_w)
+
+
+def test_gptq_int4_scales_minimize_the_rounding_error_weighted_by_input_energy():
+    torch.manual_seed(0)
+    fmt = FORMATS["int4_awq"]
+    w, energy = torch.randn(32, 128), torch.rand(128) ** 4 * 10  # a few channels carry most energy
+
+    def weighted_error(scale):
+        step = scale.repeat_interleave(64, dim=1)
+        return ((w - torch.round(w / step).clamp(-8, 7) * step).pow(2) * energy).sum()
+
+    searched = mse_weight_scale(w, fmt, 64, importance=energy, int4_max=7.5)
+    unweighted = mse_weight_scale(w, fmt, 64, int4_max=7.5)
+    assert weighted_error(searched) < weighted_error(unweighted) < weighted_error(block_amax(w, 64) / 7.5)
+    h = torch.diag(energy)
+    _, gptq_scale = gptq_quantize(w, h, fmt, group_size=64)
+    assert torch.equal(gptq_scale, searched)
+
+
+def test_gptq_nvfp4_block_scales_minimize_the_rounding_error_weighted_by_input_energy():
+    torch.manual_seed(0)
+    fmt = FORMATS["nvfp4"]
+    w, energy = torch.randn(32, 128), torch.rand(128) ** 4 * 10
+    global_scale = nvfp4_global_scale(w.abs().amax())
+
+    def weighted_error(scales):
+        codes, _ = nvfp4_quantize(w, global_scale, scales)
+        return ((w - nvfp4_dequantize(codes, scales, global_scale)).pow(2) * energy).sum()
+
+    searched = weighted_nvfp4_block_scales(w, global_scale, energy)
+    assert weighted_error(searched) < 0.95 * weighted_error(nvfp4_block_scales(w, global_scale))
+    _, gptq_scale = gptq_quantize(w, torch.diag(energy), fmt, group_size=16)
+    assert torch.equal(gptq_scale.float(), searched.float())
+
+
+@pytest.mark.parametrize("qformat", ["int8_wo", "fp8_pc_pt"])
+def test_gptq_act_order_visits_columns_by_hessian_diagonal_whatever_their_position(qformat):
+    """Per-row scales do not depend on column positions, so permuting the input channels (and the
+    Hessian with them) must permute the act-order result and nothing else."""
+    torch.manual_seed(0)
+    x = torch.randn(1024, 64) @ (torch.randn(64, 64) / 4) * torch.linspace(0.1, 3, 64)
+    w, h = torch.randn(32, 64), 2 * x.T @ x / 1024
+    perm = torch.randperm(64)
+    fmt = FORMATS[qformat]
+    direct, _ = gptq_quantize(w, h, fmt, group_size=64, act_order=True)
+    permuted, _ = gptq_quantize(w[:, perm], h[perm][:, perm], fmt, group_size=64, act_order=True)
+    torch.testing.assert_close(permuted, direct[:, perm], rtol=1e-5, atol=1e-6)
+    in_place_order, _ = gptq_quantize(w[:, perm], h[perm][:, perm], fmt, group_size=64, act_order=False)
+    assert not torch.allclose(in_place_order, direct[:, perm])  # the order matters, so the test can fail
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+@pytest.mark.parametrize("qformat", GPTQ_FORMATS)
+def test_gptq_lowers_the_layer_output_error_on_correlated_inputs(qformat, act_order):
+    torch.manual_seed(0)
+    fmt = FORMATS[qformat]
+    mixing = torch.randn(128, 128) / 8
+    x = torch.randn(2048, 128) @ mixing + torch.randn(2048, 128) * 0.1  # correlated input channels
+    w = torch.randn(64, 128)
+    stats = HessianStats()
+    for chunk in x.split(512):
+        stats.update(chunk)
+    gptq_w, _ = gptq_quantize(w, stats.hessian, fmt, group_size=64, act_order=act_order)
+    rtn_w = dequantize_weight(quantize_weight(w, fmt, 64), fmt, 64)
+    gptq_error = (x @ gptq_w.T - x @ w.T).pow(2).mean()
+    rtn_error = (x @ rtn_w.T - x @ w.T).pow(2).mean()
+    assert gptq_error < 0.8 * rtn_error
+    torch.testing.assert_close(stats.hessian, 2 * x.T @ x / 2048, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("qformat", ["int4_awq", "int8_wo", "fp8", "nvfp4"])
+def test_gptq_beats_round_to_nearest(qformat, calib_ids):
+    gptq, _ = logits_sqnr(qformat, "gptq", calib_ids)
+    rtn, _ = logits_sqnr(qformat, "max", calib_ids)
+    assert gptq > rtn + 0.2
+
+
+def test_gptq_with_static_activations_calibrates_input_scales(calib_ids):
+    gptq, model = logits_sqnr("int8_sq", "gptq", calib_ids)
+    rtn, _ = logits_sqnr("int8_sq", "max", calib_ids)
+    assert gptq >= rtn  # activation error dominates W8A8: GPTQ may only help a little
+    assert all(m.input_calibrated for m in model.modules() if hasattr(m, "input_calibrated"))
+
+
+@pytest.mark.parametrize("qformat, algorithm", [("int4_awq", "awq_clip"), ("int4_awq", "awq_full"),
+                                                ("w4a8_awq", "awq_full"), ("nvfp4_awq", "awq_clip"),
+                                                ("int8_sq", "awq_full")])
+def test_awq_clip_and_full_beat_round_to_nearest(qformat, algorithm, calib_ids):
+    ours, _ = logits_sqnr(qformat, algorithm, calib_ids)
+    rtn, _ = logits_sqnr(qformat, "max", calib_ids)
+    assert ours > rtn + 0.2
+
+
+@pytest.mark.parametrize("qformat", ["int4_awq", "int8_wo"])
+def test_mse_lowers_every_layers_weight_error(qformat):
+    plain, searched = tiny_llama(), tiny_llama()
+    originals = {n: m.weight.detach().clone() for n, m in plain.named_modules() if n.endswith("proj")}
+    quantize(plain, PTQConfig(qformat=qformat, algorithm="max"))
+    quantize(searched, PTQConfig(qformat=qformat, algorithm="mse"))
+    for name, w in originals.items():
+        error = {label: (w - model.get_submodule(name).dequantized_weight()).pow(2).sum()
+                 for label, model in (("max", plain), ("mse", searched))}
+        assert error["mse"] <= error["max"], name
+
+
+def test_smoothquant_alpha_search_picks_the_alpha_with_the_least_output_error():
+    torch.manual_seed(0)
+    fmt = FORMATS["int8_sq"]
+    x = torch.randn(512, 64)
+    x[:, :3] *= 40  # outlier channels, as LLM activations have
+    w = torch.randn(96, 64)
+    x_amax = x.abs().amax(dim=0)
+
+    def error(alpha):
+        a = smoothquant_scale(w, x_amax, alpha)
+        scale = input_scale_from_amax((x_amax * a).amax(), fmt)
+        out = quantize_activation(x * a, fmt, scale) @ fake_quantize_weight(w / a, fmt).T
+        return (out - x @ w.T).pow(2).sum().item()
+
+    best = search_alpha(w, x_amax, x, fmt)
+    assert error(best) == min(error(alpha) for alpha in ALPHAS)
+    assert error(best) < 0.5 * error(0.0)  # smoothing at all beats none on outlier channels
