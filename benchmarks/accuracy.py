@@ -1,4 +1,4 @@
-"""Accuracy per format x calibration algorithm on SmolLM2-135M (issue 4's protocol).
+"""Accuracy per format x calibration algorithm on SmolLM2-135M.
 
 Calibration: --calib-samples windows of --seq-len tokens spread over the five Austen novels other
 than Pride and Prejudice; evaluation: perplexity on the first --eval-windows windows of Pride and

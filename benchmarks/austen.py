@@ -3,7 +3,7 @@
 The package stores each novel as an R character vector (one element per printed line) in
 `data/Rdata.rdb`: a run of [4-byte big-endian length][zlib stream] blocks, each an R XDR
 serialization. We read those vectors, identify each novel by its title line, and re-flow the
-lines into paragraphs. Used by the demo, the benchmarks and any test that wants real English.
+lines into paragraphs: real English text for the demo, the benchmarks and tests.
 """
 
 import logging

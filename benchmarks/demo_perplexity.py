@@ -54,7 +54,7 @@ def load_texts(args):
 
 
 def load_model(path: Path):
-    # fp32 compute: on this CPU (AVX2, no AMX) bf16 matmuls run ~5x slower than fp32. The
+    # fp32 compute: on CPUs without native bf16 instructions (AVX2) bf16 matmuls are much slower. The
     # checkpoint's bf16 weights upcast exactly, so "before" is the bf16 model computed in fp32.
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
@@ -70,7 +70,7 @@ def run_format(qformat, args, model_path, calib_windows, eval_windows):
                 m(input_ids=batch)
 
     start = time.perf_counter()
-    hf_ptq_plugin.calibration.pipeline(model, config, forward_loop=forward_loop)
+    hf_ptq_plugin.quantize(model, config, forward_loop=forward_loop)
     quantize_seconds = time.perf_counter() - start
     start = time.perf_counter()
     ppl = perplexity(model, eval_windows, args.batch_size, progress=f"perplexity {qformat}")

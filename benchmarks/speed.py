@@ -1,4 +1,4 @@
-"""Speed of QuantLinear's CPU paths against unquantized fp32 and bf16 (issue 5); prints Markdown.
+"""Speed of QuantLinear's CPU paths against unquantized fp32 and bf16; prints Markdown.
 
 Sections (all by default):
   bandwidth   this machine's memory bandwidth (sum = read, copy = read + write)
@@ -27,6 +27,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from hf_ptq_plugin import FORMATS, PTQConfig, QuantLinear, get_format, quantize
+from hf_ptq_plugin.modules.layer_plan import LayerPlan
 from smollm2 import smollm2_checkpoint
 
 GEMM_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (K, N): q/o, gate/up, down of Llama-3-8B
@@ -144,7 +145,7 @@ def gemm(args, read_bandwidth: float) -> None:
         linear = nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
         linear.weight.data.normal_(0, 0.02)
         baselines = {torch.float32: copy.deepcopy(linear).float(), torch.bfloat16: linear}
-        layers = {name: QuantLinear.from_linear(linear, get_format(name), input_amax=torch.tensor(4.0))
+        layers = {name: QuantLinear.from_linear(linear, get_format(name), plan=LayerPlan(input_amax=torch.tensor(4.0)))
                   for name in args.formats}
         rows = []
         for dtype in (torch.bfloat16, torch.float32):  # outermost: a layer caches one dtype's form at a time
@@ -255,8 +256,8 @@ def main():
     parser.add_argument("--smollm2-formats", default=",".join(SMOLLM2_FORMATS))
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per model measurement (median)")
-    # The issue's 512-token prefill takes minutes per variant in bf16 here (bf16 GEMMs run at
-    # ~3-6 GFLOP/s on this AVX2 CPU); prefill throughput is GEMM-bound and flat in length from M ~ 64.
+    # Prefill throughput is GEMM-bound and flat in length from M ~ 64 on, so longer prefills only
+    # cost time (minutes per variant in bf16 on a CPU without native bf16 instructions).
     parser.add_argument("--prefill", type=int, default=128)
     parser.add_argument("--cache-dir", default="/tmp/hfptq_cache")
     parser.add_argument("--quick", action="store_true", help="a 4-layer 512-wide model (a smoke run)")

@@ -2,7 +2,8 @@
 
 `import hf_ptq_plugin` registers, once, the attention functions that quantize the KV cache and the
 transformers quantizer for quant_method "modelopt" (`from_pretrained` then loads unified
-checkpoints and accepts `quantization_config=PTQConfig(...)`).
+checkpoints and accepts `quantization_config=PTQConfig(...)`), and, once PEFT is imported, the
+LoRA layer for QuantLinear (LoRA fine-tuning of a quantized model).
 """
 
 import transformers
@@ -15,6 +16,7 @@ from .export import export_checkpoint
 from .formats import FORMATS, KV_FORMATS, Format, KVFormat, get_format, get_kv_format
 from .hf.quantizer import PTQHfQuantizer, attach_quantizer
 from .hf.quantizer import register as register_hf_quantizer
+from .hf.peft_hook import register_with_peft
 from .export.hub import push_to_hub
 from .modules.kv_cache import register_kv_attention_functions
 from .modules.quant_linear import QuantLinear
@@ -24,6 +26,7 @@ __version__ = "0.1.0"
 warn_if_untested(transformers.__version__, transformers_tested_range())
 register_kv_attention_functions()
 register_hf_quantizer()
+register_with_peft()
 
 __all__ = ["FORMATS", "KV_FORMATS", "Format", "KVFormat", "PTQConfig", "PTQHfQuantizer", "QuantLinear",
            "attach_quantizer", "calibrate", "export_checkpoint", "get_format", "get_kv_format", "push_to_hub",

@@ -1,4 +1,4 @@
-"""`python -m hf_ptq_plugin ...`: the same as the `hf-ptq` command (`cli.py`)."""
+"""`python -m hf_ptq_plugin ...`: the same as the `hf-ptq` command (`cli/`)."""
 
 import sys
 

@@ -1,7 +1,7 @@
 """Public entry points that join the orchestration to the transformers edge.
 
-`quantize` = `quantize_model` (which knows nothing of transformers' quantizer machinery) plus,
-for a transformers model, the quantizer that makes `save_pretrained` write the unified
+`quantize` = the calibration pipeline on the model's own weights (which knows nothing of
+transformers' quantizer machinery) plus, for a transformers model, the quantizer that makes `save_pretrained` write the unified
 checkpoint and `from_pretrained` read it back.
 """
 
@@ -13,16 +13,16 @@ from transformers import PreTrainedModel
 from .calibration.record import calibration_record
 from .config import PTQConfig
 from .hf.quantizer import attach_quantizer
-from .calibration.pipeline import quantize_model
+from .calibration import pipeline
 
 
 def quantize(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callable] = None) -> nn.Module:
-    """Quantize `model` in place per `config` (see `quantize_model`) and return it.
+    """Quantize `model` in place per `config` (see `calibration.pipeline.run`) and return it.
 
     A transformers model then saves with `model.save_pretrained(dir)` as a unified checkpoint.
     `model.calibration_record` tells what data calibrated it (for the model card).
     """
-    quantize_model(model, config, forward_loop)
+    pipeline.run(model, config, forward_loop)
     model.calibration_record = calibration_record(forward_loop)
     if isinstance(model, PreTrainedModel):
         attach_quantizer(model, model.ptq_config)

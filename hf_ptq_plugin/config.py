@@ -1,10 +1,9 @@
 """PTQConfig: what to quantize and how, as JSON-primitive fields validated at construction.
 
 Errors name the bad value and list the valid choices. `to_dict` / `from_dict` round-trip
-exactly. It is also transformers' `QuantizationConfigMixin` for quant_method "modelopt" (registered
-by `hf_quantizer.py`), so `from_pretrained(..., quantization_config=PTQConfig(...))` accepts it and
-`from_dict` also reads the `quantization_config` that ModelOpt (and our exporter) write into
-config.json.
+exactly. It is also transformers' `QuantizationConfigMixin` for quant_method "modelopt", so
+`from_pretrained(..., quantization_config=PTQConfig(...))` accepts it and `from_dict` also reads
+the `quantization_config` that ModelOpt (and our exporter) write into config.json.
 """
 
 import dataclasses
@@ -14,23 +13,7 @@ from typing import Dict, List, Optional
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import formats as F
-
-SMOOTHING_ALGORITHMS = ("awq_lite", "awq_clip", "awq_full")
-
-
-def algorithm_fits_format(algorithm: str, fmt: F.Format) -> bool:
-    """Which calibration algorithms make sense for which format (ModelOpt's pairing)."""
-    if algorithm == "smoothquant":
-        return fmt.act == F.INT8
-    if algorithm in SMOOTHING_ALGORITHMS:
-        return fmt.pre_quant_scale
-    if algorithm == "gptq":
-        fp8_grid = fmt.weight == F.FP8 and fmt.weight_granularity in (F.PER_TENSOR, F.PER_CHANNEL)
-        return (fmt.weight in (F.INT4, F.INT8, F.NVFP4) or fp8_grid) and not fmt.fp8_weight_scale_2
-    if algorithm == "mse":
-        return fmt.weight in (F.INT4, F.INT8)
-    return algorithm == "max"
-
+from .calibration.algorithms import ALGORITHMS, algorithms_for
 
 @dataclass
 class PTQConfig(QuantizationConfigMixin):
@@ -102,13 +85,12 @@ class PTQConfig(QuantizationConfigMixin):
     def _check_algorithm(self, fmt: F.Format) -> None:
         if self.algorithm is None:
             return
-        if self.algorithm not in F.ALGORITHMS:
-            raise ValueError(f"unknown algorithm {self.algorithm!r}; valid: {', '.join(F.ALGORITHMS)} "
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {self.algorithm!r}; valid: {', '.join(ALGORITHMS)} "
                              "(or None for the format's default)")
-        if not algorithm_fits_format(self.algorithm, fmt):
-            fitting = [a for a in F.ALGORITHMS if algorithm_fits_format(a, fmt)]
+        if not ALGORITHMS[self.algorithm].fits(fmt):
             raise ValueError(f"algorithm {self.algorithm!r} does not fit qformat {fmt.name!r}; "
-                             f"valid for it: {', '.join(fitting)}")
+                             f"valid for it: {', '.join(algorithms_for(fmt))}")
 
     def _check_group_size(self, fmt: F.Format) -> None:
         if self.group_size is None:
@@ -129,6 +111,12 @@ class PTQConfig(QuantizationConfigMixin):
     @property
     def resolved_algorithm(self) -> str:
         return self.algorithm or self.format.default_algorithm
+
+    @property
+    def needs_calibration_data(self) -> bool:
+        """Static activation scales, a quantized KV cache, or an algorithm that reads activations."""
+        return (self.format.needs_calibration_data or self.kv_format is not None
+                or ALGORITHMS[self.resolved_algorithm].streamed)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

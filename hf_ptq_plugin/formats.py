@@ -3,7 +3,7 @@
 Strings (qformat names, checkpoint `quant_algo` names) live only here and at the edges
 (config, CLI); the rest of the package passes `Format` objects around. The fields say how
 weights are stored, how activations are quantized at run time, and which calibration
-algorithm the format uses by default (ModelOpt's defaults, `modelopt-format.md` §1.4).
+algorithm the format uses by default (ModelOpt's defaults, `docs/modelopt-facts.md` §1.4).
 """
 
 from dataclasses import dataclass
@@ -54,6 +54,16 @@ class Format:
         return self.act_scaling in (STATIC, STATIC_GLOBAL_DYNAMIC_BLOCK)
 
     @property
+    def has_weight_scale_2(self) -> bool:
+        """A per-tensor second-level `weight_scale_2`, which engine-fused siblings must share."""
+        return self.weight == NVFP4 or self.fp8_weight_scale_2
+
+    @property
+    def is_awq(self) -> bool:
+        """The checkpoint's `quant_algo` is an AWQ one (its layers may carry `pre_quant_scale`)."""
+        return "AWQ" in self.quant_algo
+
+    @property
     def packs_two_per_byte(self) -> bool:
         return self.weight in (INT4, NVFP4)
 
@@ -94,9 +104,6 @@ KV_FORMATS = {
     "nvfp4": KVFormat("nvfp4", "NVFP4", NVFP4),
 }
 KV_FORMAT_NAMES = ("none",) + tuple(KV_FORMATS)
-
-ALGORITHMS = ("max", "smoothquant", "awq_lite", "awq_clip", "awq_full", "gptq", "mse")
-
 
 def get_format(name: str) -> Format:
     """The Format for a qformat name; a ValueError lists the valid names."""

@@ -1,6 +1,6 @@
 """Host-side helpers the kernel launchers share: shape checks, tile sizes, the dot dtype.
 
-Pure Python over torch and triton; each launcher module calls these before its one launch.
+Pure Python over torch and triton, run on the host before each launch.
 """
 
 import torch
@@ -32,7 +32,7 @@ def dot_dtype(x_dtype: torch.dtype, device: torch.device):
     """The dtype tl.dot runs in for activations of `x_dtype`.
 
     The activation dtype on a GPU (tensor cores); bf16 goes through fp32 under the interpreter,
-    whose bf16 dot gives wrong results (environment-notes §2).
+    whose bf16 dot gives wrong results.
     """
     if x_dtype == torch.bfloat16 and device.type != "cuda":
         return tl.float32
@@ -43,7 +43,8 @@ def gemm_blocks(m: int, n: int, k: int, device: torch.device, block_m=None, bloc
     """(BLOCK_M, BLOCK_N, BLOCK_K): explicit values win, else a rule on M.
 
     On a GPU, decode-sized M gets the 16-row minimum of tl.dot and wide N tiles; the
-    interpreter pays ~0.5 ms per program instance, so there the tiles cover as much as they can.
+    interpreter pays a large fixed cost per program instance, so there the tiles cover as much as
+    they can.
     """
     if device.type == "cuda":
         default_m, default_n, default_k = (16, 64, 128) if m <= 16 else (64, 64, 64)

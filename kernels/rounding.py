@@ -7,7 +7,7 @@ rounding carry in 2.5% of values and does not saturate; fp32 -> bf16 truncates i
 rounding to nearest even). Values come back as fp32 that lie exactly on the target grid, so the
 final `.to(fp8/bf16)` cast in a kernel is exact on every backend.
 
-Imports only triton; called from the kernels in this package.
+Imports only triton.
 """
 
 import triton

@@ -3,7 +3,7 @@
 `load_x_tile` reads an activation tile and applies `pre_quant_scale` the way the reference
 does (the product is rounded to the activation dtype, as `x * pre_quant_scale` in torch is);
 `store_out_tile` adds the bias and writes the output rounded to its dtype (ties to even, also
-under the interpreter). Imports only triton; called from the GEMM kernels in this package.
+under the interpreter). Imports only triton.
 """
 
 import triton

@@ -3,8 +3,7 @@
 Implements the routes huggingface_hub 2.x calls for create_repo, create_branch, list_repo_files
 (tree), README validation, preupload (always answering "regular", so file contents travel inline
 in the commit and no LFS or Xet upload happens) and the NDJSON commit. Repositories live in
-memory ({repo: {branch: {path: bytes}}}); every request is recorded. Started and stopped by the
-`hub` fixture in the tests that use it.
+memory ({repo: {branch: {path: bytes}}}); every request is recorded.
 """
 
 import base64

@@ -3,8 +3,7 @@
 import pytest
 
 from hf_ptq_plugin import FORMATS, PTQConfig
-from hf_ptq_plugin.config import algorithm_fits_format
-from hf_ptq_plugin.formats import ALGORITHMS
+from hf_ptq_plugin.calibration.algorithms import ALGORITHMS
 
 
 def test_round_trip_through_dict_is_exact():
@@ -44,4 +43,4 @@ def test_unknown_field_in_a_dict_lists_the_valid_fields():
 
 def test_every_algorithm_fits_at_least_one_format():
     for algorithm in ALGORITHMS:
-        assert any(algorithm_fits_format(algorithm, fmt) for fmt in FORMATS.values()), algorithm
+        assert any(ALGORITHMS[algorithm].fits(fmt) for fmt in FORMATS.values()), algorithm

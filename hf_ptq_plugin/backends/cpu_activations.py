@@ -1,11 +1,11 @@
 """Activation fake quantization for the CPU backend: the reference's values in fewer torch ops.
 
-At decode sizes (M = 1) every torch op costs ~10 us whatever its size, and the reference NVFP4
+At decode sizes (M = 1) every torch op costs a fixed overhead whatever its size, and the reference NVFP4
 and MXFP8 activation quantizers (`numerics.nvfp4`, `numerics.mx`) take ~35 and ~16 ops, more
 than the GEMM itself on small layers. These compute the same fp32 values bit for bit (tested
 against the reference) in about half the ops: blocks stay a trailing axis instead of being
 repeated out, and the E2M1 rounding is one `bucketize` on thresholds that encode its ties.
-Other formats use `numerics.quantize_activation` unchanged. Called by `cpu_linear`.
+Other formats use `numerics.quantize_activation` unchanged.
 """
 
 from typing import Optional

@@ -1,6 +1,6 @@
 """QuantLinear's CPU backend: the reference's math on torch's fast CPU kernels.
 
-Called by `QuantLinear.forward` for CPU inputs. The activation side gives the reference's values
+The activation side gives the reference's values
 (`x * pre_quant_scale` in the activation dtype, then `quantize_activation` / `int_quantize`, or
 their op-lean equivalents in `cpu_activations`, with the same scale); the GEMM runs on the weight
 form `cpu_weights` cached for the layer:
@@ -24,16 +24,15 @@ from ..numerics import int_quantize
 from .cpu_activations import fast_quantize_activation
 from .cpu_weights import aligned_for_int8pack, build_cpu_weight
 
-# W8A8 runs on torch._int_mm for one row (its matrix-vector path is 1.2-2.4x faster than int8pack
-# at Llama and SmolLM2 shapes) and from INT_MM_MIN_ROWS rows on (1.2-2.7x at 16-64 rows); int8pack
-# wins in between. Measured on an AVX-512 EPYC, see BENCHMARKS.md "W8A8 kernel by rows".
+# W8A8 runs on torch._int_mm for one row (its matrix-vector path beats int8pack) and from
+# INT_MM_MIN_ROWS rows on; int8pack wins in between (BENCHMARKS.md, "W8A8 kernel by rows").
 INT_MM_MIN_ROWS = 16
 
 
 def cpu_linear(module, x: torch.Tensor) -> torch.Tensor:
     """`module(x)` for a CPU tensor x (..., K); the reference's numbers within the bounds above."""
-    # module._buffers / _parameters rather than attributes: nn.Module.__getattr__ costs about a
-    # microsecond per lookup, and decoding makes hundreds of these calls per token.
+    # module._buffers / _parameters rather than attributes: nn.Module.__getattr__ is slow, and
+    # decoding makes hundreds of these calls per token.
     buffers, bias = module._buffers, module._parameters.get("bias")
     pre_quant_scale = buffers.get("pre_quant_scale")
     if pre_quant_scale is not None:

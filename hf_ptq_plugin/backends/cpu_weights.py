@@ -1,8 +1,9 @@
 """The CPU compute form of a QuantLinear's weight: built once from the checkpoint buffers, cached.
 
 On a CPU, dequantizing the checkpoint tensors on every call is far too slow (an fp8 -> fp32 cast
-moves ~0.1 G elements/s on this machine), so each layer keeps one derived copy of its weight in
-the form a fast torch kernel takes. Chosen by measurement (BENCHMARKS.md, "Speed (issue 5)"):
+of a weight takes many times longer than the GEMM it would feed), so each layer keeps one derived
+copy of its weight in the form a fast torch kernel takes. Chosen by measurement (BENCHMARKS.md,
+"CPU speed per format"):
 
   kind      used for                            what is cached                 extra memory
   dense     fp32 / fp16 activations, any format the reference's fp32 weight     4 B/weight
@@ -92,10 +93,11 @@ def bf16_dense_weights(modules: Iterable) -> Iterator[None]:
     weight rounded to bf16, on torch's native bf16 GEMM; on exit they go back to their kernels.
 
     For many-token passes that are not inference: calibration feeding a just-quantized decoder
-    block's outputs on to the next block. At 2048 rows the packed INT4 / INT8 / fp16 kernels run at
-    145-195 GFLOP/s on an AVX512-BF16 CPU, bf16 F.linear at ~410. The bf16 rounding of the weight
-    (<= 2**-9 relative) is the size of int4pack's bf16 group scales. W8A8 keeps torch's int8 GEMM,
-    which is faster than bf16 there and exact. Costs 2 B/weight of the modules while inside.
+    block's outputs on to the next block. At that many rows, on CPUs with native bf16 instructions,
+    the packed INT4 / INT8 / fp16 kernels are much slower than bf16 F.linear (BENCHMARKS.md, "CPU
+    speed per format"). The bf16 rounding of the weight (<= 2**-9 relative) is the size of
+    int4pack's bf16 group scales. W8A8 keeps torch's int8 GEMM, which is faster than bf16 there and
+    exact. Costs 2 B/weight of the modules while inside.
     """
     modules = [m for m in modules if m.fmt.act != F.INT8]
     try:

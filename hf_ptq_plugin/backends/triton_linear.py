@@ -1,10 +1,10 @@
 """QuantLinear's Triton backend: maps a layer's checkpoint buffers onto one kernel launcher.
 
-Called by `QuantLinear.forward` for CUDA inputs (and by the tests on CPU tensors under
-TRITON_INTERPRET=1). The kernels live in `hf_ptq_plugin.kernels` and import triton; they are
-imported here on first use, behind functools.cache, so the package imports on machines without
-triton or CUDA. Each kernel reproduces the reference's rounding exactly; the tolerances are
-those of the dot dtype (see the kernel headers).
+It serves CUDA inputs (and CPU tensors under TRITON_INTERPRET=1, for the tests). The kernels live
+in `hf_ptq_plugin.kernels` and import triton; they are imported here on first use, behind
+functools.cache, so the package imports on machines without triton or CUDA. Each kernel
+reproduces the reference's rounding exactly; the tolerances are those of the dot dtype (see the
+kernel headers).
 """
 
 import functools

@@ -1,4 +1,4 @@
-"""AWQ-lite (`modelopt-format.md` §3.5): per-input-channel scales found by a grid search.
+"""AWQ-lite (`docs/modelopt-facts.md` §3.5): per-input-channel scales found by a grid search.
 
 For a group of Linears that read the same input x (T, K), with stacked weights W (N, K):
     w_mean[c] = mean over rows of |W[o, c]| / (amax of W[o, :] in c's quantization block)
@@ -24,7 +24,6 @@ from ..numerics.weights import fake_quantize_weight
 from .distributed import all_reduce
 
 ALPHA_STEP = 0.1
-AWQ_STEPS = {"awq_lite": (True, False), "awq_clip": (False, True), "awq_full": (True, True)}  # (search, clip)
 
 
 def awq_search(w: torch.Tensor, x: torch.Tensor, x_mean: torch.Tensor, x_amax: torch.Tensor, fmt: F.Format,

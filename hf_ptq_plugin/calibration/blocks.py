@@ -9,28 +9,28 @@ block is calibrated on the activations the quantized model will really produce (
 `PTQConfig(sequential=False)`, streamed.py). A progress bar per block's batches shows each pass.
 """
 
-from typing import Callable, Iterable, List, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..modules.fused_experts import is_fused_experts
+
 # Keyword arguments that must not be replayed: a KV cache would grow at every replay.
 NOT_REPLAYED = ("cache", "past_key_values", "past_key_value", "use_cache")
 
 
-def decoder_blocks(model: nn.Module, linear_names) -> Tuple[str, nn.ModuleList]:
-    """(name, ModuleList) of the decoder blocks: the ModuleList that holds the most target Linears."""
+def decoder_blocks(model: nn.Module, linear_names) -> Tuple[Optional[str], Sequence[nn.Module]]:
+    """(name, ModuleList) of the decoder blocks: the ModuleList that holds the most target Linears;
+    (None, [model]) for a model without one, which is then calibrated as a single block."""
     best, best_count = None, 0
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
             count = sum(1 for linear in linear_names if linear.startswith(name + "."))
             if count > best_count:
                 best, best_count = (name, module), count
-    if best is None:
-        raise ValueError(f"{type(model).__name__}: found no ModuleList of decoder blocks holding the Linears "
-                         "to calibrate; layer-streamed algorithms need one")
-    return best
+    return best if best is not None else (None, [model])
 
 
 class _Catcher(nn.Module):
@@ -54,8 +54,10 @@ class _Catcher(nn.Module):
             return getattr(self.block, name)
 
 
-def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, forward_loop: Callable) -> List[tuple]:
+def capture_block_inputs(model: nn.Module, blocks: Sequence[nn.Module], forward_loop: Callable) -> List[tuple]:
     """Run `forward_loop(model)` with the blocks bypassed; return [(args, kwargs, token mask)] of block 0."""
+    if len(blocks) == 1 and blocks[0] is model:
+        return _capture_model_inputs(model, forward_loop)
     record = []
     originals = list(blocks)
     token_mask = getattr(forward_loop, "token_mask", None)
@@ -67,6 +69,26 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, forward_loop: 
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
+    if not record:
+        raise ValueError("forward_loop never ran the model: no calibration inputs were captured")
+    return record
+
+
+def _capture_model_inputs(model: nn.Module, forward_loop: Callable) -> List[tuple]:
+    """The model's own inputs, when the model is the one block (its forward runs, its outputs unused)."""
+    record = []
+    token_mask = getattr(forward_loop, "token_mask", None)
+
+    def keep(module, args, kwargs):
+        kept = {k: v for k, v in kwargs.items() if k not in NOT_REPLAYED}
+        record.append((tuple(args), kept, None if token_mask is None else token_mask.mask))
+
+    handle = model.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            forward_loop(model)
+    finally:
+        handle.remove()
     if not record:
         raise ValueError("forward_loop never ran the model: no calibration inputs were captured")
     return record
@@ -128,3 +150,19 @@ def observe_block(block: nn.Module, inputs: List[tuple], stop_after: Iterable[nn
             handle.remove()
         if token_mask is not None:
             token_mask.mask = None
+
+
+def statistics_pass(block: nn.Module, inputs: List[tuple], leaders: dict, token_mask,
+                    outputs: Optional[list] = None) -> None:
+    """Run `block` for the statistics hooks on its Linears `leaders` ({name: module}).
+
+    `outputs` (not sequential): the whole full-precision block runs and its outputs, appended
+    there, feed the next block. Otherwise each batch stops once every leader had its input, unless
+    the block holds fused experts: they are observed inside the block's forward, possibly after its
+    last Linear, so such a block runs to its end.
+    """
+    if outputs is not None:
+        outputs.extend(run_block(block, inputs, token_mask))
+        return
+    has_fused_experts = any(is_fused_experts(m) for m in block.modules())
+    observe_block(block, inputs, () if has_fused_experts else leaders.values(), token_mask)

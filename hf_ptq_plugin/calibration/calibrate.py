@@ -4,14 +4,14 @@
   the data through the model and sets every static `input_scale` from the observed maxima.
 - `smoothquant`, `awq_lite`, `awq_clip`, `awq_full`, `gptq` change the weights, so they need the
   full-precision ones: possible for a model loaded compressed by `from_pretrained(src,
-  quantization_config=PTQConfig(...))`, whose weights are read again from `src` one decoder block
-  at a time (`requantize.py`). For a model loaded that way, `algorithm=None` means the algorithm
-  its PTQConfig asked for.
+  quantization_config=PTQConfig(...))`: the pipeline then reads `src`'s weights again, one decoder
+  block at a time (`sources.CheckpointWeights`). For a model loaded that way, `algorithm=None`
+  means the algorithm its PTQConfig asked for.
 The KV cache's `k_scale`/`v_scale` are set in the same pass whenever the KV cache is quantized.
-`from_pretrained` calls this itself when the PTQConfig carries `calib_dataset`.
 """
 
 import contextlib
+import dataclasses
 from typing import Optional
 
 import torch
@@ -23,7 +23,9 @@ from ..config import PTQConfig
 from ..formats import KVFormat
 from ..modules.kv_cache import attention_modules, enable_kv_quantization, observe_kv_amax
 from ..modules.quant_linear import QuantLinear
-from .requantize import REQUANTIZING_ALGORITHMS, requantize_from_source
+from . import pipeline
+from .algorithms import ALGORITHMS, get_algorithm
+from .interrupted import refuse_if_interrupted
 
 
 def calibrate(model: nn.Module, data, algorithm: Optional[str] = None, tokenizer=None, calib_size: int = 512,
@@ -34,6 +36,7 @@ def calibrate(model: nn.Module, data, algorithm: Optional[str] = None, tokenizer
     `calibration_forward_loop` accepts (texts, files, datasets, token ids), then tokenized with
     `tokenizer`.
     """
+    refuse_if_interrupted(model)
     algorithm = _resolve_algorithm(model, algorithm)
     loop = data if callable(data) else _loop_from(data, tokenizer, calib_size, seq_len, batch_size)
     kv_format = _kv_format(model)
@@ -42,10 +45,10 @@ def calibrate(model: nn.Module, data, algorithm: Optional[str] = None, tokenizer
     model.eval()
     try:
         with observe_kv_amax(model, token_mask) if kv_format else contextlib.nullcontext({}) as kv_amax:
-            if algorithm == "max":
-                _calibrate_input_scales(model, loop, kv_format is not None)
+            if get_algorithm(algorithm).streamed:
+                _requantize_from_source(model, algorithm, loop)
             else:
-                requantize_from_source(model, algorithm, loop)
+                _calibrate_input_scales(model, loop, kv_format is not None)
     finally:
         model.train(was_training)
     if kv_format is not None:  # also switches on a KV cache that a compressed load left unquantized
@@ -64,23 +67,41 @@ def _kv_format(model: nn.Module) -> Optional[KVFormat]:
 
 
 def _resolve_algorithm(model: nn.Module, algorithm: Optional[str]) -> str:
+    """The algorithm to run: a weight-changing one needs the full-precision weights' source."""
     source = getattr(model, "ptq_source", None)
     if algorithm is None:
         return source.algorithm if source is not None else "max"
-    if algorithm == "max":
-        return algorithm
-    if algorithm not in REQUANTIZING_ALGORITHMS:
-        raise ValueError(f"unknown calibration algorithm {algorithm!r}; valid: max, {', '.join(REQUANTIZING_ALGORITHMS)}")
+    get_algorithm(algorithm)  # raises on an unknown name, listing the valid ones
     config = getattr(model, "ptq_config", None)
     if config is not None:
         PTQConfig(qformat=config.qformat, algorithm=algorithm)  # raises if the algorithm does not fit the format
-    if source is None:
+    if ALGORITHMS[algorithm].streamed and source is None:
         raise ValueError(f"algorithm {algorithm!r} changes the weights and needs the full-precision ones, which this "
                          "model no longer has (quantized in memory, or loaded from a quantized checkpoint); only "
                          f"'max' can calibrate it. Run quantize(model, PTQConfig(..., algorithm={algorithm!r}), "
                          "forward_loop) on the full-precision model, or load it with from_pretrained(src, "
                          "quantization_config=PTQConfig(...)), which can re-read src's weights")
     return algorithm
+
+
+def _requantize_from_source(model: nn.Module, algorithm: str, loop) -> None:
+    """Run the pipeline again on the source checkpoint's weights, block by block, with `algorithm`.
+
+    The KV cache is observed by the caller, so the pipeline runs without it."""
+    kv_cache_qformat = model.ptq_config.kv_cache_qformat
+    config = dataclasses.replace(model.ptq_config, algorithm=algorithm, kv_cache_qformat="none")
+    pipeline.run(model, config, loop, source=model.ptq_source)
+    _record_config(model, dataclasses.replace(model.ptq_config, kv_cache_qformat=kv_cache_qformat))
+
+
+def _record_config(model: nn.Module, config: PTQConfig) -> None:
+    """Every place the model's PTQConfig lives (what save_pretrained and the model card read)."""
+    model.ptq_config = config
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.quantization_config = config
+    if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
+        model.config.quantization_config = config
 
 
 def _calibrate_input_scales(model: nn.Module, loop, has_kv: bool) -> None:

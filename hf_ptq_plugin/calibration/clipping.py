@@ -1,12 +1,12 @@
 """Clipping searches: weight ranges smaller than max |w| when that lowers the error.
 
-`awq_clip` (`modelopt-format.md` §3.6) measures the error on the layer's output, with calibration
+`awq_clip` (`docs/modelopt-facts.md` §3.6) measures the error on the layer's output, with calibration
 inputs x: for INT4, per (row, group) block (for INT8, per row), the squared error of the block's
 partial output sum_{k in group} x_k (w_k - Q(w_k)) over tokens (every token of the AWQ sample,
 through one Gram matrix per group), for clip ratios 0.5, 0.55, ..., 1.0 of the block amax; for NVFP4 the global
 amax (the per-tensor `weight_scale_2`) is clipped, scored on the whole output of the sample's
-first MAX_CLIP_TOKENS tokens. On SmolLM2, scoring INT4 blocks on all 2048 sampled tokens instead
-of the first 256 took awq_full from 34.15 to 34.00 (BENCHMARKS.md). `mse` needs no data: per
+first MAX_CLIP_TOKENS tokens. On SmolLM2, scoring INT4 blocks on all 2048 sampled tokens rather
+than the first 256 lowers awq_full's perplexity from 34.15 to 34.00. `mse` needs no data: per
 block, the squared weight error sum (w - Q(w))^2, optionally weighted per input channel (GPTQ's
 INT4 scales; `weighted_nvfp4_block_scales` is the same search for GPTQ's NVFP4 block scales).
 Each returns the scale (or global amax) the QuantLinear then stores as is.
@@ -44,7 +44,7 @@ def clip_int_scale(w: torch.Tensor, x: torch.Tensor, group_size: int, bits: int 
     groups = k // group_size
     amax = block_amax(w, group_size)  # (N, G)
     # sum over tokens of (x_g . d)^2 = d^T (x_g^T x_g) d: one (g, g) Gram matrix per group, made
-    # once, instead of the (T, N, G) partial outputs per ratio (5-7x faster at SmolLM2's shapes).
+    # once, instead of the (T, N, G) partial outputs per ratio (g / T of their operations per ratio).
     x_groups = x.view(-1, groups, group_size).transpose(0, 1)  # (G, T, g)
     gram = torch.bmm(x_groups.transpose(1, 2), x_groups)  # (G, g, g)
     errors = []

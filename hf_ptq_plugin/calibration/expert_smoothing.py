@@ -1,7 +1,7 @@
 """Smoothing for the fused experts of one MoE layer: AWQ (lite, clip, full) and SmoothQuant.
 
 What the checkpoint must hold decides the search. ModelOpt's export averages the experts'
-pre_quant_scales per projection and re-smooths them (`modelopt-format.md` §6.1 3b), so every
+pre_quant_scales per projection and re-smooths them (`docs/modelopt-facts.md` §6.1 step 3b), so every
 expert of a layer carries one gate/up and one down pre_quant_scale, and TensorRT-LLM's MoE
 loaders fold them into one activation scale per expert input. Rather than search each expert and
 average afterwards (which leaves every expert with a scale no search chose), the one shared scale
@@ -26,6 +26,7 @@ from typing import Dict, Optional
 import torch
 
 from .. import formats as F
+from ..modules.layer_plan import LayerPlan
 from .awq import alpha_grid, alpha_losses, best_scale, block_size, normalized_weight_mean
 from .clipping import clip_nvfp4_global_amax, clip_weight_scale
 from .smoothquant import ALPHAS, alpha_errors, best_alpha, smoothquant_scale
@@ -35,12 +36,11 @@ SAMPLE_TOKENS = 128  # per expert and projection input: 128 to 256 tokens kept f
 
 @dataclass
 class ExpertPlan:
-    """What calibration decided for one projection kind ("gate_up" or "down") of a MoE layer's experts
-    (moe.py builds the GPTQ and MSE ones from their per-expert weights and scales)."""
+    """What calibration decided for one projection kind ("gate_up" or "down") of a MoE layer's experts."""
 
     pre_quant_scale: Optional[torch.Tensor]  # (K,) in the weights' dtype, shared by every expert; None: no smoothing
     input_amax: Optional[torch.Tensor]  # 0-d fp32: static input amax of the smoothed inputs; None: the observed one
-    quantize_args: Dict[int, dict] = field(default_factory=dict)  # {expert: quantize_weight overrides}
+    chosen: Dict[int, LayerPlan] = field(default_factory=dict)  # {expert: its weight's plan}; others: nearest
 
 
 @torch.no_grad()
@@ -54,7 +54,7 @@ def expert_awq_plan(w: torch.Tensor, stat, kind: str, fmt: F.Format, group_size:
         plan = _smoothed(w, (1.0 / scale).to(w.dtype), stat.channel_amax[kind])
         samples = [None if x is None else x * plan.pre_quant_scale.float() for x in samples]
     if clip:
-        plan.quantize_args = _clipped(w, samples, stat.tokens, fmt, group_size)
+        plan.chosen = _clipped(w, samples, stat.tokens, fmt, group_size)
     return plan
 
 
@@ -91,8 +91,8 @@ def _shared_awq_scale(w, samples, x_mean, x_amax, fmt: F.Format, group_size: int
     return best_scale(losses, alphas, x_mean, w_mean)
 
 
-def _clipped(w, samples, tokens: torch.Tensor, fmt: F.Format, group_size: int) -> Dict[int, dict]:
-    """{expert: quantize_weight overrides} for every expert some process routed tokens to.
+def _clipped(w, samples, tokens: torch.Tensor, fmt: F.Format, group_size: int) -> Dict[int, LayerPlan]:
+    """{expert: its clipped weight plan} for every expert some process routed tokens to.
 
     Each clip search sums its errors over processes, so every process searches the same experts,
     with an empty sample where it saw none of that expert's tokens.
@@ -103,7 +103,7 @@ def _clipped(w, samples, tokens: torch.Tensor, fmt: F.Format, group_size: int) -
             continue  # no token anywhere: rounded to nearest
         x = x if x is not None else w.new_zeros((0, w.shape[2]), dtype=torch.float32)
         if fmt.weight == F.NVFP4:
-            args[e] = {"global_amax": clip_nvfp4_global_amax(w[e], x, fmt)}
+            args[e] = LayerPlan(weight_global_amax=clip_nvfp4_global_amax(w[e], x, fmt))
         else:
-            args[e] = {"weight_scale": clip_weight_scale(w[e], x, fmt, group_size)}
+            args[e] = LayerPlan(weight_scale=clip_weight_scale(w[e], x, fmt, group_size))
     return args

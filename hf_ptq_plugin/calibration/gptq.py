@@ -1,4 +1,4 @@
-"""GPTQ (`modelopt-format.md` §3.8) for INT4 group-wise, INT8 per-channel, FP8 per-tensor or
+"""GPTQ (`docs/modelopt-facts.md` §3.8) for INT4 group-wise, INT8 per-channel, FP8 per-tensor or
 per-channel, and NVFP4 weights.
 
 Per Linear, with the Hessian H = (2/n) sum x x^T of its inputs: dead columns are zeroed, H is
@@ -19,10 +19,10 @@ INT4 scales start from amax / 7.5, not the amax / 7 of round-to-nearest (ModelOp
 codes are used (a group's largest-magnitude weight lands on 7 if positive, on -8 if negative) and
 the step is 7% finer; the engines read any scale. Each group's scale is then clipped to the ratio
 of that (0.50, 0.52, ..., 1.00) with the least rounding error weighted by diag(H), the input
-energy. On SmolLM2's first four blocks at group 64 (held-out tokens), act-order lowered GPTQ's
+energy. On SmolLM2's first four blocks at group 64 (held-out tokens), act-order lowers GPTQ's
 summed relative output error by 18% (0.120 -> 0.098) and the amax / 7.5 scales by another 10%
-(-> 0.088); on the whole model (BENCHMARKS.md) the clipped scales took perplexity from 35.52 to
-32.12.
+(-> 0.088); with the clipped scales, GPTQ is the most accurate INT4 algorithm on the whole model
+(BENCHMARKS.md).
 
 The scales are returned, so the QuantLinear stores exactly the codes GPTQ chose: recomputing
 scales afterwards would re-round them.
@@ -51,8 +51,8 @@ GRAM_STRIP = 192  # rows of x^T x per GEMM in symmetric_gram: the fastest of 96-
 
 def symmetric_gram(x: torch.Tensor) -> torch.Tensor:
     """x^T x (K, K) for x (T, K), computing only the strips on and right of the diagonal and
-    mirroring them. These GEMMs are GPTQ's largest cost after the forward passes; on 2048 tokens
-    this takes 0.75x (K = 576) and 0.65x (K = 1536) the time of `x.T @ x` (AVX-512 EPYC, fp32).
+    mirroring them. These GEMMs are GPTQ's largest cost after the forward passes, and this takes
+    fewer multiply-adds than `x.T @ x` (about half for wide inputs).
     Exactly symmetric, as the Cholesky needs."""
     k = x.shape[1]
     gram = torch.empty(k, k, dtype=x.dtype, device=x.device)

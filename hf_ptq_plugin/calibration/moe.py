@@ -1,20 +1,20 @@
-"""Fused MoE experts in the three flows: quantize_model, pre-quantized loading, quantize-on-load.
+"""Fused MoE experts in the three flows: the calibration pipeline, pre-quantized loading, quantize-on-load.
 
-- `ExpertQuantization` (quantize_model): finds the fused-experts modules, observes them while the
-  calibration data runs (per-expert tokens and input amax, calibration/experts.py), then swaps each
-  for a QuantExperts (quant_experts.py) with one shared input scale per projection. With GPTQ
+- `ExpertQuantization`: finds the fused-experts modules, observes them while the
+  calibration data runs (per-expert tokens and input amax, expert_observer.py), then swaps each
+  for a QuantExperts (modules/quant_experts.py) with one shared input scale per projection. With GPTQ
   each expert's gate/up (as one tensor) and down get GPTQ on the Hessian of the tokens routed to
   it; an expert no calibration token reached has no Hessian and is rounded to nearest. The AWQ
   algorithms and SmoothQuant give each layer's experts one shared pre_quant_scale per projection
-  input, AWQ's clipping is per expert on its own tokens (calibration/expert_smoothing.py); `mse`
+  input, AWQ's clipping is per expert on its own tokens (expert_smoothing.py); `mse`
   searches each expert's weight scales; `max` rounds them to nearest. Under layer streaming
   each block's experts are quantized right after that block's pass, so the next block is fed by
   quantized experts. The tokens each expert saw are logged and kept on
   the model as `model.expert_token_counts` ({experts module: [tokens per expert]}); they sum to
-  tokens x top_k per layer. Experts without tokens: see calibration/shared_inputs.py.
-- `prepare_prequantized_experts` (checkpoint_load.py): meta QuantExperts whose buffers the
+  tokens x top_k per layer. Experts without tokens: see shared_inputs.py.
+- `prepare_prequantized_experts`: meta QuantExperts whose buffers the
   checkpoint's per-expert tensors fill by name.
-- `prepare_load_time_experts` / `quantize_experts_on_load` (load_time.py): transformers merges the
+- `prepare_load_time_experts` / `quantize_experts_on_load` (quantize-on-load): transformers merges the
   source's per-expert tensors into `gate_up_proj` / `down_proj` (its conversion mapping); those
   names exist on the meta QuantExperts as placeholders, so each merged tensor reaches our quantize
   op, which returns the per-expert tensors; the placeholders are dropped after loading. Peak
@@ -29,11 +29,9 @@ import torch
 from torch import nn
 
 from .. import formats as F
-from .awq import AWQ_STEPS
-from .clipping import mse_weight_scale
-from .expert_smoothing import SAMPLE_TOKENS, ExpertPlan, expert_awq_plan, expert_smoothquant_plan
+from .algorithms import Algorithm
+from .expert_smoothing import SAMPLE_TOKENS
 from .expert_observer import ExpertObserver
-from .gptq import gptq_quantize
 from .shared_inputs import log_token_counts
 from ..modules.fused_experts import (DEFAULT_PROJECTION_NAMES, FUSED_PARAMS, checkpoint_namer, is_fused_experts, projection_names,
                       projection_shapes, target_experts)
@@ -42,28 +40,19 @@ from ..modules.quant_experts import QuantExperts
 
 logger = logging.getLogger(__name__)
 
-SAMPLING_ALGORITHMS = ("smoothquant", *AWQ_STEPS)  # their searches replay samples of each expert's tokens
-
-
 class ExpertQuantization:
     """The fused experts of one calibration, from observation to QuantExperts.
 
-    `experts` {name: fused-experts module}; more can join later with `add` (requantize.py adds each
-    block's experts as it restores them from the source checkpoint). `names`: the checkpoint names
+    `experts` {name: fused-experts module}; more can join later with `add` (a block's experts restored
+    from the source checkpoint join when the block is reached). `names`: the checkpoint names
     of an expert's (gate, up, down) projections.
     """
 
-    def __init__(self, model: nn.Module, experts: Dict[str, nn.Module], fmt: F.Format, algorithm: str,
+    def __init__(self, model: nn.Module, experts: Dict[str, nn.Module], fmt: F.Format, algorithm: Algorithm,
                  names: Optional[Tuple[str, str, str]] = None):
         self.model, self.fmt, self.algorithm = model, fmt, algorithm  # every algorithm has an expert variant
         self.experts, self.names = dict(experts), names
         self.stats, self.done, self.observer = {}, set(), None
-
-    @classmethod
-    def of_model(cls, model: nn.Module, exclude_modules, fmt: F.Format, algorithm: str) -> "ExpertQuantization":
-        """The model's fused experts that `exclude_modules` leaves to quantize (quantize_model)."""
-        experts = target_experts(model, exclude_modules)
-        return cls(model, experts, fmt, algorithm, projection_names(model) if experts else None)
 
     def add(self, name: str, fused: nn.Module) -> None:
         """A fused-experts module to quantize too, observed from now on when inside `observing`."""
@@ -78,8 +67,8 @@ class ExpertQuantization:
     @contextlib.contextmanager
     def observing(self, token_mask=None):
         """Record per-expert statistics while the calibration data runs inside the block."""
-        sample_size = SAMPLE_TOKENS if self.algorithm in SAMPLING_ALGORITHMS else 0
-        with ExpertObserver(token_mask, self.algorithm == "gptq", sample_size) as observer:
+        sample_size = SAMPLE_TOKENS if self.algorithm.samples_expert_tokens else 0
+        with ExpertObserver(token_mask, self.algorithm.observes_expert_hessians, sample_size) as observer:
             self.observer, self.stats = observer, observer.stats  # `add` joins modules to it meanwhile
             for name, module in self.experts.items():
                 observer.add(name, module)
@@ -124,12 +113,11 @@ class ExpertQuantization:
                              "needs their activation scales: run samples through every MoE layer")
         for param, kind in zip(FUSED_PARAMS, ("gate_up", "down")):
             w = getattr(fused, param)
-            plan = self._plan(w, stat, kind, quantized.group_size) if observed else None
-            if self.algorithm == "mse":  # needs no data
-                scales = {e: {"weight_scale": mse_weight_scale(w[e], self.fmt, quantized.group_size)}
-                          for e in range(w.shape[0])}
-                plan = ExpertPlan(None, None, scales)
-            quantized.load_fused(param, w, plan.quantize_args if plan else None)
+            if observed:
+                plan = self.algorithm.plan_experts(w, stat, kind, self.fmt, quantized.group_size)
+            else:
+                plan = self.algorithm.plan_unobserved_experts(w, self.fmt, quantized.group_size)
+            quantized.load_fused(param, w, plan.chosen if plan else None)
             if plan is not None and plan.pre_quant_scale is not None:
                 quantized.set_pre_quant_scale(kind, plan.pre_quant_scale)
             if self.fmt.needs_calibration_data:
@@ -140,33 +128,13 @@ class ExpertQuantization:
         self.model.set_submodule(name, quantized)
         self.done.add(name)
 
-    def _plan(self, w: torch.Tensor, stat, kind: str, group_size: int) -> Optional[ExpertPlan]:
-        """What the algorithm makes of observed experts' fused weights w (E, N, K), or None for `max`.
-        Smoothing algorithms change w in place."""
-        if self.algorithm == "gptq":
-            return ExpertPlan(None, None, self._gptq(w, stat, kind, group_size))
-        if self.algorithm in AWQ_STEPS:
-            return expert_awq_plan(w, stat, kind, self.fmt, group_size, *AWQ_STEPS[self.algorithm])
-        if self.algorithm == "smoothquant":
-            return expert_smoothquant_plan(w, stat, kind, self.fmt)
-        return None
-
-    def _gptq(self, w: torch.Tensor, stat, kind: str, group_size: Optional[int]) -> Dict[int, dict]:
-        """{e: GPTQ's weight and scale} for the experts of fused weights w (E, N, K) that saw tokens."""
-        chosen = {}
-        for e in range(w.shape[0]):
-            if int(stat.tokens[e]) > 0:
-                weight, scale = gptq_quantize(w[e], stat.hessian(kind, e), self.fmt, group_size)
-                chosen[e] = {"weight": weight, "weight_scale": scale}
-        return chosen
-
 
 def prepare_prequantized_experts(model: nn.Module, fmt: F.Format, exclude_modules, group_size: Optional[int],
                                  header: dict, check: Callable) -> int:
     """Swap the fused experts the checkpoint holds quantized for meta QuantExperts; returns how many.
 
     `check(header_name, quant_linear)` validates one projection against the checkpoint header
-    (checkpoint_load.py). A checkpoint quantizing some MoE layers' experts and not others is refused.
+    (hf/prequantized.py). A checkpoint quantizing some MoE layers' experts and not others is refused.
     """
     fused = {name: m for name, m in model.named_modules() if is_fused_experts(m)}
     if not fused:
@@ -220,9 +188,13 @@ def prepare_load_time_experts(model: nn.Module, experts: Dict[str, nn.Module], f
         model.set_submodule(name, quantized)
 
 
-def quantize_experts_on_load(module: QuantExperts, name: str, param: str, w: torch.Tensor) -> dict:
-    """The loader's quantize op for one merged fused tensor `w`: {full tensor name: tensor}."""
-    out = {f"{name}.{key}": tensor for key, tensor in module.quantize_fused(param, w).items()}
+def quantize_experts_on_load(module: QuantExperts, name: str, param: str, w: torch.Tensor,
+                             algorithm: Algorithm) -> dict:
+    """The loader's quantize op for one merged fused tensor `w`, with a data-free `algorithm`:
+    {full tensor name: tensor}."""
+    plan = algorithm.plan_unobserved_experts(w, module.fmt, module.group_size)
+    chosen = plan.chosen if plan is not None else None
+    out = {f"{name}.{key}": tensor for key, tensor in module.quantize_fused(param, w, chosen).items()}
     if module.fmt.needs_calibration_data:  # placeholders, never saved: uncalibrated until calibrate()
         kind = "down" if param == "down_proj" else "gate_up"
         for e in range(module.num_experts):

@@ -1,11 +1,13 @@
-"""quantize_model(model, config, forward_loop): quantize a model in memory (ModelOpt's mtq.quantize).
+"""The calibration pipeline: one function for every entry point, the weight source the only difference.
 
-The public `hf_ptq_plugin.calibration.pipeline` (api.py) calls it, then attaches the transformers quantizer.
-
-Steps: pick the target Linears and the group size (failing early on shapes a format cannot
-store), calibrate (one pass of statistics for max; block-by-block streaming for SmoothQuant,
-AWQ and GPTQ), unify the scales of engine-fused siblings, then swap each Linear for a QuantLinear, layer
-by layer, so full-precision and quantized copies of the whole model never coexist.
+`run(model, config, forward_loop, source)`: pick the target Linears and fused experts and the
+group size (failing early on shapes a format cannot store); calibrate, with one pass of statistics
+for `max`/`mse`, or block by block for the layer-streamed algorithms (SmoothQuant, AWQ, GPTQ),
+each block's full-precision weights read from `source` just before it is calibrated; unify the
+scales of engine-fused siblings; swap each Linear for a QuantLinear, layer by layer, so
+full-precision and quantized copies of the whole model never coexist; fold AWQ scales into the
+norms that feed them, so the model in memory is exactly what its checkpoint will hold. `quantize()` runs it on the
+model's own weights; `calibrate()` on a model loaded compressed runs it on the checkpoint's.
 """
 
 import contextlib
@@ -17,71 +19,99 @@ import torch
 from torch import nn
 
 from .. import formats as F
-from . import collect_input_stats
-from .clipping import mse_weight_scale
-from .streamed import STREAMED_ALGORITHMS, streamed_calibration
 from ..config import PTQConfig
 from ..modules.kv_cache import check_kv_support, enable_kv_quantization, observe_kv_amax
+from ..modules.layer_plan import LayerPlan
+from ..modules.quant_linear import QuantLinear
+from .algorithms import Algorithm, get_algorithm
+from .folding import fold_pre_quant_scales
+from .interrupted import WeightGuard, refuse_if_interrupted
 from .moe import ExpertQuantization
 from .offload import materialize, onloaded
-from ..modules.quant_linear import QuantLinear
-from .selection import fused_groups, fused_weight_amax, target_linears
-from .shapes import check_layer_shapes, resolve_group_size
+from .selection import fused_groups, fused_weight_amax
+from .sources import InMemoryWeights
+from .stats import collect_input_stats
+from .streamed import streamed_calibration
 
 logger = logging.getLogger(__name__)
 
-def quantize_model(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callable] = None) -> nn.Module:
-    """Quantize `model` in place per `config` and return it.
 
-    `forward_loop(model)` runs calibration data through the model; it is required when the
-    format has static activation scales, when the KV cache is quantized, and for every algorithm
-    other than weight-only `max`. `max` runs it once over the whole model; `smoothquant`, the AWQ
-    algorithms and `gptq` run it once to capture the first block's inputs, then stream block by block.
+def run(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callable] = None, source=None) -> nn.Module:
+    """Quantize `model` in place per `config`, reading full-precision weights from `source`
+    (default: the model's own, `InMemoryWeights`), and return it.
+
+    `forward_loop(model)` runs calibration data through the model; it is required when the format
+    has static activation scales, when the KV cache is quantized, and for every algorithm that
+    reads activations (all but `max` and `mse` on weight-only formats).
     """
     if config.layer_qformats:
         raise ValueError("layer_qformats (per-layer formats) describe a MIXED_PRECISION checkpoint; quantize() takes "
                          "one qformat (leave layer_qformats=None)")
-    fmt, kv_format, algorithm = config.format, config.kv_format, config.resolved_algorithm
-    linears = target_linears(model, config.exclude_modules)
+    refuse_if_interrupted(model)
+    source = source or InMemoryWeights()
+    fmt, kv_format, algorithm = config.format, config.kv_format, get_algorithm(config.resolved_algorithm)
+    linears, experts = source.targets(model, config.exclude_modules)
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear left to quantize after exclusions "
                          f"{config.exclude_modules}")
-    moe = ExpertQuantization.of_model(model, config.exclude_modules, fmt, algorithm)  # fused MoE experts (moe.py)
-    shapes = {**linears, **moe.shapes()}
-    group_size = resolve_group_size(fmt, shapes, config.group_size)
-    check_layer_shapes(fmt, shapes, group_size)
+    group_size = source.group_size(config, linears, experts)
     _check_algorithm_and_loop(config, algorithm, forward_loop)
     if kv_format is not None:
         check_kv_support(model, kv_format)
-
+    moe = ExpertQuantization(model, experts if source.experts_upfront else {}, fmt, algorithm,
+                             source.expert_names(model, experts))
     token_mask = getattr(forward_loop, "token_mask", None)
-    with _kv_observation(model, kv_format, token_mask) as kv_amax, moe.observing(token_mask):
-        if algorithm in STREAMED_ALGORITHMS:
-            def quantize_block(block_linears, plan):
-                quantize_linears(model, fmt, group_size, block_linears, plan)
-                moe.quantize_observed(group_size)  # this block's experts, before they feed the next block
-
-            streamed_calibration(model, linears, fmt, group_size, algorithm, forward_loop, quantize_block,
-                                 sequential=config.sequential)
-        else:
-            # Weight-only max / mse reads no activation: a pass over the data would only cost time,
-            # unless the KV cache's scales or the experts' token counts need it.
-            observed = fmt.needs_calibration_data or kv_format is not None or bool(moe.experts)
-            plan = _one_pass_plan(model, linears, fmt, group_size, algorithm, forward_loop if observed else None)
-            quantize_linears(model, fmt, group_size, linears, plan)
-    moe.finish(group_size)
+    with WeightGuard(model).watching() as guard:
+        with _kv_observation(model, kv_format, token_mask) as kv_amax, moe.observing(token_mask):
+            if algorithm.streamed:
+                _streamed(model, linears, experts, moe, fmt, group_size, algorithm, forward_loop, source, config,
+                          guard)
+            else:
+                # Weight-only max / mse reads no activation: a pass over the data would only cost time,
+                # unless the KV cache's scales or the experts' token counts need it.
+                observed = fmt.needs_calibration_data or kv_format is not None or bool(moe.experts)
+                plans = _one_pass_plans(model, linears, fmt, group_size, algorithm,
+                                        forward_loop if observed else None)
+                guard.changing()
+                quantize_linears(model, fmt, group_size, linears, plans)
+        guard.changing()
+        moe.finish(group_size)
+        fold_pre_quant_scales(model)  # norm-fed AWQ scales into the norm now, so the model is what gets saved
     if kv_format is not None:
         enable_kv_quantization(model, kv_format, kv_amax)
-    model.ptq_config = dataclasses.replace(config, group_size=group_size, algorithm=algorithm)
-    logger.info("quantized %d Linear layers to %s with %s (group size %s)", len(linears), fmt.name, algorithm, group_size)
+    model.ptq_config = dataclasses.replace(config, group_size=group_size, algorithm=algorithm.name)
+    logger.info("quantized %d Linear layers to %s with %s (group size %s)", len(linears), fmt.name, algorithm.name,
+                group_size)
     return model
 
 
-def _check_algorithm_and_loop(config: PTQConfig, algorithm: str, forward_loop: Optional[Callable]) -> None:
+def _streamed(model, linears, experts, moe, fmt, group_size, algorithm: Algorithm, forward_loop, source,
+              config, guard) -> None:
+    """Layer-streamed calibration: each block restored from `source`, planned, then quantized."""
+    pending = {} if source.experts_upfront else dict(experts)
+
+    def prepare_block(prefix: str, block_linears: dict) -> dict:
+        guard.changing()  # from here on the block's weights are rescaled, restored or swapped
+        for name in [n for n in pending if n.startswith(prefix)]:
+            moe.add(name, source.restore_experts(model, name, pending.pop(name)))
+        return source.restore_block(model, block_linears)
+
+    def quantize_block(block_linears: dict, plans: Dict[str, LayerPlan]) -> None:
+        quantize_linears(model, fmt, group_size, block_linears, plans)
+        moe.quantize_observed(group_size)  # this block's experts, before they feed the next block
+
+    streamed_calibration(model, linears, fmt, group_size, algorithm, forward_loop, quantize_block,
+                         prepare_block=prepare_block, sequential=config.sequential)
+    if pending:
+        raise ValueError(f"the experts {sorted(pending)[:3]} are in decoder blocks with no other quantized Linear; "
+                         f"algorithm {algorithm.name!r} re-reads experts block by block with the block's Linears")
+
+
+def _check_algorithm_and_loop(config: PTQConfig, algorithm: Algorithm, forward_loop: Optional[Callable]) -> None:
     if forward_loop is not None:
         return
-    if algorithm not in ("max", "mse"):
-        raise ValueError(f"algorithm {algorithm!r} needs calibration data: pass forward_loop=lambda model: ... "
+    if algorithm.streamed:
+        raise ValueError(f"algorithm {algorithm.name!r} needs calibration data: pass forward_loop=lambda model: ... "
                          "that runs samples through the model (or algorithm='max' for weight-only formats)")
     if config.format.needs_calibration_data:
         raise ValueError(f"qformat {config.qformat!r} has static activation scales, which need calibration data: "
@@ -100,46 +130,40 @@ def _kv_observation(model: nn.Module, kv_format, token_mask):
         yield kv_amax
 
 
-def _one_pass_plan(model, linears, fmt: F.Format, group_size, algorithm: str, forward_loop) -> Dict[str, dict]:
-    """max / mse: one pass of statistics, then {name: {"input_amax", ...}}."""
-    plan = {name: {} for name in linears}
-    if algorithm == "mse":  # data-free weight scales; activations still take their max below
-        for name, linear in linears.items():
-            with onloaded(linear):
-                plan[name]["weight_scale"] = mse_weight_scale(linear.weight, fmt, group_size)
-    if forward_loop is None:  # weight-only: nothing to observe
-        return plan
-    stats = collect_input_stats(model, linears, forward_loop)
-    return {name: {**plan[name], "input_amax": s.amax} for name, s in stats.items()}
-
-
-def quantize_linears(model: nn.Module, fmt: F.Format, group_size, linears: Dict[str, nn.Linear], plan: dict) -> None:
-    """Unify fused siblings' scales, then swap each Linear for its QuantLinear (also used by requantize.py)."""
-    input_amax = {name: p["input_amax"] for name, p in plan.items() if "input_amax" in p}
-    weight_global_amax = _unify_fused_scales(fmt, linears, input_amax)
-    weight_global_amax.update({name: p["weight_global_amax"] for name, p in plan.items() if "weight_global_amax" in p})
+def _one_pass_plans(model, linears, fmt: F.Format, group_size, algorithm: Algorithm,
+                    forward_loop) -> Dict[str, LayerPlan]:
+    """max / mse: data-free weight scales, then one pass of input statistics (when there is a loop)."""
+    plans = {}
     for name, linear in linears.items():
-        layer_plan = plan.get(name, {})
-        materialize(linear)  # offloaded: in memory until its QuantLinear replaces it (offload.py)
-        _swap(model, name, QuantLinear.from_linear(
-            linear, fmt, group_size, input_amax.get(name), weight_global_amax.get(name),
-            layer_plan.get("pre_quant_scale"), layer_plan.get("weight"), layer_plan.get("weight_scale")))
+        with onloaded(linear):
+            plans[name] = LayerPlan(weight_scale=algorithm.data_free_weight_scale(linear.weight, fmt, group_size))
+    if forward_loop is None:  # weight-only: nothing to observe
+        return plans
+    stats = collect_input_stats(model, linears, forward_loop)
+    return {name: plans[name].but(input_amax=s.amax) for name, s in stats.items()}
 
 
-def _unify_fused_scales(fmt: F.Format, linears: Dict[str, nn.Linear], input_amax: Dict[str, torch.Tensor]) -> dict:
-    """Give engine-fused siblings one input amax and one weight global amax (max of the group).
-
-    Updates `input_amax` in place; returns {name: weight global amax} for NVFP4 / W4A8 layers,
-    whose `weight_scale_2` must be shared before their block scales are computed.
-    """
-    if input_amax:
-        for group in fused_groups(linears):
-            shared = torch.stack([input_amax[name] for name in group]).amax()
-            input_amax.update({name: shared for name in group})
-    return fused_weight_amax(linears) if fmt.weight == F.NVFP4 or fmt.fp8_weight_scale_2 else {}
+def quantize_linears(model: nn.Module, fmt: F.Format, group_size, linears: Dict[str, nn.Linear],
+                     plans: Dict[str, LayerPlan]) -> None:
+    """Unify fused siblings' scales, then swap each Linear for its QuantLinear."""
+    plans = {name: plans.get(name, LayerPlan()) for name in linears}
+    _unify_fused_scales(fmt, linears, plans)
+    for name, linear in linears.items():
+        materialize(linear)  # offloaded: in memory until its QuantLinear replaces it
+        model.set_submodule(name, QuantLinear.from_linear(linear, fmt, group_size, plans[name]))
 
 
-def _swap(model: nn.Module, name: str, new_module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new_module)
+def _unify_fused_scales(fmt: F.Format, linears: Dict[str, nn.Linear], plans: Dict[str, LayerPlan]) -> None:
+    """Give engine-fused siblings one input amax and, for NVFP4 / W4A8, one weight global amax
+    (the max of the group), which their shared `weight_scale_2` is computed from."""
+    for group in fused_groups(linears):
+        amaxes = [plans[name].input_amax for name in group]
+        if all(a is not None for a in amaxes):
+            shared = torch.stack(amaxes).amax()
+            for name in group:
+                plans[name] = plans[name].but(input_amax=shared)
+    if not fmt.has_weight_scale_2:
+        return
+    for name, amax in fused_weight_amax(linears).items():
+        if plans[name].weight_global_amax is None:
+            plans[name] = plans[name].but(weight_global_amax=amax)

@@ -3,8 +3,7 @@
 `calibration_record(forward_loop)` summarizes a forward loop: for the loops that
 `calibration_forward_loop` builds, the data source and the exact sample and token counts; for
 any other callable only that a custom loop ran (nothing is guessed). `quantize()` and
-`calibrate()` store the result on the model as `model.calibration_record`; `model_card.py`
-reads it.
+`calibrate()` store the result on the model as `model.calibration_record`, for the model card.
 """
 
 from pathlib import Path

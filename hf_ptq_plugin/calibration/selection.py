@@ -1,6 +1,6 @@
 """Which Linears get quantized, and which of them an engine fuses into one GEMM.
 
-Default exclusions follow ModelOpt's default-disabled list (`modelopt-format.md` §1.3): the LM
+Default exclusions follow ModelOpt's default-disabled list (`docs/modelopt-facts.md` §1.3): the LM
 head, MoE routers, vision towers and projectors. Patterns are fnmatch wildcards matched against
 the module name; a plain name also excludes everything under it.
 """

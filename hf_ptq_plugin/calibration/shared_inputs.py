@@ -1,11 +1,11 @@
 """Layers that share one input scale (the experts of a MoE layer), and the tokens each expert saw.
 
-The rule, as ModelOpt HEAD applies it (`modelopt-format.md` §3.1, §10.1): every expert of a layer
+The rule, as ModelOpt HEAD applies it (`docs/modelopt-facts.md` §3.1, §10.1): every expert of a layer
 gets the same input amax per projection, the max over the layer's experts. An expert that no
 calibration token reached therefore gets the max over the other experts of its layer and
 projection; its weight scales come from its weights alone. `pool_shared_inputs` applies the rule to
-per-layer statistics (`collect_input_stats` calls it, e.g. for `calibrate(model, data)` on a model
-whose experts are already QuantExperts); `log_token_counts` reports tokens per expert.
+per-layer statistics (e.g. for `calibrate(model, data)` on a model whose experts are already
+QuantExperts); `log_token_counts` reports tokens per expert.
 """
 
 import logging

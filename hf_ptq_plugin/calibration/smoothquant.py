@@ -1,4 +1,4 @@
-"""SmoothQuant (`modelopt-format.md` §3.4): migrate activation outliers into the INT8 weights.
+"""SmoothQuant (`docs/modelopt-facts.md` §3.4): migrate activation outliers into the INT8 weights.
 
 Per input channel c: a[c] = w_max[c]^(1-alpha) / x_max[c]^alpha, clamped to [1e-4, 1e4], and 1
 for channels that never saw a non-zero activation. `pre_quant_scale = a` multiplies x, W[:, c] is
@@ -7,9 +7,9 @@ divided by a[c], and the static input amax becomes max_c(x_max[c] * a[c]).
 alpha is searched per group of Linears sharing an input, over 0, 0.1, ..., 1: the one whose
 W8A8 output (per-channel INT8 weights, the static per-tensor INT8 input scale the smoothed
 activations will really get) is closest to the full-precision output on a sample of calibration
-tokens. No single alpha suits every layer: on SmolLM2-135M, 0.5 (the paper's balance point) left
-perplexity at 39.9 where ModelOpt's fixed 1.0 reaches 31.3 (BENCHMARKS.md). Without a token
-sample, alpha is DEFAULT_ALPHA.
+tokens. No single alpha suits every layer: on SmolLM2-135M a fixed 0.5 (the paper's balance point)
+leaves perplexity at 39.9 and ModelOpt's fixed 1.0 at 31.3, where the search reaches 30.75
+(BENCHMARKS.md). Without a token sample, alpha is DEFAULT_ALPHA.
 """
 
 from typing import Dict, List, Optional
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import formats as F
+from ..modules.layer_plan import LayerPlan
 from ..numerics import input_scale_from_amax, quantize_activation
 from ..numerics.weights import fake_quantize_weight
 from .distributed import all_reduce
@@ -68,8 +69,8 @@ def best_alpha(errors: torch.Tensor) -> float:
 
 
 def smoothquant_group_plan(linears: Dict[str, nn.Linear], group: List[str], x_channel_amax: torch.Tensor,
-                           x_sample: Optional[torch.Tensor] = None, fmt: Optional[F.Format] = None) -> dict:
-    """Smooth a group of Linears sharing one input, in place; {name: {"pre_quant_scale", "input_amax"}}.
+                           x_sample: Optional[torch.Tensor] = None, fmt: Optional[F.Format] = None) -> Dict[str, LayerPlan]:
+    """Smooth a group of Linears sharing one input, in place; {name: its plan}.
 
     With a token sample (and the format), alpha is searched (`search_alpha`); else DEFAULT_ALPHA.
     """
@@ -77,4 +78,4 @@ def smoothquant_group_plan(linears: Dict[str, nn.Linear], group: List[str], x_ch
     alpha = DEFAULT_ALPHA if x_sample is None else search_alpha(w, x_channel_amax, x_sample, fmt)
     scale = apply_pre_quant_scale([linears[name] for name in group], smoothquant_scale(w, x_channel_amax, alpha))
     input_amax = (x_channel_amax.float() * scale.float()).amax()
-    return {name: {"pre_quant_scale": scale, "input_amax": input_amax} for name in group}
+    return {name: LayerPlan(pre_quant_scale=scale, input_amax=input_amax) for name in group}

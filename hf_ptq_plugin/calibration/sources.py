@@ -1,27 +1,58 @@
-"""Where a model loaded compressed came from: its full-precision safetensors, readable again by name.
+"""Weight sources: where the calibration pipeline reads the full-precision weights it quantizes.
 
-`from_pretrained(src, quantization_config=PTQConfig(...))` quantizes each weight as it is read and
-keeps no full-precision copy. Algorithms that change weights (SmoothQuant, AWQ, GPTQ) need that
-copy, one decoder block at a time: `LoadSource` remembers the checkpoint files (and the algorithm
-the load asked for), `restore_full_precision` swaps a block's QuantLinears back to Linears
-holding the source weights, and `restore_experts` a QuantExperts back to a fused-experts module
-(`SourceExperts`) holding its experts' source weights. Set by `PTQHfQuantizer`; used by
-`requantize.py`.
+The pipeline is the same for every entry point; only the source differs:
+- `InMemoryWeights`: the model's own weights (`quantize()`), also when accelerate offloads them to
+  CPU or disk (each block is loaded for good only when it is quantized).
+- `CheckpointWeights`: the safetensors a model was loaded compressed from by
+  `from_pretrained(src, quantization_config=PTQConfig(...))`. Algorithms that change weights
+  (SmoothQuant, AWQ, GPTQ) need the full-precision copy, one decoder block at a time: the block's
+  QuantLinears become Linears holding the source weights again (`restore_full_precision`) and its
+  QuantExperts a fused-experts module holding the experts' source weights (`SourceExperts`).
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F_nn
 from safetensors import safe_open
 from torch import nn
 
-from ..hf.prequantized import replace_module
-from ..modules.fused_experts import checkpoint_namer, route_tokens
-from .offload import execution_device, onloaded
+from ..modules.fused_experts import checkpoint_namer, projection_names, projection_shapes, route_tokens, target_experts
 from ..modules.quant_experts import QuantExperts
 from ..modules.quant_linear import QuantLinear
+from .offload import execution_device, materialize, onloaded
+from .selection import target_linears
+from .shapes import check_layer_shapes, resolve_group_size
+
+
+class InMemoryWeights:
+    """The model's own full-precision Linears and fused experts."""
+
+    experts_upfront = True  # every fused-experts module is known (and observed) from the start
+
+    def targets(self, model: nn.Module, exclude_modules) -> Tuple[Dict[str, nn.Module], Dict[str, nn.Module]]:
+        """({name: Linear}, {name: fused experts}) to quantize."""
+        return target_linears(model, exclude_modules), target_experts(model, exclude_modules)
+
+    def expert_names(self, model: nn.Module, experts: Dict[str, nn.Module]):
+        return projection_names(model) if experts else None
+
+    def group_size(self, config, linears: Dict[str, nn.Module], experts: Dict[str, nn.Module]) -> Optional[int]:
+        """The config's group size, or the format's default that divides every layer; checked on the shapes."""
+        shapes = {**linears, **projection_shapes(experts)}
+        group_size = resolve_group_size(config.format, shapes, config.group_size)
+        check_layer_shapes(config.format, shapes, group_size)
+        return group_size
+
+    def restore_block(self, model: nn.Module, linears: Dict[str, nn.Module]) -> Dict[str, nn.Module]:
+        """The block's Linears with their weights in memory (loaded for good when offloaded)."""
+        for linear in linears.values():
+            materialize(linear)
+        return linears
+
+    def restore_experts(self, model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+        return module
 
 
 def tensor_locations(checkpoint_files) -> Dict[str, str]:
@@ -35,12 +66,33 @@ def tensor_locations(checkpoint_files) -> Dict[str, str]:
 
 
 @dataclass
-class LoadSource:
+class CheckpointWeights:
     """The full-precision checkpoint a compressed model was quantized from while loading."""
 
     files: List[str]
-    algorithm: str  # the calibration algorithm the load asked for (loading itself applies max)
+    algorithm: str  # the calibration algorithm the load asked for
     _locations: Dict[str, str] = field(default=None, repr=False)
+    experts_upfront = False  # each block's experts are restored from the files when the block is reached
+
+    def targets(self, model: nn.Module, exclude_modules=()) -> Tuple[Dict[str, nn.Module], Dict[str, nn.Module]]:
+        """The model's QuantLinears (outside experts) and QuantExperts: what the load quantized."""
+        experts = {name: m for name, m in model.named_modules() if isinstance(m, QuantExperts)}
+        linears = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)
+                   and not any(name.startswith(e + ".") for e in experts)}
+        return linears, experts
+
+    def expert_names(self, model: nn.Module, experts: Dict[str, nn.Module]):
+        return next(iter(experts.values())).names if experts else None
+
+    def group_size(self, config, linears: Dict[str, nn.Module], experts: Dict[str, nn.Module]) -> Optional[int]:
+        """The group size the load quantized with (the model's PTQConfig holds it resolved)."""
+        return config.group_size
+
+    def restore_block(self, model: nn.Module, linears: Dict[str, nn.Module]) -> Dict[str, nn.Module]:
+        return restore_full_precision(model, linears, self)
+
+    def restore_experts(self, model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+        return restore_experts(model, name, module, self)
 
     @property
     def locations(self) -> Dict[str, str]:
@@ -62,7 +114,7 @@ class LoadSource:
 
 
 @torch.no_grad()
-def restore_full_precision(model: nn.Module, modules: Dict[str, QuantLinear], source: LoadSource) -> Dict[str, nn.Linear]:
+def restore_full_precision(model: nn.Module, modules: Dict[str, QuantLinear], source: CheckpointWeights) -> Dict[str, nn.Linear]:
     """Swap each QuantLinear for an nn.Linear holding its source weight (in the layer's dtype)."""
     restored = {}
     for name, module in modules.items():
@@ -74,7 +126,7 @@ def restore_full_precision(model: nn.Module, modules: Dict[str, QuantLinear], so
             with onloaded(module):
                 linear.bias.copy_(module.bias)
         linear.requires_grad_(False)
-        replace_module(model, name, linear)
+        model.set_submodule(name, linear)
         restored[name] = linear
     return restored
 
@@ -98,7 +150,7 @@ class SourceExperts(nn.Module):
 
 
 @torch.no_grad()
-def restore_experts(model: nn.Module, name: str, module: QuantExperts, source: LoadSource) -> SourceExperts:
+def restore_experts(model: nn.Module, name: str, module: QuantExperts, source: CheckpointWeights) -> SourceExperts:
     """Swap the QuantExperts `name` for a SourceExperts holding its source weights (in its dtype).
 
     The source holds the experts as the family's checkpoints do, per expert (e.g.
@@ -126,5 +178,5 @@ def restore_experts(model: nn.Module, name: str, module: QuantExperts, source: L
                              f"found {list(tensor.shape)}")
     restored = SourceExperts(gate_up.to(device=device, dtype=dtype), down.to(device=device, dtype=dtype),
                              module.act_fn)
-    replace_module(model, name, restored)
+    model.set_submodule(name, restored)
     return restored

@@ -3,7 +3,7 @@
 Flag names follow ModelOpt's `examples/hf_ptq/hf_ptq.py` (`--pyt_ckpt_path`/`--model`, `--qformat`,
 `--kv_cache_qformat`, `--calib_size`, `--calib_seq`, `--batch_size`, `--dataset`, `--export_path`,
 `--trust_remote_code`, `--low_memory_mode`), with our longer names as aliases. This file builds the
-parser and turns errors into one line; `cli_commands.py` runs the subcommands. Entry points:
+parser and turns errors into one line; `commands.py` runs the subcommands. Entry points:
 the `hf-ptq` script and `python -m hf_ptq_plugin`. Nothing imports this module.
 """
 
@@ -14,7 +14,8 @@ from typing import List, Optional
 
 from .commands import COMMANDS
 from ..export import EXPORT_TARGETS
-from ..formats import ALGORITHMS, FORMATS, KV_FORMAT_NAMES
+from ..calibration.algorithms import ALGORITHMS
+from ..formats import FORMATS, KV_FORMAT_NAMES
 
 PROG = "hf-ptq"
 

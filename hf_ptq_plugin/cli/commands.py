@@ -1,7 +1,6 @@
 """The `hf-ptq` subcommands: quantize, eval, export, push (parsed arguments in, summary printed out).
 
-`cli.py` builds the parser and calls `COMMANDS[name](args)`; a ValueError or OSError raised here
-becomes its one-line error. Each command is a thin sequence of library calls: load with
+A ValueError or OSError raised here becomes the CLI's one-line error. Each command is a thin sequence of library calls: load with
 transformers, `quantize` / `calibrate`, `evaluation.perplexity`, `export_checkpoint`,
 `write_model_card`, `push_to_hub`.
 """
@@ -61,15 +60,10 @@ def _ptq_config(args) -> PTQConfig:
                      calib_batch_size=args.calib_batch_size or DEFAULT_BATCH_SIZE, sequential=args.sequential)
 
 
-def _needs_data(config: PTQConfig) -> bool:
-    return (config.format.needs_calibration_data or config.kv_format is not None
-            or config.resolved_algorithm not in ("max", "mse"))
-
-
 def run_quantize(args) -> None:
     start = time.perf_counter()
     config = _ptq_config(args)
-    if _needs_data(config) and config.calib_dataset is None:
+    if config.needs_calibration_data and config.calib_dataset is None:
         raise ValueError(f"qformat {config.qformat!r} with algorithm {config.resolved_algorithm!r} and "
                          f"kv_cache_qformat {config.kv_cache_qformat!r} needs calibration data: pass --dataset FILE (.txt, .json, "
                          ".jsonl, .parquet or a folder of them)")
@@ -92,12 +86,8 @@ def run_quantize(args) -> None:
 
 def _quantized_model(args, config: PTQConfig, tokenizer, windows):
     """(quantized model, perplexity before or None); low-memory mode never holds the full-precision model."""
-    if args.low_memory_mode:
-        model = load_model(args.model, args, dataclasses.replace(config, calib_dataset=None))
-        if _needs_data(config):
-            calibrate(model, config.calib_dataset, tokenizer=tokenizer, calib_size=config.calib_size,
-                      seq_len=config.calib_seq_len, batch_size=config.calib_batch_size)
-        return model, None
+    if args.low_memory_mode:  # quantized while loading, then calibrated from the checkpoint's weights
+        return load_model(args.model, args, config), None
     model = load_model(args.model, args)
     before = None if windows is None else perplexity(model, windows, config.calib_batch_size,
                                                       progress="perplexity before")

@@ -5,7 +5,7 @@ removed). On success, files already in the destination that the new save does no
 tokenizer saved there earlier, a README) are carried over, except stale weight files; then the
 old directory is renamed aside, the new one renamed into place, and the old one deleted. Tensors
 memory-mapped from the old files stay readable (Linux keeps unlinked mapped files alive), so a
-model loaded from a directory can be saved back into it. Called by the exporter.
+model loaded from a directory can be saved back into it.
 """
 
 import contextlib

@@ -2,7 +2,7 @@
 
 Each states only what the facts hold: no calibration record gives "not recorded", no evaluation
 gives "no evaluation was run". Serving instructions come from `engines.py` (which engine reads
-which checkpoint layout, and the command that serves it). Called by `model_card.render_model_card`.
+which checkpoint layout, and the command that serves it).
 """
 
 from pathlib import Path
@@ -74,6 +74,14 @@ def evaluation(result) -> str:
 
 
 def transformers_usage(model_id: str, dialect: str) -> str:
+    if dialect == "compressed-tensors":
+        return ("```python\n"
+                "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                f"model = AutoModelForCausalLM.from_pretrained(\"{model_id}\")\n"
+                f"tokenizer = AutoTokenizer.from_pretrained(\"{model_id}\")\n"
+                "```\n\n"
+                "`pip install compressed-tensors`; transformers loads this layout without hf-ptq-plugin. NVFP4 "
+                "checkpoints compute in bfloat16 there (the package decompresses their weights to bfloat16).")
     if dialect != "modelopt":
         return (f"This directory holds the {DIALECT_NAMES.get(dialect, dialect)} layout, written for serving engines. "
                 "To run the model in transformers, load the unified checkpoint it was exported from, after "

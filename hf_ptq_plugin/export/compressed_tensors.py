@@ -2,8 +2,8 @@
 
 Pure functions turn our unified-checkpoint tensors into compressed-tensors ones (`convert_layer`,
 `convert_state_dict`) and build config.json's `quantization_config` (`quantization_config`);
-`save_compressed_tensors` writes a model atomically. Called by `export_checkpoint` for targets
-"vllm" / "sglang" when `engines.py` says the engine serves the format in this dialect.
+`save_compressed_tensors` writes a model atomically. It is what the "vllm" / "sglang" export
+targets write for the formats `engines.py` says those engines serve in this dialect.
 
 Layouts, as the compressed-tensors package (0.20) reads them (compressors/*/base.py):
 - "pack-quantized" (INT weight-only, vLLM/SGLang WNA16): `weight_packed` int32 (N, K * bits / 32), value + 2^(bits-1)
@@ -15,6 +15,9 @@ Layouts, as the compressed-tensors package (0.20) reads them (compressors/*/base
 - "nvfp4-pack-quantized": `weight_packed` = our uint8 nibbles (same order), `weight_scale` FP8 blocks, and
   global scales stored as divisors: `weight_global_scale` = 1 / weight_scale_2, `input_global_scale`
   = 1 / input_scale (the package's own ModelOpt converter, entrypoints/convert/converters/modelopt_nvfp4.py).
+  Weights and activations declare `scale_dtype` float8_e4m3fn, so the package rounds the activation block
+  scales it computes at run time to FP8 as NVFP4 does; config.json's `dtype` is bfloat16, the dtype the
+  package unpacks NVFP4 weights to, whatever the model's (`checkpoint_dtype`).
 The dialect has no per-input-channel activation scale: a layer that still carries a pre_quant_scale
 after AWQ scales are folded into norms cannot be written, and the error says which engines can serve it.
 KV cache (FP8 only): `<attn>.k_scale` / `<attn>.v_scale` (1,), the names the package registers on attention.
@@ -32,8 +35,8 @@ from .. import formats as F
 from ..numerics.integer import unpack_int4_rows
 from ..modules.quant_linear import QuantLinear
 from .atomic import atomic_directory
-from .folding import fold_pre_quant_scales
-from .save import _copy_sidecars
+from ..calibration.folding import fold_pre_quant_scales
+from .save import _copy_sidecars, _write_model_card
 from .unified import ExportPlan, plan_export
 
 logger = logging.getLogger(__name__)
@@ -42,9 +45,18 @@ PACK_QUANTIZED, INT_QUANTIZED, FLOAT_QUANTIZED, NVFP4_PACKED = (
     "pack-quantized", "int-quantized", "float-quantized", "nvfp4-pack-quantized")
 
 
-def _args(bits: int, kind: str, strategy: str, group_size: Optional[int] = None, dynamic=False) -> dict:
-    return {"num_bits": bits, "type": kind, "symmetric": True, "group_size": group_size, "strategy": strategy,
+def _args(bits: int, kind: str, strategy: str, group_size: Optional[int] = None, dynamic=False,
+          scale_dtype: Optional[str] = None) -> dict:
+    args = {"num_bits": bits, "type": kind, "symmetric": True, "group_size": group_size, "strategy": strategy,
             "dynamic": dynamic}
+    if scale_dtype is not None:
+        args["scale_dtype"] = scale_dtype
+    return args
+
+
+# NVFP4 block scales are E4M3. Without `scale_dtype` the package keeps the activation block scales it
+# computes at run time unrounded (quantization/utils/helpers.py, calculate_qparams), which is not NVFP4.
+FP8_SCALE_DTYPE = "torch.float8_e4m3fn"  # as QuantizationArgs serializes torch.float8_e4m3fn
 
 
 def _scheme(fmt: F.Format, group_size: Optional[int]) -> tuple:
@@ -60,8 +72,8 @@ def _scheme(fmt: F.Format, group_size: Optional[int]) -> tuple:
     if fmt.name == "fp8_pc_pt":
         return FLOAT_QUANTIZED, _args(8, "float", "channel"), _args(8, "float", "token", dynamic=True)
     if fmt.name in ("nvfp4", "nvfp4_awq", "w4a16_nvfp4"):
-        acts = _args(4, "float", "tensor_group", 16, dynamic="local") if fmt.act is not None else None
-        return NVFP4_PACKED, _args(4, "float", "tensor_group", 16), acts
+        acts = _args(4, "float", "tensor_group", 16, "local", FP8_SCALE_DTYPE) if fmt.act is not None else None
+        return NVFP4_PACKED, _args(4, "float", "tensor_group", 16, scale_dtype=FP8_SCALE_DTYPE), acts
     valid = ", ".join(COMPRESSED_TENSORS_QFORMATS)
     raise ValueError(f"qformat {fmt.name!r} has no compressed-tensors layout here; valid: {valid}")
 
@@ -157,14 +169,16 @@ def _leftover_pre_quant_scales(model: nn.Module) -> List[str]:
 
 def check_convertible(model: nn.Module, plan: ExportPlan, target: str) -> None:
     """ValueError when `model` cannot be written as compressed-tensors (call after folding)."""
-    from .engines import describe_serving
+    from .engines import COMPRESSED_TENSORS, DIALECTS, describe_serving
 
     kv = plan.kv_format.name if plan.kv_format else "none"
     leftover = _leftover_pre_quant_scales(model)
+    other = tuple(d for d in DIALECTS if d != COMPRESSED_TENSORS)  # the dialects that can keep the scale
     if leftover:
+        serving = describe_serving(plan.fmt.name, kv, other)
         raise ValueError(f"{len(leftover)} layer(s) keep a pre_quant_scale (e.g. {leftover[0]!r}), which the "
                          f"compressed-tensors checkpoint for target {target!r} cannot express; qformat "
-                         f"{plan.fmt.name!r} with that scale is served by: {describe_serving(plan.fmt.name, kv)} "
+                         f"{plan.fmt.name!r} with that scale is served by: {serving} "
                          "(calibrating with algorithm='max' or 'gptq' leaves no pre_quant_scale)")
     _scheme(plan.fmt, plan.group_size)
 
@@ -187,14 +201,32 @@ def save_compressed_tensors(model: nn.Module, export_dir, config, target: str = 
     with atomic_directory(export_dir) as staging:
         save_torch_state_dict(state_dict, staging, max_shard_size=max_shard_size,
                               metadata={"format": "pt", "quant_method": "compressed-tensors"})
-        _write_config(model, staging, quantization_config(plan.fmt, plan.group_size, plan.kv_format, ignore))
+        _write_config(model, staging, quantization_config(plan.fmt, plan.group_size, plan.kv_format, ignore),
+                      checkpoint_dtype(model, plan.fmt))
         _copy_sidecars(model, staging, Path(export_dir))  # the source's tokenizer files, as the unified save does
+        _write_model_card(model, staging, Path(export_dir), dialect="compressed-tensors")
     logger.info("wrote a compressed-tensors (%s) checkpoint to %s", plan.fmt.name, export_dir)
 
 
-def _write_config(model: nn.Module, directory, quant_config: dict) -> None:
+def checkpoint_dtype(model: nn.Module, fmt: F.Format) -> str:
+    """config.json's `dtype`: the model's, except bfloat16 for every NVFP4 checkpoint.
+
+    compressed-tensors (0.20) unpacks NVFP4 weights to bfloat16 whatever the model dtype
+    (compressors/nvfp4/helpers.py, unpack_fp4_from_uint8), so a float32 or float16 model fails in
+    transformers with a dtype mismatch in its first matmul; bfloat16 is the dtype it loads in by default then.
+    """
+    dtype = str(model.dtype).removeprefix("torch.")
+    if fmt.weight == F.NVFP4 and dtype != "bfloat16":
+        logger.info("NVFP4 compressed-tensors checkpoint of a %s model: config.json says bfloat16, the dtype "
+                    "compressed-tensors decompresses NVFP4 weights to", dtype)
+        return "bfloat16"
+    return dtype
+
+
+def _write_config(model: nn.Module, directory, quant_config: dict, dtype: str) -> None:
     config = model.config.to_dict()
     config["quantization_config"] = quant_config
+    config["dtype"] = dtype
     config["architectures"] = [type(model).__name__]
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     generation_config = getattr(model, "generation_config", None)

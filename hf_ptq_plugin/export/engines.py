@@ -2,17 +2,17 @@
 
 `SERVING[engine][qformat]` is the dialect an engine serves a qformat in; a missing entry means we
 have no evidence that the engine serves it. `KV_CACHE[engine][dialect]` lists the KV-cache
-formats the engine reads in that dialect. The exporter (`export_checkpoint(target=...)`), the
-model card, the CLI and the README table (`python -m hf_ptq_plugin.export.engines README.md` rewrites it) all read
-these two tables, so they cannot disagree. Imports only `formats`.
+formats the engine reads in that dialect. Every statement of which engine serves what (export
+targets, model cards, CLI messages, the README table that `python -m hf_ptq_plugin.export.engines
+README.md` rewrites) derives from these two tables, so none can disagree. Imports only `formats`.
 
-Dialects: "modelopt" is the unified checkpoint (`modelopt-format.md` §6), "compressed-tensors"
+Dialects: "modelopt" is the unified checkpoint (`docs/modelopt-facts.md` §6), "compressed-tensors"
 the layout of the compressed-tensors package (`export/compressed_tensors.py`), "trtllm-legacy"
 the TensorRT-LLM checkpoint that `trtllm-build` turns into an engine (§8). Sources are named next
-to each entry; "§" means `modelopt-format.md`.
+to each entry; "§" means `docs/modelopt-facts.md`.
 """
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from ..formats import FORMATS, get_format, get_kv_format
 
@@ -27,10 +27,16 @@ SERVING = {
         "fp8_pb_wo": MODELOPT,  # read as QuantAlgo.FP8_BLOCK_SCALES (§7.3)
         "nvfp4_awq": MODELOPT,  # recent releases only (QuantAlgo.NVFP4_AWQ, §7.3, §7.4)
         "mxfp8": MODELOPT,  # recent releases only (QuantAlgo.MXFP8, §7.4)
-        # §7.4: "W8A8_SQ_PER_CHANNEL / W8A16: via legacy TRT-LLM ckpt"; ModelOpt's hf_ptq.py still exports
-        # int8 SmoothQuant that way (§8). TensorRT-LLM's checkpoint doc lists both algorithms
-        # (NVIDIA/TensorRT-LLM docs/source/architecture/checkpoint.md).
-        "int8_sq": TRTLLM_LEGACY, "int8_wo": TRTLLM_LEGACY,
+        # §7.4: "W8A8_SQ_PER_CHANNEL: via legacy TRT-LLM ckpt"; ModelOpt's hf_ptq.py still exports int8
+        # SmoothQuant that way (§8). TensorRT-LLM tensorrt_llm/quantization/quantize.py builds it with
+        # Int8SmoothQuantLinear (W8A8_SQ_PER_CHANNEL is not in mode.py's W8A8_SQ_PLUGIN_LIST), whose
+        # parameters carry ModelOpt's names (quantization/layers.py).
+        "int8_sq": TRTLLM_LEGACY,
+        # TensorRT-LLM tensorrt_llm/_torch/modules/linear.py: W8A16 (weight-only, per channel) takes
+        # WeightOnlyQuantLinearMethod, which loads `weight` int8 [N, K] + `weight_scale` [N] and lays the
+        # weight out for its GEMM at load time. trtllm-build cannot take pre-quantized W8A16 weights
+        # (export/trtllm_legacy.py says why), so the unified checkpoint is the only exact route.
+        "int8_wo": MODELOPT,
     },
     # vLLM's ModelOpt loader accepts FP8, FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, NVFP4, W4A16_NVFP4, MXFP8
     # and rejects the rest (§7.1; vllm docs/features/quantization/modelopt.md).
@@ -67,7 +73,7 @@ KV_CACHE = {
         TRTLLM_LEGACY: ("none", "fp8"),  # checkpoint.md: KV algorithms FP8, INT8
     },
     "vllm": {
-        MODELOPT: ("none", "fp8", "nvfp4"),  # §7.1
+        MODELOPT: ("none", "fp8"),  # NVFP4 KV: see KV_FOOTNOTES
         # compressed_tensors.py returns CompressedTensorsKVCacheMethod for attention layers; scales are
         # the compressed-tensors package's `<attn>.k_scale` / `<attn>.v_scale`.
         COMPRESSED_TENSORS: ("none", "fp8"),
@@ -81,15 +87,25 @@ KV_CACHE = {
 # Conditions a table cell cannot show, per (engine, qformat); the exporter enforces the first kind.
 _NO_PQS = "only when no pre_quant_scale remains after folding AWQ scales into norms (export checks)"
 _NO_SQ_PQS = "only without pre_quant_scale: SmoothQuant scales are not folded (calibrate with `max`)"
-# TensorRT-LLM's own converters name these tensors differently (per_channel_scale, act_scale, ...); ours
-# follow ModelOpt's legacy export (`export/trtllm_legacy.py`), untested against trtllm-build here.
-_LEGACY_NAMES = "legacy checkpoint with ModelOpt's tensor names; not verified against trtllm-build for this algorithm"
+_LEGACY_SQ = ("for `trtllm-build`: W8A8_SQ_PER_CHANNEL builds Int8SmoothQuantLinear layers, whose parameters carry "
+              "ModelOpt's names (TensorRT-LLM tensorrt_llm/quantization/quantize.py, layers.py); names and shapes "
+              "checked here, no engine built")
+_TORCH_W8A16 = ("TensorRT-LLM's PyTorch backend (tensorrt_llm/_torch/modules/linear.py, WeightOnlyQuantLinearMethod), "
+                "which holds the per-channel scales in the model dtype")
 FOOTNOTES = {
     ("vllm", "int4_awq"): _NO_PQS, ("sglang", "int4_awq"): _NO_PQS,
     ("vllm", "nvfp4_awq"): _NO_PQS, ("sglang", "nvfp4_awq"): _NO_PQS,
     ("vllm", "int8_sq"): _NO_SQ_PQS,
     ("sglang", "int8_sq"): _NO_SQ_PQS + "; SGLang quantizes activations per token, not with the static scale",
-    ("trtllm", "int8_sq"): _LEGACY_NAMES, ("trtllm", "int8_wo"): _LEGACY_NAMES,
+    ("trtllm", "int8_sq"): _LEGACY_SQ, ("trtllm", "int8_wo"): _TORCH_W8A16,
+}
+# Conditions of a KV-cache cell, per (engine, dialect).
+KV_FOOTNOTES = {
+    ("vllm", MODELOPT): (
+        "no NVFP4 KV cache: vLLM reads config.json's quantization_config before hf_quant_config.json "
+        "(vllm/model_executor/model_loader/weight_utils.py, get_quant_config), and that flat form maps only an "
+        "FP8 `kv_cache_scheme` dict to a KV-cache method (vllm/model_executor/layers/quantization/modelopt.py, "
+        "ModelOptQuantConfigBase.from_config); an NVFP4 KV cache is dropped"),
 }
 
 
@@ -115,9 +131,13 @@ def engines_serving(qformat: str, kv_cache_qformat: str = "none") -> Dict[str, s
     return {engine: dialect for engine, dialect in found.items() if dialect is not None}
 
 
-def describe_serving(qformat: str, kv_cache_qformat: str = "none") -> str:
-    """"trtllm (modelopt), vllm (compressed-tensors)", or "no engine" (for error messages)."""
-    serving = engines_serving(qformat, kv_cache_qformat)
+def describe_serving(qformat: str, kv_cache_qformat: str = "none", dialects: Tuple[str, ...] = DIALECTS) -> str:
+    """"trtllm (modelopt), vllm (compressed-tensors)", or "no engine" (for error messages).
+
+    `dialects` narrows the list to engines serving the format in one of them, for a refusal that rules
+    a dialect out (a layer the compressed-tensors layout cannot express).
+    """
+    serving = {e: d for e, d in engines_serving(qformat, kv_cache_qformat).items() if d in dialects}
     return ", ".join(f"{engine} ({dialect})" for engine, dialect in serving.items()) or "no engine"
 
 
@@ -166,16 +186,23 @@ def markdown_table() -> str:
         cells = []
         for engine in ENGINES:
             dialect = SERVING[engine].get(qformat)
-            note = FOOTNOTES.get((engine, qformat))
-            if note is not None and note not in notes:
-                notes.append(note)
-            mark = "" if note is None else "[^" + str(notes.index(note) + 1) + "]"
+            mark = _mark(notes, FOOTNOTES.get((engine, qformat)))
             cells.append("-" if dialect is None else f"{dialect}{mark}")
         lines.append(f"| `{qformat}` | " + " | ".join(cells) + " |")
-    kv = [", ".join(f"{d}: {'/'.join(k)}" for d, k in KV_CACHE[engine].items()) for engine in ENGINES]
+    kv = [", ".join(f"{d}: {'/'.join(k)}{_mark(notes, KV_FOOTNOTES.get((engine, d)))}"
+                    for d, k in KV_CACHE[engine].items()) for engine in ENGINES]
     lines.append("| KV cache | " + " | ".join(kv) + " |")
     lines += [""] + [f"[^{i}]: {note}" for i, note in enumerate(notes, 1)]
     return "\n".join(lines) + "\n"
+
+
+def _mark(notes: list, note: Optional[str]) -> str:
+    """The footnote mark of `note` ("" for None), adding it to `notes` the first time."""
+    if note is None:
+        return ""
+    if note not in notes:
+        notes.append(note)
+    return f"[^{notes.index(note) + 1}]"
 
 
 README_START = "<!-- engines-table:start (generated: python -m hf_ptq_plugin.export.engines README.md) -->"

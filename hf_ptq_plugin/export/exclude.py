@@ -1,10 +1,10 @@
-"""exclude_modules as prefix wildcards, the way ModelOpt summarizes them (`modelopt-format.md` §6.2).
+"""exclude_modules as prefix wildcards, the way ModelOpt summarizes them (`docs/modelopt-facts.md` §6.2).
 
 For each Linear left in full precision, walk its dotted name from the left and emit the shortest
 `prefix*` that catches no quantized layer (or `prefix.*` when `prefix*` would catch a quantized
 sibling such as `mlp` vs `mlp_proj`); fall back to the exact name. So a whole vision tower becomes
 `model.visual*` while a per-layer router stays `model.layers.0.mlp.gate`. Engines read the entries
-as fnmatch patterns. Called by the exporter.
+as fnmatch patterns.
 """
 
 import bisect

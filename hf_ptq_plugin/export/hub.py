@@ -5,7 +5,7 @@ writes), the tokenizer and the model card beside it; then `create_repo(exist_ok=
 `HfApi.create_commit` that adds every file and deletes the checkpoint files the repository holds
 but the new checkpoint does not (e.g. the shards of an earlier push with a different shard count).
 Files that are not part of a checkpoint (.gitattributes, images, notes) are left alone. Public
-(`hf_ptq_plugin.push_to_hub`); the CLI's `push` and `quantize --push_to_hub` call it.
+as `hf_ptq_plugin.push_to_hub`, and as the CLI's `push` and `quantize --push_to_hub`.
 """
 
 import fnmatch

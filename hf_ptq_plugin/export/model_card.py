@@ -7,8 +7,7 @@ QuantLinears (layer count, exclusions, bytes), `model.calibration_record` (set b
 `base_model` (the source's `_name_or_path`, or the caller's), `base_model_relation: quantized`,
 `license` only when the source directory's card states one. A model reloaded from one of our
 checkpoints inherits base_model, license, calibration and evaluation from the card found there
-(they are kept in the card's metadata under `hf_ptq_plugin`). Called by `export/save.py` on
-every save, by `hub.py` and by the CLI.
+(they are kept in the card's metadata under `hf_ptq_plugin`).
 """
 
 import dataclasses

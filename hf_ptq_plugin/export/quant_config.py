@@ -1,11 +1,10 @@
-"""ModelOpt's quantization-config vocabulary, both ways (`modelopt-format.md` §6.2, §6.3).
+"""ModelOpt's quantization-config vocabulary, both ways (`docs/modelopt-facts.md` §6.2, §6.3).
 
 Writing: `hf_quant_config(...)` builds `hf_quant_config.json` and `checkpoint_quantization_config(...)`
 the `quantization_config` entry of `config.json`, from a Format, its group size, the KV format and
 the summarized exclude list. Reading: `ptq_fields_from_checkpoint_config` turns the
 `quantization_config` of a checkpoint (ours, which carries our PTQConfig fields under
-`ptq_config`, or one ModelOpt wrote) into PTQConfig fields. Called by `PTQConfig.from_dict` and by
-the exporter. Imports only `formats`.
+`ptq_config`, or one ModelOpt wrote) into PTQConfig fields. Imports only `formats`.
 """
 
 from typing import List, Optional
@@ -59,7 +58,7 @@ def layer_config(fmt: F.Format, group_size: Optional[int]) -> dict:
     """One format's fields of hf_quant_config.json; group_size is always present (null if none)."""
     fields = {"quant_algo": written_quant_algo(fmt),
               "group_size": group_size if fmt.weight in _GROUPED_WEIGHTS else None}
-    if "AWQ" in fmt.quant_algo:
+    if fmt.is_awq:
         fields.update(has_zero_point=False, pre_quant_scale=True)
     return fields
 

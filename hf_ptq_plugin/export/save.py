@@ -6,7 +6,7 @@ the model can be written truthfully, fold AWQ scales into norms, put ModelOpt's
 `quantization_config` into config.json, add hf_quant_config.json, the source's tokenizer files and
 the model card (README.md, `model_card.py`), all inside a temporary directory that replaces the
 destination only when everything succeeded.
-`UnifiedSave` is installed as the model's `save_pretrained` by `PTQHfQuantizer`.
+`UnifiedSave` takes the place of a quantized model's `save_pretrained`.
 """
 
 import fnmatch
@@ -17,7 +17,8 @@ from pathlib import Path
 from torch import nn
 
 from .atomic import atomic_directory
-from .folding import fold_pre_quant_scales
+from ..calibration.folding import fold_pre_quant_scales
+from ..calibration.interrupted import refuse_if_interrupted
 from .unified import plan_export, write_quant_configs
 
 logger = logging.getLogger(__name__)
@@ -30,11 +31,12 @@ SIDECAR_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json"
 
 def ptq_config_of(model: nn.Module):
     """The PTQConfig the model was quantized with (from its quantizer, or set by quantize())."""
+    refuse_if_interrupted(model)
     quantizer = getattr(model, "hf_quantizer", None)
     config = getattr(quantizer, "quantization_config", None) or getattr(model, "ptq_config", None)
     if config is None:
         raise ValueError(f"{type(model).__name__} was not quantized by hf_ptq_plugin (no PTQConfig on it); "
-                         "quantize it with hf_ptq_plugin.calibration.pipeline or from_pretrained(..., quantization_config=...)")
+                         "quantize it with hf_ptq_plugin.quantize or from_pretrained(..., quantization_config=...)")
     return config
 
 
@@ -64,11 +66,12 @@ def _copy_sidecars(model: nn.Module, staging: Path, destination: Path) -> None:
             shutil.copy2(entry, staging / entry.name)
 
 
-def _write_model_card(model: nn.Module, staging: Path, destination: Path) -> None:
-    """README.md: the model card (`model_card.py`), its snippets pointing at the final directory."""
+def _write_model_card(model: nn.Module, staging: Path, destination: Path, dialect: str = "modelopt") -> None:
+    """README.md: the model card (`model_card.py`) of a checkpoint in `dialect`, its snippets pointing at
+    the final directory."""
     from .model_card import write_model_card  # the card sits above export (it reads engines, evaluation)
 
-    write_model_card(model, staging, model_id=str(destination))
+    write_model_card(model, staging, model_id=str(destination), dialect=dialect)
 
 
 class UnifiedSave:

@@ -1,4 +1,4 @@
-"""The unified checkpoint (`modelopt-format.md` §6): what to write, and the checks before writing.
+"""The unified checkpoint (`docs/modelopt-facts.md` §6): what to write, and the checks before writing.
 
 `plan_export(model)` reads a quantized model (its QuantLinears are the checkpoint's tensors) and
 returns what the JSON files need, or a ValueError when the model cannot be written truthfully:
@@ -6,7 +6,7 @@ uncalibrated static or KV scales (never write made-up scales), INT4 layers with 
 sizes, or fused siblings (q/k/v, gate/up) with different formats, or different `weight_scale_2` /
 `input_scale` where engines need one. Layers in different formats make a MIXED_PRECISION checkpoint
 (`quantized_layers` lists each layer's format). `write_quant_configs` puts ModelOpt's `quantization_config` into config.json and writes
-hf_quant_config.json. Called by `export.save`.
+hf_quant_config.json.
 """
 
 import json
@@ -53,7 +53,7 @@ def plan_export(model: nn.Module, config) -> ExportPlan:
     layers = quantized_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no quantized layer; quantize it first "
-                         "(hf_ptq_plugin.calibration.pipeline, or from_pretrained(..., quantization_config=PTQConfig(...)))")
+                         "(hf_ptq_plugin.quantize, or from_pretrained(..., quantization_config=PTQConfig(...)))")
     names = [m.fmt.name for m in layers.values()]
     int4_group_sizes = {m.group_size for m in layers.values() if m.fmt.group_size_choices}
     if len(int4_group_sizes) > 1:
@@ -79,7 +79,7 @@ def _check_calibrated(layers: dict) -> None:
         fmt = layers[uncalibrated[0]].fmt
         raise ValueError(f"{len(uncalibrated)} layer(s) have no calibrated input_scale (e.g. {uncalibrated[0]!r}); "
                          f"qformat {fmt.name!r} needs static activation scales from calibration data. Call "
-                         "hf_ptq_plugin.calibration.calibrate(model, data) first; made-up scales are never written")
+                         "hf_ptq_plugin.calibrate(model, data) first; made-up scales are never written")
 
 
 def _kv_format(model: nn.Module, configured: Optional[F.KVFormat]) -> Optional[F.KVFormat]:
@@ -90,7 +90,7 @@ def _kv_format(model: nn.Module, configured: Optional[F.KVFormat]) -> Optional[F
         raise ValueError(f"one KV-cache format per model can be exported; found {sorted(k.name for k in in_use)}")
     if configured is not None and (not formats or None in formats):
         raise ValueError(f"kv_cache_qformat {configured.name!r} is configured but the KV cache has no calibrated "
-                         "k/v scales; call hf_ptq_plugin.calibration.calibrate(model, data) first, or use "
+                         "k/v scales; call hf_ptq_plugin.calibrate(model, data) first, or use "
                          "kv_cache_qformat='none'")
     return next(iter(in_use), None)
 
@@ -103,7 +103,7 @@ def _check_fused_scales_shared(layers: dict) -> None:
             raise ValueError(f"{group} have different formats {sorted(formats)}; engines run them as one GEMM and "
                              "need one format for the group")
         fmt = layers[group[0]].fmt
-        if not (fmt.weight == F.NVFP4 or fmt.fp8_weight_scale_2):
+        if not fmt.has_weight_scale_2:
             continue
         for suffix in ("weight_scale_2", "input_scale"):
             values = [getattr(layers[name], suffix, None) for name in group]

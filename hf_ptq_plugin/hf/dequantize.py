@@ -3,7 +3,7 @@
 Each QuantLinear becomes an nn.Linear holding the weight the engine multiplies with (times its
 `pre_quant_scale`, which the dense layer can no longer apply to its input); activation and KV
 quantization are switched off. Scales already folded into norms stay there: the dense model
-computes the same function. Called by `PTQHfQuantizer._dequantize`.
+computes the same function.
 """
 
 from typing import Union
@@ -11,7 +11,6 @@ from typing import Union
 import torch
 from torch import nn
 
-from .prequantized import replace_module
 from ..modules.kv_cache import KV_ATTENTION_PREFIX, attention_modules
 from ..modules.quant_linear import QuantLinear
 
@@ -21,7 +20,7 @@ def dequantize_model(model: nn.Module, dtype: Union[torch.dtype, str, None] = No
     if isinstance(dtype, str):  # transformers passes config.dtype, a string once the config was saved
         dtype = getattr(torch, dtype.removeprefix("torch."))
     for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]:
-        replace_module(model, name, _dense(module, dtype or module.dtype))
+        model.set_submodule(name, _dense(module, dtype or module.dtype))
     for attention in attention_modules(model).values():
         if getattr(attention, "kv_format", None) is not None:
             del attention.kv_format

@@ -4,8 +4,7 @@ Quantizing a weight allocates temporaries of a few MiB (the row blocks, their sc
 codes). glibc serves allocations below its dynamic mmap threshold from the heap and keeps freed
 heap pages resident, so after hundreds of weights the process holds 20-50% more than the tensors
 alive (measured by benchmarks/load_memory.py). `malloc_trim(0)` returns every free page of every
-arena; called once per weight it costs well under a millisecond. A no-op where glibc is absent.
-Called by `load_time.QuantizeOnLoad`.
+arena, and is cheap enough to call once per weight. A no-op where glibc is absent.
 """
 
 import ctypes

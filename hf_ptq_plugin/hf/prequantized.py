@@ -2,12 +2,12 @@
 
 Before any tensor is read, `prepare_prequantized` reads the safetensors headers (names, dtypes,
 shapes; no data), decides which Linears are quantized, checks that every tensor their format needs
-is present with the dtype and shape of `modelopt-format.md` §6.4, and swaps in QuantLinears on the
+is present with the dtype and shape of `docs/modelopt-facts.md` §6.4, and swaps in QuantLinears on the
 meta device whose buffers have exactly those names, so transformers' loader fills them with no
 translation. A problem raises a ValueError naming the tensor, what was expected and what was
 found. `finalize_prequantized` runs after loading: marks static scales as calibrated and turns KV
 quantization on (scale 1.0 with one warning when the checkpoint has none, as ModelOpt's newer
-default writes). Called by `PTQHfQuantizer`.
+default writes).
 """
 
 import logging
@@ -44,11 +44,6 @@ def read_header(checkpoint_files: Iterable[str]) -> Header:
     return header
 
 
-def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new_module)
-
-
 def prepare_prequantized(model: nn.Module, fmt: F.Format, exclude_modules, group_size: Optional[int],
                          kv_format: Optional[F.KVFormat], header: Header,
                          layer_qformats: Optional[Dict[str, str]] = None) -> int:
@@ -70,7 +65,7 @@ def prepare_prequantized(model: nn.Module, fmt: F.Format, exclude_modules, group
                              dtype=linear.weight.dtype, device="meta")
         _check_layer(name, module, header)
         _declare_optional_tensors(name, module, header)
-        replace_module(model, name, module)
+        model.set_submodule(name, module)
     if kv_format is not None:
         _declare_kv_scales(model, header)
     return group_size
@@ -95,7 +90,7 @@ def _prepare_mixed(model: nn.Module, layer_qformats: Dict[str, str], group_size:
                              group_size if fmt.group_size_choices else None, dtype=linear.weight.dtype, device="meta")
         _check_layer(name, module, header)
         _declare_optional_tensors(name, module, header)
-        replace_module(model, name, module)
+        model.set_submodule(name, module)
     if kv_format is not None:
         _declare_kv_scales(model, header)
     return group_size if int4 else None

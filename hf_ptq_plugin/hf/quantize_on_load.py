@@ -10,9 +10,9 @@ ahead from the checkpoint files, a few rows at a time. Each weight is quantized 
 MiB however large the layer: peak memory is the quantized model plus about one layer. Static
 activation scales cannot come from weights: such layers stay uncalibrated (dynamic scales, a
 warning) until `calibrate()`.
-Called by `PTQHfQuantizer`.
 """
 
+import dataclasses
 import logging
 from typing import Dict, Iterable, Optional
 
@@ -22,7 +22,6 @@ from torch import nn
 from transformers.core_model_loading import ConversionOps
 
 from .. import formats as F
-from .prequantized import replace_module
 from ..modules.fused_experts import projection_shapes, target_experts
 from .memory import release_freed_heap
 from ..calibration.moe import drop_load_placeholders, prepare_load_time_experts, quantize_experts_on_load
@@ -32,6 +31,7 @@ from ..modules.quant_experts import QuantExperts
 from ..modules.quant_linear import QuantLinear
 from ..calibration.selection import fused_groups, target_linears
 from ..calibration.shapes import check_layer_shapes, resolve_group_size
+from ..calibration.algorithms import Algorithm
 from ..calibration.sources import tensor_locations
 
 logger = logging.getLogger(__name__)
@@ -52,11 +52,11 @@ def prepare_load_time(model: nn.Module, fmt: F.Format, exclude_modules: Iterable
     check_layer_shapes(fmt, shapes, group_size)
     prepare_load_time_experts(model, experts, fmt, group_size)
     shared_amax = {}
-    if fmt.weight == F.NVFP4 or fmt.fp8_weight_scale_2:
+    if fmt.has_weight_scale_2:
         dtype = next(iter(linears.values())).weight.dtype
         shared_amax = _fused_group_amax(fused_groups(linears), checkpoint_files, dtype)
     for name, linear in linears.items():
-        replace_module(model, name, QuantLinear(linear.in_features, linear.out_features, linear.bias is not None,
+        model.set_submodule(name, QuantLinear(linear.in_features, linear.out_features, linear.bias is not None,
                                                 fmt, group_size, dtype=linear.weight.dtype, device="meta"))
     return group_size, shared_amax
 
@@ -93,8 +93,8 @@ def _weight_amax(path: str, key: str, dtype: torch.dtype) -> torch.Tensor:
 class QuantizeOnLoad(ConversionOps):
     """Turns one full-precision `<layer>.weight` into the layer's checkpoint tensors."""
 
-    def __init__(self, shared_amax: Dict[str, torch.Tensor]):
-        self.shared_amax = shared_amax
+    def __init__(self, shared_amax: Dict[str, torch.Tensor], algorithm: Algorithm):
+        self.shared_amax, self.algorithm = shared_amax, algorithm  # a data-free algorithm: max or mse
 
     def convert(self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None, model=None,
                 **kwargs) -> dict:
@@ -104,10 +104,11 @@ class QuantizeOnLoad(ConversionOps):
         layer, _, param = full_layer_name.rpartition(".")
         module = model.get_submodule(layer)
         if isinstance(module, QuantExperts):  # a merged (E, 2I, H) gate_up_proj or (E, H, I) down_proj
-            return quantize_experts_on_load(module, layer, param, w)
+            return quantize_experts_on_load(module, layer, param, w, self.algorithm)
         amax = self.shared_amax.get(layer)
+        weight_scale = self.algorithm.data_free_weight_scale(w, module.fmt, module.group_size)
         tensors = quantize_weight_in_row_blocks(w, module.fmt, module.group_size,
-                                                None if amax is None else amax.to(w.device))
+                                                None if amax is None else amax.to(w.device), weight_scale)
         out = {f"{layer}.{name}": tensor for name, tensor in tensors.items()}
         if module.fmt.needs_calibration_data:
             # A placeholder, never saved: the layer stays uncalibrated (dynamic scales) until calibrate().
@@ -132,7 +133,7 @@ def finalize_load_time(model: nn.Module, fmt: F.Format, kv_format: Optional[F.KV
         needs.append(f"kv_cache_qformat {kv_format.name!r} needs calibrated k/v scales; until then the KV cache "
                      "is not quantized")
     if needs:
-        logger.warning("the model is not calibrated: %s. Call hf_ptq_plugin.calibration.calibrate(model, data) before "
+        logger.warning("the model is not calibrated: %s. Call hf_ptq_plugin.calibrate(model, data) before "
                        "save_pretrained, which refuses to write made-up scales.", "; ".join(needs))
 
 
@@ -146,6 +147,10 @@ def calibrate_while_loading(model: nn.Module, config) -> None:
     from ..calibration.calibrate import calibrate  # calibrate imports the quantizer's modules; import at use
 
     source = model.ptq_source
+    if not dataclasses.replace(config, algorithm=source.algorithm).needs_calibration_data:
+        logger.info("calib_dataset is not needed: qformat %r with %r calibrates from the weights alone",
+                    config.qformat, source.algorithm)
+        return
     try:
         tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
     except (OSError, ValueError) as error:

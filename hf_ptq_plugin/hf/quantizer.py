@@ -1,9 +1,9 @@
 """PTQHfQuantizer: the transformers 5.x quantizer for quant_method "modelopt", and its registration.
 
 With a PTQConfig passed to `from_pretrained`, it swaps Linears for QuantLinears on the meta
-device and quantizes each weight as the loader reads it (`load_time.py`). With a checkpoint whose
+device and quantizes each weight as the loader reads it (`quantize_on_load.py`). With a checkpoint whose
 config.json says "modelopt" (ours or ModelOpt's own), it validates the tensors and builds modules
-whose buffers are the checkpoint's tensors (`checkpoint_load.py`). Either way the model's
+whose buffers are the checkpoint's tensors (`prequantized.py`). Either way the model's
 `save_pretrained` then writes the unified checkpoint (`export/save.py`). `register()` runs once,
 at `import hf_ptq_plugin`; `attach_quantizer` gives a model quantized in memory the same
 save/metadata behaviour.
@@ -25,7 +25,8 @@ from ..export.unified import plan_export, untie_shared_buffers
 from .quantize_on_load import QuantizeOnLoad, calibrate_while_loading, finalize_load_time, prepare_load_time
 from ..modules.quant_experts import QuantExperts
 from ..modules.quant_linear import QuantLinear
-from ..calibration.sources import LoadSource
+from ..calibration.algorithms import get_algorithm
+from ..calibration.sources import CheckpointWeights
 
 logger = logging.getLogger(__name__)
 
@@ -71,20 +72,24 @@ class PTQHfQuantizer(HfQuantizer):
         if config.layer_qformats:
             raise ValueError("layer_qformats (per-layer formats) describe a MIXED_PRECISION checkpoint; quantizing "
                              "while loading takes one qformat (leave layer_qformats=None)")
-        if config.resolved_algorithm != "max" and config.calib_dataset is None:
+        algorithm = get_algorithm(config.resolved_algorithm)
+        if algorithm.streamed and config.calib_dataset is None:
             logger.warning("algorithm %r needs calibration data and none was given (PTQConfig.calib_dataset); weights "
-                           "are quantized with 'max' (round to nearest). hf_ptq_plugin.calibration.calibrate(model, data) can "
+                           "are quantized with 'max' (round to nearest). hf_ptq_plugin.calibrate(model, data) can "
                            "apply %r later, re-reading the weights from this checkpoint", config.resolved_algorithm,
                            config.resolved_algorithm)
         group_size, self.shared_weight_amax = prepare_load_time(model, config.format, exclude, config.group_size,
                                                                 checkpoint_files)
-        # Loading quantizes with max; the requested algorithm runs afterwards, on the source weights.
-        self.load_source = LoadSource([str(f) for f in checkpoint_files or []], config.resolved_algorithm)
-        self.quantization_config = dataclasses.replace(config, group_size=group_size, algorithm="max")
+        # Loading applies a data-free algorithm (max, mse) itself; one that reads activations runs
+        # afterwards, on the source weights, and loading rounds to nearest meanwhile.
+        self.load_algorithm = get_algorithm("max") if algorithm.streamed else algorithm
+        self.load_source = CheckpointWeights([str(f) for f in checkpoint_files or []], config.resolved_algorithm)
+        self.quantization_config = dataclasses.replace(config, group_size=group_size,
+                                                       algorithm=self.load_algorithm.name)
         return model
 
     def get_quantize_ops(self):
-        return QuantizeOnLoad(self.shared_weight_amax)
+        return QuantizeOnLoad(self.shared_weight_amax, self.load_algorithm)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         config = self.quantization_config
@@ -111,7 +116,18 @@ class PTQHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        """True: adapters (PEFT LoRA, `hf/lora.py`) train on the quantized base. QuantLinear's backward
+        gives input gradients only (`modules/frozen_grad.py`); its quantized weights never change."""
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        """True: Trainer may hold the model without adapters. Evaluation and prediction run the
+        quantized forward; training updates only the floating-point parameters left unquantized
+        (embeddings, norms, lm_head), with the loss computed through the quantized layers (which is
+        what quantization-aware means here). The quantized weights are buffers: they train only
+        through adapters."""
+        return True
 
     def _dequantize(self, model, dtype=None):
         return dequantize_model(model, dtype)

@@ -6,15 +6,14 @@ e.g. `MixtralExperts`, `Qwen2MoeExperts`, `Qwen3MoeExperts`, `OlmoeExperts`. Its
 `(hidden_states (T, H), top_k_index (T, k), top_k_weights (T, k))`; the `@use_experts_implementation`
 decorator dispatches it on `config._experts_implementation` ("grouped_mm" by default when a
 model is built from a config, or "eager": per routed expert, `F.linear` on the expert's slice).
-`route_tokens` is that eager computation with the expert's work left to a callback; the
-observer (calibration/experts.py) and QuantExperts (quant_experts.py) both run it.
+`route_tokens` is that eager computation with the expert's work left to a callback, so that
+observing experts and running quantized ones route tokens exactly as the replaced module does.
 
 Checkpoints store the experts per expert, under the names of the model family's original
 layout, which transformers' conversion mapping merges into the fused parameters on load and
 splits back on save: Qwen2/Qwen3-MoE, OLMoE `mlp.experts.{e}.gate_proj/up_proj/down_proj`,
 Mixtral `block_sparse_moe.experts.{e}.w1/w3/w2` (its `.block_sparse_moe.` -> `.mlp.` renaming
 is applied by transformers both ways). `projection_names` reads those names off the mapping.
-Used by moe.py, quantize.py, checkpoint_load.py, load_time.py and the exporter.
 """
 
 import logging
@@ -176,7 +175,7 @@ def moe_unquantized(model: nn.Module) -> List[str]:
     """MoE modules that stay in full precision and are not nn.Linear: routers and still-fused experts.
 
     Routers: `gate`, `router`, `shared_expert_gate` with a weight, next to `experts`. transformers 5
-    routers are not nn.Linear; ModelOpt lists them in exclude_modules anyway (§6.2).
+    routers are not nn.Linear; ModelOpt lists them in exclude_modules anyway (`docs/modelopt-facts.md` §6.2).
     """
     routers = [name for name, module in model.named_modules() if is_fused_experts(module)]
     for name, module in model.named_modules():

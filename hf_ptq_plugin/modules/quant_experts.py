@@ -1,9 +1,9 @@
-"""QuantExperts: the module swapped in for a transformers-5 fused-experts module (see experts.py).
+"""QuantExperts: the module swapped in for a transformers-5 fused-experts module (see fused_experts.py).
 
 It holds, for every expert e, three QuantLinears as children `{e}.{gate}`, `{e}.{up}`,
 `{e}.{down}`, named as the family's checkpoints name them, so the model's state_dict gives the
 per-expert tensors of a unified checkpoint with the names, dtypes and shapes of
-`modelopt-format.md` §6.4, e.g. for Qwen3-MoE NVFP4 (H hidden, I expert intermediate):
+`docs/modelopt-facts.md` §6.4, e.g. for Qwen3-MoE NVFP4 (H hidden, I expert intermediate):
 
     model.layers.L.mlp.experts.{e}.gate_proj.{weight uint8 [I, H/2], weight_scale f8 [I, H/16],
                                               weight_scale_2 f32 [], input_scale f32 []}
@@ -29,7 +29,7 @@ expert's gate and up hold the same `input_scale`, every down another one); an ex
 up are quantized as one (2I, H) tensor and split, so they share `weight_scale_2` (NVFP4, W4A8;
 engines run them as one w13 GEMM) and the per-tensor FP8 `weight_scale`. The forward is the eager
 experts forward (experts.route_tokens) with each projection a QuantLinear: dequantize + F.linear
-per routed expert, the same routing as the replaced module. Built by moe.py.
+per routed expert, the same routing as the replaced module.
 """
 
 from typing import Dict, List, Optional, Sequence
@@ -41,6 +41,7 @@ from .. import formats as F
 from .fused_experts import FUSED_PARAMS, route_tokens
 from ..numerics import quantize_weight
 from ..numerics.scales import abs_amax
+from .layer_plan import LayerPlan
 from .quant_linear import QuantLinear
 
 
@@ -100,23 +101,24 @@ class QuantExperts(nn.Module):
         return [getattr(self.expert(e), name) for e in range(self.num_experts) for name in names]
 
     @torch.no_grad()
-    def quantize_fused(self, param: str, w: torch.Tensor, chosen: Optional[Dict[int, dict]] = None
+    def quantize_fused(self, param: str, w: torch.Tensor, chosen: Optional[Dict[int, LayerPlan]] = None
                        ) -> Dict[str, torch.Tensor]:
         """{"{e}.{proj}.{buffer}": tensor} quantizing fused weights `w` (E, 2I, H) or (E, H, I).
 
-        `chosen` {e: overrides} gives experts whose quantization an algorithm picked, as keyword
-        arguments of `quantize_weight`: "weight" (values on the format's grid, GPTQ; the per-tensor
-        second-level scale still comes from `w[e]`'s amax), "weight_scale" and "global_amax"
-        (clipping). The other experts are rounded to nearest.
+        `chosen` {e: LayerPlan} gives experts whose weights an algorithm picked: `weight` (values on
+        the format's grid, GPTQ; the per-tensor second-level scale still comes from `w[e]`'s amax),
+        `weight_scale` or `weight_global_amax` (clipping, MSE). The other experts are rounded to nearest.
         """
         if param not in FUSED_PARAMS:
             raise ValueError(f"unknown fused experts parameter {param!r}; valid: {', '.join(FUSED_PARAMS)}")
         out, chosen = {}, chosen or {}
         for e in range(self.num_experts):
-            overrides = dict(chosen.get(e, {}))
-            if "weight" in overrides and "global_amax" not in overrides:
-                overrides["global_amax"] = abs_amax(w[e].detach())
-            tensors = quantize_weight(overrides.pop("weight", w[e]), self.fmt, self.group_size, **overrides)
+            plan = chosen.get(e, LayerPlan())
+            global_amax = plan.weight_global_amax
+            if plan.weight is not None and global_amax is None:
+                global_amax = abs_amax(w[e].detach())
+            weight = w[e] if plan.weight is None else plan.weight
+            tensors = quantize_weight(weight, self.fmt, self.group_size, global_amax, plan.weight_scale)
             if param == "down_proj":
                 out.update({f"{e}.{self.names[2]}.{k}": t for k, t in tensors.items()})
                 continue
@@ -125,7 +127,7 @@ class QuantExperts(nn.Module):
         return out
 
     @torch.no_grad()
-    def load_fused(self, param: str, w: torch.Tensor, chosen: Optional[Dict[int, dict]] = None) -> None:
+    def load_fused(self, param: str, w: torch.Tensor, chosen: Optional[Dict[int, LayerPlan]] = None) -> None:
         """Quantize fused weights `w` into this module's buffers (`chosen`: see quantize_fused)."""
         for key, tensor in self.quantize_fused(param, w, chosen).items():
             self.get_buffer(key).copy_(tensor)
@@ -142,7 +144,7 @@ class QuantExperts(nn.Module):
 
     def add_fused_placeholders(self) -> None:
         """Meta `gate_up_proj` / `down_proj` parameters, so the loader merges per-expert source
-        tensors into them and hands each merged tensor to the quantize op (load_time.py)."""
+        tensors into them and hands each merged tensor to the quantize op (hf/quantize_on_load.py)."""
         shapes = {"gate_up_proj": (2 * self.intermediate_dim, self.hidden_dim),
                   "down_proj": (self.hidden_dim, self.intermediate_dim)}
         dtype = self.projections("down")[0].dtype

@@ -4,7 +4,7 @@ Its registered buffers are exactly the unified-checkpoint tensors of its format 
 `weight_scale`, `weight_scale_2`, `input_scale`, `pre_quant_scale`), so `state_dict()` is the
 checkpoint. `forward` computes what the serving engine computes: multiply by
 `pre_quant_scale`, quantize the activation as the format says, multiply with the weight the
-engine reconstructs. Built by `quantize()` (and later by the transformers quantizer).
+engine reconstructs.
 """
 
 from contextlib import contextmanager
@@ -19,6 +19,8 @@ from ..backends.cpu_linear import cpu_linear
 from ..backends.triton_linear import triton_available, triton_linear
 from ..numerics import dequantize_weight, input_scale_from_amax, quantize_activation
 from ..numerics.weights import WEIGHT_BUFFERS, quantize_weight_in_row_blocks, weight_buffer_specs
+from .frozen_grad import linear_with_input_grad
+from .layer_plan import LayerPlan
 
 
 class QuantLinear(nn.Module):
@@ -49,27 +51,23 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: F.Format, group_size: Optional[int] = None,
-                    input_amax: Optional[torch.Tensor] = None, weight_global_amax: Optional[torch.Tensor] = None,
-                    pre_quant_scale: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
-                    weight_scale: Optional[torch.Tensor] = None) -> "QuantLinear":
-        """Quantize `linear.weight` (already smoothed, if a smoothing algorithm ran) into a new module.
-
-        `weight` / `weight_scale` replace the Linear's weight and the computed scale (GPTQ hands
-        over its updated weight and the scales it quantized with).
-        """
+                    plan: Optional[LayerPlan] = None) -> "QuantLinear":
+        """Quantize `linear.weight` (already smoothed, if a smoothing algorithm ran) into a new module,
+        with what calibration decided in `plan` (None: round to nearest, no static input scale)."""
+        plan = plan or LayerPlan()
         w = linear.weight
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, fmt, group_size,
                      dtype=w.dtype, device=w.device)
-        w = w if weight is None else weight
-        for name, tensor in quantize_weight_in_row_blocks(w, fmt, module.group_size, weight_global_amax,
-                                                          weight_scale).items():
+        w = w if plan.weight is None else plan.weight
+        for name, tensor in quantize_weight_in_row_blocks(w, fmt, module.group_size, plan.weight_global_amax,
+                                                          plan.weight_scale).items():
             getattr(module, name).copy_(tensor)
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.data)
-        if pre_quant_scale is not None:
-            module.pre_quant_scale = pre_quant_scale.to(device=w.device, dtype=w.dtype)
-        if input_amax is not None and fmt.needs_calibration_data:
-            module.set_input_amax(input_amax)
+        if plan.pre_quant_scale is not None:
+            module.pre_quant_scale = plan.pre_quant_scale.to(device=w.device, dtype=w.dtype)
+        if plan.input_amax is not None and fmt.needs_calibration_data:
+            module.set_input_amax(plan.input_amax)
         return module
 
     def set_input_amax(self, amax: torch.Tensor) -> None:
@@ -88,12 +86,16 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The one backend choice point. The reference defines the numbers; the kernels reproduce
         # them within the tolerances their modules document, but have no backward, so inputs
-        # that need a gradient (PEFT on a quantized base) take the reference too.
-        if self.force_reference or (x.requires_grad and torch.is_grad_enabled()):
+        # that need a gradient (adapters on a quantized base) take the reference with an
+        # input-only backward, and torch.compile traces the reference (the CPU kernels' cached
+        # weight forms are state it cannot trace).
+        if x.requires_grad and torch.is_grad_enabled():
+            return linear_with_input_grad(self, x)
+        if self.force_reference:
             return self._reference_forward(x)
         if x.is_cuda and triton_available():
             return triton_linear(self, x)
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
             return cpu_linear(self, x)
         return self._reference_forward(x)
 

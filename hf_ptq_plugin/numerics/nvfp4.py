@@ -1,7 +1,7 @@
 """NVFP4: E2M1 values in 16-element blocks, FP8 E4M3 block scales, an fp32 global scale.
 
 Codes are 4 bits: bit 3 the sign, bits 0-2 an index into E2M1_GRID. Two codes per byte along
-the last (input) axis, the even element in the low nibble (`modelopt-format.md` §2.4, §2.7).
+the last (input) axis, the even element in the low nibble (`docs/modelopt-facts.md` §2.4, §2.7).
 """
 
 import torch

@@ -1,9 +1,9 @@
 """Weight quantization per format, producing exactly the unified checkpoint's tensors.
 
 `quantize_weight` returns {"weight", "weight_scale"[, "weight_scale_2"]} with the names, dtypes
-and shapes of `modelopt-format.md` §6.4; `dequantize_weight` inverts it to fp32 the way the
+and shapes of `docs/modelopt-facts.md` §6.4; `dequantize_weight` inverts it to fp32 the way the
 serving engine reconstructs the weight; `weight_buffer_specs` gives the same shapes without
-data (for building empty modules). Called by QuantLinear and the tests.
+data (for building empty modules).
 """
 
 from typing import Optional
@@ -35,7 +35,7 @@ def quantize_weight(w: torch.Tensor, fmt: F.Format, group_size: Optional[int] = 
     """
     w = w.detach().float()
     group_size = group_size or fmt.group_size
-    if global_amax is None and (fmt.weight == F.NVFP4 or fmt.fp8_weight_scale_2):
+    if global_amax is None and fmt.has_weight_scale_2:
         global_amax = abs_amax(w)
     if weight_scale is not None and not _takes_weight_scale(fmt):
         raise ValueError(f"a given weight_scale is supported for INT8, INT4, NVFP4 and per-tensor or per-channel FP8 "
@@ -66,10 +66,10 @@ def quantize_weight_in_row_blocks(w: torch.Tensor, fmt: F.Format, group_size: Op
     """`quantize_weight`, bit for bit, computed a block of ~CHUNK_ELEMENTS at a time.
 
     A whole large weight's fp32 temporaries do not fit in the CPU caches, so each pass of the
-    quantizer goes to memory: on a 5632 x 2048 bf16 weight (AVX-512 EPYC, 32 MB L3) 1 M-element
-    blocks quantize INT4 4.4x, FP8 and INT8 5x, NVFP4 1.9x faster than the whole tensor at once.
+    quantizer goes to memory; blocks of about a million elements keep the passes in cache, which
+    makes every format's quantization several times faster than on the whole tensor at once.
     Per-tensor quantities (FP8's scale, NVFP4 / W4A8's second-level scale) are taken over the whole
-    weight first; a given `weight_scale` is sliced with its rows. Used by the loader and QuantLinear.
+    weight first; a given `weight_scale` is sliced with its rows.
     """
     group_size = group_size or fmt.group_size
     n, k = w.shape
@@ -79,12 +79,12 @@ def quantize_weight_in_row_blocks(w: torch.Tensor, fmt: F.Format, group_size: Op
     per_tensor_fp8 = fmt.weight == F.FP8 and fmt.weight_granularity == F.PER_TENSOR
     if per_tensor_fp8 and weight_scale is None:  # quantize_weight's per-tensor FP8 scale: the tensor's own amax
         weight_scale = scale_from_amax(_row_blocks_amax(w, block), FP8_MAX)
-    if global_amax is None and (fmt.weight == F.NVFP4 or fmt.fp8_weight_scale_2):
+    if global_amax is None and fmt.has_weight_scale_2:
         global_amax = _row_blocks_amax(w, block)
     specs = weight_buffer_specs(fmt, n, k, group_size)
     out = {name: torch.empty(shape, dtype=dtype, device=w.device) for name, (shape, dtype) in specs.items()}
     # Each block goes through one reused fp32 buffer: a fresh `.float()` per block faults in new
-    # pages every time (bf16 -> fp32 at ~4.4 G elements/s here, against ~13.7 into a warm buffer).
+    # pages every time, which makes the conversion several times slower than into a warm buffer.
     scratch = torch.empty(block, k, dtype=torch.float32, device=w.device)
     for start in range(0, n, block):
         stop = min(start + block, n)

@@ -22,6 +22,7 @@ from conftest import sqnr_db, tiny_llama
 from torch import nn
 
 from hf_ptq_plugin import FORMATS, PTQConfig, QuantLinear, get_format, quantize
+from hf_ptq_plugin.modules.layer_plan import LayerPlan
 from hf_ptq_plugin.backends.cpu_activations import fast_quantize_activation
 from hf_ptq_plugin.numerics import quantize_activation
 from hf_ptq_plugin.modules.quant_linear import reference_forward
@@ -38,7 +39,7 @@ def make_module(name, dtype, seed=0, n=N, k=K):
     linear.weight.data.normal_(0, 0.05)
     fmt = get_format(name)
     pqs = (torch.rand(k) + 0.5).to(dtype) if fmt.pre_quant_scale else None
-    return QuantLinear.from_linear(linear, fmt, input_amax=torch.tensor(2.5), pre_quant_scale=pqs)
+    return QuantLinear.from_linear(linear, fmt, plan=LayerPlan(input_amax=torch.tensor(2.5), pre_quant_scale=pqs))
 
 
 def bf16_bound(module, x, ref, kind):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from hf_ptq_plugin import FORMATS, QuantLinear, get_format
+from hf_ptq_plugin.modules.layer_plan import LayerPlan
 from hf_ptq_plugin.backends.triton_linear import load_kernels, load_quantize_kernels, triton_linear
 from hf_ptq_plugin.backends.triton_quantize import quantize_weight_triton
 from hf_ptq_plugin.numerics import quantize_activation, quantize_weight
@@ -55,7 +56,7 @@ def quant_linear(name, n, k, dtype, seed=0, calibrated=True):
     pqs = (torch.rand(k) + 0.5).to(dtype) if fmt.pre_quant_scale else None
     group = 64 if fmt.group_size_choices else None
     amax = torch.tensor(2.5) if calibrated else None  # below max|x * pqs|: some activations saturate
-    module = QuantLinear.from_linear(linear, fmt, group, input_amax=amax, pre_quant_scale=pqs)
+    module = QuantLinear.from_linear(linear, fmt, group, plan=LayerPlan(input_amax=amax, pre_quant_scale=pqs))
     return module.to(DEVICE)
 
 

@@ -67,9 +67,8 @@ def test_smoothing_alone_leaves_outputs_unchanged(calib_ids):
         torch.testing.assert_close(model(calib_ids).logits, reference, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("qformat, algorithm", [("int8_sq", "smoothquant"), ("int4_awq", "awq_lite")])
-def test_siblings_share_one_pre_quant_scale_in_the_model_dtype(qformat, algorithm, calib_ids):
-    _, model = logits_sqnr(qformat, algorithm, calib_ids)
+def test_siblings_share_one_pre_quant_scale_in_the_model_dtype(calib_ids):
+    _, model = logits_sqnr("int8_sq", "smoothquant", calib_ids)
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         assert torch.equal(attn.q_proj.pre_quant_scale, attn.k_proj.pre_quant_scale)
@@ -77,6 +76,18 @@ def test_siblings_share_one_pre_quant_scale_in_the_model_dtype(qformat, algorith
         assert torch.equal(mlp.gate_proj.pre_quant_scale, mlp.up_proj.pre_quant_scale)
         assert mlp.down_proj.pre_quant_scale.shape == (256,)
         assert attn.o_proj.pre_quant_scale.dtype == torch.float32  # the model's dtype
+
+
+def test_awq_scales_of_norm_fed_siblings_are_folded_into_the_norm_when_quantizing(calib_ids):
+    torch.manual_seed(0)
+    norms_before = [layer.input_layernorm.weight.clone() for layer in tiny_llama().model.layers]
+    _, model = logits_sqnr("int4_awq", "awq_lite", calib_ids)
+    for layer, norm_before in zip(model.model.layers, norms_before):
+        attn, mlp = layer.self_attn, layer.mlp
+        assert all(m.pre_quant_scale is None for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj,
+                                                          mlp.up_proj))
+        assert not torch.equal(layer.input_layernorm.weight, norm_before)  # the shared scale now lives here
+        assert attn.o_proj.pre_quant_scale.shape == (128,) and mlp.down_proj.pre_quant_scale.shape == (256,)
 
 
 def test_streaming_blocks_reproduces_the_models_hidden_states(calib_ids):

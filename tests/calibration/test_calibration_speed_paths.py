@@ -16,6 +16,7 @@ import torch
 from conftest import sqnr_db, tiny_llama
 
 from hf_ptq_plugin import FORMATS, PTQConfig, quantize
+from hf_ptq_plugin.modules.layer_plan import LayerPlan
 from hf_ptq_plugin.backends.cpu_weights import bf16_dense_weights
 from hf_ptq_plugin.calibration.awq import _quantized_output, _squared_output_error
 from hf_ptq_plugin.calibration.blocks import capture_block_inputs, observe_block
@@ -65,7 +66,7 @@ def test_awq_loss_takes_the_static_input_scale_of_all_tokens_not_of_the_sample()
 def bf16_quantized_layer(qformat):
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 192, bias=True, dtype=torch.bfloat16)
-    return QuantLinear.from_linear(linear, FORMATS[qformat], input_amax=torch.tensor(4.0))
+    return QuantLinear.from_linear(linear, FORMATS[qformat], plan=LayerPlan(input_amax=torch.tensor(4.0)))
 
 
 @pytest.mark.parametrize("qformat", ["int4_awq", "fp8", "nvfp4", "w4a8_awq", "int8_wo"])

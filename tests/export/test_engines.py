@@ -6,7 +6,8 @@ import pytest
 
 from hf_ptq_plugin import FORMATS, KV_FORMATS
 from hf_ptq_plugin.export.engines import (COMPRESSED_TENSORS, DIALECTS, ENGINES, KV_CACHE, MODELOPT, SERVING, TRTLLM_LEGACY,
-                                   engines_serving, markdown_table, readme_section, serve_command, update_readme)
+                                   describe_serving, engines_serving, markdown_table, readme_section, serve_command,
+                                   update_readme)
 from hf_ptq_plugin.export.compressed_tensors import COMPRESSED_TENSORS_QFORMATS
 from hf_ptq_plugin.export.trtllm_legacy import LEGACY_QUANT_ALGO
 
@@ -55,14 +56,16 @@ def test_every_served_combination_has_an_exporter_that_writes_it():
 
 def test_engines_serving_follows_the_reference_table():
     assert engines_serving("fp8") == {"trtllm": MODELOPT, "vllm": MODELOPT, "sglang": MODELOPT}
-    assert engines_serving("w4a8_awq") == {"trtllm": MODELOPT}  # §7.4: TRT-LLM only
+    assert engines_serving("w4a8_awq") == {"trtllm": MODELOPT}  # docs/modelopt-facts.md §7.4: TRT-LLM only
     assert engines_serving("w4a16_nvfp4") == {"vllm": MODELOPT, "sglang": COMPRESSED_TENSORS}
     assert engines_serving("int4_awq") == {"trtllm": MODELOPT, "vllm": COMPRESSED_TENSORS, "sglang": COMPRESSED_TENSORS}
     assert engines_serving("int8_sq")["trtllm"] == TRTLLM_LEGACY
 
 
 def test_the_kv_cache_format_narrows_the_engines():
-    assert engines_serving("nvfp4", "nvfp4") == {"trtllm": MODELOPT, "vllm": MODELOPT}
+    # vLLM's flat config.json branch drops an NVFP4 KV cache (modelopt.py, ModelOptQuantConfigBase.from_config).
+    assert engines_serving("nvfp4", "nvfp4") == {"trtllm": MODELOPT}
+    assert engines_serving("nvfp4", "fp8") == {"trtllm": MODELOPT, "vllm": MODELOPT, "sglang": MODELOPT}
     assert engines_serving("int8_sq", "fp8") == {"trtllm": TRTLLM_LEGACY, "vllm": COMPRESSED_TENSORS}
     assert engines_serving("int8_sq", "nvfp4") == {}
 
@@ -99,3 +102,15 @@ def test_table_has_a_row_per_format_and_footnotes_for_conditions():
     assert [row.split("`")[1] for row in rows] == list(FORMATS)
     assert "| `w4a8_awq` | modelopt | - | - |" in table
     assert "[^1]:" in table and "| KV cache |" in table
+    kv_row = next(line for line in table.splitlines() if line.startswith("| KV cache |"))
+    vllm_kv = kv_row.split(" | ")[2]
+    assert vllm_kv.startswith("modelopt: none/fp8[^") and "nvfp4" not in vllm_kv
+    note = vllm_kv.split("[^")[1].split("]")[0]
+    assert f"[^{note}]: no NVFP4 KV cache: vLLM reads config.json's quantization_config" in table
+    assert "vllm/model_executor/layers/quantization/modelopt.py" in table
+
+
+def test_describe_serving_can_leave_a_dialect_out():
+    assert describe_serving("int4_awq") == "trtllm (modelopt), vllm (compressed-tensors), sglang (compressed-tensors)"
+    assert describe_serving("int4_awq", dialects=(MODELOPT, TRTLLM_LEGACY)) == "trtllm (modelopt)"
+    assert describe_serving("w4a8_awq", dialects=(COMPRESSED_TENSORS,)) == "no engine"

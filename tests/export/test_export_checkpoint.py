@@ -1,6 +1,6 @@
 """save_pretrained / export_checkpoint: the unified checkpoint's files, tensors and JSON, and reload.
 
-Expected tensor layouts are written from the reference table (modelopt-format.md §6.4), not from
+Expected tensor layouts are written from the reference table (docs/modelopt-facts.md §6.4), not from
 the code's specs. Every format: quantize -> save -> from_pretrained -> bit-identical logits.
 """
 

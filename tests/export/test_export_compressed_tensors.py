@@ -8,6 +8,7 @@ import torch
 from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
+from huggingface_hub import ModelCard
 from conftest import tiny_llama
 from safetensors.torch import load_file
 
@@ -118,12 +119,51 @@ def test_fp8_kv_cache_scales_move_to_the_attention_module(token_ids, tmp_path):
     assert not any(k.endswith("k_proj.k_scale") for k in tensors)
 
 
-def test_a_layer_keeping_a_pre_quant_scale_is_refused_naming_the_engines_that_serve_it(token_ids, tmp_path):
-    model = quantized("int4_awq", token_ids)
-    model.model.layers[0].self_attn.o_proj.pre_quant_scale = torch.rand(128) + 0.5  # an AWQ scale on o_proj
-    with pytest.raises(ValueError, match=r"o_proj.*served by: trtllm \(modelopt\), vllm \(compressed-tensors\)"):
+@pytest.mark.parametrize("name, engines", [("int4_awq", "trtllm (modelopt)"), ("int8_sq", "trtllm (trtllm-legacy)")])
+def test_a_layer_keeping_a_pre_quant_scale_is_refused_naming_only_engines_that_serve_it(name, engines, token_ids,
+                                                                                       tmp_path):
+    # The engines listed can serve the layer with its scale: not those whose dialect is compressed-tensors.
+    model = quantized(name, token_ids)
+    model.model.layers[0].self_attn.o_proj.pre_quant_scale = torch.rand(128) + 0.5  # a scale on o_proj
+    with pytest.raises(ValueError, match=r"o_proj.*served by: (.*) \(calibrating") as error:
         export_checkpoint(model, tmp_path / "out", target="vllm")
+    assert error.value.args[0].split("served by: ")[1].split(" (calibrating")[0] == engines
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, acts", [("nvfp4", True), ("w4a16_nvfp4", False)])
+def test_nvfp4_block_scales_are_declared_fp8(name, acts, token_ids, tmp_path):
+    # Without scale_dtype the package keeps run-time activation block scales unrounded, which is not NVFP4.
+    model = quantized(name, token_ids)
+    save_compressed_tensors(model, tmp_path, model.ptq_config)
+    config, _ = package_config(tmp_path)
+    scheme = config.config_groups["group_0"]
+    assert scheme.weights.scale_dtype == torch.float8_e4m3fn
+    assert (scheme.input_activations is not None) == acts
+    if acts:
+        assert scheme.input_activations.scale_dtype == torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("name, dtype, written", [
+    ("nvfp4", torch.float32, "bfloat16"), ("w4a16_nvfp4", torch.float16, "bfloat16"),
+    ("nvfp4", torch.bfloat16, "bfloat16"), ("int8_wo", torch.float32, "float32"), ("int8_wo", torch.float16, "float16"),
+])
+def test_config_dtype_is_the_one_compressed_tensors_computes_in(name, dtype, written, token_ids, tmp_path):
+    # compressed-tensors unpacks NVFP4 weights to bfloat16 (compressors/nvfp4/helpers.py, unpack_fp4_from_uint8).
+    config = PTQConfig(qformat=name, algorithm="max")
+    model = quantize(tiny_llama().to(dtype), config, forward_loop=lambda m: m(token_ids))
+    save_compressed_tensors(model, tmp_path, model.ptq_config)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == written
+
+
+def test_the_model_card_describes_the_compressed_tensors_layout(token_ids, tmp_path):
+    export_checkpoint(quantized("int4_awq", token_ids), tmp_path, target="vllm")
+    card = ModelCard.load(tmp_path / "README.md")
+    assert {"int4_awq", "compressed-tensors"} <= set(card.data.tags)
+    assert "checkpoint layout: compressed-tensors" in card.text
+    assert "transformers loads this layout without hf-ptq-plugin" in card.text
+    usage = card.text.split("## Use with transformers")[1].split("## Serving")[0]
+    assert "from_pretrained" in usage and "import hf_ptq_plugin" not in usage  # no plugin needed
 
 
 def test_awq_scales_of_norm_fed_layers_are_folded_first(token_ids, tmp_path):

@@ -1,6 +1,6 @@
 """Legacy TensorRT-LLM checkpoint: names, merged q/k/v, TP/PP shards that reassemble exactly, config.json.
 
-Reassembly here is written from `modelopt-format.md` §8 (column-parallel on dim 0 with q/k/v split per
+Reassembly here is written from `docs/modelopt-facts.md` §8 (column-parallel on dim 0 with q/k/v split per
 section, row-parallel on dim 1, prequant factors of row-parallel layers on dim 0, the rest replicated;
 rank = pp_rank * tp_size + tp_rank; layer indices local to a stage), not from the exporter's rules.
 """
@@ -28,9 +28,12 @@ def same(a, b):
 
 
 def quantized(name, token_ids, kv="none"):
-    group_size = 64 if name in ("int4_awq", "w4a8_awq") else None  # 64 so that tp=2 splits row-parallel groups
+    # Sizes that need no padding at tp=2 (test_trtllm_legacy_loadable.py covers padding): INT4 group 64 on
+    # the 128-wide model; W4A8 takes group 128 only, so a 256-wide model (head_dim 64).
+    group_size = {"int4_awq": 64, "w4a8_awq": 128}.get(name)
+    model = tiny_llama(hidden_size=256, intermediate_size=512) if name == "w4a8_awq" else tiny_llama()
     config = PTQConfig(qformat=name, algorithm="max", kv_cache_qformat=kv, group_size=group_size)
-    return quantize(tiny_llama(), config, forward_loop=lambda m: m(token_ids))
+    return quantize(model, config, forward_loop=lambda m: m(token_ids))
 
 
 def stage_of(name, pp):
@@ -71,7 +74,8 @@ def test_shards_reassemble_to_the_unsharded_tensors(name, tp, pp, token_ids, tmp
     model = quantized(name, token_ids)
     export_checkpoint(model, tmp_path, target="trtllm-legacy", tp_size=tp, pp_size=pp)
     ranks = {r: load_file(tmp_path / f"rank{r}.safetensors") for r in range(tp * pp)}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"] + [f"rank{r}.safetensors" for r in ranks]
+    files = ["README.md", "config.json"] + [f"rank{r}.safetensors" for r in ranks]
+    assert sorted(p.name for p in tmp_path.iterdir()) == files
     full, _ = legacy_state_dict(model)
     seen = 0
     for tensor_name, value in full.items():
@@ -104,7 +108,8 @@ def test_qkv_is_the_exact_concatenation_when_scales_are_per_channel_or_shared(na
     qkv = "transformer.layers.1.attention.qkv."
     weight = torch.cat([p.weight for p in parts], dim=0)
     assert same(tensors[qkv + "weight"].view(weight.dtype), weight)
-    assert torch.equal(tensors[qkv + "weights_scaling_factor"], torch.cat([p.weight_scale for p in parts], dim=0))
+    scale = "per_channel_scale" if name == "fp8_pc_pt" else "weights_scaling_factor"  # Fp8RowwiseLinear's name
+    assert torch.equal(tensors[qkv + scale], torch.cat([p.weight_scale for p in parts], dim=0))
     if hasattr(attention.q_proj, "weight_scale_2"):
         assert torch.equal(tensors[qkv + "weights_scaling_factor_2"], attention.q_proj.weight_scale_2.reshape(1))
     # gate_proj (the activated branch) is TensorRT-LLM's mlp.fc, up_proj its mlp.gate.
@@ -141,11 +146,13 @@ def test_config_json_carries_the_fields_trtllm_build_reads(token_ids, tmp_path):
     assert config["architecture"] == "LlamaForCausalLM" and config["dtype"] == "float32"
     assert {k: config[k] for k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
                                    "intermediate_size", "vocab_size", "head_size", "hidden_act")} == {
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 128,
-        "intermediate_size": 256, "vocab_size": 320, "head_size": 32, "hidden_act": "silu"}
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 256,
+        "intermediate_size": 512, "vocab_size": 320, "head_size": 64, "hidden_act": "silu"}
+    # LLaMAConfig reads attn_bias / mlp_bias (TensorRT-LLM tensorrt_llm/models/llama/config.py), not bias.
+    assert config["attn_bias"] is False and config["mlp_bias"] is False and "bias" not in config
     assert config["position_embedding_type"] == "rope_gpt_neox" and config["rotary_base"] == 10000.0
     assert config["mapping"] == {"world_size": 4, "tp_size": 2, "pp_size": 2}
-    assert config["quantization"] == {"quant_algo": "W4A8_AWQ", "kv_cache_quant_algo": "FP8", "group_size": 64,
+    assert config["quantization"] == {"quant_algo": "W4A8_AWQ", "kv_cache_quant_algo": "FP8", "group_size": 128,
                                       "has_zero_point": False, "pre_quant_scale": True, "exclude_modules": ["lm_head"]}
     rank3 = load_file(tmp_path / "rank3.safetensors")
     attention = model.model.layers[1].self_attn
@@ -155,8 +162,9 @@ def test_config_json_carries_the_fields_trtllm_build_reads(token_ids, tmp_path):
 
 @pytest.mark.parametrize("name, kwargs, message", [
     ("mxfp8", {}, r"qformat 'mxfp8' has no legacy TensorRT-LLM checkpoint; valid: fp8, fp8_pc_pt"),
-    ("int8_wo", {"tp_size": 3}, r"num_attention_heads=4 cannot be split into tp_size=3"),
-    ("int8_wo", {"pp_size": 3}, r"2 layers cannot be split into pp_size=3"),
+    ("int8_wo", {}, r"qformat 'int8_wo' has no legacy TensorRT-LLM checkpoint: trtllm-build re-quantizes"),
+    ("fp8_pc_pt", {"tp_size": 3}, r"num_attention_heads=4 cannot be split into tp_size=3"),
+    ("fp8_pc_pt", {"pp_size": 3}, r"2 layers cannot be split into pp_size=3"),
 ])
 def test_unsupported_layouts_are_errors_and_write_nothing(name, kwargs, message, token_ids, tmp_path):
     with pytest.raises(ValueError, match=message):
@@ -165,9 +173,10 @@ def test_unsupported_layouts_are_errors_and_write_nothing(name, kwargs, message,
 
 
 def test_every_legacy_algorithm_is_a_tensorrt_llm_name():
-    # docs/source/architecture/checkpoint.md lists W8A16, W4A16_AWQ, W4A8_AWQ, FP8, W8A8_SQ_PER_CHANNEL;
+    # docs/source/architecture/checkpoint.md lists W4A16_AWQ, W4A8_AWQ, FP8, W8A8_SQ_PER_CHANNEL (and W8A16,
+    # which trtllm-build takes only as float or GPU-specific int8 weights: refused);
     # models/modeling_utils.py preprocesses FP8_PER_CHANNEL_PER_TOKEN and NVFP4 checkpoints.
-    assert set(LEGACY_QUANT_ALGO.values()) == {"W8A16", "W4A16_AWQ", "W4A8_AWQ", "FP8", "W8A8_SQ_PER_CHANNEL",
+    assert set(LEGACY_QUANT_ALGO.values()) == {"W4A16_AWQ", "W4A8_AWQ", "FP8", "W8A8_SQ_PER_CHANNEL",
                                                "FP8_PER_CHANNEL_PER_TOKEN", "NVFP4"}
 
 

@@ -1,4 +1,4 @@
-"""Checkpoints in ModelOpt's own layout, written here by hand from the reference (modelopt-format.md
+"""Checkpoints in ModelOpt's own layout, written here by hand from the reference (docs/modelopt-facts.md
 §2.7, §6.2-6.4) with no use of the package's numerics or exporter, load through from_pretrained."""
 
 import json
@@ -311,7 +311,7 @@ def moe_model():
 
 
 def write_moe_checkpoint(directory, algo):
-    """A 1-layer bf16 Qwen3-MoE in ModelOpt HEAD's layout (modelopt-format.md §6.4, "MoE"): per-expert
+    """A 1-layer bf16 Qwen3-MoE in ModelOpt HEAD's layout (docs/modelopt-facts.md §6.4, "MoE"): per-expert
     `mlp.experts.{e}.{gate,up,down}_proj` tensors, the router `mlp.gate` unquantized and excluded, one
     input_scale per projection input shared by all experts, an expert's gate and up quantized against
     one second-level amax, and AWQ's pre_quant_scale averaged over the experts (so equal across them).

@@ -105,6 +105,6 @@ def test_quantizer_quantizes_only_quant_linear_weights_and_only_when_not_pre_qua
     assert not fresh.param_needs_quantization(model, "dense.weight")
     loaded = PTQHfQuantizer(PTQConfig(qformat="int8_wo"), pre_quantized=True)
     assert not loaded.param_needs_quantization(model, "q.weight")
-    assert loaded.is_serializable() and loaded.is_trainable is False
+    assert loaded.is_serializable() and loaded.is_trainable and loaded.is_qat_trainable  # adapters; unquantized params
     with pytest.raises(ValueError, match="needs a PTQConfig"):
         PTQHfQuantizer({"qformat": "fp8"})

@@ -7,13 +7,14 @@ from conftest import sqnr_db
 from torch import nn
 
 from hf_ptq_plugin import FORMATS, QuantLinear, get_format
+from hf_ptq_plugin.modules.layer_plan import LayerPlan
 from hf_ptq_plugin.numerics import quantize_activation
 from hf_ptq_plugin.modules.quant_linear import reference_forward
 
 F32, FP8, U8, I8 = torch.float32, torch.float8_e4m3fn, torch.uint8, torch.int8
 N, K = 256, 384  # group 128 for INT4, 16 for NVFP4, 32 for MXFP8, 128x128 tiles for fp8_pb_wo
 
-# Written from the reference table (modelopt-format.md §6.4), independently of the code's specs.
+# Written from the reference table (docs/modelopt-facts.md §6.4), independently of the code's specs.
 EXPECTED_BUFFERS = {
     "fp8": {"weight": ((N, K), FP8), "weight_scale": ((), F32), "input_scale": ((), F32)},
     "fp8_pc_pt": {"weight": ((N, K), FP8), "weight_scale": ((N,), F32)},
@@ -45,7 +46,7 @@ def test_expected_table_covers_every_format():
 
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_buffers_are_exactly_the_checkpoint_tensors(name):
-    module = QuantLinear.from_linear(make_linear(bias=False), get_format(name), input_amax=torch.tensor(3.0))
+    module = QuantLinear.from_linear(make_linear(bias=False), get_format(name), plan=LayerPlan(input_amax=torch.tensor(3.0)))
     state = module.state_dict()
     assert {k: (tuple(v.shape), v.dtype) for k, v in state.items()} == EXPECTED_BUFFERS[name]
 
@@ -97,7 +98,7 @@ def test_forward_equals_the_independent_oracle(name):
     torch.manual_seed(1)
     x = torch.randn(3, 5, K)
     x_amax = x.abs().max()
-    module = QuantLinear.from_linear(linear, get_format(name), input_amax=x_amax)
+    module = QuantLinear.from_linear(linear, get_format(name), plan=LayerPlan(input_amax=x_amax))
     expected = _oracle_forward(name, linear, x, x_amax)
     torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
 
@@ -106,7 +107,7 @@ def test_forward_equals_the_independent_oracle(name):
 def test_forward_is_quantized_activation_times_dequantized_weight(name):
     linear = make_linear()
     x = torch.randn(17, K)
-    module = QuantLinear.from_linear(linear, get_format(name), input_amax=x.abs().max())
+    module = QuantLinear.from_linear(linear, get_format(name), plan=LayerPlan(input_amax=x.abs().max()))
     scale = getattr(module, "input_scale", None)
     expected = F_nn.linear(quantize_activation(x, module.fmt, scale), module.dequantized_weight(), linear.bias.float())
     with reference_forward(module):  # the reference itself; the fast backends are held to it in test_cpu_paths
@@ -123,7 +124,7 @@ def test_uncalibrated_static_format_uses_the_live_activation_scale():
     linear = make_linear()
     x = torch.randn(4, K)
     uncalibrated = QuantLinear.from_linear(linear, get_format("fp8"))
-    calibrated = QuantLinear.from_linear(linear, get_format("fp8"), input_amax=x.abs().max())
+    calibrated = QuantLinear.from_linear(linear, get_format("fp8"), plan=LayerPlan(input_amax=x.abs().max()))
     assert not uncalibrated.input_calibrated and calibrated.input_calibrated
     assert torch.equal(uncalibrated(x), calibrated(x))
     assert not torch.equal(uncalibrated(x * 2), calibrated(x * 2))  # static scale saturates, dynamic does not
@@ -135,7 +136,7 @@ def test_pre_quant_scale_multiplies_the_input():
     smoothed = nn.Linear(K, N)
     smoothed.weight.data = linear.weight.data / scale  # W / s applied to x * s is the same product
     smoothed.bias.data = linear.bias.data
-    module = QuantLinear.from_linear(smoothed, get_format("int8_wo"), pre_quant_scale=scale)
+    module = QuantLinear.from_linear(smoothed, get_format("int8_wo"), plan=LayerPlan(pre_quant_scale=scale))
     assert "pre_quant_scale" in module.state_dict()
     x = torch.randn(6, K)
     assert sqnr_db(linear(x), module(x)) > 35

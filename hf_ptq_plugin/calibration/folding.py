@@ -1,11 +1,12 @@
-"""Fold AWQ `pre_quant_scale`s into the norm that feeds a fused group (`modelopt-format.md` §6.1 3e).
+"""Fold AWQ `pre_quant_scale`s into the norm that feeds a fused group (`docs/modelopt-facts.md` §6.1 step 3e).
 
 Engines apply `pre_quant_scale` only on layers whose input is not a norm output (o_proj,
 down_proj); for q/k/v and gate/up the scale must live in the preceding RMSNorm/LayerNorm
-(`gamma <- gamma * s`, and `(gamma + 1) * s - 1` for zero-centred Gemma norms). The fold happens
-in the model itself, so the model after saving computes exactly what the checkpoint holds.
+(`gamma <- gamma * s`, and `(gamma + 1) * s - 1` for zero-centred Gemma norms). The calibration
+pipeline folds right after quantizing, so the model in memory (what perplexity is measured on)
+computes exactly what its checkpoint will hold, and saving changes nothing.
 Which norm feeds which Linears is found the way ModelOpt does it: one two-token forward with
-hooks that match a norm's output tensor to the Linears that receive it. Called by the exporter.
+hooks that match a norm's output tensor to the Linears that receive it.
 """
 
 import logging
@@ -15,8 +16,8 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from ..calibration.offload import input_device, materialize
 from ..modules.quant_linear import QuantLinear
+from .offload import input_device, materialize
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ def fold_pre_quant_scales(model: nn.Module) -> List[str]:
 
     A ValueError names a group whose members carry different scales (one norm can hold only one).
     """
-    if not any(_foldable(m) for m in model.modules()):
+    if not any(_foldable(m) for m in model.modules()) or not any(_is_norm(m) for m in model.modules()):
         return []
     folded = []
     modules = dict(model.named_modules())
@@ -52,7 +53,7 @@ def fold_pre_quant_scales(model: nn.Module) -> List[str]:
 
 
 def _foldable(module: nn.Module) -> bool:
-    return (isinstance(module, QuantLinear) and "AWQ" in module.fmt.quant_algo
+    return (isinstance(module, QuantLinear) and module.fmt.is_awq
             and module.pre_quant_scale is not None)
 
 

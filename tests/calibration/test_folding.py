@@ -8,7 +8,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from hf_ptq_plugin import PTQConfig, export_checkpoint, quantize
-from hf_ptq_plugin.export.folding import _scale_norm, fold_pre_quant_scales
+from hf_ptq_plugin.calibration.folding import _scale_norm, fold_pre_quant_scales
 
 GROUPS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
 
@@ -86,3 +86,14 @@ def test_zero_centred_norms_fold_as_one_plus_weight():
     norm, scale = GemmaRMSNorm(), torch.tensor([2.0, 0.5, 4.0])
     _scale_norm("norm", norm, scale)
     assert torch.equal(1 + norm.weight.detach(), torch.tensor([1.0, 1.5, 0.75]) * scale)
+
+
+@pytest.mark.parametrize("name", ["int4_awq", "w4a8_awq"])
+def test_saving_an_awq_model_changes_nothing_so_what_was_measured_is_what_is_saved(name, token_ids, tmp_path):
+    model = quantize(tiny_llama(), PTQConfig(qformat=name, algorithm="awq_lite"), forward_loop=lambda m: m(token_ids))
+    measured = run(model, token_ids)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "out")
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(run(model, token_ids), measured)
+    assert torch.equal(run(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), token_ids), measured)

@@ -1,0 +1,67 @@
+"""`awq_lite`, `awq_clip`, `awq_full`: AWQ's per-channel scale search and/or its clipping search.
+
+Both searches minimise the output error of a group of Linears reading one input, on a token
+sample of it, so AWQ is layer-streamed. The search's math is in calibration/awq.py, the clipping's
+in calibration/clipping.py.
+"""
+
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ... import formats as F
+from ...modules.layer_plan import LayerPlan
+from ..awq import awq_search
+from ..blocks import statistics_pass
+from ..clipping import clip_nvfp4_global_amax, clip_weight_scale
+from ..expert_smoothing import ExpertPlan, expert_awq_plan
+from ..selection import fused_groups
+from ..smoothing import apply_pre_quant_scale, groups_sharing_input, stacked_weight
+from ..stats import InputStats, input_hooks
+from .base import Algorithm, BlockContext
+
+
+class AWQ(Algorithm):
+    streamed = True
+    samples_expert_tokens = True
+
+    def __init__(self, name: str, search: bool, clip: bool):
+        self.name, self.search, self.clip = name, search, clip
+
+    def fits(self, fmt: F.Format) -> bool:
+        return fmt.pre_quant_scale
+
+    def plan_block(self, context: BlockContext, linears: Dict[str, nn.Linear]) -> Dict[str, LayerPlan]:
+        groups = groups_sharing_input(list(linears), fused_groups(linears))
+        leaders = {group[0]: linears[group[0]] for group in groups}
+        stats = {name: InputStats(sample_stride=context.sample_stride) for name in leaders}
+        with input_hooks(leaders, stats, context.token_mask):
+            statistics_pass(context.block, context.inputs, leaders, context.token_mask, context.outputs)
+        for s in stats.values():
+            s.reduce_across_processes()
+        plans = {}
+        for group in groups:
+            plans.update(self._plan_group(linears, group, stats[group[0]], context))
+        return plans
+
+    def _plan_group(self, linears, group: List[str], s: InputStats, context: BlockContext) -> Dict[str, LayerPlan]:
+        fmt, group_size = context.fmt, context.group_size
+        plan, x_sample = LayerPlan(input_amax=s.amax), s.sample
+        if self.search:
+            scale = awq_search(stacked_weight(linears, group), x_sample, s.channel_mean, s.channel_amax, fmt,
+                               group_size)
+            pre_quant_scale = apply_pre_quant_scale([linears[name] for name in group], 1.0 / scale)
+            x_sample = x_sample * pre_quant_scale.float()
+            plan = LayerPlan(pre_quant_scale=pre_quant_scale,
+                             input_amax=(s.channel_amax * pre_quant_scale.float()).amax())
+        if not self.clip:
+            return {name: plan.but() for name in group}
+        if fmt.weight == F.NVFP4:
+            global_amax = clip_nvfp4_global_amax(stacked_weight(linears, group), x_sample, fmt)
+            return {name: plan.but(weight_global_amax=global_amax) for name in group}
+        return {name: plan.but(weight_scale=clip_weight_scale(linears[name].weight, x_sample, fmt, group_size))
+                for name in group}
+
+    def plan_experts(self, w: torch.Tensor, stat, kind: str, fmt: F.Format, group_size) -> Optional[ExpertPlan]:
+        return expert_awq_plan(w, stat, kind, fmt, group_size, self.search, self.clip)

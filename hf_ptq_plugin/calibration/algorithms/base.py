@@ -1,0 +1,64 @@
+"""The interface every calibration algorithm implements, and the context a block's plan needs.
+
+An algorithm is a small object: which formats it fits, what it needs (activations, the
+full-precision weights of a layer-streamed block, samples of each expert's tokens), and how it
+plans a decoder block's Linears and a MoE layer's experts. The pipeline only calls this
+interface, so adding an algorithm is adding one class to the registry (`__init__.py`).
+"""
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ... import formats as F
+from ...modules.layer_plan import LayerPlan
+from ..expert_smoothing import ExpertPlan
+
+
+@dataclass
+class BlockContext:
+    """What planning one decoder block sees: its inputs and how to run it."""
+
+    block: nn.Module
+    inputs: List[tuple]  # [(args, kwargs, token mask)] of the block's calibration batches
+    token_mask: object  # TokenMask: each batch's real (not padding) tokens
+    fmt: F.Format
+    group_size: Optional[int]
+    sample_stride: int  # keep every n-th token in the search samples
+    outputs: Optional[list] = None  # not sequential: the full-precision block outputs are collected here
+
+
+class Algorithm:
+    """One calibration algorithm. Subclasses override what differs from plain `max`."""
+
+    name: str = ""
+    streamed: bool = False  # plans block by block on full-precision weights and activations (changes weights)
+    samples_expert_tokens: bool = False  # MoE: its expert search replays a sample of each expert's tokens
+    observes_expert_hessians: bool = False  # MoE: collects each expert's input Hessian
+
+    def fits(self, fmt: F.Format) -> bool:
+        """Whether the algorithm makes sense for the format (ModelOpt's pairing)."""
+        raise NotImplementedError
+
+    def plan_block(self, context: BlockContext, linears: Dict[str, nn.Linear]) -> Dict[str, LayerPlan]:
+        """The plans of one block's Linears, from statistics the algorithm collects by running it."""
+        raise NotImplementedError(f"algorithm {self.name!r} is not layer-streamed")
+
+    def plan_experts(self, w: torch.Tensor, stat, kind: str, fmt: F.Format, group_size) -> Optional[ExpertPlan]:
+        """The plan of observed experts' fused weights w (E, N, K) for projection `kind`; None: round
+        to nearest with the observed input scales. Smoothing algorithms change `w` in place."""
+        return None
+
+    def plan_unobserved_experts(self, w: torch.Tensor, fmt: F.Format, group_size) -> Optional[ExpertPlan]:
+        """The plan of experts no calibration token reached (data-free algorithms only); None: round
+        to nearest."""
+        return None
+
+    def data_free_weight_scale(self, w: torch.Tensor, fmt: F.Format, group_size) -> Optional[torch.Tensor]:
+        """A weight scale chosen from the weight alone (no data), or None to use the format's own."""
+        return None
+
+    def __repr__(self) -> str:
+        return self.name

@@ -1,0 +1,41 @@
+"""`max` and `mse`: weights from their own values, activations from their observed maxima (one pass).
+
+`mse` chooses each weight block's scale to minimise the weight's squared rounding error, which
+needs no data, so it also applies while `from_pretrained` quantizes each weight as it is read.
+"""
+
+from typing import Optional
+
+import torch
+
+from ... import formats as F
+from ...modules.layer_plan import LayerPlan
+from ..clipping import mse_weight_scale
+from ..expert_smoothing import ExpertPlan
+from .base import Algorithm
+
+
+class Max(Algorithm):
+    name = "max"
+
+    def fits(self, fmt: F.Format) -> bool:
+        return True
+
+
+class MSE(Algorithm):
+    name = "mse"
+
+    def fits(self, fmt: F.Format) -> bool:
+        return fmt.weight in (F.INT4, F.INT8)
+
+    def data_free_weight_scale(self, w: torch.Tensor, fmt: F.Format, group_size) -> Optional[torch.Tensor]:
+        return mse_weight_scale(w, fmt, group_size)
+
+    def plan_experts(self, w: torch.Tensor, stat, kind: str, fmt: F.Format, group_size) -> Optional[ExpertPlan]:
+        return self.plan_unobserved_experts(w, fmt, group_size)
+
+    def plan_unobserved_experts(self, w: torch.Tensor, fmt: F.Format, group_size) -> Optional[ExpertPlan]:
+        """Every expert's searched weight scale; the input scales stay the observed ones."""
+        scales = {e: LayerPlan(weight_scale=mse_weight_scale(w[e], fmt, group_size)) for e in range(w.shape[0])}
+        return ExpertPlan(None, None, scales)
+

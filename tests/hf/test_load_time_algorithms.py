@@ -1,0 +1,59 @@
+"""Data-free algorithms apply while loading: `mse` at load gives quantize(..., mse)'s tensors.
+
+With a data-free algorithm (max, mse) the loader quantizes each weight with it as it is read; no
+warning claims data is needed, and calibration data, if given, is not needed for weight-only formats.
+"""
+
+import logging
+
+import pytest
+import torch
+from conftest import tiny_llama, tiny_moe, word_tokenizer
+from transformers import AutoModelForCausalLM
+
+from hf_ptq_plugin import PTQConfig, calibrate, quantize
+
+
+@pytest.fixture
+def source(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "src")
+    word_tokenizer().save_pretrained(tmp_path / "src")
+    (tmp_path / "calib.txt").write_text("the a of and to in is it " * 200)
+    return tmp_path
+
+
+def assert_same_tensors(a, b):
+    sd_a, sd_b = a.state_dict(), b.state_dict()
+    assert sd_a.keys() == sd_b.keys()
+    assert not [k for k in sd_a if not torch.equal(sd_a[k], sd_b[k])]
+
+
+@pytest.mark.parametrize("qformat", ["int4_awq", "int8_wo"])
+def test_mse_while_loading_equals_quantize_with_mse(source, qformat, caplog):
+    with caplog.at_level(logging.WARNING):
+        loaded = AutoModelForCausalLM.from_pretrained(source / "src",
+                                                      quantization_config=PTQConfig(qformat=qformat, algorithm="mse"))
+    assert not [r for r in caplog.records if "needs calibration data" in r.getMessage()]
+    in_memory = quantize(AutoModelForCausalLM.from_pretrained(source / "src"), PTQConfig(qformat=qformat, algorithm="mse"))
+    rounded = quantize(AutoModelForCausalLM.from_pretrained(source / "src"), PTQConfig(qformat=qformat, algorithm="max"))
+    assert_same_tensors(loaded, in_memory)
+    scales = [k for k in loaded.state_dict() if k.endswith("weight_scale")]
+    assert any(not torch.equal(loaded.state_dict()[k], rounded.state_dict()[k]) for k in scales)  # mse really ran
+    assert loaded.ptq_config.algorithm == "mse"
+
+
+def test_mse_with_calibration_data_loads_and_later_calibrate_says_what_it_can_do(source):
+    config = PTQConfig(qformat="int4_awq", algorithm="mse", calib_dataset=str(source / "calib.txt"), calib_size=4,
+                       calib_seq_len=16)
+    loaded = AutoModelForCausalLM.from_pretrained(source / "src", quantization_config=config)
+    assert loaded.ptq_config.algorithm == "mse"
+    with pytest.raises(ValueError, match="no quantized layer or KV cache with static scales"):
+        calibrate(loaded, str(source / "calib.txt"), tokenizer=word_tokenizer(), calib_size=4, seq_len=16)
+
+
+def test_mse_experts_while_loading_equal_quantize_with_mse(tmp_path):
+    tiny_moe("qwen3_moe").save_pretrained(tmp_path / "moe")
+    config = PTQConfig(qformat="int4_awq", algorithm="mse")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", quantization_config=config)
+    in_memory = quantize(AutoModelForCausalLM.from_pretrained(tmp_path / "moe"), config)
+    assert_same_tensors(loaded, in_memory)
