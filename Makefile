@@ -1,7 +1,7 @@
 # Two entry points, each does its own set-up on a fresh machine:
 #   make demo   quantize SmolLM2-135M with several formats and print a perplexity table, then
 #               the same through the `hf-ptq` command line (quantize, export, eval)
-#   make test   run the test suite
+#   make test   lint (ruff) and run the test suite
 # Both install the exact versions of requirements-lock.txt into .venv. torch comes first, pinned:
 # 2.13.0 is the CPU build on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
 #   make test-latest   the suite on the newest releases the ranges of pyproject.toml allow, and the
@@ -35,6 +35,7 @@ demo: $(STAMP)
 		--dtype float32
 
 test: $(STAMP)
+	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q tests
 
 test-latest:
@@ -45,6 +46,7 @@ test-latest:
 	$(LATEST)/bin/python -m pip install --quiet --no-build-isolation -e ".[dev]"
 	$(LATEST)/bin/python -m pip install --quiet --upgrade transformers
 	$(LATEST)/bin/python -m pip list --format=freeze | grep -iE '^(transformers|accelerate|peft|kernels)=='
+	$(LATEST)/bin/python -m ruff check .
 	$(LATEST)/bin/python -m pytest -q tests
 
 lock:

@@ -43,10 +43,10 @@ def parse_args():
 
 
 def windows(args):
-    from transformers import AutoTokenizer
-
     from austen import calibration_and_eval_texts
     from smollm2 import smollm2_checkpoint
+    from transformers import AutoTokenizer
+
     from hf_ptq_plugin.calibration.text import first_windows, spread_windows, tokenize
 
     path = smollm2_checkpoint(args.cache_dir)

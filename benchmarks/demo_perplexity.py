@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 import torch
+from austen import calibration_and_eval_texts
+from smollm2 import smollm2_checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_ptq_plugin
-from austen import calibration_and_eval_texts
-from smollm2 import smollm2_checkpoint
 from hf_ptq_plugin.calibration.text import first_windows, read_text, spread_windows, tokenize
 from hf_ptq_plugin.evaluation import model_bytes, perplexity
 
@@ -80,7 +80,8 @@ def run_format(qformat, args, model_path, calib_windows, eval_windows):
 
 
 def print_table(rows, baseline, markdown: bool):
-    header = ["format", "algorithm", "group", "ppl before", "ppl after", "ratio", "MB before", "MB after", "quantize s", "eval s"]
+    header = ["format", "algorithm", "group", "ppl before", "ppl after", "ratio", "MB before", "MB after", "quantize s",
+              "eval s"]
     lines = [[r["format"], r["algorithm"], str(r["group"] or "-"), f"{baseline['ppl']:.2f}", f"{r['ppl']:.2f}",
               f"{r['ppl'] / baseline['ppl']:.3f}", f"{baseline['bytes'] / 1e6:.1f}", f"{r['bytes'] / 1e6:.1f}",
               f"{r['quantize_s']:.1f}", f"{r['eval_s']:.1f}"] for r in rows]

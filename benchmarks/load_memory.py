@@ -39,7 +39,8 @@ MIB = 2**20
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--formats", default=DEFAULT_FORMATS, help=f"comma-separated qformats (default {DEFAULT_FORMATS})")
+    parser.add_argument("--formats", default=DEFAULT_FORMATS,
+                        help=f"comma-separated qformats (default {DEFAULT_FORMATS})")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/hf_ptq_load_memory"),
                         help="where the synthetic checkpoint is written (reused when present)")
     parser.add_argument("--layers", type=int, default=LLAMA_1B["num_hidden_layers"], help="fewer for a quick run")
@@ -135,7 +136,8 @@ def measure(checkpoint: Path, case: str, repeats: int, mmap_threshold=None) -> d
 
 def print_table(rows, markdown: bool):
     plain, read = rows[0], rows[1]
-    header = ["load", "wall s", "x plain", "x plain+read", "peak anon MiB", "quantized MiB", "peak / quantized", "footprint MiB"]
+    header = ["load", "wall s", "x plain", "x plain+read", "peak anon MiB", "quantized MiB", "peak / quantized",
+              "footprint MiB"]
     lines = [[r["case"], f"{r['seconds']:.1f}", f"{r['seconds'] / plain['seconds']:.2f}",
               f"{r['seconds'] / read['seconds']:.2f}", f"{r['peak_anon'] / MIB:.0f}",
               f"{r['quantized_bytes'] / MIB:.0f}" if r["quantized_bytes"] else "-",

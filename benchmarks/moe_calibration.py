@@ -15,10 +15,10 @@ import logging
 import time
 
 import torch
+from tables import print_table  # benchmarks/tables.py: the script's own directory is on sys.path
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from hf_ptq_plugin import PTQConfig, quantize
-from tables import print_table  # benchmarks/tables.py: the script's own directory is on sys.path
 
 DEFAULT_RUNS = "int4_awq:max,int4_awq:awq_lite,int4_awq:awq_full,int4_awq:gptq,int8_sq:smoothquant,nvfp4:max"
 

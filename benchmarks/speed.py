@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F_nn
+from smollm2 import smollm2_checkpoint
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from hf_ptq_plugin import FORMATS, PTQConfig, QuantLinear, get_format, quantize
 from hf_ptq_plugin.modules.layer_plan import LayerPlan
-from smollm2 import smollm2_checkpoint
 
 GEMM_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (K, N): q/o, gate/up, down of Llama-3-8B
 # Under algorithm "max" the *_awq variants have no pre_quant_scale and run exactly nvfp4's path.
@@ -236,7 +236,8 @@ def smollm2_section(args) -> None:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
         if name != "unquantized":
             group = 64 if get_format(name).group_size_choices else None  # 576 is not a multiple of 128
-            quantize(model, PTQConfig(qformat=name, algorithm="max", group_size=group), forward_loop=lambda m: m(prompt))
+            quantize(model, PTQConfig(qformat=name, algorithm="max", group_size=group),
+                     forward_loop=lambda m: m(prompt))
         rate, _ = measure_model(model, prompt, None, 64, args.repeats)
         results.append((name, dtype, rate))
         print(f"  done: {name} {dtype} {rate:.1f} tok/s", flush=True)

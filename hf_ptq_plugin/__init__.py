@@ -13,11 +13,11 @@ from .calibration.calibrate import calibrate
 from .compat import transformers_tested_range, warn_if_untested
 from .config import PTQConfig
 from .export import export_checkpoint
+from .export.hub import push_to_hub
 from .formats import FORMATS, KV_FORMATS, Format, KVFormat, get_format, get_kv_format
+from .hf.peft_hook import register_with_peft
 from .hf.quantizer import PTQHfQuantizer, attach_quantizer
 from .hf.quantizer import register as register_hf_quantizer
-from .hf.peft_hook import register_with_peft
-from .export.hub import push_to_hub
 from .modules.kv_cache import register_kv_attention_functions
 from .modules.quant_linear import QuantLinear
 

@@ -1,8 +1,8 @@
 """Public entry points that join the orchestration to the transformers edge.
 
 `quantize` = the calibration pipeline on the model's own weights (which knows nothing of
-transformers' quantizer machinery) plus, for a transformers model, the quantizer that makes `save_pretrained` write the unified
-checkpoint and `from_pretrained` read it back.
+transformers' quantizer machinery) plus, for a transformers model, the quantizer that makes `save_pretrained` write the
+unified checkpoint and `from_pretrained` read it back.
 """
 
 from typing import Callable, Optional
@@ -10,10 +10,10 @@ from typing import Callable, Optional
 from torch import nn
 from transformers import PreTrainedModel
 
+from .calibration import pipeline
 from .calibration.record import calibration_record
 from .config import PTQConfig
 from .hf.quantizer import attach_quantizer
-from .calibration import pipeline
 
 
 def quantize(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callable] = None) -> nn.Module:

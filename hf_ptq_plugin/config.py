@@ -15,6 +15,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from . import formats as F
 from .calibration.algorithms import ALGORITHMS, algorithms_for
 
+
 @dataclass
 class PTQConfig(QuantizationConfigMixin):
     """Post-training quantization settings; names follow ModelOpt's `hf_ptq.py` flags.
@@ -54,8 +55,10 @@ class PTQConfig(QuantizationConfigMixin):
         self._check_layer_qformats()
         self._check_algorithm(fmt)
         self._check_group_size(self._grouped_format() or fmt)
-        if not isinstance(self.exclude_modules, (list, tuple)) or not all(isinstance(m, str) for m in self.exclude_modules):
-            raise ValueError(f"exclude_modules must be a list of module names or patterns, got {self.exclude_modules!r}")
+        if not isinstance(self.exclude_modules, (list, tuple)) or not all(
+                isinstance(m, str) for m in self.exclude_modules):
+            raise ValueError(f"exclude_modules must be a list of module names or patterns, "
+                             f"got {self.exclude_modules!r}")
         self.exclude_modules = list(self.exclude_modules)
         if not isinstance(self.sequential, bool):
             raise ValueError(f"sequential must be True or False, got {self.sequential!r}")

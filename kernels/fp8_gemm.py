@@ -70,7 +70,8 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
     """(M, K) x (N, K) float8_e4m3fn -> (M, N) `out_dtype`; see the module docstring."""
     m, k = a.shape
     n = b.shape[0]
-    require(a.dtype == b.dtype == torch.float8_e4m3fn, f"fp8_gemm takes float8_e4m3fn operands, got {a.dtype}, {b.dtype}")
+    require(a.dtype == b.dtype == torch.float8_e4m3fn,
+            f"fp8_gemm takes float8_e4m3fn operands, got {a.dtype}, {b.dtype}")
     require(b.shape[1] == k, f"a has K={k}, b has K={b.shape[1]}")
     require(a_scale.dim() == 0 or a_scale.shape == (m,), f"a_scale must be () or ({m},), got {tuple(a_scale.shape)}")
     require(b_scale.dim() == 0 or b_scale.shape == (n,), f"b_scale must be () or ({n},), got {tuple(b_scale.shape)}")

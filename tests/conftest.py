@@ -1,10 +1,18 @@
-"""Shared fixtures: tiny Llama models built from a config (no hub access), a word-level tokenizer, and an SQNR helper."""
+"""Shared fixtures: tiny Llama models built from a config (no hub access), a word-level tokenizer, and an SQNR
+helper."""
 
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast,
-                          Qwen3MoeConfig, Qwen3MoeForCausalLM)
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 
 WORDS = "the a of and to in is it that was he she you with for his her on at by not be had".split()
 

@@ -37,7 +37,8 @@ def test_bad_values_name_the_value_and_the_valid_choices(kwargs, message):
 
 
 def test_unknown_field_in_a_dict_lists_the_valid_fields():
-    with pytest.raises(ValueError, match=r"unknown PTQConfig field\(s\) \['qfromat'\]; valid: algorithm, calib_batch_size"):
+    with pytest.raises(ValueError,
+                       match=r"unknown PTQConfig field\(s\) \['qfromat'\]; valid: algorithm, calib_batch_size"):
         PTQConfig.from_dict({"qfromat": "fp8"})
 
 

@@ -64,7 +64,8 @@ class CpuWeight:
     kind: str  # "int4pack", "int8pack", "fp16pack" or "dense"
     sources: tuple  # ((name, tensor, data_ptr, version), ...) of the buffers it was built from
     bf16_activations: bool  # built for bf16 activations (the packed int kernels) or for any other dtype
-    matrix: Any  # int4pack: uint8 (N, K/2); int8pack: the int8 weight; fp16pack: fbgemm packed; dense: fp32 or bf16 (N, K)
+    # int4pack: uint8 (N, K/2); int8pack: the int8 weight; fp16pack: fbgemm packed; dense: fp32 or bf16 (N, K)
+    matrix: Any
     scales: Optional[torch.Tensor] = None  # int4pack: bf16 (K/g, N, 2) scales and zeros; int8pack: bf16 ones (N,)
     out_scale: Optional[torch.Tensor] = None  # fp32 () or (N,) multiplying the GEMM output
     nbytes: int = 0  # memory held beyond the checkpoint buffers
@@ -177,7 +178,8 @@ def _int4pack(buffers: dict, sources: tuple) -> CpuWeight:
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 1)  # (N, K / 2) uint8
     scale_t = buffers["weight_scale"].t().to(torch.bfloat16)  # (K / g, N)
     scales_and_zeros = torch.stack((scale_t, torch.zeros_like(scale_t)), dim=-1).contiguous()
-    return CpuWeight("int4pack", sources, True, packed, scales_and_zeros, nbytes=packed.nbytes + scales_and_zeros.nbytes)
+    return CpuWeight("int4pack", sources, True, packed, scales_and_zeros,
+                     nbytes=packed.nbytes + scales_and_zeros.nbytes)
 
 
 def _factored_weight(fmt: F.Format, buffers: dict, group_size: int):

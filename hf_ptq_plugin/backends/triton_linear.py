@@ -24,10 +24,20 @@ def triton_available() -> bool:
 @functools.cache
 def load_kernels() -> SimpleNamespace:
     """The GEMM launchers; the first call imports triton (the package's only lazy imports are here)."""
-    from ..kernels import fp8_block_gemm, fp8_gemm, fp8_quantize, int4_gemm, int8_gemm, mxfp8_gemm, nvfp4_gemm, w4a8_gemm
+    from ..kernels import (
+        fp8_block_gemm,
+        fp8_gemm,
+        fp8_quantize,
+        int4_gemm,
+        int8_gemm,
+        mxfp8_gemm,
+        nvfp4_gemm,
+        w4a8_gemm,
+    )
 
     return SimpleNamespace(
-        fp8_block_gemm=fp8_block_gemm.fp8_block_gemm, fp8_gemm=fp8_gemm.fp8_gemm, fp8_quantize=fp8_quantize.fp8_quantize,
+        fp8_block_gemm=fp8_block_gemm.fp8_block_gemm, fp8_gemm=fp8_gemm.fp8_gemm,
+        fp8_quantize=fp8_quantize.fp8_quantize,
         int4_gemm=int4_gemm.int4_gemm, int8_gemm=int8_gemm.int8_gemm, mxfp8_gemm=mxfp8_gemm.mxfp8_gemm,
         nvfp4_gemm=nvfp4_gemm.nvfp4_gemm, w4a8_gemm=w4a8_gemm.w4a8_gemm,
     )

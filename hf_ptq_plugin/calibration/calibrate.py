@@ -17,15 +17,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import calibration_forward_loop, collect_input_stats
-from .record import calibration_record
 from ..config import PTQConfig
 from ..formats import KVFormat
 from ..modules.kv_cache import attention_modules, enable_kv_quantization, observe_kv_amax
 from ..modules.quant_linear import QuantLinear
-from . import pipeline
+from . import calibration_forward_loop, collect_input_stats, pipeline
 from .algorithms import ALGORITHMS, get_algorithm
 from .interrupted import refuse_if_interrupted
+from .record import calibration_record
 
 
 def calibrate(model: nn.Module, data, algorithm: Optional[str] = None, tokenizer=None, calib_size: int = 512,

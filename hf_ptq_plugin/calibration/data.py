@@ -16,9 +16,9 @@ from typing import List, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .text import spread_windows, tokenize
 from .offload import input_device
 from .record import describe_source
+from .text import spread_windows, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +71,14 @@ def calibration_forward_loop(tokenizer, data, calib_size: int = 512, seq_len: in
 def _token_samples(tokenizer, data, calib_size: int, seq_len: int) -> List[torch.Tensor]:
     if isinstance(data, torch.Tensor):
         if data.dim() != 2 or data.shape[0] == 0:
-            raise ValueError(f"token-id calibration data must be a non-empty (N, S) tensor, got shape {tuple(data.shape)}")
+            raise ValueError(f"token-id calibration data must be a non-empty (N, S) tensor, "
+                             f"got shape {tuple(data.shape)}")
         return list(data[:calib_size, :seq_len])
     if isinstance(data, (str, Path)) and Path(data).is_file() and Path(data).suffix == ".txt":
         ids = tokenize(tokenizer, Path(data).read_text(encoding="utf-8"))
         if ids.numel() < seq_len:
-            raise ValueError(f"calibration text {str(data)!r} has {ids.numel()} tokens, fewer than calib_seq_len={seq_len}")
+            raise ValueError(f"calibration text {str(data)!r} has {ids.numel()} tokens, "
+                             f"fewer than calib_seq_len={seq_len}")
         return list(spread_windows(ids, seq_len, min(calib_size, ids.numel() // seq_len)))
     texts = [t for t in load_texts(data) if t.strip()][:calib_size]
     if not texts:

@@ -17,9 +17,9 @@ import torch.nn.functional as F_nn
 from torch import nn
 
 from ..modules.fused_experts import route_tokens
-from .offload import execution_device, onloaded
 from .distributed import all_reduce
 from .gptq import symmetric_gram
+from .offload import execution_device, onloaded
 from .stats import finite_values
 
 KINDS = ("gate_up", "down")
@@ -57,7 +57,8 @@ class ExpertStats:
 
     def observe(self, e: int, kind: str, x: torch.Tensor) -> None:
         if x.numel():
-            self.amax[kind][e] = torch.maximum(self.amax[kind][e], x.detach().abs().amax().float().to(self.amax[kind].device))
+            self.amax[kind][e] = torch.maximum(self.amax[kind][e],
+                                               x.detach().abs().amax().float().to(self.amax[kind].device))
             if kind in self.outer:
                 x = x.detach().float().to(self.outer[kind].device)
                 self.outer[kind][e].add_(symmetric_gram(x))  # exactly symmetric, as the Cholesky needs

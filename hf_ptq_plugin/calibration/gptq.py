@@ -33,12 +33,12 @@ from typing import Callable, Tuple
 import torch
 
 from .. import formats as F
-from .clipping import mse_weight_scale, weighted_nvfp4_block_scales
-from .distributed import all_reduce, all_reduce_number
 from ..numerics.fp8 import FP8_MAX, fp8_quantize
 from ..numerics.integer import INT8_MAX
 from ..numerics.nvfp4 import NVFP4_BLOCK, e2m1_round, nvfp4_global_scale
 from ..numerics.scales import scale_from_amax
+from .clipping import mse_weight_scale, weighted_nvfp4_block_scales
+from .distributed import all_reduce, all_reduce_number
 
 PERC_DAMP = 0.01
 COLUMN_BLOCK = 128

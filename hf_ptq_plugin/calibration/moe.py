@@ -29,14 +29,21 @@ import torch
 from torch import nn
 
 from .. import formats as F
-from .algorithms import Algorithm
-from .expert_smoothing import SAMPLE_TOKENS
-from .expert_observer import ExpertObserver
-from .shared_inputs import log_token_counts
-from ..modules.fused_experts import (DEFAULT_PROJECTION_NAMES, FUSED_PARAMS, checkpoint_namer, is_fused_experts, projection_names,
-                      projection_shapes, target_experts)
-from .offload import onloaded
+from ..modules.fused_experts import (
+    DEFAULT_PROJECTION_NAMES,
+    FUSED_PARAMS,
+    checkpoint_namer,
+    is_fused_experts,
+    projection_names,
+    projection_shapes,
+    target_experts,
+)
 from ..modules.quant_experts import QuantExperts
+from .algorithms import Algorithm
+from .expert_observer import ExpertObserver
+from .expert_smoothing import SAMPLE_TOKENS
+from .offload import onloaded
+from .shared_inputs import log_token_counts
 
 logger = logging.getLogger(__name__)
 

@@ -69,7 +69,8 @@ def best_alpha(errors: torch.Tensor) -> float:
 
 
 def smoothquant_group_plan(linears: Dict[str, nn.Linear], group: List[str], x_channel_amax: torch.Tensor,
-                           x_sample: Optional[torch.Tensor] = None, fmt: Optional[F.Format] = None) -> Dict[str, LayerPlan]:
+                           x_sample: Optional[torch.Tensor] = None,
+                           fmt: Optional[F.Format] = None) -> Dict[str, LayerPlan]:
     """Smooth a group of Linears sharing one input, in place; {name: its plan}.
 
     With a token sample (and the format), alpha is searched (`search_alpha`); else DEFAULT_ALPHA.

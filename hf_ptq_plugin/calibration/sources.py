@@ -114,7 +114,8 @@ class CheckpointWeights:
 
 
 @torch.no_grad()
-def restore_full_precision(model: nn.Module, modules: Dict[str, QuantLinear], source: CheckpointWeights) -> Dict[str, nn.Linear]:
+def restore_full_precision(model: nn.Module, modules: Dict[str, QuantLinear],
+                           source: CheckpointWeights) -> Dict[str, nn.Linear]:
     """Swap each QuantLinear for an nn.Linear holding its source weight (in the layer's dtype)."""
     restored = {}
     for name, module in modules.items():

@@ -106,7 +106,8 @@ def input_hooks(linears: Dict[str, nn.Module], stats: Dict[str, "InputStats"], t
             handle.remove()
 
 
-def collect_input_stats(model: nn.Module, linears: Dict[str, nn.Module], forward_loop: Callable) -> Dict[str, InputStats]:
+def collect_input_stats(model: nn.Module, linears: Dict[str, nn.Module],
+                        forward_loop: Callable) -> Dict[str, InputStats]:
     """Run `forward_loop(model)` under no_grad and return {linear_name: InputStats}.
 
     A loop from `calibration_forward_loop` publishes which tokens are padding; those are skipped.

@@ -12,10 +12,10 @@ import logging
 import sys
 from typing import List, Optional
 
-from .commands import COMMANDS
-from ..export import EXPORT_TARGETS
 from ..calibration.algorithms import ALGORITHMS
+from ..export import EXPORT_TARGETS
 from ..formats import FORMATS, KV_FORMAT_NAMES
+from .commands import COMMANDS
 
 PROG = "hf-ptq"
 

@@ -1,11 +1,10 @@
 """The `hf-ptq` subcommands: quantize, eval, export, push (parsed arguments in, summary printed out).
 
-A ValueError or OSError raised here becomes the CLI's one-line error. Each command is a thin sequence of library calls: load with
-transformers, `quantize` / `calibrate`, `evaluation.perplexity`, `export_checkpoint`,
+A ValueError or OSError raised here becomes the CLI's one-line error. Each command is a thin sequence of library calls:
+load with transformers, `quantize` / `calibrate`, `evaluation.perplexity`, `export_checkpoint`,
 `write_model_card`, `push_to_hub`.
 """
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -14,11 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..api import quantize
-from ..calibration.calibrate import calibrate
 from ..calibration.data import calibration_forward_loop, load_texts
 from ..calibration.record import describe_source
-from ..config import PTQConfig
 from ..calibration.text import first_windows, read_text, tokenize
+from ..config import PTQConfig
 from ..evaluation import perplexity
 from ..export import export_checkpoint, export_target_dialect
 from ..export.hub import push_to_hub
@@ -65,7 +63,8 @@ def run_quantize(args) -> None:
     config = _ptq_config(args)
     if config.needs_calibration_data and config.calib_dataset is None:
         raise ValueError(f"qformat {config.qformat!r} with algorithm {config.resolved_algorithm!r} and "
-                         f"kv_cache_qformat {config.kv_cache_qformat!r} needs calibration data: pass --dataset FILE (.txt, .json, "
+                         f"kv_cache_qformat {config.kv_cache_qformat!r} needs calibration data: "
+                         "pass --dataset FILE (.txt, .json, "
                          ".jsonl, .parquet or a folder of them)")
     dialect = export_target_dialect(args.export_target, config.qformat, config.kv_cache_qformat)  # fail before work
     # A local source's tokenizer files come along with the export; a Hub source's are saved from the tokenizer.

@@ -32,10 +32,10 @@ import torch
 from torch import nn
 
 from .. import formats as F
-from ..numerics.integer import unpack_int4_rows
-from ..modules.quant_linear import QuantLinear
-from .atomic import atomic_directory
 from ..calibration.folding import fold_pre_quant_scales
+from ..modules.quant_linear import QuantLinear
+from ..numerics.integer import unpack_int4_rows
+from .atomic import atomic_directory
 from .save import _copy_sidecars, _write_model_card
 from .unified import ExportPlan, plan_export
 

@@ -19,8 +19,8 @@ from torch import nn
 
 from . import export_checkpoint
 from .atomic import STALE_PATTERNS
-from .save import SIDECAR_PATTERNS, ptq_config_of
 from .model_card import EvaluationRecord, card_facts, write_model_card
+from .save import SIDECAR_PATTERNS, ptq_config_of
 
 logger = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ from typing import List, Optional
 from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 
-from . import card_sections as sections
 from ..evaluation import model_bytes
+from ..modules.quant_linear import QuantLinear
+from . import card_sections as sections
 from .exclude import summarize_exclude_modules
 from .save import ptq_config_of
-from ..modules.quant_linear import QuantLinear
 
 logger = logging.getLogger(__name__)
 

@@ -82,7 +82,8 @@ def hf_quant_config(fmt: F.Format, group_size: Optional[int], kv_format: Optiona
 def _config_groups(fmt: F.Format, group_size: Optional[int]) -> Optional[dict]:
     """config.json `config_groups`, written by ModelOpt for FP8, NVFP4 and W4A16_NVFP4 only."""
     if fmt.name == "fp8":
-        return {"group_0": {"input_activations": dict(_FP8_SCHEME), "weights": dict(_FP8_SCHEME), "targets": ["Linear"]}}
+        return {"group_0": {"input_activations": dict(_FP8_SCHEME), "weights": dict(_FP8_SCHEME),
+                            "targets": ["Linear"]}}
     if fmt.name not in ("nvfp4", "w4a16_nvfp4"):
         return None
     fp4 = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": group_size}

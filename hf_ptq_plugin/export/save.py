@@ -16,9 +16,9 @@ from pathlib import Path
 
 from torch import nn
 
-from .atomic import atomic_directory
 from ..calibration.folding import fold_pre_quant_scales
 from ..calibration.interrupted import refuse_if_interrupted
+from .atomic import atomic_directory
 from .unified import plan_export, write_quant_configs
 
 logger = logging.getLogger(__name__)

@@ -5,8 +5,8 @@ returns what the JSON files need, or a ValueError when the model cannot be writt
 uncalibrated static or KV scales (never write made-up scales), INT4 layers with different group
 sizes, or fused siblings (q/k/v, gate/up) with different formats, or different `weight_scale_2` /
 `input_scale` where engines need one. Layers in different formats make a MIXED_PRECISION checkpoint
-(`quantized_layers` lists each layer's format). `write_quant_configs` puts ModelOpt's `quantization_config` into config.json and writes
-hf_quant_config.json.
+(`quantized_layers` lists each layer's format). `write_quant_configs` puts ModelOpt's `quantization_config` into
+config.json and writes hf_quant_config.json.
 """
 
 import json
@@ -18,13 +18,20 @@ import torch
 from torch import nn
 
 from .. import formats as F
+from ..calibration.selection import fused_groups
 from ..modules.fused_experts import checkpoint_namer, moe_unquantized
 from ..modules.kv_cache import attention_modules
 from ..modules.quant_linear import QuantLinear
-from ..calibration.selection import fused_groups
 from .exclude import summarize_exclude_modules
-from .quant_config import (FORMAT_VERSION, MIXED_PRECISION, PRODUCER_NAME, checkpoint_quantization_config,
-                           hf_quant_config, mixed_checkpoint_quantization_config, mixed_hf_quant_config)
+from .quant_config import (
+    FORMAT_VERSION,
+    MIXED_PRECISION,
+    PRODUCER_NAME,
+    checkpoint_quantization_config,
+    hf_quant_config,
+    mixed_checkpoint_quantization_config,
+    mixed_hf_quant_config,
+)
 
 
 @dataclass

@@ -18,7 +18,6 @@ from typing import Optional
 
 import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
-from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.lora.model import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
@@ -43,12 +42,16 @@ class QuantLoraLinear(LoraLinear):
     def lora_variants(self):
         return {(): None}  # plain LoRA only: DoRA and the others read a dense base weight
 
-    def resolve_lora_variant(self, *, config, **kwargs):
+    def resolve_lora_variant(self, **kwargs):
         try:
-            return LoraLayer.resolve_lora_variant(self, config=config, **kwargs)
+            variant = super().resolve_lora_variant(**kwargs)
         except ValueError as error:
             raise ValueError(f"{error}: a QuantLinear base takes plain LoRA only (use_dora=False and no other "
                              "LoRA variant)") from error
+        if variant is not None:  # a PEFT that picks variants without asking `lora_variants`
+            raise ValueError(f"LoRA variant {type(variant).__name__} is not supported on a QuantLinear base; "
+                             "use plain LoRA (use_dora=False and no other LoRA variant)")
+        return None
 
     def _get_in_out_features(self, module):
         return module.in_features, module.out_features

@@ -18,11 +18,11 @@ from safetensors import safe_open
 from torch import nn
 
 from .. import formats as F
-from ..modules.kv_cache import _use_kv_attention, attention_modules
 from ..calibration.moe import prepare_prequantized_experts
-from ..numerics.weights import weight_buffer_specs
-from ..modules.quant_linear import QuantLinear
 from ..calibration.selection import target_linears
+from ..modules.kv_cache import _use_kv_attention, attention_modules
+from ..modules.quant_linear import QuantLinear
+from ..numerics.weights import weight_buffer_specs
 
 logger = logging.getLogger(__name__)
 

@@ -22,17 +22,17 @@ from torch import nn
 from transformers.core_model_loading import ConversionOps
 
 from .. import formats as F
-from ..modules.fused_experts import projection_shapes, target_experts
-from .memory import release_freed_heap
+from ..calibration.algorithms import Algorithm
 from ..calibration.moe import drop_load_placeholders, prepare_load_time_experts, quantize_experts_on_load
-from ..numerics.scales import abs_amax
-from ..numerics.weights import quantize_weight_in_row_blocks
-from ..modules.quant_experts import QuantExperts
-from ..modules.quant_linear import QuantLinear
 from ..calibration.selection import fused_groups, target_linears
 from ..calibration.shapes import check_layer_shapes, resolve_group_size
-from ..calibration.algorithms import Algorithm
 from ..calibration.sources import tensor_locations
+from ..modules.fused_experts import projection_shapes, target_experts
+from ..modules.quant_experts import QuantExperts
+from ..modules.quant_linear import QuantLinear
+from ..numerics.scales import abs_amax
+from ..numerics.weights import quantize_weight_in_row_blocks
+from .memory import release_freed_heap
 
 logger = logging.getLogger(__name__)
 

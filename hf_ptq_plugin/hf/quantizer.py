@@ -16,17 +16,17 @@ from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers import auto as transformers_auto
 
-from .prequantized import finalize_prequantized, prepare_prequantized, read_header
-from ..config import PTQConfig
-from .dequantize import dequantize_model
-from ..modules.fused_experts import FUSED_PARAMS, without_expert_converters
-from ..export.save import install_unified_save, ptq_config_of
-from ..export.unified import plan_export, untie_shared_buffers
-from .quantize_on_load import QuantizeOnLoad, calibrate_while_loading, finalize_load_time, prepare_load_time
-from ..modules.quant_experts import QuantExperts
-from ..modules.quant_linear import QuantLinear
 from ..calibration.algorithms import get_algorithm
 from ..calibration.sources import CheckpointWeights
+from ..config import PTQConfig
+from ..export.save import install_unified_save, ptq_config_of
+from ..export.unified import plan_export, untie_shared_buffers
+from ..modules.fused_experts import FUSED_PARAMS, without_expert_converters
+from ..modules.quant_experts import QuantExperts
+from ..modules.quant_linear import QuantLinear
+from .dequantize import dequantize_model
+from .prequantized import finalize_prequantized, prepare_prequantized, read_header
+from .quantize_on_load import QuantizeOnLoad, calibrate_while_loading, finalize_load_time, prepare_load_time
 
 logger = logging.getLogger(__name__)
 

@@ -89,7 +89,8 @@ def _real_token_amax(states: torch.Tensor, token_mask) -> float:
     amax = states.detach().abs().amax()
     if not torch.isfinite(amax):  # the calibration rule: non-finite values are left out (stats.finite_values)
         logger.warning("NaN or Inf in the keys/values seen during calibration; left out of the k/v scales")
-        amax = torch.where(torch.isfinite(states), states, torch.zeros((), dtype=states.dtype, device=states.device)).abs().amax()
+        amax = torch.where(torch.isfinite(states), states,
+                           torch.zeros((), dtype=states.dtype, device=states.device)).abs().amax()
     return amax.item()
 
 

@@ -38,9 +38,9 @@ import torch
 from torch import nn
 
 from .. import formats as F
-from .fused_experts import FUSED_PARAMS, route_tokens
 from ..numerics import quantize_weight
 from ..numerics.scales import abs_amax
+from .fused_experts import FUSED_PARAMS, route_tokens
 from .layer_plan import LayerPlan
 from .quant_linear import QuantLinear
 
@@ -138,7 +138,8 @@ class QuantExperts(nn.Module):
             linear.set_input_amax(amax)
 
     def set_pre_quant_scale(self, kind: str, pre_quant_scale: torch.Tensor) -> None:
-        """One `pre_quant_scale` (K,) for every expert's `kind` projections (AWQ, SmoothQuant: calibration/expert_smoothing.py)."""
+        """One `pre_quant_scale` (K,) for every expert's `kind` projections (AWQ, SmoothQuant:
+        calibration/expert_smoothing.py)."""
         for linear in self.projections(kind):
             linear.pre_quant_scale = pre_quant_scale.to(device=linear.weight.device, dtype=linear.dtype).clone()
 

@@ -44,7 +44,8 @@ class QuantLinear(nn.Module):
             self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
         # Set only by smoothing algorithms (SmoothQuant, AWQ); absent from the checkpoint otherwise.
         self.register_buffer("pre_quant_scale", None)
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
+                                 requires_grad=False) if bias else None
         # False until a calibrated `input_scale` is set; until then a static format measures the
         # scale from each live activation, so the model runs but is not yet what an engine runs.
         self.input_calibrated = not fmt.needs_calibration_data

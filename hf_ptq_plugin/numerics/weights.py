@@ -17,7 +17,6 @@ from .mx import MX_BLOCK, mxfp8_dequantize, mxfp8_quantize
 from .nvfp4 import nvfp4_dequantize, nvfp4_global_scale, nvfp4_quantize, pack_nibbles, unpack_nibbles
 from .scales import abs_amax, block_amax, scale_from_amax
 
-
 WEIGHT_BUFFERS = ("weight", "weight_scale", "weight_scale_2")  # the names quantize_weight returns
 # Elements quantized at a time by quantize_weight_in_row_blocks (4 MiB of fp32 per temporary); blocks
 # are whole multiples of 128 rows (FP8 tiles are 128 rows, INT4 packs row pairs).
@@ -142,7 +141,8 @@ def dequantize_weight(buffers: dict, fmt: F.Format, group_size: Optional[int] = 
         n, k = q.shape
         return fp8_dequantize(q.view(n // group_size, group_size, k // group_size, group_size), scale).view(n, k)
     if fmt.weight in (F.FP8, F.INT8):
-        return (fp8_dequantize if fmt.weight == F.FP8 else int_dequantize)(q, scale if scale.dim() == 0 else scale[:, None])
+        return (fp8_dequantize if fmt.weight == F.FP8 else int_dequantize)(
+            q, scale if scale.dim() == 0 else scale[:, None])
     if fmt.weight == F.INT4 and fmt.fp8_weight_scale_2:
         return int4_w4a8_weight(buffers, group_size)
     if fmt.weight == F.INT4:
@@ -192,7 +192,8 @@ def weight_buffer_specs(fmt: F.Format, out_features: int, in_features: int,
     n, k, g = out_features, in_features, group_size or fmt.group_size
     scalar = ((), torch.float32)
     if fmt.weight == F.FP8:
-        scale_shape = {F.PER_TENSOR: lambda: (), F.PER_CHANNEL: lambda: (n,), F.PER_TILE: lambda: (n // g, 1, k // g, 1)}
+        scale_shape = {F.PER_TENSOR: lambda: (), F.PER_CHANNEL: lambda: (n,),
+                       F.PER_TILE: lambda: (n // g, 1, k // g, 1)}
         return {"weight": ((n, k), torch.float8_e4m3fn),
                 "weight_scale": (scale_shape[fmt.weight_granularity](), torch.float32)}
     if fmt.weight == F.INT8:

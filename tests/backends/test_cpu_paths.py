@@ -22,10 +22,10 @@ from conftest import sqnr_db, tiny_llama
 from torch import nn
 
 from hf_ptq_plugin import FORMATS, PTQConfig, QuantLinear, get_format, quantize
-from hf_ptq_plugin.modules.layer_plan import LayerPlan
 from hf_ptq_plugin.backends.cpu_activations import fast_quantize_activation
-from hf_ptq_plugin.numerics import quantize_activation
+from hf_ptq_plugin.modules.layer_plan import LayerPlan
 from hf_ptq_plugin.modules.quant_linear import reference_forward
+from hf_ptq_plugin.numerics import quantize_activation
 
 N, K = 96, 384  # K: INT4 group 128 x 3, NVFP4 16 x 24, MXFP8 32 x 12; N % 16 == 0 for torch's int4 kernel
 PB_SHAPE = (256, 384)  # fp8_pb_wo: 128 x 128 tiles
@@ -179,7 +179,8 @@ def test_deepcopy_drops_the_cache_and_rebuilds_it():
 
 
 def test_reference_forward_switch_restores_each_layer():
-    model = nn.Sequential(make_module("int4_awq", torch.bfloat16), nn.ReLU(), make_module("int8_wo", torch.bfloat16, k=N))
+    model = nn.Sequential(make_module("int4_awq", torch.bfloat16), nn.ReLU(),
+                          make_module("int8_wo", torch.bfloat16, k=N))
     model[2].force_reference = True  # a per-layer setting survives the context manager
     x = torch.randn(3, K, dtype=torch.bfloat16)
     with reference_forward(model):

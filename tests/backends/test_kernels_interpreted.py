@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from hf_ptq_plugin import FORMATS, QuantLinear, get_format
-from hf_ptq_plugin.modules.layer_plan import LayerPlan
 from hf_ptq_plugin.backends.triton_linear import load_kernels, load_quantize_kernels, triton_linear
 from hf_ptq_plugin.backends.triton_quantize import quantize_weight_triton
+from hf_ptq_plugin.modules.layer_plan import LayerPlan
 from hf_ptq_plugin.numerics import quantize_activation, quantize_weight
 
 pytest.importorskip("triton")
@@ -160,7 +160,8 @@ def test_weight_quantization_is_bit_identical(name, group, shape, dtype):
     for key in expected:
         assert got[key].dtype == expected[key].dtype and got[key].shape == expected[key].shape, key
         assert torch.equal(got[key].view(torch.uint8) if got[key].dtype == torch.float8_e4m3fn else got[key],
-                           expected[key].view(torch.uint8) if got[key].dtype == torch.float8_e4m3fn else expected[key]), key
+                           expected[key].view(torch.uint8) if got[key].dtype == torch.float8_e4m3fn
+                           else expected[key]), key
 
 
 def test_fp8_cast_rounds_every_bf16_value_like_torch():
@@ -190,8 +191,9 @@ def test_output_rounding_is_torchs_round_to_nearest_even(dtype):
     x = torch.cat([bits, ties]).view(torch.float32)
     x = x[torch.isfinite(x)].to(DEVICE)
     out = torch.empty_like(x)
-    _round_to_dtype_kernel[(triton.cdiv(x.numel(), 8192),)](x, out, x.numel(), DTYPE=tl.bfloat16 if dtype == torch.bfloat16
-                                                             else tl.float16, BLOCK=8192)
+    _round_to_dtype_kernel[(triton.cdiv(x.numel(), 8192),)](x, out, x.numel(),
+                                                            DTYPE=tl.bfloat16 if dtype == torch.bfloat16
+                                                            else tl.float16, BLOCK=8192)
     assert torch.equal(out.view(torch.int32), x.to(dtype).float().view(torch.int32))
 
 

@@ -5,8 +5,8 @@ import zlib
 
 import pytest
 import torch
-
 from austen import _novel_name, read_rdb_string_vectors, reflow
+
 from hf_ptq_plugin.calibration.text import first_windows, read_text, spread_windows
 
 

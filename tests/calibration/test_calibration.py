@@ -5,16 +5,16 @@ import torch
 from conftest import sqnr_db, tiny_llama
 
 from hf_ptq_plugin import FORMATS, PTQConfig, quantize
+from hf_ptq_plugin.calibration.blocks import capture_block_inputs, decoder_blocks, run_block
 from hf_ptq_plugin.calibration.clipping import mse_weight_scale, weighted_nvfp4_block_scales
 from hf_ptq_plugin.calibration.gptq import HessianStats, gptq_quantize
-from hf_ptq_plugin.calibration.blocks import capture_block_inputs, decoder_blocks, run_block
+from hf_ptq_plugin.calibration.selection import target_linears
 from hf_ptq_plugin.calibration.smoothing import apply_pre_quant_scale
 from hf_ptq_plugin.calibration.smoothquant import ALPHAS, search_alpha, smoothquant_scale
 from hf_ptq_plugin.numerics import dequantize_weight, input_scale_from_amax, quantize_activation, quantize_weight
 from hf_ptq_plugin.numerics.nvfp4 import nvfp4_block_scales, nvfp4_dequantize, nvfp4_global_scale, nvfp4_quantize
 from hf_ptq_plugin.numerics.scales import block_amax
 from hf_ptq_plugin.numerics.weights import fake_quantize_weight
-from hf_ptq_plugin.calibration.selection import target_linears
 
 
 def outlier_llama(seed=0):

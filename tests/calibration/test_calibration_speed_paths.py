@@ -16,18 +16,18 @@ import torch
 from conftest import sqnr_db, tiny_llama
 
 from hf_ptq_plugin import FORMATS, PTQConfig, quantize
-from hf_ptq_plugin.modules.layer_plan import LayerPlan
 from hf_ptq_plugin.backends.cpu_weights import bf16_dense_weights
 from hf_ptq_plugin.calibration.awq import _quantized_output, _squared_output_error
 from hf_ptq_plugin.calibration.blocks import capture_block_inputs, observe_block
 from hf_ptq_plugin.calibration.clipping import CLIP_RATIOS, clip_int_scale, clip_weight_scale
 from hf_ptq_plugin.calibration.gptq import symmetric_gram
 from hf_ptq_plugin.calibration.stats import InputStats, finite_values, input_hooks
+from hf_ptq_plugin.modules.layer_plan import LayerPlan
+from hf_ptq_plugin.modules.quant_linear import QuantLinear
 from hf_ptq_plugin.numerics import input_scale_from_amax, quantize_activation
 from hf_ptq_plugin.numerics.integer import INT4_MAX, INT8_MAX, int_quantize
 from hf_ptq_plugin.numerics.scales import block_amax, scale_from_amax
 from hf_ptq_plugin.numerics.weights import fake_quantize_weight
-from hf_ptq_plugin.modules.quant_linear import QuantLinear
 
 
 def test_awq_gram_loss_equals_the_output_loss():

@@ -48,7 +48,8 @@ def test_awq_scales_fold_into_norms_and_the_checkpoint_reloads_bit_identically(n
     for i in range(2):
         for part, leaves in GROUPS.items():
             assert not any(f"model.layers.{i}.{part}.{leaf}.pre_quant_scale" in keys for leaf in leaves)
-        assert {f"model.layers.{i}.self_attn.o_proj.pre_quant_scale", f"model.layers.{i}.mlp.down_proj.pre_quant_scale"} <= keys
+        assert {f"model.layers.{i}.self_attn.o_proj.pre_quant_scale",
+                f"model.layers.{i}.mlp.down_proj.pre_quant_scale"} <= keys
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert reloaded.model.layers[1].mlp.down_proj.pre_quant_scale.shape == (256,)
     assert torch.equal(run(reloaded, token_ids), folded)

@@ -10,7 +10,7 @@ from hf_ptq_plugin.calibration import algorithms
 from hf_ptq_plugin.calibration.interrupted import CalibrationInterrupted
 
 STREAMED = [(fmt, name) for fmt, name in (("int8_sq", "smoothquant"), ("int4_awq", "awq_lite"),
-                                           ("int4_awq", "awq_clip"), ("nvfp4_awq", "awq_full"), ("int4_awq", "gptq"))]
+                                           ("int4_awq", "awq_clip"), ("int4_awq", "awq_full"), ("int4_awq", "gptq"))]
 
 
 class Boom(Exception):

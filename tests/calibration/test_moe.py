@@ -15,10 +15,15 @@ from transformers import AutoModelForCausalLM
 from hf_ptq_plugin import FORMATS, PTQConfig, QuantLinear, calibrate, quantize
 from hf_ptq_plugin.calibration.data import CalibrationLoop
 from hf_ptq_plugin.calibration.expert_observer import ExpertObserver, ExpertSample
-from hf_ptq_plugin.numerics import (dequantize_weight, input_scale_from_amax, quantize_activation, quantize_weight,
-                                    weight_buffer_specs)
 from hf_ptq_plugin.modules.quant_experts import QuantExperts
 from hf_ptq_plugin.modules.quant_linear import reference_forward
+from hf_ptq_plugin.numerics import (
+    dequantize_weight,
+    input_scale_from_amax,
+    quantize_activation,
+    quantize_weight,
+    weight_buffer_specs,
+)
 
 MOE_FORMATS = ("fp8", "int8_wo", "int4_awq", "nvfp4", "w4a8_awq")
 NAMES = {"qwen3_moe": ("gate_proj", "up_proj", "down_proj"), "mixtral": ("w1", "w3", "w2")}

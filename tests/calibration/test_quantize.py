@@ -31,7 +31,8 @@ def test_tiny_llama_end_to_end(name, token_ids):
     quantize(model, PTQConfig(qformat=name, algorithm="max"), forward_loop=loop_over(token_ids))
     swapped = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     assert swapped == {f"model.layers.{i}.{part}.{leaf}" for i in range(2) for leaf in LINEAR_NAMES
-                       for part in (("self_attn",) if leaf.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else ("mlp",))}
+                       for part in (("self_attn",) if leaf.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))
+                                    else ("mlp",))}
     assert type(model.lm_head) is nn.Linear
     assert sqnr_db(reference, run(model, token_ids)) > LOGIT_SQNR_FLOOR_DB[name]
 

@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM
 
 from hf_ptq_plugin import FORMATS, PTQConfig, calibrate, quantize
 from hf_ptq_plugin.calibration import calibration_forward_loop
-from hf_ptq_plugin.cli import main
 from hf_ptq_plugin.calibration.text import first_windows, read_text, tokenize
-from hf_ptq_plugin.export.engines import serve_command
+from hf_ptq_plugin.cli import main
 from hf_ptq_plugin.evaluation import perplexity
+from hf_ptq_plugin.export.engines import serve_command
 
 
 @pytest.fixture

@@ -5,10 +5,22 @@ from pathlib import Path
 import pytest
 
 from hf_ptq_plugin import FORMATS, KV_FORMATS
-from hf_ptq_plugin.export.engines import (COMPRESSED_TENSORS, DIALECTS, ENGINES, KV_CACHE, MODELOPT, SERVING, TRTLLM_LEGACY,
-                                   describe_serving, engines_serving, markdown_table, readme_section, serve_command,
-                                   update_readme)
 from hf_ptq_plugin.export.compressed_tensors import COMPRESSED_TENSORS_QFORMATS
+from hf_ptq_plugin.export.engines import (
+    COMPRESSED_TENSORS,
+    DIALECTS,
+    ENGINES,
+    KV_CACHE,
+    MODELOPT,
+    SERVING,
+    TRTLLM_LEGACY,
+    describe_serving,
+    engines_serving,
+    markdown_table,
+    readme_section,
+    serve_command,
+    update_readme,
+)
 from hf_ptq_plugin.export.trtllm_legacy import LEGACY_QUANT_ALGO
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -20,7 +32,8 @@ def test_readme_holds_exactly_the_generated_table():
 
 def test_update_readme_rewrites_only_the_marked_section(tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text("intro\n\n<!-- engines-table:start (generated: python -m hf_ptq_plugin.export.engines README.md) -->\n"
+    readme.write_text("intro\n\n"
+                      "<!-- engines-table:start (generated: python -m hf_ptq_plugin.export.engines README.md) -->\n"
                       "old table\n<!-- engines-table:end -->\n\noutro\n", encoding="utf-8")
     assert update_readme(readme) is True
     text = readme.read_text(encoding="utf-8")

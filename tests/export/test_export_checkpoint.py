@@ -91,7 +91,8 @@ def test_every_format_writes_the_reference_layout_and_reloads_bit_identically(na
                      if key.startswith(prefix + ".")}
             assert found == expected_tensors(name, n, k), prefix
         assert tensors[f"model.layers.{layer}.input_layernorm.weight"] == ("F32", [128])
-    assert tensors["lm_head.weight"] == ("F32", [320, 128]) and tensors["model.embed_tokens.weight"] == ("F32", [320, 128])
+    assert (tensors["lm_head.weight"] == ("F32", [320, 128])
+            and tensors["model.embed_tokens.weight"] == ("F32", [320, 128]))
     assert metadata["quant_method"] == "modelopt" and metadata["hf_ptq_plugin_format"] == "1"
 
     quantization = json.loads((tmp_path / "out" / "hf_quant_config.json").read_text())["quantization"]
@@ -166,8 +167,8 @@ def test_user_exclusions_become_exact_names_or_prefix_wildcards(token_ids, tmp_p
     quantize(model, PTQConfig(qformat="int8_wo", exclude_modules=["*.mlp.down_proj", "model.layers.1.self_attn"]))
     export_checkpoint(model, tmp_path)
     quantization = json.loads((tmp_path / "hf_quant_config.json").read_text())["quantization"]
-    assert quantization["exclude_modules"] == ["lm_head", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj",
-                                               "model.layers.1.self_attn*"]
+    assert quantization["exclude_modules"] == ["lm_head", "model.layers.0.mlp.down_proj",
+                                               "model.layers.1.mlp.down_proj", "model.layers.1.self_attn*"]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert type(reloaded.model.layers[1].self_attn.q_proj).__name__ == "Linear"
     assert torch.equal(logits(reloaded, token_ids), logits(model, token_ids))
@@ -185,7 +186,8 @@ def test_tied_embeddings_model_round_trips(token_ids, tmp_path):
 
 
 def test_unknown_export_target_lists_the_valid_ones(token_ids, tmp_path):
-    with pytest.raises(ValueError, match=r"unknown export target 'tensorrt'; valid: modelopt, vllm, sglang, trtllm, trtllm-legacy"):
+    with pytest.raises(ValueError,
+                       match=r"unknown export target 'tensorrt'; valid: modelopt, vllm, sglang, trtllm, trtllm-legacy"):
         export_checkpoint(quantized_model("int8_wo", token_ids), tmp_path, target="tensorrt")
 
 

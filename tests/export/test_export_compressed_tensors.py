@@ -8,14 +8,18 @@ import torch
 from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
-from huggingface_hub import ModelCard
 from conftest import tiny_llama
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from hf_ptq_plugin import PTQConfig, QuantLinear, quantize
 from hf_ptq_plugin.export import export_checkpoint
-from hf_ptq_plugin.export.compressed_tensors import (COMPRESSED_TENSORS_QFORMATS, convert_layer, pack_int32,
-                                                     save_compressed_tensors)
+from hf_ptq_plugin.export.compressed_tensors import (
+    COMPRESSED_TENSORS_QFORMATS,
+    convert_layer,
+    pack_int32,
+    save_compressed_tensors,
+)
 
 # Keys of config.json's quantization_config that the package's QuantizationConfig model holds.
 CONFIG_FIELDS = ("config_groups", "quant_method", "kv_cache_scheme", "format", "quantization_status",

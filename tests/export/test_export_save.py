@@ -25,7 +25,8 @@ def fail(*args, **kwargs):
     raise OSError("disk full")
 
 
-@pytest.mark.parametrize("target", [(transformers.modeling_utils, "safe_save_file"), (save_module, "write_quant_configs")])
+@pytest.mark.parametrize("target", [(transformers.modeling_utils, "safe_save_file"),
+                                    (save_module, "write_quant_configs")])
 def test_an_exception_mid_save_leaves_the_destination_as_it_was(target, model_int8, tmp_path, monkeypatch):
     destination = tmp_path / "ckpt"
     export_checkpoint(quantize(tiny_llama(seed=3), PTQConfig(qformat="int8_wo")), destination)

@@ -4,14 +4,14 @@ import json
 
 import pytest
 import yaml
-from huggingface_hub import ModelCard
 from conftest import WORDS, tiny_llama, word_tokenizer
+from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
 from hf_ptq_plugin import PTQConfig, export_checkpoint, quantize
 from hf_ptq_plugin.calibration import calibration_forward_loop
-from hf_ptq_plugin.export.engines import ENGINES, engines_serving, serve_command
 from hf_ptq_plugin.evaluation import model_bytes
+from hf_ptq_plugin.export.engines import ENGINES, engines_serving, serve_command
 from hf_ptq_plugin.export.model_card import EvaluationRecord, unquantized_bytes, write_model_card
 
 

@@ -56,7 +56,8 @@ def test_quantizing_while_loading_gives_the_same_tensors_as_quantize(name, tmp_p
 
 @pytest.mark.parametrize("name", WEIGHT_ONLY)
 def test_weight_only_formats_are_complete_after_loading_and_round_trip(name, tmp_path, token_ids):
-    model = AutoModelForCausalLM.from_pretrained(checkpoint(tmp_path, name), quantization_config=PTQConfig(qformat=name))
+    model = AutoModelForCausalLM.from_pretrained(checkpoint(tmp_path, name),
+                                                 quantization_config=PTQConfig(qformat=name))
     model.save_pretrained(tmp_path / "q")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     assert reloaded.hf_quantizer.pre_quantized
@@ -137,7 +138,8 @@ def test_a_fresh_process_registers_at_import_and_refuses_to_save_uncalibrated(tm
     source = checkpoint(tmp_path)
     script = ("import sys, hf_ptq_plugin\n"
               "from transformers import AutoModelForCausalLM\n"
-              "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=hf_ptq_plugin.PTQConfig('fp8'))\n"
+              "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], "
+              "quantization_config=hf_ptq_plugin.PTQConfig('fp8'))\n"
               "try:\n    m.save_pretrained(sys.argv[2])\nexcept ValueError as e:\n    print('REFUSED', e)\n")
     out = subprocess.run([sys.executable, "-c", script, str(source), str(tmp_path / "out")], capture_output=True,
                          text=True, check=True)

@@ -148,14 +148,16 @@ def _write_configs(directory, algo, kv):
 def test_each_quant_algo_loads_to_the_engines_weights_and_scales(algo, tmp_path, token_ids):
     expected = write_checkpoint(tmp_path, algo)
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert model.hf_quantizer.pre_quantized and model.config.quantization_config.format.quant_algo.upper() == algo.upper()
+    assert (model.hf_quantizer.pre_quantized
+            and model.config.quantization_config.format.quant_algo.upper() == algo.upper())
     dense = tiny_llama(layers=1, kv_heads=4 if algo == "fp8_pb_wo" else 2)
     for prefix, (engine_weight, pqs, input_scale) in expected.items():
         module = model.get_submodule(prefix)
         assert isinstance(module, QuantLinear) and module.input_calibrated
         # Equal up to the order of the fp32 scale products (a misread layout is off by far more).
         torch.testing.assert_close(module.dequantized_weight(), engine_weight, rtol=1e-6, atol=0, msg=prefix)
-        assert (module.pre_quant_scale is None) == (pqs is None) and (pqs is None or torch.equal(module.pre_quant_scale, pqs))
+        assert ((module.pre_quant_scale is None) == (pqs is None)
+                and (pqs is None or torch.equal(module.pre_quant_scale, pqs)))
         assert input_scale is None or torch.equal(module.input_scale, input_scale)
         dense.get_submodule(prefix).weight.data = engine_weight * (1 if pqs is None else pqs.float())
     with torch.no_grad():
@@ -179,7 +181,8 @@ def test_kv_scales_present_are_used(kv, tmp_path, token_ids):
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
     attention = model.model.layers[0].self_attn
     assert attention.kv_format.kv_cache_quant_algo == kv and model.config._attn_implementation == "hf_ptq_kv_sdpa"
-    assert torch.equal(attention.k_proj.k_scale, torch.tensor(0.03)) and torch.equal(attention.v_proj.v_scale, torch.tensor(0.02))
+    assert (torch.equal(attention.k_proj.k_scale, torch.tensor(0.03))
+            and torch.equal(attention.v_proj.v_scale, torch.tensor(0.02)))
 
 
 def test_kv_scales_absent_default_to_one_with_a_single_warning_and_are_not_written_back(tmp_path, caplog):
@@ -215,7 +218,8 @@ def test_a_bad_tensor_names_itself_what_was_expected_and_what_was_found(edit, me
 
 
 @pytest.mark.parametrize("algo, message", [("W2A16", r"unknown quant_algo 'W2A16'; valid: FP8, FP8_PER_CHANNEL"),
-                                           ("MIXED_PRECISION", r"MIXED_PRECISION needs a non-empty quantized_layers mapping; found None")])
+                                           ("MIXED_PRECISION",
+                                            r"MIXED_PRECISION needs a non-empty quantized_layers mapping; found None")])
 def test_an_unknown_quant_algo_lists_the_valid_ones(algo, message, tmp_path):
     write_checkpoint(tmp_path, "FP8")
     config = json.loads((tmp_path / "config.json").read_text())

@@ -34,8 +34,10 @@ def test_mse_while_loading_equals_quantize_with_mse(source, qformat, caplog):
         loaded = AutoModelForCausalLM.from_pretrained(source / "src",
                                                       quantization_config=PTQConfig(qformat=qformat, algorithm="mse"))
     assert not [r for r in caplog.records if "needs calibration data" in r.getMessage()]
-    in_memory = quantize(AutoModelForCausalLM.from_pretrained(source / "src"), PTQConfig(qformat=qformat, algorithm="mse"))
-    rounded = quantize(AutoModelForCausalLM.from_pretrained(source / "src"), PTQConfig(qformat=qformat, algorithm="max"))
+    in_memory = quantize(AutoModelForCausalLM.from_pretrained(source / "src"),
+                         PTQConfig(qformat=qformat, algorithm="mse"))
+    rounded = quantize(AutoModelForCausalLM.from_pretrained(source / "src"),
+                       PTQConfig(qformat=qformat, algorithm="max"))
     assert_same_tensors(loaded, in_memory)
     scales = [k for k in loaded.state_dict() if k.endswith("weight_scale")]
     assert any(not torch.equal(loaded.state_dict()[k], rounded.state_dict()[k]) for k in scales)  # mse really ran

@@ -47,7 +47,8 @@ def assert_same_tensors(a, b, prefix=""):
     assert not differing, differing
 
 
-@pytest.mark.parametrize("qformat,algorithm", [("int4_awq", "awq_lite"), ("int4_awq", "gptq"), ("w4a8_awq", "awq_full")])
+@pytest.mark.parametrize("qformat,algorithm", [("int4_awq", "awq_lite"), ("int4_awq", "gptq"),
+                                               ("w4a8_awq", "awq_full")])
 def test_calibrating_while_loading_equals_quantize_on_the_full_precision_model(source, qformat, algorithm, tmp_path):
     loaded = load(source, qformat=qformat, algorithm=algorithm, calib_dataset=str(source / "calib.txt"), **CALIB)
     assert_same_tensors(loaded, quantized_in_memory(source, qformat, algorithm))

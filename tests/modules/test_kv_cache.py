@@ -86,4 +86,5 @@ def test_model_without_separate_k_and_v_projections_is_an_error():
             return self.qkv(x)
 
     with pytest.raises(ValueError, match="separate k_proj and v_proj"):
-        quantize(FusedQKV(), PTQConfig(qformat="int8_wo", kv_cache_qformat="fp8"), forward_loop=lambda m: m(torch.ones(1, 16)))
+        quantize(FusedQKV(), PTQConfig(qformat="int8_wo", kv_cache_qformat="fp8"),
+                 forward_loop=lambda m: m(torch.ones(1, 16)))

@@ -8,8 +8,8 @@ from torch import nn
 
 from hf_ptq_plugin import FORMATS, QuantLinear, get_format
 from hf_ptq_plugin.modules.layer_plan import LayerPlan
-from hf_ptq_plugin.numerics import quantize_activation
 from hf_ptq_plugin.modules.quant_linear import reference_forward
+from hf_ptq_plugin.numerics import quantize_activation
 
 F32, FP8, U8, I8 = torch.float32, torch.float8_e4m3fn, torch.uint8, torch.int8
 N, K = 256, 384  # group 128 for INT4, 16 for NVFP4, 32 for MXFP8, 128x128 tiles for fp8_pb_wo
@@ -46,7 +46,8 @@ def test_expected_table_covers_every_format():
 
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_buffers_are_exactly_the_checkpoint_tensors(name):
-    module = QuantLinear.from_linear(make_linear(bias=False), get_format(name), plan=LayerPlan(input_amax=torch.tensor(3.0)))
+    module = QuantLinear.from_linear(make_linear(bias=False), get_format(name),
+                                     plan=LayerPlan(input_amax=torch.tensor(3.0)))
     state = module.state_dict()
     assert {k: (tuple(v.shape), v.dtype) for k, v in state.items()} == EXPECTED_BUFFERS[name]
 

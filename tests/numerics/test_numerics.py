@@ -6,12 +6,21 @@ from conftest import sqnr_db
 
 from hf_ptq_plugin import FORMATS, get_format
 from hf_ptq_plugin.numerics import (
-    dequantize_weight, e2m1_codes, e2m1_values, fp8_quantize, int_quantize, pack_int4_rows, pack_nibbles,
-    quantize_weight, unpack_int4_rows, unpack_nibbles, weight_buffer_specs,
+    dequantize_weight,
+    e2m1_codes,
+    e2m1_values,
+    fp8_quantize,
+    int_quantize,
+    pack_int4_rows,
+    pack_nibbles,
+    quantize_weight,
+    unpack_int4_rows,
+    unpack_nibbles,
+    weight_buffer_specs,
 )
 from hf_ptq_plugin.numerics.mx import mxfp8_dequantize, mxfp8_quantize
-from hf_ptq_plugin.numerics.weights import fake_quantize_weight
 from hf_ptq_plugin.numerics.nvfp4 import E2M1_GRID, e2m1_round
+from hf_ptq_plugin.numerics.weights import fake_quantize_weight
 
 # Floors for Gaussian weights, a few dB under what each format reaches (measured: fp8 ~31 dB,
 # int8 per-channel ~42, int4 group ~20, nvfp4 ~20, mxfp8 ~31), so a broken scale or rounding fails.
