@@ -59,6 +59,13 @@ class Format:
         return self.weight == NVFP4 or self.fp8_weight_scale_2
 
     @property
+    def fused_siblings_share_weight_scale(self) -> bool:
+        """Engine-fused siblings (q/k/v, gate/up) must share a per-tensor weight scale: NVFP4 and
+        W4A8's `weight_scale_2`, or per-tensor FP8's `weight_scale` (vLLM and TensorRT-LLM
+        requantize a fused weight to its siblings' largest scale otherwise, computing other weights)."""
+        return self.has_weight_scale_2 or (self.weight == FP8 and self.weight_granularity == PER_TENSOR)
+
+    @property
     def is_awq(self) -> bool:
         """The checkpoint's `quant_algo` is an AWQ one (its layers may carry `pre_quant_scale`)."""
         return "AWQ" in self.quant_algo

@@ -16,11 +16,6 @@ def require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def interpreted(t: torch.Tensor) -> bool:
-    """True for CPU tensors, which only Triton's interpreter can run kernels on."""
-    return t.device.type != "cuda"
-
-
 def activation_2d(x: torch.Tensor, k: int, name: str = "x") -> torch.Tensor:
     """x (..., K) -> (M, K) view (or copy); checks K and the floating dtype."""
     require(x.shape[-1] == k, f"{name} has {x.shape[-1]} input features, the weight expects {k}")

@@ -23,6 +23,7 @@ from ..config import PTQConfig
 from ..modules.kv_cache import check_kv_support, enable_kv_quantization, observe_kv_amax
 from ..modules.layer_plan import LayerPlan
 from ..modules.quant_linear import QuantLinear
+from ..numerics.weights import shared_sibling_scales
 from .algorithms import Algorithm, get_algorithm
 from .folding import fold_pre_quant_scales
 from .interrupted import WeightGuard, refuse_if_interrupted
@@ -154,16 +155,20 @@ def quantize_linears(model: nn.Module, fmt: F.Format, group_size, linears: Dict[
 
 
 def _unify_fused_scales(fmt: F.Format, linears: Dict[str, nn.Linear], plans: Dict[str, LayerPlan]) -> None:
-    """Give engine-fused siblings one input amax and, for NVFP4 / W4A8, one weight global amax
-    (the max of the group), which their shared `weight_scale_2` is computed from."""
+    """Give engine-fused siblings one input amax and, where engines need it, one per-tensor weight
+    scale from the group's weight amax (`Format.fused_siblings_share_weight_scale`)."""
     for group in fused_groups(linears):
         amaxes = [plans[name].input_amax for name in group]
         if all(a is not None for a in amaxes):
             shared = torch.stack(amaxes).amax()
             for name in group:
                 plans[name] = plans[name].but(input_amax=shared)
-    if not fmt.has_weight_scale_2:
+    if not fmt.fused_siblings_share_weight_scale:
         return
     for name, amax in fused_weight_amax(linears).items():
-        if plans[name].weight_global_amax is None:
-            plans[name] = plans[name].but(weight_global_amax=amax)
+        global_amax, weight_scale = shared_sibling_scales(fmt, amax)
+        plan = plans[name]
+        if global_amax is not None and plan.weight_global_amax is None:
+            plans[name] = plan.but(weight_global_amax=global_amax)
+        if weight_scale is not None and plan.weight is None and plan.weight_scale is None:
+            plans[name] = plan.but(weight_scale=weight_scale)

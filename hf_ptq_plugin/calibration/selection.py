@@ -42,12 +42,6 @@ def target_linears(model: nn.Module, exclude_modules: Iterable[str] = ()) -> Dic
             if type(module) is nn.Linear and not is_excluded(name, patterns)}
 
 
-def excluded_linears(model: nn.Module, targets: Iterable[str]) -> List[str]:
-    """Names of the Linears left in full precision."""
-    targets = set(targets)
-    return [name for name, module in model.named_modules() if type(module) is nn.Linear and name not in targets]
-
-
 def fused_groups(names: Iterable[str]) -> List[List[str]]:
     """Groups of target names that an engine fuses, e.g. [[...q_proj, ...k_proj, ...v_proj]]."""
     names = set(names)

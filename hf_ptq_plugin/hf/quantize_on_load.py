@@ -22,6 +22,8 @@ from torch import nn
 from transformers.core_model_loading import ConversionOps
 
 from .. import formats as F
+from ..backends.triton_linear import triton_available
+from ..backends.triton_quantize import quantize_weight_triton
 from ..calibration.algorithms import Algorithm
 from ..calibration.moe import drop_load_placeholders, prepare_load_time_experts, quantize_experts_on_load
 from ..calibration.selection import fused_groups, target_linears
@@ -31,7 +33,7 @@ from ..modules.fused_experts import projection_shapes, target_experts
 from ..modules.quant_experts import QuantExperts
 from ..modules.quant_linear import QuantLinear
 from ..numerics.scales import abs_amax
-from ..numerics.weights import quantize_weight_in_row_blocks
+from ..numerics.weights import quantize_weight_in_row_blocks, shared_sibling_scales
 from .memory import release_freed_heap
 
 logger = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ def prepare_load_time(model: nn.Module, fmt: F.Format, exclude_modules: Iterable
     check_layer_shapes(fmt, shapes, group_size)
     prepare_load_time_experts(model, experts, fmt, group_size)
     shared_amax = {}
-    if fmt.has_weight_scale_2:
+    if fmt.fused_siblings_share_weight_scale:
         dtype = next(iter(linears.values())).weight.dtype
         shared_amax = _fused_group_amax(fused_groups(linears), checkpoint_files, dtype)
     for name, linear in linears.items():
@@ -105,10 +107,14 @@ class QuantizeOnLoad(ConversionOps):
         module = model.get_submodule(layer)
         if isinstance(module, QuantExperts):  # a merged (E, 2I, H) gate_up_proj or (E, H, I) down_proj
             return quantize_experts_on_load(module, layer, param, w, self.algorithm)
-        amax = self.shared_amax.get(layer)
-        weight_scale = self.algorithm.data_free_weight_scale(w, module.fmt, module.group_size)
-        tensors = quantize_weight_in_row_blocks(w, module.fmt, module.group_size,
-                                                None if amax is None else amax.to(w.device), weight_scale)
+        amax, weight_scale = None, self.algorithm.data_free_weight_scale(w, module.fmt, module.group_size)
+        if layer in self.shared_amax:  # an engine-fused sibling: the group's per-tensor scale
+            amax, shared_scale = shared_sibling_scales(module.fmt, self.shared_amax[layer].to(w.device))
+            weight_scale = weight_scale if shared_scale is None else shared_scale
+        if w.is_cuda and weight_scale is None and triton_available():  # the quantize kernels, same bits
+            tensors = quantize_weight_triton(w, module.fmt, module.group_size, amax)
+        else:
+            tensors = quantize_weight_in_row_blocks(w, module.fmt, module.group_size, amax, weight_scale)
         out = {f"{layer}.{name}": tensor for name, tensor in tensors.items()}
         if module.fmt.needs_calibration_data:
             # A placeholder, never saved: the layer stays uncalibrated (dynamic scales) until calibrate().

@@ -59,6 +59,15 @@ def quantize_weight(w: torch.Tensor, fmt: F.Format, group_size: Optional[int] = 
     raise ValueError(f"unknown weight encoding {fmt.weight!r} in format {fmt.name!r}")
 
 
+def shared_sibling_scales(fmt: F.Format, group_amax: torch.Tensor) -> tuple:
+    """(global_amax, weight_scale) arguments of `quantize_weight` that give every member of an
+    engine-fused group (amax over the group: `group_amax`) the same per-tensor scale:
+    `weight_scale_2` from it for NVFP4 and W4A8, the FP8 `weight_scale` itself for per-tensor FP8."""
+    if fmt.has_weight_scale_2:
+        return group_amax, None
+    return None, scale_from_amax(group_amax, FP8_MAX)
+
+
 def quantize_weight_in_row_blocks(w: torch.Tensor, fmt: F.Format, group_size: Optional[int] = None,
                                   global_amax: Optional[torch.Tensor] = None,
                                   weight_scale: Optional[torch.Tensor] = None) -> dict:

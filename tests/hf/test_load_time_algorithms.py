@@ -59,3 +59,12 @@ def test_mse_experts_while_loading_equal_quantize_with_mse(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", quantization_config=config)
     in_memory = quantize(AutoModelForCausalLM.from_pretrained(tmp_path / "moe"), config)
     assert_same_tensors(loaded, in_memory)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton quantize kernels run at load on CUDA only")
+@pytest.mark.parametrize("qformat", ["fp8", "int4_awq", "w4a8_awq", "nvfp4"])
+def test_loading_onto_cuda_quantizes_with_the_kernels_to_the_same_tensors(source, qformat):
+    config = PTQConfig(qformat=qformat)
+    on_cpu = AutoModelForCausalLM.from_pretrained(source / "src", quantization_config=config)
+    on_cuda = AutoModelForCausalLM.from_pretrained(source / "src", quantization_config=config, device_map="cuda")
+    assert_same_tensors(on_cpu, on_cuda.cpu())

@@ -13,13 +13,11 @@ from torch import nn
 from ... import formats as F
 from ...modules.layer_plan import LayerPlan
 from ..awq import awq_search
-from ..blocks import statistics_pass
 from ..clipping import clip_nvfp4_global_amax, clip_weight_scale
 from ..expert_smoothing import ExpertPlan, expert_awq_plan
-from ..selection import fused_groups
-from ..smoothing import apply_pre_quant_scale, groups_sharing_input, stacked_weight
-from ..stats import InputStats, input_hooks
-from .base import Algorithm, BlockContext
+from ..smoothing import apply_pre_quant_scale, stacked_weight
+from ..stats import InputStats
+from .base import Algorithm, BlockContext, observe_group_inputs
 
 
 class AWQ(Algorithm):
@@ -33,13 +31,7 @@ class AWQ(Algorithm):
         return fmt.pre_quant_scale
 
     def plan_block(self, context: BlockContext, linears: Dict[str, nn.Linear]) -> Dict[str, LayerPlan]:
-        groups = groups_sharing_input(list(linears), fused_groups(linears))
-        leaders = {group[0]: linears[group[0]] for group in groups}
-        stats = {name: InputStats(sample_stride=context.sample_stride) for name in leaders}
-        with input_hooks(leaders, stats, context.token_mask):
-            statistics_pass(context.block, context.inputs, leaders, context.token_mask, context.outputs)
-        for s in stats.values():
-            s.reduce_across_processes()
+        groups, stats = observe_group_inputs(context, linears)
         plans = {}
         for group in groups:
             plans.update(self._plan_group(linears, group, stats[group[0]], context))

@@ -7,14 +7,18 @@ interface, so adding an algorithm is adding one class to the registry (`__init__
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ... import formats as F
 from ...modules.layer_plan import LayerPlan
+from ..blocks import statistics_pass
 from ..expert_smoothing import ExpertPlan
+from ..selection import fused_groups
+from ..smoothing import groups_sharing_input
+from ..stats import InputStats, input_hooks
 
 
 @dataclass
@@ -28,6 +32,20 @@ class BlockContext:
     group_size: Optional[int]
     sample_stride: int  # keep every n-th token in the search samples
     outputs: Optional[list] = None  # not sequential: the full-precision block outputs are collected here
+
+
+def observe_group_inputs(context: BlockContext, linears: Dict[str, nn.Linear]
+                         ) -> Tuple[List[List[str]], Dict[str, InputStats]]:
+    """Groups of the block's Linears that read one input, and each group's input statistics
+    (per-channel amax and mean, and a token sample), reduced across processes."""
+    groups = groups_sharing_input(list(linears), fused_groups(linears))
+    leaders = {group[0]: linears[group[0]] for group in groups}
+    stats = {name: InputStats(sample_stride=context.sample_stride) for name in leaders}
+    with input_hooks(leaders, stats, context.token_mask):
+        statistics_pass(context.block, context.inputs, leaders, context.token_mask, context.outputs)
+    for s in stats.values():
+        s.reduce_across_processes()
+    return groups, {group[0]: stats[group[0]] for group in groups}
 
 
 class Algorithm:

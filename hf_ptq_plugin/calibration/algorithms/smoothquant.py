@@ -11,13 +11,9 @@ from torch import nn
 
 from ... import formats as F
 from ...modules.layer_plan import LayerPlan
-from ..blocks import statistics_pass
 from ..expert_smoothing import ExpertPlan, expert_smoothquant_plan
-from ..selection import fused_groups
-from ..smoothing import groups_sharing_input
 from ..smoothquant import smoothquant_group_plan
-from ..stats import InputStats, input_hooks
-from .base import Algorithm, BlockContext
+from .base import Algorithm, BlockContext, observe_group_inputs
 
 
 class SmoothQuant(Algorithm):
@@ -29,15 +25,10 @@ class SmoothQuant(Algorithm):
         return fmt.act == F.INT8
 
     def plan_block(self, context: BlockContext, linears: Dict[str, nn.Linear]) -> Dict[str, LayerPlan]:
-        groups = groups_sharing_input(list(linears), fused_groups(linears))
-        leaders = {group[0]: linears[group[0]] for group in groups}
-        stats = {name: InputStats(sample_stride=context.sample_stride) for name in leaders}
-        with input_hooks(leaders, stats, context.token_mask):
-            statistics_pass(context.block, context.inputs, leaders, context.token_mask, context.outputs)
+        groups, stats = observe_group_inputs(context, linears)
         plans = {}
         for group in groups:
             s = stats[group[0]]
-            s.reduce_across_processes()
             plans.update(smoothquant_group_plan(linears, group, s.channel_amax, s.sample, context.fmt))
         return plans
 
