@@ -24,7 +24,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows "(default: X)" where there is a default to show and the help does not already say it."""
 
     def _get_help_string(self, action):
-        if "default" in (action.help or "") or action.default in (None, False, "", argparse.SUPPRESS):
+        store_false = isinstance(action, argparse._StoreFalseAction)  # its default True says nothing of the flag
+        if store_false or "default" in (action.help or "") or action.default in (None, False, "", argparse.SUPPRESS):
             return action.help
         return super()._get_help_string(action)
 

@@ -168,3 +168,11 @@ def test_an_engine_target_gets_a_card_for_its_layout(files, capsys):
     assert "compressed-tensors" in card.split("---")[1]  # a metadata tag
     vllm = card.split("### vLLM")[1].split("###")[0]
     assert serve_command("vllm", str(out), "int8_wo") in vllm
+
+
+def test_a_switch_that_turns_something_off_does_not_claim_a_default_of_true(capsys):
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    no_sequential = help_text[help_text.index("--no_sequential SmoothQuant"):][:200]
+    assert "default" not in no_sequential.split("--low_memory_mode")[0]
