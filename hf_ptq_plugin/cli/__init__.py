@@ -1,4 +1,4 @@
-"""`hf-ptq`: the command line (`quantize`, `eval`, `export`, `push`); the only module that prints.
+"""`hf-ptq`: the command line (`quantize`, `eval`, `export`, `push`, `upgrade`); the only module that prints.
 
 Flag names follow ModelOpt's `examples/hf_ptq/hf_ptq.py` (`--pyt_ckpt_path`/`--model`, `--qformat`,
 `--kv_cache_qformat`, `--calib_size`, `--calib_seq`, `--batch_size`, `--dataset`, `--export_path`,
@@ -120,12 +120,20 @@ def _add_push(subparsers) -> None:
     _card_arguments(parser)
 
 
+def _add_upgrade(subparsers) -> None:
+    parser = subparsers.add_parser("upgrade", help="write the missing quantization_config into an older ModelOpt "
+                                   "export's config.json (from its hf_quant_config.json)",
+                                   formatter_class=_HelpFormatter)
+    parser.add_argument("model", metavar="DIR", help="the checkpoint folder (changed in place)")
+    parser.set_defaults(model_option=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Post-training quantization for Hugging Face models, "
                                      "with ModelOpt-compatible unified checkpoints.")
     parser.add_argument("--debug", action="store_true", help="debug logging, and full tracebacks on errors")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{quantize,eval,export,push}")
-    for add in (_add_quantize, _add_eval, _add_export, _add_push):
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{quantize,eval,export,push,upgrade}")
+    for add in (_add_quantize, _add_eval, _add_export, _add_push, _add_upgrade):
         add(subparsers)
     return parser
 

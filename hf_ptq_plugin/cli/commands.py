@@ -1,4 +1,4 @@
-"""The `hf-ptq` subcommands: quantize, eval, export, push (parsed arguments in, summary printed out).
+"""The `hf-ptq` subcommands: quantize, eval, export, push, upgrade (parsed arguments in, summary printed out).
 
 A ValueError or OSError raised here becomes the CLI's one-line error. Each command is a thin sequence of library calls:
 load with transformers, `quantize` / `calibrate`, `evaluation.perplexity`, `export_checkpoint`,
@@ -21,6 +21,7 @@ from ..evaluation import perplexity
 from ..export import export_checkpoint, export_target_dialect
 from ..export.hub import push_to_hub
 from ..export.model_card import EvaluationRecord, card_facts, write_model_card
+from ..hf.upgrade import needs_upgrade, upgrade_checkpoint, upgrade_message
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEFAULT_BATCH_SIZE = 4
@@ -35,6 +36,8 @@ def load_model(source: str, args, quantization_config: Optional[PTQConfig] = Non
         kwargs["device_map"] = "auto"
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
+    if needs_upgrade(source):
+        raise ValueError(upgrade_message(source))
     return AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
 
 
@@ -184,4 +187,14 @@ def run_push(args) -> None:
     print_summary([("pushed", args.model), ("to", commit.pr_url or commit.commit_url)])
 
 
-COMMANDS = {"quantize": run_quantize, "eval": run_eval, "export": run_export, "push": run_push}
+def run_upgrade(args) -> None:
+    written = upgrade_checkpoint(args.model)
+    if written is None:
+        print_summary([("unchanged", args.model), ("reason", "config.json already has a quantization_config")])
+    else:
+        print_summary([("upgraded", args.model), ("quant_algo", str(written["quant_algo"])),
+                       ("wrote", "quantization_config in config.json (from hf_quant_config.json)")])
+
+
+COMMANDS = {"quantize": run_quantize, "eval": run_eval, "export": run_export, "push": run_push,
+            "upgrade": run_upgrade}

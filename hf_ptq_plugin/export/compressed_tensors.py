@@ -36,7 +36,7 @@ from ..calibration.folding import fold_pre_quant_scales
 from ..modules.quant_linear import QuantLinear
 from ..numerics.integer import unpack_int4_rows
 from .atomic import atomic_directory
-from .save import _copy_sidecars, _write_model_card
+from .save import copy_sidecars, write_card_into
 from .unified import ExportPlan, plan_export
 
 logger = logging.getLogger(__name__)
@@ -203,8 +203,8 @@ def save_compressed_tensors(model: nn.Module, export_dir, config, target: str = 
                               metadata={"format": "pt", "quant_method": "compressed-tensors"})
         _write_config(model, staging, quantization_config(plan.fmt, plan.group_size, plan.kv_format, ignore),
                       checkpoint_dtype(model, plan.fmt))
-        _copy_sidecars(model, staging, Path(export_dir))  # the source's tokenizer files, as the unified save does
-        _write_model_card(model, staging, Path(export_dir), dialect="compressed-tensors")
+        copy_sidecars(model, staging, Path(export_dir))  # the source's tokenizer files, as the unified save does
+        write_card_into(model, staging, Path(export_dir), dialect="compressed-tensors")
     logger.info("wrote a compressed-tensors (%s) checkpoint to %s", plan.fmt.name, export_dir)
 
 

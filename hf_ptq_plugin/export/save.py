@@ -50,12 +50,12 @@ def save_unified(model: nn.Module, save_directory, **save_kwargs) -> None:
     with atomic_directory(save_directory) as staging:
         type(model).save_pretrained(model, staging, **save_kwargs)
         write_quant_configs(staging, plan)
-        _copy_sidecars(model, staging, Path(save_directory))
-        _write_model_card(model, staging, Path(save_directory))
+        copy_sidecars(model, staging, Path(save_directory))
+        write_card_into(model, staging, Path(save_directory))
     logger.info("wrote a %s unified checkpoint to %s", plan.fmt.quant_algo, save_directory)
 
 
-def _copy_sidecars(model: nn.Module, staging: Path, destination: Path) -> None:
+def copy_sidecars(model: nn.Module, staging: Path, destination: Path) -> None:
     """Copy tokenizer/processor files from a local source directory unless the destination has its own."""
     source = Path(str(getattr(model, "name_or_path", "") or ""))
     if not source.is_dir() or (destination.exists() and source.resolve() == destination.resolve()):
@@ -66,7 +66,7 @@ def _copy_sidecars(model: nn.Module, staging: Path, destination: Path) -> None:
             shutil.copy2(entry, staging / entry.name)
 
 
-def _write_model_card(model: nn.Module, staging: Path, destination: Path, dialect: str = "modelopt") -> None:
+def write_card_into(model: nn.Module, staging: Path, destination: Path, dialect: str = "modelopt") -> None:
     """README.md: the model card (`model_card.py`) of a checkpoint in `dialect`, its snippets pointing at
     the final directory."""
     from .model_card import write_model_card  # the card sits above export (it reads engines, evaluation)

@@ -42,7 +42,7 @@ from torch import nn
 from .. import formats as F
 from ..modules.quant_linear import QuantLinear
 from .atomic import atomic_directory
-from .save import _copy_sidecars, _write_model_card
+from .save import copy_sidecars, write_card_into
 from .trtllm_layers import (
     LEGACY_QUANT_ALGO,
     check_buildable,
@@ -259,7 +259,7 @@ def save_trtllm_legacy(model: nn.Module, export_dir, config, tp_size: int = 1, p
             rank_tensors = shard_rank(tensors, rules, model.config.num_hidden_layers, tp_size, pp_size, rank,
                                       multiple)
             save_file(rank_tensors, str(staging / f"rank{rank}.safetensors"), metadata={"format": "pt"})
-        _copy_sidecars(model, staging, Path(export_dir))  # tokenizer files: trtllm-serve --tokenizer <dir>
-        _write_model_card(model, staging, Path(export_dir), dialect="trtllm-legacy")
+        copy_sidecars(model, staging, Path(export_dir))  # tokenizer files: trtllm-serve --tokenizer <dir>
+        write_card_into(model, staging, Path(export_dir), dialect="trtllm-legacy")
     logger.info("wrote a legacy TensorRT-LLM %s checkpoint (tp=%d, pp=%d) to %s", plan.fmt.quant_algo, tp_size,
                 pp_size, export_dir)

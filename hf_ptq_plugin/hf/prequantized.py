@@ -20,9 +20,10 @@ from torch import nn
 from .. import formats as F
 from ..calibration.moe import prepare_prequantized_experts
 from ..calibration.selection import target_linears
-from ..modules.kv_cache import _use_kv_attention, attention_modules
+from ..modules.kv_cache import attention_modules, use_kv_attention
 from ..modules.quant_linear import QuantLinear
 from ..numerics.weights import weight_buffer_specs
+from .scale_checks import check_model_scales
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +193,17 @@ def finalize_prequantized(model: nn.Module, kv_format: Optional[F.KVFormat]) -> 
                 module.bias.requires_grad_(False)
     if kv_format is not None:
         _enable_loaded_kv(model, kv_format)
+    check_model_scales(model, _scale_specs(model))
+
+
+def _scale_specs(model: nn.Module) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
+    """Expected (shape, dtype) of every QuantLinear scale and KV scale, by full buffer name."""
+    specs = {f"{name}.{suffix}": spec for name, module in model.named_modules() if isinstance(module, QuantLinear)
+             for suffix, spec in _expected(module).items() if suffix != "weight"}
+    for name, attention in attention_modules(model).items():
+        for proj, kind in (("k_proj", "k"), ("v_proj", "v")):
+            specs[f"{name}.{proj}.{kind}_scale"] = (SCALAR, torch.float32)
+    return specs
 
 
 def _enable_loaded_kv(model: nn.Module, kv_format: F.KVFormat) -> None:
@@ -210,4 +222,4 @@ def _enable_loaded_kv(model: nn.Module, kv_format: F.KVFormat) -> None:
         logger.warning("the checkpoint quantizes the KV cache (%s) but has no k/v scales (%d missing, e.g. %s); "
                        "using scale 1.0, as the serving engines do", kv_format.kv_cache_quant_algo, len(defaulted),
                        defaulted[0])
-    _use_kv_attention(model)
+    use_kv_attention(model)

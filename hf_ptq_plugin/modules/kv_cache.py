@@ -130,7 +130,7 @@ def enable_kv_quantization(model: nn.Module, kv_format: F.KVFormat, amax: dict) 
             scale = scale_from_amax(torch.tensor(amax[name][kind]), FP8_MAX)  # () fp32 = amax / 448
             proj.register_buffer(f"{kind}_scale", scale.to(device))
         module.kv_format = kv_format
-    _use_kv_attention(model)
+    use_kv_attention(model)
 
 
 def _check_head_dim(name: str, module: nn.Module, kv_format: F.KVFormat) -> None:
@@ -140,7 +140,7 @@ def _check_head_dim(name: str, module: nn.Module, kv_format: F.KVFormat) -> None
                          f"{name} has head_dim={head_dim}; use kv_cache_qformat='fp8'")
 
 
-def _use_kv_attention(model: nn.Module) -> None:
+def use_kv_attention(model: nn.Module) -> None:
     base = model.config._attn_implementation or "eager"
     if not base.startswith(KV_ATTENTION_PREFIX):
         model.set_attn_implementation(KV_ATTENTION_PREFIX + base)
@@ -159,7 +159,7 @@ def observe_kv_amax(model: nn.Module, token_mask=None):
     try:
         for name, module in modules.items():
             module.kv_amax_observer = stats[name]
-        _use_kv_attention(model)
+        use_kv_attention(model)
         yield stats
         for amax in stats.values():  # several calibrating processes agree on one scale
             amax["k"], amax["v"] = all_reduce_number(amax["k"], "max"), all_reduce_number(amax["v"], "max")
