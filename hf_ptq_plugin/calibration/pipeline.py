@@ -134,9 +134,9 @@ def _kv_observation(model: nn.Module, kv_format, token_mask):
 def _one_pass_plans(model, linears, fmt: F.Format, group_size, algorithm: Algorithm,
                     forward_loop) -> Dict[str, LayerPlan]:
     """max / mse: data-free weight scales, then one pass of input statistics (when there is a loop)."""
-    plans = {}
-    for name, linear in linears.items():
-        with onloaded(linear):
+    plans = {name: LayerPlan() for name in linears}
+    for name, linear in linears.items() if algorithm.searches_weight_scales else ():
+        with onloaded(linear):  # an offloaded weight is read only when a search needs it
             plans[name] = LayerPlan(weight_scale=algorithm.data_free_weight_scale(linear.weight, fmt, group_size))
     if forward_loop is None:  # weight-only: nothing to observe
         return plans

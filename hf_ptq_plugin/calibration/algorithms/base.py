@@ -55,6 +55,7 @@ class Algorithm:
     streamed: bool = False  # plans block by block on full-precision weights and activations (changes weights)
     samples_expert_tokens: bool = False  # MoE: its expert search replays a sample of each expert's tokens
     observes_expert_hessians: bool = False  # MoE: collects each expert's input Hessian
+    searches_weight_scales: bool = False  # chooses weight scales from the weights alone (data_free_weight_scale)
 
     def fits(self, fmt: F.Format) -> bool:
         """Whether the algorithm makes sense for the format (ModelOpt's pairing)."""

@@ -24,6 +24,7 @@ class Max(Algorithm):
 
 class MSE(Algorithm):
     name = "mse"
+    searches_weight_scales = True
 
     def fits(self, fmt: F.Format) -> bool:
         return fmt.weight in (F.INT4, F.INT8)
