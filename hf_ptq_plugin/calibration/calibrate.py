@@ -22,7 +22,7 @@ from ..formats import KVFormat
 from ..modules.kv_cache import attention_modules, enable_kv_quantization, observe_kv_amax
 from ..modules.quant_linear import QuantLinear
 from . import calibration_forward_loop, collect_input_stats, pipeline
-from .algorithms import ALGORITHMS, get_algorithm
+from .algorithms import get_algorithm
 from .interrupted import refuse_if_interrupted
 from .record import calibration_record
 
@@ -70,11 +70,10 @@ def _resolve_algorithm(model: nn.Module, algorithm: Optional[str]) -> str:
     source = getattr(model, "ptq_source", None)
     if algorithm is None:
         return source.algorithm if source is not None else "max"
-    get_algorithm(algorithm)  # raises on an unknown name, listing the valid ones
     config = getattr(model, "ptq_config", None)
-    if config is not None:
-        PTQConfig(qformat=config.qformat, algorithm=algorithm)  # raises if the algorithm does not fit the format
-    if ALGORITHMS[algorithm].streamed and source is None:
+    if config is not None:  # raises on an unknown algorithm or one that does not fit the format
+        PTQConfig(qformat=config.qformat, algorithm=algorithm)
+    if get_algorithm(algorithm).streamed and source is None:
         raise ValueError(f"algorithm {algorithm!r} changes the weights and needs the full-precision ones, which this "
                          "model no longer has (quantized in memory, or loaded from a quantized checkpoint); only "
                          f"'max' can calibrate it. Run quantize(model, PTQConfig(..., algorithm={algorithm!r}), "

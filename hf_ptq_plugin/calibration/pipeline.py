@@ -101,8 +101,8 @@ def _streamed(model, linears, experts, moe, fmt, group_size, algorithm: Algorith
         quantize_linears(model, fmt, group_size, block_linears, plans)
         moe.quantize_observed(group_size)  # this block's experts, before they feed the next block
 
-    streamed_calibration(model, linears, fmt, group_size, algorithm, forward_loop, quantize_block,
-                         prepare_block=prepare_block, sequential=config.sequential)
+    streamed_calibration(model, linears, fmt, group_size, algorithm, forward_loop, prepare_block, quantize_block,
+                         sequential=config.sequential)
     if pending:
         raise ValueError(f"the experts {sorted(pending)[:3]} are in decoder blocks with no other quantized Linear; "
                          f"algorithm {algorithm.name!r} re-reads experts block by block with the block's Linears")

@@ -14,7 +14,7 @@ one block.
 """
 
 import contextlib
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 import torch
 from torch import nn
@@ -26,31 +26,28 @@ from ..modules.quant_linear import QuantLinear
 from .algorithms import Algorithm, BlockContext
 from .blocks import capture_block_inputs, decoder_blocks, run_block
 from .data import TokenMask
-from .offload import materialize
 
 MAX_SEARCH_TOKENS = 2048  # tokens per input kept for the search: loss estimates, not statistics
 
 
 def streamed_calibration(model: nn.Module, linears: Dict[str, nn.Module], fmt: F.Format, group_size: int,
-                         algorithm: Algorithm, forward_loop: Callable, quantize_block: Callable,
-                         max_tokens: int = MAX_SEARCH_TOKENS, prepare_block: Optional[Callable] = None,
-                         sequential: bool = True) -> None:
+                         algorithm: Algorithm, forward_loop: Callable, prepare_block: Callable,
+                         quantize_block: Callable, sequential: bool = True,
+                         max_tokens: int = MAX_SEARCH_TOKENS) -> None:
     """Run `algorithm` over every decoder block; `quantize_block(linears, plans)` swaps one block's Linears.
 
-    `prepare_block(prefix, block_linears) -> {name: nn.Linear}`, when given, turns the modules of
-    the block whose names start with `prefix` into full-precision ones right before the block is
-    calibrated, and returns its Linears. `sequential`: each block is fed the outputs of the
-    quantized blocks before it (a second pass per block, after quantizing it); False feeds the
-    full-precision outputs that its statistics pass computes anyway, as ModelOpt's AWQ and
-    SmoothQuant calibrate, in one pass per block.
+    `prepare_block(prefix, block_linears) -> {name: nn.Linear}` (the weight source) puts the
+    full-precision modules of the block whose names start with `prefix` in place, in memory, right
+    before the block is calibrated, and returns its Linears. `sequential`: each block is fed the
+    outputs of the quantized blocks before it (a second pass per block, after quantizing it); False
+    feeds the full-precision outputs that its statistics pass computes anyway, as ModelOpt's AWQ
+    and SmoothQuant calibrate, in one pass per block.
     """
     blocks_name, blocks = decoder_blocks(model, linears)
-    if blocks_name is None:  # no decoder blocks: the whole model is one block
-        def prefix_of(index):
-            return ""
-    else:
-        def prefix_of(index):
-            return f"{blocks_name}.{index}."
+
+    def prefix_of(index: int) -> str:  # no decoder blocks: the whole model is one block, every name in it
+        return "" if blocks_name is None else f"{blocks_name}.{index}."
+
     outside = [] if blocks_name is None else [n for n in linears if not n.startswith(blocks_name + ".")]
     if outside:
         raise ValueError(f"layer-streamed calibration handles Linears inside {blocks_name!r}; {outside[:3]} are "
@@ -63,10 +60,7 @@ def streamed_calibration(model: nn.Module, linears: Dict[str, nn.Module], fmt: F
         block_linears = {n: m for n, m in linears.items() if n.startswith(prefix_of(index))}
         last = index == len(blocks) - 1
         if block_linears:
-            if prepare_block is not None:
-                block_linears = prepare_block(prefix_of(index), block_linears)
-            for linear in block_linears.values():
-                materialize(linear)  # accelerate-offloaded: this block's weights in memory
+            block_linears = prepare_block(prefix_of(index), block_linears)
             outputs = None if sequential or last else []
             context = BlockContext(block, inputs, token_mask, fmt, group_size, stride, outputs)
             quantize_block(block_linears, algorithm.plan_block(context, block_linears))
