@@ -6,8 +6,8 @@ the tokens routed to it (padding excluded when the forward loop publishes a toke
 max |x| of the inputs of its gate/up and of its down projection; for GPTQ also each expert's
 sum of x x^T per projection input, from which its Hessian follows; for AWQ and SmoothQuant also
 the per-channel sum and max of |x| and an evenly strided sample of each expert's inputs
-(`ExpertSample`). Active around the calibration passes (moe.py); the rule for
-experts that get no token is in `shared_inputs.py` and `ExpertStats.shared_amax`.
+(`ExpertSample`). Active around the calibration passes (expert_quantization.py); the rule for
+experts that get no token is in `stats.pool_shared_inputs` and `ExpertStats.shared_amax`.
 """
 
 from typing import Dict, Optional

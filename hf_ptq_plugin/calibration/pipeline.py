@@ -25,9 +25,9 @@ from ..modules.layer_plan import LayerPlan
 from ..modules.quant_linear import QuantLinear
 from ..numerics.weights import shared_sibling_scales
 from .algorithms import Algorithm, get_algorithm
+from .expert_quantization import ExpertQuantization
 from .folding import fold_pre_quant_scales
 from .interrupted import WeightGuard, refuse_if_interrupted
-from .moe import ExpertQuantization
 from .offload import materialize, onloaded
 from .selection import fused_groups, fused_weight_amax
 from .sources import InMemoryWeights

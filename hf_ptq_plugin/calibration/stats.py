@@ -3,17 +3,22 @@
 Forward pre-hooks record, for every target Linear, the running per-input-channel max |x|
 (what `max` calibration needs; SmoothQuant and AWQ need it per channel). The hooks are removed
 when collection ends, also if the forward loop raises.
+
+Layers that share one input scale (the experts of a MoE layer) follow ModelOpt's rule
+(`docs/modelopt-facts.md` §3.1, §10.1): every expert of a layer gets the same input amax per
+projection, the max over the layer's experts; an expert no calibration token reached gets the max
+over the other experts of its layer and projection (`pool_shared_inputs`, `log_token_counts`).
 """
 
 import contextlib
 import logging
-from typing import Callable, Dict
+from collections import defaultdict
+from typing import Callable, Dict, List
 
 import torch
 from torch import nn
 
 from .distributed import all_reduce, all_reduce_number
-from .shared_inputs import pool_shared_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +117,7 @@ def collect_input_stats(model: nn.Module, linears: Dict[str, nn.Module],
 
     A loop from `calibration_forward_loop` publishes which tokens are padding; those are skipped.
     Layers sharing one input scale (the experts of a MoE layer) get their group's statistics
-    (`shared_inputs.py`). Raises ValueError naming the layers that saw no tokens (their scales
+    (`pool_shared_inputs`). Raises ValueError naming the layers that saw no tokens (their scales
     would be invented).
     """
     stats = {name: InputStats() for name in linears}
@@ -126,3 +131,42 @@ def collect_input_stats(model: nn.Module, linears: Dict[str, nn.Module],
         raise ValueError(f"forward_loop never reached {len(unseen)} layer(s), e.g. {unseen[:3]}; "
                          "they would get made-up activation scales")
     return stats
+
+
+def pool_shared_inputs(modules: Dict[str, object], stats: Dict[str, object]) -> None:
+    """Give every member of a `shared_input` group the group's per-channel amax (in place).
+
+    A group none of whose members saw a token is left alone (its members stay unseen).
+    """
+    groups = defaultdict(list)
+    for name, module in modules.items():
+        tag = getattr(module, "shared_input", None)
+        if tag is not None:
+            groups[id(tag)].append(name)
+    counts = {}
+    for names in groups.values():
+        seen = [stats[n].channel_amax for n in names if stats[n].channel_amax is not None]
+        if not seen:
+            continue
+        pooled = torch.stack(seen).amax(dim=0)
+        for n in names:
+            stats[n].channel_amax = pooled
+        layer = names[0].rsplit(".", 2)[0]  # "<experts>.{e}.{proj}" -> "<experts>"
+        counts.setdefault(layer, {}).update({int(n.rsplit(".", 2)[1]): stats[n].num_tokens for n in names})
+    if counts:
+        log_token_counts({layer: [c[e] for e in sorted(c)] for layer, c in counts.items()})
+
+
+def log_token_counts(counts: Dict[str, List[int]]) -> None:
+    """Tokens per expert per MoE layer (logger.info), and the no-token rule for experts that got none."""
+    width = max(len(layer) for layer in counts)
+    lines = [f"{layer:<{width}}  " + " ".join(f"{c:>6d}" for c in row) for layer, row in counts.items()]
+    logger.info("calibration tokens per expert (rows: MoE layers, columns: experts 0..):\n%s", "\n".join(lines))
+    unseen = {layer: [e for e, c in enumerate(row) if c == 0] for layer, row in counts.items()}
+    unseen = {layer: experts for layer, experts in unseen.items() if experts}
+    if unseen:
+        layer, experts = next(iter(unseen.items()))
+        logger.warning("%d expert(s) in %d MoE layer(s) received no calibration token (e.g. %s experts %s); "
+                       "their input scales are the max over the other experts of their layer and projection, "
+                       "their weight scales come from their weights alone", sum(map(len, unseen.values())),
+                       len(unseen), layer, experts)

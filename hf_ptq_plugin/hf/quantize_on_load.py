@@ -9,7 +9,9 @@ ahead from the checkpoint files, a few rows at a time. Each weight is quantized 
 (every format's scales are per row, per row block or per tensor), so the temporaries stay a few
 MiB however large the layer: peak memory is the quantized model plus about one layer. Static
 activation scales cannot come from weights: such layers stay uncalibrated (dynamic scales, a
-warning) until `calibrate()`.
+warning) until `calibrate()`. When a layer-streamed algorithm (SmoothQuant, AWQ, GPTQ) will
+calibrate right after loading (`PTQConfig.calib_dataset`), nothing is quantized here: it re-reads
+each block's weights from the checkpoint, so loading only allocates the tensors it will overwrite.
 """
 
 import dataclasses
@@ -25,11 +27,10 @@ from .. import formats as F
 from ..backends.triton_linear import triton_available
 from ..backends.triton_quantize import quantize_weight_triton
 from ..calibration.algorithms import Algorithm
-from ..calibration.moe import drop_load_placeholders, prepare_load_time_experts, quantize_experts_on_load
 from ..calibration.selection import fused_groups, target_linears
 from ..calibration.shapes import check_layer_shapes, resolve_group_size
 from ..calibration.sources import tensor_locations
-from ..modules.fused_experts import projection_shapes, target_experts
+from ..modules.fused_experts import FUSED_PARAMS, projection_names, projection_shapes, target_experts
 from ..modules.quant_experts import QuantExperts
 from ..modules.quant_linear import QuantLinear
 from ..numerics.scales import abs_amax
@@ -48,7 +49,7 @@ def prepare_load_time(model: nn.Module, fmt: F.Format, exclude_modules: Iterable
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear left to quantize after exclusions "
                          f"{list(exclude_modules)}")
-    experts = target_experts(model, exclude_modules)  # fused MoE experts: merged, then quantized (moe.py)
+    experts = target_experts(model, exclude_modules)  # fused MoE experts: merged, then quantized (below)
     shapes = {**linears, **projection_shapes(experts)}
     group_size = resolve_group_size(fmt, shapes, requested_group_size)
     check_layer_shapes(fmt, shapes, group_size)
@@ -93,10 +94,14 @@ def _weight_amax(path: str, key: str, dtype: torch.dtype) -> torch.Tensor:
 
 
 class QuantizeOnLoad(ConversionOps):
-    """Turns one full-precision `<layer>.weight` into the layer's checkpoint tensors."""
+    """Turns one full-precision `<layer>.weight` into the layer's checkpoint tensors.
 
-    def __init__(self, shared_amax: Dict[str, torch.Tensor], algorithm: Algorithm):
-        self.shared_amax, self.algorithm = shared_amax, algorithm  # a data-free algorithm: max or mse
+    `algorithm`: a data-free one (max, mse), or None when a layer-streamed calibration follows the
+    load and re-reads every weight from the checkpoint: the tensors are then allocated, not computed.
+    """
+
+    def __init__(self, shared_amax: Dict[str, torch.Tensor], algorithm: Optional[Algorithm]):
+        self.shared_amax, self.algorithm = shared_amax, algorithm
 
     def convert(self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None, model=None,
                 **kwargs) -> dict:
@@ -107,6 +112,8 @@ class QuantizeOnLoad(ConversionOps):
         module = model.get_submodule(layer)
         if isinstance(module, QuantExperts):  # a merged (E, 2I, H) gate_up_proj or (E, H, I) down_proj
             return quantize_experts_on_load(module, layer, param, w, self.algorithm)
+        if self.algorithm is None:
+            return _unfilled(layer, module, w.device)
         amax, weight_scale = None, self.algorithm.data_free_weight_scale(w, module.fmt, module.group_size)
         if layer in self.shared_amax:  # an engine-fused sibling: the group's per-tensor scale
             amax, shared_scale = shared_sibling_scales(module.fmt, self.shared_amax[layer].to(w.device))
@@ -120,6 +127,60 @@ class QuantizeOnLoad(ConversionOps):
             # A placeholder, never saved: the layer stays uncalibrated (dynamic scales) until calibrate().
             out[f"{layer}.input_scale"] = torch.ones((), dtype=torch.float32, device=w.device)
         return out
+
+
+def _unfilled(prefix: str, module: nn.Module, device) -> dict:
+    """`module`'s checkpoint tensors, allocated but never written (their pages are not even touched):
+    the calibration that follows replaces the module with one built from the source weights."""
+    return {f"{prefix}.{name}": torch.empty_like(buffer, device=device) for name, buffer in module.named_buffers()}
+
+
+def prepare_load_time_experts(model: nn.Module, experts: Dict[str, nn.Module], fmt: F.Format,
+                              group_size: Optional[int]) -> None:
+    """Swap fused experts for meta QuantExperts with `gate_up_proj` / `down_proj` placeholders.
+
+    transformers merges the source's per-expert tensors into those names (its conversion mapping),
+    so each merged tensor reaches the quantize op, which returns the per-expert tensors; the
+    placeholders are dropped after loading. Peak memory: one MoE layer's merged experts in full precision.
+    """
+    names = projection_names(model)
+    for name, module in experts.items():
+        quantized = QuantExperts.like(module, fmt, group_size, names, device="meta")
+        quantized.add_fused_placeholders()
+        model.set_submodule(name, quantized)
+
+
+def quantize_experts_on_load(module: QuantExperts, name: str, param: str, w: torch.Tensor,
+                             algorithm: Optional[Algorithm]) -> dict:
+    """The quantize op for one merged fused tensor `w` (see `QuantizeOnLoad`): {full tensor name: tensor}."""
+    projections = module.names[2:] if param == "down_proj" else module.names[:2]
+    if algorithm is None:
+        out = {}
+        for e in range(module.num_experts):
+            for proj in projections:
+                out.update(_unfilled(f"{name}.{e}.{proj}", getattr(module.expert(e), proj), w.device))
+    else:
+        plan = algorithm.plan_unobserved_experts(w, module.fmt, module.group_size)
+        chosen = plan.chosen if plan is not None else None
+        out = {f"{name}.{key}": tensor for key, tensor in module.quantize_fused(param, w, chosen).items()}
+        if module.fmt.needs_calibration_data:  # placeholders, never saved: uncalibrated until calibrate()
+            out.update({f"{name}.{e}.{proj}.input_scale": torch.ones((), dtype=torch.float32, device=w.device)
+                        for e in range(module.num_experts) for proj in projections})
+    out[f"{name}.{param}"] = torch.empty(0, dtype=w.dtype, device=w.device)  # replaces the placeholder's data
+    module.consumed_placeholders.add(param)  # recorded here too: a disk-offloaded placeholder keeps its meta data
+    return out
+
+
+def drop_load_placeholders(model: nn.Module) -> None:
+    """Remove the consumed placeholders; a placeholder never loaded means the source lacks the experts."""
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantExperts):
+            continue
+        unloaded = [p for p in FUSED_PARAMS if p in module._parameters and p not in module.consumed_placeholders]
+        if unloaded:
+            raise ValueError(f"the source checkpoint has no weights for {name}.{unloaded[0]} (per-expert "
+                             f"{', '.join(module.names)} tensors); cannot quantize those experts")
+        module.drop_fused_placeholders()
 
 
 def finalize_load_time(model: nn.Module, fmt: F.Format, kv_format: Optional[F.KVFormat], calibrating: bool) -> None:

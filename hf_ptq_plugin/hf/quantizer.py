@@ -49,7 +49,7 @@ class PTQHfQuantizer(HfQuantizer):
             return False
         layer, _, leaf = param_name.rpartition(".")
         module = model.get_submodule(layer)
-        # A QuantLinear's weight, or a merged fused-experts weight (a QuantExperts placeholder, moe.py).
+        # A QuantLinear's weight, or a merged fused-experts weight (a QuantExperts placeholder, quantize_on_load.py).
         return (isinstance(module, QuantLinear) and leaf == "weight") or (
             isinstance(module, QuantExperts) and leaf in FUSED_PARAMS)
 
@@ -80,12 +80,16 @@ class PTQHfQuantizer(HfQuantizer):
                            config.resolved_algorithm)
         group_size, self.shared_weight_amax = prepare_load_time(model, config.format, exclude, config.group_size,
                                                                 checkpoint_files)
-        # Loading applies a data-free algorithm (max, mse) itself; one that reads activations runs
-        # afterwards, on the source weights, and loading rounds to nearest meanwhile.
-        self.load_algorithm = get_algorithm("max") if algorithm.streamed else algorithm
+        # Loading applies a data-free algorithm (max, mse) itself. One that reads activations runs
+        # afterwards on the checkpoint's weights, block by block: with calibration data right after
+        # loading, which then only allocates the tensors; without, loading rounds to nearest meanwhile.
+        if not algorithm.streamed:
+            self.load_algorithm = algorithm
+        else:
+            self.load_algorithm = None if config.calib_dataset is not None else get_algorithm("max")
         self.load_source = CheckpointWeights([str(f) for f in checkpoint_files or []], config.resolved_algorithm)
-        self.quantization_config = dataclasses.replace(config, group_size=group_size,
-                                                       algorithm=self.load_algorithm.name)
+        loaded_with = algorithm if self.load_algorithm is None else self.load_algorithm
+        self.quantization_config = dataclasses.replace(config, group_size=group_size, algorithm=loaded_with.name)
         return model
 
     def get_quantize_ops(self):

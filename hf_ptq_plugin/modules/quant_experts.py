@@ -46,7 +46,7 @@ from .quant_linear import QuantLinear
 
 
 class SharedInput:
-    """Tag on the QuantLinears that share one input scale (`calibration.shared_inputs` pools them)."""
+    """Tag on the QuantLinears that share one input scale (`calibration.stats.pool_shared_inputs` pools them)."""
 
     def __init__(self, kind: str):
         self.kind = kind  # "gate_up" or "down"
@@ -149,7 +149,7 @@ class QuantExperts(nn.Module):
         shapes = {"gate_up_proj": (2 * self.intermediate_dim, self.hidden_dim),
                   "down_proj": (self.hidden_dim, self.intermediate_dim)}
         dtype = self.projections("down")[0].dtype
-        self.consumed_placeholders = set()  # filled by the quantize op (moe.quantize_experts_on_load)
+        self.consumed_placeholders = set()  # filled by the quantize op (hf/quantize_on_load.py)
         for name, shape in shapes.items():
             placeholder = torch.empty((self.num_experts, *shape), dtype=dtype, device="meta")
             self.register_parameter(name, nn.Parameter(placeholder, requires_grad=False))

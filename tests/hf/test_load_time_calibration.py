@@ -10,11 +10,12 @@ import random
 
 import pytest
 import torch
-from conftest import WORDS, tiny_llama, word_tokenizer
+from conftest import WORDS, tiny_llama, tiny_moe, word_tokenizer
 from transformers import AutoModelForCausalLM
 
 from hf_ptq_plugin import PTQConfig, calibrate, quantize
 from hf_ptq_plugin.calibration.data import calibration_forward_loop
+from hf_ptq_plugin.hf import quantize_on_load, quantizer
 
 CALIB = {"calib_size": 8, "calib_seq_len": 32, "calib_batch_size": 4}
 
@@ -55,6 +56,30 @@ def test_calibrating_while_loading_equals_quantize_on_the_full_precision_model(s
     assert loaded.ptq_config.algorithm == algorithm
     loaded.save_pretrained(tmp_path / "out")  # calibrated: the save is allowed
     assert '"algorithm": "' + algorithm in (tmp_path / "out" / "config.json").read_text()
+
+
+def log_quantization(monkeypatch) -> list:
+    """"weight" for each weight (dense or merged experts) quantized, "calibration" when calibration starts."""
+    events = []
+    for module, name, event in ((quantize_on_load, "quantize_weight_in_row_blocks", "weight"),
+                                (quantize_on_load.QuantExperts, "quantize_fused", "weight"),
+                                (quantizer, "calibrate_while_loading", "calibration")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _e=event, **k: events.append(_e) or _f(*a, **k))
+    return events
+
+
+@pytest.mark.parametrize("model", ["llama", "qwen3_moe"])
+def test_a_load_that_calibration_follows_quantizes_nothing_itself(model, source, monkeypatch):
+    if model != "llama":
+        tiny_moe(model).save_pretrained(source / "src")
+    events = log_quantization(monkeypatch)
+    calibrated = load(source, qformat="int4_awq", calib_dataset=str(source / "calib.txt"), **CALIB)
+    assert events[0] == "calibration"  # it reads every weight from the checkpoint: loading quantized none
+    assert_same_tensors(calibrated, quantized_in_memory(source, "int4_awq", "awq_lite"))
+    events.clear()
+    load(source, qformat="int4_awq")  # without data the load rounds to nearest itself
+    assert events and set(events) == {"weight"}
 
 
 def test_smoothquant_while_loading_equals_quantize_on_the_full_precision_model(source):
