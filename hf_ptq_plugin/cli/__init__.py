@@ -83,8 +83,7 @@ def _add_quantize(subparsers) -> None:
     evaluation.add_argument("--eval_seq_len", type=int, default=512, help="tokens per window")
     evaluation.add_argument("--eval_windows", type=int, default=16, help="number of windows (from the start)")
     output = parser.add_argument_group("output")
-    output.add_argument("--export_path", help="write the checkpoint here (default: nothing is written)")
-    output.add_argument("--export_target", default="modelopt", help=f"{', '.join(EXPORT_TARGETS)}")
+    _export_arguments(output, "write the checkpoint here (default: nothing is written)")
     output.add_argument("--push_to_hub", metavar="REPO_ID", help="push the unified checkpoint to this Hub repo")
     _hub_arguments(output)
     _card_arguments(output)
@@ -106,9 +105,13 @@ def _add_export(subparsers) -> None:
     parser = subparsers.add_parser("export", help="re-export a quantized checkpoint for a serving engine",
                                    formatter_class=_HelpFormatter)
     _model_arguments(parser, "the quantized checkpoint")
-    parser.add_argument("--export_path", required=True, help="output directory")
-    parser.add_argument("--export_target", default="modelopt", help=f"{', '.join(EXPORT_TARGETS)}")
+    _export_arguments(parser, "output directory", required=True)
     _card_arguments(parser)
+
+
+def _export_arguments(parser, path_help: str, required: bool = False) -> None:
+    parser.add_argument("--export_path", required=required, help=path_help)
+    parser.add_argument("--export_target", default="modelopt", help=f"{', '.join(EXPORT_TARGETS)}")
 
 
 def _add_push(subparsers) -> None:

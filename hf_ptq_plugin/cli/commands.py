@@ -1,8 +1,8 @@
 """The `hf-ptq` subcommands: quantize, eval, export, push, upgrade (parsed arguments in, summary printed out).
 
 A ValueError or OSError raised here becomes the CLI's one-line error. Each command is a thin sequence of library calls:
-load with transformers, `quantize` / `calibrate`, `evaluation.perplexity`, `export_checkpoint`,
-`write_model_card`, `push_to_hub`.
+load with transformers, `quantize` / `calibrate`, `evaluation.perplexity`, `export_checkpoint` (which writes
+the tokenizer files and the model card too), `push_to_hub`.
 """
 
 import time
@@ -20,7 +20,7 @@ from ..config import PTQConfig
 from ..evaluation import perplexity
 from ..export import export_checkpoint, export_target_dialect
 from ..export.hub import push_to_hub
-from ..export.model_card import EvaluationRecord, card_facts, write_model_card
+from ..export.model_card import EvaluationRecord, card_facts
 from ..hf.upgrade import needs_upgrade, upgrade_checkpoint, upgrade_message
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -81,7 +81,8 @@ def run_quantize(args) -> None:
         after = perplexity(model, windows, config.calib_batch_size, progress="perplexity after")
         evaluation = EvaluationRecord(eval_data, windows.shape[0], windows.shape[1], after, before)
     if args.export_path:
-        _export(model, tokenizer, args, dialect, evaluation)
+        export_checkpoint(model, args.export_path, target=args.export_target, tokenizer=tokenizer,
+                          base_model=args.base_model, evaluation=evaluation)
     commit = _push(model, args.push_to_hub, tokenizer, args, evaluation) if args.push_to_hub else None
     print_summary(_quantize_summary(model, args, evaluation, dialect, commit, time.perf_counter() - start))
 
@@ -98,13 +99,6 @@ def _quantized_model(args, config: PTQConfig, tokenizer, windows):
         loop = calibration_forward_loop(tokenizer, config.calib_dataset, config.calib_size, config.calib_seq_len,
                                         config.calib_batch_size)
     return quantize(model, config, loop), before
-
-
-def _export(model, tokenizer, args, dialect: str, evaluation) -> None:
-    export_checkpoint(model, args.export_path, target=args.export_target)
-    if tokenizer is not None and not (Path(args.export_path) / "tokenizer_config.json").exists():
-        tokenizer.save_pretrained(args.export_path)
-    write_model_card(model, args.export_path, base_model=args.base_model, evaluation=evaluation, dialect=dialect)
 
 
 def _push(model, repo_id: str, tokenizer, args, evaluation=None):
@@ -176,8 +170,7 @@ def run_export(args) -> None:
         raise ValueError(f"{args.model!r} is not a checkpoint quantized by hf_ptq_plugin or ModelOpt (no "
                          "quantization_config with quant_method 'modelopt' in its config.json)")
     dialect = export_target_dialect(args.export_target, config.qformat, config.kv_cache_qformat)
-    export_checkpoint(model, args.export_path, target=args.export_target)
-    write_model_card(model, args.export_path, base_model=args.base_model, dialect=dialect)
+    export_checkpoint(model, args.export_path, target=args.export_target, base_model=args.base_model)
     print_summary([("exported", args.model), ("to", f"{args.export_path} ({args.export_target}: {dialect})")])
 
 

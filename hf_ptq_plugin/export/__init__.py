@@ -35,32 +35,33 @@ def export_target_dialect(target: str, qformat: str, kv_cache_qformat: str = "no
 
 
 def export_checkpoint(model: nn.Module, export_dir, target: str = "modelopt", tp_size: int = 1, pp_size: int = 1,
-                      **save_kwargs) -> None:
-    """Write `model` as a checkpoint for `target` (see the module docstring).
+                      tokenizer=None, base_model=None, evaluation=None, model_id=None, **save_kwargs) -> None:
+    """Write `model` as a checkpoint for `target` (see the module docstring), its tokenizer files and model card.
 
-    `tp_size` / `pp_size` split the legacy TensorRT-LLM checkpoint; other dialects take 1. kwargs go to
-    transformers' save_pretrained for the unified checkpoint (e.g. `max_shard_size`); the
-    compressed-tensors writer takes `max_shard_size` too.
+    `tp_size` / `pp_size` split the legacy TensorRT-LLM checkpoint; other dialects take 1. `tokenizer`,
+    `base_model`, `evaluation`, `model_id`: see `save.Sidecars`. kwargs go to transformers' save_pretrained
+    for the unified checkpoint (e.g. `max_shard_size`); the compressed-tensors writer takes `max_shard_size` too.
     """
     from ..hf.quantizer import attach_quantizer  # the quantizer layer sits above export
-    from .save import ptq_config_of, save_unified
+    from .save import Sidecars, ptq_config_of, save_unified
 
     config = ptq_config_of(model)
     dialect = _dialect(target, config)
     if dialect != "trtllm-legacy" and (tp_size, pp_size) != (1, 1):
         raise ValueError(f"tp_size/pp_size ({tp_size}, {pp_size}) split only the legacy TensorRT-LLM checkpoint; "
                          f"target {target!r} writes the {dialect} checkpoint, which engines split themselves")
+    sidecars = Sidecars(tokenizer, base_model, evaluation, model_id)
     if dialect == "modelopt":
         attach_quantizer(model, config)
-        save_unified(model, export_dir, **save_kwargs)
+        save_unified(model, export_dir, sidecars, **save_kwargs)
     elif dialect == "compressed-tensors":
         from .compressed_tensors import save_compressed_tensors
 
-        save_compressed_tensors(model, export_dir, config, target=target, **save_kwargs)
+        save_compressed_tensors(model, export_dir, config, target=target, sidecars=sidecars, **save_kwargs)
     else:
         from .trtllm_legacy import save_trtllm_legacy
 
-        save_trtllm_legacy(model, export_dir, config, tp_size=tp_size, pp_size=pp_size)
+        save_trtllm_legacy(model, export_dir, config, tp_size=tp_size, pp_size=pp_size, sidecars=sidecars)
 
 
 def _dialect(target: str, config) -> str:

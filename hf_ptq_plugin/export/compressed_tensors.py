@@ -19,7 +19,7 @@ Layouts, as the compressed-tensors package (0.20) reads them (compressors/*/base
   scales it computes at run time to FP8 as NVFP4 does; config.json's `dtype` is bfloat16, the dtype the
   package unpacks NVFP4 weights to, whatever the model's (`checkpoint_dtype`).
 The dialect has no per-input-channel activation scale: a layer that still carries a pre_quant_scale
-after AWQ scales are folded into norms cannot be written, and the error says which engines can serve it.
+after calibration folded AWQ scales into norms cannot be written, and the error says which engines can serve it.
 KV cache (FP8 only): `<attn>.k_scale` / `<attn>.v_scale` (1,), the names the package registers on attention.
 """
 
@@ -32,11 +32,10 @@ import torch
 from torch import nn
 
 from .. import formats as F
-from ..calibration.folding import fold_pre_quant_scales
 from ..modules.quant_linear import QuantLinear
 from ..numerics.integer import unpack_int4_rows
 from .atomic import atomic_directory
-from .save import copy_sidecars, write_card_into
+from .save import Sidecars, write_sidecars
 from .unified import ExportPlan, plan_export
 
 logger = logging.getLogger(__name__)
@@ -163,16 +162,12 @@ def quantization_config(fmt: F.Format, group_size: Optional[int], kv_format: Opt
             "global_compression_ratio": None}
 
 
-def _leftover_pre_quant_scales(model: nn.Module) -> List[str]:
-    return [name for name, m in model.named_modules() if isinstance(m, QuantLinear) and m.pre_quant_scale is not None]
-
-
 def check_convertible(model: nn.Module, plan: ExportPlan, target: str) -> None:
-    """ValueError when `model` cannot be written as compressed-tensors (call after folding)."""
+    """ValueError when `model` cannot be written as compressed-tensors."""
     from .engines import COMPRESSED_TENSORS, DIALECTS, describe_serving
 
     kv = plan.kv_format.name if plan.kv_format else "none"
-    leftover = _leftover_pre_quant_scales(model)
+    leftover = [name for name, m in model.named_modules() if getattr(m, "pre_quant_scale", None) is not None]
     other = tuple(d for d in DIALECTS if d != COMPRESSED_TENSORS)  # the dialects that can keep the scale
     if leftover:
         serving = describe_serving(plan.fmt.name, kv, other)
@@ -183,8 +178,8 @@ def check_convertible(model: nn.Module, plan: ExportPlan, target: str) -> None:
     _scheme(plan.fmt, plan.group_size)
 
 
-def save_compressed_tensors(model: nn.Module, export_dir, config, target: str = "vllm",
-                            max_shard_size="5GB") -> None:
+def save_compressed_tensors(model: nn.Module, export_dir, config, target: str = "vllm", max_shard_size="5GB",
+                            sidecars: Sidecars = Sidecars()) -> None:
     """Write `model` (quantized per PTQConfig `config`) as a compressed-tensors checkpoint, atomically."""
     from huggingface_hub import save_torch_state_dict
 
@@ -192,7 +187,6 @@ def save_compressed_tensors(model: nn.Module, export_dir, config, target: str = 
     if plan.layer_formats:
         raise ValueError("a model with per-layer formats (MIXED_PRECISION) exports only as the unified checkpoint "
                          "(target 'modelopt'); the compressed-tensors writer takes one format")
-    fold_pre_quant_scales(model)
     check_convertible(model, plan, target)
     layers = {name: m.fmt for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     attention = [name for name, m in model.named_modules() if getattr(m, "kv_format", None) is not None]
@@ -203,8 +197,7 @@ def save_compressed_tensors(model: nn.Module, export_dir, config, target: str = 
                               metadata={"format": "pt", "quant_method": "compressed-tensors"})
         _write_config(model, staging, quantization_config(plan.fmt, plan.group_size, plan.kv_format, ignore),
                       checkpoint_dtype(model, plan.fmt))
-        copy_sidecars(model, staging, Path(export_dir))  # the source's tokenizer files, as the unified save does
-        write_card_into(model, staging, Path(export_dir), dialect="compressed-tensors")
+        write_sidecars(model, staging, Path(export_dir), "compressed-tensors", sidecars)
     logger.info("wrote a compressed-tensors (%s) checkpoint to %s", plan.fmt.name, export_dir)
 
 

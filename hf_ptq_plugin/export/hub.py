@@ -19,7 +19,7 @@ from torch import nn
 
 from . import export_checkpoint
 from .atomic import STALE_PATTERNS
-from .model_card import EvaluationRecord, card_facts, write_model_card
+from .model_card import EvaluationRecord, card_facts
 from .save import SIDECAR_PATTERNS, ptq_config_of
 
 logger = logging.getLogger(__name__)
@@ -49,10 +49,8 @@ def push_to_hub(model: nn.Module, repo_id: str, tokenizer=None, private: Optiona
     api = HfApi(endpoint=endpoint, token=token)
     with tempfile.TemporaryDirectory(prefix="hf-ptq-push-") as tmp:
         folder = Path(tmp) / "checkpoint"
-        export_checkpoint(model, folder, **save_kwargs)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-        write_model_card(model, folder, model_id=repo_id, base_model=base_model, evaluation=evaluation)
+        export_checkpoint(model, folder, tokenizer=tokenizer, base_model=base_model, evaluation=evaluation,
+                          model_id=repo_id, **save_kwargs)
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision not in (None, "main"):
             api.create_branch(repo_id, branch=revision, exist_ok=True)

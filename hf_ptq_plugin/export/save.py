@@ -1,25 +1,27 @@
 """`save_pretrained` for quantized models: the unified checkpoint, written atomically.
 
 transformers' own `save_pretrained` writes the tensors (our QuantLinear buffers already are the
-checkpoint's tensors), config.json, generation_config.json, shards and index; around it we check
-the model can be written truthfully, fold AWQ scales into norms, put ModelOpt's
-`quantization_config` into config.json, add hf_quant_config.json, the source's tokenizer files and
-the model card (README.md, `model_card.py`), all inside a temporary directory that replaces the
-destination only when everything succeeded.
-`UnifiedSave` takes the place of a quantized model's `save_pretrained`.
+checkpoint's tensors), config.json, generation_config.json, shards and index. We plan the export
+once before (`plan_export` refuses what cannot be written truthfully) and lend the plan to it: the
+quantizer's safetensors metadata and config.json's `quantization_config` (ModelOpt's) come from it.
+Then hf_quant_config.json, the tokenizer files and the model card (README.md, `model_card.py`), all
+inside a temporary directory that replaces the destination only when everything succeeded. The model
+is left as it was. `UnifiedSave` takes the place of a quantized model's `save_pretrained`.
 """
 
+import contextlib
 import fnmatch
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 from torch import nn
 
-from ..calibration.folding import fold_pre_quant_scales
 from ..calibration.interrupted import refuse_if_interrupted
 from .atomic import atomic_directory
-from .unified import plan_export, write_quant_configs
+from .unified import ExportPlan, plan_export, write_hf_quant_config
 
 logger = logging.getLogger(__name__)
 
@@ -40,19 +42,55 @@ def ptq_config_of(model: nn.Module):
     return config
 
 
-def save_unified(model: nn.Module, save_directory, **save_kwargs) -> None:
+@dataclass(frozen=True)
+class Sidecars:
+    """What goes beside the tensors: the tokenizer's files (None: the source directory's) and the model card's
+    inputs (None: the model's source, no evaluation, snippets loading the checkpoint's directory)."""
+
+    tokenizer: Any = None
+    base_model: Optional[str] = None
+    evaluation: Any = None  # a model_card.EvaluationRecord that ran
+    model_id: Optional[str] = None  # what the card's usage snippets load
+
+
+def save_unified(model: nn.Module, save_directory, sidecars: Sidecars = Sidecars(), **save_kwargs) -> None:
     """Write `model` as a unified checkpoint into `save_directory` (kwargs: transformers' save_pretrained)."""
     if save_kwargs.get("push_to_hub"):
         raise ValueError("save_pretrained(push_to_hub=True) is not supported for hf_ptq_plugin models; save, then "
                          "call model.push_to_hub(repo_id) (or hf_ptq_plugin.push_to_hub)")
     plan = plan_export(model, ptq_config_of(model))  # refuses before anything is touched
-    fold_pre_quant_scales(model)
     with atomic_directory(save_directory) as staging:
-        type(model).save_pretrained(model, staging, **save_kwargs)
-        write_quant_configs(staging, plan)
-        copy_sidecars(model, staging, Path(save_directory))
-        write_card_into(model, staging, Path(save_directory))
+        with transformers_saving(model, plan):
+            type(model).save_pretrained(model, staging, **save_kwargs)
+        write_hf_quant_config(staging, plan)
+        write_sidecars(model, staging, Path(save_directory), "modelopt", sidecars)
     logger.info("wrote a %s unified checkpoint to %s", plan.fmt.quant_algo, save_directory)
+
+
+@contextlib.contextmanager
+def transformers_saving(model: nn.Module, plan: ExportPlan):
+    """While transformers' save_pretrained runs, its quantizer uses `plan` and config.json gets the checkpoint's
+    quantization_config; the config is restored after (also the dtype and architectures transformers sets)."""
+    config_fields = dict(vars(model.config))
+    model.hf_quantizer.export_plan = plan
+    model.config.quantization_config = plan.quantization_config()  # to_dict writes a dict as is
+    try:
+        yield
+    finally:
+        model.hf_quantizer.export_plan = None
+        vars(model.config).clear()
+        vars(model.config).update(config_fields)
+
+
+def write_sidecars(model: nn.Module, staging: Path, destination: Path, dialect: str, sidecars: Sidecars) -> None:
+    """The tokenizer files and the model card (`model_card.py`) of a checkpoint in `dialect`."""
+    from .model_card import write_model_card  # the card sits above export (it reads engines, evaluation)
+
+    if sidecars.tokenizer is not None:
+        sidecars.tokenizer.save_pretrained(staging)
+    copy_sidecars(model, staging, destination)
+    write_model_card(model, staging, model_id=sidecars.model_id or str(destination), base_model=sidecars.base_model,
+                     evaluation=sidecars.evaluation, dialect=dialect)
 
 
 def copy_sidecars(model: nn.Module, staging: Path, destination: Path) -> None:
@@ -64,14 +102,6 @@ def copy_sidecars(model: nn.Module, staging: Path, destination: Path) -> None:
         if (entry.is_file() and any(fnmatch.fnmatch(entry.name, p) for p in SIDECAR_PATTERNS)
                 and not (staging / entry.name).exists() and not (destination / entry.name).exists()):
             shutil.copy2(entry, staging / entry.name)
-
-
-def write_card_into(model: nn.Module, staging: Path, destination: Path, dialect: str = "modelopt") -> None:
-    """README.md: the model card (`model_card.py`) of a checkpoint in `dialect`, its snippets pointing at
-    the final directory."""
-    from .model_card import write_model_card  # the card sits above export (it reads engines, evaluation)
-
-    write_model_card(model, staging, model_id=str(destination), dialect=dialect)
 
 
 class UnifiedSave:

@@ -42,7 +42,7 @@ from torch import nn
 from .. import formats as F
 from ..modules.quant_linear import QuantLinear
 from .atomic import atomic_directory
-from .save import copy_sidecars, write_card_into
+from .save import Sidecars, write_sidecars
 from .trtllm_layers import (
     LEGACY_QUANT_ALGO,
     check_buildable,
@@ -155,8 +155,8 @@ def shard_rank(tensors: Dict[str, torch.Tensor], rules: Dict[str, Split], num_la
     """The tensors of one rank; rank = pp_rank * tp_size + tp_rank, as TensorRT-LLM's Mapping numbers them.
 
     `multiple` (from `trtllm_layers.padding_multiple`) pads the features of layers that pad before
-    they are split. Every tensor is its own copy: safetensors refuses two names sharing storage
-    (calibration may give a fused group one scale tensor).
+    they are split. Every tensor is its own contiguous copy (a split piece is a view), so no two names
+    share storage, which safetensors refuses.
     """
     if num_layers % pp_size:
         raise ValueError(f"{num_layers} layers cannot be split into pp_size={pp_size} equal stages")
@@ -237,7 +237,8 @@ def _check_parallel(config, tp_size: int, pp_size: int) -> None:
         raise ValueError(f"{config.num_hidden_layers} layers cannot be split into pp_size={pp_size} equal stages")
 
 
-def save_trtllm_legacy(model: nn.Module, export_dir, config, tp_size: int = 1, pp_size: int = 1) -> None:
+def save_trtllm_legacy(model: nn.Module, export_dir, config, tp_size: int = 1, pp_size: int = 1,
+                       sidecars: Sidecars = Sidecars()) -> None:
     """Write the legacy TensorRT-LLM checkpoint of `model` for tp_size x pp_size ranks, atomically."""
     from safetensors.torch import save_file
 
@@ -259,7 +260,6 @@ def save_trtllm_legacy(model: nn.Module, export_dir, config, tp_size: int = 1, p
             rank_tensors = shard_rank(tensors, rules, model.config.num_hidden_layers, tp_size, pp_size, rank,
                                       multiple)
             save_file(rank_tensors, str(staging / f"rank{rank}.safetensors"), metadata={"format": "pt"})
-        copy_sidecars(model, staging, Path(export_dir))  # tokenizer files: trtllm-serve --tokenizer <dir>
-        write_card_into(model, staging, Path(export_dir), dialect="trtllm-legacy")
+        write_sidecars(model, staging, Path(export_dir), "trtllm-legacy", sidecars)  # trtllm-serve --tokenizer <dir>
     logger.info("wrote a legacy TensorRT-LLM %s checkpoint (tp=%d, pp=%d) to %s", plan.fmt.quant_algo, tp_size,
                 pp_size, export_dir)

@@ -5,8 +5,8 @@ returns what the JSON files need, or a ValueError when the model cannot be writt
 uncalibrated static or KV scales (never write made-up scales), INT4 layers with different group
 sizes, or fused siblings (q/k/v, gate/up) with different formats, or different `weight_scale_2` /
 `input_scale` where engines need one. Layers in different formats make a MIXED_PRECISION checkpoint
-(`quantized_layers` lists each layer's format). `write_quant_configs` puts ModelOpt's `quantization_config` into
-config.json and writes hf_quant_config.json.
+(`quantized_layers` lists each layer's format). The plan gives config.json's `quantization_config` and
+hf_quant_config.json (`write_hf_quant_config`), both in ModelOpt's vocabulary.
 """
 
 import json
@@ -49,6 +49,13 @@ class ExportPlan:
         quant_algo = MIXED_PRECISION if self.layer_formats else self.fmt.quant_algo
         return {"producer": PRODUCER_NAME, "hf_ptq_plugin_format": FORMAT_VERSION, "quant_method": "modelopt",
                 "quant_algo": quant_algo}
+
+    def quantization_config(self) -> dict:
+        """config.json's `quantization_config`."""
+        if self.layer_formats:
+            return mixed_checkpoint_quantization_config(self.layer_formats, self.kv_format, self.ptq_fields)
+        return checkpoint_quantization_config(self.fmt, self.group_size, self.kv_format, self.exclude_modules,
+                                              self.ptq_fields)
 
 
 def quantized_layers(model: nn.Module) -> dict:
@@ -103,53 +110,30 @@ def _kv_format(model: nn.Module, configured: Optional[F.KVFormat]) -> Optional[F
 
 
 def _check_fused_scales_shared(layers: dict) -> None:
-    """Engines run q/k/v and gate/up as one GEMM: one format, and for NVFP4 / W4A8 one scale each."""
+    """Engines run q/k/v and gate/up as one GEMM: one format, one pre_quant_scale, and for NVFP4 / W4A8
+    one weight_scale_2 and input_scale."""
     for group in fused_groups(layers):
         formats = {layers[name].fmt.name for name in group}
         if len(formats) > 1:
             raise ValueError(f"{group} have different formats {sorted(formats)}; engines run them as one GEMM and "
                              "need one format for the group")
-        fmt = layers[group[0]].fmt
-        if not fmt.has_weight_scale_2:
-            continue
-        for suffix in ("weight_scale_2", "input_scale"):
+        shared = ("pre_quant_scale", "weight_scale_2", "input_scale") if layers[group[0]].fmt.has_weight_scale_2 \
+            else ("pre_quant_scale",)
+        for suffix in shared:
             values = [getattr(layers[name], suffix, None) for name in group]
-            if values[0] is None:
+            if values[0] is None and all(v is None for v in values):
                 continue
-            if not all(torch.equal(v, values[0]) for v in values):
-                raise ValueError(f"{group} have different {suffix} {[v.item() for v in values]}; engines run them "
-                                 f"as one GEMM and need one shared {suffix} (TensorRT-LLM asserts it). Quantize "
-                                 "them with hf_ptq_plugin, which shares it")
+            if any(v is None for v in values) or not all(torch.equal(v, values[0]) for v in values):
+                shown = [None if v is None else (v.item() if v.numel() == 1 else f"({v.numel()},) tensor")
+                         for v in values]
+                raise ValueError(f"{group} have different {suffix} {shown}; engines run them as one GEMM and "
+                                 f"need one shared {suffix} (TensorRT-LLM asserts it). Quantize them with "
+                                 "hf_ptq_plugin, which shares it")
 
 
-def untie_shared_buffers(model: nn.Module) -> None:
-    """Give each QuantLinear buffer its own storage.
-
-    Calibration may hand one scale tensor to a whole fused group (a shared pre_quant_scale);
-    safetensors cannot store aliased tensors and transformers refuses them as mis-declared ties.
-    """
-    seen = set()
-    for module in quantized_layers(model).values():
-        for name, buffer in list(module.named_buffers(recurse=False)):
-            key = (buffer.device, buffer.untyped_storage().data_ptr()) if buffer.device.type != "meta" else None
-            if key in seen:
-                persistent = name not in module._non_persistent_buffers_set
-                module.register_buffer(name, buffer.clone(), persistent=persistent)
-            elif key is not None:
-                seen.add(key)
-
-
-def write_quant_configs(directory: Path, plan: ExportPlan) -> None:
-    """Put ModelOpt's quantization_config into config.json and write hf_quant_config.json."""
-    config_path = Path(directory) / "config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+def write_hf_quant_config(directory: Path, plan: ExportPlan) -> None:
     if plan.layer_formats:
-        config["quantization_config"] = mixed_checkpoint_quantization_config(
-            plan.layer_formats, plan.kv_format, plan.ptq_fields)
         quant = mixed_hf_quant_config(plan.layer_formats, plan.kv_format)
     else:
-        config["quantization_config"] = checkpoint_quantization_config(
-            plan.fmt, plan.group_size, plan.kv_format, plan.exclude_modules, plan.ptq_fields)
         quant = hf_quant_config(plan.fmt, plan.group_size, plan.kv_format, plan.exclude_modules)
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     (Path(directory) / "hf_quant_config.json").write_text(json.dumps(quant, indent=4) + "\n", encoding="utf-8")

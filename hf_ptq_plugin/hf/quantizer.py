@@ -20,7 +20,7 @@ from ..calibration.algorithms import get_algorithm
 from ..calibration.sources import CheckpointWeights
 from ..config import PTQConfig
 from ..export.save import install_unified_save, ptq_config_of
-from ..export.unified import plan_export, untie_shared_buffers
+from ..export.unified import plan_export
 from ..modules.fused_experts import FUSED_PARAMS, without_expert_converters
 from ..modules.quant_experts import QuantExperts
 from ..modules.quant_linear import QuantLinear
@@ -37,6 +37,7 @@ class PTQHfQuantizer(HfQuantizer):
     """Load-time quantization and pre-quantized loading of unified ("modelopt") checkpoints."""
 
     requires_calibration = False  # weight-only formats quantize from weights alone
+    export_plan = None  # set by `export.save` for the duration of a save, which has planned it already
 
     def __init__(self, quantization_config: PTQConfig, **kwargs):
         if not isinstance(quantization_config, PTQConfig):
@@ -110,10 +111,9 @@ class PTQHfQuantizer(HfQuantizer):
         return model
 
     def get_state_dict_and_metadata(self, model):
-        # Also reached by a direct PreTrainedModel.save_pretrained call: refuse uncalibrated models there too.
-        metadata = plan_export(model, ptq_config_of(model)).safetensors_metadata()
-        untie_shared_buffers(model)
-        return None, metadata
+        # Without a plan this is a direct PreTrainedModel.save_pretrained call: planning refuses uncalibrated models.
+        plan = self.export_plan or plan_export(model, ptq_config_of(model))
+        return None, plan.safetensors_metadata()
 
     def is_serializable(self, **kwargs) -> bool:
         return True

@@ -141,7 +141,7 @@ class QuantExperts(nn.Module):
         """One `pre_quant_scale` (K,) for every expert's `kind` projections (AWQ, SmoothQuant:
         calibration/expert_smoothing.py)."""
         for linear in self.projections(kind):
-            linear.pre_quant_scale = pre_quant_scale.to(device=linear.weight.device, dtype=linear.dtype).clone()
+            linear.pre_quant_scale = pre_quant_scale.to(device=linear.weight.device, dtype=linear.dtype, copy=True)
 
     def add_fused_placeholders(self) -> None:
         """Meta `gate_up_proj` / `down_proj` parameters, so the loader merges per-expert source

@@ -66,7 +66,8 @@ class QuantLinear(nn.Module):
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.data)
         if plan.pre_quant_scale is not None:
-            module.pre_quant_scale = plan.pre_quant_scale.to(device=w.device, dtype=w.dtype)
+            # Its own copy: calibration hands a fused group one scale, and aliased buffers cannot be saved.
+            module.pre_quant_scale = plan.pre_quant_scale.to(device=w.device, dtype=w.dtype, copy=True)
         if plan.input_amax is not None and fmt.needs_calibration_data:
             module.set_input_amax(plan.input_amax)
         return module

@@ -170,20 +170,18 @@ def test_the_model_card_describes_the_compressed_tensors_layout(token_ids, tmp_p
     assert "from_pretrained" in usage and "import hf_ptq_plugin" not in usage  # no plugin needed
 
 
-def test_awq_scales_of_norm_fed_layers_are_folded_first(token_ids, tmp_path):
+def test_a_pre_quant_scale_left_on_norm_fed_layers_is_refused_not_folded(token_ids, tmp_path):
     model = quantized("int4_awq", token_ids)
     attention = model.model.layers[0].self_attn
-    scale = torch.rand(128) + 0.5
+    scale = torch.rand(128) + 0.5  # one scale for the fused group, as calibration gives it, left unfolded
     for proj in (attention.q_proj, attention.k_proj, attention.v_proj):
-        proj.pre_quant_scale = scale
-    with torch.no_grad():
-        before = model(token_ids).logits
-    export_checkpoint(model, tmp_path, target="sglang")
-    tensors = load_file(tmp_path / "model.safetensors")
-    assert torch.equal(tensors["model.layers.0.input_layernorm.weight"], model.model.layers[0].input_layernorm.weight)
-    assert attention.q_proj.pre_quant_scale is None
-    with torch.no_grad():
-        torch.testing.assert_close(model(token_ids).logits, before, rtol=1e-4, atol=1e-4)  # the same function
+        proj.pre_quant_scale = scale.clone()
+    norm = model.model.layers[0].input_layernorm.weight.clone()
+    with pytest.raises(ValueError, match=r"3 layer\(s\) keep a pre_quant_scale \(e.g. 'model.layers.0.self_attn.q_proj'"
+                                         r"\), which the compressed-tensors checkpoint for target 'sglang' cannot"):
+        export_checkpoint(model, tmp_path / "out", target="sglang")
+    assert torch.equal(model.model.layers[0].input_layernorm.weight, norm)
+    assert attention.q_proj.pre_quant_scale is not None and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("name", ["w4a8_awq", "fp8_pb_wo", "mxfp8"])

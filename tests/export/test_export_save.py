@@ -26,7 +26,7 @@ def fail(*args, **kwargs):
 
 
 @pytest.mark.parametrize("target", [(transformers.modeling_utils, "safe_save_file"),
-                                    (save_module, "write_quant_configs")])
+                                    (save_module, "write_hf_quant_config")])
 def test_an_exception_mid_save_leaves_the_destination_as_it_was(target, model_int8, tmp_path, monkeypatch):
     destination = tmp_path / "ckpt"
     export_checkpoint(quantize(tiny_llama(seed=3), PTQConfig(qformat="int8_wo")), destination)
@@ -40,7 +40,7 @@ def test_an_exception_mid_save_leaves_the_destination_as_it_was(target, model_in
 
 
 def test_a_failed_first_save_creates_nothing(model_int8, tmp_path, monkeypatch):
-    monkeypatch.setattr(save_module, "write_quant_configs", fail)
+    monkeypatch.setattr(save_module, "write_hf_quant_config", fail)
     with pytest.raises(OSError):
         export_checkpoint(model_int8, tmp_path / "new")
     assert list(tmp_path.iterdir()) == []
