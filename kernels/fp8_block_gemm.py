@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import activation_2d, dot_dtype, gemm_blocks, new_output, require
-from .tiles import load_x_tile, mma, store_out_tile
+from .launch import dot_dtype, gemm_setup, require
+from .tiles import load_tile, load_x_tile, mma, store_out_tile, tile_offsets
 
 
 @triton.jit
@@ -33,18 +33,15 @@ def fp8_block_gemm_kernel(
     HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = tile_offsets(BLOCK_M, BLOCK_N)
+    scale_rows = scale_ptr + (offs_n[:, None] // TILE) * stride_sn  # the scale row of each weight row
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = load_x_tile(x_ptr, x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk, False)
-        w_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-        q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=w_mask, other=0.0)
-        scale = tl.load(scale_ptr + (offs_n[:, None] // TILE) * stride_sn + (offs_k[None, :] // TILE) * stride_sk,
-                        mask=w_mask, other=0.0)
+        q = load_tile(w_ptr, offs_n, offs_k, N, K, stride_wn, stride_wk, 0.0)
+        scale = tl.load(scale_rows + (offs_k[None, :] // TILE) * stride_sk,
+                        mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)
         acc = mma(acc, x, tl.trans(q.to(tl.float32) * scale), DOT_DTYPE)
     store_out_tile(out_ptr, bias_ptr, acc, offs_m, offs_n, M, N, stride_om, stride_on, HAS_BIAS)
 
@@ -57,10 +54,8 @@ def fp8_block_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
     require(weight.dtype == torch.float8_e4m3fn, f"fp8_pb_wo weight must be float8_e4m3fn, got {weight.dtype}")
     require(weight_scale.shape == (n // tile, 1, k // tile, 1) and n % tile == 0 and k % tile == 0,
             f"weight_scale {tuple(weight_scale.shape)} does not tile ({n}, {k}) by {tile}")
-    x2d = activation_2d(x, k)
+    x2d, out, (bm, bn, bk) = gemm_setup(x, n, k, block_m, block_n, block_k)
     m = x2d.shape[0]
-    bm, bn, bk = gemm_blocks(m, n, k, x.device, block_m, block_n, block_k)
-    out = new_output(x2d, n)
     fp8_block_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         x2d, weight, weight_scale, bias, out,
         m, n, k, tile,

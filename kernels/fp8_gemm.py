@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .launch import gemm_blocks, require
-from .tiles import store_out_tile
+from .tiles import load_scale, load_tile, store_out_tile, tile_offsets
 
 
 @triton.jit
@@ -33,29 +33,18 @@ def fp8_gemm_kernel(
     A_PER_ROW: tl.constexpr, B_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, FP8_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = tile_offsets(BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_k[None, :] * stride_bk,
-                    mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)
+        a = load_tile(a_ptr, offs_m, offs_k, M, K, stride_am, stride_ak, 0.0)
+        b = load_tile(b_ptr, offs_n, offs_k, N, K, stride_bn, stride_bk, 0.0)
         if FP8_DOT:
             acc = tl.dot(a, tl.trans(b), acc)
         else:
             acc = tl.dot(a.to(tl.float16), tl.trans(b.to(tl.float16)), acc)
-    if A_PER_ROW:
-        a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
-    else:
-        a_scale = tl.load(a_scale_ptr)
-    if B_PER_ROW:
-        b_scale = tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
-    else:
-        b_scale = tl.load(b_scale_ptr)
+    a_scale = load_scale(a_scale_ptr, offs_m[:, None], M, A_PER_ROW)  # (BLOCK_M, 1) or scalar
+    b_scale = load_scale(b_scale_ptr, offs_n[None, :], N, B_PER_ROW)  # (1, BLOCK_N) or scalar
     store_out_tile(out_ptr, bias_ptr, acc * a_scale * b_scale, offs_m, offs_n, M, N, stride_om, stride_on, HAS_BIAS)
 
 

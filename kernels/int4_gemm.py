@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import activation_2d, dot_dtype, gemm_blocks, new_output, require
+from .launch import dot_dtype, gemm_setup, require
 from .rounding import int4_decode
-from .tiles import load_x_tile, mma, store_out_tile
+from .tiles import load_group_scales, load_tile, load_x_tile, mma, store_out_tile, tile_offsets
 
 
 @triton.jit
@@ -36,24 +36,17 @@ def int4_gemm_kernel(
     HAS_PQS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_p = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)  # packed rows of this tile
+    offs_m, offs_n = tile_offsets(BLOCK_M, BLOCK_N)
+    offs_p = tl.program_id(1) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)  # packed rows of this tile
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = load_x_tile(x_ptr, pqs_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk, HAS_PQS)
         # (BLOCK_N // 2, BLOCK_K) uint8 -> (BLOCK_N, BLOCK_K) int4 values, rows interleaved back
-        packed_mask = (offs_p[:, None] < N // 2) & (offs_k[None, :] < K)
-        packed = tl.load(w_ptr + offs_p[:, None] * stride_wp + offs_k[None, :] * stride_wk,
-                         mask=packed_mask, other=0).to(tl.int32)
+        packed = load_tile(w_ptr, offs_p, offs_k, N // 2, K, stride_wp, stride_wk, 0).to(tl.int32)
         pairs = tl.join(packed & 0xF, packed >> 4)  # (BLOCK_N // 2, BLOCK_K, 2): even row, odd row
         q = tl.reshape(tl.permute(pairs, (0, 2, 1)), (BLOCK_N, BLOCK_K))
-        w_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-        scale = tl.load(scale_ptr + offs_n[:, None] * stride_sn + (offs_k[None, :] // GROUP_SIZE) * stride_sg,
-                        mask=w_mask, other=0.0)
+        scale = load_group_scales(scale_ptr, offs_n, offs_k, N, K, stride_sn, stride_sg, GROUP_SIZE, 0.0)
         w = int4_decode(q).to(tl.float32) * scale  # exactly the reference's q * scale
         acc = mma(acc, x, tl.trans(w), DOT_DTYPE)
     store_out_tile(out_ptr, bias_ptr, acc, offs_m, offs_n, M, N, stride_om, stride_on, HAS_BIAS)
@@ -68,11 +61,8 @@ def int4_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     require(weight.dtype == torch.uint8, f"INT4 weight must be uint8 (N/2, K), got {weight.dtype}")
     require(weight_scale.shape == (n, k // group_size) and k % group_size == 0,
             f"weight_scale {tuple(weight_scale.shape)} does not match N={n}, K={k}, group {group_size}")
-    x2d = activation_2d(x, k)
+    x2d, out, (bm, bn, bk) = gemm_setup(x, n, k, block_m, block_n, block_k, n_multiple=2)  # whole packed rows
     m = x2d.shape[0]
-    bm, bn, bk = gemm_blocks(m, n, k, x.device, block_m, block_n, block_k)
-    require(bn % 2 == 0, f"BLOCK_N must be even to hold whole packed rows, got {bn}")
-    out = new_output(x2d, n)
     int4_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         x2d, weight, weight_scale, pre_quant_scale, bias, out,
         m, n, k, group_size,

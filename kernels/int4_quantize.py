@@ -17,6 +17,7 @@ import triton.language as tl
 
 from .launch import require
 from .rounding import round_half_even
+from .tiles import load_tile
 
 
 @triton.jit
@@ -33,8 +34,7 @@ def int4_quantize_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     group = tl.program_id(1)
     offs_k = group * GROUP_SIZE + tl.arange(0, GROUP_SIZE)
-    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=mask, other=0.0).to(tl.float32)
+    w = load_tile(w_ptr, offs_n, offs_k, N, K, stride_wn, stride_wk, 0.0).to(tl.float32)
     amax = tl.max(tl.abs(w), axis=1)
     scale = tl.where(amax > 0, tl.math.div_rn(amax, 7.0), 1.0)
     tl.store(scale_ptr + offs_n * stride_sn + group * stride_sg, scale, mask=offs_n < N)

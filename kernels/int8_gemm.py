@@ -20,9 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import activation_2d, dot_dtype, gemm_blocks, new_output, require
+from .launch import dot_dtype, gemm_setup, require
 from .rounding import round_half_even
-from .tiles import load_x_tile, mma, store_out_tile
+from .tiles import load_scale, load_tile, load_x_tile, mma, store_out_tile, tile_offsets
 
 
 @triton.jit
@@ -37,10 +37,7 @@ def int8_gemm_kernel(
     QUANTIZE_X: tl.constexpr, HAS_PQS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = tile_offsets(BLOCK_M, BLOCK_N)
     if QUANTIZE_X:
         x_scale = tl.load(x_scale_ptr)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -49,8 +46,7 @@ def int8_gemm_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = load_x_tile(x_ptr, pqs_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk, HAS_PQS)
-        w_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=w_mask, other=0)
+        w = load_tile(w_ptr, offs_n, offs_k, N, K, stride_wn, stride_wk, 0)
         if QUANTIZE_X:
             # clamp before rounding: the bounds are integers, so this equals round-then-clamp
             y = tl.minimum(tl.maximum(tl.math.div_rn(x, x_scale), -128.0), 127.0)
@@ -58,11 +54,11 @@ def int8_gemm_kernel(
             acc = tl.dot(x_q, tl.trans(w), acc)
         else:
             acc = mma(acc, x, tl.trans(w), DOT_DTYPE)
-    w_scale = tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+    w_scale = load_scale(w_scale_ptr, offs_n[None, :], N, True)  # (1, BLOCK_N), per output channel
     if QUANTIZE_X:
-        result = acc.to(tl.float32) * x_scale * w_scale[None, :]
+        result = acc.to(tl.float32) * x_scale * w_scale
     else:
-        result = acc * w_scale[None, :]
+        result = acc * w_scale
     store_out_tile(out_ptr, bias_ptr, result, offs_m, offs_n, M, N, stride_om, stride_on, HAS_BIAS)
 
 
@@ -73,10 +69,8 @@ def int8_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     n, k = weight.shape
     require(weight.dtype == torch.int8, f"INT8 weight must be int8 (N, K), got {weight.dtype}")
     require(weight_scale.shape == (n,), f"weight_scale {tuple(weight_scale.shape)} must be per channel ({n},)")
-    x2d = activation_2d(x, k)
+    x2d, out, (bm, bn, bk) = gemm_setup(x, n, k, block_m, block_n, block_k)
     m = x2d.shape[0]
-    bm, bn, bk = gemm_blocks(m, n, k, x.device, block_m, block_n, block_k)
-    out = new_output(x2d, n)
     int8_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         x2d, weight, weight_scale, input_scale, pre_quant_scale, bias, out,
         m, n, k,

@@ -23,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import activation_2d, gemm_blocks, new_output, require
+from .launch import gemm_setup, require
 from .rounding import fp8_e4m3_round, pow2
-from .tiles import load_x_tile, mma, store_out_tile
+from .tiles import load_group_scales, load_tile, load_x_tile, mma, store_out_tile, tile_offsets
 
 MX_BLOCK = 32
 
@@ -55,19 +55,14 @@ def mxfp8_gemm_kernel(
     HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = tile_offsets(BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = _quantize_x_blocks(load_x_tile(x_ptr, x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk, False),
                                BLOCK_M, BLOCK_K)
-        w_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-        q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=w_mask, other=0.0)
-        biased = tl.load(w_scale_ptr + offs_n[:, None] * stride_sn + (offs_k[None, :] // 32) * stride_sk,
-                         mask=w_mask, other=127).to(tl.int32)
+        q = load_tile(w_ptr, offs_n, offs_k, N, K, stride_wn, stride_wk, 0.0)
+        biased = load_group_scales(w_scale_ptr, offs_n, offs_k, N, K, stride_sn, stride_sk, 32, 127).to(tl.int32)
         # 2**(biased - 127) as two exact factors, so biased = 0 (2**-127) stays representable
         w = q.to(tl.float32) * pow2(tl.maximum(biased - 127, -126)) * tl.where(biased == 0, 0.5, 1.0)
         acc = mma(acc, x, tl.trans(w), DOT_DTYPE)
@@ -81,11 +76,8 @@ def mxfp8_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     require(weight.dtype == torch.float8_e4m3fn, f"MXFP8 weight must be float8_e4m3fn, got {weight.dtype}")
     require(weight_scale.shape == (n, k // MX_BLOCK) and weight_scale.dtype == torch.uint8 and k % MX_BLOCK == 0,
             f"weight_scale must be uint8 ({n}, {k // MX_BLOCK}), got {weight_scale.dtype} {tuple(weight_scale.shape)}")
-    x2d = activation_2d(x, k)
+    x2d, out, (bm, bn, bk) = gemm_setup(x, n, k, block_m, block_n, block_k, k_multiple=MX_BLOCK)
     m = x2d.shape[0]
-    bm, bn, bk = gemm_blocks(m, n, k, x.device, block_m, block_n, block_k)
-    require(bk % MX_BLOCK == 0, f"BLOCK_K must be a multiple of {MX_BLOCK}, got {bk}")
-    out = new_output(x2d, n)
     mxfp8_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         x2d, weight, weight_scale, bias, out,
         m, n, k,

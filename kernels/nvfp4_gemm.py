@@ -24,9 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import activation_2d, dot_dtype, gemm_blocks, new_output, require
+from .launch import dot_dtype, gemm_setup, require
 from .rounding import e2m1_decode, e2m1_index, e2m1_magnitude, fp8_e4m3_round
-from .tiles import load_x_tile, mma, store_out_tile
+from .tiles import load_tile, load_x_tile, mma, store_out_tile, tile_offsets
 
 NVFP4_BLOCK = 16
 
@@ -57,10 +57,7 @@ def nvfp4_gemm_kernel(
     QUANTIZE_X: tl.constexpr, HAS_PQS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = tile_offsets(BLOCK_M, BLOCK_N)
     offs_kp = tl.arange(0, BLOCK_K // 2)  # packed columns of one K step
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if QUANTIZE_X:
@@ -70,12 +67,10 @@ def nvfp4_gemm_kernel(
         x = load_x_tile(x_ptr, pqs_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk, HAS_PQS)
         # (BLOCK_N, BLOCK_K // 2) bytes -> (BLOCK_N, BLOCK_K) codes, low nibble first along K
         packed_cols = k0 // 2 + offs_kp
-        packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + packed_cols[None, :] * stride_wk,
-                         mask=(offs_n[:, None] < N) & (packed_cols[None, :] < K // 2), other=0).to(tl.int32)
+        packed = load_tile(w_ptr, offs_n, packed_cols, N, K // 2, stride_wn, stride_wk, 0).to(tl.int32)
         codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K))
         scale_cols = k0 // 16 + tl.arange(0, BLOCK_K // 16)
-        w_scale = tl.load(w_scale_ptr + offs_n[:, None] * stride_sn + scale_cols[None, :] * stride_sk,
-                          mask=(offs_n[:, None] < N) & (scale_cols[None, :] < K // 16), other=0.0).to(tl.float32)
+        w_scale = load_tile(w_scale_ptr, offs_n, scale_cols, N, K // 16, stride_sn, stride_sk, 0.0).to(tl.float32)
         w = tl.reshape(tl.reshape(e2m1_decode(codes), (BLOCK_N, BLOCK_K // 16, 16)) * w_scale[:, :, None],
                        (BLOCK_N, BLOCK_K))
         if QUANTIZE_X:
@@ -98,11 +93,8 @@ def nvfp4_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     require(weight_scale.shape == (n, k // NVFP4_BLOCK) and weight_scale.dtype == torch.float8_e4m3fn,
             f"weight_scale must be float8_e4m3fn ({n}, {k // NVFP4_BLOCK}), got {weight_scale.dtype} "
             f"{tuple(weight_scale.shape)}")
-    x2d = activation_2d(x, k)
+    x2d, out, (bm, bn, bk) = gemm_setup(x, n, k, block_m, block_n, block_k, k_multiple=NVFP4_BLOCK)
     m = x2d.shape[0]
-    bm, bn, bk = gemm_blocks(m, n, k, x.device, block_m, block_n, block_k)
-    require(bk % NVFP4_BLOCK == 0, f"BLOCK_K must be a multiple of {NVFP4_BLOCK}, got {bk}")
-    out = new_output(x2d, n)
     nvfp4_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         x2d, input_scale, pre_quant_scale, weight, weight_scale, weight_scale_2, bias, out,
         m, n, k,

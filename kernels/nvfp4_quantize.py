@@ -19,6 +19,7 @@ import triton.language as tl
 
 from .launch import require
 from .rounding import e2m1_index, fp8_e4m3_round
+from .tiles import load_tile
 
 NVFP4_BLOCK = 16
 
@@ -36,8 +37,7 @@ def nvfp4_quantize_kernel(
 ):
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (offs_r[:, None] < R) & (offs_c[None, :] < C)
-    x = tl.load(x_ptr + offs_r[:, None] * stride_xr + offs_c[None, :] * stride_xc, mask=mask, other=0.0)
+    x = load_tile(x_ptr, offs_r, offs_c, R, C, stride_xr, stride_xc, 0.0)
     blocks = tl.reshape(x.to(tl.float32), (BLOCK_R, BLOCK_C // 16, 16))
     global_scale = tl.load(global_scale_ptr)
     scale = tl.math.div_rn(tl.max(tl.abs(blocks), axis=2), 6.0 * global_scale)

@@ -15,8 +15,10 @@ import triton.language as tl
 
 # 1.5 * 2**23: adding and subtracting it rounds an fp32 |y| < 2**22 to an integer, ties to even,
 # using the FPU's own round-to-nearest-even (no libdevice.rint, which the interpreter lacks).
-RNE_MAGIC: tl.constexpr = 12582912.0
-FP8_E4M3_MAX: tl.constexpr = 448.0
+# Globals read by jit code must be tl.constexpr instances: the compiler rejects plain (even
+# `: tl.constexpr`-annotated) floats, which only the interpreter accepts.
+RNE_MAGIC = tl.constexpr(12582912.0)
+FP8_E4M3_MAX = tl.constexpr(448.0)
 
 
 @triton.jit

@@ -1,9 +1,12 @@
 """Triton device functions that load and store the tiles every GEMM kernel here shares.
 
-`load_x_tile` reads an activation tile and applies `pre_quant_scale` the way the reference
-does (the product is rounded to the activation dtype, as `x * pre_quant_scale` in torch is);
-`store_out_tile` adds the bias and writes the output rounded to its dtype (ties to even, also
-under the interpreter). Imports only triton.
+`tile_offsets` gives a program the rows and columns of its output tile; `load_tile` reads a
+masked 2-D tile as stored, `load_group_scales` the scale of each element of a weight tile (one
+per group of K), `load_scale` a per-row or per-tensor scale. `load_x_tile` reads an activation
+tile and applies `pre_quant_scale` the way the reference does (the product is rounded to the
+activation dtype, as `x * pre_quant_scale` in torch is); `store_out_tile` adds the bias and
+writes the output rounded to its dtype (ties to even, also under the interpreter). Imports only
+triton.
 """
 
 import triton
@@ -13,10 +16,43 @@ from .rounding import round_to_dtype
 
 
 @triton.jit
+def tile_offsets(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(offs_m, offs_n): the rows and columns of this program's output tile, grid (M tiles, N tiles)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n
+
+
+@triton.jit
+def load_tile(ptr, offs_r, offs_c, R, C, stride_r, stride_c, other: tl.constexpr):
+    """Tile [offs_r, offs_c] of an (R, C) matrix in its stored dtype; `other` outside (R, C)."""
+    mask = (offs_r[:, None] < R) & (offs_c[None, :] < C)
+    return tl.load(ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c, mask=mask, other=other)
+
+
+@triton.jit
+def load_group_scales(ptr, offs_n, offs_k, N, K, stride_n, stride_g, GROUP, other: tl.constexpr):
+    """scale[n, k // GROUP] for each element of the weight tile [offs_n, offs_k]; `other` outside (N, K)."""
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    return tl.load(ptr + offs_n[:, None] * stride_n + (offs_k[None, :] // GROUP) * stride_g, mask=mask, other=other)
+
+
+@triton.jit
+def load_scale(ptr, offs, size, PER_ROW: tl.constexpr):
+    """ptr[offs] (zero at offs >= size) if PER_ROW, else the single per-tensor scale ptr[0].
+
+    Pass offs_m[:, None] or offs_n[None, :]: the result then scales the accumulator's rows or columns.
+    """
+    if PER_ROW:
+        return tl.load(ptr + offs, mask=offs < size, other=0.0)
+    else:
+        return tl.load(ptr)
+
+
+@triton.jit
 def load_x_tile(x_ptr, pqs_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk, HAS_PQS: tl.constexpr):
     """(BLOCK_M, BLOCK_K) fp32 tile of x (* pre_quant_scale); zero outside (M, K)."""
-    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
+    x = load_tile(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk, 0.0)
     x = x.to(tl.float32)  # upcast at once: the interpreter's bf16 arithmetic is wrong
     if HAS_PQS:
         pqs = tl.load(pqs_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)

@@ -24,7 +24,7 @@ import triton.language as tl
 from .fp8_gemm import fp8_supported_by_dot
 from .launch import gemm_blocks, require
 from .rounding import fp8_e4m3_round, int4_decode
-from .tiles import store_out_tile
+from .tiles import load_group_scales, load_tile, store_out_tile, tile_offsets
 
 
 @triton.jit
@@ -39,24 +39,17 @@ def w4a8_gemm_kernel(
     HAS_BIAS: tl.constexpr, FP8_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_p = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    offs_m, offs_n = tile_offsets(BLOCK_M, BLOCK_N)
+    offs_p = tl.program_id(1) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)  # packed rows of this tile
     scale_2 = tl.load(scale_2_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        packed = tl.load(w_ptr + offs_p[:, None] * stride_wp + offs_k[None, :] * stride_wk,
-                         mask=(offs_p[:, None] < N // 2) & (offs_k[None, :] < K), other=0).to(tl.int32)
+        a = load_tile(a_ptr, offs_m, offs_k, M, K, stride_am, stride_ak, 0.0)
+        packed = load_tile(w_ptr, offs_p, offs_k, N // 2, K, stride_wp, stride_wk, 0).to(tl.int32)
         pairs = tl.join(packed & 0xF, packed >> 4)  # (BLOCK_N // 2, BLOCK_K, 2): even row, odd row
         q = int4_decode(tl.reshape(tl.permute(pairs, (0, 2, 1)), (BLOCK_N, BLOCK_K)))
-        w_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-        scale = tl.load(scale_ptr + offs_n[:, None] * stride_sn + (offs_k[None, :] // GROUP_SIZE) * stride_sg,
-                        mask=w_mask, other=0.0)
+        scale = load_group_scales(scale_ptr, offs_n, offs_k, N, K, stride_sn, stride_sg, GROUP_SIZE, 0.0)
         ratio = tl.math.div_rn(scale, scale_2).to(tl.float16).to(tl.float32)
         w = fp8_e4m3_round(q.to(tl.float32) * ratio).to(tl.float8e4nv)  # exact: already on the grid
         if FP8_DOT:
@@ -77,8 +70,7 @@ def w4a8_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weig
     require(weight.dtype == torch.uint8 and weight.shape[1] == k, f"INT4 weight must be uint8 (N/2, {k})")
     require(weight_scale.shape == (n, k // group_size) and k % group_size == 0,
             f"weight_scale {tuple(weight_scale.shape)} does not match N={n}, K={k}, group {group_size}")
-    bm, bn, bk = gemm_blocks(m, n, k, a.device, block_m, block_n, block_k)
-    require(bn % 2 == 0, f"BLOCK_N must be even to hold whole packed rows, got {bn}")
+    bm, bn, bk = gemm_blocks(m, n, k, a.device, block_m, block_n, block_k, n_multiple=2)  # whole packed rows
     out = torch.empty((m, n), device=a.device, dtype=out_dtype)
     w4a8_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         a, a_scale, weight, weight_scale, weight_scale_2, bias, out,
