@@ -1,12 +1,14 @@
 """calibrate(model, data, algorithm): calibrate a model whose weights are already quantized.
 
-- `max` (the default for a model quantized in memory or loaded from a quantized checkpoint) runs
-  the data through the model and sets every static `input_scale` from the observed maxima.
-- `smoothquant`, `awq_lite`, `awq_clip`, `awq_full`, `gptq` change the weights, so they need the
-  full-precision ones: possible for a model loaded compressed by `from_pretrained(src,
-  quantization_config=PTQConfig(...))`: the pipeline then reads `src`'s weights again, one decoder
-  block at a time (`sources.CheckpointWeights`). For a model loaded that way, `algorithm=None`
-  means the algorithm its PTQConfig asked for.
+- A model loaded compressed by `from_pretrained(src, quantization_config=PTQConfig(...))` is
+  calibrated as `quantize()` would have calibrated the full-precision model, with any algorithm:
+  the pipeline reads `src`'s weights again, one decoder block at a time
+  (`sources.CheckpointWeights`), so activations are observed on full-precision weights and
+  `smoothquant`, `awq_*` and `gptq` can change the weights. `algorithm=None` means the algorithm
+  its PTQConfig asked for.
+- Any other quantized model (quantized in memory, or loaded from a quantized checkpoint) has no
+  full-precision weights left: only `max` (the default), which runs the data through the model
+  and sets every static `input_scale` from the observed maxima.
 The KV cache's `k_scale`/`v_scale` are set in the same pass whenever the KV cache is quantized.
 """
 
@@ -44,7 +46,7 @@ def calibrate(model: nn.Module, data, algorithm: Optional[str] = None, tokenizer
     model.eval()
     try:
         with observe_kv_amax(model, token_mask) if kv_format else contextlib.nullcontext({}) as kv_amax:
-            if get_algorithm(algorithm).streamed:
+            if _rereads_source(model, algorithm, kv_format):
                 _requantize_from_source(model, algorithm, loop)
             else:
                 _calibrate_input_scales(model, loop, kv_format is not None)
@@ -80,6 +82,13 @@ def _resolve_algorithm(model: nn.Module, algorithm: Optional[str]) -> str:
                          "forward_loop) on the full-precision model, or load it with from_pretrained(src, "
                          "quantization_config=PTQConfig(...)), which can re-read src's weights")
     return algorithm
+
+
+def _rereads_source(model: nn.Module, algorithm: str, kv_format: Optional[KVFormat]) -> bool:
+    """Loaded compressed and something to calibrate: the source's weights give the scales quantize() would."""
+    if getattr(model, "ptq_source", None) is None:
+        return False
+    return get_algorithm(algorithm).streamed or kv_format is not None or model.ptq_config.format.needs_calibration_data
 
 
 def _requantize_from_source(model: nn.Module, algorithm: str, loop) -> None:

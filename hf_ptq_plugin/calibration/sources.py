@@ -30,6 +30,7 @@ class InMemoryWeights:
     """The model's own full-precision Linears and fused experts."""
 
     experts_upfront = True  # every fused-experts module is known (and observed) from the start
+    streams_blocks = False  # every full-precision weight is at hand: one pass serves data-free algorithms
 
     def targets(self, model: nn.Module, exclude_modules) -> Tuple[Dict[str, nn.Module], Dict[str, nn.Module]]:
         """({name: Linear}, {name: fused experts}) to quantize."""
@@ -73,6 +74,7 @@ class CheckpointWeights:
     algorithm: str  # the calibration algorithm the load asked for
     _locations: Dict[str, str] = field(default=None, repr=False)
     experts_upfront = False  # each block's experts are restored from the files when the block is reached
+    streams_blocks = True  # one block's full-precision weights at a time, whatever the algorithm
 
     def targets(self, model: nn.Module, exclude_modules=()) -> Tuple[Dict[str, nn.Module], Dict[str, nn.Module]]:
         """The model's QuantLinears (outside experts) and QuantExperts: what the load quantized."""

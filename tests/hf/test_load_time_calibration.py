@@ -2,19 +2,17 @@
 
 SmoothQuant, AWQ and GPTQ re-read each block's full-precision weights from the source checkpoint,
 so a model that never held its full-precision weights in memory gets the same tensors as
-quantize() on the full-precision model (AWQ, GPTQ: bit for bit).
+quantize() on the full-precision model, bit for bit: tests/calibration/test_weight_sources.py.
 """
 
 import logging
 import random
 
 import pytest
-import torch
 from conftest import WORDS, tiny_llama, tiny_moe, word_tokenizer
 from transformers import AutoModelForCausalLM
 
-from hf_ptq_plugin import PTQConfig, calibrate, quantize
-from hf_ptq_plugin.calibration.data import calibration_forward_loop
+from hf_ptq_plugin import PTQConfig, calibrate
 from hf_ptq_plugin.hf import quantize_on_load, quantizer
 
 CALIB = {"calib_size": 8, "calib_seq_len": 32, "calib_batch_size": 4}
@@ -34,25 +32,10 @@ def load(source, **config):
     return AutoModelForCausalLM.from_pretrained(source / "src", quantization_config=PTQConfig(**config))
 
 
-def quantized_in_memory(source, qformat, algorithm):
-    model = AutoModelForCausalLM.from_pretrained(source / "src")
-    loop = calibration_forward_loop(word_tokenizer(), str(source / "calib.txt"), CALIB["calib_size"],
-                                    CALIB["calib_seq_len"], CALIB["calib_batch_size"])
-    return quantize(model, PTQConfig(qformat=qformat, algorithm=algorithm), forward_loop=loop)
-
-
-def assert_same_tensors(a, b, prefix=""):
-    sd_a, sd_b = a.state_dict(), b.state_dict()
-    assert sd_a.keys() == sd_b.keys()
-    differing = [k for k in sd_a if k.startswith(prefix) and not torch.equal(sd_a[k], sd_b[k])]
-    assert not differing, differing
-
-
 @pytest.mark.parametrize("qformat,algorithm", [("int4_awq", "awq_lite"), ("int4_awq", "gptq"),
                                                ("w4a8_awq", "awq_full")])
-def test_calibrating_while_loading_equals_quantize_on_the_full_precision_model(source, qformat, algorithm, tmp_path):
+def test_calibrating_while_loading_records_the_algorithm_and_allows_the_save(source, qformat, algorithm, tmp_path):
     loaded = load(source, qformat=qformat, algorithm=algorithm, calib_dataset=str(source / "calib.txt"), **CALIB)
-    assert_same_tensors(loaded, quantized_in_memory(source, qformat, algorithm))
     assert loaded.ptq_config.algorithm == algorithm
     loaded.save_pretrained(tmp_path / "out")  # calibrated: the save is allowed
     assert '"algorithm": "' + algorithm in (tmp_path / "out" / "config.json").read_text()
@@ -76,15 +59,14 @@ def test_a_load_that_calibration_follows_quantizes_nothing_itself(model, source,
     events = log_quantization(monkeypatch)
     calibrated = load(source, qformat="int4_awq", calib_dataset=str(source / "calib.txt"), **CALIB)
     assert events[0] == "calibration"  # it reads every weight from the checkpoint: loading quantized none
-    assert_same_tensors(calibrated, quantized_in_memory(source, "int4_awq", "awq_lite"))
+    assert calibrated.ptq_config.algorithm == "awq_lite"
     events.clear()
     load(source, qformat="int4_awq")  # without data the load rounds to nearest itself
     assert events and set(events) == {"weight"}
 
 
-def test_smoothquant_while_loading_equals_quantize_on_the_full_precision_model(source):
+def test_smoothquant_while_loading_smooths_and_calibrates_the_layers(source):
     loaded = load(source, qformat="int8_sq", calib_dataset=str(source / "calib.txt"), **CALIB)
-    assert_same_tensors(loaded, quantized_in_memory(source, "int8_sq", "smoothquant"))
     q_proj = loaded.model.layers[1].self_attn.q_proj
     assert q_proj.pre_quant_scale is not None and q_proj.input_calibrated
     assert loaded.ptq_config.algorithm == "smoothquant"
@@ -94,8 +76,9 @@ def test_calibrate_later_applies_the_algorithm_the_load_asked_for(source, caplog
     with caplog.at_level(logging.WARNING):
         later = load(source, qformat="int4_awq", algorithm="gptq")
     assert "calibrate(model, data) can apply 'gptq' later" in caplog.text
+    assert later.ptq_config.algorithm == "max"  # rounded to nearest meanwhile
     calibrate(later, str(source / "calib.txt"), tokenizer=word_tokenizer(), calib_size=8, seq_len=32, batch_size=4)
-    assert_same_tensors(later, quantized_in_memory(source, "int4_awq", "gptq"))
+    assert later.ptq_config.algorithm == "gptq"  # its tensors are quantize()'s: test_weight_sources.py
 
 
 def test_static_scales_and_kv_cache_are_calibrated_while_loading(source, tmp_path):

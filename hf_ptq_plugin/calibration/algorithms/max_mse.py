@@ -2,17 +2,21 @@
 
 `mse` chooses each weight block's scale to minimise the weight's squared rounding error, which
 needs no data, so it also applies while `from_pretrained` quantizes each weight as it is read.
+Neither needs layer streaming, but a weight source that holds one block at a time (a checkpoint
+on disk) streams them: `plan_block` observes the block's full-precision inputs, which with
+`sequential=False` are exactly those of one pass over the full-precision model.
 """
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
+from torch import nn
 
 from ... import formats as F
 from ...modules.layer_plan import LayerPlan
 from ..clipping import mse_weight_scale
 from ..expert_smoothing import ExpertPlan
-from .base import Algorithm
+from .base import Algorithm, BlockContext, observe_group_inputs
 
 
 class Max(Algorithm):
@@ -20,6 +24,13 @@ class Max(Algorithm):
 
     def fits(self, fmt: F.Format) -> bool:
         return True
+
+    def plan_block(self, context: BlockContext, linears: Dict[str, nn.Linear]) -> Dict[str, LayerPlan]:
+        groups, stats = observe_group_inputs(context, linears)
+        return {name: LayerPlan(input_amax=stats[group[0]].amax,
+                                weight_scale=self.data_free_weight_scale(linears[name].weight, context.fmt,
+                                                                         context.group_size))
+                for group in groups for name in group}
 
 
 class MSE(Algorithm):
