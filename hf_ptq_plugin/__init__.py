@@ -9,6 +9,7 @@ LoRA layer for QuantLinear (LoRA fine-tuning of a quantized model).
 import transformers
 
 from .api import quantize
+from .auto_quantize import AutoQuantizeResult, apply_choice, auto_quantize
 from .calibration.calibrate import calibrate
 from .compat import transformers_tested_range, warn_if_untested
 from .config import PTQConfig
@@ -28,6 +29,6 @@ register_kv_attention_functions()
 register_hf_quantizer()
 register_with_peft()
 
-__all__ = ["FORMATS", "KV_FORMATS", "Format", "KVFormat", "PTQConfig", "PTQHfQuantizer", "QuantLinear",
-           "attach_quantizer", "calibrate", "export_checkpoint", "get_format", "get_kv_format", "push_to_hub",
-           "quantize", "__version__"]
+__all__ = ["FORMATS", "KV_FORMATS", "AutoQuantizeResult", "Format", "KVFormat", "PTQConfig", "PTQHfQuantizer",
+           "QuantLinear", "apply_choice", "attach_quantizer", "auto_quantize", "calibrate", "export_checkpoint",
+           "get_format", "get_kv_format", "push_to_hub", "quantize", "__version__"]

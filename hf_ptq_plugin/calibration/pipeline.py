@@ -37,9 +37,13 @@ from .streamed import streamed_calibration
 logger = logging.getLogger(__name__)
 
 
-def run(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callable] = None, source=None) -> nn.Module:
+def run(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callable] = None, source=None,
+        fold: bool = True) -> nn.Module:
     """Quantize `model` in place per `config`, reading full-precision weights from `source`
     (default: the model's own, `InMemoryWeights`), and return it.
+
+    `fold=False` leaves AWQ `pre_quant_scale`s on the layers instead of folding them into the norms,
+    for callers that put the original Linears back and fold once on the model they assemble.
 
     `forward_loop(model)` runs calibration data through the model; it is required when the format
     has static activation scales, when the KV cache is quantized, and for every algorithm that
@@ -64,8 +68,11 @@ def run(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callable] = 
     token_mask = getattr(forward_loop, "token_mask", None)
     with WeightGuard(model).watching() as guard:
         with _kv_observation(model, kv_format, token_mask) as kv_amax, moe.observing(token_mask):
-            if algorithm.streamed:
-                _streamed(model, linears, experts, moe, fmt, group_size, algorithm, forward_loop, source, config,
+            if algorithm.streamed or source.streams_blocks:
+                # A data-free algorithm streamed from disk runs each block on full-precision inputs
+                # (sequential=False), which is what its one pass over the whole model would see.
+                sequential = config.sequential and algorithm.streamed
+                _streamed(model, linears, experts, moe, fmt, group_size, algorithm, forward_loop, source, sequential,
                           guard)
             else:
                 # Weight-only max / mse reads no activation: a pass over the data would only cost time,
@@ -77,7 +84,8 @@ def run(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callable] = 
                 quantize_linears(model, fmt, group_size, linears, plans)
         guard.changing()
         moe.finish(group_size)
-        fold_pre_quant_scales(model)  # norm-fed AWQ scales into the norm now, so the model is what gets saved
+        if fold:
+            fold_pre_quant_scales(model)  # norm-fed AWQ scales into the norm now, so the model is what gets saved
     if kv_format is not None:
         enable_kv_quantization(model, kv_format, kv_amax)
     model.ptq_config = dataclasses.replace(config, group_size=group_size, algorithm=algorithm.name)
@@ -87,7 +95,7 @@ def run(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callable] = 
 
 
 def _streamed(model, linears, experts, moe, fmt, group_size, algorithm: Algorithm, forward_loop, source,
-              config, guard) -> None:
+              sequential: bool, guard) -> None:
     """Layer-streamed calibration: each block restored from `source`, planned, then quantized."""
     pending = {} if source.experts_upfront else dict(experts)
 
@@ -102,7 +110,7 @@ def _streamed(model, linears, experts, moe, fmt, group_size, algorithm: Algorith
         moe.quantize_observed(group_size)  # this block's experts, before they feed the next block
 
     streamed_calibration(model, linears, fmt, group_size, algorithm, forward_loop, prepare_block, quantize_block,
-                         sequential=config.sequential)
+                         sequential=sequential)
     if pending:
         raise ValueError(f"the experts {sorted(pending)[:3]} are in decoder blocks with no other quantized Linear; "
                          f"algorithm {algorithm.name!r} re-reads experts block by block with the block's Linears")

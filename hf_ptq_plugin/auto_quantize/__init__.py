@@ -1,0 +1,6 @@
+"""AutoQuantize: a format per layer group, chosen by measured sensitivity under an effective-bits budget."""
+
+from .result import AutoQuantizeResult, GroupCandidates
+from .search import apply_choice, auto_quantize
+
+__all__ = ["AutoQuantizeResult", "GroupCandidates", "apply_choice", "auto_quantize"]

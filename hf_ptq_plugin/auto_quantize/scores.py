@@ -1,0 +1,190 @@
+"""How much each candidate format would hurt each layer group, measured on scoring batches.
+
+- `gradient` (ModelOpt's default): the full-precision model runs forward and backward on the loss
+  (the LM loss with labels = input ids by default); at every searched Linear, with Y its output,
+  Y_c a candidate's output on the same input and g = dL/dY, the score adds sum((g * (Y_c - Y))^2),
+  a second-order estimate of the loss change. Only activation gradients flow: no parameter
+  requires grad, the embedding output does.
+- `kl_div`: for each group and candidate, with only that group quantized, the score adds
+  KL(p_full || p_quantized) of the next-token distributions over the real (unpadded) tokens.
+
+The scoring loop is any forward loop (`loop(model)`): scoring replaces the model's top-level
+forward while it runs, so each batch the loop passes is scored as the loop passes it. Candidates
+compute with the reference numerics (`reference_forward`): they dequantize per call, so no
+candidate keeps a CPU kernel's derived weight (a dense copy) beyond the layer it runs, and that is
+also faster than building such a form for the few calls scoring makes.
+"""
+
+import contextlib
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F_nn
+from torch import nn
+
+from ..modules.quant_linear import QuantLinear, reference_forward
+from .groups import LayerGroup
+
+Candidates = Dict[str, Dict[str, QuantLinear]]  # {qformat: {layer name: QuantLinear}}
+Scores = Dict[str, Dict[str, float]]  # {group name: {qformat: score}}
+
+
+def gradient_scores(model: nn.Module, groups: List[LayerGroup], candidates: Candidates, score_loop: Callable,
+                    loss_fn: Optional[Callable] = None) -> Scores:
+    """Sum over scoring tokens of (dL/dY * (Y_c - Y))^2 per group and candidate format."""
+    loss_fn = loss_fn or causal_lm_loss
+    scores = {group.name: dict.fromkeys(candidates, 0.0) for group in groups}
+    group_of = {member: group.name for group in groups for member in group.members}
+
+    def observe(name: str):
+        def hook(module, args, output):
+            if output.requires_grad:
+                x, y = args[0].detach(), output.detach()
+                output.register_hook(lambda g: _add_gradient_scores(scores[group_of[name]], candidates, name, x, y, g))
+        return hook
+
+    def forward_backward(forward, args, kwargs):
+        with torch.enable_grad():
+            outputs = forward(*args, **kwargs)
+            loss = loss_fn(outputs, _batch(args, kwargs))
+        loss.backward()
+        return outputs
+
+    linears = {m: model.get_submodule(m) for m in group_of}
+    with _frozen_parameters(model), _embedding_output_requires_grad(model), _hooks(linears, observe), \
+            _reference_candidates(candidates), _scoring_forward(model, forward_backward):
+        score_loop(model)
+    return scores
+
+
+@torch.no_grad()
+def _add_gradient_scores(group_scores: Dict[str, float], candidates: Candidates, name: str, x: torch.Tensor,
+                         y: torch.Tensor, g: torch.Tensor) -> None:
+    g = g.float()
+    for qformat, layers in candidates.items():
+        y_c = layers[name](x)
+        group_scores[qformat] += (g * (y_c.float() - y.float())).square().sum().item()
+
+
+def kl_div_scores(model: nn.Module, groups: List[LayerGroup], candidates: Candidates,
+                  score_loop: Callable) -> Scores:
+    """Sum over real tokens of KL(p_full || p_quantized) per group and candidate, one group quantized at a time."""
+    scores = {group.name: dict.fromkeys(candidates, 0.0) for group in groups}
+
+    @torch.no_grad()
+    def forward_with_kl(forward, args, kwargs):
+        reference = forward(*args, **kwargs)
+        log_p = F_nn.log_softmax(_logits(reference).float(), dim=-1)  # (B, S, V)
+        p = log_p.exp()
+        real = _real_tokens(_batch(args, kwargs), log_p.shape[:-1], log_p.device)
+        for group in groups:
+            for qformat, layers in candidates.items():
+                with _swapped(model, {m: layers[m] for m in group.members}):
+                    log_q = F_nn.log_softmax(_logits(forward(*args, **kwargs)).float(), dim=-1)
+                kl = (p * (log_p - log_q)).sum(-1)  # (B, S)
+                scores[group.name][qformat] += kl[real].sum().item()
+        return reference
+
+    with _reference_candidates(candidates), _scoring_forward(model, forward_with_kl):
+        score_loop(model)
+    return scores
+
+
+def causal_lm_loss(outputs, batch: dict) -> torch.Tensor:
+    """Mean next-token cross-entropy with labels = input ids, padding (attention_mask 0) left out."""
+    logits = _logits(outputs)[:, :-1].float()  # (B, S-1, V)
+    labels = batch["input_ids"].to(logits.device).clone()
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        labels[mask.to(labels.device) == 0] = -100
+    return F_nn.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def _logits(outputs) -> torch.Tensor:
+    return outputs.logits if hasattr(outputs, "logits") else outputs[0]
+
+
+def _batch(args: tuple, kwargs: dict) -> dict:
+    """The model's inputs as a dict, `input_ids` included when the loop passed them positionally."""
+    batch = dict(kwargs)
+    if args and "input_ids" not in batch:
+        batch["input_ids"] = args[0]
+    return batch
+
+
+def _real_tokens(batch: dict, shape: torch.Size, device) -> torch.Tensor:
+    mask = batch.get("attention_mask")
+    if mask is None or tuple(mask.shape) != tuple(shape):
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    return mask.to(device).bool()
+
+
+@contextlib.contextmanager
+def _swapped(model: nn.Module, layers: Dict[str, nn.Module]):
+    """Inside the block the model holds `layers` in place of its own modules of those names."""
+    originals = {name: model.get_submodule(name) for name in layers}
+    try:
+        for name, module in layers.items():
+            model.set_submodule(name, module)
+        yield
+    finally:
+        for name, module in originals.items():
+            model.set_submodule(name, module)
+
+
+@contextlib.contextmanager
+def _scoring_forward(model: nn.Module, scoring: Callable):
+    """Inside the block, `model(...)` runs `scoring(original_forward, args, kwargs)` instead."""
+    previous = model.__dict__.get("forward")
+    original = model.forward
+    model.forward = lambda *args, **kwargs: scoring(original, args, kwargs)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del model.forward
+        else:
+            model.forward = previous
+
+
+def _reference_candidates(candidates: Candidates):
+    """Inside the block every candidate runs the reference numerics."""
+    return reference_forward(nn.ModuleList([m for layers in candidates.values() for m in layers.values()]))
+
+
+@contextlib.contextmanager
+def _frozen_parameters(model: nn.Module):
+    """No parameter requires grad inside the block (no weight gradient is ever computed or stored)."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in saved:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, requires_grad in saved:
+            p.requires_grad_(requires_grad)
+
+
+@contextlib.contextmanager
+def _embedding_output_requires_grad(model: nn.Module):
+    """The input embeddings' output requires grad, so activation gradients reach every layer."""
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if get_embeddings is not None else None
+    if embeddings is None:
+        raise ValueError(f"method='gradient' needs the model's input embeddings (get_input_embeddings()); "
+                         f"{type(model).__name__} has none: use method='kl_div'")
+    handle = embeddings.register_forward_hook(lambda module, args, output: output.detach().requires_grad_(True))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _hooks(modules: Dict[str, nn.Module], make_hook: Callable):
+    handles = [module.register_forward_hook(make_hook(name)) for name, module in modules.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
