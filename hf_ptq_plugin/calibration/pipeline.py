@@ -63,7 +63,7 @@ def run(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callable] = 
     _check_algorithm_and_loop(config, algorithm, forward_loop)
     if kv_format is not None:
         check_kv_support(model, kv_format)
-    moe = ExpertQuantization(model, experts if source.experts_upfront else {}, fmt, algorithm,
+    moe = ExpertQuantization(model, {} if source.streams_blocks else experts, fmt, algorithm,
                              source.expert_names(model, experts))
     token_mask = getattr(forward_loop, "token_mask", None)
     with WeightGuard(model).watching() as guard:
@@ -97,7 +97,7 @@ def run(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callable] = 
 def _streamed(model, linears, experts, moe, fmt, group_size, algorithm: Algorithm, forward_loop, source,
               sequential: bool, guard) -> None:
     """Layer-streamed calibration: each block restored from `source`, planned, then quantized."""
-    pending = {} if source.experts_upfront else dict(experts)
+    pending = dict(experts) if source.streams_blocks else {}
 
     def prepare_block(prefix: str, block_linears: dict) -> dict:
         guard.changing()  # from here on the block's weights are rescaled, restored or swapped

@@ -29,8 +29,9 @@ from .shapes import check_layer_shapes, resolve_group_size
 class InMemoryWeights:
     """The model's own full-precision Linears and fused experts."""
 
-    experts_upfront = True  # every fused-experts module is known (and observed) from the start
-    streams_blocks = False  # every full-precision weight is at hand: one pass serves data-free algorithms
+    # Every full-precision weight is at hand: one pass serves data-free algorithms, and every
+    # fused-experts module is known (and observed) from the start.
+    streams_blocks = False
 
     def targets(self, model: nn.Module, exclude_modules) -> Tuple[Dict[str, nn.Module], Dict[str, nn.Module]]:
         """({name: Linear}, {name: fused experts}) to quantize."""
@@ -73,8 +74,9 @@ class CheckpointWeights:
     files: List[str]
     algorithm: str  # the calibration algorithm the load asked for
     _locations: Dict[str, str] = field(default=None, repr=False)
-    experts_upfront = False  # each block's experts are restored from the files when the block is reached
-    streams_blocks = True  # one block's full-precision weights at a time, whatever the algorithm
+    # One block's full-precision weights at a time, whatever the algorithm; each block's experts
+    # are restored from the files when the block is reached.
+    streams_blocks = True
 
     def targets(self, model: nn.Module, exclude_modules=()) -> Tuple[Dict[str, nn.Module], Dict[str, nn.Module]]:
         """The model's QuantLinears (outside experts) and QuantExperts: what the load quantized."""
