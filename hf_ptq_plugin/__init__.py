@@ -9,7 +9,7 @@ LoRA layer for QuantLinear (LoRA fine-tuning of a quantized model).
 import transformers
 
 from .api import quantize
-from .auto_quantize import AutoQuantizeResult, apply_choice, auto_quantize
+from .autoquant import AutoQuantizeResult, apply_choice, auto_quantize
 from .calibration.calibrate import calibrate
 from .compat import transformers_tested_range, warn_if_untested
 from .config import PTQConfig

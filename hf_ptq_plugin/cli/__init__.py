@@ -57,7 +57,8 @@ def _add_quantize(subparsers) -> None:
     parser = subparsers.add_parser("quantize", help="quantize a model, optionally evaluate, export and push it",
                                    formatter_class=_HelpFormatter)
     _model_arguments(parser, "the full-precision model")
-    parser.add_argument("--qformat", default="fp8", help=f"weight/activation format: {', '.join(FORMATS)}")
+    parser.add_argument("--qformat", default="fp8", help=f"weight/activation format: {', '.join(FORMATS)}; several, "
+                                                         "comma-separated, with --auto_quantize_bits")
     parser.add_argument("--kv_cache_qformat", default="none", help=f"KV-cache format: {', '.join(KV_FORMAT_NAMES)}")
     parser.add_argument("--algorithm", help=f"calibration algorithm: {', '.join(ALGORITHMS)} (default: the "
                                             "format's own)")
@@ -76,6 +77,7 @@ def _add_quantize(subparsers) -> None:
     calib.add_argument("--no_sequential", dest="sequential", action="store_false",
                        help="SmoothQuant/AWQ/GPTQ: feed each block full-precision outputs (one pass per block, "
                             "about half the time) instead of the quantized blocks' outputs")
+    _auto_quantize_arguments(parser)
     parser.add_argument("--low_memory_mode", action="store_true",
                         help="quantize while loading (from_pretrained with a PTQConfig), then calibrate")
     evaluation = parser.add_argument_group("evaluation (perplexity before and after, reported in the model card)")
@@ -87,6 +89,21 @@ def _add_quantize(subparsers) -> None:
     output.add_argument("--push_to_hub", metavar="REPO_ID", help="push the unified checkpoint to this Hub repo")
     _hub_arguments(output)
     _card_arguments(output)
+
+
+def _auto_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    auto = parser.add_argument_group("AutoQuantize (a format per layer group among the --qformat list, and full "
+                                     "precision, under an effective-bits budget; needs --dataset)")
+    auto.add_argument("--auto_quantize_bits", type=float, help="effective bits per searched weight (nvfp4 = 4.5, "
+                                                               "int4 = 4, fp8/int8 = 8, unquantized = 16)")
+    auto.add_argument("--auto_quantize_method", default="gradient", help="sensitivity score: gradient or kl_div")
+    auto.add_argument("--auto_quantize_score_size", type=int, default=128,
+                      help="calibration samples that score the candidates (the first ones)")
+    auto.add_argument("--auto_quantize_frontier", metavar="BITS",
+                      help="comma-separated budgets: also measure the perplexity of each budget's choice (needs "
+                           "--eval_text) and write the frontier as --frontier_path .csv and .png")
+    auto.add_argument("--frontier_path", default="autoquantize_frontier",
+                      help="file stem of the frontier: writes STEM.csv and STEM.png")
 
 
 def _add_eval(subparsers) -> None:

@@ -18,10 +18,11 @@ from ..calibration.record import describe_source
 from ..calibration.text import first_windows, read_text, tokenize
 from ..config import PTQConfig
 from ..evaluation import perplexity
-from ..export import export_checkpoint, export_target_dialect
+from ..export import export_checkpoint, export_target_dialect, formats_dialect
 from ..export.hub import push_to_hub
 from ..export.model_card import EvaluationRecord, card_facts
 from ..hf.upgrade import needs_upgrade, upgrade_checkpoint, upgrade_message
+from .autoquant import auto_quantize_rows, auto_quantized, check_auto_arguments, parse_qformats
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEFAULT_BATCH_SIZE = 4
@@ -53,9 +54,9 @@ def eval_windows(tokenizer, seq_len: int, windows: int, text: Optional[str] = No
     return first_windows(tokenize(tokenizer, content), seq_len, windows), describe_source(text or dataset)
 
 
-def _ptq_config(args) -> PTQConfig:
+def _ptq_config(args, qformat: str) -> PTQConfig:
     exclude = [name.strip() for name in args.exclude_modules.split(",") if name.strip()]
-    return PTQConfig(qformat=args.qformat, kv_cache_qformat=args.kv_cache_qformat, algorithm=args.algorithm,
+    return PTQConfig(qformat=qformat, kv_cache_qformat=args.kv_cache_qformat, algorithm=args.algorithm,
                      group_size=args.group_size, exclude_modules=exclude, calib_dataset=args.calib_dataset,
                      calib_size=args.calib_size, calib_seq_len=args.calib_seq_len,
                      calib_batch_size=args.calib_batch_size or DEFAULT_BATCH_SIZE, sequential=args.sequential)
@@ -63,19 +64,28 @@ def _ptq_config(args) -> PTQConfig:
 
 def run_quantize(args) -> None:
     start = time.perf_counter()
-    config = _ptq_config(args)
-    if config.needs_calibration_data and config.calib_dataset is None:
+    qformats = parse_qformats(args.qformat)
+    searched = args.auto_quantize_bits is not None
+    if len(qformats) > 1 and not searched:
+        raise ValueError(f"--qformat {args.qformat!r} names several formats: pass --auto_quantize_bits N to choose "
+                         "among them per layer group, or give one format")
+    config = _ptq_config(args, [q for q in qformats if q != "none"][0])
+    if searched:
+        check_auto_arguments(args, config, qformats)
+    elif config.needs_calibration_data and config.calib_dataset is None:
         raise ValueError(f"qformat {config.qformat!r} with algorithm {config.resolved_algorithm!r} and "
                          f"kv_cache_qformat {config.kv_cache_qformat!r} needs calibration data: "
                          "pass --dataset FILE (.txt, .json, "
                          ".jsonl, .parquet or a folder of them)")
-    dialect = export_target_dialect(args.export_target, config.qformat, config.kv_cache_qformat)  # fail before work
+    # fail before work: a search may pick any of its formats
+    dialect = formats_dialect(args.export_target, [config.qformat] if not searched else
+                              [q for q in qformats if q != "none"], config.kv_cache_qformat)
     # A local source's tokenizer files come along with the export; a Hub source's are saved from the tokenizer.
     needs_tokenizer = config.calib_dataset or args.eval_text or not Path(args.model).is_dir()
     tokenizer = load_tokenizer(args.model, args) if needs_tokenizer else None
     windows, eval_data = (eval_windows(tokenizer, args.eval_seq_len, args.eval_windows, text=args.eval_text)
                           if args.eval_text else (None, None))
-    model, before = _quantized_model(args, config, tokenizer, windows)
+    model, before, result = _quantized_model(args, config, qformats, tokenizer, windows)
     evaluation = None
     if windows is not None:
         after = perplexity(model, windows, config.calib_batch_size, progress="perplexity after")
@@ -84,21 +94,26 @@ def run_quantize(args) -> None:
         export_checkpoint(model, args.export_path, target=args.export_target, tokenizer=tokenizer,
                           base_model=args.base_model, evaluation=evaluation)
     commit = _push(model, args.push_to_hub, tokenizer, args, evaluation) if args.push_to_hub else None
-    print_summary(_quantize_summary(model, args, evaluation, dialect, commit, time.perf_counter() - start))
+    rows = _quantize_summary(model, args, evaluation, dialect, commit, time.perf_counter() - start)
+    print_summary(rows[:-1] + (auto_quantize_rows(args, result) if result is not None else []) + rows[-1:])
 
 
-def _quantized_model(args, config: PTQConfig, tokenizer, windows):
-    """(quantized model, perplexity before or None); low-memory mode never holds the full-precision model."""
+def _quantized_model(args, config: PTQConfig, qformats: List[str], tokenizer, windows):
+    """(quantized model, perplexity before or None, AutoQuantize result or None); low-memory mode never
+    holds the full-precision model."""
     if args.low_memory_mode:  # quantized while loading, then calibrated from the checkpoint's weights
-        return load_model(args.model, args, config), None
+        return load_model(args.model, args, config), None, None
     model = load_model(args.model, args)
     before = None if windows is None else perplexity(model, windows, config.calib_batch_size,
                                                       progress="perplexity before")
+    if args.auto_quantize_bits is not None:
+        model, result = auto_quantized(model, args, config, qformats, tokenizer, windows)
+        return model, before, result
     loop = None
     if config.calib_dataset is not None:
         loop = calibration_forward_loop(tokenizer, config.calib_dataset, config.calib_size, config.calib_seq_len,
                                         config.calib_batch_size)
-    return quantize(model, config, loop), before
+    return quantize(model, config, loop), before, None
 
 
 def _push(model, repo_id: str, tokenizer, args, evaluation=None):
@@ -111,7 +126,7 @@ def _quantize_summary(model, args, evaluation, dialect: str, commit, seconds: fl
     facts = card_facts(model, args.base_model, evaluation)
     record = facts.calibration
     rows = [("model", args.model),
-            ("format", f"{facts.qformat} ({facts.quant_algo}), group size {facts.group_size or '-'}"),
+            ("format", f"{', '.join(facts.qformats)} ({facts.quant_algo}), group size {facts.group_size or '-'}"),
             ("algorithm", facts.algorithm or "not recorded"), ("KV cache", facts.kv_cache_qformat),
             ("layers quantized", str(facts.layers)),
             ("bytes before", f"{facts.bytes_before:,} ({facts.bytes_before / 1e6:.2f} MB)"),

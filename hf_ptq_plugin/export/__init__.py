@@ -65,10 +65,29 @@ def export_checkpoint(model: nn.Module, export_dir, target: str = "modelopt", tp
 
 
 def _dialect(target: str, config) -> str:
-    """The dialect for every format the model holds; per-layer formats need the unified checkpoint."""
-    qformats = sorted(set((config.layer_qformats or {}).values()) or {config.qformat})
-    dialects = {q: export_target_dialect(target, q, config.kv_cache_qformat) for q in qformats}
-    if len(qformats) > 1 and set(dialects.values()) != {"modelopt"}:
-        raise ValueError(f"a model with per-layer formats {qformats} exports as one MIXED_PRECISION unified "
-                         f"checkpoint; target {target!r} takes {dialects} instead")
-    return dialects[qformats[0]]
+    return formats_dialect(target, sorted(set((config.layer_qformats or {}).values()) or {config.qformat}),
+                           config.kv_cache_qformat)
+
+
+def formats_dialect(target: str, qformats, kv_cache_qformat: str = "none") -> str:
+    """The dialect for a model holding every format of `qformats`. Several (per-layer formats) go into
+    one MIXED_PRECISION checkpoint: unified, or legacy TensorRT-LLM; an engine target needs an engine
+    that takes each of them as a mixed layer (`engines.MIXED_PRECISION_LAYERS`), else ValueError."""
+    from .engines import ENGINES, MIXED_PRECISION_LAYERS, TRTLLM_LEGACY, mixed_dialect_for
+
+    qformats = list(qformats)
+    if len(qformats) == 1:
+        return export_target_dialect(target, qformats[0], kv_cache_qformat)
+    for qformat in qformats:
+        export_target_dialect("modelopt", qformat, kv_cache_qformat)  # unknown names: the valid choices
+    if target in ("modelopt", "trtllm-legacy"):
+        return export_target_dialect(target, qformats[0], kv_cache_qformat)
+    if target not in ENGINES:
+        raise ValueError(f"unknown export target {target!r}; valid: {', '.join(EXPORT_TARGETS)}")
+    dialect = mixed_dialect_for(target, qformats, kv_cache_qformat)
+    if dialect is None:
+        raise ValueError(f"export target {target!r} cannot serve per-layer formats {qformats} with kv_cache_qformat "
+                         f"{kv_cache_qformat!r} (one MIXED_PRECISION checkpoint); its mixed layers may be "
+                         f"{', '.join(MIXED_PRECISION_LAYERS[target])}; target 'modelopt' writes the checkpoint "
+                         f"anyway, '{TRTLLM_LEGACY}' the legacy TensorRT-LLM one")
+    return dialect

@@ -6,7 +6,7 @@ which checkpoint layout, and the command that serves it).
 """
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 ENGINE_NAMES = {"trtllm": "TensorRT-LLM", "vllm": "vLLM", "sglang": "SGLang"}
 DIALECT_NAMES = {"modelopt": "ModelOpt unified (`quant_method: modelopt`)", "compressed-tensors": "compressed-tensors",
@@ -22,8 +22,26 @@ def summary(facts, dialect: str) -> str:
     else:
         source = f"`{base}`"
     layout = DIALECT_NAMES.get(dialect, dialect)
-    return (f"{source}, post-training quantized to `{facts.qformat}` with hf-ptq-plugin; checkpoint layout: "
-            f"{layout}.")
+    target = (f"`{facts.qformat}`" if len(facts.qformats) == 1 else
+              f"a format per layer group ({qformats(facts.qformats)}, chosen by AutoQuantize)")
+    return f"{source}, post-training quantized to {target} with hf-ptq-plugin; checkpoint layout: {layout}."
+
+
+def qformats(names: List[str]) -> str:
+    return ", ".join(f"`{name}`" for name in names)
+
+
+def layer_formats(table: Dict[str, Dict[str, int]], effective_bits: Optional[float]) -> str:
+    """Per-layer formats: layers of each type per format, and the effective bits ("" for one format)."""
+    if not table:
+        return ""
+    columns = sorted({q for counts in table.values() for q in counts}, key=lambda q: (q == "none", q))
+    lines = [f"Per-layer formats ({effective_bits:.3f} effective bits per weight of these layers; full precision "
+             "counts 16):", "", "| layer | " + " | ".join(f"`{q}`" for q in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    lines += [f"| `{kind}` | " + " | ".join(str(counts.get(q, 0)) for q in columns) + " |"
+              for kind, counts in table.items()]
+    return "\n".join(lines)
 
 
 def _is_hub_id(name: str) -> bool:
@@ -96,11 +114,13 @@ def transformers_usage(model_id: str, dialect: str) -> str:
             "quantization method and loads the quantized tensors as if they were plain weights.")
 
 
-def serving(qformat: str, kv_cache_qformat: str, model_id: str, dialect: str) -> str:
+def serving(qformats: List[str], kv_cache_qformat: str, model_id: str, dialect: str) -> str:
     """One subsection per engine: how to serve this checkpoint, or what it needs first, or that it cannot."""
-    from .engines import ENGINES, engines_serving, serve_command
+    from .engines import ENGINES, engines_serving_formats, serve_command
 
-    accepted = engines_serving(qformat, kv_cache_qformat)
+    accepted = engines_serving_formats(qformats, kv_cache_qformat)
+    # Per-layer formats: the engines detect the method from config.json (vLLM: modelopt_mixed).
+    qformat = qformats[0] if len(qformats) == 1 else None
     parts = []
     for engine in ENGINES:
         name, engine_dialect = ENGINE_NAMES.get(engine, engine), accepted.get(engine)
@@ -113,7 +133,8 @@ def _engine_text(engine: str, engine_dialect: Optional[str], qformat: str, kv: s
                  serve_command) -> str:
     if engine_dialect is None:
         kv_note = f" with a `{kv}` KV cache" if kv != "none" else ""
-        return f"Does not accept `{qformat}`{kv_note}."
+        what = f"`{qformat}`" if qformat else "these per-layer formats in one checkpoint"
+        return f"Does not accept {what}{kv_note}."
     if engine_dialect == dialect:
         return f"```bash\n{serve_command(engine, model_id, qformat)}\n```"
     layout = DIALECT_NAMES.get(engine_dialect, engine_dialect)

@@ -84,6 +84,18 @@ KV_CACHE = {
     },
 }
 
+# The formats an engine takes as the layers of one MIXED_PRECISION unified checkpoint (AutoQuantize).
+# vLLM: model_executor/layers/quantization/modelopt.py, ModelOptMixedPrecisionConfig.get_quant_method maps
+# a layer's quant_algo FP8, NVFP4, W4A16_NVFP4 or MXFP8 to its sub-config and gives any other layer
+# UnquantizedLinearMethod (its packed weights would be misread). SGLang modelopt_quant.py: FP8 and NVFP4
+# layers (§7.2). TensorRT-LLM builds each listed layer with its own QuantConfig (§7.3): every format it
+# serves in the unified checkpoint.
+MIXED_PRECISION_LAYERS = {
+    "trtllm": tuple(q for q, dialect in SERVING["trtllm"].items() if dialect == MODELOPT),
+    "vllm": ("fp8", "nvfp4", "w4a16_nvfp4", "mxfp8"),
+    "sglang": ("fp8", "nvfp4"),
+}
+
 # Conditions a table cell cannot show, per (engine, qformat); the exporter enforces the first kind.
 _NO_PQS = "only when no pre_quant_scale remains after folding AWQ scales into norms (export checks)"
 _NO_SQ_PQS = "only without pre_quant_scale: SmoothQuant scales are not folded (calibrate with `max`)"
@@ -128,6 +140,25 @@ def dialect_for(engine: str, qformat: str, kv_cache_qformat: str = "none") -> Op
 def engines_serving(qformat: str, kv_cache_qformat: str = "none") -> Dict[str, str]:
     """{engine: dialect} of the engines that serve `qformat` with `kv_cache_qformat`."""
     found = {engine: dialect_for(engine, qformat, kv_cache_qformat) for engine in ENGINES}
+    return {engine: dialect for engine, dialect in found.items() if dialect is not None}
+
+
+def mixed_dialect_for(engine: str, qformats, kv_cache_qformat: str = "none") -> Optional[str]:
+    """MODELOPT if `engine` serves a MIXED_PRECISION checkpoint of these per-layer formats, else None."""
+    _check_engine(engine)
+    for qformat in qformats:
+        get_format(qformat)
+    get_kv_format(kv_cache_qformat)
+    if all(q in MIXED_PRECISION_LAYERS[engine] for q in qformats) and kv_cache_qformat in KV_CACHE[engine][MODELOPT]:
+        return MODELOPT
+    return None
+
+
+def engines_serving_formats(qformats, kv_cache_qformat: str = "none") -> Dict[str, str]:
+    """{engine: dialect} of the engines serving a model of these formats (per layer when several)."""
+    if len(qformats) == 1:
+        return engines_serving(qformats[0], kv_cache_qformat)
+    found = {engine: mixed_dialect_for(engine, qformats, kv_cache_qformat) for engine in ENGINES}
     return {engine: dialect for engine, dialect in found.items() if dialect is not None}
 
 
@@ -189,6 +220,8 @@ def markdown_table() -> str:
             mark = _mark(notes, FOOTNOTES.get((engine, qformat)))
             cells.append("-" if dialect is None else f"{dialect}{mark}")
         lines.append(f"| `{qformat}` | " + " | ".join(cells) + " |")
+    mixed = ["/".join(f"`{q}`" for q in MIXED_PRECISION_LAYERS[engine]) for engine in ENGINES]
+    lines.append("| per-layer formats (MIXED_PRECISION, modelopt) | " + " | ".join(mixed) + " |")
     kv = [", ".join(f"{d}: {'/'.join(k)}{_mark(notes, KV_FOOTNOTES.get((engine, d)))}"
                     for d, k in KV_CACHE[engine].items()) for engine in ENGINES]
     lines.append("| KV cache | " + " | ".join(kv) + " |")

@@ -15,15 +15,17 @@ import logging
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 
+from ..calibration.selection import DEFAULT_EXCLUDE_PATTERNS, is_excluded
 from ..evaluation import model_bytes
 from ..modules.quant_linear import QuantLinear
 from . import card_sections as sections
 from .exclude import summarize_exclude_modules
+from .quant_config import MIXED_PRECISION
 from .save import ptq_config_of
 
 logger = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ class CardFacts:
     qformat: str
     quant_algo: str
     algorithm: Optional[str]  # None: not recorded
-    group_size: Optional[int]
+    group_size: Optional[str]  # "128"; per-layer formats: "int4_awq 128, nvfp4 16"; None: no groups
     kv_cache_qformat: str
     layers: int
     excluded: List[str]
@@ -62,6 +64,9 @@ class CardFacts:
     base_model: Optional[str]
     license: dict  # {"license": ..., maybe "license_name", "license_link"}; {} = unknown
     pipeline_tag: Optional[str]
+    qformats: List[str]  # every format the layers hold (several: per-layer formats, MIXED_PRECISION)
+    layer_formats: Dict[str, Dict[str, int]]  # per-layer formats only: {layer type: {qformat: count}}
+    effective_bits: Optional[float]  # per-layer formats only: nominal bits per weight of the searchable layers
 
 
 def unquantized_bytes(model: nn.Module) -> int:
@@ -106,10 +111,13 @@ def card_facts(model: nn.Module, base_model: Optional[str] = None,
     if evaluation is None and ours and not hasattr(model, "calibration_record"):
         # Loaded from our checkpoint and not recalibrated since: the evaluation recorded there still holds.
         evaluation = _evaluation_from(inherited.get("evaluation"))
+    qformats = sorted(set((config.layer_qformats or {}).values())) or [config.qformat]
+    layer_formats, effective_bits = per_layer_formats(model, config) if len(qformats) > 1 else ({}, None)
     return CardFacts(
         # A ModelOpt-made checkpoint does not say which algorithm calibrated it: None, never the format's default.
-        qformat=config.qformat, quant_algo=config.format.quant_algo, algorithm=config.algorithm,
-        group_size=next(iter(layers.values())).group_size if layers else config.group_size,
+        qformat=config.qformat, quant_algo=MIXED_PRECISION if len(qformats) > 1 else config.format.quant_algo,
+        algorithm=config.algorithm,
+        group_size=_group_sizes(layers, config),
         kv_cache_qformat=config.kv_cache_qformat, layers=len(layers),
         excluded=summarize_exclude_modules(unquantized, layers), bytes_before=unquantized_bytes(model),
         bytes_after=model_bytes(model), calibration=None if calibration is _UNKNOWN else calibration,
@@ -117,7 +125,39 @@ def card_facts(model: nn.Module, base_model: Optional[str] = None,
         # Reloaded from our checkpoint: its source is the one that card names (if any), never itself.
         base_model=base_model or (source.get("base_model") if ours else _name_or_path(model)),
         license={k: source[k] for k in _INHERITED_LICENSE_KEYS if source.get(k)},
-        pipeline_tag="text-generation" if _is_causal_lm(model) else None)
+        pipeline_tag="text-generation" if _is_causal_lm(model) else None,
+        qformats=qformats, layer_formats=layer_formats, effective_bits=effective_bits)
+
+
+def _group_sizes(layers: Dict[str, QuantLinear], config) -> Optional[str]:
+    if not layers:
+        return None if config.group_size is None else str(config.group_size)
+    sizes = {m.fmt.name: m.group_size for m in layers.values() if m.group_size}
+    if len({m.fmt.name for m in layers.values()}) == 1:
+        return next((str(size) for size in sizes.values()), None)
+    return ", ".join(f"{q} {size}" for q, size in sorted(sizes.items())) or None
+
+
+def per_layer_formats(model: nn.Module, config) -> Tuple[Dict[str, Dict[str, int]], float]:
+    """({layer type: {qformat or "none": count}}, nominal bits per weight) over the Linears a search
+    could quantize (not the default exclusions such as lm_head, nor `exclude_modules`). A layer type
+    is the name past its last number, e.g. "self_attn.q_proj"."""
+    from ..autoquant.solver import UNQUANTIZED, nominal_bits
+
+    patterns = tuple(DEFAULT_EXCLUDE_PATTERNS) + tuple(config.exclude_modules or ())
+    table, bits, elements = {}, 0.0, 0
+    for name, module in model.named_modules():
+        if not isinstance(module, (QuantLinear, nn.Linear)) or is_excluded(name, patterns):
+            continue
+        qformat = module.fmt.name if isinstance(module, QuantLinear) else UNQUANTIZED
+        parts = name.split(".")
+        numbers = [i for i, part in enumerate(parts) if part.isdigit()]
+        kind = ".".join(parts[numbers[-1] + 1:]) if numbers else name
+        counts = table.setdefault(kind, {})
+        counts[qformat] = counts.get(qformat, 0) + 1
+        size = module.in_features * module.out_features
+        bits, elements = bits + nominal_bits(qformat) * size, elements + size
+    return table, bits / max(elements, 1)
 
 
 def _calibration(model: nn.Module, inherited: dict):
@@ -152,12 +192,13 @@ def _is_causal_lm(model: nn.Module) -> bool:
 
 def card_data(facts: CardFacts, dialect: str = "modelopt") -> ModelCardData:
     """The card's YAML metadata."""
-    tags = list(BASE_TAGS) + [facts.qformat]
+    tags = list(BASE_TAGS) + facts.qformats + (["mixed-precision"] if len(facts.qformats) > 1 else [])
     if facts.kv_cache_qformat != "none":
         tags.append(f"kv-cache-{facts.kv_cache_qformat}")
     if dialect != "modelopt":
         tags.append(dialect)
-    facts_metadata = {"qformat": facts.qformat, "algorithm": facts.algorithm, "calibration": facts.calibration,
+    facts_metadata = {"qformat": facts.qformat if len(facts.qformats) == 1 else facts.qformats,
+                      "algorithm": facts.algorithm, "calibration": facts.calibration,
                       "evaluation": dataclasses.asdict(facts.evaluation) if facts.evaluation else None}
     if not facts.calibration_known:
         facts_metadata.pop("calibration")
@@ -177,14 +218,16 @@ def render_model_card(model: nn.Module, model_id: Optional[str] = None, base_mod
     with resources.as_file(template) as template_path:
         return ModelCard.from_template(
             card_data(facts, dialect), template_path=str(template_path), version=__version__,
-            title=f"{Path(model_id).name} ({facts.qformat})", summary=sections.summary(facts, dialect),
-            qformat=facts.qformat, quant_algo=facts.quant_algo, algorithm=sections.code_or(facts.algorithm),
+            title=f"{Path(model_id).name} ({', '.join(facts.qformats)})", summary=sections.summary(facts, dialect),
+            qformat=sections.qformats(facts.qformats), quant_algo=facts.quant_algo,
+            algorithm=sections.code_or(facts.algorithm),
             group_size=facts.group_size or "-", kv_cache=sections.kv_cache(facts.kv_cache_qformat),
             layers=facts.layers, excluded=sections.excluded(facts.excluded),
             size=sections.size(facts.bytes_before, facts.bytes_after), calibration=sections.calibration(facts),
             evaluation=sections.evaluation(facts.evaluation),
+            layer_formats=sections.layer_formats(facts.layer_formats, facts.effective_bits),
             transformers_usage=sections.transformers_usage(model_id, dialect),
-            serving=sections.serving(facts.qformat, facts.kv_cache_qformat, model_id, dialect))
+            serving=sections.serving(facts.qformats, facts.kv_cache_qformat, model_id, dialect))
 
 
 def write_model_card(model: nn.Module, directory, model_id: Optional[str] = None, **card_kwargs) -> Path:

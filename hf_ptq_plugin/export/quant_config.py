@@ -170,14 +170,60 @@ def mixed_hf_quant_config(layer_formats: dict, kv_format: Optional[F.KVFormat]) 
         "quantized_layers": mixed_quantized_layers(layer_formats)}}
 
 
+def _scheme(num_bits: int, kind: str, group_size: Optional[int] = None, strategy: Optional[str] = None) -> dict:
+    scheme = {"dynamic": False, "num_bits": num_bits, "type": kind}
+    if group_size is not None:
+        scheme["group_size"] = group_size
+    if strategy is not None:
+        scheme["strategy"] = strategy
+    return scheme
+
+
+# config_groups of a MIXED_PRECISION config.json, per layer quant_algo: quant_algo -> group size -> (input
+# activations or None, weights), the fields ModelOpt's export writes (its group size defaults where a layer
+# has none). NVFP4_AWQ / W4A8_AWQ groups say float4 weights and float8 activations, as ModelOpt writes them.
+_MIXED_GROUP_SCHEMES = {
+    "FP8": lambda gs: (_scheme(8, "float"), _scheme(8, "float")),
+    "FP8_PER_CHANNEL_PER_TOKEN": lambda gs: (_scheme(8, "float"), _scheme(8, "float", strategy="channel")),
+    "NVFP4": lambda gs: (_scheme(4, "float", gs or 16), _scheme(4, "float", gs or 16)),
+    "W4A16_AWQ": lambda gs: (None, _scheme(4, "int", gs or 128)),
+    "W4A16_NVFP4": lambda gs: (None, _scheme(4, "float", gs or 16)),
+    "NVFP4_AWQ": lambda gs: (_scheme(8, "float", gs or 128), _scheme(4, "float", gs or 128)),
+    "W4A8_AWQ": lambda gs: (_scheme(8, "float", gs or 128), _scheme(4, "float", gs or 128)),
+    "W8A16": lambda gs: (None, _scheme(8, "int")),
+    "W8A8_SQ_PER_CHANNEL": lambda gs: (_scheme(8, "int"), _scheme(8, "int", strategy="channel")),
+    "MXFP8": lambda gs: (_scheme(8, "float", gs or 32), _scheme(8, "float", gs or 32)),
+}
+
+
+def mixed_config_groups(quantized_layers: dict) -> dict:
+    """config.json `config_groups` of a MIXED_PRECISION checkpoint: one `group_i` per distinct layer
+    config (in the order they first appear), its `targets` the sorted names of its layers."""
+    layers_by_config = {}
+    for name, layer in quantized_layers.items():
+        layers_by_config.setdefault(tuple(sorted(layer.items())), []).append(name)
+    groups = {}
+    for index, (key, names) in enumerate(layers_by_config.items()):
+        layer = dict(key)
+        scheme = _MIXED_GROUP_SCHEMES.get(layer["quant_algo"])
+        if scheme is None:  # ModelOpt's fallback: the bare quant_algo
+            group = {"quant_algo": layer["quant_algo"]}
+        else:
+            activations, weights = scheme(layer.get("group_size"))
+            group = {"input_activations": activations} if activations is not None else {}
+            group["weights"] = weights
+        groups[f"group_{index}"] = {**group, "targets": sorted(names)}
+    return groups
+
+
 def mixed_checkpoint_quantization_config(layer_formats: dict, kv_format: Optional[F.KVFormat],
                                          ptq_fields: dict) -> dict:
-    """config.json's `quantization_config` of a MIXED_PRECISION checkpoint. ModelOpt also writes
-    `config_groups` there; engines read `quantized_layers`, so we write only that."""
-    out = {"ignore": [], "quant_algo": MIXED_PRECISION}
+    """config.json's `quantization_config` of a MIXED_PRECISION checkpoint, ModelOpt's keys in its order."""
+    quantized_layers = mixed_quantized_layers(layer_formats)
+    out = {"config_groups": mixed_config_groups(quantized_layers), "ignore": [], "quant_algo": MIXED_PRECISION}
     if kv_format is not None:
         out["kv_cache_scheme"] = dict(_FP8_SCHEME) if kv_format.values == F.FP8 else kv_format.kv_cache_quant_algo
-    out.update(producer=producer(), quant_method="modelopt", quantized_layers=mixed_quantized_layers(layer_formats))
+    out.update(producer=producer(), quant_method="modelopt", quantized_layers=quantized_layers)
     out[PTQ_CONFIG_KEY] = {k: v for k, v in ptq_fields.items() if k != "quant_method"}
     return out
 

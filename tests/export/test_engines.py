@@ -16,6 +16,7 @@ from hf_ptq_plugin.export.engines import (
     TRTLLM_LEGACY,
     describe_serving,
     engines_serving,
+    engines_serving_formats,
     markdown_table,
     readme_section,
     serve_command,
@@ -81,6 +82,27 @@ def test_the_kv_cache_format_narrows_the_engines():
     assert engines_serving("nvfp4", "fp8") == {"trtllm": MODELOPT, "vllm": MODELOPT, "sglang": MODELOPT}
     assert engines_serving("int8_sq", "fp8") == {"trtllm": TRTLLM_LEGACY, "vllm": COMPRESSED_TENSORS}
     assert engines_serving("int8_sq", "nvfp4") == {}
+
+
+def test_per_layer_formats_are_served_where_each_is_a_mixed_layer():
+    # vLLM's ModelOptMixedPrecisionConfig: FP8 / NVFP4 / W4A16_NVFP4 / MXFP8 layers; SGLang: FP8 / NVFP4.
+    assert engines_serving_formats(["fp8", "nvfp4"]) == {"trtllm": MODELOPT, "vllm": MODELOPT, "sglang": MODELOPT}
+    assert engines_serving_formats(["fp8", "w4a16_nvfp4"]) == {"vllm": MODELOPT}
+    assert engines_serving_formats(["fp8", "int4_awq"]) == {"trtllm": MODELOPT}
+    assert engines_serving_formats(["fp8", "nvfp4"], "nvfp4") == {"trtllm": MODELOPT}
+    assert engines_serving_formats(["int4_awq"]) == engines_serving("int4_awq")
+
+
+def test_a_mixed_export_target_must_take_every_format(tmp_path):
+    from hf_ptq_plugin.export import formats_dialect
+
+    assert formats_dialect("vllm", ["fp8", "nvfp4"]) == MODELOPT
+    assert formats_dialect("modelopt", ["fp8", "int8_sq"]) == MODELOPT
+    with pytest.raises(ValueError, match=r"'sglang' cannot serve per-layer formats \['fp8', 'mxfp8'\].*"
+                                         r"may be fp8, nvfp4"):
+        formats_dialect("sglang", ["fp8", "mxfp8"])
+    with pytest.raises(ValueError, match=r"unknown qformat 'fp9'"):
+        formats_dialect("vllm", ["fp8", "fp9"])
 
 
 @pytest.mark.parametrize("bad, message", [

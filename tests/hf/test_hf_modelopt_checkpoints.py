@@ -290,7 +290,7 @@ def test_mixed_precision_errors_name_the_problem(tmp_path):
 
     _, layers = write_mixed_checkpoint(tmp_path / "src")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "src")
-    with pytest.raises(ValueError, match=r"per-layer formats \['fp8', 'int4_awq', 'nvfp4'\].*'vllm'"):
+    with pytest.raises(ValueError, match=r"'vllm' cannot serve per-layer formats \['fp8', 'int4_awq', 'nvfp4'\]"):
         export_checkpoint(model, tmp_path / "vllm", target="vllm")
     with pytest.raises(ValueError, match="quantize\\(\\) takes one qformat"):
         quantize(tiny_llama(), PTQConfig(layer_qformats={"model.layers.0.mlp.up_proj": "fp8"}))

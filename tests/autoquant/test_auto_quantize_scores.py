@@ -5,12 +5,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F_nn
-from auto_quantize_data import token_batch
+from autoquant_data import token_batch
 from conftest import tiny_llama
 
 from hf_ptq_plugin import get_format
-from hf_ptq_plugin.auto_quantize.groups import LayerGroup, search_groups
-from hf_ptq_plugin.auto_quantize.scores import gradient_scores, kl_div_scores
+from hf_ptq_plugin.autoquant.groups import LayerGroup, search_groups
+from hf_ptq_plugin.autoquant.scores import gradient_scores, kl_div_scores
 from hf_ptq_plugin.modules.quant_linear import QuantLinear
 
 GATE_UP = ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj")

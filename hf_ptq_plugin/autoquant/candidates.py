@@ -12,7 +12,7 @@ model, one block's copies and the candidates in their compressed form.
 
 import copy
 import logging
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 from torch import nn
 
@@ -45,12 +45,11 @@ class PristineWeights(InMemoryWeights):
         return copies
 
 
-def build_candidates(model: nn.Module, linears: Dict[str, nn.Linear], qformat: str, algorithm: Optional[str],
+def build_candidates(model: nn.Module, linears: Dict[str, nn.Linear], config: PTQConfig,
                      forward_loop: Callable) -> Dict[str, QuantLinear]:
-    """{name: QuantLinear} of every layer in `linears` quantized to `qformat` with `algorithm`; the
+    """{name: QuantLinear} of every layer in `linears` quantized as `config` says (format, algorithm); the
     model holds `linears` again afterwards. A calibration that fails part-way leaves the model
     refusing to run or save (the pipeline's rule for interrupted calibrations): load it again."""
-    config = PTQConfig(qformat=qformat, algorithm=algorithm)
     previous_config = model.__dict__.get("ptq_config", _ABSENT)
     try:
         pipeline.run(model, config, forward_loop, source=PristineWeights(linears), fold=False)
@@ -62,7 +61,7 @@ def build_candidates(model: nn.Module, linears: Dict[str, nn.Linear], qformat: s
     for module in built.values():
         module.cpu_weight_cache = None  # a CPU forward's derived (dense) weight: no copy outlives its use
     release_freed_heap()  # calibration's temporaries, so the process holds what is alive
-    logger.info("%s candidates: %d layers, %d bytes", qformat, len(built), candidate_bytes(built))
+    logger.info("%s candidates: %d layers, %d bytes", config.qformat, len(built), candidate_bytes(built))
     return built
 
 

@@ -5,8 +5,8 @@ import itertools
 import numpy as np
 import pytest
 
-from hf_ptq_plugin.auto_quantize import AutoQuantizeResult, GroupCandidates
-from hf_ptq_plugin.auto_quantize.solver import check_budget, nominal_bits, solve_knapsack
+from hf_ptq_plugin.autoquant import AutoQuantizeResult, GroupCandidates
+from hf_ptq_plugin.autoquant.solver import check_budget, nominal_bits, solve_knapsack
 
 
 def brute_force(scores, costs, budget):

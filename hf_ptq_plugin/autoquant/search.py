@@ -12,6 +12,7 @@
 
 import logging
 import resource
+from dataclasses import asdict
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -25,6 +26,7 @@ from ..hf.memory import release_freed_heap
 from ..modules.kv_cache import check_kv_support
 from .assemble import assemble
 from .candidates import bits_per_weight, build_candidates, candidate_bytes
+from .frontier import check_budgets, measure_frontier
 from .groups import LayerGroup, search_groups
 from .result import AutoQuantizeResult, GroupCandidates
 from .scores import Candidates, Scores, gradient_scores, kl_div_scores
@@ -38,35 +40,47 @@ MiB = 2 ** 20
 
 def auto_quantize(model: nn.Module, qformats: Sequence[str], effective_bits: float, forward_loop: Callable, *,
                   method: str = "gradient", algorithms: Optional[Dict[str, str]] = None,
-                  exclude_modules: Sequence[str] = (), kv_cache_qformat: str = "none",
-                  score_loop: Optional[Callable] = None,
-                  loss_fn: Optional[Callable] = None) -> Tuple[nn.Module, AutoQuantizeResult]:
+                  group_size: Optional[int] = None, exclude_modules: Sequence[str] = (), kv_cache_qformat: str = "none",
+                  score_loop: Optional[Callable] = None, loss_fn: Optional[Callable] = None,
+                  frontier_bits: Sequence[float] = (), evaluate: Optional[Callable[[nn.Module], float]] = None
+                  ) -> Tuple[nn.Module, AutoQuantizeResult]:
     """Quantize `model` in place with the format per layer group that minimizes the total score
     within `effective_bits` (nominal bits per searched weight, "none" = 16); returns (model, result).
 
     qformats: candidate formats (ModelOpt names); full precision is always a candidate too.
     forward_loop: `loop(model)` running calibration data (required: scoring reads activations).
     method: "gradient" (ModelOpt's default) or "kl_div". algorithms: {qformat: algorithm} overrides;
-    the others use the format's default, as `quantize()` does. exclude_modules: kept in full
+    the others use the format's default, as `quantize()` does. group_size: the INT4 candidates' group
+    size (None: the format's default, as in PTQConfig). exclude_modules: kept in full
     precision and out of the budget, besides the defaults (lm_head, MoE routers, vision towers).
     kv_cache_qformat: applied to every layer after the search. score_loop: the scoring batches, as a
     loop like `forward_loop` (its default) or a list of batches (dicts of model inputs, or token-id
     tensors). loss_fn(outputs, batch) -> scalar for "gradient" (default: the LM
-    loss with labels = input ids). A model with fused MoE experts is refused unless they are excluded.
+    loss with labels = input ids). frontier_bits with evaluate(model) -> number (e.g. perplexity):
+    `result.frontier` gets the metric of the choice at each of these budgets, measured on the
+    searched candidates before the final model is assembled (frontier.py).
+    A model with fused MoE experts is refused unless they are excluded.
     """
     _check_arguments(model, forward_loop, method, loss_fn, exclude_modules)
-    algorithms = candidate_algorithms(qformats, algorithms)
+    check_budgets(frontier_bits, evaluate)
+    algorithms = candidate_algorithms(qformats, algorithms, group_size)
     groups, linears = search_groups(model, exclude_modules)
-    check_budget(effective_bits, [nominal_costs(g, list(algorithms)) for g in groups],
-                 sum(g.elements for g in groups))
+    costs = [nominal_costs(g, list(algorithms)) for g in groups]
+    for bits in (effective_bits, *frontier_bits):
+        check_budget(bits, costs, sum(g.elements for g in groups))
     kv_format = F.get_kv_format(kv_cache_qformat)
     if kv_format is not None:
         check_kv_support(model, kv_format)
-    candidates = {q: build_candidates(model, linears, q, a, forward_loop) for q, a in algorithms.items()}
+    configs = [PTQConfig(qformat=q, algorithm=a, group_size=_int4(q, group_size)) for q, a in algorithms.items()]
+    candidates = {c.qformat: build_candidates(model, linears, c, forward_loop) for c in configs}
     memory = memory_report(model, candidates)
     scores = _scores(model, groups, candidates, scoring_loop(score_loop, forward_loop), method, loss_fn)
     searched = AutoQuantizeResult([group_candidates(g, candidates, scores[g.name], linears) for g in groups], {},
-                                  effective_bits, method, algorithms, list(exclude_modules), kv_cache_qformat, memory)
+                                  effective_bits, method, algorithms, list(exclude_modules), kv_cache_qformat, memory,
+                                  group_size)
+    if frontier_bits:
+        searched.frontier = [asdict(point) for point in
+                             measure_frontier(model, searched, candidates, linears, frontier_bits, evaluate)]
     result = searched.solve(effective_bits)
     chosen = {name: candidates[q][name] for name, q in result.layer_qformats.items()}
     del candidates  # the candidates not chosen are freed here
@@ -91,12 +105,15 @@ def apply_choice(model: nn.Module, result: AutoQuantizeResult, forward_loop: Cal
     layer_qformats = result.layer_qformats
     chosen = {}
     for qformat in sorted(set(layer_qformats.values())):
-        built = build_candidates(model, linears, qformat, result.algorithms[qformat], forward_loop)
+        config = PTQConfig(qformat=qformat, algorithm=result.algorithms[qformat],
+                           group_size=_int4(qformat, result.group_size))
+        built = build_candidates(model, linears, config, forward_loop)
         chosen.update({name: built[name] for name, q in layer_qformats.items() if q == qformat})
     return assemble(model, result, chosen, forward_loop)
 
 
-def candidate_algorithms(qformats: Sequence[str], overrides: Optional[Dict[str, str]]) -> Dict[str, str]:
+def candidate_algorithms(qformats: Sequence[str], overrides: Optional[Dict[str, str]],
+                         group_size: Optional[int] = None) -> Dict[str, str]:
     """{qformat: algorithm} for the candidate formats (validated; "none" is implicit and dropped)."""
     if isinstance(qformats, str) or not qformats:
         raise ValueError(f"qformats must be a non-empty list of qformat names, got {qformats!r}; valid: "
@@ -108,8 +125,16 @@ def candidate_algorithms(qformats: Sequence[str], overrides: Optional[Dict[str, 
         raise ValueError(f"algorithms names qformat(s) {unknown} that are not candidates; valid: {names}")
     if not names:
         raise ValueError(f"qformats {list(qformats)} hold no quantized format; valid: {', '.join(F.FORMATS)}")
-    # PTQConfig validates each pair (unknown format, algorithm that does not fit it) with the valid choices.
-    return {q: PTQConfig(qformat=q, algorithm=overrides.get(q)).resolved_algorithm for q in names}
+    if group_size is not None and not any(_int4(q, group_size) for q in names):
+        raise ValueError(f"group_size={group_size} applies to INT4 candidates only; none of {names} is one")
+    # PTQConfig validates each pair (unknown format, algorithm that does not fit it, group size) with the valid choices.
+    return {q: PTQConfig(qformat=q, algorithm=overrides.get(q), group_size=_int4(q, group_size)).resolved_algorithm
+            for q in names}
+
+
+def _int4(qformat: str, group_size: Optional[int]) -> Optional[int]:
+    """`group_size` for a format whose group size is a choice (INT4), else None (the format's own)."""
+    return group_size if F.get_format(qformat).group_size_choices else None
 
 
 def nominal_costs(group: LayerGroup, qformats: List[str]) -> List[float]:

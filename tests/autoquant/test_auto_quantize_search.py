@@ -4,14 +4,14 @@ import json
 
 import pytest
 import torch
-from auto_quantize_data import calibration_loop, token_batch
+from autoquant_data import calibration_loop, token_batch
 from conftest import tiny_llama, tiny_moe
 from torch import nn
 
 from hf_ptq_plugin import PTQConfig, apply_choice, auto_quantize, quantize
-from hf_ptq_plugin.auto_quantize.candidates import build_candidates
-from hf_ptq_plugin.auto_quantize.groups import search_groups
-from hf_ptq_plugin.auto_quantize.solver import nominal_bits
+from hf_ptq_plugin.autoquant.candidates import build_candidates
+from hf_ptq_plugin.autoquant.groups import search_groups
+from hf_ptq_plugin.autoquant.solver import nominal_bits
 from hf_ptq_plugin.modules.quant_linear import QuantLinear
 
 
@@ -126,7 +126,7 @@ def test_candidates_leave_the_full_precision_model_untouched():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _, linears = search_groups(model)
     for qformat in ("int4_awq", "int8_sq"):  # AWQ and SmoothQuant rescale the weights they calibrate
-        built = build_candidates(model, linears, qformat, None, calibration_loop())
+        built = build_candidates(model, linears, PTQConfig(qformat=qformat), calibration_loop())
         assert all(isinstance(m, QuantLinear) and m.pre_quant_scale is not None for m in built.values())
     assert all(model.get_submodule(name) is linear for name, linear in linears.items())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

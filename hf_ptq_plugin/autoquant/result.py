@@ -37,7 +37,8 @@ class AutoQuantizeResult:
 
     `choice`: {group name: qformat or "none"}. `algorithms`: {qformat: calibration algorithm}.
     `memory`: bytes measured while the candidates were held (`model_bytes`, `bf16_model_bytes`,
-    `candidate_bytes` per format, `peak_bytes` = model + every candidate).
+    `candidate_bytes` per format, `peak_bytes` = model + every candidate). `group_size`: the INT4
+    candidates' (None: the format's default). `frontier`: the metric per budget when asked (frontier.py).
     """
 
     groups: List[GroupCandidates]
@@ -48,6 +49,8 @@ class AutoQuantizeResult:
     exclude_modules: List[str] = field(default_factory=list)
     kv_cache_qformat: str = "none"
     memory: Dict[str, object] = field(default_factory=dict)
+    group_size: Optional[int] = None
+    frontier: List[dict] = field(default_factory=list)
 
     @property
     def elements(self) -> int:
