@@ -12,11 +12,12 @@ model, one block's copies and the candidates in their compressed form.
 
 import copy
 import logging
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
 from torch import nn
 
 from ..calibration import pipeline
+from ..calibration.shapes import unstorable_layers
 from ..calibration.sources import InMemoryWeights
 from ..config import PTQConfig
 from ..evaluation import model_bytes
@@ -45,11 +46,31 @@ class PristineWeights(InMemoryWeights):
         return copies
 
 
+def storable(config: PTQConfig, linears: Dict[str, nn.Linear]) -> Tuple[PTQConfig, Dict[str, nn.Linear]]:
+    """(config with the group size its layers share, the layers of `linears` its format can store).
+
+    A layer the format cannot store (e.g. in_features not a multiple of NVFP4's 16) is simply not a
+    candidate of that format, so one odd layer does not stop the search. An INT4 format without a
+    requested group size takes the largest supported one that divides every layer, else its default.
+    """
+    fmt, group_size = config.format, config.group_size
+    if group_size is None and fmt.group_size_choices:
+        fitting = [g for g in fmt.group_size_choices if all(m.in_features % g == 0 for m in linears.values())]
+        group_size = fitting[0] if fitting else fmt.group_size
+        config = PTQConfig(qformat=config.qformat, algorithm=config.algorithm, group_size=group_size)
+    problems = unstorable_layers(fmt, linears, group_size or fmt.group_size)
+    for name, problem in problems.items():
+        logger.warning("%s cannot store %s (%s): not a candidate there", fmt.name, name, problem)
+    return config, {name: module for name, module in linears.items() if name not in problems}
+
+
 def build_candidates(model: nn.Module, linears: Dict[str, nn.Linear], config: PTQConfig,
                      forward_loop: Callable) -> Dict[str, QuantLinear]:
     """{name: QuantLinear} of every layer in `linears` quantized as `config` says (format, algorithm); the
     model holds `linears` again afterwards. A calibration that fails part-way leaves the model
     refusing to run or save (the pipeline's rule for interrupted calibrations): load it again."""
+    if not linears:
+        return {}
     previous_config = model.__dict__.get("ptq_config", _ABSENT)
     try:
         pipeline.run(model, config, forward_loop, source=PristineWeights(linears), fold=False)

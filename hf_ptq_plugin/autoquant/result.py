@@ -38,7 +38,7 @@ class AutoQuantizeResult:
     `choice`: {group name: qformat or "none"}. `algorithms`: {qformat: calibration algorithm}.
     `memory`: bytes measured while the candidates were held (`model_bytes`, `bf16_model_bytes`,
     `candidate_bytes` per format, `peak_bytes` = model + every candidate). `group_size`: the INT4
-    candidates' (None: the format's default). `frontier`: the metric per budget when asked (frontier.py).
+    candidates' group size, as resolved (None: no INT4 candidate). `frontier`: the metric per budget when asked (frontier.py).
     """
 
     groups: List[GroupCandidates]
@@ -79,7 +79,7 @@ class AutoQuantizeResult:
     @property
     def qformats(self) -> List[str]:
         """The candidate formats searched (without "none")."""
-        return [q for q in self.groups[0].qformats if q != UNQUANTIZED] if self.groups else []
+        return list(dict.fromkeys(q for g in self.groups for q in g.qformats if q != UNQUANTIZED))
 
     def solve(self, effective_bits: float) -> "AutoQuantizeResult":
         """The result for another budget, from the stored scores and costs (no forward pass)."""

@@ -62,8 +62,9 @@ def _add_gradient_scores(group_scores: Dict[str, float], candidates: Candidates,
                          y: torch.Tensor, g: torch.Tensor) -> None:
     g = g.float()
     for qformat, layers in candidates.items():
-        y_c = layers[name](x)
-        group_scores[qformat] += (g * (y_c.float() - y.float())).square().sum().item()
+        if name in layers:  # a format that cannot store the layer has no candidate for it
+            y_c = layers[name](x)
+            group_scores[qformat] += (g * (y_c.float() - y.float())).square().sum().item()
 
 
 def kl_div_scores(model: nn.Module, groups: List[LayerGroup], candidates: Candidates,
@@ -79,6 +80,8 @@ def kl_div_scores(model: nn.Module, groups: List[LayerGroup], candidates: Candid
         real = _real_tokens(_batch(args, kwargs), log_p.shape[:-1], log_p.device)
         for group in groups:
             for qformat, layers in candidates.items():
+                if not all(m in layers for m in group.members):
+                    continue  # the format cannot store the whole group
                 with _swapped(model, {m: layers[m] for m in group.members}):
                     log_q = F_nn.log_softmax(_logits(forward(*args, **kwargs)).float(), dim=-1)
                 kl = (p * (log_p - log_q)).sum(-1)  # (B, S)

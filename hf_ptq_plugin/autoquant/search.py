@@ -25,7 +25,7 @@ from ..evaluation import model_bytes
 from ..hf.memory import release_freed_heap
 from ..modules.kv_cache import check_kv_support
 from .assemble import assemble
-from .candidates import bits_per_weight, build_candidates, candidate_bytes
+from .candidates import bits_per_weight, build_candidates, candidate_bytes, storable
 from .frontier import check_budgets, measure_frontier
 from .groups import LayerGroup, search_groups
 from .result import AutoQuantizeResult, GroupCandidates
@@ -65,19 +65,22 @@ def auto_quantize(model: nn.Module, qformats: Sequence[str], effective_bits: flo
     check_budgets(frontier_bits, evaluate)
     algorithms = candidate_algorithms(qformats, algorithms, group_size)
     groups, linears = search_groups(model, exclude_modules)
-    costs = [nominal_costs(g, list(algorithms)) for g in groups]
+    stored = {q: storable(PTQConfig(qformat=q, algorithm=a, group_size=_int4(q, group_size)), linears)
+              for q, a in algorithms.items()}
+    options = {g.name: [q for q, (_, kept) in stored.items() if all(m in kept for m in g.members)] for g in groups}
+    costs = [nominal_costs(g, options[g.name]) for g in groups]
     for bits in (effective_bits, *frontier_bits):
         check_budget(bits, costs, sum(g.elements for g in groups))
     kv_format = F.get_kv_format(kv_cache_qformat)
     if kv_format is not None:
         check_kv_support(model, kv_format)
-    configs = [PTQConfig(qformat=q, algorithm=a, group_size=_int4(q, group_size)) for q, a in algorithms.items()]
-    candidates = {c.qformat: build_candidates(model, linears, c, forward_loop) for c in configs}
+    candidates = {q: build_candidates(model, kept, config, forward_loop) for q, (config, kept) in stored.items()}
     memory = memory_report(model, candidates)
     scores = _scores(model, groups, candidates, scoring_loop(score_loop, forward_loop), method, loss_fn)
-    searched = AutoQuantizeResult([group_candidates(g, candidates, scores[g.name], linears) for g in groups], {},
-                                  effective_bits, method, algorithms, list(exclude_modules), kv_cache_qformat, memory,
-                                  group_size)
+    resolved_group_size = next((c.group_size for c, _ in stored.values() if c.format.group_size_choices), None)
+    searched = AutoQuantizeResult([group_candidates(g, options[g.name], candidates, scores[g.name], linears)
+                                   for g in groups], {}, effective_bits, method, algorithms, list(exclude_modules),
+                                  kv_cache_qformat, memory, resolved_group_size)
     if frontier_bits:
         searched.frontier = [asdict(point) for point in
                              measure_frontier(model, searched, candidates, linears, frontier_bits, evaluate)]
@@ -105,9 +108,9 @@ def apply_choice(model: nn.Module, result: AutoQuantizeResult, forward_loop: Cal
     layer_qformats = result.layer_qformats
     chosen = {}
     for qformat in sorted(set(layer_qformats.values())):
-        config = PTQConfig(qformat=qformat, algorithm=result.algorithms[qformat],
-                           group_size=_int4(qformat, result.group_size))
-        built = build_candidates(model, linears, config, forward_loop)
+        config, kept = storable(PTQConfig(qformat=qformat, algorithm=result.algorithms[qformat],
+                                          group_size=_int4(qformat, result.group_size)), linears)
+        built = build_candidates(model, kept, config, forward_loop)
         chosen.update({name: built[name] for name, q in layer_qformats.items() if q == qformat})
     return assemble(model, result, chosen, forward_loop)
 
@@ -142,10 +145,10 @@ def nominal_costs(group: LayerGroup, qformats: List[str]) -> List[float]:
     return [nominal_bits(q) * group.elements for q in qformats + [UNQUANTIZED]]
 
 
-def group_candidates(group: LayerGroup, candidates: Candidates, scores: Dict[str, float],
+def group_candidates(group: LayerGroup, qformats: List[str], candidates: Candidates, scores: Dict[str, float],
                      linears: Dict[str, nn.Linear]) -> GroupCandidates:
-    """One group's options with their scores, nominal costs and stored bits per weight."""
-    qformats = list(candidates)
+    """One group's options (`qformats`: the formats that store every member, then "none") with their
+    scores, nominal costs and stored bits per weight."""
 
     def stored_bits(layers: Dict[str, nn.Module]) -> float:
         return sum(bits_per_weight(layers[m]) * linears[m].weight.numel() for m in group.members) / group.elements

@@ -46,18 +46,23 @@ def resolve_group_size(fmt: F.Format, linears: Dict[str, nn.Linear], requested: 
 
 def check_layer_shapes(fmt: F.Format, linears: Dict[str, nn.Linear], group_size: Optional[int]) -> None:
     """ValueError naming the first layer whose shape the format cannot store."""
+    for name, problem in unstorable_layers(fmt, linears, group_size).items():
+        raise ValueError(f"qformat {fmt.name!r} cannot store layer {name!r}: {problem}; "
+                         f"exclude it with exclude_modules=[{name!r}] or pick another qformat")
+
+
+def unstorable_layers(fmt: F.Format, linears: Dict[str, nn.Linear], group_size: Optional[int]) -> Dict[str, str]:
+    """{name: why} of the layers whose shape the format cannot store (at that group size)."""
+    problems = {}
     for name, module in linears.items():
         n, k = module.out_features, module.in_features
-        problem = None
         if fmt.weight == F.INT4 and n % 2:
-            problem = f"out_features={n} is odd (INT4 packs two output rows per byte)"
+            problems[name] = f"out_features={n} is odd (INT4 packs two output rows per byte)"
         elif fmt.weight_granularity in (F.PER_GROUP, F.PER_TILE) and k % group_size:
-            problem = f"in_features={k} is not a multiple of the block size {group_size}"
+            problems[name] = f"in_features={k} is not a multiple of the block size {group_size}"
         elif fmt.weight_granularity == F.PER_TILE and n % group_size:
-            problem = f"out_features={n} is not a multiple of the tile size {group_size}"
-        if problem:
-            raise ValueError(f"qformat {fmt.name!r} cannot store layer {name!r}: {problem}; "
-                             f"exclude it with exclude_modules=[{name!r}] or pick another qformat")
+            problems[name] = f"out_features={n} is not a multiple of the tile size {group_size}"
+    return problems
 
 
 def _listing(sizes) -> str:

@@ -165,3 +165,15 @@ def test_bad_arguments_name_the_valid_choices(kwargs, message):
     arguments = {"qformats": ["fp8"], "effective_bits": 8.0, "forward_loop": calibration_loop(), **kwargs}
     with pytest.raises(ValueError, match=message):
         auto_quantize(tiny_llama(layers=1), **arguments)
+
+
+def test_a_layer_one_format_cannot_store_only_loses_that_option():
+    # intermediate 200: down_proj's in_features is no multiple of NVFP4's block of 16; the other layers are.
+    model, result = auto_quantize(tiny_llama(intermediate_size=200), ["nvfp4", "fp8"], 6.0, calibration_loop())
+    options = {g.name: g.qformats for g in result.groups}
+    for name, qformats in options.items():
+        assert qformats == (["fp8", "none"] if name.endswith("down_proj") else ["nvfp4", "fp8", "none"]), name
+    assert all(result.choice[name] != "nvfp4" for name in options if name.endswith("down_proj"))
+    assert "nvfp4" in result.choice.values()  # the format still serves every layer it can store
+    assert result.qformats == ["nvfp4", "fp8"]
+    assert result.solve(8.0).effective_bits <= 8.0
