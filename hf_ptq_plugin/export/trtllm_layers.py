@@ -29,6 +29,10 @@ W8A16 has no entry: trtllm-build quantizes float weights itself (models/convert_
 weight_only_quantize_dict: scale amax / 128) and takes int8 weights as already laid out for the GEMM of
 the GPU it runs on (cpp/tensorrt_llm/kernels/cutlass_kernels/cutlass_preprocessors.cpp,
 preprocess_weights_for_mixed_gemm depends on the SM version); neither keeps our codes and scales.
+In a MIXED_PRECISION checkpoint each Linear takes its own layer class the same way, except
+FP8_PER_CHANNEL_PER_TOKEN: quantize.py's fp8_rowwise_quantize swaps whole attention / MLP / norm blocks,
+so a per-Linear entry of quant_cfg.json leaves a plain Linear (and LayerQuantConfig's
+_get_modelopt_qformat in models/modeling_utils.py knows the other five algorithms only).
 """
 
 import math
@@ -47,6 +51,7 @@ LEGACY_QUANT_ALGO = {"fp8": "FP8", "fp8_pc_pt": "FP8_PER_CHANNEL_PER_TOKEN", "in
 SUFFIX = {"weight": "weight", "weight_scale": "weights_scaling_factor", "weight_scale_2": "weights_scaling_factor_2",
           "input_scale": "activation_scaling_factor", "pre_quant_scale": "prequant_scaling_factor", "bias": "bias"}
 PADDED_FORMATS = ("int4_awq", "w4a8_awq")  # WeightOnlyGroupwiseQuantLinear pads its features
+MIXED_FORMATS = ("fp8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4")  # per-Linear in MIXED_PRECISION (see above)
 W4A8_GROUP_SIZE = 128
 
 
@@ -59,6 +64,16 @@ def check_legacy_format(fmt: F.Format) -> None:
     if fmt.name not in LEGACY_QUANT_ALGO:
         raise ValueError(f"qformat {fmt.name!r} has no legacy TensorRT-LLM checkpoint; "
                          f"valid: {', '.join(LEGACY_QUANT_ALGO)}")
+
+
+def check_mixed_legacy_format(fmt: F.Format) -> None:
+    """ValueError unless `fmt` can be one Linear's format in a MIXED_PRECISION legacy checkpoint."""
+    check_legacy_format(fmt)
+    if fmt.name not in MIXED_FORMATS:
+        raise ValueError(f"qformat {fmt.name!r} cannot be one layer's format in a MIXED_PRECISION legacy TensorRT-LLM "
+                         f"checkpoint: TensorRT-LLM applies {fmt.quant_algo} to whole attention/MLP blocks, not per "
+                         "Linear, and would build these layers unquantized; valid per layer: "
+                         f"{', '.join(MIXED_FORMATS)}. Use target 'modelopt' (the unified checkpoint)")
 
 
 def linear_tensors(module: nn.Module, fmt: F.Format) -> Dict[str, torch.Tensor]:
@@ -83,10 +98,10 @@ def _unify_fp8(parts: List[dict]) -> List[torch.Tensor]:
             for p, s in zip(parts, scales)]
 
 
-def merge_qkv(parts: List[dict], fmt: F.Format) -> dict:
-    """q, k, v legacy tensors -> attention.qkv; ValueError when a shared factor differs."""
+def merge_qkv(parts: List[dict], fmt: Optional[F.Format]) -> dict:
+    """q, k, v legacy tensors (`fmt` None: unquantized) -> attention.qkv; ValueError when a shared factor differs."""
     merged = {}
-    per_tensor_fp8 = fmt.weight == F.FP8 and fmt.weight_granularity == F.PER_TENSOR
+    per_tensor_fp8 = fmt is not None and fmt.weight == F.FP8 and fmt.weight_granularity == F.PER_TENSOR
     weights = _unify_fp8(parts) if per_tensor_fp8 else [p["weight"] for p in parts]
     merged["weight"] = torch.cat(weights, dim=0)
     for key in parts[0]:

@@ -1,7 +1,7 @@
 """The legacy TensorRT-LLM checkpoint (`config.json` + `rank{N}.safetensors`) of a Llama-style decoder.
 
 `legacy_state_dict(model)` renames and merges a quantized model's tensors into TensorRT-LLM's names,
-unsharded; `shard(...)` splits them for tp_size x pp_size ranks; `legacy_config(...)` builds config.json;
+unsharded; `trtllm_shard.shard_rank` splits them per rank of tp_size x pp_size; `legacy_config(...)` builds config.json;
 `save_trtllm_legacy` writes all of it atomically. It is the layout of the "trtllm-legacy" export target
 (and of "trtllm" for the formats TensorRT-LLM serves only this way, `engines.py`). The files are the input
 of `trtllm-build --checkpoint_dir`.
@@ -20,21 +20,27 @@ mixed GEMM), FP8 weights float8_e4m3fn, scalar factors shape (1,). Config fields
 `convert_to_tensorrt_llm_config`. Merging q/k/v: per-channel and group scales concatenate exactly;
 per-tensor FP8 weight scales are unified to their max and the smaller members requantized (one
 rounding, `_unify_fp8`); NVFP4 / W4A8 `weights_scaling_factor_2` and AWQ pre-quant scales must already
-be shared (our quantizer shares them). TP: column-parallel (qkv per q/k/v section, fc, gate, lm_head,
-vocab embedding) split on dim 0, row-parallel (dense, proj) on dim 1 with group scales on dim 1 and
-`prequant_scaling_factor` on dim 0; per-channel scales of row-parallel layers, scalars and biases of
-row-parallel layers are replicated. W4A16_AWQ / W4A8_AWQ layers are zero-padded to the features their
-TensorRT-LLM layer declares before the split (`trtllm_layers.pad_tensor`). PP: layers split evenly,
-embedding on the first stage, ln_f / lm_head on the last. Config: LLaMAConfig's `attn_bias` / `mlp_bias`.
+be shared (our quantizer shares them). Splitting across ranks: `trtllm_shard.py`; W4A16_AWQ / W4A8_AWQ
+layers are zero-padded to the features their TensorRT-LLM layer declares before the split
+(`trtllm_layers.pad_tensor`; per layer, `Split.multiple`). Config: LLaMAConfig's `attn_bias` / `mlp_bias`.
+Per-layer formats (AutoQuantize) make a MIXED_PRECISION checkpoint, as TensorRT-LLM's loader reads it
+(tensorrt_llm/models/modeling_utils.py: `PretrainedConfig.from_json_file` loads `quant_cfg.json` beside
+config.json into a `LayerQuantConfig`, whose `quantized_layers` give each module name matched by fnmatch
+its own `QuantConfig`, no match meaning unquantized; quantization/quantize.py swaps each listed Linear,
+`preprocess_weights` prepares each Linear's tensors by its own algorithm). config.json's quantization
+keeps only quant_algo and kv_cache_quant_algo, as ModelOpt's export writes it; each Linear's tensors are
+those of its own format (plain weights when unquantized); q/k/v must share one format. quant_cfg.json's
+names use stage-local layer indices, like the tensors (`quant_cfg` says why).
 Checked against the loaders' source, not against a built engine: how the padded GEMMs treat the padded
 activations is TensorRT-LLM's. Not handled: vocab padding (a vocab not divisible by tp_size is refused),
-NVFP4 KV cache (not a legacy algorithm), models other than Llama-style.
+NVFP4 KV cache (not a legacy algorithm), FP8_PER_CHANNEL_PER_TOKEN among per-layer formats
+(`trtllm_layers.py`), models other than Llama-style.
 """
 
 import json
 import logging
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -42,29 +48,46 @@ from torch import nn
 from .. import formats as F
 from ..modules.quant_linear import QuantLinear
 from .atomic import atomic_directory
+from .quant_config import MIXED_PRECISION
 from .save import Sidecars, write_sidecars
 from .trtllm_layers import (
     LEGACY_QUANT_ALGO,
     check_buildable,
     check_legacy_format,
+    check_mixed_legacy_format,
     linear_tensors,
     merge_qkv,
-    pad_tensor,
     padding_multiple,
 )
+from .trtllm_shard import COLUMN, ROW, Split, shard_rank, split_rule, stage_of
 from .unified import plan_export
 
 logger = logging.getLogger(__name__)
 
-COLUMN, ROW = "column", "row"
 # HF leaf -> (TensorRT-LLM module, parallel style); q/k/v become one attention.qkv.
 LINEARS = {"self_attn.o_proj": ("attention.dense", ROW), "mlp.gate_proj": ("mlp.fc", COLUMN),
            "mlp.up_proj": ("mlp.gate", COLUMN), "mlp.down_proj": ("mlp.proj", ROW)}
 QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
 
-def _check_model(model: nn.Module, fmt: F.Format) -> None:
-    check_legacy_format(fmt)
+LayerFormat = Tuple[F.Format, Optional[int]]  # (format, group size) of one Linear
+
+
+def model_formats(model: nn.Module) -> Dict[str, LayerFormat]:
+    """{qformat name: (Format, group size)} of the model's quantized Linears; ValueError when there are none."""
+    formats = {m.fmt.name: (m.fmt, m.group_size) for m in model.modules() if isinstance(m, QuantLinear)}
+    if not formats:
+        raise ValueError(f"{type(model).__name__} has no quantized layer; quantize it before exporting")
+    return formats
+
+
+def _check_model(model: nn.Module, formats: Dict[str, LayerFormat]) -> None:
+    """ValueError unless every format has a legacy algorithm and `model` is a Llama-style decoder. With one
+    format, config.json names no layers, so every decoder Linear must be quantized; per-layer formats
+    (MIXED_PRECISION) list the quantized Linears and leave the rest in full precision."""
+    mixed = len(formats) > 1
+    for fmt, _ in formats.values():
+        (check_mixed_legacy_format if mixed else check_legacy_format)(fmt)
     names = dict(model.named_modules())
     needed = ["model.embed_tokens", "model.norm", "lm_head", "model.layers.0.input_layernorm",
               "model.layers.0.post_attention_layernorm"] + [f"model.layers.0.{leaf}" for leaf in (*QKV, *LINEARS)]
@@ -73,120 +96,72 @@ def _check_model(model: nn.Module, fmt: F.Format) -> None:
         raise ValueError(f"the legacy TensorRT-LLM export handles Llama-style decoders; {type(model).__name__} "
                          f"has no {missing}")
     plain = [n for n, m in names.items() if n.startswith("model.layers.") and isinstance(m, nn.Linear)]
-    if plain:
+    if plain and not mixed:
         raise ValueError(f"the legacy export needs every decoder Linear quantized; unquantized: {plain[:4]}")
 
 
-class Split(NamedTuple):
-    """How a tensor is cut across tensor-parallel ranks: kind "column" / "row" / "replicate" / "qkv"
-    (per q/k/v section), the q/k/v output sizes, and the (N, K) of its Linear when its layer pads."""
-
-    kind: str
-    sections: Optional[tuple] = None
-    features: Optional[tuple] = None
-
-
 def legacy_state_dict(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, Split]]:
-    """(unsharded, unpadded legacy tensors, {name: how it is split across ranks})."""
-    first = next((m for m in model.modules() if isinstance(m, QuantLinear)), None)
-    if first is None:
-        raise ValueError(f"{type(model).__name__} has no quantized layer; quantize it before exporting")
-    fmt = first.fmt
-    _check_model(model, fmt)
+    """(unsharded, unpadded legacy tensors, {name: how it is split across ranks}). Each Linear is written in
+    its own format (`module.fmt`; an nn.Linear as its plain weight), which is all per-layer formats need here."""
+    _check_model(model, model_formats(model))
     tensors, rules = {}, {}
 
-    def put(prefix, layer_tensors, style, sizes=None, linears=()):
-        features = _features(linears) if any(isinstance(m, QuantLinear) for m in linears) else None
+    def put(prefix, layer_tensors, style, sizes=None, features=None, multiple=None):
         for key, value in layer_tensors.items():
             tensors[f"{prefix}.{key}"] = value
-            rules[f"{prefix}.{key}"] = _rule(key, value, style, sizes, features)
+            rule = split_rule(key, value, style, sizes)
+            rules[f"{prefix}.{key}"] = rule._replace(features=features, multiple=multiple)
 
-    modules = dict(model.named_modules())
+    def put_linear(name, linears, style):
+        found = linear_format(name, linears)
+        fmt = found[0] if found else None
+        parts = [linear_tensors(m, fmt) for m in linears]
+        merged = merge_qkv(parts, fmt) if len(parts) > 1 else parts[0]
+        sizes = tuple(m.out_features for m in linears) if len(linears) > 1 else None
+        put(name, merged, style, sizes, _features(linears) if found else None,
+            padding_multiple(fmt, found[1], 1) if found else None)
+
     put("transformer.vocab_embedding", {"weight": model.model.embed_tokens.weight.detach()}, COLUMN)
+    linears = legacy_linears(model)
     for i, layer in enumerate(model.model.layers):
-        prefix, hf = f"transformer.layers.{i}", f"model.layers.{i}"
+        prefix = f"transformer.layers.{i}"
         put(f"{prefix}.input_layernorm", {"weight": layer.input_layernorm.weight.detach()}, None)
         put(f"{prefix}.post_layernorm", {"weight": layer.post_attention_layernorm.weight.detach()}, None)
-        qkv = [modules[f"{hf}.{leaf}"] for leaf in QKV]
-        put(f"{prefix}.attention.qkv", merge_qkv([linear_tensors(m, fmt) for m in qkv], fmt), COLUMN,
-            tuple(m.out_features for m in qkv), qkv)
-        for leaf, (name, style) in LINEARS.items():
-            module = modules[f"{hf}.{leaf}"]
-            put(f"{prefix}.{name}", linear_tensors(module, fmt), style, linears=(module,))
+        for name in [f"{prefix}.attention.qkv"] + [f"{prefix}.{legacy}" for legacy, _ in LINEARS.values()]:
+            put_linear(name, *linears[name])
         kv = [getattr(layer.self_attn.k_proj, "k_scale", None), getattr(layer.self_attn.v_proj, "v_scale", None)]
         if kv[0] is not None:
             put(f"{prefix}.attention", {"kv_cache_scaling_factor": torch.maximum(*kv).reshape(1).float()}, None)
     put("transformer.ln_f", {"weight": model.model.norm.weight.detach()}, None)
-    put("lm_head", linear_tensors(model.lm_head, fmt), COLUMN, linears=(model.lm_head,))
+    put_linear("lm_head", *linears["lm_head"])
     return tensors, rules
+
+
+def legacy_linears(model: nn.Module) -> Dict[str, Tuple[List[nn.Module], str]]:
+    """{TensorRT-LLM Linear name (global layer index): (its HF Linears, parallel style)}; q/k/v are one qkv."""
+    out = {}
+    for i, layer in enumerate(model.model.layers):
+        out[f"transformer.layers.{i}.attention.qkv"] = ([layer.get_submodule(leaf) for leaf in QKV], COLUMN)
+        for leaf, (name, style) in LINEARS.items():
+            out[f"transformer.layers.{i}.{name}"] = ([layer.get_submodule(leaf)], style)
+    out["lm_head"] = ([model.lm_head], COLUMN)
+    return out
+
+
+def linear_format(name: str, linears: List[nn.Module]) -> Optional[LayerFormat]:
+    """(Format, group size) of one legacy Linear, None when unquantized. q/k/v become one GEMM with one
+    format (AutoQuantize decides them together), so q/k/v in different formats are a ValueError."""
+    found = [(m.fmt, m.group_size) if isinstance(m, QuantLinear) else None for m in linears]
+    if any(f != found[0] for f in found):
+        shown = [(f[0].name + (f" group {f[1]}" if f[1] else "")) if f else "unquantized" for f in found]
+        raise ValueError(f"{name}: q_proj, k_proj, v_proj are {shown}; TensorRT-LLM runs them as one GEMM, which "
+                         "takes one format. Quantize them alike (auto_quantize decides them together)")
+    return found[0]
 
 
 def _features(linears) -> tuple:
     """(N, K) of one Linear, or of q/k/v merged along N."""
     return sum(m.out_features for m in linears), linears[0].in_features
-
-
-def _rule(key: str, value: torch.Tensor, style, sizes, features) -> Split:
-    if style is None or value.numel() == 1 or (key == "prequant_scaling_factor" and style == COLUMN):
-        return Split("replicate", features=features)
-    if style == COLUMN:
-        return Split("qkv", sizes, features) if sizes else Split("column", features=features)
-    if key == "prequant_scaling_factor" or value.dim() == 2:
-        return Split("row", features=features)
-    return Split("replicate", features=features)  # row-parallel per-channel scales and bias
-
-
-def _split(name: str, value: torch.Tensor, rule: Split, tp: int) -> List[torch.Tensor]:
-    if rule.kind == "replicate" or tp == 1:
-        return [value] * tp
-    dim = 1 if rule.kind == "row" and value.dim() == 2 else 0
-    if rule.kind == "qkv":
-        # Packed INT4 rows hold two outputs each, so sections scale with the tensor's own dim 0.
-        sections = [size * value.shape[0] // sum(rule.sections) for size in rule.sections]
-        pieces = [_split(name, part, Split("column"), tp) for part in value.split(sections, dim=0)]
-        return [torch.cat(ranks, dim=0) for ranks in zip(*pieces)]
-    if value.shape[dim] % tp:
-        raise ValueError(f"{name} {list(value.shape)} cannot be split into tp_size={tp} parts along dim {dim}")
-    return list(value.chunk(tp, dim=dim))
-
-
-def shard_rank(tensors: Dict[str, torch.Tensor], rules: Dict[str, Split], num_layers: int, tp_size: int,
-               pp_size: int, rank: int, multiple: Optional[int] = None) -> Dict[str, torch.Tensor]:
-    """The tensors of one rank; rank = pp_rank * tp_size + tp_rank, as TensorRT-LLM's Mapping numbers them.
-
-    `multiple` (from `trtllm_layers.padding_multiple`) pads the features of layers that pad before
-    they are split. Every tensor is its own contiguous copy (a split piece is a view), so no two names
-    share storage, which safetensors refuses.
-    """
-    if num_layers % pp_size:
-        raise ValueError(f"{num_layers} layers cannot be split into pp_size={pp_size} equal stages")
-    per_stage, (pp_rank, tp_rank) = num_layers // pp_size, divmod(rank, tp_size)
-    out = {}
-    for name, value in tensors.items():
-        stage, local_name = _stage(name, per_stage, pp_size)
-        if stage == pp_rank:
-            rule = rules[name]
-            if rule.features is not None:
-                value = pad_tensor(name.rsplit(".", 1)[1], value, rule.features, multiple)
-            piece = _split(name, value, rule, tp_size)[tp_rank]
-            out[local_name] = piece.clone(memory_format=torch.contiguous_format)
-    return out
-
-
-def shard(tensors: Dict[str, torch.Tensor], rules: Dict[str, Split], num_layers: int,
-          tp_size: int, pp_size: int, multiple: Optional[int] = None) -> Dict[int, Dict[str, torch.Tensor]]:
-    """{rank: tensors} for every rank (`shard_rank` for each)."""
-    return {rank: shard_rank(tensors, rules, num_layers, tp_size, pp_size, rank, multiple)
-            for rank in range(tp_size * pp_size)}
-
-
-def _stage(name: str, per_stage: int, pp_size: int) -> Tuple[int, str]:
-    """(pipeline stage, name within the stage): layers by index, embedding first, the rest last."""
-    if name.startswith("transformer.layers."):
-        index = int(name.split(".")[2])
-        local = name.replace(f"transformer.layers.{index}.", f"transformer.layers.{index % per_stage}.", 1)
-        return index // per_stage, local
-    return (0 if name.startswith("transformer.vocab_embedding") else pp_size - 1), name
 
 
 def legacy_config(model: nn.Module, plan, tp_size: int, pp_size: int) -> dict:
@@ -221,12 +196,52 @@ def _model_fields(model: nn.Module) -> dict:
 
 
 def _quantization_fields(model: nn.Module, plan) -> dict:
-    fmt = plan.fmt
-    return {"quant_algo": LEGACY_QUANT_ALGO[fmt.name],
-            "kv_cache_quant_algo": plan.kv_format.kv_cache_quant_algo if plan.kv_format else None,
+    fmt, kv = plan.fmt, plan.kv_format.kv_cache_quant_algo if plan.kv_format else None
+    if plan.layer_formats:  # the per-layer fields go to quant_cfg.json; ModelOpt's export keeps these two here
+        return {"quant_algo": MIXED_PRECISION, "kv_cache_quant_algo": kv}
+    return {"quant_algo": LEGACY_QUANT_ALGO[fmt.name], "kv_cache_quant_algo": kv,
             "group_size": plan.group_size if fmt.weight in (F.INT4, F.NVFP4) else None,
             "has_zero_point": False, "pre_quant_scale": fmt.pre_quant_scale,  # every Linear has the factor
             "exclude_modules": [] if isinstance(model.lm_head, QuantLinear) else ["lm_head"]}
+
+
+def quant_cfg(model: nn.Module, plan, pp_size: int) -> dict:
+    """quant_cfg.json of a MIXED_PRECISION checkpoint: the QuantConfig fields of each quantized legacy Linear by
+    name; an unquantized one is not listed (LayerQuantConfig then gives it no quantization).
+
+    Names carry stage-local layer indices, like the rank files' tensors (`stage_of`), not global ones: TensorRT-LLM
+    builds a stage's DecoderLayerList as a ModuleList of only its layers, numbered from 0 (models/modeling_utils.py,
+    module.py), and quantize.py and preprocess_weights look quant_cfg.json up by those module and tensor names.
+    One file serves every rank, so with pp_size > 1 the stages must agree layer by layer (`_local_entries`);
+    with pp_size 1 local and global indices are the same.
+    """
+    return {"quant_algo": MIXED_PRECISION,
+            "kv_cache_quant_algo": plan.kv_format.kv_cache_quant_algo if plan.kv_format else None,
+            "quantized_layers": {name: e for name, e in _local_entries(model, pp_size).items() if e is not None}}
+
+
+def _layer_entry(fmt: F.Format, group_size: Optional[int]) -> dict:
+    """One Linear's QuantConfig fields, as a single-format config.json has them; group_size only for the formats
+    whose layers read it (TensorRT-LLM's default stands for the others)."""
+    grouped = {"group_size": group_size} if fmt.weight in (F.INT4, F.NVFP4) else {}
+    return {"quant_algo": LEGACY_QUANT_ALGO[fmt.name], **grouped, "has_zero_point": False,
+            "pre_quant_scale": fmt.pre_quant_scale}
+
+
+def _local_entries(model: nn.Module, pp_size: int) -> Dict[str, Optional[dict]]:
+    """{stage-local legacy Linear name: its entry, None if unquantized}; ValueError when stages differ in one."""
+    per_stage, entries, first = model.config.num_hidden_layers // pp_size, {}, {}
+    for name, (linears, _) in legacy_linears(model).items():
+        found = linear_format(name, linears)
+        entry, local = _layer_entry(*found) if found else None, stage_of(name, per_stage, pp_size)[1]
+        if local in entries and entries[local] != entry:
+            shown = [e["quant_algo"] if e else "unquantized" for e in (entries[local], entry)]
+            raise ValueError(f"pp_size={pp_size}: one quant_cfg.json serves every pipeline stage and TensorRT-LLM "
+                             f"names layers by their index within the stage, so {first[local]} ({shown[0]}) and "
+                             f"{name} ({shown[1]}) would both be {local}. Use pp_size=1, or target 'modelopt'")
+        entries.setdefault(local, entry)
+        first.setdefault(local, name)
+    return entries
 
 
 def _check_parallel(config, tp_size: int, pp_size: int) -> None:
@@ -243,23 +258,23 @@ def save_trtllm_legacy(model: nn.Module, export_dir, config, tp_size: int = 1, p
     from safetensors.torch import save_file
 
     plan = plan_export(model, config)
-    if plan.layer_formats:
-        raise ValueError("a model with per-layer formats (MIXED_PRECISION) exports only as the unified checkpoint "
-                         "(target 'modelopt'); the legacy TensorRT-LLM writer takes one format")
     if plan.kv_format is not None and plan.kv_format.values != F.FP8:
         raise ValueError(f"the legacy TensorRT-LLM checkpoint has an FP8 or no KV cache, not {plan.kv_format.name!r}; "
                          "use target='trtllm' (unified checkpoint) for an NVFP4 KV cache")
     tensors, rules = legacy_state_dict(model)
     _check_parallel(model.config, tp_size, pp_size)
-    check_buildable(model, plan.fmt, plan.group_size, tp_size)
-    multiple = padding_multiple(plan.fmt, plan.group_size, tp_size)
+    for fmt, group_size in model_formats(model).values():
+        check_buildable(model, fmt, group_size, tp_size)
     config_json = json.dumps(legacy_config(model, plan, tp_size, pp_size), indent=2) + "\n"
+    layers_json = json.dumps(quant_cfg(model, plan, pp_size), indent=2) + "\n" if plan.layer_formats else None
     with atomic_directory(export_dir) as staging:
         (staging / "config.json").write_text(config_json, encoding="utf-8")
+        if layers_json is not None:  # PretrainedConfig.from_json_file reads it from beside config.json
+            (staging / "quant_cfg.json").write_text(layers_json, encoding="utf-8")
         for rank in range(tp_size * pp_size):  # one rank in memory at a time
-            rank_tensors = shard_rank(tensors, rules, model.config.num_hidden_layers, tp_size, pp_size, rank,
-                                      multiple)
+            rank_tensors = shard_rank(tensors, rules, model.config.num_hidden_layers, tp_size, pp_size, rank)
             save_file(rank_tensors, str(staging / f"rank{rank}.safetensors"), metadata={"format": "pt"})
         write_sidecars(model, staging, Path(export_dir), "trtllm-legacy", sidecars)  # trtllm-serve --tokenizer <dir>
-    logger.info("wrote a legacy TensorRT-LLM %s checkpoint (tp=%d, pp=%d) to %s", plan.fmt.quant_algo, tp_size,
-                pp_size, export_dir)
+    quant_algo = MIXED_PRECISION if plan.layer_formats else plan.fmt.quant_algo
+    logger.info("wrote a legacy TensorRT-LLM %s checkpoint (tp=%d, pp=%d) to %s", quant_algo, tp_size, pp_size,
+                export_dir)
