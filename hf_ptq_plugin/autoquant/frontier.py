@@ -34,9 +34,9 @@ class FrontierPoint:
 
 
 def measure_frontier(model: nn.Module, searched: AutoQuantizeResult, candidates: Candidates,
-                     linears: Dict[str, nn.Linear], budgets: Sequence[float],
+                     layers: Dict[str, nn.Module], budgets: Sequence[float],
                      evaluate: Callable[[nn.Module], float]) -> List[FrontierPoint]:
-    """`evaluate(model)` for the choice of every budget (ascending); the model holds `linears` after."""
+    """`evaluate(model)` for the choice of every budget (ascending); the model holds `layers` after."""
     points = []
     for bits in sorted(set(float(b) for b in budgets)):
         result = searched.solve(bits)
@@ -45,8 +45,8 @@ def measure_frontier(model: nn.Module, searched: AutoQuantizeResult, candidates:
                 model.set_submodule(name, candidates[qformat][name])
             metric = float(evaluate(model))
         finally:
-            for name, linear in linears.items():
-                model.set_submodule(name, linear)
+            for name, layer in layers.items():
+                model.set_submodule(name, layer)
         points.append(FrontierPoint(bits, result.effective_bits, result.true_bits, metric,
                                     dict(sorted(Counter(result.choice.values()).items()))))
     return points

@@ -1,9 +1,10 @@
 """The units AutoQuantize decides a format for: layer groups that must share one format.
 
-Engines run q/k/v and gate/up as one GEMM, so each such sibling set is one decision; every other
-quantizable Linear is its own. The layers are exactly those `quantize()` would quantize
-(`target_linears`: the LM head, MoE routers and vision towers are left out by default), so a
-choice of one format everywhere gives `quantize()`'s model.
+Engines run q/k/v and gate/up as one GEMM, so each such sibling set is one decision; the fused
+experts of one MoE layer are one decision too (engines run them as one MoE kernel in one format);
+every other quantizable Linear is its own. The layers are exactly those `quantize()` would quantize
+(`target_linears` and `target_experts`: the LM head, MoE routers and vision towers are left out by
+default), so a choice of one format everywhere gives `quantize()`'s model.
 """
 
 from dataclasses import dataclass
@@ -13,41 +14,47 @@ from torch import nn
 
 from ..calibration.selection import fused_groups, target_linears
 from ..calibration.smoothing import groups_sharing_input
-from ..modules.fused_experts import target_experts
+from ..modules.fused_experts import FUSED_PARAMS, is_fused_experts, target_experts
+from ..modules.quant_experts import QuantExperts
 
 
 @dataclass(frozen=True)
 class LayerGroup:
-    """Linears that take one format together; `elements` counts their weights."""
+    """Layers that take one format together; `elements` counts their weights. `experts`: one MoE
+    layer's fused experts, which always take a format (see `search_groups`)."""
 
     name: str
     members: Tuple[str, ...]
     elements: int
+    experts: bool = False
 
 
 def search_groups(model: nn.Module, exclude_modules: Sequence[str] = ()
-                  ) -> Tuple[List[LayerGroup], Dict[str, nn.Linear]]:
-    """(groups in model order, {name: nn.Linear} of every searched layer).
+                  ) -> Tuple[List[LayerGroup], Dict[str, nn.Module]]:
+    """(groups in model order, {name: nn.Linear or fused-experts module} of every searched layer).
 
-    A ValueError names fused MoE experts (not searched yet) and models with nothing to search.
+    A ValueError for a model with nothing to search.
     """
-    experts = target_experts(model, exclude_modules)
-    if experts:
-        names = sorted(experts)
-        raise ValueError(f"auto_quantize searches nn.Linear layers only; {type(model).__name__} has fused MoE experts "
-                         f"({names[:2]}{' ...' if len(names) > 2 else ''}), which it cannot assign a format yet. "
-                         "Keep them in full precision with exclude_modules=['*experts*'] to search the other "
-                         "layers, or quantize the model with one format (hf_ptq_plugin.quantize)")
-    linears = target_linears(model, exclude_modules)
-    if not linears:
+    linears, experts = target_linears(model, exclude_modules), target_experts(model, exclude_modules)
+    if not linears and not experts:
         raise ValueError(f"{type(model).__name__} has no nn.Linear left to search after exclusions "
                          f"{list(exclude_modules)}")
-    order = {name: index for index, name in enumerate(linears)}
-    member_lists = sorted(groups_sharing_input(list(linears), fused_groups(linears)),
-                          key=lambda members: min(order[m] for m in members))
-    groups = [LayerGroup(group_name(members), tuple(members), sum(linears[m].weight.numel() for m in members))
-              for members in member_lists]
-    return groups, linears
+    layers = {name: module for name, module in model.named_modules() if name in linears or name in experts}
+    order = {name: index for index, name in enumerate(layers)}
+    member_lists = groups_sharing_input(list(linears), fused_groups(linears)) + [[name] for name in experts]
+    groups = [LayerGroup(group_name(members), tuple(members), sum(weight_elements(layers[m]) for m in members),
+                         experts=members[0] in experts)
+              for members in sorted(member_lists, key=lambda members: min(order[m] for m in members))]
+    return groups, layers
+
+
+def weight_elements(module: nn.Module) -> int:
+    """Weights of a Linear, or of every expert of a fused-experts module (full precision or quantized)."""
+    if is_fused_experts(module):
+        return sum(getattr(module, param).numel() for param in FUSED_PARAMS)
+    if isinstance(module, QuantExperts):  # E x (gate + up + down)
+        return module.num_experts * 3 * module.hidden_dim * module.intermediate_dim
+    return module.in_features * module.out_features
 
 
 def group_name(members: Sequence[str]) -> str:

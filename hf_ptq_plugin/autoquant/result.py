@@ -38,7 +38,8 @@ class AutoQuantizeResult:
     `choice`: {group name: qformat or "none"}. `algorithms`: {qformat: calibration algorithm}.
     `memory`: bytes measured while the candidates were held (`model_bytes`, `bf16_model_bytes`,
     `candidate_bytes` per format, `peak_bytes` = model + every candidate). `group_size`: the INT4
-    candidates' group size, as resolved (None: no INT4 candidate). `frontier`: the metric per budget when asked (frontier.py).
+    candidates' group size, as resolved (None: no INT4 candidate). `frontier`: the metric per budget
+    when asked (frontier.py).
     """
 
     groups: List[GroupCandidates]

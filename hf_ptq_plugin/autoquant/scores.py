@@ -1,8 +1,9 @@
 """How much each candidate format would hurt each layer group, measured on scoring batches.
 
 - `gradient` (ModelOpt's default): the full-precision model runs forward and backward on the loss
-  (the LM loss with labels = input ids by default); at every searched Linear, with Y its output,
-  Y_c a candidate's output on the same input and g = dL/dY, the score adds sum((g * (Y_c - Y))^2),
+  (the LM loss with labels = input ids by default); at every searched layer (a Linear, or a MoE
+  layer's experts on the same routed tokens), with Y its output, Y_c a candidate's output on the
+  same inputs and g = dL/dY, the score adds sum((g * (Y_c - Y))^2),
   a second-order estimate of the loss change. Only activation gradients flow: no parameter
   requires grad, the embedding output does.
 - `kl_div`: for each group and candidate, with only that group quantized, the score adds
@@ -37,10 +38,11 @@ def gradient_scores(model: nn.Module, groups: List[LayerGroup], candidates: Cand
     group_of = {member: group.name for group in groups for member in group.members}
 
     def observe(name: str):
-        def hook(module, args, output):
-            if output.requires_grad:
-                x, y = args[0].detach(), output.detach()
-                output.register_hook(lambda g: _add_gradient_scores(scores[group_of[name]], candidates, name, x, y, g))
+        def hook(module, args, kwargs, output):
+            if output.requires_grad:  # the inputs (a Linear's x; the experts' tokens, routing) replay on candidates
+                inputs, y = (_detached(args), _detached(kwargs)), output.detach()
+                output.register_hook(
+                    lambda g: _add_gradient_scores(scores[group_of[name]], candidates, name, inputs, y, g))
         return hook
 
     def forward_backward(forward, args, kwargs):
@@ -50,20 +52,20 @@ def gradient_scores(model: nn.Module, groups: List[LayerGroup], candidates: Cand
         loss.backward()
         return outputs
 
-    linears = {m: model.get_submodule(m) for m in group_of}
-    with _frozen_parameters(model), _embedding_output_requires_grad(model), _hooks(linears, observe), \
+    layers = {m: model.get_submodule(m) for m in group_of}
+    with _frozen_parameters(model), _embedding_output_requires_grad(model), _hooks(layers, observe), \
             _reference_candidates(candidates), _scoring_forward(model, forward_backward):
         score_loop(model)
     return scores
 
 
 @torch.no_grad()
-def _add_gradient_scores(group_scores: Dict[str, float], candidates: Candidates, name: str, x: torch.Tensor,
+def _add_gradient_scores(group_scores: Dict[str, float], candidates: Candidates, name: str, inputs: tuple,
                          y: torch.Tensor, g: torch.Tensor) -> None:
-    g = g.float()
+    g, (args, kwargs) = g.float(), inputs
     for qformat, layers in candidates.items():
         if name in layers:  # a format that cannot store the layer has no candidate for it
-            y_c = layers[name](x)
+            y_c = layers[name](*args, **kwargs)
             group_scores[qformat] += (g * (y_c.float() - y.float())).square().sum().item()
 
 
@@ -101,6 +103,16 @@ def causal_lm_loss(outputs, batch: dict) -> torch.Tensor:
     if mask is not None:
         labels[mask.to(labels.device) == 0] = -100
     return F_nn.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def _detached(values):
+    """Tensors of a hook's args (tuple) or kwargs (dict) detached, the rest as is."""
+    def detach(value):
+        return value.detach() if isinstance(value, torch.Tensor) else value
+
+    if isinstance(values, dict):
+        return {k: detach(v) for k, v in values.items()}
+    return tuple(detach(v) for v in values)
 
 
 def _logits(outputs) -> torch.Tensor:
@@ -185,7 +197,7 @@ def _embedding_output_requires_grad(model: nn.Module):
 
 @contextlib.contextmanager
 def _hooks(modules: Dict[str, nn.Module], make_hook: Callable):
-    handles = [module.register_forward_hook(make_hook(name)) for name, module in modules.items()]
+    handles = [module.register_forward_hook(make_hook(name), with_kwargs=True) for name, module in modules.items()]
     try:
         yield
     finally:

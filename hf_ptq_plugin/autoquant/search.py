@@ -27,7 +27,7 @@ from ..modules.kv_cache import check_kv_support
 from .assemble import assemble
 from .candidates import bits_per_weight, build_candidates, candidate_bytes, storable
 from .frontier import check_budgets, measure_frontier
-from .groups import LayerGroup, search_groups
+from .groups import LayerGroup, search_groups, weight_elements
 from .result import AutoQuantizeResult, GroupCandidates
 from .scores import Candidates, Scores, gradient_scores, kl_div_scores
 from .solver import UNQUANTIZED, check_budget, nominal_bits
@@ -59,15 +59,15 @@ def auto_quantize(model: nn.Module, qformats: Sequence[str], effective_bits: flo
     loss with labels = input ids). frontier_bits with evaluate(model) -> number (e.g. perplexity):
     `result.frontier` gets the metric of the choice at each of these budgets, measured on the
     searched candidates before the final model is assembled (frontier.py).
-    A model with fused MoE experts is refused unless they are excluded.
+    A MoE layer's fused experts are one group, which always takes one of the formats (`group_options`).
     """
     _check_arguments(model, forward_loop, method, loss_fn, exclude_modules)
     check_budgets(frontier_bits, evaluate)
     algorithms = candidate_algorithms(qformats, algorithms, group_size)
-    groups, linears = search_groups(model, exclude_modules)
-    stored = {q: storable(PTQConfig(qformat=q, algorithm=a, group_size=_int4(q, group_size)), linears)
+    groups, layers = search_groups(model, exclude_modules)
+    stored = {q: storable(PTQConfig(qformat=q, algorithm=a, group_size=_int4(q, group_size)), layers)
               for q, a in algorithms.items()}
-    options = {g.name: [q for q, (_, kept) in stored.items() if all(m in kept for m in g.members)] for g in groups}
+    options = group_options(groups, stored)
     costs = [nominal_costs(g, options[g.name]) for g in groups]
     for bits in (effective_bits, *frontier_bits):
         check_budget(bits, costs, sum(g.elements for g in groups))
@@ -78,12 +78,12 @@ def auto_quantize(model: nn.Module, qformats: Sequence[str], effective_bits: flo
     memory = memory_report(model, candidates)
     scores = _scores(model, groups, candidates, scoring_loop(score_loop, forward_loop), method, loss_fn)
     resolved_group_size = next((c.group_size for c, _ in stored.values() if c.format.group_size_choices), None)
-    searched = AutoQuantizeResult([group_candidates(g, options[g.name], candidates, scores[g.name], linears)
+    searched = AutoQuantizeResult([group_candidates(g, options[g.name], candidates, scores[g.name], layers)
                                    for g in groups], {}, effective_bits, method, algorithms, list(exclude_modules),
                                   kv_cache_qformat, memory, resolved_group_size)
     if frontier_bits:
         searched.frontier = [asdict(point) for point in
-                             measure_frontier(model, searched, candidates, linears, frontier_bits, evaluate)]
+                             measure_frontier(model, searched, candidates, layers, frontier_bits, evaluate)]
     result = searched.solve(effective_bits)
     chosen = {name: candidates[q][name] for name, q in result.layer_qformats.items()}
     del candidates  # the candidates not chosen are freed here
@@ -101,7 +101,7 @@ def apply_choice(model: nn.Module, result: AutoQuantizeResult, forward_loop: Cal
     only its chosen layers are kept, so the model equals what `auto_quantize` builds for that choice.
     """
     refuse_if_interrupted(model)
-    groups, linears = search_groups(model, result.exclude_modules)
+    groups, layers = search_groups(model, result.exclude_modules)
     if [g.members for g in groups] != [tuple(g.members) for g in result.groups]:
         raise ValueError(f"{type(model).__name__}'s layer groups differ from the searched ones; apply_choice needs "
                          "the full-precision model that was searched (load it again)")
@@ -109,7 +109,7 @@ def apply_choice(model: nn.Module, result: AutoQuantizeResult, forward_loop: Cal
     chosen = {}
     for qformat in sorted(set(layer_qformats.values())):
         config, kept = storable(PTQConfig(qformat=qformat, algorithm=result.algorithms[qformat],
-                                          group_size=_int4(qformat, result.group_size)), linears)
+                                          group_size=_int4(qformat, result.group_size)), layers)
         built = build_candidates(model, kept, config, forward_loop)
         chosen.update({name: built[name] for name, q in layer_qformats.items() if q == qformat})
     return assemble(model, result, chosen, forward_loop)
@@ -140,22 +140,39 @@ def _int4(qformat: str, group_size: Optional[int]) -> Optional[int]:
     return group_size if F.get_format(qformat).group_size_choices else None
 
 
-def nominal_costs(group: LayerGroup, qformats: List[str]) -> List[float]:
-    """Budget costs (nominal bits x elements) of the group's options: the formats, then "none"."""
-    return [nominal_bits(q) * group.elements for q in qformats + [UNQUANTIZED]]
+def group_options(groups: List[LayerGroup], stored: Dict[str, Tuple[PTQConfig, dict]]) -> Dict[str, List[str]]:
+    """{group: its options}: the formats that can store every member, then "none" (full precision).
+
+    A MoE layer's experts always take a format: our loader and the single-format rule read a checkpoint's
+    fused experts all quantized or all not (exclude them, `exclude_modules=['*experts*']`, to keep them
+    in full precision), so their group has no "none" option.
+    """
+    options = {}
+    for group in groups:
+        formats = [q for q, (_, kept) in stored.items() if all(m in kept for m in group.members)]
+        if group.experts and not formats:
+            raise ValueError(f"no candidate format can store the experts of {group.name!r} (they always take a "
+                             f"format); exclude them with exclude_modules=[{group.name!r}] or add a format")
+        options[group.name] = formats if group.experts else formats + [UNQUANTIZED]
+    return options
 
 
-def group_candidates(group: LayerGroup, qformats: List[str], candidates: Candidates, scores: Dict[str, float],
-                     linears: Dict[str, nn.Linear]) -> GroupCandidates:
-    """One group's options (`qformats`: the formats that store every member, then "none") with their
-    scores, nominal costs and stored bits per weight."""
+def nominal_costs(group: LayerGroup, options: List[str]) -> List[float]:
+    """Budget costs (nominal bits x elements) of the group's options."""
+    return [nominal_bits(q) * group.elements for q in options]
 
-    def stored_bits(layers: Dict[str, nn.Module]) -> float:
-        return sum(bits_per_weight(layers[m]) * linears[m].weight.numel() for m in group.members) / group.elements
 
-    return GroupCandidates(group.name, list(group.members), group.elements, qformats + [UNQUANTIZED],
-                           [scores[q] for q in qformats] + [0.0], nominal_costs(group, qformats),
-                           [stored_bits(candidates[q]) for q in qformats] + [stored_bits(linears)])
+def group_candidates(group: LayerGroup, options: List[str], candidates: Candidates, scores: Dict[str, float],
+                     layers: Dict[str, nn.Module]) -> GroupCandidates:
+    """One group's options (`group_options`) with their scores, nominal costs and stored bits per weight."""
+
+    def stored_bits(option: str) -> float:
+        built = layers if option == UNQUANTIZED else candidates[option]
+        return sum(bits_per_weight(built[m]) * weight_elements(layers[m]) for m in group.members) / group.elements
+
+    return GroupCandidates(group.name, list(group.members), group.elements, list(options),
+                           [0.0 if q == UNQUANTIZED else scores[q] for q in options], nominal_costs(group, options),
+                           [stored_bits(q) for q in options])
 
 
 def memory_report(model: nn.Module, candidates: Candidates) -> Dict[str, object]:

@@ -11,7 +11,7 @@ default writes).
 """
 
 import logging
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 from safetensors import safe_open
@@ -19,17 +19,10 @@ from torch import nn
 
 from .. import formats as F
 from ..calibration.selection import target_linears
-from ..modules.fused_experts import (
-    DEFAULT_PROJECTION_NAMES,
-    checkpoint_namer,
-    is_fused_experts,
-    projection_names,
-    target_experts,
-)
 from ..modules.kv_cache import attention_modules, use_kv_attention
-from ..modules.quant_experts import QuantExperts
 from ..modules.quant_linear import QuantLinear
 from ..numerics.weights import weight_buffer_specs
+from .prequantized_experts import prepare_mixed_experts, prepare_prequantized_experts
 from .scale_checks import check_model_scales
 
 logger = logging.getLogger(__name__)
@@ -81,9 +74,11 @@ def prepare_prequantized(model: nn.Module, fmt: F.Format, exclude_modules, group
 
 def _prepare_mixed(model: nn.Module, layer_qformats: Dict[str, str], group_size: Optional[int],
                    kv_format: Optional[F.KVFormat], header: Header) -> Optional[int]:
-    """Per-layer formats: exactly the listed Linears, each in its own format."""
+    """Per-layer formats: exactly the listed Linears and MoE experts, each in its own format."""
+    consumed = prepare_mixed_experts(model, layer_qformats, group_size, header, lambda key, module: (
+        _check_layer(key, module, header), _declare_optional_tensors(key, module, header)))
     linears = {}
-    for name in layer_qformats:
+    for name in [n for n in layer_qformats if n not in consumed]:
         module = model.get_submodule(name) if _has_submodule(model, name) else None
         if type(module) is not nn.Linear:
             raise ValueError(f"quantized_layers lists {name!r}, which is not an nn.Linear of "
@@ -101,7 +96,8 @@ def _prepare_mixed(model: nn.Module, layer_qformats: Dict[str, str], group_size:
         model.set_submodule(name, module)
     if kv_format is not None:
         _declare_kv_scales(model, header)
-    return group_size if int4 else None
+    int4_experts = any(F.get_format(layer_qformats[n]).group_size_choices for n in consumed)
+    return group_size if int4 or int4_experts else None
 
 
 def _has_submodule(model: nn.Module, name: str) -> bool:
@@ -230,52 +226,3 @@ def _enable_loaded_kv(model: nn.Module, kv_format: F.KVFormat) -> None:
                        "using scale 1.0, as the serving engines do", kv_format.kv_cache_quant_algo, len(defaulted),
                        defaulted[0])
     use_kv_attention(model)
-
-
-def prepare_prequantized_experts(model: nn.Module, fmt: F.Format, exclude_modules, group_size: Optional[int],
-                                 header: dict, check: Callable) -> int:
-    """Swap the fused experts the checkpoint holds quantized for meta QuantExperts; returns how many.
-
-    `check(header_name, quant_linear)` validates one projection against the checkpoint header
-    (hf/prequantized.py). A checkpoint quantizing some MoE layers' experts and not others is refused.
-    """
-    fused = {name: m for name, m in model.named_modules() if is_fused_experts(m)}
-    if not fused:
-        return 0
-    names, header_name = _checkpoint_layout(model, next(iter(fused)), header)
-    targets = set(target_experts(model, exclude_modules))
-    quantized = {n: m for n, m in fused.items()
-                 if n in targets or f"{header_name(f'{n}.0.{names[0]}')}.weight_scale" in header}
-    if quantized and len(quantized) < len(fused):
-        left = sorted(set(fused) - set(quantized))
-        raise ValueError(f"the checkpoint quantizes the experts of {len(quantized)} MoE layer(s) but not of "
-                         f"{left[:3]}; checkpoints with some MoE layers' experts quantized and others not are "
-                         "not supported")
-    for name, module in quantized.items():
-        experts = QuantExperts.like(module, fmt, group_size, names, device="meta")
-        for e in range(experts.num_experts):
-            for proj in names:
-                check(header_name(f"{name}.{e}.{proj}"), getattr(experts.expert(e), proj))
-        model.set_submodule(name, experts)
-    return len(quantized)
-
-
-def _checkpoint_layout(model: nn.Module, first: str, header: dict) -> Tuple[Tuple[str, str, str], Callable]:
-    """(projection names, model name -> header name) of the checkpoint's per-expert tensors.
-
-    Names: the family's (Mixtral w1/w3/w2), or gate_proj/up_proj/down_proj when the checkpoint
-    holds those instead (ModelOpt HEAD splits every family that way). Header names: the model's
-    names with save_pretrained's renamings (Mixtral `.mlp.` -> `.block_sparse_moe.`), or as they
-    are when the checkpoint was written without them.
-    """
-    to_checkpoint = checkpoint_namer(model)
-
-    def header_name(key: str) -> str:
-        renamed = to_checkpoint(key)
-        return renamed if f"{renamed}.weight" in header or f"{key}.weight" not in header else key
-
-    names = projection_names(model)
-    if f"{header_name(f'{first}.0.{names[0]}')}.weight" not in header and \
-            f"{header_name(f'{first}.0.{DEFAULT_PROJECTION_NAMES[0]}')}.weight" in header:
-        names = DEFAULT_PROJECTION_NAMES
-    return names, header_name

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from autoquant_data import calibration_loop, token_batch
-from conftest import tiny_llama, tiny_moe
+from conftest import tiny_llama
 from torch import nn
 
 from hf_ptq_plugin import PTQConfig, apply_choice, auto_quantize, quantize
@@ -141,11 +141,6 @@ def test_kl_div_search_with_an_fp8_kv_cache():
     assert model.ptq_config.kv_cache_qformat == "fp8"
     k_proj = model.model.layers[0].self_attn.k_proj
     assert k_proj.k_scale.item() > 0
-
-
-def test_models_with_fused_experts_are_refused_with_the_way_out():
-    with pytest.raises(ValueError, match=r"fused MoE experts.*exclude_modules=\['\*experts\*'\]"):
-        auto_quantize(tiny_moe("qwen3_moe"), ["fp8"], 8.0, calibration_loop())
 
 
 @pytest.mark.parametrize("kwargs, message", [
