@@ -31,6 +31,9 @@ def parse_args():
                         help="comma-separated runs: a qformat (uniform, quantize()), or qformat+qformat@bits "
                              "(auto_quantize over those candidates at that effective-bits budget)")
     parser.add_argument("--group-size", type=int, default=64, help="INT4 group size")
+    parser.add_argument("--algorithms", default="",
+                        help="comma-separated qformat:algorithm overrides for uniform runs and candidates alike "
+                             "(default: each format's own)")
     parser.add_argument("--method", choices=("gradient", "kl_div"), default="gradient")
     parser.add_argument("--score-samples", type=int, default=16, help="calibration windows that score the candidates")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "hf_ptq_plugin")
@@ -49,8 +52,10 @@ def one_run(run, args, path, calib_windows, eval_windows):
     from transformers import AutoModelForCausalLM
 
     from hf_ptq_plugin import PTQConfig, auto_quantize, quantize
+    from hf_ptq_plugin import formats as F
     from hf_ptq_plugin.evaluation import perplexity
 
+    algorithms = dict(pair.split(":") for pair in args.algorithms.split(",") if pair)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     loop = lambda m: calibration_pass(m, calib_windows, args.batch_size)  # noqa: E731
@@ -58,14 +63,17 @@ def one_run(run, args, path, calib_windows, eval_windows):
     if "@" in run:
         qformats, bits = run.split("@")
         score_batches = list(calib_windows[:args.score_samples].split(args.batch_size))
-        _, result = auto_quantize(model, qformats.split("+"), float(bits), loop, method=args.method,
-                                  group_size=args.group_size, score_loop=score_batches)
+        candidates = qformats.split("+")
+        int4 = any(F.get_format(q).group_size_choices for q in candidates)
+        _, result = auto_quantize(model, candidates, float(bits), loop, method=args.method,
+                                  algorithms={q: a for q, a in algorithms.items() if q in candidates} or None,
+                                  group_size=args.group_size if int4 else None, score_loop=score_batches)
         chosen = Counter(result.choice.values())
         formats = " ".join(f"{q}:{n}" for q, n in sorted(chosen.items()))
         achieved = f"{result.effective_bits:.3f} ({result.true_bits:.3f})"
     else:
-        group_size = args.group_size if run.startswith("int4") else None
-        quantize(model, PTQConfig(qformat=run, group_size=group_size), forward_loop=loop)
+        group_size = args.group_size if F.get_format(run).group_size_choices else None
+        quantize(model, PTQConfig(qformat=run, group_size=group_size, algorithm=algorithms.get(run)), forward_loop=loop)
         formats, achieved = "uniform", "-"
     seconds = time.perf_counter() - start
     ppl = perplexity(model, eval_windows, args.batch_size, progress=run)
@@ -87,7 +95,8 @@ def main():
             for r in results]
     print(f"protocol: {args.calib_samples} calibration samples x {args.seq_len} tokens (Austen minus P&P), the first "
           f"{args.score_samples} scoring ({args.method}), perplexity on the first {args.eval_windows} windows x "
-          f"{args.seq_len} of Pride and Prejudice, bf16, INT4 group size {args.group_size}, "
+          f"{args.seq_len} of Pride and Prejudice, bf16, INT4 group size {args.group_size}, algorithms "
+          f"{args.algorithms or 'each format default'}, "
           f"{torch.get_num_threads()} threads")
     print_table(header, rows, args.markdown, width=24)
 
