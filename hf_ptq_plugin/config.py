@@ -81,10 +81,6 @@ class PTQConfig(QuantizationConfigMixin):
         formats = [F.get_format(q) for q in (self.layer_qformats or {}).values()]
         return next((fmt for fmt in formats if fmt.group_size_choices), None)
 
-    def format_of(self, layer: str) -> F.Format:
-        """The Format of one quantized Linear: its own with per-layer formats, else `qformat`'s."""
-        return F.get_format((self.layer_qformats or {}).get(layer, self.qformat))
-
     def _check_algorithm(self, fmt: F.Format) -> None:
         if self.algorithm is None:
             return

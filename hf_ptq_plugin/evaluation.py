@@ -16,8 +16,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, pro
     """exp(mean next-token NLL) over every predicted position of (n, seq_len) windows."""
     device = input_device(model)
     total_nll, total_tokens = 0.0, 0
-    batches = windows.split(batch_size)
-    for batch in tqdm(batches, desc=progress or "perplexity", leave=False, disable=None):
+    for batch in tqdm(windows.split(batch_size), desc=progress or "perplexity", leave=False, disable=None):
         batch = batch.to(device)
         logits = model(input_ids=batch).logits[:, :-1].float()  # (B, S-1, V)
         targets = batch[:, 1:]

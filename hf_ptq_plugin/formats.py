@@ -70,10 +70,6 @@ class Format:
         """The checkpoint's `quant_algo` is an AWQ one (its layers may carry `pre_quant_scale`)."""
         return "AWQ" in self.quant_algo
 
-    @property
-    def packs_two_per_byte(self) -> bool:
-        return self.weight in (INT4, NVFP4)
-
 
 FORMATS = {
     f.name: f

@@ -23,13 +23,9 @@ from .tiles import load_tile, load_x_tile, mma, store_out_tile, tile_offsets
 
 @triton.jit
 def fp8_block_gemm_kernel(
-    # Pointers
     x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr,
-    # Matrix dimensions and the scale tile
     M, N, K, TILE,
-    # Strides
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_om, stride_on,
-    # Meta-parameters
     HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):

@@ -9,8 +9,8 @@ Layout (the unified checkpoint's `fp8` and `fp8_pc_pt`):
 
 Products of two e4m3 values are exact in fp32, so the tl.dot accumulator is the exact sum up to
 fp32 rounding, and both scales (per tensor, per row or per column) are applied once at the end.
-FP8_DOT feeds tl.dot the fp8 operands directly (tensor cores on sm_89+, and the interpreter);
-otherwise they are widened to fp16, which holds every e4m3 value exactly (for older GPUs).
+tl.dot takes the fp8 operands as they are where it can (tensor cores on sm_89+, and the
+interpreter); otherwise they are widened to fp16, which holds every e4m3 value exactly (`fp8_dot_dtype`).
 """
 
 import torch
@@ -18,19 +18,15 @@ import triton
 import triton.language as tl
 
 from .launch import gemm_blocks, require
-from .tiles import load_scale, load_tile, store_out_tile, tile_offsets
+from .tiles import load_scale, load_tile, mma, store_out_tile, tile_offsets
 
 
 @triton.jit
 def fp8_gemm_kernel(
-    # Pointers
     a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr,
-    # Matrix dimensions
     M, N, K,
-    # Strides
     stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on,
-    # Meta-parameters
-    A_PER_ROW: tl.constexpr, B_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, FP8_DOT: tl.constexpr,
+    A_PER_ROW: tl.constexpr, B_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_m, offs_n = tile_offsets(BLOCK_M, BLOCK_N)
@@ -39,18 +35,17 @@ def fp8_gemm_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = load_tile(a_ptr, offs_m, offs_k, M, K, stride_am, stride_ak, 0.0)
         b = load_tile(b_ptr, offs_n, offs_k, N, K, stride_bn, stride_bk, 0.0)
-        if FP8_DOT:
-            acc = tl.dot(a, tl.trans(b), acc)
-        else:
-            acc = tl.dot(a.to(tl.float16), tl.trans(b.to(tl.float16)), acc)
+        acc = mma(acc, a, tl.trans(b), DOT_DTYPE)
     a_scale = load_scale(a_scale_ptr, offs_m[:, None], M, A_PER_ROW)  # (BLOCK_M, 1) or scalar
     b_scale = load_scale(b_scale_ptr, offs_n[None, :], N, B_PER_ROW)  # (1, BLOCK_N) or scalar
     store_out_tile(out_ptr, bias_ptr, acc * a_scale * b_scale, offs_m, offs_n, M, N, stride_om, stride_on, HAS_BIAS)
 
 
-def fp8_supported_by_dot(device: torch.device) -> bool:
-    """fp8 tl.dot needs sm_89+ on NVIDIA; the interpreter handles it on CPU tensors."""
-    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
+def fp8_dot_dtype(device: torch.device, fp8_dot: bool = None):
+    """tl.dot's operand dtype for e4m3 values: e4m3 if `fp8_dot` (None: where fp8 tl.dot exists), else fp16."""
+    if fp8_dot is None:
+        fp8_dot = device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
+    return tl.float8e4nv if fp8_dot else tl.float16
 
 
 def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
@@ -71,7 +66,6 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
         m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         A_PER_ROW=a_scale.dim() == 1, B_PER_ROW=b_scale.dim() == 1, HAS_BIAS=bias is not None,
-        FP8_DOT=fp8_supported_by_dot(a.device) if fp8_dot is None else fp8_dot,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        DOT_DTYPE=fp8_dot_dtype(a.device, fp8_dot), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
     )
     return out

@@ -26,13 +26,9 @@ from .tiles import load_x_tile
 
 @triton.jit
 def fp8_quantize_kernel(
-    # Pointers
     x_ptr, scale_ptr, pqs_ptr, q_ptr, row_scale_ptr,
-    # Dimensions and scale indexing (static scales)
     R, C, SCALE_ROWS, SCALE_COLS, stride_sr, stride_sc,
-    # Strides
     stride_xr, stride_xc, stride_qr, stride_qc,
-    # Meta-parameters
     DYNAMIC_ROWS: tl.constexpr, HAS_PQS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)

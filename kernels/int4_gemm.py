@@ -26,13 +26,9 @@ from .tiles import load_group_scales, load_tile, load_x_tile, mma, store_out_til
 
 @triton.jit
 def int4_gemm_kernel(
-    # Pointers
     x_ptr, w_ptr, scale_ptr, pqs_ptr, bias_ptr, out_ptr,
-    # Matrix dimensions and the INT4 group size
     M, N, K, GROUP_SIZE,
-    # Strides
     stride_xm, stride_xk, stride_wp, stride_wk, stride_sn, stride_sg, stride_om, stride_on,
-    # Meta-parameters
     HAS_PQS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):

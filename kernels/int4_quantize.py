@@ -22,13 +22,9 @@ from .tiles import load_tile
 
 @triton.jit
 def int4_quantize_kernel(
-    # Pointers
     w_ptr, packed_ptr, scale_ptr,
-    # Dimensions
     N, K,
-    # Strides
     stride_wn, stride_wk, stride_pn, stride_pk, stride_sn, stride_sg,
-    # Meta-parameters
     GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)

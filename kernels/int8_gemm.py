@@ -27,13 +27,9 @@ from .tiles import load_scale, load_tile, load_x_tile, mma, store_out_tile, tile
 
 @triton.jit
 def int8_gemm_kernel(
-    # Pointers
     x_ptr, w_ptr, w_scale_ptr, x_scale_ptr, pqs_ptr, bias_ptr, out_ptr,
-    # Matrix dimensions
     M, N, K,
-    # Strides
     stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
-    # Meta-parameters
     QUANTIZE_X: tl.constexpr, HAS_PQS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):

@@ -17,13 +17,6 @@ def require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def activation_2d(x: torch.Tensor, k: int, name: str = "x") -> torch.Tensor:
-    """x (..., K) -> (M, K) view (or copy); checks K and the floating dtype."""
-    require(x.shape[-1] == k, f"{name} has {x.shape[-1]} input features, the weight expects {k}")
-    require(x.dtype in _TL_DTYPES, f"{name} dtype {x.dtype} is not one of {list(_TL_DTYPES)}")
-    return x.reshape(-1, k)
-
-
 def dot_dtype(x_dtype: torch.dtype, device: torch.device):
     """The dtype tl.dot runs in for activations of `x_dtype`.
 
@@ -60,9 +53,11 @@ def gemm_setup(x: torch.Tensor, n: int, k: int, block_m=None, block_n=None, bloc
                n_multiple: int = 1, k_multiple: int = 1):
     """(x2d, out, (BLOCK_M, BLOCK_N, BLOCK_K)) for activations x (..., K) times an (N, K) weight.
 
-    x2d is x as (M, K) (`activation_2d`), out the uninitialized (M, N) output in x's dtype (every
-    element is written by the kernel), the tile sizes those of `gemm_blocks`.
+    Checks x's K and floating dtype. x2d is x as an (M, K) view (or copy), out the uninitialized (M, N)
+    output in x's dtype (every element is written by the kernel), the tile sizes those of `gemm_blocks`.
     """
-    x2d = activation_2d(x, k)
+    require(x.shape[-1] == k, f"x has {x.shape[-1]} input features, the weight expects {k}")
+    require(x.dtype in _TL_DTYPES, f"x dtype {x.dtype} is not one of {list(_TL_DTYPES)}")
+    x2d = x.reshape(-1, k)
     blocks = gemm_blocks(x2d.shape[0], n, k, x.device, block_m, block_n, block_k, n_multiple, k_multiple)
     return x2d, torch.empty((x2d.shape[0], n), device=x.device, dtype=x.dtype), blocks

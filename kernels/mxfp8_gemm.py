@@ -45,13 +45,9 @@ def _quantize_x_blocks(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def mxfp8_gemm_kernel(
-    # Pointers
     x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
-    # Matrix dimensions
     M, N, K,
-    # Strides
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_om, stride_on,
-    # Meta-parameters
     HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):

@@ -47,13 +47,9 @@ def _quantize_x_blocks(x, global_scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.const
 
 @triton.jit
 def nvfp4_gemm_kernel(
-    # Pointers
     x_ptr, x_scale_ptr, pqs_ptr, w_ptr, w_scale_ptr, w_scale_2_ptr, bias_ptr, out_ptr,
-    # Matrix dimensions
     M, N, K,
-    # Strides
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_om, stride_on,
-    # Meta-parameters
     QUANTIZE_X: tl.constexpr, HAS_PQS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):

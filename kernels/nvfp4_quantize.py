@@ -26,13 +26,9 @@ NVFP4_BLOCK = 16
 
 @triton.jit
 def nvfp4_quantize_kernel(
-    # Pointers
     x_ptr, global_scale_ptr, packed_ptr, block_scale_ptr,
-    # Dimensions
     R, C,
-    # Strides
     stride_xr, stride_xc, stride_pr, stride_pc, stride_sr, stride_sc,
-    # Meta-parameters
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)

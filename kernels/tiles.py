@@ -1,12 +1,5 @@
-"""Triton device functions that load and store the tiles every GEMM kernel here shares.
-
-`tile_offsets` gives a program the rows and columns of its output tile; `load_tile` reads a
-masked 2-D tile as stored, `load_group_scales` the scale of each element of a weight tile (one
-per group of K), `load_scale` a per-row or per-tensor scale. `load_x_tile` reads an activation
-tile and applies `pre_quant_scale` the way the reference does (the product is rounded to the
-activation dtype, as `x * pre_quant_scale` in torch is); `store_out_tile` adds the bias and
-writes the output rounded to its dtype (ties to even, also under the interpreter). Imports only
-triton.
+"""Triton device functions that load and store the tiles every GEMM kernel here shares, and their
+`mma` step. Imports only triton.
 """
 
 import triton
@@ -77,7 +70,7 @@ def store_out_tile(out_ptr, bias_ptr, acc, offs_m, offs_n, M, N, stride_om, stri
 def mma(acc, a, b, DOT_DTYPE: tl.constexpr):
     """acc + a @ b with both operands cast to DOT_DTYPE and fp32 accumulation.
 
-    fp32 uses "ieee" (no TF32) so an fp32 model gets fp32 products; 16-bit operands use the
+    fp32 uses "ieee" (no TF32) so an fp32 model gets fp32 products; 16-bit and fp8 operands use the
     tensor cores. The launchers pick fp32 for bf16 under the interpreter, whose bf16 dot is wrong.
     """
     if DOT_DTYPE == tl.float32:

@@ -21,22 +21,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_gemm import fp8_supported_by_dot
+from .fp8_gemm import fp8_dot_dtype
 from .launch import gemm_blocks, require
 from .rounding import fp8_e4m3_round, int4_decode
-from .tiles import load_group_scales, load_tile, store_out_tile, tile_offsets
+from .tiles import load_group_scales, load_tile, mma, store_out_tile, tile_offsets
 
 
 @triton.jit
 def w4a8_gemm_kernel(
-    # Pointers
     a_ptr, a_scale_ptr, w_ptr, scale_ptr, scale_2_ptr, bias_ptr, out_ptr,
-    # Matrix dimensions and the INT4 group size
     M, N, K, GROUP_SIZE,
-    # Strides
     stride_am, stride_ak, stride_wp, stride_wk, stride_sn, stride_sg, stride_om, stride_on,
-    # Meta-parameters
-    HAS_BIAS: tl.constexpr, FP8_DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_m, offs_n = tile_offsets(BLOCK_M, BLOCK_N)
@@ -52,10 +48,7 @@ def w4a8_gemm_kernel(
         scale = load_group_scales(scale_ptr, offs_n, offs_k, N, K, stride_sn, stride_sg, GROUP_SIZE, 0.0)
         ratio = tl.math.div_rn(scale, scale_2).to(tl.float16).to(tl.float32)
         w = fp8_e4m3_round(q.to(tl.float32) * ratio).to(tl.float8e4nv)  # exact: already on the grid
-        if FP8_DOT:
-            acc = tl.dot(a, tl.trans(w), acc)
-        else:
-            acc = tl.dot(a.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
+        acc = mma(acc, a, tl.trans(w), DOT_DTYPE)
     a_scale = tl.load(a_scale_ptr)
     store_out_tile(out_ptr, bias_ptr, acc * a_scale * scale_2, offs_m, offs_n, M, N, stride_om, stride_on, HAS_BIAS)
 
@@ -77,7 +70,7 @@ def w4a8_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weig
         m, n, k, group_size,
         a.stride(0), a.stride(1), weight.stride(0), weight.stride(1),
         weight_scale.stride(0), weight_scale.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, FP8_DOT=fp8_supported_by_dot(a.device) if fp8_dot is None else fp8_dot,
+        HAS_BIAS=bias is not None, DOT_DTYPE=fp8_dot_dtype(a.device, fp8_dot),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
     )
     return out

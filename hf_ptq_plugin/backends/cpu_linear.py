@@ -63,10 +63,7 @@ def cpu_linear(module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _int8pack(module, weight, x2d: torch.Tensor) -> torch.Tensor:
-    """int8 weight matmul in bf16 with unit scales; the fp32 scales multiply the output.
-
-    W8A8 with 1 or from INT_MM_MIN_ROWS rows: torch's int8 x int8 -> int32 GEMM, exact sums.
-    """
+    """The `int8pack` kind's GEMM (module docstring), or W8A8's int8 x int8 one (INT_MM_MIN_ROWS)."""
     if module.fmt.act == F.INT8:
         x_scale = module._activation_scale(x2d)
         codes = int_quantize(x2d, x_scale, 8)  # a new tensor, so 64-byte aligned

@@ -103,9 +103,8 @@ def bf16_dense_weights(modules: Iterable) -> Iterator[None]:
     modules = [m for m in modules if m.fmt.act != F.INT8]
     try:
         for module in modules:
-            buffers = module._buffers
             matrix = dequantize_weight(module.weight_buffers(), module.fmt, module.group_size).to(torch.bfloat16)
-            module.cpu_weight_cache = CpuWeight("dense", _sources(buffers), True, matrix, nbytes=matrix.nbytes)
+            module.cpu_weight_cache = CpuWeight("dense", _sources(module._buffers), True, matrix, nbytes=matrix.nbytes)
         yield
     finally:
         for module in modules:
@@ -133,12 +132,8 @@ def _sources(buffers: dict) -> tuple:
 
 @torch.no_grad()
 def build_cpu_weight(fmt: F.Format, buffers: dict, group_size: int, act_dtype: torch.dtype) -> CpuWeight:
-    """The cached compute form of one layer's weight for activations of `act_dtype`.
-
-    `buffers` are the layer's checkpoint tensors. Only bf16 activations take the fast kernels
-    (whose bf16 arithmetic is no coarser than the activations); fp32 and fp16 ones get the
-    reference's own dequantized fp32 weight, so their outputs are the reference's, bit for bit.
-    """
+    """The cached compute form of one layer's weight (checkpoint tensors `buffers`) for activations of
+    `act_dtype`: a packed kernel's for bf16 ones, else the reference's `dense` (module docstring)."""
     sources, bf16 = _sources(buffers), act_dtype == torch.bfloat16
     n = buffers["weight_scale"].shape[0] if fmt.weight == F.INT4 else buffers["weight"].shape[0]
     if not bf16:

@@ -8,6 +8,7 @@ kernel headers).
 """
 
 import functools
+import importlib
 import importlib.util
 from types import SimpleNamespace
 
@@ -21,35 +22,17 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+# One kernel per module, its launcher named like the module (kernels/README.md).
+KERNEL_MODULES = ("fp8_block_gemm", "fp8_gemm", "fp8_quantize", "int4_gemm", "int4_quantize", "int8_gemm",
+                  "mxfp8_gemm", "nvfp4_gemm", "nvfp4_quantize", "w4a8_gemm")
+
+
 @functools.cache
 def load_kernels() -> SimpleNamespace:
-    """The GEMM launchers; the first call imports triton (the package's only lazy imports are here)."""
-    from ..kernels import (
-        fp8_block_gemm,
-        fp8_gemm,
-        fp8_quantize,
-        int4_gemm,
-        int8_gemm,
-        mxfp8_gemm,
-        nvfp4_gemm,
-        w4a8_gemm,
-    )
-
-    return SimpleNamespace(
-        fp8_block_gemm=fp8_block_gemm.fp8_block_gemm, fp8_gemm=fp8_gemm.fp8_gemm,
-        fp8_quantize=fp8_quantize.fp8_quantize,
-        int4_gemm=int4_gemm.int4_gemm, int8_gemm=int8_gemm.int8_gemm, mxfp8_gemm=mxfp8_gemm.mxfp8_gemm,
-        nvfp4_gemm=nvfp4_gemm.nvfp4_gemm, w4a8_gemm=w4a8_gemm.w4a8_gemm,
-    )
-
-
-@functools.cache
-def load_quantize_kernels() -> SimpleNamespace:
-    """The weight quantize launchers (FP8 cast, INT4 and NVFP4 quantize + pack)."""
-    from ..kernels import fp8_quantize, int4_quantize, nvfp4_quantize
-
-    return SimpleNamespace(fp8_quantize=fp8_quantize.fp8_quantize, int4_quantize=int4_quantize.int4_quantize,
-                           nvfp4_quantize=nvfp4_quantize.nvfp4_quantize)
+    """The launchers, GEMMs and weight quantizers; the first call imports triton (the package's only lazy
+    imports are here)."""
+    return SimpleNamespace(**{name: getattr(importlib.import_module(f"..kernels.{name}", __package__), name)
+                              for name in KERNEL_MODULES})
 
 
 def triton_linear(module, x: torch.Tensor) -> torch.Tensor:

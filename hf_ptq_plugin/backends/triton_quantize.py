@@ -14,19 +14,22 @@ import torch
 from .. import formats as F
 from ..numerics import FP8_MAX, quantize_weight, scale_from_amax
 from ..numerics.nvfp4 import nvfp4_global_scale
-from .triton_linear import load_quantize_kernels
+from ..numerics.weights import fp8_weight_scale
+from .triton_linear import load_kernels
 
 
 def quantize_weight_triton(w: torch.Tensor, fmt: F.Format, group_size: Optional[int] = None,
                            global_amax: Optional[torch.Tensor] = None) -> dict:
     """Drop-in for `numerics.quantize_weight` (same keys, dtypes, shapes and bits) on a kernel device."""
-    k = load_quantize_kernels()
+    k = load_kernels()
     group_size = group_size or fmt.group_size
     w = w.detach()
     if global_amax is None:
         global_amax = w.abs().amax().float()
     if fmt.weight == F.FP8:
-        return _fp8(k, w, fmt, group_size)
+        scale = fp8_weight_scale(w, fmt, group_size)
+        tile = group_size if fmt.weight_granularity == F.PER_TILE else None
+        return {"weight": k.fp8_quantize(w, scale, tile=tile)[0], "weight_scale": scale}
     if fmt.weight == F.INT4:
         packed, scale = k.int4_quantize(w, group_size)
         out = {"weight": packed, "weight_scale": scale}
@@ -39,15 +42,3 @@ def quantize_weight_triton(w: torch.Tensor, fmt: F.Format, group_size: Optional[
         return {"weight": packed, "weight_scale": block_scale, "weight_scale_2": scale_2}
     return quantize_weight(w, fmt, group_size, global_amax)
 
-
-def _fp8(k, w: torch.Tensor, fmt: F.Format, tile: int) -> dict:
-    if fmt.weight_granularity == F.PER_TENSOR:
-        scale = scale_from_amax(w.abs().amax(), FP8_MAX)
-        return {"weight": k.fp8_quantize(w, scale)[0], "weight_scale": scale}
-    if fmt.weight_granularity == F.PER_CHANNEL:
-        scale = scale_from_amax(w.abs().amax(dim=1), FP8_MAX)
-        return {"weight": k.fp8_quantize(w, scale)[0], "weight_scale": scale}
-    n, c = w.shape
-    tiles = w.view(n // tile, tile, c // tile, tile)
-    scale = scale_from_amax(tiles.abs().amax(dim=(1, 3), keepdim=True), FP8_MAX)  # (N/t, 1, K/t, 1)
-    return {"weight": k.fp8_quantize(w, scale, tile=tile)[0], "weight_scale": scale}

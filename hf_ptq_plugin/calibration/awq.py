@@ -23,40 +23,33 @@ from ..numerics import input_scale_from_amax, quantize_activation
 from ..numerics.weights import fake_quantize_weight
 from .distributed import all_reduce
 
-ALPHA_STEP = 0.1
+ALPHA_GRID = tuple(i * 0.1 for i in range(11))  # 0, 0.1, ..., 1
 
 
 def awq_search(w: torch.Tensor, x: torch.Tensor, x_mean: torch.Tensor, x_amax: torch.Tensor, fmt: F.Format,
-               group_size: int, alpha_step: float = ALPHA_STEP) -> torch.Tensor:
+               group_size: int) -> torch.Tensor:
     """The best smoothing factor s (K,) for stacked weights w (N, K) and sampled inputs x (T, K),
     given the per-channel mean and max |x| (K,) over all calibration tokens."""
     w_mean = normalized_weight_mean(w.float(), block_size(fmt, group_size))
-    alphas = alpha_grid(alpha_step)
-    losses = alpha_losses(w, x, x_mean, x_amax, w_mean, fmt, group_size, alphas)
-    return best_scale(losses, alphas, x_mean, w_mean)
-
-
-def alpha_grid(alpha_step: float = ALPHA_STEP) -> list:
-    return [i * alpha_step for i in range(int(round(1 / alpha_step)) + 1)]
+    return best_scale(alpha_losses(w, x, x_mean, x_amax, w_mean, fmt, group_size), x_mean, w_mean)
 
 
 def alpha_losses(w: torch.Tensor, x: torch.Tensor, x_mean: torch.Tensor, x_amax: torch.Tensor, w_mean: torch.Tensor,
-                 fmt: F.Format, group_size: int, alphas: list) -> torch.Tensor:
-    """(len(alphas),) summed squared output errors on x (T, K) of w (N, K) smoothed by each alpha's scale.
+                 fmt: F.Format, group_size: int) -> torch.Tensor:
+    """(len(ALPHA_GRID),) summed squared output errors on x (T, K) of w (N, K) smoothed by each alpha's scale.
 
     `x_mean`, `x_amax` and `w_mean` (K,) may describe more than w and x (all experts of a MoE
     layer, whose losses are then summed to choose their one shared scale).
     """
     w, x = w.float(), x.float()
-    output_error = _squared_output_error(w, x, x_amax.float(), fmt, group_size, len(alphas))
-    return torch.stack([output_error(scale_for(a, x_mean, w_mean)) for a in alphas])
+    output_error = _squared_output_error(w, x, x_amax.float(), fmt, group_size, len(ALPHA_GRID))
+    return torch.stack([output_error(scale_for(a, x_mean, w_mean)) for a in ALPHA_GRID])
 
 
-def best_scale(losses: torch.Tensor, alphas: list, x_mean: torch.Tensor, w_mean: torch.Tensor) -> torch.Tensor:
+def best_scale(losses: torch.Tensor, x_mean: torch.Tensor, w_mean: torch.Tensor) -> torch.Tensor:
     """The scale of the alpha with the least loss summed over processes."""
     # Several processes: each holds its own token sample; summed errors pick one alpha for all.
-    losses = all_reduce(losses, "sum")
-    return scale_for(alphas[int(losses.argmin())], x_mean, w_mean)
+    return scale_for(ALPHA_GRID[int(all_reduce(losses, "sum").argmin())], x_mean, w_mean)
 
 
 def block_size(fmt: F.Format, group_size: Optional[int]) -> int:

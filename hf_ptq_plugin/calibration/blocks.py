@@ -9,7 +9,8 @@ block is calibrated on the activations the quantized model will really produce (
 `PTQConfig(sequential=False)`, streamed.py). A progress bar per block's batches shows each pass.
 """
 
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+import contextlib
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -42,9 +43,7 @@ class _Catcher(nn.Module):
 
     def forward(self, hidden_states, *args, **kwargs):
         if self.record is not None:
-            kept = {k: v for k, v in kwargs.items() if k not in NOT_REPLAYED}
-            mask = None if self.token_mask is None else self.token_mask.mask
-            self.record.append(((hidden_states.detach(),) + args, kept, mask))
+            self.record.append(_replayable((hidden_states.detach(),) + args, kwargs, self.token_mask))
         return hidden_states
 
     def __getattr__(self, name):  # attributes the model reads from its blocks (e.g. attention_type)
@@ -54,44 +53,41 @@ class _Catcher(nn.Module):
             return getattr(self.block, name)
 
 
+def _replayable(args: tuple, kwargs: dict, token_mask) -> tuple:
+    """One recorded block input: (args, kwargs but NOT_REPLAYED, the running batch's token mask)."""
+    kept = {k: v for k, v in kwargs.items() if k not in NOT_REPLAYED}
+    return args, kept, None if token_mask is None else token_mask.mask
+
+
 def capture_block_inputs(model: nn.Module, blocks: Sequence[nn.Module], forward_loop: Callable) -> List[tuple]:
     """Run `forward_loop(model)` with the blocks bypassed; return [(args, kwargs, token mask)] of block 0."""
+    record, token_mask = [], getattr(forward_loop, "token_mask", None)
+    with torch.no_grad(), _recording_inputs(model, blocks, record, token_mask):
+        forward_loop(model)
+    if not record:
+        raise ValueError("forward_loop never ran the model: no calibration inputs were captured")
+    return record
+
+
+@contextlib.contextmanager
+def _recording_inputs(model: nn.Module, blocks: Sequence[nn.Module], record: list, token_mask) -> Iterator[None]:
+    """Catchers in place of the blocks; or, when the model is the one block, a hook that records the
+    model's own inputs (its forward runs, its outputs unused)."""
     if len(blocks) == 1 and blocks[0] is model:
-        return _capture_model_inputs(model, forward_loop)
-    record = []
+        def keep(module, args, kwargs):
+            record.append(_replayable(tuple(args), kwargs, token_mask))
+
+        with model.register_forward_pre_hook(keep, with_kwargs=True):
+            yield
+        return
     originals = list(blocks)
-    token_mask = getattr(forward_loop, "token_mask", None)
     try:
         for i, block in enumerate(originals):
             blocks[i] = _Catcher(block, record if i == 0 else None, token_mask)
-        with torch.no_grad():
-            forward_loop(model)
+        yield
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
-    if not record:
-        raise ValueError("forward_loop never ran the model: no calibration inputs were captured")
-    return record
-
-
-def _capture_model_inputs(model: nn.Module, forward_loop: Callable) -> List[tuple]:
-    """The model's own inputs, when the model is the one block (its forward runs, its outputs unused)."""
-    record = []
-    token_mask = getattr(forward_loop, "token_mask", None)
-
-    def keep(module, args, kwargs):
-        kept = {k: v for k, v in kwargs.items() if k not in NOT_REPLAYED}
-        record.append((tuple(args), kept, None if token_mask is None else token_mask.mask))
-
-    handle = model.register_forward_pre_hook(keep, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            forward_loop(model)
-    finally:
-        handle.remove()
-    if not record:
-        raise ValueError("forward_loop never ran the model: no calibration inputs were captured")
-    return record
 
 
 @torch.no_grad()

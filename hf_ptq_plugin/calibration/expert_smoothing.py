@@ -27,7 +27,7 @@ import torch
 
 from .. import formats as F
 from ..modules.layer_plan import LayerPlan
-from .awq import alpha_grid, alpha_losses, best_scale, block_size, normalized_weight_mean
+from .awq import ALPHA_GRID, alpha_losses, best_scale, block_size, normalized_weight_mean
 from .clipping import clip_nvfp4_global_amax, clip_weight_scale
 from .smoothquant import ALPHAS, alpha_errors, best_alpha, smoothquant_scale
 
@@ -83,12 +83,11 @@ def _shared_awq_scale(w, samples, x_mean, x_amax, fmt: F.Format, group_size: int
     block = block_size(fmt, group_size)
     # Every expert has N rows, so the mean over all rows is the mean of the experts' means.
     w_mean = torch.stack([normalized_weight_mean(w[e].float(), block) for e in range(w.shape[0])]).mean(dim=0)
-    alphas = alpha_grid()
-    losses = torch.zeros(len(alphas))
+    losses = torch.zeros(len(ALPHA_GRID))
     for e, x in enumerate(samples):
         if x is not None:
-            losses += alpha_losses(w[e], x, x_mean, x_amax, w_mean, fmt, group_size, alphas)
-    return best_scale(losses, alphas, x_mean, w_mean)
+            losses += alpha_losses(w[e], x, x_mean, x_amax, w_mean, fmt, group_size)
+    return best_scale(losses, x_mean, w_mean)
 
 
 def _clipped(w, samples, tokens: torch.Tensor, fmt: F.Format, group_size: int) -> Dict[int, LayerPlan]:

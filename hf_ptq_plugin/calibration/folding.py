@@ -9,6 +9,7 @@ Which norm feeds which Linears is found the way ModelOpt does it: one two-token 
 hooks that match a norm's output tensor to the Linears that receive it.
 """
 
+import contextlib
 import logging
 from collections import defaultdict
 from typing import Dict, List
@@ -53,19 +54,17 @@ def fold_pre_quant_scales(model: nn.Module) -> List[str]:
 
 
 def _foldable(module: nn.Module) -> bool:
-    return (isinstance(module, QuantLinear) and module.fmt.is_awq
-            and module.pre_quant_scale is not None)
+    return isinstance(module, QuantLinear) and module.fmt.is_awq and module.pre_quant_scale is not None
 
 
 def _is_norm(module: nn.Module) -> bool:
-    name = type(module).__name__
-    return isinstance(module, nn.LayerNorm) or name.endswith(("RMSNorm", "LayerNorm"))
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
 
 
 @torch.no_grad()
 def _norm_consumers(model: nn.Module) -> Dict[str, List[str]]:
     """{norm name: [names of the Linears whose input is exactly that norm's output]}."""
-    producer, consumers, keep_alive, handles = {}, defaultdict(list), [], []
+    producer, consumers, keep_alive = {}, defaultdict(list), []
 
     def on_norm(name):
         def hook(module, args, output):
@@ -79,17 +78,13 @@ def _norm_consumers(model: nn.Module) -> Dict[str, List[str]]:
                 consumers[producer[id(args[0])]].append(name)
         return hook
 
-    for name, module in model.named_modules():
-        if _is_norm(module):
-            handles.append(module.register_forward_hook(on_norm(name)))
-        elif isinstance(module, (nn.Linear, QuantLinear)):
-            handles.append(module.register_forward_pre_hook(on_linear(name)))
-    try:
-        device = input_device(model)
-        model(input_ids=torch.ones((1, 2), dtype=torch.long, device=device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    with contextlib.ExitStack() as hooks:
+        for name, module in model.named_modules():
+            if _is_norm(module):
+                hooks.enter_context(module.register_forward_hook(on_norm(name)))
+            elif isinstance(module, (nn.Linear, QuantLinear)):
+                hooks.enter_context(module.register_forward_pre_hook(on_linear(name)))
+        model(input_ids=torch.ones((1, 2), dtype=torch.long, device=input_device(model)))
     return dict(consumers)
 
 

@@ -33,10 +33,11 @@ from typing import Callable, Tuple
 import torch
 
 from .. import formats as F
-from ..numerics.fp8 import FP8_MAX, fp8_quantize
+from ..numerics.fp8 import fp8_quantize
 from ..numerics.integer import INT8_MAX
 from ..numerics.nvfp4 import NVFP4_BLOCK, e2m1_round, nvfp4_global_scale
 from ..numerics.scales import scale_from_amax
+from ..numerics.weights import fp8_weight_scale
 from .clipping import mse_weight_scale, weighted_nvfp4_block_scales
 from .distributed import all_reduce, all_reduce_number
 
@@ -44,8 +45,6 @@ PERC_DAMP = 0.01
 COLUMN_BLOCK = 128
 ACT_ORDER = True
 INT4_GPTQ_MAX = 7.5  # amax / 7.5: all 16 codes, see the module docstring
-
-
 GRAM_STRIP = 192  # rows of x^T x per GEMM in symmetric_gram: the fastest of 96-512 at K = 576 and 1536
 
 
@@ -101,10 +100,8 @@ def gptq_weight_scale(w: torch.Tensor, fmt: F.Format, group_size: int, global_am
         return scale_from_amax(w.abs().amax(dim=1).float(), INT8_MAX)
     if fmt.weight == F.NVFP4:
         return weighted_nvfp4_block_scales(w, nvfp4_global_scale(global_amax), input_energy)
-    if fmt.weight == F.FP8 and fmt.weight_granularity == F.PER_TENSOR:
-        return scale_from_amax(w.abs().amax().float(), FP8_MAX)
-    if fmt.weight == F.FP8 and fmt.weight_granularity == F.PER_CHANNEL:
-        return scale_from_amax(w.abs().amax(dim=1).float(), FP8_MAX)
+    if fmt.weight == F.FP8 and fmt.weight_granularity in (F.PER_TENSOR, F.PER_CHANNEL):
+        return fp8_weight_scale(w, fmt, group_size)
     raise ValueError(f"gptq supports INT4, INT8, NVFP4 and per-tensor or per-channel FP8 weights; "
                      f"got qformat {fmt.name!r}")
 

@@ -27,12 +27,8 @@ FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1
 def is_excluded(name: str, patterns: Iterable[str]) -> bool:
     """True if `name` matches a pattern, or sits under a module a pattern names exactly."""
     dotted = name + "."  # lets "*mlp.gate.*" match "x.mlp.gate" but not "x.mlp.gate_proj"
-    for pattern in patterns:
-        if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(dotted, pattern):
-            return True
-        if dotted.startswith(pattern + "."):
-            return True
-    return False
+    return any(fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(dotted, pattern)
+               or dotted.startswith(pattern + ".") for pattern in patterns)
 
 
 def target_linears(model: nn.Module, exclude_modules: Iterable[str] = ()) -> Dict[str, nn.Linear]:

@@ -98,17 +98,14 @@ def input_hooks(linears: Dict[str, nn.Module], stats: Dict[str, "InputStats"], t
     """Feed every Linear's input to its stats object; `token_mask` (a TokenMask) drops padding."""
     warned = set()
 
-    def observe(name, stat, x):
+    def observe(name, x):
         x = x if token_mask is None else token_mask.real_tokens(x)
-        stat.update(finite_values(x, name, warned))
+        stats[name].update(finite_values(x, name, warned))
 
-    handles = [module.register_forward_pre_hook(lambda mod, args, n=name: observe(n, stats[n], args[0]))
-               for name, module in linears.items()]
-    try:
+    with contextlib.ExitStack() as hooks:
+        for name, module in linears.items():
+            hooks.enter_context(module.register_forward_pre_hook(lambda mod, args, n=name: observe(n, args[0])))
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def collect_input_stats(model: nn.Module, linears: Dict[str, nn.Module],

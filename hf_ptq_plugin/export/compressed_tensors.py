@@ -79,8 +79,6 @@ def _scheme(fmt: F.Format, group_size: Optional[int]) -> tuple:
 
 COMPRESSED_TENSORS_QFORMATS = ("fp8", "fp8_pc_pt", "int8_sq", "int8_wo", "int4_awq", "nvfp4", "nvfp4_awq",
                                "w4a16_nvfp4")
-FP8_KV_SCHEME = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "tensor",
-                 "dynamic": False}
 
 
 def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -158,7 +156,7 @@ def quantization_config(fmt: F.Format, group_size: Optional[int], kv_format: Opt
              "format": compression}
     return {"quant_method": "compressed-tensors", "format": compression, "quantization_status": "compressed",
             "config_groups": {"group_0": group}, "ignore": sorted(ignore),
-            "kv_cache_scheme": dict(FP8_KV_SCHEME) if kv_format is not None else None,
+            "kv_cache_scheme": _args(8, "float", "tensor") if kv_format is not None else None,
             "global_compression_ratio": None}
 
 

@@ -78,8 +78,7 @@ class QuantLinear(nn.Module):
         self.input_calibrated = True
 
     def weight_buffers(self) -> dict:
-        return {name: getattr(self, name) for name in WEIGHT_BUFFERS
-                if getattr(self, name, None) is not None}
+        return {name: getattr(self, name) for name in WEIGHT_BUFFERS if getattr(self, name, None) is not None}
 
     def dequantized_weight(self) -> torch.Tensor:
         """The (N, K) fp32 weight the engine multiplies with."""

@@ -22,9 +22,12 @@ import torch
 
 from .. import formats as F
 from ..numerics.nvfp4 import nvfp4_quantize, pack_nibbles
-from ..numerics.weights import quantize_weight_in_row_blocks
+from ..numerics.weights import _takes_weight_scale, quantize_weight_in_row_blocks
 
 SCALE_BUFFERS = ("weight_scale", "weight_scale_2")
+# Whether a merge into a format rounds onto the layer's stored scales (else: fresh scales): exactly
+# where the quantizer takes a given weight_scale.
+keeps_grid = _takes_weight_scale
 
 
 @torch.no_grad()
@@ -53,13 +56,6 @@ def requantize_on_grid(w: torch.Tensor, fmt: F.Format, group_size: int, buffers:
         return quantize_weight_in_row_blocks(w, fmt, group_size)
     quantized = quantize_weight_in_row_blocks(w, fmt, group_size, weight_scale=scales["weight_scale"])
     return {**quantized, **scales}  # W4A8's codes depend only on weight_scale; keep its stored weight_scale_2
-
-
-def keeps_grid(fmt: F.Format) -> bool:
-    """Whether a merge into this format rounds onto the layer's stored scales (else: fresh scales)."""
-    if fmt.weight == F.FP8:
-        return fmt.weight_granularity in (F.PER_TENSOR, F.PER_CHANNEL)
-    return fmt.weight in (F.INT8, F.INT4, F.NVFP4)
 
 
 def set_weight_buffers(module, buffers: dict) -> None:

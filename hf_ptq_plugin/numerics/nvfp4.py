@@ -7,7 +7,7 @@ the last (input) axis, the even element in the low nibble (`docs/modelopt-facts.
 import torch
 
 from .fp8 import FP8_MAX
-from .scales import block_amax
+from .scales import block_amax, scale_from_amax
 
 E2M1_MAX = 6.0
 E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -64,8 +64,7 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 def nvfp4_global_scale(amax: torch.Tensor) -> torch.Tensor:
     """`weight_scale_2` / `input_scale` = amax / (6 * 448), fp32; zero amax gives 1.0."""
-    amax = amax.float()
-    return torch.where(amax > 0, amax / (E2M1_MAX * FP8_MAX), torch.ones_like(amax))
+    return scale_from_amax(amax, E2M1_MAX * FP8_MAX)
 
 
 def nvfp4_block_scales(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:

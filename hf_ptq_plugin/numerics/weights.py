@@ -39,11 +39,8 @@ def quantize_weight(w: torch.Tensor, fmt: F.Format, group_size: Optional[int] = 
     if weight_scale is not None and not _takes_weight_scale(fmt):
         raise ValueError(f"a given weight_scale is supported for INT8, INT4, NVFP4 and per-tensor or per-channel FP8 "
                          f"weights, not qformat {fmt.name!r}")
-    if fmt.weight == F.FP8 and weight_scale is not None:
-        return {"weight": fp8_quantize(w, weight_scale if weight_scale.dim() == 0 else weight_scale[:, None]),
-                "weight_scale": weight_scale}
     if fmt.weight == F.FP8:
-        return _quantize_fp8(w, fmt, group_size)
+        return _quantize_fp8(w, fmt, group_size, weight_scale)
     if fmt.weight == F.INT8:
         scale = scale_from_amax(abs_amax(w, dim=1), INT8_MAX) if weight_scale is None else weight_scale  # (N,)
         return {"weight": int_quantize(w, scale[:, None], 8), "weight_scale": scale}
@@ -79,7 +76,6 @@ def quantize_weight_in_row_blocks(w: torch.Tensor, fmt: F.Format, group_size: Op
     Per-tensor quantities (FP8's scale, NVFP4 / W4A8's second-level scale) are taken over the whole
     weight first; a given `weight_scale` is sliced with its rows.
     """
-    group_size = group_size or fmt.group_size
     n, k = w.shape
     block = max(128, CHUNK_ELEMENTS // k // 128 * 128)
     if n <= block:
@@ -97,9 +93,8 @@ def quantize_weight_in_row_blocks(w: torch.Tensor, fmt: F.Format, group_size: Op
     for start in range(0, n, block):
         stop = min(start + block, n)
         rows = scratch[:stop - start].copy_(w[start:stop])
-        rows_scale = None if weight_scale is None or weight_scale.dim() == 0 else weight_scale[start:stop]
-        for name, tensor in quantize_weight(rows, fmt, group_size, global_amax,
-                                            weight_scale if rows_scale is None else rows_scale).items():
+        rows_scale = weight_scale if weight_scale is None or weight_scale.dim() == 0 else weight_scale[start:stop]
+        for name, tensor in quantize_weight(rows, fmt, group_size, global_amax, rows_scale).items():
             if tensor.dim() == 0:  # a per-tensor scale, the same for every block
                 out[name] = tensor
             else:  # INT4 packs 2 rows per byte row, FP8 tiles 128 rows per scale row
@@ -118,17 +113,22 @@ def _takes_weight_scale(fmt: F.Format) -> bool:
     return fmt.weight in (F.INT8, F.INT4, F.NVFP4)
 
 
-def _quantize_fp8(w: torch.Tensor, fmt: F.Format, tile: int) -> dict:
+def fp8_weight_scale(w: torch.Tensor, fmt: F.Format, tile: int) -> torch.Tensor:
+    """FP8 `weight_scale` from max |w| of w (N, K): () per tensor, (N,) per channel, (N/t, 1, K/t, 1) per tile."""
     if fmt.weight_granularity == F.PER_TENSOR:
-        scale = scale_from_amax(abs_amax(w), FP8_MAX)  # () fp32
-        return {"weight": fp8_quantize(w, scale), "weight_scale": scale}
+        return scale_from_amax(abs_amax(w), FP8_MAX)
     if fmt.weight_granularity == F.PER_CHANNEL:
-        scale = scale_from_amax(abs_amax(w, dim=1), FP8_MAX)  # (N,)
-        return {"weight": fp8_quantize(w, scale[:, None]), "weight_scale": scale}
-    n, k = w.shape  # PER_TILE: one scale per (tile x tile) block, stored (N/t, 1, K/t, 1)
-    tiles = w.view(n // tile, tile, k // tile, tile)
-    scale = scale_from_amax(tiles.abs().amax(dim=(1, 3), keepdim=True), FP8_MAX)
-    return {"weight": fp8_quantize(tiles, scale).view(n, k), "weight_scale": scale}
+        return scale_from_amax(abs_amax(w, dim=1), FP8_MAX)
+    n, k = w.shape  # PER_TILE: one scale per (tile x tile) block
+    return scale_from_amax(w.view(n // tile, tile, k // tile, tile).abs().amax(dim=(1, 3), keepdim=True), FP8_MAX)
+
+
+def _quantize_fp8(w: torch.Tensor, fmt: F.Format, tile: int, scale: Optional[torch.Tensor]) -> dict:
+    scale = fp8_weight_scale(w, fmt, tile) if scale is None else scale
+    if fmt.weight_granularity != F.PER_TILE:
+        return {"weight": fp8_quantize(w, scale if scale.dim() == 0 else scale[:, None]), "weight_scale": scale}
+    n, k = w.shape
+    return {"weight": fp8_quantize(w.view(n // tile, tile, k // tile, tile), scale).view(n, k), "weight_scale": scale}
 
 
 def _quantize_int4(w: torch.Tensor, fmt: F.Format, group_size: int, global_amax, scale=None) -> dict:

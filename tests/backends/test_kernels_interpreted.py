@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from hf_ptq_plugin import FORMATS, QuantLinear, get_format
-from hf_ptq_plugin.backends.triton_linear import load_kernels, load_quantize_kernels, triton_linear
+from hf_ptq_plugin.backends.triton_linear import load_kernels, triton_linear
 from hf_ptq_plugin.backends.triton_quantize import quantize_weight_triton
 from hf_ptq_plugin.modules.layer_plan import LayerPlan
 from hf_ptq_plugin.numerics import quantize_activation, quantize_weight
@@ -169,7 +169,7 @@ def test_fp8_cast_rounds_every_bf16_value_like_torch():
     bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     values = bits[torch.isfinite(bits)].float()
     values = values[: values.numel() // 256 * 256].reshape(256, -1).to(DEVICE)
-    q, _ = load_quantize_kernels().fp8_quantize(values, torch.ones((), device=DEVICE))
+    q, _ = load_kernels().fp8_quantize(values, torch.ones((), device=DEVICE))
     expected = values.clamp(-448, 448).to(torch.float8_e4m3fn)
     assert torch.equal(q.view(torch.uint8), expected.view(torch.uint8))
 
@@ -200,7 +200,7 @@ def test_output_rounding_is_torchs_round_to_nearest_even(dtype):
 def test_dynamic_per_token_scales_match_the_reference():
     x = torch.randn(7, 200, device=DEVICE) * torch.logspace(-3, 3, 7, device=DEVICE)[:, None]
     x[2] = 0
-    q, scale = load_quantize_kernels().fp8_quantize(x)
+    q, scale = load_kernels().fp8_quantize(x)
     expected_scale = torch.where(x.abs().amax(1) > 0, x.abs().amax(1) / 448, torch.ones(7, device=DEVICE))
     assert torch.equal(scale, expected_scale)
     expected = (x / expected_scale[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn)

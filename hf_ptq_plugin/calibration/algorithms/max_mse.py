@@ -50,4 +50,3 @@ class MSE(Algorithm):
         """Every expert's searched weight scale; the input scales stay the observed ones."""
         scales = {e: LayerPlan(weight_scale=mse_weight_scale(w[e], fmt, group_size)) for e in range(w.shape[0])}
         return ExpertPlan(None, None, scales)
-
