@@ -138,6 +138,7 @@ def checkpoint_of_an_offloaded_load(case: Case, files: Files, tmp_path):
 MAX = {name: Case("llama_mha" if name == "fp8_pb_wo" else "llama_bf16" if name == "w4a16_nvfp4" else "llama", name,
                   "max") for name in FORMATS}
 MSE = Case("llama", "int4_awq", "mse")
+MSE_KV = Case("llama", "int4_awq", "mse", kv_cache_qformat="fp8")  # streamed from the checkpoint for the KV scales
 SMOOTHQUANT = Case("llama", "int8_sq", "smoothquant")
 AWQ_LITE = Case("llama", "int4_awq", "awq_lite")
 AWQ_FULL = Case("llama", "w4a8_awq", "awq_full")
@@ -155,8 +156,8 @@ TABLE = {  # source: the cases it is checked on
     in_memory_offloaded_to_disk: [MAX["fp8"], MSE, SMOOTHQUANT, AWQ_FULL, GPTQ_KV, AWQ_FULL_EXPERTS, GPTQ_EXPERTS],
     checkpoint_while_loading: [*MAX.values(), MSE, SMOOTHQUANT, AWQ_LITE, AWQ_FULL, GPTQ_KV, MAX_EXPERTS, MSE_EXPERTS,
                                AWQ_LITE_EXPERTS_PARALLEL],
-    checkpoint_via_calibrate: [MAX["fp8"], GPTQ_KV, SMOOTHQUANT_EXPERTS, AWQ_LITE_EXPERTS_PARALLEL, AWQ_FULL_EXPERTS,
-                               GPTQ_EXPERTS],
+    checkpoint_via_calibrate: [MAX["fp8"], MSE_KV, GPTQ_KV, SMOOTHQUANT_EXPERTS, AWQ_LITE_EXPERTS_PARALLEL,
+                               AWQ_FULL_EXPERTS, GPTQ_EXPERTS],
     checkpoint_of_an_offloaded_load: [AWQ_FULL, GPTQ_EXPERTS_NVFP4],
 }
 

@@ -33,7 +33,9 @@ class Max(Algorithm):
                 for group in groups for name in group}
 
 
-class MSE(Algorithm):
+class MSE(Max):
+    """Max's plan with searched weight scales (`data_free_weight_scale`), for INT4 and INT8 weights."""
+
     name = "mse"
     searches_weight_scales = True
 
