@@ -120,3 +120,17 @@ def get_kv_format(name: str) -> Optional[KVFormat]:
     if name not in KV_FORMAT_NAMES:
         raise ValueError(f"unknown kv_cache_qformat {name!r}; valid: {', '.join(KV_FORMAT_NAMES)}")
     return KV_FORMATS.get(name)
+
+
+UNQUANTIZED = "none"  # AutoQuantize's implicit option, and a layer's format in a per-layer table
+UNQUANTIZED_BITS = 16.0
+# Bits per weight a format counts for in an effective-bits budget, by weight encoding (ModelOpt's
+# AutoQuantize costs: scales not counted).
+NOMINAL_BITS = {INT4: 4.0, NVFP4: 4.5, FP8: 8.0, INT8: 8.0, MXFP8: 8.0}
+
+
+def nominal_bits(qformat: str) -> float:
+    """Bits per weight `qformat` (or "none", full precision) counts for in an effective-bits budget."""
+    if qformat == UNQUANTIZED:
+        return UNQUANTIZED_BITS
+    return NOMINAL_BITS[get_format(qformat).weight]

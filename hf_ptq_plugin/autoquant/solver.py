@@ -1,6 +1,6 @@
-"""The nominal cost of a format, and the exact multiple-choice knapsack AutoQuantize solves.
+"""The exact multiple-choice knapsack AutoQuantize solves.
 
-Costs count weight elements times the format's nominal bits (ModelOpt's: NVFP4 4.5, INT4 and W4A8 4,
+Costs count weight elements times the format's nominal bits (`formats.nominal_bits`) (ModelOpt's: NVFP4 4.5, INT4 and W4A8 4,
 FP8 and INT8 8, unquantized 16); the budget is `effective_bits` times the searched elements. The
 search picks exactly one option per group minimizing the summed score under that budget, as a
 binary integer program solved to optimality by HiGHS (`scipy.optimize.milp`, relative gap 0).
@@ -11,22 +11,12 @@ from typing import List, Sequence
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from .. import formats as F
+from ..formats import UNQUANTIZED, UNQUANTIZED_BITS, nominal_bits  # noqa: F401 (the costs, used with the solver)
 
-UNQUANTIZED = "none"  # the implicit candidate: the layer stays in full precision
-UNQUANTIZED_BITS = 16.0
-NOMINAL_BITS = {F.INT4: 4.0, F.NVFP4: 4.5, F.FP8: 8.0, F.INT8: 8.0, F.MXFP8: 8.0}  # by weight encoding
 # Scores are rescaled so the largest is this: HiGHS's absolute gap (1e-6) is then negligible next to them.
 _SCORE_SCALE = 1e6
 # A solution may exceed the budget by HiGHS's feasibility tolerance; past this (bits), it is re-solved tighter.
 _BUDGET_SLACK = 1e-9
-
-
-def nominal_bits(qformat: str) -> float:
-    """Bits per weight a format counts for in the budget."""
-    if qformat == UNQUANTIZED:
-        return UNQUANTIZED_BITS
-    return NOMINAL_BITS[F.get_format(qformat).weight]
 
 
 def cheapest_bits(costs: Sequence[Sequence[float]], elements: float) -> float:

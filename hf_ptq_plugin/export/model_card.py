@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Tuple
 from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 
+from .. import formats as F
 from ..calibration.selection import DEFAULT_EXCLUDE_PATTERNS, is_excluded
 from ..evaluation import model_bytes
 from ..modules.quant_linear import QuantLinear
@@ -142,21 +143,19 @@ def per_layer_formats(model: nn.Module, config) -> Tuple[Dict[str, Dict[str, int
     """({layer type: {qformat or "none": count}}, nominal bits per weight) over the Linears a search
     could quantize (not the default exclusions such as lm_head, nor `exclude_modules`). A layer type
     is the name past its last number, e.g. "self_attn.q_proj"."""
-    from ..autoquant.solver import UNQUANTIZED, nominal_bits
-
     patterns = tuple(DEFAULT_EXCLUDE_PATTERNS) + tuple(config.exclude_modules or ())
     table, bits, elements = {}, 0.0, 0
     for name, module in model.named_modules():
         if not isinstance(module, (QuantLinear, nn.Linear)) or is_excluded(name, patterns):
             continue
-        qformat = module.fmt.name if isinstance(module, QuantLinear) else UNQUANTIZED
+        qformat = module.fmt.name if isinstance(module, QuantLinear) else F.UNQUANTIZED
         parts = name.split(".")
         numbers = [i for i, part in enumerate(parts) if part.isdigit()]
         kind = ".".join(parts[numbers[-1] + 1:]) if numbers else name
         counts = table.setdefault(kind, {})
         counts[qformat] = counts.get(qformat, 0) + 1
         size = module.in_features * module.out_features
-        bits, elements = bits + nominal_bits(qformat) * size, elements + size
+        bits, elements = bits + F.nominal_bits(qformat) * size, elements + size
     return table, bits / max(elements, 1)
 
 
