@@ -1,8 +1,8 @@
 """The exact multiple-choice knapsack AutoQuantize solves.
 
-Costs count weight elements times the format's nominal bits (`formats.nominal_bits`) (ModelOpt's: NVFP4 4.5, INT4 and W4A8 4,
-FP8 and INT8 8, unquantized 16); the budget is `effective_bits` times the searched elements. The
-search picks exactly one option per group minimizing the summed score under that budget, as a
+Costs count weight elements times the format's nominal bits (`formats.nominal_bits`, ModelOpt's:
+NVFP4 4.5, INT4 and W4A8 4, FP8 and INT8 8, unquantized 16); the budget is `effective_bits` times the
+searched elements. The search picks exactly one option per group minimizing the summed score under that budget, as a
 binary integer program solved to optimality by HiGHS (`scipy.optimize.milp`, relative gap 0).
 """
 
