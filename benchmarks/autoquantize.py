@@ -5,7 +5,8 @@ over the five Austen novels other than Pride and Prejudice calibrate every candi
 --score-samples of them score the candidates (gradient method: one forward/backward per batch);
 perplexity on the first --eval-windows windows of Pride and Prejudice; bf16. INT4 candidates use
 group size --group-size. Each run is its own process, so its wall time and peak RSS are its own.
-A search run reports the formats chosen (groups per format) and the achieved effective bits.
+A search run reports the formats chosen (groups per format), the achieved effective bits, and the
+bytes the search held (the model plus every candidate format's layers) against the bf16 model's.
 
     python benchmarks/autoquantize.py [--runs int4_awq+fp8@4.5,nvfp4+fp8@4.8,fp8] [--markdown]
 """
@@ -71,14 +72,16 @@ def one_run(run, args, path, calib_windows, eval_windows):
         chosen = Counter(result.choice.values())
         formats = " ".join(f"{q}:{n}" for q, n in sorted(chosen.items()))
         achieved = f"{result.effective_bits:.3f} ({result.true_bits:.3f})"
+        held = result.memory["peak_bytes"] / result.memory["bf16_model_bytes"]  # model + every candidate
     else:
         group_size = args.group_size if F.get_format(run).group_size_choices else None
         quantize(model, PTQConfig(qformat=run, group_size=group_size, algorithm=algorithms.get(run)), forward_loop=loop)
-        formats, achieved = "uniform", "-"
+        formats, achieved, held = "uniform", "-", None
     seconds = time.perf_counter() - start
     ppl = perplexity(model, eval_windows, args.batch_size, progress=run)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"run": run, "formats": formats, "bits": achieved, "ppl": ppl, "seconds": seconds, "peak_mb": peak_mb}
+    return {"run": run, "formats": formats, "bits": achieved, "ppl": ppl, "seconds": seconds, "peak_mb": peak_mb,
+            "held": held}
 
 
 def main():
@@ -90,9 +93,10 @@ def main():
         with context.Pool(1) as pool:
             results.append(pool.apply(one_run, (run, args, path, calib_windows, eval_windows)))
         print(f"done: {results[-1]}", flush=True)  # a long series shows each result as it lands
-    header = ["run", "groups per format", "effective (stored) bits", "perplexity", "seconds", "peak RSS MB"]
-    rows = [[r["run"], r["formats"], r["bits"], f"{r['ppl']:.3f}", f"{r['seconds']:.0f}", f"{r['peak_mb']:.0f}"]
-            for r in results]
+    header = ["run", "groups per format", "effective (stored) bits", "perplexity", "seconds", "peak RSS MB",
+              "search held / bf16 model"]
+    rows = [[r["run"], r["formats"], r["bits"], f"{r['ppl']:.3f}", f"{r['seconds']:.0f}", f"{r['peak_mb']:.0f}",
+             "-" if r["held"] is None else f"{r['held']:.2f}x"] for r in results]
     print(f"protocol: {args.calib_samples} calibration samples x {args.seq_len} tokens (Austen minus P&P), the first "
           f"{args.score_samples} scoring ({args.method}), perplexity on the first {args.eval_windows} windows x "
           f"{args.seq_len} of Pride and Prejudice, bf16, INT4 group size {args.group_size}, algorithms "
