@@ -21,7 +21,7 @@ from typing import Dict, Optional, Tuple
 from torch import nn
 
 from .. import formats as F
-from ..modules.fused_experts import FUSED_PARAMS, projection_shapes
+from ..modules.fused_experts import FUSED_PARAMS
 from ..modules.quant_experts import QuantExperts
 from .algorithms import Algorithm
 from .expert_observer import ExpertObserver
@@ -50,10 +50,6 @@ class ExpertQuantization:
         self.experts[name] = fused
         if self.observer is not None:
             self.observer.add(name, fused)
-
-    def shapes(self) -> dict:
-        """Expert projection shapes for the group-size and shape checks."""
-        return projection_shapes(self.experts)
 
     @contextlib.contextmanager
     def observing(self, token_mask=None):

@@ -67,7 +67,8 @@ def run(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callable] = 
                              source.expert_names(model, experts))
     token_mask = getattr(forward_loop, "token_mask", None)
     with WeightGuard(model).watching() as guard:
-        with _kv_observation(model, kv_format, token_mask) as kv_amax, moe.observing(token_mask):
+        kv_observation = observe_kv_amax(model, token_mask) if kv_format else contextlib.nullcontext({})
+        with kv_observation as kv_amax, moe.observing(token_mask):
             if algorithm.streamed or source.streams_blocks:
                 # A data-free algorithm streamed from disk runs each block on full-precision inputs
                 # (sequential=False), which is what its one pass over the whole model would see.
@@ -127,16 +128,6 @@ def _check_algorithm_and_loop(config: PTQConfig, algorithm: Algorithm, forward_l
                          "pass forward_loop=lambda model: ... that runs samples through the model")
     if config.kv_format is not None:
         raise ValueError(f"kv_cache_qformat {config.kv_cache_qformat!r} needs calibrated k/v scales: pass forward_loop")
-
-
-@contextlib.contextmanager
-def _kv_observation(model: nn.Module, kv_format, token_mask):
-    """Observe K/V amax during calibration when the KV cache is quantized; yields {attn: {"k", "v"}}."""
-    if kv_format is None:
-        yield {}
-        return
-    with observe_kv_amax(model, token_mask) as kv_amax:
-        yield kv_amax
 
 
 def _one_pass_plans(model, linears, fmt: F.Format, group_size, algorithm: Algorithm,

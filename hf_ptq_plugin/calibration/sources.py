@@ -10,7 +10,8 @@ The pipeline is the same for every entry point; only the source differs:
   QuantExperts a fused-experts module holding the experts' source weights (`SourceExperts`).
 """
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -73,7 +74,6 @@ class CheckpointWeights:
 
     files: List[str]
     algorithm: str  # the calibration algorithm the load asked for
-    _locations: Dict[str, str] = field(default=None, repr=False)
     # One block's full-precision weights at a time, whatever the algorithm; each block's experts
     # are restored from the files when the block is reached.
     streams_blocks = True
@@ -98,15 +98,10 @@ class CheckpointWeights:
     def restore_experts(self, model: nn.Module, name: str, module: nn.Module) -> nn.Module:
         return restore_experts(model, name, module, self)
 
-    @property
+    @functools.cached_property
     def locations(self) -> Dict[str, str]:
         """{tensor name: file}, read from the files' headers on first use."""
-        if self._locations is None:
-            self._locations = tensor_locations(self.files)
-        return self._locations
-
-    def has(self, name: str) -> bool:
-        return name in self.locations
+        return tensor_locations(self.files)
 
     def read(self, name: str) -> torch.Tensor:
         """The tensor `name` as stored in the source checkpoint (its own dtype), on the CPU."""
@@ -165,7 +160,7 @@ def restore_experts(model: nn.Module, name: str, module: QuantExperts, source: C
     device = execution_device(module.projections("down")[0])  # an offloaded layer's weights sit on meta
     prefix = checkpoint_namer(model)(name)
     dtype = module.projections("down")[0].dtype
-    if source.has(f"{prefix}.gate_up_proj"):
+    if f"{prefix}.gate_up_proj" in source.locations:
         gate_up, down = source.read(f"{prefix}.gate_up_proj"), source.read(f"{prefix}.down_proj")
     else:
         gate, up, down_name = module.names

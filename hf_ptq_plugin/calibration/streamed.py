@@ -5,12 +5,8 @@ what it needs about every distinct Linear input (per-channel statistics and a to
 Hessian) and returns the block's plans; `quantize_block` swaps in the QuantLinears; then the
 now-quantized block runs to produce the next block's inputs (bf16 on CPU: on the block's
 dequantized weights, `bf16_dense_weights`, faster than the packed kernels at this many tokens).
-With `sequential=False` the statistics pass runs the whole full-precision block and its outputs
-are the next block's inputs: one pass per block instead of two. Memory holds one block's
-activations and statistics, never the whole model's; the token samples exist only because one
-block at a time can hold them. `prepare_block` lets the weight source put a block's
-full-precision Linears in place just before it is calibrated. A model without decoder blocks is
-one block.
+Memory holds one block's activations and statistics, never the whole model's; the token samples
+exist only because one block at a time can hold them. A model without decoder blocks is one block.
 """
 
 import contextlib
@@ -32,8 +28,7 @@ MAX_SEARCH_TOKENS = 2048  # tokens per input kept for the search: loss estimates
 
 def streamed_calibration(model: nn.Module, linears: Dict[str, nn.Module], fmt: F.Format, group_size: int,
                          algorithm: Algorithm, forward_loop: Callable, prepare_block: Callable,
-                         quantize_block: Callable, sequential: bool = True,
-                         max_tokens: int = MAX_SEARCH_TOKENS) -> None:
+                         quantize_block: Callable, sequential: bool = True) -> None:
     """Run `algorithm` over every decoder block; `quantize_block(linears, plans)` swaps one block's Linears.
 
     `prepare_block(prefix, block_linears) -> {name: nn.Linear}` (the weight source) puts the
@@ -55,7 +50,7 @@ def streamed_calibration(model: nn.Module, linears: Dict[str, nn.Module], fmt: F
     inputs = capture_block_inputs(model, blocks, forward_loop)
     token_mask = getattr(forward_loop, "token_mask", None) or TokenMask()
     total_tokens = sum(_batch_tokens(args, kwargs) for args, kwargs, _ in inputs)
-    stride = max(1, total_tokens // max_tokens)
+    stride = max(1, total_tokens // MAX_SEARCH_TOKENS)
     for index, block in enumerate(tqdm(blocks, desc=f"{algorithm.name} {fmt.name}", disable=None)):
         block_linears = {n: m for n, m in linears.items() if n.startswith(prefix_of(index))}
         last = index == len(blocks) - 1

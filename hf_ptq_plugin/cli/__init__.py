@@ -8,6 +8,7 @@ the `hf-ptq` script and `python -m hf_ptq_plugin`. Nothing imports this module.
 """
 
 import argparse
+import functools
 import logging
 import sys
 from typing import List, Optional
@@ -54,8 +55,7 @@ def _card_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_quantize(subparsers) -> None:
-    parser = subparsers.add_parser("quantize", help="quantize a model, optionally evaluate, export and push it",
-                                   formatter_class=_HelpFormatter)
+    parser = subparsers.add_parser("quantize", help="quantize a model, optionally evaluate, export and push it")
     _model_arguments(parser, "the full-precision model")
     parser.add_argument("--qformat", default="fp8", help=f"weight/activation format: {', '.join(FORMATS)}; several, "
                                                          "comma-separated, with --auto_quantize_bits")
@@ -107,8 +107,7 @@ def _auto_quantize_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_eval(subparsers) -> None:
-    parser = subparsers.add_parser("eval", help="perplexity of a model (and of a baseline) on a text",
-                                   formatter_class=_HelpFormatter)
+    parser = subparsers.add_parser("eval", help="perplexity of a model (and of a baseline) on a text")
     _model_arguments(parser, "the model to measure (quantized or not)")
     parser.add_argument("--text", help="a .txt file or a folder of them")
     parser.add_argument("--dataset", help="instead of --text: a .json/.jsonl/.parquet file or a Hub dataset name")
@@ -119,8 +118,7 @@ def _add_eval(subparsers) -> None:
 
 
 def _add_export(subparsers) -> None:
-    parser = subparsers.add_parser("export", help="re-export a quantized checkpoint for a serving engine",
-                                   formatter_class=_HelpFormatter)
+    parser = subparsers.add_parser("export", help="re-export a quantized checkpoint for a serving engine")
     _model_arguments(parser, "the quantized checkpoint")
     _export_arguments(parser, "output directory", required=True)
     _card_arguments(parser)
@@ -132,8 +130,7 @@ def _export_arguments(parser, path_help: str, required: bool = False) -> None:
 
 
 def _add_push(subparsers) -> None:
-    parser = subparsers.add_parser("push", help="push a quantized checkpoint to the Hub in one commit, with its card",
-                                   formatter_class=_HelpFormatter)
+    parser = subparsers.add_parser("push", help="push a quantized checkpoint to the Hub in one commit, with its card")
     _model_arguments(parser, "the quantized checkpoint")
     parser.add_argument("repo_id", help="the Hub repo, e.g. me/model-fp8")
     _hub_arguments(parser)
@@ -142,8 +139,7 @@ def _add_push(subparsers) -> None:
 
 def _add_upgrade(subparsers) -> None:
     parser = subparsers.add_parser("upgrade", help="write the missing quantization_config into an older ModelOpt "
-                                   "export's config.json (from its hf_quant_config.json)",
-                                   formatter_class=_HelpFormatter)
+                                   "export's config.json (from its hf_quant_config.json)")
     parser.add_argument("model", metavar="DIR", help="the checkpoint folder (changed in place)")
     parser.set_defaults(model_option=None)
 
@@ -152,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Post-training quantization for Hugging Face models, "
                                      "with ModelOpt-compatible unified checkpoints.")
     parser.add_argument("--debug", action="store_true", help="debug logging, and full tracebacks on errors")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{quantize,eval,export,push,upgrade}")
+    subcommand_parser = functools.partial(argparse.ArgumentParser, formatter_class=_HelpFormatter)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{quantize,eval,export,push,upgrade}",
+                                       parser_class=subcommand_parser)
     for add in (_add_quantize, _add_eval, _add_export, _add_push, _add_upgrade):
         add(subparsers)
     return parser

@@ -69,17 +69,16 @@ def run_quantize(args) -> None:
     if len(qformats) > 1 and not searched:
         raise ValueError(f"--qformat {args.qformat!r} names several formats: pass --auto_quantize_bits N to choose "
                          "among them per layer group, or give one format")
-    config = _ptq_config(args, [q for q in qformats if q != "none"][0])
+    quantized = [q for q in qformats if q != "none"]
+    config = _ptq_config(args, quantized[0])
     if searched:
         check_auto_arguments(args, config, qformats)
     elif config.needs_calibration_data and config.calib_dataset is None:
         raise ValueError(f"qformat {config.qformat!r} with algorithm {config.resolved_algorithm!r} and "
                          f"kv_cache_qformat {config.kv_cache_qformat!r} needs calibration data: "
-                         "pass --dataset FILE (.txt, .json, "
-                         ".jsonl, .parquet or a folder of them)")
+                         "pass --dataset FILE (.txt, .json, .jsonl, .parquet or a folder of them)")
     # fail before work: a search may pick any of its formats
-    dialect = formats_dialect(args.export_target, [config.qformat] if not searched else
-                              [q for q in qformats if q != "none"], config.kv_cache_qformat)
+    dialect = formats_dialect(args.export_target, quantized, config.kv_cache_qformat)
     # A local source's tokenizer files come along with the export; a Hub source's are saved from the tokenizer.
     needs_tokenizer = config.calib_dataset or args.eval_text or not Path(args.model).is_dir()
     tokenizer = load_tokenizer(args.model, args) if needs_tokenizer else None
@@ -180,7 +179,7 @@ def run_eval(args) -> None:
 
 def run_export(args) -> None:
     model = load_model(args.model, args)
-    config = model.ptq_config if hasattr(model, "ptq_config") else None
+    config = getattr(model, "ptq_config", None)
     if config is None:
         raise ValueError(f"{args.model!r} is not a checkpoint quantized by hf_ptq_plugin or ModelOpt (no "
                          "quantization_config with quant_method 'modelopt' in its config.json)")

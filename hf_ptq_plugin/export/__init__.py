@@ -24,8 +24,8 @@ def export_target_dialect(target: str, qformat: str, kv_cache_qformat: str = "no
 
     if target not in EXPORT_TARGETS:
         raise ValueError(f"unknown export target {target!r}; valid: {', '.join(EXPORT_TARGETS)}")
-    if target in ("modelopt", "trtllm-legacy"):
-        return TRTLLM_LEGACY if target == "trtllm-legacy" else "modelopt"
+    if target in ("modelopt", TRTLLM_LEGACY):  # each names its own dialect
+        return target
     dialect = dialect_for(target, qformat, kv_cache_qformat)
     if dialect is None:
         raise ValueError(f"export target {target!r} cannot serve qformat {qformat!r} with kv_cache_qformat "
@@ -46,7 +46,8 @@ def export_checkpoint(model: nn.Module, export_dir, target: str = "modelopt", tp
     from .save import Sidecars, ptq_config_of, save_unified
 
     config = ptq_config_of(model)
-    dialect = _dialect(target, config)
+    qformats = sorted(set((config.layer_qformats or {}).values())) or [config.qformat]
+    dialect = formats_dialect(target, qformats, config.kv_cache_qformat)
     if dialect != "trtllm-legacy" and (tp_size, pp_size) != (1, 1):
         raise ValueError(f"tp_size/pp_size ({tp_size}, {pp_size}) split only the legacy TensorRT-LLM checkpoint; "
                          f"target {target!r} writes the {dialect} checkpoint, which engines split themselves")
@@ -64,11 +65,6 @@ def export_checkpoint(model: nn.Module, export_dir, target: str = "modelopt", tp
         save_trtllm_legacy(model, export_dir, config, tp_size=tp_size, pp_size=pp_size, sidecars=sidecars)
 
 
-def _dialect(target: str, config) -> str:
-    return formats_dialect(target, sorted(set((config.layer_qformats or {}).values()) or {config.qformat}),
-                           config.kv_cache_qformat)
-
-
 def formats_dialect(target: str, qformats, kv_cache_qformat: str = "none") -> str:
     """The dialect for a model holding every format of `qformats`. Several (per-layer formats) go into
     one MIXED_PRECISION checkpoint: unified, or legacy TensorRT-LLM; an engine target needs an engine
@@ -76,14 +72,8 @@ def formats_dialect(target: str, qformats, kv_cache_qformat: str = "none") -> st
     from .engines import ENGINES, MIXED_PRECISION_LAYERS, TRTLLM_LEGACY, mixed_dialect_for
 
     qformats = list(qformats)
-    if len(qformats) == 1:
+    if len(qformats) == 1 or target not in ENGINES:  # "modelopt" and "trtllm-legacy" take any mix; others raise
         return export_target_dialect(target, qformats[0], kv_cache_qformat)
-    for qformat in qformats:
-        export_target_dialect("modelopt", qformat, kv_cache_qformat)  # unknown names: the valid choices
-    if target in ("modelopt", "trtllm-legacy"):
-        return export_target_dialect(target, qformats[0], kv_cache_qformat)
-    if target not in ENGINES:
-        raise ValueError(f"unknown export target {target!r}; valid: {', '.join(EXPORT_TARGETS)}")
     dialect = mixed_dialect_for(target, qformats, kv_cache_qformat)
     if dialect is None:
         raise ValueError(f"export target {target!r} cannot serve per-layer formats {qformats} with kv_cache_qformat "

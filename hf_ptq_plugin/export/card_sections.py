@@ -8,6 +8,8 @@ which checkpoint layout, and the command that serves it).
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .engines import ENGINES, engines_serving_formats, serve_command
+
 ENGINE_NAMES = {"trtllm": "TensorRT-LLM", "vllm": "vLLM", "sglang": "SGLang"}
 DIALECT_NAMES = {"modelopt": "ModelOpt unified (`quant_method: modelopt`)", "compressed-tensors": "compressed-tensors",
                  "trtllm-legacy": "legacy TensorRT-LLM"}
@@ -48,8 +50,8 @@ def _is_hub_id(name: str) -> bool:
     return name.count("/") <= 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
 
 
-def code_or(value, missing: str = "not recorded") -> str:
-    return missing if value is None else f"`{value}`"
+def code_or(value) -> str:
+    return "not recorded" if value is None else f"`{value}`"
 
 
 def kv_cache(kv_cache_qformat: str) -> str:
@@ -92,32 +94,24 @@ def evaluation(result) -> str:
 
 
 def transformers_usage(model_id: str, dialect: str) -> str:
+    load = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f"model = AutoModelForCausalLM.from_pretrained(\"{model_id}\")\n"
+            f"tokenizer = AutoTokenizer.from_pretrained(\"{model_id}\")\n```\n\n")
     if dialect == "compressed-tensors":
-        return ("```python\n"
-                "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-                f"model = AutoModelForCausalLM.from_pretrained(\"{model_id}\")\n"
-                f"tokenizer = AutoTokenizer.from_pretrained(\"{model_id}\")\n"
-                "```\n\n"
-                "`pip install compressed-tensors`; transformers loads this layout without hf-ptq-plugin. NVFP4 "
-                "checkpoints compute in bfloat16 there (the package decompresses their weights to bfloat16).")
+        return ("```python\n" + load + "`pip install compressed-tensors`; transformers loads this layout without "
+                "hf-ptq-plugin. NVFP4 checkpoints compute in bfloat16 there (the package decompresses their weights "
+                "to bfloat16).")
     if dialect != "modelopt":
         return (f"This directory holds the {DIALECT_NAMES.get(dialect, dialect)} layout, written for serving engines. "
                 "To run the model in transformers, load the unified checkpoint it was exported from, after "
                 "`import hf_ptq_plugin`.")
-    return ("```python\n"
-            "import hf_ptq_plugin  # first: registers quant_method \"modelopt\" with transformers\n"
-            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            f"model = AutoModelForCausalLM.from_pretrained(\"{model_id}\")\n"
-            f"tokenizer = AutoTokenizer.from_pretrained(\"{model_id}\")\n"
-            "```\n\n"
-            "`pip install hf-ptq-plugin`. Without `import hf_ptq_plugin`, transformers only warns about the unknown "
+    return ("```python\nimport hf_ptq_plugin  # first: registers quant_method \"modelopt\" with transformers\n" + load
+            + "`pip install hf-ptq-plugin`. Without `import hf_ptq_plugin`, transformers only warns about the unknown "
             "quantization method and loads the quantized tensors as if they were plain weights.")
 
 
 def serving(qformats: List[str], kv_cache_qformat: str, model_id: str, dialect: str) -> str:
     """One subsection per engine: how to serve this checkpoint, or what it needs first, or that it cannot."""
-    from .engines import ENGINES, engines_serving_formats, serve_command
-
     accepted = engines_serving_formats(qformats, kv_cache_qformat)
     # Per-layer formats: the engines detect the method from config.json (vLLM: modelopt_mixed).
     qformat = qformats[0] if len(qformats) == 1 else None
@@ -125,12 +119,11 @@ def serving(qformats: List[str], kv_cache_qformat: str, model_id: str, dialect: 
     for engine in ENGINES:
         name, engine_dialect = ENGINE_NAMES.get(engine, engine), accepted.get(engine)
         parts.append(f"### {name}\n\n" + _engine_text(engine, engine_dialect, qformat, kv_cache_qformat, model_id,
-                                                       dialect, serve_command))
+                                                       dialect))
     return "\n\n".join(parts)
 
 
-def _engine_text(engine: str, engine_dialect: Optional[str], qformat: str, kv: str, model_id: str, dialect: str,
-                 serve_command) -> str:
+def _engine_text(engine: str, engine_dialect: Optional[str], qformat: str, kv: str, model_id: str, dialect: str) -> str:
     if engine_dialect is None:
         kv_note = f" with a `{kv}` KV cache" if kv != "none" else ""
         what = f"`{qformat}`" if qformat else "these per-layer formats in one checkpoint"

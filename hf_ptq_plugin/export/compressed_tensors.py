@@ -99,8 +99,7 @@ def _column(scale: torch.Tensor) -> torch.Tensor:
 
 def convert_layer(tensors: Dict[str, torch.Tensor], fmt: F.Format) -> Dict[str, torch.Tensor]:
     """One layer's unified tensors {weight, weight_scale, ...} -> its compressed-tensors tensors."""
-    if fmt.name not in COMPRESSED_TENSORS_QFORMATS:
-        _scheme(fmt, None)  # raises, naming the formats that have a layout
+    _scheme(fmt, None)  # raises for a format without a layout, naming the valid ones
     out = {k: v for k, v in tensors.items() if k == "bias"}
     if "pre_quant_scale" in tensors:
         raise ValueError("compressed-tensors has no pre_quant_scale; fold or remove it before converting")
@@ -173,7 +172,6 @@ def check_convertible(model: nn.Module, plan: ExportPlan, target: str) -> None:
                          f"compressed-tensors checkpoint for target {target!r} cannot express; qformat "
                          f"{plan.fmt.name!r} with that scale is served by: {serving} "
                          "(calibrating with algorithm='max' or 'gptq' leaves no pre_quant_scale)")
-    _scheme(plan.fmt, plan.group_size)
 
 
 def save_compressed_tensors(model: nn.Module, export_dir, config, target: str = "vllm", max_shard_size="5GB",

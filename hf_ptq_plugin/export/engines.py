@@ -12,6 +12,7 @@ the TensorRT-LLM checkpoint that `trtllm-build` turns into an engine (§8). Sour
 to each entry; "§" means `docs/modelopt-facts.md`.
 """
 
+from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 from ..formats import FORMATS, get_format, get_kv_format
@@ -121,44 +122,38 @@ KV_FOOTNOTES = {
 }
 
 
-def _check_engine(engine: str) -> None:
+def _check_names(engine: str, qformats=(), kv_cache_qformat: str = "none") -> None:
+    """ValueError naming the valid choices for an unknown engine, qformat or kv_cache_qformat."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
+    for qformat in qformats:
+        get_format(qformat)
+    get_kv_format(kv_cache_qformat)
 
 
 def dialect_for(engine: str, qformat: str, kv_cache_qformat: str = "none") -> Optional[str]:
     """The dialect `engine` serves `qformat` (with that KV cache) in, or None."""
-    _check_engine(engine)
-    get_format(qformat)
-    get_kv_format(kv_cache_qformat)
+    _check_names(engine, [qformat], kv_cache_qformat)
     dialect = SERVING[engine].get(qformat)
-    if dialect is None or kv_cache_qformat not in KV_CACHE[engine].get(dialect, ()):
-        return None
-    return dialect
+    return dialect if kv_cache_qformat in KV_CACHE[engine].get(dialect, ()) else None
 
 
 def engines_serving(qformat: str, kv_cache_qformat: str = "none") -> Dict[str, str]:
     """{engine: dialect} of the engines that serve `qformat` with `kv_cache_qformat`."""
-    found = {engine: dialect_for(engine, qformat, kv_cache_qformat) for engine in ENGINES}
-    return {engine: dialect for engine, dialect in found.items() if dialect is not None}
+    return engines_serving_formats([qformat], kv_cache_qformat)
 
 
 def mixed_dialect_for(engine: str, qformats, kv_cache_qformat: str = "none") -> Optional[str]:
     """MODELOPT if `engine` serves a MIXED_PRECISION checkpoint of these per-layer formats, else None."""
-    _check_engine(engine)
-    for qformat in qformats:
-        get_format(qformat)
-    get_kv_format(kv_cache_qformat)
-    if all(q in MIXED_PRECISION_LAYERS[engine] for q in qformats) and kv_cache_qformat in KV_CACHE[engine][MODELOPT]:
-        return MODELOPT
-    return None
+    _check_names(engine, qformats, kv_cache_qformat)
+    mixable = all(q in MIXED_PRECISION_LAYERS[engine] for q in qformats)
+    return MODELOPT if mixable and kv_cache_qformat in KV_CACHE[engine][MODELOPT] else None
 
 
 def engines_serving_formats(qformats, kv_cache_qformat: str = "none") -> Dict[str, str]:
     """{engine: dialect} of the engines serving a model of these formats (per layer when several)."""
-    if len(qformats) == 1:
-        return engines_serving(qformats[0], kv_cache_qformat)
-    found = {engine: mixed_dialect_for(engine, qformats, kv_cache_qformat) for engine in ENGINES}
+    found = {engine: dialect_for(engine, qformats[0], kv_cache_qformat) if len(qformats) == 1
+             else mixed_dialect_for(engine, qformats, kv_cache_qformat) for engine in ENGINES}
     return {engine: dialect for engine, dialect in found.items() if dialect is not None}
 
 
@@ -177,15 +172,6 @@ def describe_serving(qformat: str, kv_cache_qformat: str = "none", dialects: Tup
 _VLLM_MODELOPT_METHOD = {"nvfp4": "modelopt_fp4", "w4a16_nvfp4": "modelopt_fp4", "mxfp8": "modelopt_mxfp8"}
 
 
-def _served_dialect(engine: str, qformat: str) -> str:
-    get_format(qformat)
-    dialect = SERVING[engine].get(qformat)
-    if dialect is None:
-        raise ValueError(f"{engine} does not serve qformat {qformat!r}; engines that can (dialect): "
-                         f"{describe_serving(qformat)}")
-    return dialect
-
-
 def serve_command(engine: str, path: str, qformat: Optional[str] = None) -> str:
     """The shell command that serves the checkpoint at `path` with `engine`.
 
@@ -195,8 +181,11 @@ def serve_command(engine: str, path: str, qformat: Optional[str] = None) -> str:
     (`trtllm-build`, then `trtllm-serve <engine dir> --backend tensorrt`), and a qformat the engine does
     not serve is a ValueError naming the engines that do.
     """
-    _check_engine(engine)
-    dialect = MODELOPT if qformat is None else _served_dialect(engine, qformat)
+    _check_names(engine)
+    dialect = MODELOPT if qformat is None else SERVING[engine].get(get_format(qformat).name)
+    if dialect is None:
+        raise ValueError(f"{engine} does not serve qformat {qformat!r}; engines that can (dialect): "
+                         f"{describe_serving(qformat)}")
     if engine == "vllm":
         method = _VLLM_MODELOPT_METHOD.get(qformat, "modelopt") if qformat and dialect == MODELOPT else None
         return f"vllm serve {path}" + (f" --quantization {method}" if method else "")
@@ -252,8 +241,6 @@ def readme_section(text: str) -> str:
 
 def update_readme(path) -> bool:
     """Rewrite the table between the markers of the README at `path`; True when it changed."""
-    from pathlib import Path
-
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     readme_section(text)  # checks the markers

@@ -22,7 +22,6 @@ PTQ_CONFIG_KEY = "ptq_config"  # where config.json keeps our own PTQConfig field
 _WRITTEN_ALGO = {"fp8_pb_wo": "fp8_pb_wo"}
 # Algorithms whose layer config carries a group size (§6.2 table); the others write group_size null.
 _GROUPED_WEIGHTS = (F.INT4, F.NVFP4, F.MXFP8)
-_FP8_SCHEME = {"dynamic": False, "num_bits": 8, "type": "float"}
 MIXED_PRECISION = "MIXED_PRECISION"  # per-layer formats, listed under `quantized_layers`
 
 
@@ -82,7 +81,7 @@ def hf_quant_config(fmt: F.Format, group_size: Optional[int], kv_format: Optiona
 def _config_groups(fmt: F.Format, group_size: Optional[int]) -> Optional[dict]:
     """config.json `config_groups`, written by ModelOpt for FP8, NVFP4 and W4A16_NVFP4 only."""
     if fmt.name == "fp8":
-        return {"group_0": {"input_activations": dict(_FP8_SCHEME), "weights": dict(_FP8_SCHEME),
+        return {"group_0": {"input_activations": _scheme(8, "float"), "weights": _scheme(8, "float"),
                             "targets": ["Linear"]}}
     if fmt.name not in ("nvfp4", "w4a16_nvfp4"):
         return None
@@ -96,15 +95,17 @@ def _config_groups(fmt: F.Format, group_size: Optional[int]) -> Optional[dict]:
 def checkpoint_quantization_config(fmt: F.Format, group_size: Optional[int], kv_format: Optional[F.KVFormat],
                                    exclude_modules: List[str], ptq_fields: dict) -> dict:
     """config.json's `quantization_config`: ModelOpt's keys, then our own PTQConfig fields."""
-    out = {}
     groups = _config_groups(fmt, group_size)
-    if groups is not None:
-        out["config_groups"] = groups
-    out["ignore"] = list(exclude_modules)
-    out["quant_algo"] = written_quant_algo(fmt)
+    out = {} if groups is None else {"config_groups": groups}
+    out.update(ignore=list(exclude_modules), quant_algo=written_quant_algo(fmt))
+    return _with_common_fields(out, kv_format, ptq_fields)
+
+
+def _with_common_fields(out: dict, kv_format: Optional[F.KVFormat], ptq_fields: dict, **modelopt_fields) -> dict:
+    """`out` (ModelOpt's leading keys) + kv_cache_scheme, producer, quant_method, `modelopt_fields`, our fields."""
     if kv_format is not None:
-        out["kv_cache_scheme"] = dict(_FP8_SCHEME) if kv_format.values == F.FP8 else kv_format.kv_cache_quant_algo
-    out.update(producer=producer(), quant_method="modelopt")
+        out["kv_cache_scheme"] = _scheme(8, "float") if kv_format.values == F.FP8 else kv_format.kv_cache_quant_algo
+    out.update(producer=producer(), quant_method="modelopt", **modelopt_fields)
     out[PTQ_CONFIG_KEY] = {k: v for k, v in ptq_fields.items() if k != "quant_method"}
     return out
 
@@ -157,10 +158,8 @@ def _mixed_precision_fields(values: dict) -> dict:
 def mixed_quantized_layers(layer_formats: dict) -> dict:
     """`quantized_layers` of a MIXED_PRECISION checkpoint from {name: (Format, group size)} (§6.2's
     per-layer configs: a group size only where the format has one)."""
-    layers = {}
-    for name, (fmt, group_size) in sorted(layer_formats.items()):
-        layers[name] = {k: v for k, v in layer_config(fmt, group_size).items() if v is not None}
-    return layers
+    return {name: {k: v for k, v in layer_config(fmt, group_size).items() if v is not None}
+            for name, (fmt, group_size) in sorted(layer_formats.items())}
 
 
 def mixed_hf_quant_config(layer_formats: dict, kv_format: Optional[F.KVFormat]) -> dict:
@@ -221,11 +220,7 @@ def mixed_checkpoint_quantization_config(layer_formats: dict, kv_format: Optiona
     """config.json's `quantization_config` of a MIXED_PRECISION checkpoint, ModelOpt's keys in its order."""
     quantized_layers = mixed_quantized_layers(layer_formats)
     out = {"config_groups": mixed_config_groups(quantized_layers), "ignore": [], "quant_algo": MIXED_PRECISION}
-    if kv_format is not None:
-        out["kv_cache_scheme"] = dict(_FP8_SCHEME) if kv_format.values == F.FP8 else kv_format.kv_cache_quant_algo
-    out.update(producer=producer(), quant_method="modelopt", quantized_layers=quantized_layers)
-    out[PTQ_CONFIG_KEY] = {k: v for k, v in ptq_fields.items() if k != "quant_method"}
-    return out
+    return _with_common_fields(out, kv_format, ptq_fields, quantized_layers=quantized_layers)
 
 
 def _group_size_from_groups(groups: Optional[dict]) -> Optional[int]:

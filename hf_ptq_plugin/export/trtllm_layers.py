@@ -100,14 +100,11 @@ def _unify_fp8(parts: List[dict]) -> List[torch.Tensor]:
 
 def merge_qkv(parts: List[dict], fmt: Optional[F.Format]) -> dict:
     """q, k, v legacy tensors (`fmt` None: unquantized) -> attention.qkv; ValueError when a shared factor differs."""
-    merged = {}
     per_tensor_fp8 = fmt is not None and fmt.weight == F.FP8 and fmt.weight_granularity == F.PER_TENSOR
     weights = _unify_fp8(parts) if per_tensor_fp8 else [p["weight"] for p in parts]
-    merged["weight"] = torch.cat(weights, dim=0)
-    for key in parts[0]:
+    merged = {"weight": torch.cat(weights, dim=0)}
+    for key in [k for k in parts[0] if k != "weight"]:
         values = [p[key] for p in parts]
-        if key == "weight":
-            continue
         if key in ("bias", "per_channel_scale") or (key == "weights_scaling_factor" and not per_tensor_fp8):
             merged[key] = torch.cat(values, dim=0)
         elif key in ("weights_scaling_factor", "activation_scaling_factor"):

@@ -61,8 +61,6 @@ def shard_rank(tensors: Dict[str, torch.Tensor], rules: Dict[str, Split], num_la
     before it is split. Every tensor is its own contiguous copy (a split piece is a view), so no two names
     share storage, which safetensors refuses.
     """
-    if num_layers % pp_size:
-        raise ValueError(f"{num_layers} layers cannot be split into pp_size={pp_size} equal stages")
     per_stage, (pp_rank, tp_rank) = num_layers // pp_size, divmod(rank, tp_size)
     out = {}
     for name, value in tensors.items():
@@ -74,13 +72,6 @@ def shard_rank(tensors: Dict[str, torch.Tensor], rules: Dict[str, Split], num_la
             piece = _split(name, value, rule, tp_size)[tp_rank]
             out[local_name] = piece.clone(memory_format=torch.contiguous_format)
     return out
-
-
-def shard(tensors: Dict[str, torch.Tensor], rules: Dict[str, Split], num_layers: int,
-          tp_size: int, pp_size: int) -> Dict[int, Dict[str, torch.Tensor]]:
-    """{rank: tensors} for every rank (`shard_rank` for each)."""
-    return {rank: shard_rank(tensors, rules, num_layers, tp_size, pp_size, rank)
-            for rank in range(tp_size * pp_size)}
 
 
 def stage_of(name: str, per_stage: int, pp_size: int) -> Tuple[int, str]:

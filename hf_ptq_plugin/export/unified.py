@@ -80,10 +80,9 @@ def plan_export(model: nn.Module, config) -> ExportPlan:
     unquantized = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)] + moe_unquantized(model)
     to_checkpoint = checkpoint_namer(model)
     exclude = summarize_exclude_modules(map(to_checkpoint, unquantized), map(to_checkpoint, layers))
-    group_size = next(iter(int4_group_sizes), next(iter(layers.values())).group_size if len(set(names)) == 1 else None)
-    layer_formats = None
-    if len(set(names)) > 1:
-        layer_formats = {to_checkpoint(name): (m.fmt, m.group_size) for name, m in layers.items()}
+    mixed = len(set(names)) > 1
+    group_size = next(iter(int4_group_sizes), None if mixed else next(iter(layers.values())).group_size)
+    layer_formats = {to_checkpoint(name): (m.fmt, m.group_size) for name, m in layers.items()} if mixed else None
     return ExportPlan(fmt, group_size, kv_format, exclude, config.to_dict(), layer_formats)
 
 
@@ -121,7 +120,7 @@ def _check_fused_scales_shared(layers: dict) -> None:
             else ("pre_quant_scale",)
         for suffix in shared:
             values = [getattr(layers[name], suffix, None) for name in group]
-            if values[0] is None and all(v is None for v in values):
+            if all(v is None for v in values):
                 continue
             if any(v is None for v in values) or not all(torch.equal(v, values[0]) for v in values):
                 shown = [None if v is None else (v.item() if v.numel() == 1 else f"({v.numel()},) tensor")

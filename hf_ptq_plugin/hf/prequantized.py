@@ -10,6 +10,7 @@ quantization on (scale 1.0 with one warning when the checkpoint has none, as Mod
 default writes).
 """
 
+import functools
 import logging
 from typing import Dict, Iterable, Optional, Tuple
 
@@ -53,33 +54,38 @@ def prepare_prequantized(model: nn.Module, fmt: F.Format, exclude_modules, group
     `layer_qformats` (a MIXED_PRECISION checkpoint) names every quantized Linear and its format.
     """
     if layer_qformats:
-        return _prepare_mixed(model, layer_qformats, group_size, kv_format, header)
-    linears = _quantized_linears(model, exclude_modules, header)
-    group_size = _group_size(fmt, linears, group_size, header)
-    experts = prepare_prequantized_experts(model, fmt, exclude_modules, group_size, header, lambda key, module: (
-        _check_layer(key, module, header), _declare_optional_tensors(key, module, header)))
-    if not linears and not experts:
-        raise ValueError("the checkpoint's quantization_config quantizes no Linear of this model "
-                         f"(exclude_modules={list(exclude_modules)})")
-    for name, linear in linears.items():
-        module = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, fmt, group_size,
-                             dtype=linear.weight.dtype, device="meta")
-        _check_layer(name, module, header)
-        _declare_optional_tensors(name, module, header)
-        model.set_submodule(name, module)
-    if kv_format is not None:
+        group_size = _prepare_mixed(model, layer_qformats, group_size, header)
+    else:
+        linears = _quantized_linears(model, exclude_modules, header)
+        group_size = _group_size(fmt, linears, group_size, header)
+        experts = prepare_prequantized_experts(model, fmt, exclude_modules, group_size, header,
+                                               functools.partial(_check_layer, header=header))
+        if not linears and not experts:
+            raise ValueError("the checkpoint's quantization_config quantizes no Linear of this model "
+                             f"(exclude_modules={list(exclude_modules)})")
+        for name, linear in linears.items():
+            _swap_in(model, name, linear, fmt, group_size, header)
+    if kv_format is not None:  # after the swaps: the scales go on the k/v projections the model keeps
         _declare_kv_scales(model, header)
     return group_size
 
 
+def _swap_in(model: nn.Module, name: str, linear: nn.Linear, fmt: F.Format, group_size: Optional[int],
+             header: Header) -> None:
+    module = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, fmt, group_size,
+                         dtype=linear.weight.dtype, device="meta")
+    _check_layer(name, module, header)
+    model.set_submodule(name, module)
+
+
 def _prepare_mixed(model: nn.Module, layer_qformats: Dict[str, str], group_size: Optional[int],
-                   kv_format: Optional[F.KVFormat], header: Header) -> Optional[int]:
+                   header: Header) -> Optional[int]:
     """Per-layer formats: exactly the listed Linears and MoE experts, each in its own format."""
-    consumed = prepare_mixed_experts(model, layer_qformats, group_size, header, lambda key, module: (
-        _check_layer(key, module, header), _declare_optional_tensors(key, module, header)))
-    linears = {}
+    consumed = prepare_mixed_experts(model, layer_qformats, group_size, header,
+                                     functools.partial(_check_layer, header=header))
+    linears, modules = {}, dict(model.named_modules(remove_duplicate=False))
     for name in [n for n in layer_qformats if n not in consumed]:
-        module = model.get_submodule(name) if _has_submodule(model, name) else None
+        module = modules.get(name)
         if type(module) is not nn.Linear:
             raise ValueError(f"quantized_layers lists {name!r}, which is not an nn.Linear of "
                              f"{type(model).__name__} (found {type(module).__name__})")
@@ -89,23 +95,9 @@ def _prepare_mixed(model: nn.Module, layer_qformats: Dict[str, str], group_size:
         group_size = _group_size(F.get_format(layer_qformats[next(iter(int4))]), int4, group_size, header)
     for name, linear in linears.items():
         fmt = F.get_format(layer_qformats[name])
-        module = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, fmt,
-                             group_size if fmt.group_size_choices else None, dtype=linear.weight.dtype, device="meta")
-        _check_layer(name, module, header)
-        _declare_optional_tensors(name, module, header)
-        model.set_submodule(name, module)
-    if kv_format is not None:
-        _declare_kv_scales(model, header)
+        _swap_in(model, name, linear, fmt, group_size if fmt.group_size_choices else None, header)
     int4_experts = any(F.get_format(layer_qformats[n]).group_size_choices for n in consumed)
     return group_size if int4 or int4_experts else None
-
-
-def _has_submodule(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
 
 
 def _quantized_linears(model: nn.Module, exclude_modules, header: Header) -> Dict[str, nn.Linear]:
@@ -139,6 +131,7 @@ def _expected(module: QuantLinear) -> Dict[str, Tuple[Tuple[int, ...], torch.dty
 
 
 def _check_layer(name: str, module: QuantLinear, header: Header) -> None:
+    """The header has every tensor `module` needs, as it needs it; the optional ones it has are declared."""
     for suffix, (shape, dtype) in _expected(module).items():
         key = f"{name}.{suffix}"
         want = f"{SAFETENSORS_DTYPES[dtype]} {list(shape)}"
@@ -150,6 +143,7 @@ def _check_layer(name: str, module: QuantLinear, header: Header) -> None:
         if found_dtype != SAFETENSORS_DTYPES[dtype] or not shape_ok:
             raise ValueError(f"checkpoint tensor {key!r}: {module.fmt.quant_algo} expects {want}; "
                              f"found {found_dtype} {list(found_shape)}")
+    _declare_optional_tensors(name, module, header)
 
 
 def _declare_optional_tensors(name: str, module: QuantLinear, header: Header) -> None:

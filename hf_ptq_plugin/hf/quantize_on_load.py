@@ -94,11 +94,8 @@ def _weight_amax(path: str, key: str, dtype: torch.dtype) -> torch.Tensor:
 
 
 class QuantizeOnLoad(ConversionOps):
-    """Turns one full-precision `<layer>.weight` into the layer's checkpoint tensors.
-
-    `algorithm`: a data-free one (max, mse), or None when a layer-streamed calibration follows the
-    load and re-reads every weight from the checkpoint: the tensors are then allocated, not computed.
-    """
+    """Turns one full-precision `<layer>.weight` into the layer's checkpoint tensors with a data-free
+    `algorithm` (max, mse), or allocates them (`_unfilled`) when `algorithm` is None."""
 
     def __init__(self, shared_amax: Dict[str, torch.Tensor], algorithm: Optional[Algorithm]):
         self.shared_amax, self.algorithm = shared_amax, algorithm
