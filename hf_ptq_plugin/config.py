@@ -50,6 +50,7 @@ class PTQConfig(QuantizationConfigMixin):
     quant_method: str = field(default="modelopt", init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        self._check_strings()
         fmt = F.get_format(self.qformat)
         F.get_kv_format(self.kv_cache_qformat)
         self._check_layer_qformats()
@@ -66,6 +67,20 @@ class PTQConfig(QuantizationConfigMixin):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    def _check_strings(self) -> None:
+        """Names and the calibration data source are strings (config.json holds them); a list of formats is
+        AutoQuantize's (`hf_ptq_plugin.auto_quantize`)."""
+        named = {"qformat": F.FORMATS, "kv_cache_qformat": F.KV_FORMAT_NAMES, "algorithm": ALGORITHMS}
+        for name, valid in named.items():
+            value = getattr(self, name)
+            if not isinstance(value, str) and not (name == "algorithm" and value is None):
+                hint = "; several formats per layer: hf_ptq_plugin.auto_quantize" if name == "qformat" else ""
+                raise ValueError(f"{name} must be one name, got {value!r}; valid: {', '.join(valid)}{hint}")
+        if self.calib_dataset is not None and not isinstance(self.calib_dataset, str):
+            raise ValueError(f"calib_dataset must be a file, folder or Hub dataset name (a string), got "
+                             f"{type(self.calib_dataset).__name__}; for data in memory use "
+                             "hf_ptq_plugin.calibrate(model, data) after loading")
 
     def _check_layer_qformats(self) -> None:
         if self.layer_qformats is None:

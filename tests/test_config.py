@@ -30,6 +30,10 @@ def test_every_qformat_constructs_with_its_default_algorithm(name):
     ({"qformat": "nvfp4", "group_size": 32}, r"valid: 16"),
     ({"calib_size": 0}, r"calib_size must be a positive integer, got 0"),
     ({"exclude_modules": "lm_head"}, r"exclude_modules must be a list"),
+    ({"qformat": ["fp8"]}, r"qformat must be one name, got \['fp8'\]; valid: fp8, .*auto_quantize"),
+    ({"algorithm": ["max"]}, r"algorithm must be one name, got \['max'\]; valid: max, "),
+    ({"kv_cache_qformat": None}, r"kv_cache_qformat must be one name, got None; valid: none, fp8, nvfp4"),
+    ({"calib_dataset": 3}, r"calib_dataset must be a file, folder or Hub dataset name \(a string\), got int"),
 ])
 def test_bad_values_name_the_value_and_the_valid_choices(kwargs, message):
     with pytest.raises(ValueError, match=message):
