@@ -45,7 +45,9 @@ def _hub_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", help="branch to commit to (created if missing; default: main)")
     parser.add_argument("--create_pr", action="store_true", help="open a pull request instead of committing")
     parser.add_argument("--commit_message", help="default: 'Upload <qformat> checkpoint (hf-ptq-plugin)'")
-    parser.add_argument("--token", help="Hub token (default: the one saved by `hf auth login`)")
+    parser.add_argument("--token", help="Hub token; avoid it: a command line is visible to every user in `ps`. "
+                                        "Default: the HF_TOKEN environment variable, else the token saved by "
+                                        "`hf auth login`")
     parser.add_argument("--endpoint", help="another Hub endpoint (default: huggingface.co)")
 
 

@@ -5,6 +5,7 @@ load with transformers, `quantize` / `calibrate`, `evaluation.perplexity`, `expo
 the tokenizer files and the model card too), `push_to_hub`.
 """
 
+import logging
 import time
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -23,6 +24,8 @@ from ..export.hub import push_to_hub
 from ..export.model_card import EvaluationRecord, card_facts
 from ..hf.upgrade import needs_upgrade, upgrade_checkpoint, upgrade_message
 from .autoquant import auto_quantize_rows, auto_quantized, check_auto_arguments, parse_qformats
+
+logger = logging.getLogger(__name__)
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEFAULT_BATCH_SIZE = 4
@@ -116,6 +119,9 @@ def _quantized_model(args, config: PTQConfig, qformats: List[str], tokenizer, wi
 
 
 def _push(model, repo_id: str, tokenizer, args, evaluation=None):
+    if args.token:
+        logger.warning("--token is visible to other users in the process list; prefer the HF_TOKEN environment "
+                       "variable or `hf auth login`")
     return push_to_hub(model, repo_id, tokenizer=tokenizer, private=args.private, token=args.token,
                        commit_message=args.commit_message, revision=args.revision, create_pr=args.create_pr,
                        base_model=args.base_model, evaluation=evaluation, endpoint=args.endpoint)

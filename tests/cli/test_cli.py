@@ -104,7 +104,7 @@ def test_eval_prints_the_perplexity_of_the_model_and_the_baseline(files, capsys)
     assert printed["ratio"] == f"{model_ppl / base_ppl:.4f}"
 
 
-def test_export_and_push_keep_the_measured_facts_in_the_card(files, monkeypatch, capsys):
+def test_export_and_push_keep_the_measured_facts_in_the_card(files, monkeypatch, capsys, caplog):
     out, again = files["tmp"] / "out", files["tmp"] / "again"
     assert main(["quantize", files["src"], "--qformat", "int8_wo", "--eval_text", files["eval"], "--eval_seq_len", "16",
                  "--eval_windows", "2", "--export_path", str(out), "--base_model", "org/tiny"]) == 0
@@ -124,6 +124,7 @@ def test_export_and_push_keep_the_measured_facts_in_the_card(files, monkeypatch,
     card = commit.files["README.md"].decode()
     assert measured in card and "base_model: org/tiny" in card and 'from_pretrained("me/tiny-int8")' in card
     assert summary(capsys.readouterr().out)["to"].startswith(server.hub.endpoint)
+    assert "--token is visible to other users in the process list; prefer the HF_TOKEN" in caplog.text
 
 
 def test_errors_are_one_line_naming_the_cause(files, capsys):
