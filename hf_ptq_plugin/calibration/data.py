@@ -70,9 +70,11 @@ def calibration_forward_loop(tokenizer, data, calib_size: int = 512, seq_len: in
 
 def _token_samples(tokenizer, data, calib_size: int, seq_len: int) -> List[torch.Tensor]:
     if isinstance(data, torch.Tensor):
-        if data.dim() != 2 or data.shape[0] == 0:
+        if data.dim() != 2 or 0 in data.shape:
             raise ValueError(f"token-id calibration data must be a non-empty (N, S) tensor, "
                              f"got shape {tuple(data.shape)}")
+        if data.is_floating_point() or data.is_complex() or data.dtype == torch.bool:
+            raise ValueError(f"token-id calibration data must hold integer token ids, got dtype {data.dtype}")
         return list(data[:calib_size, :seq_len])
     if isinstance(data, (str, Path)) and Path(data).is_file() and Path(data).suffix == ".txt":
         ids = tokenize(tokenizer, Path(data).read_text(encoding="utf-8"))
@@ -89,7 +91,9 @@ def _token_samples(tokenizer, data, calib_size: int, seq_len: int) -> List[torch
 def _left_pad(samples: List[torch.Tensor], tokenizer) -> dict:
     """Left-pad a list of 1-D token tensors to the longest: {"input_ids", "attention_mask"} (B, S)."""
     length = max(s.numel() for s in samples)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    # Any id pads: padded positions are masked out of attention and of every statistic.
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    pad_id = pad_id if pad_id is not None else getattr(tokenizer, "eos_token_id", None) or 0
     input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
     for row, sample in enumerate(samples):

@@ -46,6 +46,21 @@ def test_bad_sources_name_the_problem(tmp_path, tokenizer):
         load_texts(tmp_path / "empty")
 
 
+@pytest.mark.parametrize("ids, message", [
+    (torch.zeros(4, 0, dtype=torch.long), r"non-empty \(N, S\) tensor, got shape \(4, 0\)"),
+    (torch.rand(4, 16) * 100, r"must hold integer token ids, got dtype torch.float32"),
+])
+def test_bad_token_tensors_name_the_problem(ids, message):
+    with pytest.raises(ValueError, match=message):
+        calibration_forward_loop(None, ids)
+
+
+def test_token_ids_need_no_tokenizer():
+    ids = torch.arange(1, 13).view(3, 4)
+    loop = calibration_forward_loop(None, ids, seq_len=3, batch_size=2)
+    assert [b["input_ids"].tolist() for b in loop.batches] == [[[1, 2, 3], [5, 6, 7]], [[9, 10, 11]]]
+
+
 def test_samples_are_truncated_and_left_padded_in_order(tokenizer):
     loop = calibration_forward_loop(tokenizer, [sentence(3), sentence(9), sentence(4)], calib_size=2, seq_len=6,
                                     batch_size=2)
