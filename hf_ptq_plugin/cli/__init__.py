@@ -31,6 +31,20 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def at_least(minimum: int):
+    """An argparse type: an integer >= `minimum` (a bad value is argparse's one-line usage error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum {minimum}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
 def _model_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("model", nargs="?", help=f"{what}: a local directory or a Hub id")
     parser.add_argument("--pyt_ckpt_path", "--model", dest="model_option", metavar="MODEL",
@@ -71,10 +85,10 @@ def _add_quantize(subparsers) -> None:
     calib.add_argument("--dataset", "--calib_dataset", dest="calib_dataset",
                        help="a .txt/.json/.jsonl/.parquet file, a folder of them, or a Hub dataset name; needed by "
                             "formats with static activation scales, a quantized KV cache and every algorithm but max")
-    calib.add_argument("--calib_size", type=int, default=512, help="number of samples")
-    calib.add_argument("--calib_seq", "--calib_seq_len", dest="calib_seq_len", type=int, default=512,
+    calib.add_argument("--calib_size", type=at_least(1), default=512, help="number of samples")
+    calib.add_argument("--calib_seq", "--calib_seq_len", dest="calib_seq_len", type=at_least(1), default=512,
                        help="tokens per sample (at most)")
-    calib.add_argument("--batch_size", "--calib_batch_size", dest="calib_batch_size", type=int, default=4,
+    calib.add_argument("--batch_size", "--calib_batch_size", dest="calib_batch_size", type=at_least(0), default=4,
                        help="samples per forward pass; 0 means the default 4 (ModelOpt's 0 probes memory)")
     calib.add_argument("--no_sequential", dest="sequential", action="store_false",
                        help="SmoothQuant/AWQ/GPTQ: feed each block full-precision outputs (one pass per block, "
@@ -84,8 +98,8 @@ def _add_quantize(subparsers) -> None:
                         help="quantize while loading (from_pretrained with a PTQConfig), then calibrate")
     evaluation = parser.add_argument_group("evaluation (perplexity before and after, reported in the model card)")
     evaluation.add_argument("--eval_text", help="a .txt file or a folder of them")
-    evaluation.add_argument("--eval_seq_len", type=int, default=512, help="tokens per window")
-    evaluation.add_argument("--eval_windows", type=int, default=16, help="number of windows (from the start)")
+    evaluation.add_argument("--eval_seq_len", type=at_least(2), default=512, help="tokens per window")
+    evaluation.add_argument("--eval_windows", type=at_least(1), default=16, help="number of windows (from the start)")
     output = parser.add_argument_group("output")
     _export_arguments(output, "write the checkpoint here (default: nothing is written)")
     output.add_argument("--push_to_hub", metavar="REPO_ID", help="push the unified checkpoint to this Hub repo")
@@ -99,7 +113,7 @@ def _auto_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     auto.add_argument("--auto_quantize_bits", type=float, help="effective bits per searched weight (nvfp4 = 4.5, "
                                                                "int4 = 4, fp8/int8 = 8, unquantized = 16)")
     auto.add_argument("--auto_quantize_method", default="gradient", help="sensitivity score: gradient or kl_div")
-    auto.add_argument("--auto_quantize_score_size", type=int, default=128,
+    auto.add_argument("--auto_quantize_score_size", type=at_least(1), default=128,
                       help="calibration samples that score the candidates (the first ones)")
     auto.add_argument("--auto_quantize_frontier", metavar="BITS",
                       help="comma-separated budgets: also measure the perplexity of each budget's choice (needs "
@@ -113,9 +127,10 @@ def _add_eval(subparsers) -> None:
     _model_arguments(parser, "the model to measure (quantized or not)")
     parser.add_argument("--text", help="a .txt file or a folder of them")
     parser.add_argument("--dataset", help="instead of --text: a .json/.jsonl/.parquet file or a Hub dataset name")
-    parser.add_argument("--seq_len", type=int, default=512, help="tokens per window")
-    parser.add_argument("--windows", type=int, default=16, help="number of windows (from the start of the text)")
-    parser.add_argument("--batch_size", type=int, default=4, help="windows per forward pass")
+    parser.add_argument("--seq_len", type=at_least(2), default=512, help="tokens per window")
+    parser.add_argument("--windows", type=at_least(1), default=16,
+                        help="number of windows (from the start of the text)")
+    parser.add_argument("--batch_size", type=at_least(1), default=4, help="windows per forward pass")
     parser.add_argument("--baseline", metavar="MODEL", help="also measure this model and print the ratio")
 
 

@@ -177,3 +177,17 @@ def test_a_switch_that_turns_something_off_does_not_claim_a_default_of_true(caps
     help_text = " ".join(capsys.readouterr().out.split())
     no_sequential = help_text[help_text.index("--no_sequential SmoothQuant"):][:200]
     assert "default" not in no_sequential.split("--low_memory_mode")[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "M", "--text", "t.txt", "--seq_len", "0"], "argument --seq_len: 0 is below the minimum 2"),
+    (["eval", "M", "--text", "t.txt", "--windows", "-2"], "argument --windows: -2 is below the minimum 1"),
+    (["eval", "M", "--text", "t.txt", "--batch_size", "0"], "argument --batch_size: 0 is below the minimum 1"),
+    (["quantize", "M", "--eval_seq_len", "1"], "argument --eval_seq_len: 1 is below the minimum 2"),
+    (["quantize", "M", "--eval_windows", "-1"], "argument --eval_windows: -1 is below the minimum 1"),
+    (["quantize", "M", "--calib_size", "abc"], "argument --calib_size: 'abc' is not an integer"),
+])
+def test_counts_out_of_range_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
