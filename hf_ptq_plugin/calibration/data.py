@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .offload import input_device
 from .record import describe_source
-from .text import spread_windows, tokenize
+from .text import spread_windows, tokenize, utf8_text
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def _token_samples(tokenizer, data, calib_size: int, seq_len: int) -> List[torch
             raise ValueError(f"token-id calibration data must hold integer token ids, got dtype {data.dtype}")
         return list(data[:calib_size, :seq_len])
     if isinstance(data, (str, Path)) and Path(data).is_file() and Path(data).suffix == ".txt":
-        ids = tokenize(tokenizer, Path(data).read_text(encoding="utf-8"))
+        ids = tokenize(tokenizer, utf8_text(Path(data)))
         if ids.numel() < seq_len:
             raise ValueError(f"calibration text {str(data)!r} has {ids.numel()} tokens, "
                              f"fewer than calib_seq_len={seq_len}")
@@ -123,22 +123,37 @@ def load_texts(data) -> List[str]:
 
 def _texts_from_file(path: Path) -> List[str]:
     if path.suffix == ".txt":
-        return [path.read_text(encoding="utf-8")]
-    if path.suffix == ".jsonl":
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    elif path.suffix == ".json":
-        records = json.loads(path.read_text(encoding="utf-8"))
-        records = records if isinstance(records, list) else [records]
-    elif path.suffix == ".parquet":
+        return [utf8_text(path)]
+    if path.suffix == ".parquet":
         import datasets
 
         return load_texts(datasets.Dataset.from_parquet(str(path)))
-    else:
+    if path.suffix not in (".json", ".jsonl"):
         raise ValueError(f"calibration file {str(path)!r}: unsupported type; valid: {', '.join(FILE_SUFFIXES)}")
+    records = _json_records(path)
     if records and isinstance(records[0], str):
         return records
+    if not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"calibration file {str(path)!r}: records must be strings or objects with a text field, "
+                         f"found {type(next(r for r in records if not isinstance(r, dict))).__name__}")
     field = _text_field(list(records[0]) if records else [], str(path))
     return [record[field] for record in records]
+
+
+def _json_records(path: Path) -> list:
+    """The records of a .jsonl (one per line) or .json file (a list, or one record)."""
+    if path.suffix == ".json":
+        records = _parse_json(utf8_text(path), path, "")
+        return records if isinstance(records, list) else [records]
+    return [_parse_json(line, path, f" (line {number})")
+            for number, line in enumerate(utf8_text(path).splitlines(), 1) if line.strip()]
+
+
+def _parse_json(text: str, path: Path, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"calibration file {str(path)!r}{where} is not valid JSON: {error}") from None
 
 
 def _texts_from_hub(name: str) -> List[str]:

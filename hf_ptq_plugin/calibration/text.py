@@ -18,10 +18,18 @@ def read_text(path: Union[str, Path]) -> str:
         files = sorted(path.glob("*.txt"))
         if not files:
             raise ValueError(f"no .txt files in folder {str(path)!r}")
-        return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+        return "\n\n".join(utf8_text(f) for f in files)
     if not path.is_file():
         raise ValueError(f"text path {str(path)!r} does not exist (expected a .txt file or a folder of them)")
-    return path.read_text(encoding="utf-8")
+    return utf8_text(path)
+
+
+def utf8_text(path: Path) -> str:
+    """The file's text; a file that is not UTF-8 is a ValueError naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text (byte {error.start}: {error.reason})") from None
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

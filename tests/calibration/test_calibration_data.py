@@ -44,6 +44,15 @@ def test_bad_sources_name_the_problem(tmp_path, tokenizer):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="has no .txt/.json/.jsonl/.parquet files"):
         load_texts(tmp_path / "empty")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9 au lait")
+    with pytest.raises(ValueError, match=r"latin1.txt' is not UTF-8 text \(byte 3: invalid continuation byte\)"):
+        load_texts(tmp_path / "latin1.txt")
+    (tmp_path / "ints.json").write_text("[1, 2, 3]")
+    with pytest.raises(ValueError, match=r"ints.json': records must be strings or objects with a text field, found"):
+        load_texts(tmp_path / "ints.json")
+    (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{oops\n')
+    with pytest.raises(ValueError, match=r"broken.jsonl' \(line 2\) is not valid JSON"):
+        load_texts(tmp_path / "broken.jsonl")
 
 
 @pytest.mark.parametrize("ids, message", [
