@@ -79,12 +79,16 @@ class InputStats:
 
 def finite_values(x: torch.Tensor, where: str, warned: set) -> torch.Tensor:
     """x with NaN/Inf set to 0: the rule is that non-finite activations are left out of statistics
-    (a 0 never raises a max and adds nothing to a sum or a Hessian), with one warning per layer."""
+    (a 0 never raises a max and adds nothing to a sum or a Hessian), with one warning per layer;
+    an x with no finite value at all is a ValueError."""
     if bool(torch.isfinite(x.sum())):  # a NaN or Inf anywhere makes the sum NaN or Inf: one cheap pass
         return x
     finite = torch.isfinite(x)
     if bool(finite.all()):  # the sum overflowed; every value is finite
         return x
+    if not bool(finite.any()):  # nothing to measure: a scale from it would be made up
+        raise ValueError(f"{where}: every one of {x.numel()} calibration activation values is NaN or Inf; check "
+                         "the model's dtype for overflow, or the data")
     if where not in warned:
         warned.add(where)
         logger.warning("%s: %d of %d calibration activation values are NaN or Inf; they are left out of the "

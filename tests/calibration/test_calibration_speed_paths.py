@@ -134,6 +134,13 @@ def test_finite_check_still_zeroes_every_non_finite_value(bad, caplog):
     assert "2 of 32" in caplog.text
 
 
+def test_calibrating_on_activations_with_no_finite_value_is_an_error():
+    loop = lambda model: model(inputs_embeds=torch.full((1, 8, 128), float("nan")))  # noqa: E731
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj: every one of 1024 calibration "
+                                         r"activation values is NaN or Inf"):
+        quantize(tiny_llama(), PTQConfig(qformat="fp8"), loop)
+
+
 @pytest.mark.parametrize("k", [96, 200, 576])
 def test_symmetric_gram_is_x_transpose_x(k):
     torch.manual_seed(0)
