@@ -17,7 +17,7 @@ from typing import Callable, Dict, Tuple
 from torch import nn
 
 from ..calibration import pipeline
-from ..calibration.shapes import unstorable_layers
+from ..calibration.shapes import fitting_group_sizes, unstorable_layers
 from ..calibration.sources import InMemoryWeights
 from ..config import PTQConfig
 from ..evaluation import model_bytes
@@ -73,8 +73,7 @@ def storable(config: PTQConfig, layers: Dict[str, nn.Module]) -> Tuple[PTQConfig
     fmt, group_size = config.format, config.group_size
     shapes = _shapes(layers)
     if group_size is None and fmt.group_size_choices:
-        fitting = [g for g in fmt.group_size_choices if all(m.in_features % g == 0 for m in shapes.values())]
-        group_size = fitting[0] if fitting else fmt.group_size
+        group_size = next(iter(fitting_group_sizes(fmt, shapes)), fmt.group_size)
         config = PTQConfig(qformat=config.qformat, algorithm=config.algorithm, group_size=group_size)
     problems = {}
     for shape_name, problem in unstorable_layers(fmt, shapes, group_size or fmt.group_size).items():

@@ -25,7 +25,7 @@ def resolve_group_size(fmt: F.Format, linears: Dict[str, nn.Linear], requested: 
     if not fmt.group_size_choices:
         return fmt.group_size
     in_sizes = {name: module.in_features for name, module in linears.items()}
-    fitting = [g for g in fmt.group_size_choices if all(k % g == 0 for k in in_sizes.values())]
+    fitting = fitting_group_sizes(fmt, linears)
     if requested is not None:
         bad = next((n for n, k in in_sizes.items() if k % requested), None)
         if bad is not None:
@@ -42,6 +42,11 @@ def resolve_group_size(fmt: F.Format, linears: Dict[str, nn.Linear], requested: 
         logger.warning("%s: group size %d does not divide every layer's input size; using group size %d",
                        fmt.name, fmt.group_size, fitting[0])
     return fitting[0]
+
+
+def fitting_group_sizes(fmt: F.Format, linears: Dict[str, nn.Linear]) -> list:
+    """The format's supported group sizes (largest first) that divide every layer's in_features."""
+    return [g for g in fmt.group_size_choices if all(m.in_features % g == 0 for m in linears.values())]
 
 
 def check_layer_shapes(fmt: F.Format, linears: Dict[str, nn.Linear], group_size: Optional[int]) -> None:

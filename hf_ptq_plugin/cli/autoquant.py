@@ -6,6 +6,7 @@ from the same search (written as a CSV and a PNG).
 """
 
 import math
+from collections import Counter
 from typing import List, Tuple
 
 from ..autoquant import auto_quantize
@@ -87,9 +88,7 @@ def _algorithms(args, qformats: List[str]):
 
 def auto_quantize_rows(args, result) -> List[Tuple[str, str]]:
     """Summary lines: the achieved bits, the groups per format, the frontier files."""
-    chosen = {}
-    for qformat in result.choice.values():
-        chosen[qformat] = chosen.get(qformat, 0) + 1
+    chosen = Counter(result.choice.values())
     rows = [("AutoQuantize", f"{result.effective_bits:.3f} effective bits (budget {result.target_bits}, "
                              f"{result.true_bits:.3f} stored), {result.method} scores"),
             ("groups per format", ", ".join(f"{q} {n}" for q, n in sorted(chosen.items())))]

@@ -5,7 +5,8 @@ removed). On success, files already in the destination that the new save does no
 tokenizer saved there earlier, a README) are carried over, except stale weight files; then the
 old directory is renamed aside, the new one renamed into place, and the old one deleted. Tensors
 memory-mapped from the old files stay readable (Linux keeps unlinked mapped files alive), so a
-model loaded from a directory can be saved back into it.
+model loaded from a directory can be saved back into it. The new safetensors files get their
+metadata keys sorted (`deterministic.py`), whichever writer made them.
 """
 
 import contextlib
@@ -16,6 +17,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from .deterministic import sort_all_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,7 @@ def atomic_directory(destination) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.saving-", dir=destination.parent))
     try:
         yield staging
+        sort_all_metadata(staging)  # every writer's files byte-identical for the same model; before any carry-over
         if destination.exists():
             _carry_over(destination, staging)
         _swap_in(staging, destination)

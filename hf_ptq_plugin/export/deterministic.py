@@ -18,12 +18,11 @@ def sort_metadata(path) -> None:
     """Rewrite the safetensors file at `path` with its `__metadata__` keys in sorted order."""
     with open(path, "r+b") as handle:
         (length,) = HEADER_SIZE.unpack(handle.read(HEADER_SIZE.size))
-        header = json.loads(handle.read(length), object_pairs_hook=dict)
-        metadata = header.get("__metadata__")
+        header = json.loads(handle.read(length))
+        metadata = header.pop("__metadata__", None)
         if not metadata:
             return
-        header["__metadata__"] = dict(sorted(metadata.items()))
-        header = {"__metadata__": header.pop("__metadata__"), **header}
+        header = {"__metadata__": dict(sorted(metadata.items())), **header}
         text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         if len(text) > length:  # never the case for a reordering; a header that would grow is left alone
             return
@@ -32,5 +31,6 @@ def sort_metadata(path) -> None:
 
 
 def sort_all_metadata(directory: Path) -> None:
+    """`sort_metadata` for every safetensors file directly in `directory`."""
     for path in sorted(Path(directory).glob("*.safetensors")):
         sort_metadata(path)

@@ -21,7 +21,6 @@ from torch import nn
 
 from ..calibration.interrupted import refuse_if_interrupted
 from .atomic import atomic_directory
-from .deterministic import sort_all_metadata
 from .unified import ExportPlan, plan_export, write_hf_quant_config
 
 logger = logging.getLogger(__name__)
@@ -63,7 +62,6 @@ def save_unified(model: nn.Module, save_directory, sidecars: Sidecars = Sidecars
     with atomic_directory(save_directory) as staging:
         with transformers_saving(model, plan):
             type(model).save_pretrained(model, staging, **save_kwargs)
-        sort_all_metadata(staging)  # same model, same bytes
         write_hf_quant_config(staging, plan)
         write_sidecars(model, staging, Path(save_directory), "modelopt", sidecars)
     logger.info("wrote a %s unified checkpoint to %s", plan.fmt.quant_algo, save_directory)

@@ -17,8 +17,10 @@ SAVE = """
 import sys
 sys.path[:0] = [sys.argv[2]]
 from conftest import tiny_llama
-from hf_ptq_plugin import PTQConfig, quantize
-quantize(tiny_llama(), PTQConfig(qformat="int4_awq", algorithm="max")).save_pretrained(sys.argv[1])
+from hf_ptq_plugin import PTQConfig, export_checkpoint, quantize
+model = quantize(tiny_llama(), PTQConfig(qformat="int4_awq", algorithm="max"))
+model.save_pretrained(sys.argv[1] + "/unified")
+export_checkpoint(model, sys.argv[1] + "/vllm", target="vllm")  # compressed-tensors
 """
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -30,7 +32,8 @@ def sha256(path: Path) -> str:
 def test_two_processes_write_the_same_bytes(tmp_path):
     for name in ("a", "b"):  # each process seeds the safetensors writer's hash map anew
         subprocess.run([sys.executable, "-c", SAVE, str(tmp_path / name), str(TESTS)], check=True, capture_output=True)
-    for file in ("model.safetensors", "config.json", "hf_quant_config.json"):
+    for file in ("unified/model.safetensors", "unified/config.json", "unified/hf_quant_config.json",
+                 "vllm/model.safetensors", "vllm/config.json"):
         assert sha256(tmp_path / "a" / file) == sha256(tmp_path / "b" / file), file
 
 
