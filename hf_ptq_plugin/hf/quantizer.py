@@ -25,6 +25,7 @@ from ..modules.fused_experts import FUSED_PARAMS, without_expert_converters
 from ..modules.quant_experts import QuantExperts
 from ..modules.quant_linear import QuantLinear
 from .dequantize import dequantize_model
+from .footprint import install_memory_footprint
 from .prequantized import finalize_prequantized, prepare_prequantized, read_header
 from .quantize_on_load import QuantizeOnLoad, calibrate_while_loading, finalize_load_time, prepare_load_time
 
@@ -106,6 +107,7 @@ class PTQHfQuantizer(HfQuantizer):
         self.shared_weight_amax = {}
         model.ptq_config = config
         install_unified_save(model)
+        install_memory_footprint(model)
         if not self.pre_quantized and config.calib_dataset is not None:
             calibrate_while_loading(model, config)
         return model
@@ -149,6 +151,7 @@ def attach_quantizer(model: nn.Module, config: PTQConfig = None) -> nn.Module:
     model.config.quantization_config = config
     model.ptq_config = config
     install_unified_save(model)
+    install_memory_footprint(model)
     return model
 
 

@@ -1,0 +1,34 @@
+"""`get_memory_footprint()` that counts what a quantized model really holds.
+
+transformers sums parameters and buffers. On CPU each QuantLinear also keeps a derived weight
+(`backends/cpu_weights.py`: a packed or dense copy built on its first forward), which is not a
+buffer; counting it makes the footprint the memory the model takes once it has run.
+"""
+
+from torch import nn
+
+from ..modules.quant_linear import QuantLinear
+
+
+def derived_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the CPU compute forms the model's QuantLinears hold now (0 before any forward)."""
+    return sum(getattr(m.cpu_weight_cache, "nbytes", 0) for m in model.modules()
+               if isinstance(m, QuantLinear) and m.cpu_weight_cache is not None)
+
+
+class MemoryFootprint:
+    """Bound to one model as its `get_memory_footprint`; a class (not a bound function) so the model
+    still pickles and deep-copies."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, return_buffers: bool = True) -> int:
+        stored = type(self.model).get_memory_footprint(self.model, return_buffers=return_buffers)
+        return stored + derived_weight_bytes(self.model)
+
+
+def install_memory_footprint(model: nn.Module) -> None:
+    if hasattr(model, "get_memory_footprint") and not isinstance(vars(model).get("get_memory_footprint"),
+                                                                 MemoryFootprint):
+        model.get_memory_footprint = MemoryFootprint(model)
