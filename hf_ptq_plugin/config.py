@@ -27,7 +27,8 @@ class PTQConfig(QuantizationConfigMixin):
     to the defaults (lm_head, MoE routers, vision towers). calib_*: calibration data and sizes.
     sequential: the layer-streamed algorithms (SmoothQuant, AWQ, GPTQ) calibrate each decoder
     block on the outputs of the blocks before it as quantized (True), or on their full-precision
-    outputs (False, ModelOpt's way for AWQ and SmoothQuant: one pass per block instead of two).
+    outputs (False, ModelOpt's way for AWQ and SmoothQuant: one pass per block instead of two);
+    None = the format's default (`resolved_sequential`).
     layer_qformats: {Linear name: qformat} of a per-layer (ModelOpt MIXED_PRECISION) checkpoint:
     exactly these Linears are quantized, each in its own format (`qformat` then names the most
     common one); it comes from loading such a checkpoint, and quantize() and quantizing while
@@ -43,7 +44,7 @@ class PTQConfig(QuantizationConfigMixin):
     calib_size: int = 512
     calib_seq_len: int = 512
     calib_batch_size: int = 4
-    sequential: bool = True
+    sequential: Optional[bool] = None
     layer_qformats: Optional[Dict[str, str]] = None
 
     # transformers' registry key (the mixin declares it as a dataclass field); fixed, not an argument.
@@ -61,8 +62,8 @@ class PTQConfig(QuantizationConfigMixin):
             raise ValueError(f"exclude_modules must be a list of module names or patterns, "
                              f"got {self.exclude_modules!r}")
         self.exclude_modules = list(self.exclude_modules)
-        if not isinstance(self.sequential, bool):
-            raise ValueError(f"sequential must be True or False, got {self.sequential!r}")
+        if self.sequential is not None and not isinstance(self.sequential, bool):
+            raise ValueError(f"sequential must be True, False or None (the format's default), got {self.sequential!r}")
         for name in ("calib_size", "calib_seq_len", "calib_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -125,6 +126,10 @@ class PTQConfig(QuantizationConfigMixin):
     @property
     def resolved_algorithm(self) -> str:
         return self.algorithm or self.format.default_algorithm
+
+    @property
+    def resolved_sequential(self) -> bool:
+        return self.format.default_sequential if self.sequential is None else self.sequential
 
     @property
     def needs_calibration_data(self) -> bool:

@@ -47,6 +47,7 @@ class Format:
     pre_quant_scale: bool = False  # may carry a per-input-channel `pre_quant_scale`
     fp8_weight_scale_2: bool = False  # W4A8: per-tensor FP8 `weight_scale_2` over INT4 groups
     group_size_choices: tuple = ()  # allowed group sizes; () = fixed at `group_size`
+    default_sequential: bool = True  # PTQConfig.sequential when the config leaves it None
 
     @property
     def needs_calibration_data(self) -> bool:

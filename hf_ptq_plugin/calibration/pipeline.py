@@ -72,7 +72,7 @@ def run(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callable] = 
             if algorithm.streamed or source.streams_blocks:
                 # A data-free algorithm streamed from disk runs each block on full-precision inputs
                 # (sequential=False), which is what its one pass over the whole model would see.
-                sequential = config.sequential and algorithm.streamed
+                sequential = config.resolved_sequential and algorithm.streamed
                 _streamed(model, linears, experts, moe, fmt, group_size, algorithm, forward_loop, source, sequential,
                           guard)
             else:

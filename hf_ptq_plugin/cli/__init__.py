@@ -90,9 +90,13 @@ def _add_quantize(subparsers) -> None:
                        help="tokens per sample (at most)")
     calib.add_argument("--batch_size", "--calib_batch_size", dest="calib_batch_size", type=at_least(0), default=4,
                        help="samples per forward pass; 0 means the default 4 (ModelOpt's 0 probes memory)")
-    calib.add_argument("--no_sequential", dest="sequential", action="store_false",
+    order = calib.add_mutually_exclusive_group()
+    order.add_argument("--no_sequential", dest="sequential", action="store_false", default=None,
                        help="SmoothQuant/AWQ/GPTQ: feed each block full-precision outputs (one pass per block, "
                             "about half the time) instead of the quantized blocks' outputs")
+    order.add_argument("--sequential", dest="sequential", action="store_true", default=None,
+                       help="SmoothQuant/AWQ/GPTQ: feed each block the quantized blocks' outputs (without either "
+                            "flag: the format's default)")
     _auto_quantize_arguments(parser)
     parser.add_argument("--low_memory_mode", action="store_true",
                         help="quantize while loading (from_pretrained with a PTQConfig), then calibrate")

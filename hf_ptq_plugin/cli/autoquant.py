@@ -45,9 +45,9 @@ def check_auto_arguments(args, config: PTQConfig, qformats: List[str]) -> None:
     if args.low_memory_mode:
         raise ValueError("--auto_quantize_bits needs the full-precision model in memory (it compares formats on "
                          "it); drop --low_memory_mode")
-    if not args.sequential:
-        raise ValueError("--no_sequential is not an AutoQuantize setting: each candidate format calibrates as "
-                         "quantize() does by default")
+    if args.sequential is not None:
+        raise ValueError("--sequential / --no_sequential is not an AutoQuantize setting: each candidate format "
+                         "calibrates as quantize() does by default")
     if args.auto_quantize_score_size < 1:
         raise ValueError(f"--auto_quantize_score_size must be at least 1, got {args.auto_quantize_score_size}")
     if frontier_budgets(args):

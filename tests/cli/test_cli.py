@@ -176,7 +176,7 @@ def test_a_switch_that_turns_something_off_does_not_claim_a_default_of_true(caps
         main(["quantize", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     no_sequential = help_text[help_text.index("--no_sequential SmoothQuant"):][:200]
-    assert "default" not in no_sequential.split("--low_memory_mode")[0]
+    assert "default" not in no_sequential.split("--sequential")[0]
 
 
 @pytest.mark.parametrize("argv, message", [
