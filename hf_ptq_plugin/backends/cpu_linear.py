@@ -11,9 +11,10 @@ form `cpu_weights` cached for the layer:
             fp16-rounded weight, see cpu_weights), accumulated in fp32 in another order.
   int4pack  torch's packed INT4 matmul on bf16 activations with bf16 group scales (<= 2**-9
             relative each) and a bf16 output (one more 2**-9).
-  int8pack  torch's INT8 weight matmul on bf16 activations (W8A8: the integer activation codes,
-            exact in bf16) with unit scales; the fp32 scales multiply its bf16 output. W8A8 with
-            one row or many (prefill) runs torch's int8 x int8 GEMM instead: exact int32 sums.
+  int8pack  W8A16: torch's INT8 weight matmul on bf16 activations with unit scales; the fp32
+            scales multiply its bf16 output. W8A8: torch's int8 x int8 GEMM on the integer
+            activation codes, whose int32 sums are exact, so a row's output does not depend on
+            how many rows share the call (int8pack's bf16 output would round them).
 """
 
 import torch
@@ -24,9 +25,9 @@ from ..numerics import int_quantize
 from .cpu_activations import fast_quantize_activation
 from .cpu_weights import aligned_for_int8pack, build_cpu_weight
 
-# W8A8 runs on torch._int_mm for one row (its matrix-vector path beats int8pack) and from
-# INT_MM_MIN_ROWS rows on; int8pack wins in between (BENCHMARKS.md, "W8A8 kernel by rows").
-INT_MM_MIN_ROWS = 16
+# W8A8 on torch._int_mm: up to INT_MM_BY_ROWS rows, one matrix-vector call per row beats one
+# GEMM call (BENCHMARKS.md, "W8A8 kernel by rows": 0.5 ms per row against about 3 ms).
+INT_MM_BY_ROWS = 6
 
 
 def cpu_linear(module, x: torch.Tensor) -> torch.Tensor:
@@ -63,14 +64,14 @@ def cpu_linear(module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _int8pack(module, weight, x2d: torch.Tensor) -> torch.Tensor:
-    """The `int8pack` kind's GEMM (module docstring), or W8A8's int8 x int8 one (INT_MM_MIN_ROWS)."""
+    """The `int8pack` kind's GEMM: W8A16's int8pack, or W8A8's exact int8 x int8 (module docstring)."""
     if module.fmt.act == F.INT8:
         x_scale = module._activation_scale(x2d)
         codes = int_quantize(x2d, x_scale, 8)  # a new tensor, so 64-byte aligned
-        if codes.shape[0] == 1 or codes.shape[0] >= INT_MM_MIN_ROWS:
+        if codes.shape[0] <= INT_MM_BY_ROWS:
+            y = torch.cat([torch._int_mm(row, weight.matrix.t()) for row in codes.split(1)]).float()
+        else:
             y = torch._int_mm(codes, weight.matrix.t()).float()
-        else:  # integers in [-128, 127]: exact in bf16
-            y = torch.ops.aten._weight_int8pack_mm(codes.to(torch.bfloat16), weight.matrix, weight.scales).float()
         return y * (x_scale * weight.out_scale)
     y = torch.ops.aten._weight_int8pack_mm(aligned_for_int8pack(x2d), weight.matrix, weight.scales)
     return y.float() * weight.out_scale

@@ -65,7 +65,7 @@ def test_fp32_activations_get_the_reference_bit_for_bit(name, m):
     assert module.cpu_weight_cache.kind == "dense"
 
 
-@pytest.mark.parametrize("m", [1, 3, 17])  # W8A8 takes torch._int_mm at 1 and 17 rows, int8pack at 3
+@pytest.mark.parametrize("m", [1, 3, 17])  # W8A8 takes torch._int_mm row by row at 1 and 3 rows, at once at 17
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_bf16_activations_match_the_reference_within_the_bound(name, m):
     n, k = PB_SHAPE if name == "fp8_pb_wo" else (N, K)
@@ -78,6 +78,17 @@ def test_bf16_activations_match_the_reference_within_the_bound(name, m):
     assert out.dtype == ref.dtype == torch.bfloat16
     excess = (out.float() - ref.float()).abs() - bf16_bound(module, x, ref, kind)
     assert excess.max() <= 0, f"exceeds the bound by {excess.max().item():.3g}"
+
+
+def test_w8a8_rows_get_the_same_output_however_many_share_the_call():
+    """bf16 W8A8 sums integers exactly at any row count (fp32 takes the reference's F.linear, whose
+    float accumulation order is torch's choice per shape, as for an unquantized model)."""
+    module = make_module("int8_sq", torch.bfloat16)
+    torch.manual_seed(1)
+    x = torch.randn(20, K, dtype=torch.bfloat16)
+    alone = torch.cat([module(row) for row in x.split(1)])
+    for m in range(1, 21):
+        assert torch.equal(module(x[:m]), alone[:m]), f"{m} rows"
 
 
 def at_byte_offset(t, offset=24):
