@@ -33,7 +33,7 @@ from typing import Callable, Tuple
 import torch
 
 from .. import formats as F
-from ..numerics.fp8 import fp8_quantize
+from ..numerics.fp8 import FP8_MAX, fp8_quantize
 from ..numerics.integer import INT8_MAX
 from ..numerics.nvfp4 import NVFP4_BLOCK, e2m1_round, nvfp4_global_scale
 from ..numerics.scales import scale_from_amax
@@ -100,7 +100,9 @@ def gptq_weight_scale(w: torch.Tensor, fmt: F.Format, group_size: int, global_am
         return scale_from_amax(w.abs().amax(dim=1).float(), INT8_MAX)
     if fmt.weight == F.NVFP4:
         return weighted_nvfp4_block_scales(w, nvfp4_global_scale(global_amax), input_energy)
-    if fmt.weight == F.FP8 and fmt.weight_granularity in (F.PER_TENSOR, F.PER_CHANNEL):
+    if fmt.weight == F.FP8 and fmt.weight_granularity == F.PER_TENSOR:  # amax over fused siblings (or w's own)
+        return scale_from_amax(global_amax, FP8_MAX)
+    if fmt.weight == F.FP8 and fmt.weight_granularity == F.PER_CHANNEL:
         return fp8_weight_scale(w, fmt, group_size)
     raise ValueError(f"gptq supports INT4, INT8, NVFP4 and per-tensor or per-channel FP8 weights; "
                      f"got qformat {fmt.name!r}")
@@ -125,7 +127,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: F.Format, group_s
                   perc_damp: float = PERC_DAMP, act_order: bool = ACT_ORDER, global_amax=None):
     """(dequantized weight (N, K) fp32 on the format's grid, its scale) for weight w (N, K).
 
-    `global_amax` (NVFP4) is the amax behind `weight_scale_2`, shared by fused layers.
+    `global_amax` (NVFP4; per-tensor FP8) is the amax behind `weight_scale_2` (the FP8 `weight_scale`),
+    shared by fused layers.
     """
     w, h = w.float().clone(), hessian.float().clone()
     if global_amax is None:  # the original weight's, as QuantLinear will derive weight_scale_2

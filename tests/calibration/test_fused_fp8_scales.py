@@ -25,7 +25,7 @@ def assert_siblings_share_the_groups_scale(model, reference):
 
 def test_fp8_siblings_share_one_weight_scale_when_quantized_in_memory(token_ids):
     reference = tiny_llama()
-    model = quantize(tiny_llama(), PTQConfig(qformat="fp8"), forward_loop=lambda m: m(token_ids))
+    model = quantize(tiny_llama(), PTQConfig(qformat="fp8", algorithm="max"), forward_loop=lambda m: m(token_ids))
     assert_siblings_share_the_groups_scale(model, reference)
     o_proj = model.model.layers[0].self_attn.o_proj  # not fused: its own scale
     assert torch.equal(o_proj.weight_scale, reference.model.layers[0].self_attn.o_proj.weight.abs().amax() / 448)
@@ -33,6 +33,14 @@ def test_fp8_siblings_share_one_weight_scale_when_quantized_in_memory(token_ids)
     error = (dequantize_weight(model.model.layers[0].self_attn.k_proj.weight_buffers(), model.ptq_config.format)
              .float() - dense).abs().max()
     assert error <= dense.abs().max() / 8  # still an FP8 rounding of k_proj
+
+
+def test_gptq_fp8_siblings_share_one_weight_scale(token_ids):
+    model = quantize(tiny_llama(), PTQConfig(qformat="fp8", algorithm="gptq"), forward_loop=lambda m: m(token_ids))
+    for layer in model.model.layers:
+        for part, leaves in GROUPS.items():
+            scales = [getattr(getattr(layer, part), leaf).weight_scale for leaf in leaves]
+            assert all(torch.equal(scale, scales[0]) for scale in scales), (part, scales)
 
 
 @pytest.mark.parametrize("algorithm", ["max"])

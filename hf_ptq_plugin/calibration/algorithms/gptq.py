@@ -41,8 +41,8 @@ class GPTQ(Algorithm):
             statistics_pass(context.block, context.inputs, leaders, context.token_mask, context.outputs)
         for s in list(hessians.values()) + list(stats.values()):
             s.reduce_across_processes()
-        # NVFP4: the shared weight_scale_2 that fused siblings get when they are quantized.
-        global_amax = fused_weight_amax(linears) if fmt.weight == F.NVFP4 else {}
+        # NVFP4's weight_scale_2, per-tensor FP8's weight_scale: one per fused group, as engines need.
+        global_amax = fused_weight_amax(linears) if fmt.fused_siblings_share_weight_scale else {}
         plans = {}
         for group in groups:
             for name in group:
