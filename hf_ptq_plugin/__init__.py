@@ -2,8 +2,9 @@
 
 `import hf_ptq_plugin` registers, once, the attention functions that quantize the KV cache and the
 transformers quantizer for quant_method "modelopt" (`from_pretrained` then loads unified
-checkpoints and accepts `quantization_config=PTQConfig(...)`), and, once PEFT is imported, the
-LoRA layer for QuantLinear (LoRA fine-tuning of a quantized model).
+checkpoints and accepts `quantization_config=PTQConfig(...)`), the config hook through which an older
+ModelOpt export (hf_quant_config.json only) loads quantized (`hf/upgrade.py`), and, once PEFT is
+imported, the LoRA layer for QuantLinear (LoRA fine-tuning of a quantized model).
 """
 
 import transformers
@@ -19,6 +20,7 @@ from .formats import FORMATS, KV_FORMATS, Format, KVFormat, get_format, get_kv_f
 from .hf.peft_hook import register_with_peft
 from .hf.quantizer import PTQHfQuantizer, attach_quantizer
 from .hf.quantizer import register as register_hf_quantizer
+from .hf.upgrade import install_config_hook
 from .modules.kv_cache import register_kv_attention_functions
 from .modules.quant_linear import QuantLinear
 
@@ -27,6 +29,7 @@ __version__ = "0.1.0"
 warn_if_untested(transformers.__version__, transformers_tested_range())
 register_kv_attention_functions()
 register_hf_quantizer()
+install_config_hook()
 register_with_peft()
 
 __all__ = ["FORMATS", "KV_FORMATS", "AutoQuantizeResult", "Format", "KVFormat", "PTQConfig", "PTQHfQuantizer",

@@ -137,6 +137,13 @@ class PTQConfig(QuantizationConfigMixin):
         return (self.format.needs_calibration_data or self.kv_format is not None
                 or ALGORITHMS[self.resolved_algorithm].streamed)
 
+    @property
+    def cannot_run_without_data(self) -> bool:
+        """`needs_calibration_data`, except a default algorithm alone: without data that one gives way to
+        round to nearest (`max`), as `quantize()` and loading do."""
+        return self.needs_calibration_data and (self.algorithm is not None or self.format.needs_calibration_data
+                                                or self.kv_format is not None)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

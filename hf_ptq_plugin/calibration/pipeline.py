@@ -54,7 +54,7 @@ def run(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callable] = 
                          "one qformat (leave layer_qformats=None)")
     refuse_if_interrupted(model)
     source = source or InMemoryWeights()
-    fmt, kv_format, algorithm = config.format, config.kv_format, get_algorithm(config.resolved_algorithm)
+    fmt, kv_format, algorithm = config.format, config.kv_format, get_algorithm(_algorithm_name(config, forward_loop))
     linears, experts = source.targets(model, config.exclude_modules)
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear left to quantize after exclusions "
@@ -115,6 +115,18 @@ def _streamed(model, linears, experts, moe, fmt, group_size, algorithm: Algorith
     if pending:
         raise ValueError(f"the experts {sorted(pending)[:3]} are in decoder blocks with no other quantized Linear; "
                          f"algorithm {algorithm.name!r} re-reads experts block by block with the block's Linears")
+
+
+def _algorithm_name(config: PTQConfig, forward_loop: Optional[Callable]) -> str:
+    """The config's algorithm; but without data, a default one that reads activations gives way to
+    `max` when nothing else needs data (a weight-only format, KV cache unquantized), as on loading:
+    `PTQConfig(qformat="int8_wo")` rounds to nearest without data and runs GPTQ with it."""
+    name = config.resolved_algorithm
+    if forward_loop is None and config.needs_calibration_data and not config.cannot_run_without_data:
+        logger.info("no calibration data: %s's default algorithm %r needs some, so its weights are rounded to nearest "
+                    "('max'); pass forward_loop to calibrate with %r", config.qformat, name, name)
+        return "max"
+    return name
 
 
 def _check_algorithm_and_loop(config: PTQConfig, algorithm: Algorithm, forward_loop: Optional[Callable]) -> None:

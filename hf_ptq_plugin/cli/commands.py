@@ -1,8 +1,9 @@
 """The `hf-ptq` subcommands: quantize, eval, export, push, upgrade (parsed arguments in, summary printed out).
 
-A ValueError or OSError raised here becomes the CLI's one-line error. Each command is a thin sequence of library calls:
-load with transformers, `quantize` / `calibrate`, `evaluation.perplexity`, `export_checkpoint` (which writes
-the tokenizer files and the model card too), `push_to_hub`.
+A ValueError or OSError raised here becomes the CLI's one-line error (a damaged safetensors file too:
+`load_model` turns safetensors' own error into a ValueError naming the file). Each command is a thin
+sequence of library calls: load with transformers, `quantize` / `calibrate`, `evaluation.perplexity`,
+`export_checkpoint` (which writes the tokenizer files and the model card too), `push_to_hub`.
 """
 
 import logging
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..api import quantize
@@ -42,7 +44,21 @@ def load_model(source: str, args, quantization_config: Optional[PTQConfig] = Non
         kwargs["quantization_config"] = quantization_config
     if needs_upgrade(source):
         raise ValueError(upgrade_message(source))
-    return AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
+    except SafetensorError as error:  # a damaged or truncated weights file read by transformers itself
+        raise ValueError(f"{_unreadable_safetensors(source)!r} is not a readable safetensors file: {error}") from None
+
+
+def _unreadable_safetensors(source: str) -> str:
+    """The first local safetensors file of `source` that does not open (`source` itself if none is found)."""
+    for path in sorted(Path(source).glob("*.safetensors")) if Path(source).is_dir() else ():
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except SafetensorError:
+            return str(path)
+    return source
 
 
 def load_tokenizer(source: str, args):
@@ -76,7 +92,7 @@ def run_quantize(args) -> None:
     config = _ptq_config(args, quantized[0])
     if searched:
         check_auto_arguments(args, config, qformats)
-    elif config.needs_calibration_data and config.calib_dataset is None:
+    elif config.cannot_run_without_data and config.calib_dataset is None:
         raise ValueError(f"qformat {config.qformat!r} with algorithm {config.resolved_algorithm!r} and "
                          f"kv_cache_qformat {config.kv_cache_qformat!r} needs calibration data: "
                          "pass --dataset FILE (.txt, .json, .jsonl, .parquet or a folder of them)")

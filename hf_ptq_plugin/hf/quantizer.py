@@ -2,8 +2,9 @@
 
 With a PTQConfig passed to `from_pretrained`, it swaps Linears for QuantLinears on the meta
 device and quantizes each weight as the loader reads it (`quantize_on_load.py`). With a checkpoint whose
-config.json says "modelopt" (ours or ModelOpt's own), it validates the tensors and builds modules
-whose buffers are the checkpoint's tensors (`prequantized.py`). Either way the model's
+config.json says "modelopt" (ours or ModelOpt's own), it checks that hf_quant_config.json agrees
+with it (`config_checks.py`), validates the tensors and builds modules whose buffers are the
+checkpoint's tensors (`prequantized.py`). Either way the model's
 `save_pretrained` then writes the unified checkpoint (`export/save.py`). `register()` runs once,
 at `import hf_ptq_plugin`; `attach_quantizer` gives a model quantized in memory the same
 save/metadata behaviour.
@@ -11,6 +12,7 @@ save/metadata behaviour.
 
 import dataclasses
 import logging
+from pathlib import Path
 
 from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -24,6 +26,7 @@ from ..export.unified import plan_export
 from ..modules.fused_experts import FUSED_PARAMS, without_expert_converters
 from ..modules.quant_experts import QuantExperts
 from ..modules.quant_linear import QuantLinear
+from .config_checks import check_checkpoint_configs
 from .dequantize import dequantize_model
 from .footprint import install_memory_footprint
 from .prequantized import finalize_prequantized, prepare_prequantized, read_header
@@ -69,6 +72,9 @@ class PTQHfQuantizer(HfQuantizer):
                                  "from_pretrained(None, state_dict=...) is not supported for it")
             group_size = prepare_prequantized(model, config.format, exclude, config.group_size, config.kv_format,
                                               read_header(checkpoint_files), config.layer_qformats)
+            # After the tensor checks, which name a damaged tensor more precisely; before any is loaded. Both
+            # configs sit next to the weights (a Hub download has no hf_quant_config.json: nothing to compare).
+            check_checkpoint_configs(Path(checkpoint_files[0]).parent)
             self.quantization_config = dataclasses.replace(config, group_size=group_size)
             return model
         if config.layer_qformats:
