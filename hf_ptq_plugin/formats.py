@@ -43,7 +43,9 @@ class Format:
     group_size: Optional[int]  # default block/group size along the input dim
     act: Optional[str]  # activation encoding: FP8, INT8, NVFP4, MXFP8 or None
     act_scaling: Optional[str]  # STATIC, DYNAMIC_TOKEN, DYNAMIC_BLOCK, STATIC_GLOBAL_DYNAMIC_BLOCK
-    default_algorithm: str  # calibration algorithm used when the config leaves it None
+    # calibration algorithm used when the config leaves it None: the most accurate one that calibrates
+    # SmolLM2-135M on 64 x 512 tokens within a minute on a 2-core CPU (README, "Defaults")
+    default_algorithm: str
     pre_quant_scale: bool = False  # may carry a per-input-channel `pre_quant_scale`
     fp8_weight_scale_2: bool = False  # W4A8: per-tensor FP8 `weight_scale_2` over INT4 groups
     group_size_choices: tuple = ()  # allowed group sizes; () = fixed at `group_size`
@@ -75,19 +77,21 @@ class Format:
 FORMATS = {
     f.name: f
     for f in (
-        Format("fp8", "FP8", FP8, PER_TENSOR, None, FP8, STATIC, "max"),
-        Format("fp8_pc_pt", "FP8_PER_CHANNEL_PER_TOKEN", FP8, PER_CHANNEL, None, FP8, DYNAMIC_TOKEN, "max"),
+        Format("fp8", "FP8", FP8, PER_TENSOR, None, FP8, STATIC, "gptq", default_sequential=False),
+        Format("fp8_pc_pt", "FP8_PER_CHANNEL_PER_TOKEN", FP8, PER_CHANNEL, None, FP8, DYNAMIC_TOKEN, "gptq",
+               default_sequential=False),
         Format("fp8_pb_wo", "FP8_PB_WO", FP8, PER_TILE, 128, None, None, "max"),
         Format("int8_sq", "W8A8_SQ_PER_CHANNEL", INT8, PER_CHANNEL, None, INT8, STATIC, "smoothquant",
-               pre_quant_scale=True),
-        Format("int8_wo", "W8A16", INT8, PER_CHANNEL, None, None, None, "max"),
-        Format("int4_awq", "W4A16_AWQ", INT4, PER_GROUP, 128, None, None, "awq_lite",
+               pre_quant_scale=True, default_sequential=False),
+        Format("int8_wo", "W8A16", INT8, PER_CHANNEL, None, None, None, "gptq"),
+        Format("int4_awq", "W4A16_AWQ", INT4, PER_GROUP, 128, None, None, "gptq",
                pre_quant_scale=True, group_size_choices=INT4_GROUP_SIZES),
-        Format("w4a8_awq", "W4A8_AWQ", INT4, PER_GROUP, 128, FP8, STATIC, "awq_lite",
-               pre_quant_scale=True, fp8_weight_scale_2=True, group_size_choices=INT4_GROUP_SIZES),
+        Format("w4a8_awq", "W4A8_AWQ", INT4, PER_GROUP, 128, FP8, STATIC, "awq_full",
+               pre_quant_scale=True, fp8_weight_scale_2=True, group_size_choices=INT4_GROUP_SIZES,
+               default_sequential=False),
         Format("nvfp4", "NVFP4", NVFP4, PER_GROUP, 16, NVFP4, STATIC_GLOBAL_DYNAMIC_BLOCK, "max"),
         Format("nvfp4_awq", "NVFP4_AWQ", NVFP4, PER_GROUP, 16, NVFP4, STATIC_GLOBAL_DYNAMIC_BLOCK,
-               "awq_lite", pre_quant_scale=True),
+               "awq_clip", pre_quant_scale=True, default_sequential=False),
         Format("w4a16_nvfp4", "W4A16_NVFP4", NVFP4, PER_GROUP, 16, None, None, "max"),
         Format("mxfp8", "MXFP8", MXFP8, PER_GROUP, 32, MXFP8, DYNAMIC_BLOCK, "max"),
     )

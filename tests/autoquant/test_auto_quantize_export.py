@@ -27,7 +27,9 @@ MODELOPT_CONFIG_KEYS = {"config_groups", "ignore", "quant_algo", "producer", "qu
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    model, result = auto_quantize(tiny_llama(), ["fp8", "int4_awq"], 6.0, calibration_loop())
+    # ModelOpt's own algorithms for these formats: the layout below is the one ModelOpt writes for them.
+    model, result = auto_quantize(tiny_llama(), ["fp8", "int4_awq"], 6.0, calibration_loop(),
+                                  algorithms={"fp8": "max", "int4_awq": "awq_lite"})
     directory = tmp_path_factory.mktemp("mixed")
     model.save_pretrained(directory)
     return model, result, directory

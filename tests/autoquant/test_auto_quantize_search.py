@@ -18,7 +18,8 @@ from hf_ptq_plugin.modules.quant_linear import QuantLinear
 @pytest.fixture(scope="module")
 def searched():
     """A tiny Llama searched over {fp8, int4_awq} at 6 bits (read-only for the tests)."""
-    return auto_quantize(tiny_llama(), ["fp8", "int4_awq"], 6.0, calibration_loop())
+    return auto_quantize(tiny_llama(), ["fp8", "int4_awq"], 6.0, calibration_loop(),
+                         algorithms={"fp8": "max", "int4_awq": "awq_lite"})
 
 
 def layer_formats(model):
@@ -125,8 +126,8 @@ def test_candidates_leave_the_full_precision_model_untouched():
     model = tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _, linears = search_groups(model)
-    for qformat in ("int4_awq", "int8_sq"):  # AWQ and SmoothQuant rescale the weights they calibrate
-        built = build_candidates(model, linears, PTQConfig(qformat=qformat), calibration_loop())
+    for qformat, algorithm in (("int4_awq", "awq_lite"), ("int8_sq", "smoothquant")):  # they rescale the weights
+        built = build_candidates(model, linears, PTQConfig(qformat=qformat, algorithm=algorithm), calibration_loop())
         assert all(isinstance(m, QuantLinear) and m.pre_quant_scale is not None for m in built.values())
     assert all(model.get_submodule(name) is linear for name, linear in linears.items())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -126,13 +126,31 @@ def test_non_sequential_calibration_feeds_each_block_the_full_precision_outputs(
 
 
 def test_sequential_must_be_a_bool():
-    with pytest.raises(ValueError, match="sequential must be True or False, got 'no'"):
+    with pytest.raises(ValueError, match=r"sequential must be True, False or None \(the format's default\), got 'no'"):
         PTQConfig(qformat="int4_awq", sequential="no")
 
 
 def test_algorithms_that_need_data_refuse_to_run_without_a_forward_loop():
     with pytest.raises(ValueError, match="'awq_lite' needs calibration data"):
-        quantize(tiny_llama(), PTQConfig(qformat="int4_awq"))
+        quantize(tiny_llama(), PTQConfig(qformat="int4_awq", algorithm="awq_lite"))
+
+
+def test_without_data_a_weight_only_default_that_reads_activations_rounds_to_nearest():
+    ids = torch.randint(0, 320, (2, 16))
+    model = quantize(tiny_llama(), PTQConfig(qformat="int4_awq"))
+    assert model.ptq_config.algorithm == "max"
+    expected = quantize(tiny_llama(), PTQConfig(qformat="int4_awq", algorithm="max"))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected(ids).logits)
+    with pytest.raises(ValueError, match="needs calibration data"):  # FP8 activation scales cannot do without
+        quantize(tiny_llama(), PTQConfig(qformat="fp8"))
+
+
+def test_the_format_default_decides_sequential_unless_the_config_does():
+    assert PTQConfig(qformat="int4_awq").resolved_sequential is FORMATS["int4_awq"].default_sequential
+    assert PTQConfig(qformat="nvfp4").resolved_sequential is FORMATS["nvfp4"].default_sequential
+    assert PTQConfig(qformat="nvfp4", sequential=True).resolved_sequential is True
+    assert PTQConfig(qformat="int4_awq", sequential=False).resolved_sequential is False
 
 
 GPTQ_FORMATS = ["int4_awq", "int8_wo", "fp8", "fp8_pc_pt", "nvfp4"]

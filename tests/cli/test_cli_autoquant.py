@@ -22,14 +22,15 @@ SEARCH = ["--qformat", "fp8,int4_awq", "--auto_quantize_bits", "6", "--auto_quan
 
 def test_the_search_exports_what_the_library_call_builds(files, token_ids, capsys):
     out = files["tmp"] / "mixed"
-    assert main(["quantize", files["src"], *SEARCH, "--dataset", files["calib"], *CALIB_ARGS,
+    assert main(["quantize", files["src"], *SEARCH, "--algorithm", "max", "--dataset", files["calib"], *CALIB_ARGS,
                  "--export_path", str(out)]) == 0
     printed = summary(capsys.readouterr().out)
 
     expected = AutoModelForCausalLM.from_pretrained(files["src"])
     loop = calibration_forward_loop(word_tokenizer(), files["calib"], 4, 16, 2)
     score_loop = CalibrationLoop(loop.batches[:1], source=loop.source)  # 2 samples = the first batch of 2
-    _, result = auto_quantize(expected, ["fp8", "int4_awq"], 6.0, loop, score_loop=score_loop)
+    _, result = auto_quantize(expected, ["fp8", "int4_awq"], 6.0, loop, score_loop=score_loop,
+                              algorithms={"fp8": "max", "int4_awq": "max"})
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(out), token_ids), logits(expected, token_ids))
     quantization = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
     assert quantization["quant_algo"] == "MIXED_PRECISION"

@@ -322,3 +322,4 @@ def test_a_file_of_an_earlier_checkpoint_is_not_carried_over(name, content, tmp_
     (destination / name).write_text(content)
     write(destination, "new")
     assert files(destination) == checkpoint("new")
+

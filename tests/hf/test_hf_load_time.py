@@ -125,7 +125,7 @@ def test_exclusions_and_the_resolved_config(tmp_path):
 def test_an_algorithm_that_needs_data_says_max_is_used_instead(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         AutoModelForCausalLM.from_pretrained(checkpoint(tmp_path), quantization_config=PTQConfig(qformat="int4_awq"))
-    assert "'awq_lite' needs calibration data" in caplog.text and "quantized with 'max'" in caplog.text
+    assert "'gptq' needs calibration data" in caplog.text and "quantized with 'max'" in caplog.text
 
 
 def test_a_fresh_process_registers_at_import_and_refuses_to_save_uncalibrated(tmp_path):

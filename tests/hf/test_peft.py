@@ -72,7 +72,7 @@ def test_lora_wraps_every_targeted_quant_linear_and_trains_only_the_adapters():
 def test_adapter_gradients_equal_those_over_the_dense_dequantized_model():
     # Weight-only INT4 in fp32 computes x @ W^T with the dequantized W, as the dense model does;
     # AWQ's pre_quant_scale is folded into the dense weight and multiplies the quantized layer's input.
-    model = quantized()
+    model = quantized(algorithm="awq_lite")
     assert any(m.pre_quant_scale is not None for m in model.modules() if isinstance(m, QuantLinear))
     dense = copy.deepcopy(model).dequantize()
     x = ids()

@@ -33,7 +33,8 @@ def test_scales_are_amax_over_448_of_k_after_rope_and_of_v(monkeypatch, token_id
         model(token_ids)
     for hook in hooks:
         hook.remove()
-    quantize(model, PTQConfig(qformat="int8_wo", kv_cache_qformat="fp8"), forward_loop=lambda m: m(token_ids))
+    quantize(model, PTQConfig(qformat="int8_wo", kv_cache_qformat="fp8", algorithm="max"),
+             forward_loop=lambda m: m(token_ids))
     for i, layer in enumerate(model.model.layers):
         assert torch.equal(layer.self_attn.k_proj.k_scale, k_amax[i] / 448)
         assert torch.equal(layer.self_attn.v_proj.v_scale, v_amax[i] / 448)
