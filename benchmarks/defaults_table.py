@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import List, Sequence, Tuple
 
 from hf_ptq_plugin import formats as F
+from hf_ptq_plugin.export.readme_sections import marked_section, replace_marked_section
 
 README_START = "<!-- defaults-table:start (generated: python benchmarks/accuracy.py --defaults --readme README.md) -->"
 README_END = "<!-- defaults-table:end -->"
@@ -50,20 +51,14 @@ def markdown(header: Sequence[str], rows: List[Sequence[str]]) -> str:
 
 def readme_section(text: str) -> str:
     """What README text holds between the markers; a ValueError if they are missing."""
-    start, end = text.find(README_START), text.find(README_END)
-    if start < 0 or end < start:
-        raise ValueError(f"README has no {README_START!r} ... {README_END!r} markers")
-    return text[start + len(README_START):end].strip("\n") + "\n"
+    return marked_section(text, README_START, README_END)
 
 
 def update_readme(path: Path, header: Sequence[str], rows: List[Sequence[str]]) -> None:
     """Rewrite the table between the markers of the README at `path`: `rows` replace the rows of their
     formats, the other formats' rows stay (a run of some formats updates only theirs)."""
-    text = Path(path).read_text(encoding="utf-8")
     kept = {line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")]
-            for line in readme_section(text).splitlines() if line.startswith("| `")}
+            for line in readme_section(Path(path).read_text(encoding="utf-8")).splitlines() if line.startswith("| `")}
     merged = {**kept, **{row[0]: list(row) for row in rows}}
     rows = [merged[f"`{q}`"] for q in MODELOPT_DEFAULTS if f"`{q}`" in merged]
-    head, rest = text.split(README_START, 1)
-    tail = rest.split(README_END, 1)[1]
-    Path(path).write_text(f"{head}{README_START}\n{markdown(header, rows)}{README_END}{tail}", encoding="utf-8")
+    replace_marked_section(path, README_START, README_END, markdown(header, rows))

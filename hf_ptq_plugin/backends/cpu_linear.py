@@ -68,7 +68,7 @@ def _int8pack(module, weight, x2d: torch.Tensor) -> torch.Tensor:
     if module.fmt.act == F.INT8:
         x_scale = module._activation_scale(x2d)
         codes = int_quantize(x2d, x_scale, 8)  # a new tensor, so 64-byte aligned
-        if codes.shape[0] <= INT_MM_BY_ROWS:
+        if 1 < codes.shape[0] <= INT_MM_BY_ROWS:  # one row (decode) is one call either way
             y = torch.cat([torch._int_mm(row, weight.matrix.t()) for row in codes.split(1)]).float()
         else:
             y = torch._int_mm(codes, weight.matrix.t()).float()

@@ -4,7 +4,8 @@
 have no evidence that the engine serves it. `KV_CACHE[engine][dialect]` lists the KV-cache
 formats the engine reads in that dialect. Every statement of which engine serves what (export
 targets, model cards, CLI messages, the README table that `python -m hf_ptq_plugin.export.engines
-README.md` rewrites) derives from these two tables, so none can disagree. Imports only `formats`.
+README.md` rewrites) derives from these two tables, so none can disagree. Imports only `formats`
+(and the README marker helpers).
 
 Dialects: "modelopt" is the unified checkpoint (`docs/modelopt-facts.md` §6), "compressed-tensors"
 the layout of the compressed-tensors package (`export/compressed_tensors.py`), "trtllm-legacy"
@@ -12,10 +13,10 @@ the TensorRT-LLM checkpoint that `trtllm-build` turns into an engine (§8). Sour
 to each entry; "§" means `docs/modelopt-facts.md`.
 """
 
-from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 from ..formats import FORMATS, get_format, get_kv_format
+from .readme_sections import marked_section, replace_marked_section
 
 ENGINES = ("trtllm", "vllm", "sglang")
 MODELOPT, COMPRESSED_TENSORS, TRTLLM_LEGACY = "modelopt", "compressed-tensors", "trtllm-legacy"
@@ -233,22 +234,12 @@ README_END = "<!-- engines-table:end -->"
 
 def readme_section(text: str) -> str:
     """What README text holds between the table markers; a ValueError if the markers are missing."""
-    start, end = text.find(README_START), text.find(README_END)
-    if start < 0 or end < start:
-        raise ValueError(f"README has no {README_START!r} ... {README_END!r} markers")
-    return text[start + len(README_START):end].strip("\n") + "\n"
+    return marked_section(text, README_START, README_END)
 
 
 def update_readme(path) -> bool:
     """Rewrite the table between the markers of the README at `path`; True when it changed."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    readme_section(text)  # checks the markers
-    head, rest = text.split(README_START, 1)
-    tail = rest.split(README_END, 1)[1]
-    new_text = f"{head}{README_START}\n{markdown_table()}{README_END}{tail}"
-    path.write_text(new_text, encoding="utf-8")
-    return new_text != text
+    return replace_marked_section(path, README_START, README_END, markdown_table())
 
 
 if __name__ == "__main__":  # python -m hf_ptq_plugin.export.engines README.md

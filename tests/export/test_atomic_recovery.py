@@ -72,8 +72,8 @@ def before_swap():
     atomic._swap_in = lambda staging, destination: die()  # the staging directory is complete, marker written
 
 
-def in_child(run):
-    """Run `run` in a forked child; return its exit status (KILLED if it died at the step it was set to)."""
+def forked(run) -> int:
+    """The pid of a forked child that runs `run` and exits (status 0, or 1 on an exception)."""
     pid = os.fork()
     if pid == 0:
         try:
@@ -81,7 +81,12 @@ def in_child(run):
             os._exit(0)
         except BaseException:
             os._exit(1)
-    _, status = os.waitpid(pid, 0)
+    return pid
+
+
+def in_child(run):
+    """Run `run` in a forked child; return its exit status (KILLED if it died at the step it was set to)."""
+    _, status = os.waitpid(forked(run), 0)
     return os.waitstatus_to_exitcode(status)
 
 
@@ -183,13 +188,7 @@ def test_a_save_paused_between_its_renames_is_not_undone_by_a_recovery(tmp_path)
             real(source, target)
         atomic.os.rename = rename
         write(destination, "new")
-    pid = os.fork()
-    if pid == 0:
-        try:
-            run()
-            os._exit(0)
-        except BaseException:
-            os._exit(1)
+    pid = forked(run)
     os.read(paused[0], 1)
     assert not destination.exists()
     assert recover_interrupted_save(destination) is None  # its staging and old copy are locked: in use
