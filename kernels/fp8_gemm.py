@@ -1,7 +1,8 @@
 """FP8 W8A8 GEMM: out = (a * a_scale) @ (b * b_scale)^T + bias, both operands float8_e4m3fn.
 
 Layout (the unified checkpoint's `fp8` and `fp8_pc_pt`):
-    a        (M, K)  float8_e4m3fn activations, from `fp8_quantize` (static or per-token scale)
+    a        (M, K)  float8_e4m3fn activations, from `fp8_quantize(..., activation=True)` (static or
+                     per-token scale, rounded as the serving engines round them)
     a_scale  () or (M,)  fp32: per tensor (`input_scale`) or per token (dynamic)
     b        (N, K)  float8_e4m3fn weight
     b_scale  () or (N,)  fp32: per tensor or per output channel (`weight_scale`)

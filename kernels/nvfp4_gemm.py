@@ -10,11 +10,12 @@ Layout (the unified checkpoint's `nvfp4`, `nvfp4_awq`, `w4a16_nvfp4`):
     pre_quant_scale (K,)        optional, in x's dtype (AWQ)
     out            (M, N)       x's dtype
 
-QUANTIZE_X: each x tile is split into 16-element blocks; per block the scale
-fp8(clamp(amax / (6 * input_scale), 2**-9, 448)) (1.0 for an all-zero block) and the E2M1
-rounding (ties to even) are computed exactly as `numerics.nvfp4` does (e4m3 rounding emulated,
-division with div_rn). Both operands then hold e2m1 * e4m3-scale products: at most 6
-significant bits in [2**-10, 2688], exact in fp16, so tl.dot runs on fp16 operands with exact
+QUANTIZE_X: each x tile is split into 16-element blocks and quantized in the serving engine's
+order, exactly as `numerics.nvfp4.nvfp4_activation_quantize` does: G = 1 / input_scale, block
+scale SF = fp8(G * (amax * fp32(1 / 6))), codes = e2m1(x * (1 / (SF * (1 / G)))) (every reciprocal
+rounded to nearest with div_rn, e4m3 rounding emulated; an SF of 0 zeroes its block). Both
+operands then hold e2m1 * e4m3-scale products: at most 6 significant bits in
+[2**-10, 2688] (or 0), exact in fp16, so tl.dot runs on fp16 operands with exact
 products and the two global scales multiply the fp32 sum once. W4A16 (no input_scale): x is
 multiplied in the dot dtype with the fp16/bf16-exact weight products. K % 16 == 0; K and N need
 not be multiples of the tiles (masked); BLOCK_K must be a multiple of 16.
@@ -29,17 +30,22 @@ from .rounding import e2m1_decode, e2m1_index, e2m1_magnitude, fp8_e4m3_round
 from .tiles import load_tile, load_x_tile, mma, store_out_tile, tile_offsets
 
 NVFP4_BLOCK = 16
+RCP_E2M1_MAX = tl.constexpr(0.1666666716337204)  # fp32(1 / 6), exactly: the engine's rcp(6.0f)
 
 
 @triton.jit
-def _quantize_x_blocks(x, global_scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(BLOCK_M, BLOCK_K) fp32 -> e2m1 value * fp8 block scale (fp32, exact in fp16)."""
+def _quantize_x_blocks(x, input_scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_M, BLOCK_K) fp32 -> e2m1 value * fp8 block scale (fp32, exact in fp16).
+
+    vLLM csrc/quantization/fp4/nvfp4_utils.cuh, cvt_warp_fp16_to_fp4, with its rcp.approx.ftz
+    replaced by correctly rounded reciprocals (`numerics.nvfp4.nvfp4_activation_block_scales`).
+    """
     blocks = tl.reshape(x, (BLOCK_M, BLOCK_K // 16, 16))
-    scale = tl.math.div_rn(tl.max(tl.abs(blocks), axis=2), 6.0 * global_scale)
-    scale = tl.where(scale == 0, 1.0, scale)
-    scale = fp8_e4m3_round(tl.maximum(scale, 0.001953125))  # clamp to [2**-9, 448]; 448 inside the rounding
-    step = scale * global_scale  # rounded like the reference's block_scale.float() * global_scale
-    y = tl.math.div_rn(blocks, step[:, :, None])
+    g = tl.math.div_rn(1.0, input_scale)
+    scale = fp8_e4m3_round(g * (tl.max(tl.abs(blocks), axis=2) * RCP_E2M1_MAX))  # saturates at 448
+    divisor = tl.where(scale > 0, scale, 1.0) * tl.math.div_rn(1.0, g)  # no 1 / 0 in the lanes dropped below
+    out_scale = tl.where(scale > 0, tl.math.div_rn(1.0, divisor), 0.0)
+    y = blocks * out_scale[:, :, None]
     magnitude = e2m1_magnitude(e2m1_index(tl.abs(y)))
     value = tl.where(y < 0, -magnitude, magnitude) * scale[:, :, None]
     return tl.reshape(value, (BLOCK_M, BLOCK_K))

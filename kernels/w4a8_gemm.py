@@ -1,8 +1,8 @@
 """W4A8 GEMM (`w4a8_awq`): INT4 group-wise weights times FP8 activations.
 
 Layout (the unified checkpoint's):
-    a              (M, K)       float8_e4m3fn activations from `fp8_quantize` (static `input_scale`,
-                                with `pre_quant_scale` applied there)
+    a              (M, K)       float8_e4m3fn activations from `fp8_quantize(..., activation=True)`
+                                (static `input_scale`, with `pre_quant_scale` applied there)
     a_scale        ()           fp32 `input_scale`
     weight         (N // 2, K)  uint8, rows 2j / 2j + 1 in the low / high nibble (signed int4)
     weight_scale   (N, K // G)  fp32 group scales
@@ -10,11 +10,12 @@ Layout (the unified checkpoint's):
     out            (M, N)       the activations' original dtype
 
 The engine's weight (TensorRT-LLM, `numerics.weights.int4_w4a8_weight`) is
-fp8(q * fp16(weight_scale / weight_scale_2)) * weight_scale_2: the group scale ratio is rounded
-to fp16 and the product to e4m3. This kernel rebuilds those e4m3 weights in the K loop (fp16
-cast: correct in the interpreter; e4m3 rounding: emulated exactly, `rounding.fp8_e4m3_round`),
-takes an fp8 x fp8 tl.dot (exact products, fp32 accumulator; fp16 operands on GPUs before
-sm_89) and scales the sum once by input_scale * weight_scale_2.
+fp8(q * ratio) * weight_scale_2 with ratio = fp16(fp16(weight_scale) * (1 / weight_scale_2))
+(`numerics.weights.w4a8_group_ratio`): the group scale ratio is rounded to fp16 and the product
+to e4m3. This kernel rebuilds those e4m3 weights in the K loop (fp16 casts: correct in the
+interpreter; e4m3 rounding: emulated exactly, `rounding.fp8_e4m3_round`), takes an fp8 x fp8
+tl.dot (exact products, fp32 accumulator; fp16 operands on GPUs before sm_89) and scales the sum
+once by input_scale * weight_scale_2.
 """
 
 import torch
@@ -46,7 +47,7 @@ def w4a8_gemm_kernel(
         pairs = tl.join(packed & 0xF, packed >> 4)  # (BLOCK_N // 2, BLOCK_K, 2): even row, odd row
         q = int4_decode(tl.reshape(tl.permute(pairs, (0, 2, 1)), (BLOCK_N, BLOCK_K)))
         scale = load_group_scales(scale_ptr, offs_n, offs_k, N, K, stride_sn, stride_sg, GROUP_SIZE, 0.0)
-        ratio = tl.math.div_rn(scale, scale_2).to(tl.float16).to(tl.float32)
+        ratio = (scale.to(tl.float16).to(tl.float32) * tl.math.div_rn(1.0, scale_2)).to(tl.float16).to(tl.float32)
         w = fp8_e4m3_round(q.to(tl.float32) * ratio).to(tl.float8e4nv)  # exact: already on the grid
         acc = mma(acc, a, tl.trans(w), DOT_DTYPE)
     a_scale = tl.load(a_scale_ptr)

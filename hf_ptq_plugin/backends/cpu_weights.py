@@ -40,7 +40,7 @@ from .. import formats as F
 from ..numerics import dequantize_weight, fp8_quantize, unpack_int4_rows, unpack_nibbles
 from ..numerics.mx import mxfp8_dequantize
 from ..numerics.nvfp4 import e2m1_values
-from ..numerics.weights import WEIGHT_BUFFERS
+from ..numerics.weights import WEIGHT_BUFFERS, w4a8_group_ratio
 
 INT4PACK_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 kernel accepts
 INT8PACK_ALIGNMENT = 64  # bytes; see aligned_for_int8pack
@@ -188,7 +188,7 @@ def _factored_weight(fmt: F.Format, buffers: dict, group_size: int):
     if fmt.weight == F.INT4 and fmt.fp8_weight_scale_2:
         # The e4m3 values of `numerics.weights.int4_w4a8_weight`, before its final * weight_scale_2.
         scale_2 = buffers["weight_scale_2"].float()
-        ratio = (scale / scale_2).half().float().repeat_interleave(group_size, dim=1)
+        ratio = w4a8_group_ratio(scale, scale_2).repeat_interleave(group_size, dim=1)
         return fp8_quantize(unpack_int4_rows(q).float() * ratio, torch.ones(())).float(), scale_2
     if fmt.weight == F.MXFP8:
         return mxfp8_dequantize(q, scale), torch.ones(())  # e4m3 times 2**e: exact in fp16 for ordinary e

@@ -52,7 +52,7 @@ def triton_linear(module, x: torch.Tensor) -> torch.Tensor:
     if fmt.weight == F.FP8 and fmt.act is None:
         return k.fp8_block_gemm(x, w, scale, module.group_size, bias)
     x2d = x.reshape(-1, x.shape[-1])
-    a, a_scale = k.fp8_quantize(x2d, x_scale, pre_quant_scale=pqs)  # x_scale None: dynamic per token
+    a, a_scale = k.fp8_quantize(x2d, x_scale, pre_quant_scale=pqs, activation=True)  # None: dynamic per token
     if fmt.weight == F.INT4:  # W4A8
         out = k.w4a8_gemm(a, a_scale, w, scale, module.weight_scale_2, module.group_size, x.dtype, bias)
     else:

@@ -3,6 +3,10 @@
 Static formats use the calibrated `input_scale`; dynamic ones compute scales from the live
 tensor (per token for FP8_PER_CHANNEL_PER_TOKEN, per 32-block for MXFP8, per 16-block under the
 calibrated global scale for NVFP4). Returns fp32 values on the quantization grid.
+
+FP8 and NVFP4 activations are rounded with the serving engines' arithmetic, not ModelOpt's: the
+engines' kernels quantize activations at inference, so that is what the model computes there
+(`fp8.fp8_quantize_static_activation`, `fp8.fp8_token_scales`, `nvfp4.nvfp4_activation_quantize`).
 """
 
 from typing import Optional
@@ -10,10 +14,10 @@ from typing import Optional
 import torch
 
 from .. import formats as F
-from .fp8 import FP8_MAX, fp8_fake_quantize
+from .fp8 import FP8_MAX, fp8_dequantize, fp8_fake_quantize, fp8_quantize_static_activation, fp8_token_scales
 from .integer import INT8_MAX, int_dequantize, int_quantize
 from .mx import mxfp8_fake_quantize
-from .nvfp4 import nvfp4_fake_quantize, nvfp4_global_scale
+from .nvfp4 import nvfp4_activation_fake_quantize, nvfp4_global_scale
 from .scales import scale_from_amax
 
 
@@ -22,14 +26,13 @@ def quantize_activation(x: torch.Tensor, fmt: F.Format, input_scale: Optional[to
     if fmt.act is None:
         return x.float()
     if fmt.act_scaling == F.DYNAMIC_TOKEN:
-        token_scale = scale_from_amax(x.float().abs().amax(dim=-1, keepdim=True), FP8_MAX)
-        return fp8_fake_quantize(x, token_scale)
+        return fp8_fake_quantize(x, fp8_token_scales(x))
     if fmt.act == F.MXFP8:
         return mxfp8_fake_quantize(x)
     if fmt.act == F.NVFP4:
-        return nvfp4_fake_quantize(x, input_scale)
+        return nvfp4_activation_fake_quantize(x, input_scale)
     if fmt.act == F.FP8:
-        return fp8_fake_quantize(x, input_scale)
+        return fp8_dequantize(fp8_quantize_static_activation(x, input_scale), input_scale)
     if fmt.act == F.INT8:
         return int_dequantize(int_quantize(x, input_scale, 8), input_scale)
     raise ValueError(f"unknown activation encoding {fmt.act!r} in format {fmt.name!r}")

@@ -2,6 +2,8 @@
 
 Codes are 4 bits: bit 3 the sign, bits 0-2 an index into E2M1_GRID. Two codes per byte along
 the last (input) axis, the even element in the low nibble (`docs/modelopt-facts.md` §2.4, §2.7).
+Weights follow ModelOpt's order of operations (what the checkpoint stores); activations follow
+the serving engines' quantize kernel (`nvfp4_activation_quantize`).
 """
 
 import torch
@@ -13,6 +15,8 @@ E2M1_MAX = 6.0
 E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 NVFP4_BLOCK = 16
 FP8_MIN_SUBNORMAL = 2.0**-9  # block scales are clamped here so tiny blocks do not vanish
+# fp32(1 / 6) as a Python float, exact in fp32: the engines multiply block maxima by it (they do not divide by 6)
+RCP_E2M1_MAX = torch.tensor(E2M1_MAX).reciprocal().item()
 
 
 def e2m1_codes(y: torch.Tensor) -> torch.Tensor:
@@ -87,6 +91,42 @@ def nvfp4_quantize(x: torch.Tensor, global_scale: torch.Tensor, block_scales=Non
     step = block_scales.float() * global_scale  # (..., K // 16) fp32
     y = x.float().unflatten(-1, (-1, NVFP4_BLOCK)) / step[..., None]
     return e2m1_codes(y).flatten(-2), block_scales
+
+
+def nvfp4_activation_block_scales(x: torch.Tensor, input_scale: torch.Tensor):
+    """(block scales float8_e4m3fn (..., K // 16), output scales fp32 (..., K // 16)) of activations.
+
+    The engine's order: vLLM csrc/quantization/fp4/nvfp4_utils.cuh, cvt_warp_fp16_to_fp4 (TensorRT-LLM
+    cpp/tensorrt_llm/kernels/quantization.cuh, cvt_warp_fp16_to_fp4, is the same arithmetic), with the
+    global scale G = 1 / input_scale rounded to fp32 (vLLM modelopt.py, input_scale_inv; TensorRT-LLM
+    _torch/modules/linear.py, NVFP4LinearMethod.load_weight_scales): SF = e4m3(G * (block_amax * rcp(6)))
+    and output scale rcp(float(SF) * rcp(G)), 0 when SF is 0. There is no 2**-9 floor: a block whose SF
+    rounds to 0 dequantizes to 0. The kernel's rcp is rcp.approx.ftz.f32, an approximation that is not
+    guaranteed to be correctly rounded; here every rcp is the correctly rounded one (1 / x in fp32).
+    """
+    g = torch.reciprocal(input_scale.float())
+    scales = block_amax(x, NVFP4_BLOCK).mul_(RCP_E2M1_MAX).mul_(g)  # G * (amax * rcp(6)), fp32
+    scales = scales.clamp_(max=FP8_MAX).to(torch.float8_e4m3fn)  # the cvt saturates at 448
+    sf = scales.float()
+    output_scales = torch.where(sf > 0, torch.reciprocal(sf * torch.reciprocal(g)), 0.0)
+    return scales, output_scales
+
+
+def nvfp4_activation_quantize(x: torch.Tensor, input_scale: torch.Tensor):
+    """Activations x (..., K) -> (codes uint8 (..., K), block scales float8_e4m3fn (..., K // 16)).
+
+    codes = e2m1(x * output scale) (`nvfp4_activation_block_scales`): a multiply where the weight
+    path divides, as cvt_warp_fp16_to_fp4 does before its cvt.rn.satfinite.e2m1x2.f32.
+    """
+    block_scales, output_scales = nvfp4_activation_block_scales(x, input_scale)
+    y = x.float().unflatten(-1, (-1, NVFP4_BLOCK)) * output_scales[..., None]
+    return e2m1_codes(y).flatten(-2), block_scales
+
+
+def nvfp4_activation_fake_quantize(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+    """Activations through the engine's NVFP4 quantizer and back (fp32): e2m1 * block scale * input_scale."""
+    codes, block_scales = nvfp4_activation_quantize(x, input_scale)
+    return nvfp4_dequantize(codes, block_scales, input_scale)
 
 
 def nvfp4_dequantize(codes: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor):

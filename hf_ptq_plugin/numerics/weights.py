@@ -178,20 +178,31 @@ def fake_quantize_weight(w: torch.Tensor, fmt: F.Format, group_size: Optional[in
     if not fmt.fp8_weight_scale_2:
         return q * step
     scale_2 = scale_from_amax(w.abs().amax() if global_amax is None else global_amax, FP8_MAX)
-    ratio = (step / scale_2).half().float()
+    ratio = w4a8_group_ratio(step, scale_2)
     return fp8_dequantize(fp8_quantize(q * ratio, torch.tensor(1.0)), scale_2)
 
 
-def int4_w4a8_weight(buffers: dict, group_size: int) -> torch.Tensor:
-    """W4A8 weight as the engine sees it: fp8(q * fp16(ws / ws2)) * ws2, fp32 (N, K).
+def w4a8_group_ratio(weight_scale: torch.Tensor, weight_scale_2: torch.Tensor) -> torch.Tensor:
+    """The fp16 group scales TensorRT-LLM's W4A8 GEMM reads, as fp32: fp16(fp16(ws) * (1 / ws2)).
 
-    TensorRT-LLM feeds `weight_scale / weight_scale_2` as fp16 group scales; q times that ratio
-    (at most 7 * 448 / 7 = 448 by construction) is an FP8 value, and the GEMM result is scaled
-    by `weight_scale_2`. Both roundings (fp16 ratio, FP8 product) are reproduced here.
+    TensorRT-LLM tensorrt_llm/_torch/modules/linear.py, W4A8_AWQ_LinearMethod: load_weight_scales_w4a8
+    casts `weight_scale` to fp16, load_weights_vanilla then divides it by the fp32 scalar
+    `weight_scale_2`; torch computes an fp16 tensor over a CPU scalar as a product with the fp32
+    reciprocal, rounded to fp16 (aten/src/ATen/native/cuda/BinaryDivTrueKernel.cu). Two roundings of
+    the group scale and a reciprocal: one ulp of fp16 away from fp16(ws / ws2) in about a quarter of groups.
+    """
+    return (weight_scale.half().float() * torch.reciprocal(weight_scale_2.float())).half().float()
+
+
+def int4_w4a8_weight(buffers: dict, group_size: int) -> torch.Tensor:
+    """W4A8 weight as the engine sees it: fp8(q * ratio) * ws2, fp32 (N, K), ratio `w4a8_group_ratio`.
+
+    q times the ratio (at most 7 * 448 / 7 = 448 by construction) is rounded to FP8, the GEMM's
+    operand, and the GEMM result is scaled by `weight_scale_2`.
     """
     q = unpack_int4_rows(buffers["weight"]).float()
     scale_2 = buffers["weight_scale_2"]
-    ratio = (buffers["weight_scale"] / scale_2).half().float().repeat_interleave(group_size, dim=1)
+    ratio = w4a8_group_ratio(buffers["weight_scale"], scale_2).repeat_interleave(group_size, dim=1)
     return fp8_dequantize(fp8_quantize(q * ratio, torch.tensor(1.0)), scale_2)
 
 

@@ -71,8 +71,8 @@ def hand_quantize(algo, w, group_amax):
         tensors = {"weight": int4_pack_rows(q), "weight_scale": s}
         if algo == "W4A16_AWQ":
             return tensors, q * s.repeat_interleave(128, 1)
-        ws2 = group_amax / 448  # the FP8 second level; the engine feeds fp16(ws / ws2) group scales
-        ratio = (s / ws2).half().float().repeat_interleave(128, 1)
+        ws2 = group_amax / 448  # the FP8 second level; the engine feeds fp16(fp16(ws) * (1 / ws2)) group scales
+        ratio = (s.half().float() * (1 / ws2)).half().float().repeat_interleave(128, 1)
         return {**tensors, "weight_scale_2": ws2}, (q * ratio).clamp(-448, 448).to(FP8).float() * ws2
     if algo in ("NVFP4", "NVFP4_AWQ", "W4A16_NVFP4"):
         return nvfp4(w, group_amax)
