@@ -35,7 +35,8 @@ def parse_args():
     parser.add_argument("--runs", default=None,
                         help="comma-separated qformat:algorithm pairs; qformat:algorithm:nonseq calibrates with "
                              "PTQConfig(sequential=False) (blocks fed full-precision outputs, one pass per block), "
-                             ":seq with sequential=True, neither with the format's default")
+                             ":seq with sequential=True, neither with the format's default; a further :keep "
+                             "calibrates with pre_quant_scales='keep' (ModelOpt's layout) instead of 'fold'")
     parser.add_argument("--group-size", type=int, default=None, help="INT4 group size (default: automatic)")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "hf_ptq_plugin")
     parser.add_argument("--seq-len", type=int, default=512)
@@ -78,6 +79,9 @@ def calibration_pass(model, windows, batch_size):
         model(input_ids=batch)  # outputs dropped: kept, 16 batches of logits would add ~3 GB to the peak RSS
 
 
+RUN_OPTIONS = {"nonseq": {"sequential": False}, "seq": {"sequential": True}, "keep": {"pre_quant_scales": "keep"}}
+
+
 def one_run(run, group_size, dtype, path, calib_windows, eval_windows, batch_size):
     """Runs in a child process: load, quantize, evaluate; returns the measurements."""
     from transformers import AutoModelForCausalLM
@@ -91,7 +95,7 @@ def one_run(run, group_size, dtype, path, calib_windows, eval_windows, batch_siz
     start = time.perf_counter()
     config = None
     if qformat != "none":
-        options = {"nonseq": {"sequential": False}, "seq": {"sequential": True}}.get("".join(mode), {})  # or default
+        options = {key: value for m in mode for key, value in RUN_OPTIONS[m].items()}  # none: the defaults
         config = PTQConfig(qformat=qformat, algorithm=algorithm, group_size=group_size, **options)
         quantize(model, config, forward_loop=lambda m: calibration_pass(m, calib_windows, batch_size))
     calib_seconds = time.perf_counter() - start

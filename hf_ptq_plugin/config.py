@@ -15,6 +15,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from . import formats as F
 from .calibration.algorithms import ALGORITHMS, algorithms_for
 
+PRE_QUANT_SCALES = ("fold", "keep")  # PTQConfig.pre_quant_scales
+
 
 @dataclass
 class PTQConfig(QuantizationConfigMixin):
@@ -29,6 +31,13 @@ class PTQConfig(QuantizationConfigMixin):
     block on the outputs of the blocks before it as quantized (True), or on their full-precision
     outputs (False, ModelOpt's way for AWQ and SmoothQuant: one pass per block instead of two);
     None = the format's default (`resolved_sequential`).
+    pre_quant_scales: where the per-channel smoothing scales of AWQ and SmoothQuant go. "fold"
+    (default): into the layer before, so no Linear keeps a `pre_quant_scale` and every export
+    target can write the model: the norms for q/k/v and gate/up, v_proj's rows for o_proj (under
+    grouped-query attention the scale is shared by the query heads of each KV group, so it can),
+    up_proj's rows for down_proj. "keep": ModelOpt's layout, o_proj and down_proj (and every
+    SmoothQuant layer) keep a per-channel `pre_quant_scale`, which only the unified checkpoint
+    (TensorRT-LLM) applies.
     layer_qformats: {Linear name: qformat} of a per-layer (ModelOpt MIXED_PRECISION) checkpoint:
     exactly these Linears are quantized, each in its own format (`qformat` then names the most
     common one); it comes from loading such a checkpoint, and quantize() and quantizing while
@@ -45,6 +54,7 @@ class PTQConfig(QuantizationConfigMixin):
     calib_seq_len: int = 512
     calib_batch_size: int = 4
     sequential: Optional[bool] = None
+    pre_quant_scales: str = "fold"
     layer_qformats: Optional[Dict[str, str]] = None
 
     # transformers' registry key (the mixin declares it as a dataclass field); fixed, not an argument.
@@ -52,6 +62,9 @@ class PTQConfig(QuantizationConfigMixin):
 
     def __post_init__(self):
         self._check_strings()
+        if self.pre_quant_scales not in PRE_QUANT_SCALES:
+            raise ValueError(f"unknown pre_quant_scales {self.pre_quant_scales!r}; "
+                             f"valid: {', '.join(PRE_QUANT_SCALES)}")
         fmt = F.get_format(self.qformat)
         F.get_kv_format(self.kv_cache_qformat)
         self._check_layer_qformats()
@@ -72,7 +85,8 @@ class PTQConfig(QuantizationConfigMixin):
     def _check_strings(self) -> None:
         """Names and the calibration data source are strings (config.json holds them); a list of formats is
         AutoQuantize's (`hf_ptq_plugin.auto_quantize`)."""
-        named = {"qformat": F.FORMATS, "kv_cache_qformat": F.KV_FORMAT_NAMES, "algorithm": ALGORITHMS}
+        named = {"qformat": F.FORMATS, "kv_cache_qformat": F.KV_FORMAT_NAMES, "algorithm": ALGORITHMS,
+                 "pre_quant_scales": PRE_QUANT_SCALES}
         for name, valid in named.items():
             value = getattr(self, name)
             if not isinstance(value, str) and not (name == "algorithm" and value is None):

@@ -53,12 +53,12 @@ def final_config(result: AutoQuantizeResult, chosen: Dict[str, QuantLinear]) -> 
         unquantized = [m for g in result.groups for m in g.members if m not in chosen]
         return PTQConfig(qformat=qformat, kv_cache_qformat=result.kv_cache_qformat,
                          algorithm=result.algorithms[qformat], group_size=next(iter(chosen.values())).group_size,
-                         exclude_modules=list(result.exclude_modules) + unquantized)
+                         exclude_modules=list(result.exclude_modules) + unquantized, pre_quant_scales="keep")
     # Several: each layer's format; export allows one INT4 group size, which every INT4 candidate resolved alike.
     int4_group_sizes = {module.group_size for module in chosen.values() if module.fmt.group_size_choices}
     group_size = int4_group_sizes.pop() if int4_group_sizes else None
     return PTQConfig(qformat=qformats.most_common(1)[0][0], kv_cache_qformat=result.kv_cache_qformat,
-                     group_size=group_size, exclude_modules=list(result.exclude_modules),
+                     group_size=group_size, exclude_modules=list(result.exclude_modules), pre_quant_scales="keep",
                      layer_qformats={name: module.fmt.name for name, module in chosen.items()})
 
 

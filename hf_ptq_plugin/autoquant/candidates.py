@@ -11,6 +11,7 @@ model, one block's copies and the candidates in their compressed form.
 """
 
 import copy
+import dataclasses
 import logging
 from typing import Callable, Dict, Tuple
 
@@ -103,7 +104,9 @@ def build_candidates(model: nn.Module, layers: Dict[str, nn.Module], config: PTQ
         return {}
     previous_config = model.__dict__.get("ptq_config", _ABSENT)
     try:
-        pipeline.run(model, config, forward_loop, source=PristineWeights(layers), fold=False)
+        # A producer (v_proj, up_proj) may end up in another format than its consumer: scales stay on the consumer.
+        keep = dataclasses.replace(config, pre_quant_scales="keep")
+        pipeline.run(model, keep, forward_loop, source=PristineWeights(layers), fold=False)
         built = {name: model.get_submodule(name) for name in layers}
     finally:
         for name, layer in layers.items():

@@ -27,15 +27,16 @@ ALPHA_GRID = tuple(i * 0.1 for i in range(11))  # 0, 0.1, ..., 1
 
 
 def awq_search(w: torch.Tensor, x: torch.Tensor, x_mean: torch.Tensor, x_amax: torch.Tensor, fmt: F.Format,
-               group_size: int) -> torch.Tensor:
+               group_size: int, tie: Optional[Callable] = None) -> torch.Tensor:
     """The best smoothing factor s (K,) for stacked weights w (N, K) and sampled inputs x (T, K),
-    given the per-channel mean and max |x| (K,) over all calibration tokens."""
+    given the per-channel mean and max |x| (K,) over all calibration tokens. `tie` (scale -> scale)
+    constrains every candidate scale, e.g. to one that folds into the layer before."""
     w_mean = normalized_weight_mean(w.float(), block_size(fmt, group_size))
-    return best_scale(alpha_losses(w, x, x_mean, x_amax, w_mean, fmt, group_size), x_mean, w_mean)
+    return best_scale(alpha_losses(w, x, x_mean, x_amax, w_mean, fmt, group_size, tie), x_mean, w_mean, tie)
 
 
 def alpha_losses(w: torch.Tensor, x: torch.Tensor, x_mean: torch.Tensor, x_amax: torch.Tensor, w_mean: torch.Tensor,
-                 fmt: F.Format, group_size: int) -> torch.Tensor:
+                 fmt: F.Format, group_size: int, tie: Optional[Callable] = None) -> torch.Tensor:
     """(len(ALPHA_GRID),) summed squared output errors on x (T, K) of w (N, K) smoothed by each alpha's scale.
 
     `x_mean`, `x_amax` and `w_mean` (K,) may describe more than w and x (all experts of a MoE
@@ -43,13 +44,14 @@ def alpha_losses(w: torch.Tensor, x: torch.Tensor, x_mean: torch.Tensor, x_amax:
     """
     w, x = w.float(), x.float()
     output_error = _squared_output_error(w, x, x_amax.float(), fmt, group_size, len(ALPHA_GRID))
-    return torch.stack([output_error(scale_for(a, x_mean, w_mean)) for a in ALPHA_GRID])
+    return torch.stack([output_error(scale_for(a, x_mean, w_mean, tie)) for a in ALPHA_GRID])
 
 
-def best_scale(losses: torch.Tensor, x_mean: torch.Tensor, w_mean: torch.Tensor) -> torch.Tensor:
+def best_scale(losses: torch.Tensor, x_mean: torch.Tensor, w_mean: torch.Tensor,
+               tie: Optional[Callable] = None) -> torch.Tensor:
     """The scale of the alpha with the least loss summed over processes."""
     # Several processes: each holds its own token sample; summed errors pick one alpha for all.
-    return scale_for(ALPHA_GRID[int(all_reduce(losses, "sum").argmin())], x_mean, w_mean)
+    return scale_for(ALPHA_GRID[int(all_reduce(losses, "sum").argmin())], x_mean, w_mean, tie)
 
 
 def block_size(fmt: F.Format, group_size: Optional[int]) -> int:
@@ -63,9 +65,10 @@ def normalized_weight_mean(w: torch.Tensor, block: int) -> torch.Tensor:
     return normalized.view(n, k).mean(dim=0)
 
 
-def scale_for(alpha: float, x_mean: torch.Tensor, w_mean: torch.Tensor) -> torch.Tensor:
+def scale_for(alpha: float, x_mean: torch.Tensor, w_mean: torch.Tensor, tie: Optional[Callable] = None) -> torch.Tensor:
     scale = (x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)).clamp(1e-4, 1e4)
-    return scale / (scale.max() * scale.min()).sqrt()
+    scale = scale / (scale.max() * scale.min()).sqrt()
+    return scale if tie is None else tie(scale)
 
 
 def _squared_output_error(w, x, x_amax, fmt: F.Format, group_size: int, evaluations: int) -> Callable:

@@ -1,4 +1,5 @@
-"""Fold AWQ `pre_quant_scale`s into the norm that feeds a fused group (`docs/modelopt-facts.md` §6.1 step 3e).
+"""Fold AWQ (and SmoothQuant) `pre_quant_scale`s into the norm that feeds a fused group
+(`docs/modelopt-facts.md` §6.1 step 3e).
 
 Engines apply `pre_quant_scale` only on layers whose input is not a norm output (o_proj,
 down_proj); for q/k/v and gate/up the scale must live in the preceding RMSNorm/LayerNorm
@@ -23,11 +24,16 @@ from .offload import input_device, materialize
 logger = logging.getLogger(__name__)
 
 
-def fold_pre_quant_scales(model: nn.Module) -> List[str]:
-    """Fold the shared pre_quant_scale of every norm-fed AWQ group into its norm; returns the norms.
+def fold_pre_quant_scales(model: nn.Module, smoothquant: bool = False) -> List[str]:
+    """Fold the shared pre_quant_scale of every norm-fed AWQ group (and SmoothQuant group, with
+    `smoothquant`; ModelOpt leaves those) into its norm; returns the norms.
 
     A ValueError names a group whose members carry different scales (one norm can hold only one).
     """
+    def _foldable(module: nn.Module) -> bool:
+        return isinstance(module, QuantLinear) and module.pre_quant_scale is not None and (
+            module.fmt.is_awq or smoothquant)
+
     if not any(_foldable(m) for m in model.modules()) or not any(_is_norm(m) for m in model.modules()):
         return []
     folded = []
@@ -36,7 +42,7 @@ def fold_pre_quant_scales(model: nn.Module) -> List[str]:
         members = [modules[name] for name in consumers]
         if not all(_foldable(m) for m in members):
             if any(_foldable(m) for m in members):
-                logger.warning("%s feeds %s, not all of which are AWQ layers with a pre_quant_scale; "
+                logger.warning("%s feeds %s, not all of which are layers with a foldable pre_quant_scale; "
                                "their pre_quant_scale stays on the layers", norm_name, consumers)
             continue
         scale = members[0].pre_quant_scale
@@ -49,12 +55,8 @@ def fold_pre_quant_scales(model: nn.Module) -> List[str]:
         for m in members:
             m.pre_quant_scale = None
         folded.append(norm_name)
-    logger.info("folded AWQ pre_quant_scale into %d norms", len(folded))
+    logger.info("folded pre_quant_scale into %d norms", len(folded))
     return folded
-
-
-def _foldable(module: nn.Module) -> bool:
-    return isinstance(module, QuantLinear) and module.fmt.is_awq and module.pre_quant_scale is not None
 
 
 def _is_norm(module: nn.Module) -> bool:

@@ -6,7 +6,9 @@ for `max`/`mse`, or block by block for the layer-streamed algorithms (SmoothQuan
 each block's full-precision weights read from `source` just before it is calibrated; unify the
 scales of engine-fused siblings; swap each Linear for a QuantLinear, layer by layer, so
 full-precision and quantized copies of the whole model never coexist; fold AWQ scales into the
-norms that feed them, so the model in memory is exactly what its checkpoint will hold. `quantize()` runs it on the
+norms that feed them (and, with `PTQConfig.pre_quant_scales="fold"`, SmoothQuant's too, and
+o_proj's and down_proj's into v_proj's and up_proj's rows during calibration, producer_folding.py),
+so the model in memory is exactly what its checkpoint will hold. `quantize()` runs it on the
 model's own weights; `calibrate()` on a model loaded compressed runs it on the checkpoint's.
 """
 
@@ -42,7 +44,7 @@ def run(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callable] = 
     """Quantize `model` in place per `config`, reading full-precision weights from `source`
     (default: the model's own, `InMemoryWeights`), and return it.
 
-    `fold=False` leaves AWQ `pre_quant_scale`s on the layers instead of folding them into the norms,
+    `fold=False` leaves `pre_quant_scale`s on the layers instead of folding them into the norms,
     for callers that put the original Linears back and fold once on the model they assemble.
 
     `forward_loop(model)` runs calibration data through the model; it is required when the format
@@ -74,7 +76,7 @@ def run(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callable] = 
                 # (sequential=False), which is what its one pass over the whole model would see.
                 sequential = config.resolved_sequential and algorithm.streamed
                 _streamed(model, linears, experts, moe, fmt, group_size, algorithm, forward_loop, source, sequential,
-                          guard)
+                          config.pre_quant_scales == "fold", guard)
             else:
                 # Weight-only max / mse reads no activation: a pass over the data would only cost time,
                 # unless the KV cache's scales or the experts' token counts need it.
@@ -85,8 +87,8 @@ def run(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callable] = 
                 quantize_linears(model, fmt, group_size, linears, plans)
         guard.changing()
         moe.finish(group_size)
-        if fold:
-            fold_pre_quant_scales(model)  # norm-fed AWQ scales into the norm now, so the model is what gets saved
+        if fold:  # norm-fed scales into the norm now, so the model is what gets saved
+            fold_pre_quant_scales(model, smoothquant=config.pre_quant_scales == "fold")
     if kv_format is not None:
         enable_kv_quantization(model, kv_format, kv_amax)
     model.ptq_config = dataclasses.replace(config, group_size=group_size, algorithm=algorithm.name)
@@ -96,7 +98,7 @@ def run(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callable] = 
 
 
 def _streamed(model, linears, experts, moe, fmt, group_size, algorithm: Algorithm, forward_loop, source,
-              sequential: bool, guard) -> None:
+              sequential: bool, fold_scales: bool, guard) -> None:
     """Layer-streamed calibration: each block restored from `source`, planned, then quantized."""
     pending = dict(experts) if source.streams_blocks else {}
 
@@ -111,7 +113,7 @@ def _streamed(model, linears, experts, moe, fmt, group_size, algorithm: Algorith
         moe.quantize_observed(group_size)  # this block's experts, before they feed the next block
 
     streamed_calibration(model, linears, fmt, group_size, algorithm, forward_loop, prepare_block, quantize_block,
-                         sequential=sequential)
+                         sequential=sequential, fold_scales=fold_scales)
     if pending:
         raise ValueError(f"the experts {sorted(pending)[:3]} are in decoder blocks with no other quantized Linear; "
                          f"algorithm {algorithm.name!r} re-reads experts block by block with the block's Linears")

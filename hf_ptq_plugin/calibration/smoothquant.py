@@ -12,7 +12,7 @@ leaves perplexity at 39.9 and ModelOpt's fixed 1.0 at 31.3, where the search rea
 (BENCHMARKS.md). Without a token sample, alpha is DEFAULT_ALPHA.
 """
 
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -43,20 +43,22 @@ def smoothquant_scale(w: torch.Tensor, x_channel_amax: torch.Tensor, alpha: floa
     return torch.where(x_max > 2**-31, scale, torch.ones_like(scale))
 
 
-def search_alpha(w: torch.Tensor, x_channel_amax: torch.Tensor, x_sample: torch.Tensor, fmt: F.Format) -> float:
+def search_alpha(w: torch.Tensor, x_channel_amax: torch.Tensor, x_sample: torch.Tensor, fmt: F.Format,
+                 tie: Optional[Callable] = None) -> float:
     """The alpha of ALPHAS whose smoothed, quantized output on x_sample (T, K) is closest to x @ w.T."""
-    return best_alpha(alpha_errors(w, x_channel_amax, x_sample, fmt))
+    return best_alpha(alpha_errors(w, x_channel_amax, x_sample, fmt, tie=tie))
 
 
 def alpha_errors(w: torch.Tensor, x_channel_amax: torch.Tensor, x_sample: torch.Tensor, fmt: F.Format,
-                 w_channel_amax: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 w_channel_amax: Optional[torch.Tensor] = None, tie: Optional[Callable] = None) -> torch.Tensor:
     """(len(ALPHAS),) summed squared differences between the smoothed, quantized output of w on
-    x_sample and x_sample @ w.T, per alpha (`w_channel_amax`: see smoothquant_scale)."""
+    x_sample and x_sample @ w.T, per alpha (`w_channel_amax`: see smoothquant_scale; `tie`: a
+    constraint on the scale, e.g. one that folds into the layer before)."""
     w, x, x_amax = w.float(), x_sample.float(), x_channel_amax.float()
     reference = x @ w.T
     errors = []
     for alpha in ALPHAS:
-        a = smoothquant_scale(w, x_amax, alpha, w_channel_amax)
+        a = _tied(smoothquant_scale(w, x_amax, alpha, w_channel_amax), tie)
         input_scale = input_scale_from_amax((x_amax * a).amax(), fmt)
         output = quantize_activation(x * a, fmt, input_scale) @ fake_quantize_weight(w / a, fmt).T
         errors.append((output - reference).pow(2).sum())
@@ -69,14 +71,19 @@ def best_alpha(errors: torch.Tensor) -> float:
 
 
 def smoothquant_group_plan(linears: Dict[str, nn.Linear], group: List[str], x_channel_amax: torch.Tensor,
-                           x_sample: Optional[torch.Tensor] = None,
-                           fmt: Optional[F.Format] = None) -> Dict[str, LayerPlan]:
+                           x_sample: Optional[torch.Tensor] = None, fmt: Optional[F.Format] = None,
+                           tie: Optional[Callable] = None) -> Dict[str, LayerPlan]:
     """Smooth a group of Linears sharing one input, in place; {name: its plan}.
 
     With a token sample (and the format), alpha is searched (`search_alpha`); else DEFAULT_ALPHA.
     """
     w = stacked_weight(linears, group)
-    alpha = DEFAULT_ALPHA if x_sample is None else search_alpha(w, x_channel_amax, x_sample, fmt)
-    scale = apply_pre_quant_scale([linears[name] for name in group], smoothquant_scale(w, x_channel_amax, alpha))
+    alpha = DEFAULT_ALPHA if x_sample is None else search_alpha(w, x_channel_amax, x_sample, fmt, tie)
+    scale = _tied(smoothquant_scale(w, x_channel_amax, alpha), tie)
+    scale = apply_pre_quant_scale([linears[name] for name in group], scale)
     input_amax = (x_channel_amax.float() * scale.float()).amax()
     return {name: LayerPlan(pre_quant_scale=scale, input_amax=input_amax) for name in group}
+
+
+def _tied(scale: torch.Tensor, tie: Optional[Callable]) -> torch.Tensor:
+    return scale if tie is None else tie(scale)

@@ -28,7 +28,7 @@ MAX_SEARCH_TOKENS = 2048  # tokens per input kept for the search: loss estimates
 
 def streamed_calibration(model: nn.Module, linears: Dict[str, nn.Module], fmt: F.Format, group_size: int,
                          algorithm: Algorithm, forward_loop: Callable, prepare_block: Callable,
-                         quantize_block: Callable, sequential: bool = True) -> None:
+                         quantize_block: Callable, sequential: bool = True, fold_scales: bool = False) -> None:
     """Run `algorithm` over every decoder block; `quantize_block(linears, plans)` swaps one block's Linears.
 
     `prepare_block(prefix, block_linears) -> {name: nn.Linear}` (the weight source) puts the
@@ -36,7 +36,8 @@ def streamed_calibration(model: nn.Module, linears: Dict[str, nn.Module], fmt: F
     before the block is calibrated, and returns its Linears. `sequential`: each block is fed the
     outputs of the quantized blocks before it (a second pass per block, after quantizing it); False
     feeds the full-precision outputs that its statistics pass computes anyway, as ModelOpt's AWQ
-    and SmoothQuant calibrate, in one pass per block.
+    and SmoothQuant calibrate, in one pass per block. `fold_scales`: smoothing algorithms fold
+    o_proj's and down_proj's scales into v_proj's and up_proj's rows (producer_folding.py).
     """
     blocks_name, blocks = decoder_blocks(model, linears)
 
@@ -57,7 +58,7 @@ def streamed_calibration(model: nn.Module, linears: Dict[str, nn.Module], fmt: F
         if block_linears:
             block_linears = prepare_block(prefix_of(index), block_linears)
             outputs = None if sequential or last else []
-            context = BlockContext(block, inputs, token_mask, fmt, group_size, stride, outputs)
+            context = BlockContext(block, inputs, token_mask, fmt, group_size, stride, outputs, fold_scales)
             quantize_block(block_linears, algorithm.plan_block(context, block_linears))
             if outputs:
                 inputs = outputs

@@ -19,7 +19,8 @@ Layouts, as the compressed-tensors package (0.20) reads them (compressors/*/base
   scales it computes at run time to FP8 as NVFP4 does; config.json's `dtype` is bfloat16, the dtype the
   package unpacks NVFP4 weights to, whatever the model's (`checkpoint_dtype`).
 The dialect has no per-input-channel activation scale: a layer that still carries a pre_quant_scale
-after calibration folded AWQ scales into norms cannot be written, and the error says which engines can serve it.
+(calibrated with `PTQConfig(pre_quant_scales="keep")`, or a model whose scale could not fold) cannot
+be written, and the error says which engines can serve it.
 KV cache (FP8 only): `<attn>.k_scale` / `<attn>.v_scale` (1,), the names the package registers on attention.
 """
 
@@ -171,7 +172,8 @@ def check_convertible(model: nn.Module, plan: ExportPlan, target: str) -> None:
         raise ValueError(f"{len(leftover)} layer(s) keep a pre_quant_scale (e.g. {leftover[0]!r}), which the "
                          f"compressed-tensors checkpoint for target {target!r} cannot express; qformat "
                          f"{plan.fmt.name!r} with that scale is served by: {serving} "
-                         "(calibrating with algorithm='max' or 'gptq' leaves no pre_quant_scale)")
+                         "(calibrating with PTQConfig(pre_quant_scales='fold'), the default, folds every scale into "
+                         "the layer before; algorithm='max' or 'gptq' leaves none)")
 
 
 def save_compressed_tensors(model: nn.Module, export_dir, config, target: str = "vllm", max_shard_size="5GB",

@@ -99,8 +99,9 @@ MIXED_PRECISION_LAYERS = {
 }
 
 # Conditions a table cell cannot show, per (engine, qformat); the exporter enforces the first kind.
-_NO_PQS = "only when no pre_quant_scale remains after folding AWQ scales into norms (export checks)"
-_NO_SQ_PQS = "only without pre_quant_scale: SmoothQuant scales are not folded (calibrate with `max`)"
+_NO_PQS = ("only without pre_quant_scale: calibrated with PTQConfig(pre_quant_scales='fold'), the default, which "
+           "folds every AWQ scale into the norms and into v_proj's and up_proj's rows (export checks)")
+_NO_SQ_PQS = _NO_PQS.replace("AWQ", "SmoothQuant")
 _LEGACY_SQ = ("for `trtllm-build`: W8A8_SQ_PER_CHANNEL builds Int8SmoothQuantLinear layers, whose parameters carry "
               "ModelOpt's names (TensorRT-LLM tensorrt_llm/quantization/quantize.py, layers.py); names and shapes "
               "checked here, no engine built")

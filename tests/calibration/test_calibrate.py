@@ -25,7 +25,7 @@ def test_sets_input_and_kv_scales_from_the_new_data(token_ids):
 
 def test_pre_quant_scale_is_included_in_the_activation_amax(token_ids):
     model = tiny_llama()
-    quantize(model, PTQConfig(qformat="int8_sq"), forward_loop=lambda m: m(token_ids))
+    quantize(model, PTQConfig(qformat="int8_sq", pre_quant_scales="keep"), forward_loop=lambda m: m(token_ids))
     q_proj = model.model.layers[0].self_attn.q_proj
     seen = {}
     hook = q_proj.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))

@@ -32,11 +32,12 @@ def calib_ids():
     return torch.randint(0, 320, (8, 64))
 
 
-def logits_sqnr(qformat, algorithm, ids):
+def logits_sqnr(qformat, algorithm, ids, pre_quant_scales="fold"):
     model = outlier_llama()
     with torch.no_grad():
         reference = model(ids).logits
-    quantize(model, PTQConfig(qformat=qformat, algorithm=algorithm), forward_loop=lambda m: m(ids))
+    config = PTQConfig(qformat=qformat, algorithm=algorithm, pre_quant_scales=pre_quant_scales)
+    quantize(model, config, forward_loop=lambda m: m(ids))
     with torch.no_grad():
         return sqnr_db(reference, model(ids).logits), model
 
@@ -68,7 +69,7 @@ def test_smoothing_alone_leaves_outputs_unchanged(calib_ids):
 
 
 def test_siblings_share_one_pre_quant_scale_in_the_model_dtype(calib_ids):
-    _, model = logits_sqnr("int8_sq", "smoothquant", calib_ids)
+    _, model = logits_sqnr("int8_sq", "smoothquant", calib_ids, pre_quant_scales="keep")
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         assert torch.equal(attn.q_proj.pre_quant_scale, attn.k_proj.pre_quant_scale)
@@ -78,16 +79,20 @@ def test_siblings_share_one_pre_quant_scale_in_the_model_dtype(calib_ids):
         assert attn.o_proj.pre_quant_scale.dtype == torch.float32  # the model's dtype
 
 
-def test_awq_scales_of_norm_fed_siblings_are_folded_into_the_norm_when_quantizing(calib_ids):
+@pytest.mark.parametrize("pre_quant_scales", ["fold", "keep"])
+def test_awq_scales_of_norm_fed_siblings_are_folded_into_the_norm_when_quantizing(pre_quant_scales, calib_ids):
     torch.manual_seed(0)
     norms_before = [layer.input_layernorm.weight.clone() for layer in tiny_llama().model.layers]
-    _, model = logits_sqnr("int4_awq", "awq_lite", calib_ids)
+    _, model = logits_sqnr("int4_awq", "awq_lite", calib_ids, pre_quant_scales)
     for layer, norm_before in zip(model.model.layers, norms_before):
         attn, mlp = layer.self_attn, layer.mlp
         assert all(m.pre_quant_scale is None for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj,
                                                           mlp.up_proj))
         assert not torch.equal(layer.input_layernorm.weight, norm_before)  # the shared scale now lives here
-        assert attn.o_proj.pre_quant_scale.shape == (128,) and mlp.down_proj.pre_quant_scale.shape == (256,)
+        if pre_quant_scales == "keep":
+            assert attn.o_proj.pre_quant_scale.shape == (128,) and mlp.down_proj.pre_quant_scale.shape == (256,)
+        else:  # folded into v_proj's and up_proj's output rows
+            assert attn.o_proj.pre_quant_scale is None and mlp.down_proj.pre_quant_scale is None
 
 
 def test_streaming_blocks_reproduces_the_models_hidden_states(calib_ids):

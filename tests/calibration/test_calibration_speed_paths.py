@@ -109,7 +109,8 @@ def test_streamed_bf16_calibration_on_dense_weights_matches_it_on_the_kernels(mo
         if not use_dense:
             monkeypatch.setattr(streamed, "bf16_dense_weights", lambda modules: contextlib.nullcontext())
         model = tiny_llama(0, layers=3).to(torch.bfloat16)
-        quantize(model, PTQConfig(qformat="int4_awq", algorithm="awq_lite"), forward_loop=lambda m: m(ids))
+        quantize(model, PTQConfig(qformat="int4_awq", algorithm="awq_lite", pre_quant_scales="keep"),
+                 forward_loop=lambda m: m(ids))
         models.append([m for m in model.modules() if isinstance(m, QuantLinear)])
     assert len(models[0]) == 21
     for dense, kernel in zip(*models):

@@ -22,8 +22,12 @@ from hf_ptq_plugin.export.compressed_tensors import COMPRESSED_TENSORS_QFORMATS,
 
 SCRIPT = Path(__file__).with_name("load_without_plugin.py")
 NVFP4 = ("nvfp4", "nvfp4_awq", "w4a16_nvfp4")
-CASES = [(name, torch.float32) for name in COMPRESSED_TENSORS_QFORMATS] + [
-    (name, torch.bfloat16) for name in COMPRESSED_TENSORS_QFORMATS]
+# Smoothing algorithms, whose scales fold into norms and into v_proj / up_proj rows (the tiny Llama has
+# grouped-query attention, so o_proj's scale is the tied one): the export holds no pre_quant_scale.
+SMOOTHED = {"int4_awq": "awq_lite", "int8_sq": "smoothquant", "nvfp4_awq": "awq_full"}
+CASES = [(name, torch.float32, "max") for name in COMPRESSED_TENSORS_QFORMATS] + [
+    (name, torch.bfloat16, "max") for name in COMPRESSED_TENSORS_QFORMATS] + [
+    (name, torch.float32, algorithm) for name, algorithm in SMOOTHED.items()]
 
 
 @pytest.fixture(scope="module")
@@ -34,40 +38,42 @@ def loaded(tmp_path_factory):
     token_ids = torch.randint(0, 320, (2, 24))
     torch.save(token_ids, root / "ids.pt")
     models, argv = {}, [str(root / "ids.pt")]
-    for name, dtype in CASES:
-        config = PTQConfig(qformat=name, algorithm="max")
+    for name, dtype, algorithm in CASES:
+        config = PTQConfig(qformat=name, algorithm=algorithm)
         model = quantize(tiny_llama().to(dtype), config, forward_loop=lambda m: m(token_ids))
-        directory = root / f"{name}-{str(dtype)[6:]}"
+        directory = root / f"{name}-{str(dtype)[6:]}-{algorithm}"
         save_compressed_tensors(model, directory, model.ptq_config)
-        models[(name, dtype)] = model
+        models[(name, dtype, algorithm)] = model
         argv += [str(directory), str(directory) + ".pt"]
     subprocess.run([sys.executable, str(SCRIPT), *argv], check=True, capture_output=True, timeout=600)
-    return {key: (model, torch.load(root / f"{key[0]}-{str(key[1])[6:]}.pt"))
+    return {key: (model, torch.load(root / f"{key[0]}-{str(key[1])[6:]}-{key[2]}.pt"))
             for key, model in models.items()}, token_ids
 
 
 def test_transformers_loads_every_export_with_compressed_tensors_alone(loaded):
     records, _ = loaded
-    for (name, dtype), (_, record) in records.items():
+    for (name, dtype, _), (_, record) in records.items():
         assert record["quantizer"] == "CompressedTensorsHfQuantizer" and not record["plugin_imported"], name
         expected = torch.bfloat16 if name in NVFP4 else dtype  # NVFP4 exports say bfloat16 in config.json
         assert record["dtype"] == expected, (name, dtype)
         assert len([n for n in record["linears"] if n != "lm_head"]) == 14, name
 
 
-@pytest.mark.parametrize("name", [n for n in COMPRESSED_TENSORS_QFORMATS if n not in NVFP4])
-def test_float32_logits_are_bit_identical(name, loaded):
+@pytest.mark.parametrize("name, algorithm", [(n, "max") for n in COMPRESSED_TENSORS_QFORMATS if n not in NVFP4] + [
+    (n, a) for n, a in SMOOTHED.items() if n not in NVFP4])
+def test_float32_logits_are_bit_identical(name, algorithm, loaded):
     records, token_ids = loaded
-    model, record = records[(name, torch.float32)]
+    model, record = records[(name, torch.float32, algorithm)]
+    assert not any(getattr(m, "pre_quant_scale", None) is not None for m in model.modules())
     with torch.no_grad():
         assert torch.equal(record["logits"], model(token_ids).logits)
 
 
-@pytest.mark.parametrize("name, dtype", [(n, torch.bfloat16) for n in COMPRESSED_TENSORS_QFORMATS] + [
-    (n, torch.float32) for n in NVFP4])
-def test_bfloat16_layers_differ_from_ours_by_bfloat16_rounding_only(name, dtype, loaded):
+@pytest.mark.parametrize("name, dtype, algorithm", [(n, torch.bfloat16, "max") for n in COMPRESSED_TENSORS_QFORMATS] + [
+    (n, torch.float32, "max") for n in NVFP4] + [("nvfp4_awq", torch.float32, SMOOTHED["nvfp4_awq"])])
+def test_bfloat16_layers_differ_from_ours_by_bfloat16_rounding_only(name, dtype, algorithm, loaded):
     records, _ = loaded
-    model, record = records[(name, dtype)]
+    model, record = records[(name, dtype, algorithm)]
     modules = dict(model.named_modules())
     generator = torch.Generator().manual_seed(0)
     for layer, (x, theirs) in record["linears"].items():

@@ -187,7 +187,8 @@ def test_every_legacy_algorithm_is_a_tensorrt_llm_name():
 
 
 def test_smoothquant_scales_travel_as_prequant_factors_and_shared_buffers_are_written(token_ids, tmp_path):
-    model = quantize(tiny_llama(), PTQConfig(qformat="int8_sq"), forward_loop=lambda m: m(token_ids))  # smoothquant
+    config = PTQConfig(qformat="int8_sq", pre_quant_scales="keep")  # smoothquant, scales left on the layers
+    model = quantize(tiny_llama(), config, forward_loop=lambda m: m(token_ids))
     export_checkpoint(model, tmp_path, target="trtllm-legacy", tp_size=2)
     rank1 = load_file(tmp_path / "rank1.safetensors")
     layer = model.model.layers[0]

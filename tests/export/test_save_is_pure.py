@@ -19,12 +19,15 @@ from hf_ptq_plugin.export.unified import plan_export
 MODELS = [("int4_awq", "awq_lite"),  # AWQ: a shared pre_quant_scale per fused group, folded into the norms
           ("int8_sq", "smoothquant"),  # a shared pre_quant_scale per fused group, kept on the layers
           ("fp8", "max")]
-# Compressed-tensors has no pre_quant_scale: those models are refused, and the refusal changes nothing either.
+# Calibrated with pre_quant_scales="keep", o_proj's and down_proj's scales stay on the layers (and
+# SmoothQuant's on every layer); compressed-tensors has no pre_quant_scale: those models are refused,
+# and the refusal changes nothing either.
 REFUSED = {("int4_awq", "vllm"), ("int8_sq", "vllm")}
 
 
 def quantized(qformat, algorithm, token_ids):
-    return quantize(tiny_llama(), PTQConfig(qformat=qformat, algorithm=algorithm), forward_loop=lambda m: m(token_ids))
+    config = PTQConfig(qformat=qformat, algorithm=algorithm, pre_quant_scales="keep")
+    return quantize(tiny_llama(), config, forward_loop=lambda m: m(token_ids))
 
 
 def model_state(model):

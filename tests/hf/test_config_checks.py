@@ -39,7 +39,9 @@ def exported(tmp_path_factory, qformat, kv):
                                           algorithms={q: ALGORITHMS[q] for q in ("fp8", "int4_awq")})
             assert set(result.layer_qformats.values()) == {"fp8", "int4_awq"}
         else:
-            config = PTQConfig(qformat=qformat, kv_cache_qformat=kv, algorithm=ALGORITHMS[qformat])
+            # "keep": AWQ's o_proj / down_proj scales stay in the checkpoint, for the tests that check them
+            config = PTQConfig(qformat=qformat, kv_cache_qformat=kv, algorithm=ALGORITHMS[qformat],
+                               pre_quant_scales="keep")
             model = quantize(tiny_llama(), config, lambda m: m(ids))
         directory = tmp_path_factory.mktemp(f"{qformat}-{kv}")
         export_checkpoint(model, directory)

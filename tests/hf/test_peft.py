@@ -24,10 +24,11 @@ def ids(seed=2, rows=8, seq_len=16) -> torch.Tensor:
     return torch.randint(0, VOCAB, (rows, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
-def quantized(qformat="int4_awq", algorithm=None):
+def quantized(qformat="int4_awq", algorithm=None, pre_quant_scales="fold"):
     calib = ids(seed=3)
     model = tiny_llama(kv_heads=4) if qformat == "fp8_pb_wo" else tiny_llama()  # fp8_pb_wo: 128-row tiles
-    return quantize(model, PTQConfig(qformat=qformat, algorithm=algorithm), forward_loop=lambda m: m(calib))
+    config = PTQConfig(qformat=qformat, algorithm=algorithm, pre_quant_scales=pre_quant_scales)
+    return quantize(model, config, forward_loop=lambda m: m(calib))
 
 
 def lora(model, seed=0, **overrides) -> PeftModel:
@@ -72,7 +73,7 @@ def test_lora_wraps_every_targeted_quant_linear_and_trains_only_the_adapters():
 def test_adapter_gradients_equal_those_over_the_dense_dequantized_model():
     # Weight-only INT4 in fp32 computes x @ W^T with the dequantized W, as the dense model does;
     # AWQ's pre_quant_scale is folded into the dense weight and multiplies the quantized layer's input.
-    model = quantized(algorithm="awq_lite")
+    model = quantized(algorithm="awq_lite", pre_quant_scales="keep")
     assert any(m.pre_quant_scale is not None for m in model.modules() if isinstance(m, QuantLinear))
     dense = copy.deepcopy(model).dequantize()
     x = ids()

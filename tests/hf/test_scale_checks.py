@@ -30,8 +30,8 @@ def checkpoint(tmp_path_factory, qformat, kv):
         torch.manual_seed(0)
         data = torch.randint(0, 320, (2, 16))
         algorithm = "awq_lite" if qformat == "int4_awq" else None  # AWQ: a pre_quant_scale to check
-        model = quantize(tiny_llama(), PTQConfig(qformat=qformat, kv_cache_qformat=kv, algorithm=algorithm),
-                         lambda m: m(data))
+        config = PTQConfig(qformat=qformat, kv_cache_qformat=kv, algorithm=algorithm, pre_quant_scales="keep")
+        model = quantize(tiny_llama(), config, lambda m: m(data))
         directory = tmp_path_factory.mktemp(f"{qformat}-{kv}")
         export_checkpoint(model, directory)
         _CHECKPOINTS[qformat, kv] = directory

@@ -5,7 +5,7 @@ sample of it, so AWQ is layer-streamed. The search's math is in calibration/awq.
 in calibration/clipping.py.
 """
 
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from ..clipping import clip_nvfp4_global_amax, clip_weight_scale
 from ..expert_smoothing import ExpertPlan, expert_awq_plan
 from ..smoothing import apply_pre_quant_scale, stacked_weight
 from ..stats import InputStats
-from .base import Algorithm, BlockContext, observe_group_inputs
+from .base import Algorithm, BlockContext, plan_smoothed_groups
 
 
 class AWQ(Algorithm):
@@ -31,18 +31,16 @@ class AWQ(Algorithm):
         return fmt.pre_quant_scale
 
     def plan_block(self, context: BlockContext, linears: Dict[str, nn.Linear]) -> Dict[str, LayerPlan]:
-        groups, stats = observe_group_inputs(context, linears)
-        plans = {}
-        for group in groups:
-            plans.update(self._plan_group(linears, group, stats[group[0]], context))
-        return plans
+        return plan_smoothed_groups(context, linears, lambda group, stats, tie: self._plan_group(
+            linears, group, stats, context, tie))
 
-    def _plan_group(self, linears, group: List[str], s: InputStats, context: BlockContext) -> Dict[str, LayerPlan]:
+    def _plan_group(self, linears, group: List[str], s: InputStats, context: BlockContext,
+                    tie: Optional[Callable]) -> Dict[str, LayerPlan]:
         fmt, group_size = context.fmt, context.group_size
         plan, x_sample = LayerPlan(input_amax=s.amax), s.sample
         if self.search:
             scale = awq_search(stacked_weight(linears, group), x_sample, s.channel_mean, s.channel_amax, fmt,
-                               group_size)
+                               group_size, tie)
             pre_quant_scale = apply_pre_quant_scale([linears[name] for name in group], 1.0 / scale)
             x_sample = x_sample * pre_quant_scale.float()
             plan = LayerPlan(pre_quant_scale=pre_quant_scale,

@@ -7,7 +7,7 @@ interface, so adding an algorithm is adding one class to the registry (`__init__
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -16,6 +16,7 @@ from ... import formats as F
 from ...modules.layer_plan import LayerPlan
 from ..blocks import statistics_pass
 from ..expert_smoothing import ExpertPlan
+from ..producer_folding import find_fold_pairs, fold_into_producer
 from ..selection import fused_groups
 from ..smoothing import groups_sharing_input
 from ..stats import InputStats, input_hooks
@@ -32,6 +33,7 @@ class BlockContext:
     group_size: Optional[int]
     sample_stride: int  # keep every n-th token in the search samples
     outputs: Optional[list] = None  # not sequential: the full-precision block outputs are collected here
+    fold_scales: bool = False  # smoothing scales of o_proj / down_proj go into v_proj / up_proj rows
 
 
 def observe_group_inputs(context: BlockContext, linears: Dict[str, nn.Linear]
@@ -46,6 +48,29 @@ def observe_group_inputs(context: BlockContext, linears: Dict[str, nn.Linear]
     for s in stats.values():
         s.reduce_across_processes()
     return groups, {group[0]: stats[group[0]] for group in groups}
+
+
+def plan_smoothed_groups(context: BlockContext, linears: Dict[str, nn.Linear], plan_group: Callable
+                         ) -> Dict[str, LayerPlan]:
+    """The plans of a smoothing algorithm (AWQ, SmoothQuant): `plan_group(group, stats, tie)` smooths
+    one group of Linears reading one input, in place, and returns its plans; `tie` (or None) makes
+    its scale foldable into the producer (producer_folding.py).
+
+    With `context.fold_scales`, consumers are planned first and their scales folded into their
+    producers' rows, so each producer is then planned (and quantized) with the scale in its weight.
+    """
+    groups, stats = observe_group_inputs(context, linears)
+    pairs = find_fold_pairs(context.block, linears, context.inputs) if context.fold_scales else {}
+    plans = {}
+    for group in sorted(groups, key=lambda g: g[0] not in pairs):  # consumers first (a stable sort)
+        pair = pairs.get(group[0])
+        group_plans = plan_group(group, stats[group[0]], pair.tie if pair else None)
+        scale = group_plans[group[0]].pre_quant_scale
+        if pair is not None and scale is not None:
+            fold_into_producer(pair, linears[pair.producer], scale)
+            group_plans = {name: plan.but(pre_quant_scale=None) for name, plan in group_plans.items()}
+        plans.update(group_plans)
+    return plans
 
 
 class Algorithm:

@@ -13,7 +13,7 @@ from ... import formats as F
 from ...modules.layer_plan import LayerPlan
 from ..expert_smoothing import ExpertPlan, expert_smoothquant_plan
 from ..smoothquant import smoothquant_group_plan
-from .base import Algorithm, BlockContext, observe_group_inputs
+from .base import Algorithm, BlockContext, plan_smoothed_groups
 
 
 class SmoothQuant(Algorithm):
@@ -25,12 +25,8 @@ class SmoothQuant(Algorithm):
         return fmt.act == F.INT8
 
     def plan_block(self, context: BlockContext, linears: Dict[str, nn.Linear]) -> Dict[str, LayerPlan]:
-        groups, stats = observe_group_inputs(context, linears)
-        plans = {}
-        for group in groups:
-            s = stats[group[0]]
-            plans.update(smoothquant_group_plan(linears, group, s.channel_amax, s.sample, context.fmt))
-        return plans
+        return plan_smoothed_groups(context, linears, lambda group, s, tie: smoothquant_group_plan(
+            linears, group, s.channel_amax, s.sample, context.fmt, tie))
 
     def plan_experts(self, w: torch.Tensor, stat, kind: str, fmt: F.Format, group_size) -> Optional[ExpertPlan]:
         return expert_smoothquant_plan(w, stat, kind, fmt)
