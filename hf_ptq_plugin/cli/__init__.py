@@ -17,6 +17,7 @@ from ..calibration.algorithms import ALGORITHMS
 from ..export import EXPORT_TARGETS
 from ..formats import FORMATS, KV_FORMAT_NAMES
 from .commands import COMMANDS
+from .tasks import add_task_arguments
 
 PROG = "hf-ptq"
 
@@ -104,6 +105,9 @@ def _add_quantize(subparsers) -> None:
     evaluation.add_argument("--eval_text", help="a .txt file or a folder of them")
     evaluation.add_argument("--eval_seq_len", type=at_least(2), default=512, help="tokens per window")
     evaluation.add_argument("--eval_windows", type=at_least(1), default=16, help="number of windows (from the start)")
+    evaluation.add_argument("--eval_mmlu_file", help="with --eval_text: also score the quantized model on these MMLU "
+                                                     "questions (.jsonl, as `hf-ptq eval --mmlu_file`)")
+    evaluation.add_argument("--eval_limit", type=at_least(1), help="the first N questions of --eval_mmlu_file")
     output = parser.add_argument_group("output")
     _export_arguments(output, "write the checkpoint here (default: nothing is written)")
     output.add_argument("--push_to_hub", metavar="REPO_ID", help="push the unified checkpoint to this Hub repo")
@@ -127,7 +131,8 @@ def _auto_quantize_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_eval(subparsers) -> None:
-    parser = subparsers.add_parser("eval", help="perplexity of a model (and of a baseline) on a text")
+    parser = subparsers.add_parser("eval", help="perplexity of a model (and of a baseline) on a text, and "
+                                                "benchmark tasks (--tasks, --mmlu_file)")
     _model_arguments(parser, "the model to measure (quantized or not)")
     parser.add_argument("--text", help="a .txt file or a folder of them")
     parser.add_argument("--dataset", help="instead of --text: a .json/.jsonl/.parquet file or a Hub dataset name")
@@ -136,6 +141,7 @@ def _add_eval(subparsers) -> None:
                         help="number of windows (from the start of the text)")
     parser.add_argument("--batch_size", type=at_least(1), default=4, help="windows per forward pass")
     parser.add_argument("--baseline", metavar="MODEL", help="also measure this model and print the ratio")
+    add_task_arguments(parser, at_least(1))
 
 
 def _add_export(subparsers) -> None:

@@ -26,6 +26,7 @@ from ..export.hub import push_to_hub
 from ..export.model_card import EvaluationRecord, card_facts
 from ..hf.upgrade import needs_upgrade, upgrade_checkpoint, upgrade_message
 from .autoquant import auto_quantize_rows, auto_quantized, check_auto_arguments, parse_qformats
+from .tasks import mmlu_tasks, task_rows, wants_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ def _ptq_config(args, qformat: str) -> PTQConfig:
 
 def run_quantize(args) -> None:
     start = time.perf_counter()
+    if args.eval_mmlu_file and not args.eval_text:
+        raise ValueError("--eval_mmlu_file is recorded with the perplexity evaluation: pass --eval_text FILE too")
     qformats = parse_qformats(args.qformat)
     searched = args.auto_quantize_bits is not None
     if len(qformats) > 1 and not searched:
@@ -107,7 +110,8 @@ def run_quantize(args) -> None:
     evaluation = None
     if windows is not None:
         after = perplexity(model, windows, config.calib_batch_size, progress="perplexity after")
-        evaluation = EvaluationRecord(eval_data, windows.shape[0], windows.shape[1], after, before)
+        evaluation = EvaluationRecord(eval_data, windows.shape[0], windows.shape[1], after, before,
+                                      tasks=mmlu_tasks(model, tokenizer, args, config.calib_batch_size))
     if args.export_path:
         export_checkpoint(model, args.export_path, target=args.export_target, tokenizer=tokenizer,
                           base_model=args.base_model, evaluation=evaluation)
@@ -156,6 +160,8 @@ def _quantize_summary(model, args, evaluation, dialect: str, commit, seconds: fl
             ("calibration", "none" if record is None else
              f"{record['samples']} samples x <= {record['max_seq_len']} tokens from {record['source']}"),
             ("perplexity", _perplexity_text(evaluation)),
+            *[(task, f"acc {r['acc']:.4f} +/- {r['acc_stderr']:.4f}  ({r['n']} questions)")
+              for task, r in (evaluation.tasks.items() if evaluation else ())],
             ("export", f"{args.export_path} ({args.export_target}: {dialect})" if args.export_path
              else "not written (pass --export_path)")]
     if commit is not None:
@@ -183,20 +189,24 @@ def print_summary(rows: List[Tuple[str, str]]) -> None:
 def run_eval(args) -> None:
     start = time.perf_counter()
     tokenizer = load_tokenizer(args.model, args)
-    windows, data = eval_windows(tokenizer, args.seq_len, args.windows, text=args.text, dataset=args.dataset)
+    with_text = args.text is not None or args.dataset is not None or not wants_tasks(args)
+    if with_text:
+        windows, data = eval_windows(tokenizer, args.seq_len, args.windows, text=args.text, dataset=args.dataset)
     rows, results = [], {}
     for label, source in (("baseline", args.baseline), ("model", args.model)):
         if source is None:
             continue
         model = load_model(source, args)
-        results[label] = perplexity(model, windows, args.batch_size, progress=f"perplexity {label}")
+        if with_text:
+            results[label] = perplexity(model, windows, args.batch_size, progress=f"perplexity {label}")
+            rows.append((f"{label} perplexity", f"{results[label]:.4f}  ({source})"))
+        rows += task_rows(model, tokenizer, args, label)
         del model
-        rows.append((f"{label} perplexity", f"{results[label]:.4f}  ({source})"))
     if "baseline" in results:
         rows.append(("ratio", f"{results['model'] / results['baseline']:.4f}"))
-    rows += [("text", f"{windows.shape[0]} windows x {windows.shape[1]} tokens of {data}"),
-             ("seconds", f"{time.perf_counter() - start:.1f}")]
-    print_summary(rows)
+    if with_text:
+        rows.append(("text", f"{windows.shape[0]} windows x {windows.shape[1]} tokens of {data}"))
+    print_summary(rows + [("seconds", f"{time.perf_counter() - start:.1f}")])
 
 
 def run_export(args) -> None:

@@ -90,6 +90,11 @@ def evaluation(result) -> str:
     text += f"| quantized | {result.after:.4f} |\n"
     if result.before is not None:
         text += f"\nRatio after / before: {result.after / result.before:.4f}."
+    if result.tasks:
+        text += ("\n\nBenchmarks of the quantized model (zero-shot):\n\n"
+                 "| task | accuracy | standard error | questions |\n|---|---|---|---|\n")
+        text += "".join(f"| {task} | {r['acc']:.4f} | {r['acc_stderr']:.4f} | {r['n']} |\n"
+                        for task, r in result.tasks.items())
     return text
 
 

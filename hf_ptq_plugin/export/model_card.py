@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
 from .. import formats as F
@@ -39,13 +39,18 @@ _UNKNOWN = object()  # "no record on the model", as opposed to a record of None 
 
 @dataclass
 class EvaluationRecord:
-    """A perplexity measurement that actually ran; `before` is None when only the quantized model was measured."""
+    """A perplexity measurement that actually ran; `before` is None when only the quantized model was measured.
+
+    `tasks`: benchmark results of the quantized model that ran with it, {task: {"acc", "acc_stderr", "n"}}
+    (e.g. "mmlu" from `multiple_choice.mmlu_accuracy`).
+    """
 
     data: str  # what the text was, e.g. "pride.txt (local file)"
     windows: int
     seq_len: int
     after: float
     before: Optional[float] = None
+    tasks: Dict[str, dict] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -189,7 +194,7 @@ def _is_causal_lm(model: nn.Module) -> bool:
     return any(a.endswith("ForCausalLM") for a in architectures)
 
 
-def card_data(facts: CardFacts, dialect: str = "modelopt") -> ModelCardData:
+def card_data(facts: CardFacts, dialect: str = "modelopt", model_name: str = "quantized model") -> ModelCardData:
     """The card's YAML metadata."""
     tags = list(BASE_TAGS) + facts.qformats + (["mixed-precision"] if len(facts.qformats) > 1 else [])
     if facts.kv_cache_qformat != "none":
@@ -203,7 +208,22 @@ def card_data(facts: CardFacts, dialect: str = "modelopt") -> ModelCardData:
         facts_metadata.pop("calibration")
     return ModelCardData(base_model=facts.base_model, base_model_relation="quantized" if facts.base_model else None,
                          library_name="transformers", pipeline_tag=facts.pipeline_tag, tags=tags,
-                         **facts.license, **{FACTS_KEY: facts_metadata})
+                         **_model_index(facts.evaluation, model_name), **facts.license, **{FACTS_KEY: facts_metadata})
+
+
+def _model_index(evaluation: Optional[EvaluationRecord], model_name: str) -> dict:
+    """The Hub's `model-index` metadata: the quantized model's measured results, nothing when none ran."""
+    if evaluation is None:
+        return {}
+    results = [EvalResult(task_type="text-generation", dataset_type=evaluation.data, dataset_name=evaluation.data,
+                          metric_type="perplexity", metric_value=round(evaluation.after, 4),
+                          metric_name=f"perplexity ({evaluation.windows} x {evaluation.seq_len} tokens)")]
+    results += [EvalResult(task_type="multiple-choice", dataset_type=task, dataset_name=task, metric_type="accuracy",
+                           metric_value=round(result["acc"], 4),
+                           metric_name=f"accuracy, zero-shot ({result['n']} questions, "
+                                       f"standard error {result['acc_stderr']:.4f})")
+                for task, result in evaluation.tasks.items()]
+    return {"model_name": model_name, "eval_results": results}
 
 
 def render_model_card(model: nn.Module, model_id: Optional[str] = None, base_model: Optional[str] = None,
@@ -216,7 +236,7 @@ def render_model_card(model: nn.Module, model_id: Optional[str] = None, base_mod
     template = resources.files("hf_ptq_plugin.model_cards").joinpath("quantized_model.md")
     with resources.as_file(template) as template_path:
         return ModelCard.from_template(
-            card_data(facts, dialect), template_path=str(template_path), version=__version__,
+            card_data(facts, dialect, Path(model_id).name), template_path=str(template_path), version=__version__,
             title=f"{Path(model_id).name} ({', '.join(facts.qformats)})", summary=sections.summary(facts, dialect),
             qformat=sections.qformats(facts.qformats), quant_algo=facts.quant_algo,
             algorithm=sections.code_or(facts.algorithm),
