@@ -59,3 +59,10 @@ def test_read_text_reads_a_file_or_a_folder_and_names_a_bad_path(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no .txt files"):
         read_text(tmp_path / "empty")
+
+
+def test_mmlu_subset_takes_the_first_questions_of_every_subject_in_file_order():
+    from mmlu_data import per_subject
+
+    questions = [{"subject": s, "i": i} for i, s in enumerate("aabacbbca")]
+    assert [q["i"] for q in per_subject(questions, 2)] == [0, 1, 2, 5, 4, 7]  # grouped: a, then b, then c
