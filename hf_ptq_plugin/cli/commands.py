@@ -43,6 +43,7 @@ def load_model(source: str, args, quantization_config: Optional[PTQConfig] = Non
         kwargs["device_map"] = "auto"
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
+    check_source(source)
     if needs_upgrade(source):
         raise ValueError(upgrade_message(source))
     try:
@@ -63,7 +64,14 @@ def _unreadable_safetensors(source: str) -> str:
 
 
 def load_tokenizer(source: str, args):
+    check_source(source)
     return AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code)
+
+
+def check_source(source: str) -> None:
+    """A missing local folder is an error here, before transformers takes it for a Hub id and retries the network."""
+    if not Path(source).exists() and (source.startswith(("/", ".", "~")) or source.count("/") > 1):
+        raise ValueError(f"no such model folder: {source!r} (a Hub model id is 'name' or 'namespace/name')")
 
 
 def eval_windows(tokenizer, seq_len: int, windows: int, text: Optional[str] = None, dataset: Optional[str] = None):

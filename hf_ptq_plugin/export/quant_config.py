@@ -7,6 +7,7 @@ the summarized exclude list. Reading: `ptq_fields_from_checkpoint_config` turns 
 `ptq_config`, or one ModelOpt wrote) into PTQConfig fields. Imports only `formats`.
 """
 
+from pathlib import Path
 from typing import List, Optional
 
 from .. import formats as F
@@ -107,6 +108,9 @@ def _with_common_fields(out: dict, kv_format: Optional[F.KVFormat], ptq_fields: 
         out["kv_cache_scheme"] = _scheme(8, "float") if kv_format.values == F.FP8 else kv_format.kv_cache_quant_algo
     out.update(producer=producer(), quant_method="modelopt", **modelopt_fields)
     out[PTQ_CONFIG_KEY] = {k: v for k, v in ptq_fields.items() if k != "quant_method"}
+    if isinstance(ptq_fields.get("calib_dataset"), str) and Path(ptq_fields["calib_dataset"]).exists():
+        # A local path would publish the machine's directories; its name says which data it was.
+        out[PTQ_CONFIG_KEY]["calib_dataset"] = Path(ptq_fields["calib_dataset"]).name
     return out
 
 

@@ -135,7 +135,8 @@ def test_errors_are_one_line_naming_the_cause(files, capsys):
     assert main(["quantize", files["src"], "--qformat", "fp8"]) == 1
     assert "needs calibration data: pass --dataset" in capsys.readouterr().err
     assert main(["eval", str(files["tmp"] / "missing"), "--text", files["eval"]]) == 1
-    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"no such model folder: '{files['tmp'] / 'missing'}'" in err
 
 
 def test_help_lists_every_subcommand(capsys):

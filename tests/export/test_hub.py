@@ -95,3 +95,16 @@ def test_a_model_not_quantized_by_us_is_refused_before_any_request(hub):
     with pytest.raises(ValueError, match="not quantized by hf_ptq_plugin"):
         push_to_hub(tiny_llama(), "me/plain", endpoint=hub.endpoint, token="x")
     assert hub.requests == []
+
+
+def test_transformers_push_to_hub_on_the_model_commits_our_checkpoint_and_card(hub, model, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)  # as HF_ENDPOINT would set it
+    info = model.push_to_hub("me/tiny", token="x", commit_message="from the model", commit_description="ignored",
+                             private=True, tags=["mine"], max_shard_size="200KB")
+    commit = hub.commits[0]
+    meta = front_matter(commit.files["README.md"])
+    assert {"fp8", "hf-ptq-plugin", "modelopt"} <= set(meta["tags"])  # our card, not transformers' empty one
+    assert meta["hf_ptq_plugin"]["qformat"] == "fp8" and "hf_quant_config.json" in commit.files
+    assert any(name.startswith("model-") for name in commit.files)  # max_shard_size reached the save
+    assert commit.header["summary"] == "from the model" and hub.created[0]["visibility"] == "private"
+    assert info.commit_url.startswith(hub.endpoint)

@@ -101,3 +101,12 @@ def test_bad_requests_name_the_problem(source, tmp_path):
     (source / "src" / "tokenizer_config.json").unlink()
     with pytest.raises(ValueError, match="needs the model's tokenizer"):
         load(source, qformat="int4_awq", calib_dataset=str(source / "calib.txt"), **CALIB)
+
+
+def test_the_saved_config_names_a_local_calibration_file_without_its_path(source, tmp_path):
+    import json
+
+    loaded = load(source, qformat="int4_awq", algorithm="max", calib_dataset=str(source / "calib.txt"), **CALIB)
+    loaded.save_pretrained(tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["ptq_config"]
+    assert written["calib_dataset"] == "calib.txt" and str(source) not in (tmp_path / "out" / "config.json").read_text()
