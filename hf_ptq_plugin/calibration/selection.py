@@ -17,6 +17,7 @@ DEFAULT_EXCLUDE_PATTERNS = (
     "*lm_head*", "*router*", "*mlp.gate.*", "*block_sparse_moe.gate*", "*shared_expert_gate*",
     "*output_layer*", "*proj_out.*", "output.*", "mtp.*",
     "*vision_tower*", "*vision_model*", "*visual*", "*embed_vision*", "*multi_modal_projector*",
+    "*connector*",  # Idefics3 / SmolVLM's image-to-text projection: text-only calibration never reaches it
 )
 
 # Sibling Linears that read the same input and that engines run as one fused GEMM; for NVFP4

@@ -45,6 +45,22 @@ SCALAR = ()
 KV_PROJECTIONS = (("k_proj", "k"), ("v_proj", "v"))
 
 
+def model_named(header: Header, model: nn.Module) -> Header:
+    """The header under the checkpoint's names and also under the model's own: the renamings
+    transformers applies when it loads (a VLM saved as `language_model.model.layers...` loads as
+    `model.language_model.layers...`). Linears are checked under the model's names; MoE experts,
+    which loading converts, under the checkpoint's."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+    except ImportError:
+        return header
+    renamings = [t for t in get_model_conversion_mapping(model) if not isinstance(t, WeightConverter)]
+    if not renamings:
+        return header
+    return {**{rename_source_key(key, renamings, [])[0]: value for key, value in header.items()}, **header}
+
+
 def read_header(checkpoint_files: Iterable[str]) -> Header:
     """Names, dtypes and shapes of every tensor in the checkpoint files (reads no tensor data)."""
     header = {}

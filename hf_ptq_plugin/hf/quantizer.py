@@ -30,7 +30,7 @@ from .config_checks import check_checkpoint_configs
 from .dequantize import dequantize_model
 from .footprint import install_memory_footprint
 from .model_methods import install_model_methods
-from .prequantized import finalize_prequantized, prepare_prequantized, read_header
+from .prequantized import finalize_prequantized, model_named, prepare_prequantized, read_header
 from .quantize_on_load import QuantizeOnLoad, calibrate_while_loading, finalize_load_time, prepare_load_time
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,8 @@ class PTQHfQuantizer(HfQuantizer):
                 raise ValueError("loading a pre-quantized checkpoint needs its safetensors files; "
                                  "from_pretrained(None, state_dict=...) is not supported for it")
             group_size = prepare_prequantized(model, config.format, exclude, config.group_size, config.kv_format,
-                                              read_header(checkpoint_files), config.layer_qformats)
+                                              model_named(read_header(checkpoint_files), model),
+                                              config.layer_qformats)
             # After the tensor checks, which name a damaged tensor more precisely; before any is loaded. Both
             # configs sit next to the weights (a Hub download has no hf_quant_config.json: nothing to compare).
             check_checkpoint_configs(Path(checkpoint_files[0]).parent)

@@ -164,7 +164,8 @@ def checkpoint_namer(model: nn.Module) -> Callable[[str], str]:
     """Maps a module or tensor name of the model to the name save_pretrained writes it under."""
     from transformers.core_model_loading import WeightRenaming, apply_renamings
 
-    reverse = [c.reverse_transform() for c in _conversions(model) if isinstance(c, WeightRenaming)]
+    # In reverse order, as transformers' revert_weight_conversion applies them when it saves.
+    reverse = [c.reverse_transform() for c in _conversions(model)[::-1] if isinstance(c, WeightRenaming)]
     if not reverse:
         return lambda name: name
     # Renaming patterns are written with their dots (".block_sparse_moe."): rename "name." then strip.
