@@ -32,9 +32,17 @@ def is_excluded(name: str, patterns: Iterable[str]) -> bool:
                or dotted.startswith(pattern + ".") for pattern in patterns)
 
 
+def kept_in_fp32(model: nn.Module) -> tuple:
+    """Patterns of the modules the model class keeps in fp32 (`_keep_in_fp32_modules`, e.g. T5's `wo`):
+    transformers computes them in fp32, so they stay unquantized."""
+    names = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
+        getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    return tuple(pattern for name in sorted(names) for pattern in (name, f"*.{name}", f"*.{name}.*"))
+
+
 def target_linears(model: nn.Module, exclude_modules: Iterable[str] = ()) -> Dict[str, nn.Linear]:
     """{name: module} of the nn.Linear modules to quantize (exact type: subclasses are left alone)."""
-    patterns = tuple(DEFAULT_EXCLUDE_PATTERNS) + tuple(exclude_modules)
+    patterns = tuple(DEFAULT_EXCLUDE_PATTERNS) + kept_in_fp32(model) + tuple(exclude_modules)
     return {name: module for name, module in model.named_modules()
             if type(module) is nn.Linear and not is_excluded(name, patterns)}
 
