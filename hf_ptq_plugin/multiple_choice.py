@@ -7,8 +7,9 @@ A question is a dict: `question`, `choices` (a list), `answer` (the index of the
 Both scorers ask what lm-eval's `mmlu` task asks, zero-shot: the subject line, the question,
 the lettered choices, then "Answer:", and the prediction is the letter (" A", " B", ...) the
 model gives the highest loglikelihood. `choice_accuracy` does it here, one forward pass per
-question when each letter is one token (or several questions per pass, `batch_size`); `lm_eval_choice_accuracy` hands the same task to
-lm-eval, whose `HFLM` wraps the model object as it is (quantized or not).
+question when each letter is one token (or several questions per pass, `batch_size`);
+`lm_eval_choice_accuracy` hands the same task to lm-eval, whose `HFLM` wraps the model object as it
+is (quantized or not).
 """
 
 import importlib.util
