@@ -23,7 +23,7 @@ from ..config import PTQConfig
 from ..evaluation import perplexity
 from ..export import export_checkpoint, export_target_dialect, formats_dialect
 from ..export.hub import push_to_hub
-from ..export.model_card import EvaluationRecord, card_facts
+from ..export.model_card import EvaluationRecord, card_facts, warn_if_local_base_model
 from ..hf.upgrade import needs_upgrade, upgrade_checkpoint, upgrade_message
 from .autoquant import auto_quantize_rows, auto_quantized, check_auto_arguments, parse_qformats
 from .tasks import mmlu_tasks, task_rows, wants_tasks
@@ -121,6 +121,8 @@ def run_quantize(args) -> None:
         evaluation = EvaluationRecord(eval_data, windows.shape[0], windows.shape[1], after, before,
                                       tasks=mmlu_tasks(model, tokenizer, args, config.calib_batch_size))
     if args.export_path:
+        if not args.push_to_hub:  # the push warns itself
+            warn_if_local_base_model(model, args.base_model)
         export_checkpoint(model, args.export_path, target=args.export_target, tokenizer=tokenizer,
                           base_model=args.base_model, evaluation=evaluation)
     commit = _push(model, args.push_to_hub, tokenizer, args, evaluation) if args.push_to_hub else None
@@ -224,6 +226,7 @@ def run_export(args) -> None:
         raise ValueError(f"{args.model!r} is not a checkpoint quantized by hf_ptq_plugin or ModelOpt (no "
                          "quantization_config with quant_method 'modelopt' in its config.json)")
     dialect = export_target_dialect(args.export_target, config.qformat, config.kv_cache_qformat)
+    warn_if_local_base_model(model, args.base_model)
     export_checkpoint(model, args.export_path, target=args.export_target, base_model=args.base_model)
     print_summary([("exported", args.model), ("to", f"{args.export_path} ({args.export_target}: {dialect})")])
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import export_checkpoint
 from .atomic import STALE_PATTERNS
-from .model_card import EvaluationRecord, card_facts
+from .model_card import EvaluationRecord, warn_if_local_base_model
 from .save import SIDECAR_PATTERNS, ptq_config_of
 
 logger = logging.getLogger(__name__)
@@ -42,10 +42,7 @@ def push_to_hub(model: nn.Module, repo_id: str, tokenizer=None, private: Optiona
     `endpoint` selects another Hub; `save_kwargs` go to save_pretrained (e.g. `max_shard_size`).
     """
     config = ptq_config_of(model)  # refuses a model we did not quantize before any network call
-    card_base_model = card_facts(model, base_model).base_model
-    if card_base_model and Path(card_base_model).exists():
-        logger.warning("the model card's base_model is the local path %r; pass base_model=<hub id> (CLI: "
-                       "--base_model) so the Hub links the repo to its source", card_base_model)
+    warn_if_local_base_model(model, base_model)
     api = HfApi(endpoint=endpoint, token=token)
     with tempfile.TemporaryDirectory(prefix="hf-ptq-push-") as tmp:
         folder = Path(tmp) / "checkpoint"

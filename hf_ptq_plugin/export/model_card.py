@@ -185,6 +185,14 @@ def _evaluation_from(values) -> Optional[EvaluationRecord]:
         return None  # an incomplete record is not a measurement
 
 
+def warn_if_local_base_model(model: nn.Module, base_model: Optional[str] = None) -> None:
+    """Warn when the card would name a local path as base_model: the Hub cannot link that to a source."""
+    card_base_model = card_facts(model, base_model).base_model
+    if card_base_model and Path(card_base_model).exists():
+        logger.warning("the model card's base_model is the local path %r; pass base_model=<hub id> (CLI: "
+                       "--base_model) so the Hub links the repo to its source", card_base_model)
+
+
 def _name_or_path(model: nn.Module) -> Optional[str]:
     return str(getattr(model, "name_or_path", "") or "") or None
 

@@ -127,6 +127,17 @@ def test_export_and_push_keep_the_measured_facts_in_the_card(files, monkeypatch,
     assert "--token is visible to other users in the process list; prefer the HF_TOKEN" in caplog.text
 
 
+def test_an_export_whose_card_would_name_a_local_base_model_warns(files, caplog):
+    common = ["quantize", files["src"], "--qformat", "int8_wo", "--algorithm", "max", "--export_path"]
+    assert main(common + [str(files["tmp"] / "local")]) == 0
+    assert f"the model card's base_model is the local path '{files['src']}'" in caplog.text
+    caplog.clear()
+    assert main(common + [str(files["tmp"] / "hub"), "--base_model", "org/tiny"]) == 0
+    assert "base_model is the local path" not in caplog.text
+    assert main(["export", str(files["tmp"] / "hub"), "--export_path", str(files["tmp"] / "again")]) == 0
+    assert "base_model is the local path" not in caplog.text  # the card it was loaded from names org/tiny
+
+
 def test_errors_are_one_line_naming_the_cause(files, capsys):
     assert main(["quantize", files["src"], "--qformat", "fp9"]) == 1
     err = capsys.readouterr().err
