@@ -30,6 +30,15 @@ DEFAULT_RUNS = ("fp8:max,int8_sq:smoothquant,int8_sq:max,int8_wo:max,int4_awq:aw
                 "int4_awq:max,w4a8_awq:awq_lite,nvfp4:max,nvfp4_awq:awq_lite")
 
 
+def add_protocol_arguments(parser) -> None:
+    """The accuracy protocol's options, shared by the benchmarks that calibrate and evaluate with it."""
+    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "hf_ptq_plugin")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=4)
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default=None,
@@ -38,11 +47,7 @@ def parse_args():
                              ":seq with sequential=True, neither with the format's default; a further :keep "
                              "calibrates with pre_quant_scales='keep' (ModelOpt's layout) instead of 'fold'")
     parser.add_argument("--group-size", type=int, default=None, help="INT4 group size (default: automatic)")
-    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "hf_ptq_plugin")
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=64)
-    parser.add_argument("--calib-samples", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=4)
+    add_protocol_arguments(parser)
     parser.add_argument("--baseline-ppl", type=float, default=None,
                         help="unquantized perplexity measured earlier with the same protocol (skips that run)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",

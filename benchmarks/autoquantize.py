@@ -16,10 +16,9 @@ import multiprocessing
 import resource
 import time
 from collections import Counter
-from pathlib import Path
 
 import torch
-from accuracy import calibration_pass, windows  # benchmarks/accuracy.py: the same protocol and data
+from accuracy import add_protocol_arguments, calibration_pass, windows  # benchmarks/accuracy.py: the same protocol
 from tables import print_table
 
 DEFAULT_RUNS = ("int4_awq,fp8,nvfp4,int4_awq+fp8@4.5,int4_awq+fp8@5.0,int4_awq+fp8@6.0,"
@@ -37,11 +36,7 @@ def parse_args():
                              "(default: each format's own)")
     parser.add_argument("--method", choices=("gradient", "kl_div"), default="gradient")
     parser.add_argument("--score-samples", type=int, default=16, help="calibration windows that score the candidates")
-    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "hf_ptq_plugin")
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=64)
-    parser.add_argument("--calib-samples", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=4)
+    add_protocol_arguments(parser)
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
     args.dtype = "bfloat16"  # the protocol's; accuracy.windows reads args.* only for the data

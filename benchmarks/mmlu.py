@@ -12,10 +12,9 @@ that lm-eval gives the same loglikelihoods). Each run is its own process.
 import argparse
 import multiprocessing
 import time
-from pathlib import Path
 
 import torch
-from accuracy import calibration_pass, windows  # benchmarks/: the script's own directory is on sys.path
+from accuracy import add_protocol_arguments, calibration_pass, windows  # benchmarks/ is on sys.path
 from mmlu_data import mmlu_file, per_subject
 from tables import print_table
 
@@ -27,14 +26,9 @@ def parse_args():
     parser.add_argument("--runs", default="none,fp8,int8_sq,int4_awq,int4_awq:awq_full,nvfp4",
                         help="comma-separated qformat or qformat:algorithm; none: the unquantized model")
     parser.add_argument("--per-subject", type=int, default=20, help="questions per subject; 0: every question")
-    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "hf_ptq_plugin")
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--calib-samples", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=4)
+    add_protocol_arguments(parser)  # calibration only: the evaluation windows go unused
     parser.add_argument("--markdown", action="store_true")
-    args = parser.parse_args()
-    args.eval_windows = 1  # accuracy.windows() also cuts evaluation windows; this script does not use them
-    return args
+    return parser.parse_args()
 
 
 def one_run(run, path, calib_windows, questions, batch_size):

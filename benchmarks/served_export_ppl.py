@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from accuracy import calibration_pass, windows  # benchmarks/: the script's own directory is on sys.path
+from accuracy import add_protocol_arguments, calibration_pass, windows  # benchmarks/ is on sys.path
 from tables import print_table
 
 CHILD = Path(__file__).with_name("checkpoint_perplexity.py")
@@ -28,11 +28,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="int4_awq,int4_awq:awq_lite,nvfp4_awq,int8_sq",
                         help="comma-separated qformat or qformat:algorithm (the format's default algorithm if absent)")
-    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "hf_ptq_plugin")
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=64)
-    parser.add_argument("--calib-samples", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=4)
+    add_protocol_arguments(parser)
     parser.add_argument("--markdown", action="store_true")
     return parser.parse_args()
 

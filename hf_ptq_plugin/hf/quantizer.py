@@ -28,7 +28,6 @@ from ..modules.quant_experts import QuantExperts
 from ..modules.quant_linear import QuantLinear
 from .config_checks import check_checkpoint_configs
 from .dequantize import dequantize_model
-from .footprint import install_memory_footprint
 from .model_methods import install_model_methods
 from .prequantized import finalize_prequantized, model_named, prepare_prequantized, read_header
 from .quantize_on_load import QuantizeOnLoad, calibrate_while_loading, finalize_load_time, prepare_load_time
@@ -115,7 +114,6 @@ class PTQHfQuantizer(HfQuantizer):
         self.shared_weight_amax = {}
         model.ptq_config = config
         install_unified_save(model)
-        install_memory_footprint(model)
         install_model_methods(model)
         if not self.pre_quantized and config.calib_dataset is not None:
             calibrate_while_loading(model, config)
@@ -160,7 +158,6 @@ def attach_quantizer(model: nn.Module, config: PTQConfig = None) -> nn.Module:
     model.config.quantization_config = config
     model.ptq_config = config
     install_unified_save(model)
-    install_memory_footprint(model)
     install_model_methods(model)
     return model
 
