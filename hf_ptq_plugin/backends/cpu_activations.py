@@ -14,7 +14,7 @@ import torch
 
 from .. import formats as F
 from ..numerics import FP8_MAX, quantize_activation
-from ..numerics.nvfp4 import E2M1_GRID, NVFP4_BLOCK, RCP_E2M1_MAX
+from ..numerics.nvfp4 import E2M1_GRID, NVFP4_BLOCK, nvfp4_activation_block_scales
 
 # The reference rounds |y| to E2M1 with alternating strict / non-strict comparisons
 # (m > 0.25, m >= 0.75, m > 1.25, ...; ties to the even mantissa). `bucketize(right=True)`
@@ -40,14 +40,11 @@ def nvfp4_fake_quantize(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Ten
     """NVFP4 round trip under the calibrated `input_scale`; the reference's
     `nvfp4_activation_fake_quantize` values, in the engine's order (vLLM
     csrc/quantization/fp4/nvfp4_utils.cuh, cvt_warp_fp16_to_fp4; see `numerics.nvfp4`)."""
-    blocks = x.float().unflatten(-1, (-1, NVFP4_BLOCK))  # (..., K / 16, 16)
-    g = torch.reciprocal(input_scale.float())  # the engine's global scale, 1 / input_scale in fp32
-    sf = blocks.abs().amax(dim=-1, keepdim=True).mul_(RCP_E2M1_MAX).mul_(g)  # G * (amax * rcp(6))
-    sf = sf.clamp_(max=FP8_MAX).to(torch.float8_e4m3fn).float()
-    output_scale = torch.where(sf > 0, torch.reciprocal(sf * torch.reciprocal(g)), 0.0)
-    y = blocks * output_scale
+    block_scales, output_scales = nvfp4_activation_block_scales(x, input_scale)  # the reference's scales
+    y = x.float().unflatten(-1, (-1, NVFP4_BLOCK)) * output_scales[..., None]  # (..., K / 16, 16)
     magnitude = E2M1_VALUES[torch.bucketize(y.abs(), E2M1_BOUNDARIES, right=True)]
-    return (torch.where(y < 0, -magnitude, magnitude) * (sf * input_scale)).flatten(-2)
+    step = (block_scales.float() * input_scale.float())[..., None]
+    return (torch.where(y < 0, -magnitude, magnitude) * step).flatten(-2)
 
 
 def mxfp8_fake_quantize(x: torch.Tensor) -> torch.Tensor:
