@@ -55,10 +55,12 @@ def auto_quantize(model: nn.Module, qformats: Sequence[str], effective_bits: flo
     precision and out of the budget, besides the defaults (lm_head, MoE routers, vision towers).
     kv_cache_qformat: applied to every layer after the search. score_loop: the scoring batches, as a
     loop like `forward_loop` (its default) or a list of batches (dicts of model inputs, or token-id
-    tensors). loss_fn(outputs, batch) -> scalar for "gradient" (default: the LM
-    loss with labels = input ids). frontier_bits with evaluate(model) -> number (e.g. perplexity):
-    `result.frontier` gets the metric of the choice at each of these budgets, measured on the
-    searched candidates before the final model is assembled (frontier.py).
+    tensors). loss_fn(outputs, batch) -> scalar for "gradient" (default: `sampled_label_loss()`, the
+    LM loss on next tokens drawn from the model's own predictions; `causal_lm_loss` is ModelOpt's, on
+    the data's next tokens: scores.py says why ours is the default). frontier_bits with
+    evaluate(model) -> number (e.g. perplexity): `result.frontier` gets the metric of the choice at
+    each of these budgets, measured on the searched candidates before the final model is assembled
+    (frontier.py).
     A MoE layer's fused experts are one group, which always takes one of the formats (`group_options`).
     """
     _check_arguments(model, forward_loop, method, loss_fn, exclude_modules)

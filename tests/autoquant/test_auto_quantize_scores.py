@@ -10,7 +10,7 @@ from conftest import tiny_llama
 
 from hf_ptq_plugin import get_format
 from hf_ptq_plugin.autoquant.groups import LayerGroup, search_groups
-from hf_ptq_plugin.autoquant.scores import gradient_scores, kl_div_scores
+from hf_ptq_plugin.autoquant.scores import SAMPLING_SEED, causal_lm_loss, gradient_scores, kl_div_scores, sampled_labels
 from hf_ptq_plugin.modules.quant_linear import QuantLinear
 
 GATE_UP = ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj")
@@ -40,8 +40,18 @@ def no_grad_loop(batch):
     return loop
 
 
-def direct_gradient_score(model, members, batch, candidate_layers) -> float:
-    """sum((dL/dY * (Y_c - Y))^2) with plain autograd (parameters requiring grad, as the model comes)."""
+def data_labels(logits, batch):
+    return batch["input_ids"][:, 1:]
+
+
+def model_sampled_labels(logits, batch):
+    """What the default loss draws: the model's own next tokens, from a generator seeded as it seeds its own."""
+    return sampled_labels(logits, torch.Generator().manual_seed(SAMPLING_SEED))
+
+
+def direct_gradient_score(model, members, batch, candidate_layers, labels_of=data_labels) -> float:
+    """sum((dL/dY * (Y_c - Y))^2) with plain autograd (parameters requiring grad, as the model comes),
+    the loss a cross-entropy against `labels_of(logits, batch)`."""
     seen = {}
 
     def keep(name):
@@ -52,7 +62,7 @@ def direct_gradient_score(model, members, batch, candidate_layers) -> float:
 
     handles = [model.get_submodule(m).register_forward_hook(keep(m)) for m in members]
     logits = model(**batch).logits[:, :-1]
-    labels = batch["input_ids"][:, 1:].clone()
+    labels = labels_of(logits, batch).clone()
     labels[batch["attention_mask"][:, 1:] == 0] = -100
     F_nn.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100).backward()
     for handle in handles:
@@ -61,14 +71,28 @@ def direct_gradient_score(model, members, batch, candidate_layers) -> float:
         return sum(((y.grad * (candidate_layers[m](x) - y.detach())) ** 2).sum().item() for m, (x, y) in seen.items())
 
 
-def test_gradient_score_matches_autograd_and_ranks_a_worse_candidate_higher():
+@pytest.mark.parametrize("loss_fn, labels_of", [(None, model_sampled_labels), (causal_lm_loss, data_labels)],
+                         ids=["default-sampled-labels", "modelopt-data-labels"])
+def test_gradient_score_matches_autograd_and_ranks_a_worse_candidate_higher(loss_fn, labels_of):
     model, batch = tiny_llama(), token_batch()
     candidates = {"fp8": fp8_candidates(model, GATE_UP), "noisy": fp8_candidates(model, GATE_UP, noise=0.05)}
-    scores = gradient_scores(model, [group_of(model, GATE_UP)], candidates, no_grad_loop(batch))[",".join(GATE_UP)]
+    group = [group_of(model, GATE_UP)]
+    scores = gradient_scores(model, group, candidates, no_grad_loop(batch), loss_fn)[",".join(GATE_UP)]
     assert all(p.grad is None and p.requires_grad for p in model.parameters())  # no weight gradient, restored
     assert scores["noisy"] > 10 * scores["fp8"] > 0
     for label, layers in candidates.items():
-        assert scores[label] == pytest.approx(direct_gradient_score(model, GATE_UP, batch, layers), rel=1e-5)
+        expected = direct_gradient_score(model, GATE_UP, batch, layers, labels_of)
+        assert scores[label] == pytest.approx(expected, rel=1e-5)
+    again = gradient_scores(model, group, candidates, no_grad_loop(batch), loss_fn)[",".join(GATE_UP)]
+    assert again == scores  # the sampled labels are seeded: a search is repeatable
+
+
+def test_sampled_labels_follow_the_models_distribution():
+    logits = torch.tensor([[2.0, 0.0, -1.0, 1.0]]).expand(20000, 4)
+    labels = sampled_labels(logits, torch.Generator().manual_seed(1))
+    frequencies = torch.bincount(labels, minlength=4).float() / labels.numel()
+    assert labels.shape == (20000,)
+    torch.testing.assert_close(frequencies, torch.softmax(logits[0], dim=0), atol=0.01, rtol=0)
 
 
 def direct_kl(model, members, layers, batch) -> float:
