@@ -2,6 +2,7 @@
 the built wheel installs and works without the source tree."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -95,3 +96,53 @@ def test_installed_wheel_imports_and_runs_the_cli(wheel_venv, where, tmp_path):
     cli = root / "venv" / "bin" / "hf-ptq"
     out = subprocess.run([str(cli), "--help"], cwd=cwd, capture_output=True, text=True)
     assert out.returncode == 0 and "quantize" in out.stdout, out.stderr[-2000:]
+
+
+# Loads a checkpoint as a user who never imports hf_ptq_plugin does; reports what was imported when.
+LOAD_WITHOUT_IMPORT = """
+import json, sys
+at_start = sorted(m for m in ("hf_ptq_plugin", "transformers", "torch") if m in sys.modules)
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+with torch.no_grad():
+    torch.save(model(torch.arange(24)[None]).logits, sys.argv[2])
+print(json.dumps({"at_start": at_start, "plugin_imported": "hf_ptq_plugin" in sys.modules}))
+"""
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoint(tmp_path_factory):
+    import torch
+    from conftest import tiny_llama
+
+    from hf_ptq_plugin import PTQConfig, quantize
+
+    model, ids = tiny_llama(), torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(1))
+    quantize(model, PTQConfig(qformat="fp8", algorithm="max"), forward_loop=lambda m: m(ids))
+    path = tmp_path_factory.mktemp("fp8") / "checkpoint"
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("hook", ["on", "off"])
+def test_installed_wheel_loads_our_checkpoint_without_the_import(wheel_venv, fp8_checkpoint, hook, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    python, _ = wheel_venv
+    env = {**os.environ, "HF_PTQ_PLUGIN_AUTOLOAD": "1" if hook == "on" else "0"}
+    out = subprocess.run([str(python), "-c", LOAD_WITHOUT_IMPORT, str(fp8_checkpoint), str(tmp_path / "logits.pt")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["at_start"] == []  # the startup hook imports nothing: interpreter start costs the same
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(fp8_checkpoint)(torch.arange(24)[None]).logits
+    logits = torch.load(tmp_path / "logits.pt")
+    if hook == "on":  # the plugin came in with the checkpoint, and the model is the plugin's, bit for bit
+        assert report["plugin_imported"]
+        torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+    else:  # what the hook prevents: FP8 codes read as weights, with only transformers' warning
+        assert not report["plugin_imported"] and "Unknown quantization type" in out.stderr
+        assert not torch.allclose(logits, expected, atol=1e-2)
