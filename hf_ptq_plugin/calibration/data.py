@@ -52,12 +52,18 @@ class CalibrationLoop:
             with torch.no_grad():
                 for batch in tqdm(self.batches, desc="calibration batches", leave=False, disable=None):
                     self.token_mask.mask = batch["attention_mask"].bool()
-                    # Positions count real tokens only, so a left-padded sample sees the same
-                    # rotary positions as it would alone.
-                    positions = (batch["attention_mask"].cumsum(dim=-1) - 1).clamp(min=0)
-                    model(**{k: v.to(device) for k, v in batch.items()}, position_ids=positions.to(device))
+                    model(**{k: v.to(device) for k, v in batch.items()}, **_positions(batch, device))
         finally:
             self.token_mask.mask = None
+
+
+def _positions(batch: dict, device) -> dict:
+    """position_ids for a left-padded text batch: counting real tokens only, a sample sees the same
+    rotary positions as it would alone. None for image batches (images.py), which are right-padded:
+    the model computes its own, multimodal ones (Qwen2-VL's 3-D rotary positions) included."""
+    if "pixel_values" in batch:
+        return {}
+    return {"position_ids": (batch["attention_mask"].cumsum(dim=-1) - 1).clamp(min=0).to(device)}
 
 
 def calibration_forward_loop(tokenizer, data, calib_size: int = 512, seq_len: int = 512,

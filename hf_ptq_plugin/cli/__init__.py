@@ -86,6 +86,9 @@ def _add_quantize(subparsers) -> None:
     calib.add_argument("--dataset", "--calib_dataset", dest="calib_dataset",
                        help="a .txt/.json/.jsonl/.parquet file, a folder of them, or a Hub dataset name; needed by "
                             "formats with static activation scales, a quantized KV cache and every algorithm but max")
+    calib.add_argument("--calib_images", help="vision-language models: also calibrate on captioned images, a folder "
+                                              "with captions.jsonl ({\"image\": file, \"caption\": text} per line) "
+                                              "or synthetic:N (N drawn scenes of coloured shapes, captioned)")
     calib.add_argument("--calib_size", type=at_least(1), default=512, help="number of samples")
     calib.add_argument("--calib_seq", "--calib_seq_len", dest="calib_seq_len", type=at_least(1), default=512,
                        help="tokens per sample (at most)")

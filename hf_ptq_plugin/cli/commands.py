@@ -13,10 +13,11 @@ from typing import List, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from ..api import quantize
 from ..calibration.data import calibration_forward_loop, load_texts
+from ..calibration.images import image_text_forward_loop, load_captioned_images, synthetic_captioned_images
 from ..calibration.record import describe_source
 from ..calibration.text import first_windows, read_text, tokenize
 from ..config import PTQConfig
@@ -46,8 +47,10 @@ def load_model(source: str, args, quantization_config: Optional[PTQConfig] = Non
     check_source(source)
     if needs_upgrade(source):
         raise ValueError(upgrade_message(source))
+    # Images go through the whole vision-language model; the causal-LM class may load its text part only.
+    auto_class = AutoModelForImageTextToText if getattr(args, "calib_images", None) else AutoModelForCausalLM
     try:
-        return AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
+        return auto_class.from_pretrained(source, **kwargs).eval()
     except SafetensorError as error:  # a damaged or truncated weights file read by transformers itself
         raise ValueError(f"{_unreadable_safetensors(source)!r} is not a readable safetensors file: {error}") from None
 
@@ -103,7 +106,12 @@ def run_quantize(args) -> None:
     config = _ptq_config(args, quantized[0])
     if searched:
         check_auto_arguments(args, config, qformats)
-    elif config.cannot_run_without_data and config.calib_dataset is None:
+    if args.calib_images and (searched or args.low_memory_mode):
+        raise ValueError("--calib_images calibrates a model loaded in full precision with one format; with "
+                         "--auto_quantize_bits or --low_memory_mode pass images through the Python API "
+                         "(hf_ptq_plugin.calibration.images)")
+    images = captioned_images(args.calib_images) if args.calib_images else None  # a bad spec fails before loading
+    if not searched and config.cannot_run_without_data and config.calib_dataset is None and not args.calib_images:
         raise ValueError(f"qformat {config.qformat!r} with algorithm {config.resolved_algorithm!r} and "
                          f"kv_cache_qformat {config.kv_cache_qformat!r} needs calibration data: "
                          "pass --dataset FILE (.txt, .json, .jsonl, .parquet or a folder of them)")
@@ -114,7 +122,7 @@ def run_quantize(args) -> None:
     tokenizer = load_tokenizer(args.model, args) if needs_tokenizer else None
     windows, eval_data = (eval_windows(tokenizer, args.eval_seq_len, args.eval_windows, text=args.eval_text)
                           if args.eval_text else (None, None))
-    model, before, result = _quantized_model(args, config, qformats, tokenizer, windows)
+    model, before, result = _quantized_model(args, config, qformats, tokenizer, windows, images)
     evaluation = None
     if windows is not None:
         after = perplexity(model, windows, config.calib_batch_size, progress="perplexity after")
@@ -130,7 +138,7 @@ def run_quantize(args) -> None:
     print_summary(rows[:-1] + (auto_quantize_rows(args, result) if result is not None else []) + rows[-1:])
 
 
-def _quantized_model(args, config: PTQConfig, qformats: List[str], tokenizer, windows):
+def _quantized_model(args, config: PTQConfig, qformats: List[str], tokenizer, windows, images=None):
     """(quantized model, perplexity before or None, AutoQuantize result or None); low-memory mode never
     holds the full-precision model."""
     if args.low_memory_mode:  # quantized while loading, then calibrated from the checkpoint's weights
@@ -145,7 +153,20 @@ def _quantized_model(args, config: PTQConfig, qformats: List[str], tokenizer, wi
     if config.calib_dataset is not None:
         loop = calibration_forward_loop(tokenizer, config.calib_dataset, config.calib_size, config.calib_seq_len,
                                         config.calib_batch_size)
+    if images is not None:
+        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        loop = image_text_forward_loop(processor, images, config.calib_batch_size, text_loop=loop)
     return quantize(model, config, loop), before, None
+
+
+def captioned_images(spec: str):
+    """--calib_images: "synthetic:N" or a folder with captions.jsonl."""
+    if spec.startswith("synthetic:"):
+        count = spec.split(":", 1)[1]
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"--calib_images {spec!r}: synthetic:N needs a positive number of images N")
+        return synthetic_captioned_images(int(count))
+    return load_captioned_images(spec)
 
 
 def _push(model, repo_id: str, tokenizer, args, evaluation=None):
