@@ -36,6 +36,9 @@ def parse_args():
                              "(default: each format's own)")
     parser.add_argument("--method", choices=("gradient", "kl_div"), default="gradient")
     parser.add_argument("--score-samples", type=int, default=16, help="calibration windows that score the candidates")
+    parser.add_argument("--score-labels", choices=("sampled", "data"), default="sampled",
+                        help="the gradient score's next tokens: drawn from the model (default) or the data's "
+                             "(ModelOpt's)")
     add_protocol_arguments(parser)
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
@@ -49,6 +52,7 @@ def one_run(run, args, path, calib_windows, eval_windows):
 
     from hf_ptq_plugin import PTQConfig, auto_quantize, quantize
     from hf_ptq_plugin import formats as F
+    from hf_ptq_plugin.autoquant import causal_lm_loss
     from hf_ptq_plugin.evaluation import perplexity
 
     algorithms = dict(pair.split(":") for pair in args.algorithms.split(",") if pair)
@@ -61,7 +65,8 @@ def one_run(run, args, path, calib_windows, eval_windows):
         score_batches = list(calib_windows[:args.score_samples].split(args.batch_size))
         candidates = qformats.split("+")
         int4 = any(F.get_format(q).group_size_choices for q in candidates)
-        _, result = auto_quantize(model, candidates, float(bits), loop, method=args.method,
+        loss_fn = causal_lm_loss if args.score_labels == "data" and args.method == "gradient" else None
+        _, result = auto_quantize(model, candidates, float(bits), loop, method=args.method, loss_fn=loss_fn,
                                   algorithms={q: a for q, a in algorithms.items() if q in candidates} or None,
                                   group_size=args.group_size if int4 else None, score_loop=score_batches)
         chosen = Counter(result.choice.values())
@@ -93,7 +98,8 @@ def main():
     rows = [[r["run"], r["formats"], r["bits"], f"{r['ppl']:.3f}", f"{r['seconds']:.0f}", f"{r['peak_mb']:.0f}",
              "-" if r["held"] is None else f"{r['held']:.2f}x"] for r in results]
     print(f"protocol: {args.calib_samples} calibration samples x {args.seq_len} tokens (Austen minus P&P), the first "
-          f"{args.score_samples} scoring ({args.method}), perplexity on the first {args.eval_windows} windows x "
+          f"{args.score_samples} scoring ({args.method}, {args.score_labels} labels), perplexity on the first "
+          f"{args.eval_windows} windows x "
           f"{args.seq_len} of Pride and Prejudice, bf16, INT4 group size {args.group_size}, algorithms "
           f"{args.algorithms or 'each format default'}, "
           f"{torch.get_num_threads()} threads")
