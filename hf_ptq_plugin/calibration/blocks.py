@@ -7,9 +7,15 @@ feeds those inputs through one block, producing the next block's inputs. Algorit
 a layer's inputs (AWQ, GPTQ) quantize block i before computing block i+1's inputs, so every
 block is calibrated on the activations the quantized model will really produce (unless
 `PTQConfig(sequential=False)`, streamed.py). A progress bar per block's batches shows each pass.
+
+An encoder-decoder model has two lists of blocks (`block_lists`): the encoder's are streamed
+first, then the decoder's, whose inputs are captured with the quantized encoder in place. T5's
+blocks hand the next block the attention biases the first one computes (`RELAYED`): the catcher
+returns placeholders where a block returns them, and `run_block` passes them on as the model does.
 """
 
 import contextlib
+import inspect
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -20,18 +26,48 @@ from ..modules.fused_experts import is_fused_experts
 
 # Keyword arguments that must not be replayed: a KV cache would grow at every replay.
 NOT_REPLAYED = ("cache", "past_key_values", "past_key_value", "use_cache")
+# What a T5 block returns after its hidden states, in order, and the next block takes by these names.
+RELAYED = ("position_bias", "encoder_decoder_position_bias")
+
+BlockList = Tuple[Optional[str], Sequence[nn.Module]]
 
 
-def decoder_blocks(model: nn.Module, linear_names) -> Tuple[Optional[str], Sequence[nn.Module]]:
-    """(name, ModuleList) of the decoder blocks: the ModuleList that holds the most target Linears;
-    (None, [model]) for a model without one, which is then calibrated as a single block."""
+def block_lists(model: nn.Module, linear_names) -> List[BlockList]:
+    """[(name, ModuleList)] of the blocks to stream, in the model's order: the ModuleList that holds
+    the most target Linears; for an encoder-decoder model, the encoder's and the decoder's. [(None,
+    [model])] for a model without one, which is then calibrated as a single block."""
+    lists, remaining = [], set(linear_names)
+    wanted = 2 if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else 1
+    while remaining and len(lists) < wanted:
+        best = _fullest_list(model, remaining, [name for name, _ in lists])
+        if best is None:
+            break
+        lists.append(best)
+        remaining = {linear for linear in remaining if not linear.startswith(best[0] + ".")}
+    if not lists:
+        return [(None, [model])]
+    order = {name: index for index, (name, _) in enumerate(model.named_modules())}
+    return sorted(lists, key=lambda item: order[item[0]])
+
+
+def _fullest_list(model: nn.Module, linear_names, taken: List[str]) -> Optional[BlockList]:
+    """The ModuleList, not inside or around one `taken`, that holds the most of `linear_names`."""
     best, best_count = None, 0
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            count = sum(1 for linear in linear_names if linear.startswith(name + "."))
-            if count > best_count:
-                best, best_count = (name, module), count
-    return best if best is not None else (None, [model])
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if any(name == t or name.startswith(t + ".") or t.startswith(name + ".") for t in taken):
+            continue
+        count = sum(1 for linear in linear_names if linear.startswith(name + "."))
+        if count > best_count:
+            best, best_count = (name, module), count
+    return best
+
+
+def relayed_names(block: nn.Module) -> Tuple[str, ...]:
+    """The RELAYED arguments `block` takes (T5's blocks: both; other families: none)."""
+    parameters = inspect.signature(block.forward).parameters
+    return tuple(name for name in RELAYED if name in parameters)
 
 
 class _Catcher(nn.Module):
@@ -40,11 +76,13 @@ class _Catcher(nn.Module):
     def __init__(self, block: nn.Module, record: list = None, token_mask=None):
         super().__init__()
         self.block, self.record, self.token_mask = block, record, token_mask
+        self.relayed = len(relayed_names(block))
 
     def forward(self, hidden_states, *args, **kwargs):
         if self.record is not None:
             self.record.append(_replayable((hidden_states.detach(),) + args, kwargs, self.token_mask))
-        return hidden_states
+        # A T5 block's callers unpack (hidden states, biases...): None leaves the biases to the next real block.
+        return (hidden_states,) + (None,) * self.relayed if self.relayed else hidden_states
 
     def __getattr__(self, name):  # attributes the model reads from its blocks (e.g. attention_type)
         try:
@@ -96,18 +134,37 @@ def run_block(block: nn.Module, inputs: List[tuple], token_mask=None) -> List[tu
 
     `token_mask` (a TokenMask) is set to each batch's real tokens while that batch runs.
     """
-    outputs = []
+    outputs, relayed = [], relayed_names(block)
     try:
         for args, kwargs, mask in tqdm(inputs, desc="block batches", leave=False, disable=None):
             if token_mask is not None:
                 token_mask.mask = mask
-            hidden = block(*args, **kwargs)
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-            outputs.append(((hidden,) + tuple(args[1:]), kwargs, mask))
+            result = block(*args, **kwargs)
+            hidden, extra = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
+            args, kwargs = _relay(block, relayed, (hidden,) + tuple(args[1:]), kwargs, extra)
+            outputs.append((args, kwargs, mask))
     finally:
         if token_mask is not None:
             token_mask.mask = None
     return outputs
+
+
+def _relay(block: nn.Module, relayed: Tuple[str, ...], args: tuple, kwargs: dict, extra: tuple) -> Tuple[tuple, dict]:
+    """The next block's (args, kwargs): the RELAYED values `block` returned after its hidden states put
+    where the model passes them (positionally, as T5's stack does, or by keyword)."""
+    if not relayed or not extra:
+        return args, kwargs
+    positions = list(inspect.signature(block.forward).parameters)
+    args, kwargs = list(args), dict(kwargs)
+    for name, value in zip(relayed, extra):
+        if value is None:
+            continue
+        index = positions.index(name)
+        if index < len(args):
+            args[index] = value
+        else:
+            kwargs[name] = value
+    return tuple(args), kwargs
 
 
 class _AllInputsSeen(Exception):

@@ -28,7 +28,8 @@ def fold_pre_quant_scales(model: nn.Module, smoothquant: bool = False) -> List[s
     """Fold the shared pre_quant_scale of every norm-fed AWQ group (and SmoothQuant group, with
     `smoothquant`; ModelOpt leaves those) into its norm; returns the norms.
 
-    A ValueError names a group whose members carry different scales (one norm can hold only one).
+    A ValueError names a group whose members carry different scales (one norm can hold only one);
+    a norm that feeds the layers of several blocks, each with its own scale, keeps them on the layers.
     """
     def _foldable(module: nn.Module) -> bool:
         return isinstance(module, QuantLinear) and module.pre_quant_scale is not None and (
@@ -47,6 +48,12 @@ def fold_pre_quant_scales(model: nn.Module, smoothquant: bool = False) -> List[s
             continue
         scale = members[0].pre_quant_scale
         differing = [name for name, m in zip(consumers, members) if not torch.equal(m.pre_quant_scale, scale)]
+        if differing and len({name.rpartition(".")[0] for name in consumers}) > 1:
+            # One norm read by the layers of several blocks (a T5 encoder's final norm feeds every
+            # decoder block's cross-attention k and v), each block calibrated with its own scale.
+            logger.info("%s feeds layers of several blocks with their own pre_quant_scale; the scales stay on "
+                        "the layers", norm_name)
+            continue
         if differing:
             raise ValueError(f"layers fed by {norm_name!r} carry different pre_quant_scale ({consumers[0]!r} vs "
                              f"{differing}); engines fold one scale into the norm, so calibration must give "
@@ -86,8 +93,16 @@ def _norm_consumers(model: nn.Module) -> Dict[str, List[str]]:
                 hooks.enter_context(module.register_forward_hook(on_norm(name)))
             elif isinstance(module, (nn.Linear, QuantLinear)):
                 hooks.enter_context(module.register_forward_pre_hook(on_linear(name)))
-        model(input_ids=torch.ones((1, 2), dtype=torch.long, device=input_device(model)))
+        model(**_tracing_inputs(model))
     return dict(consumers)
+
+
+def _tracing_inputs(model: nn.Module) -> dict:
+    """Two tokens, for the encoder and the decoder of an encoder-decoder model."""
+    ids = torch.ones((1, 2), dtype=torch.long, device=input_device(model))
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return {"input_ids": ids, "decoder_input_ids": ids}
+    return {"input_ids": ids}
 
 
 def _scale_norm(name: str, norm: nn.Module, scale: torch.Tensor) -> None:

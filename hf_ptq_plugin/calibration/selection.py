@@ -21,8 +21,12 @@ DEFAULT_EXCLUDE_PATTERNS = (
 )
 
 # Sibling Linears that read the same input and that engines run as one fused GEMM; for NVFP4
-# and W4A8 they must share `input_scale` and `weight_scale_2` (TensorRT-LLM asserts it).
-FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+# and W4A8 they must share `input_scale` and `weight_scale_2` (TensorRT-LLM asserts it). Each
+# entry: (the parent module's name ends with this, "" for any parent; the siblings' names). T5's
+# cross-attention q reads the decoder's states, its k and v the encoder's outputs.
+FUSED_SIBLINGS = (("", ("q_proj", "k_proj", "v_proj")), ("", ("gate_proj", "up_proj")), ("", ("w1", "w3")),
+                  ("SelfAttention", ("q", "k", "v")), ("EncDecAttention", ("k", "v")),
+                  ("DenseReluDense", ("wi_0", "wi_1")))
 
 
 def is_excluded(name: str, patterns: Iterable[str]) -> bool:
@@ -53,8 +57,8 @@ def fused_groups(names: Iterable[str]) -> List[List[str]]:
     groups = []
     for name in sorted(names):
         parent, _, leaf = name.rpartition(".")
-        for siblings in FUSED_SIBLINGS:
-            if leaf == siblings[0]:
+        for parent_suffix, siblings in FUSED_SIBLINGS:
+            if leaf == siblings[0] and parent.endswith(parent_suffix):
                 members = [f"{parent}.{s}" if parent else s for s in siblings]
                 members = [m for m in members if m in names]
                 if len(members) > 1:

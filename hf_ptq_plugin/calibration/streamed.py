@@ -20,7 +20,7 @@ from .. import formats as F
 from ..backends.cpu_weights import bf16_dense_weights
 from ..modules.quant_linear import QuantLinear
 from .algorithms import Algorithm, BlockContext
-from .blocks import capture_block_inputs, decoder_blocks, run_block
+from .blocks import block_lists, capture_block_inputs, run_block
 from .data import TokenMask
 
 MAX_SEARCH_TOKENS = 2048  # tokens per input kept for the search: loss estimates, not statistics
@@ -39,15 +39,30 @@ def streamed_calibration(model: nn.Module, linears: Dict[str, nn.Module], fmt: F
     and SmoothQuant calibrate, in one pass per block. `fold_scales`: smoothing algorithms fold
     o_proj's and down_proj's scales into v_proj's and up_proj's rows (producer_folding.py).
     """
-    blocks_name, blocks = decoder_blocks(model, linears)
+    lists = block_lists(model, linears)
+    _refuse_outside(lists, linears)
+    for blocks_name, blocks in lists:  # an encoder-decoder's encoder first: the decoder reads its outputs
+        _stream_blocks(model, blocks_name, blocks, linears, fmt, group_size, algorithm, forward_loop, prepare_block,
+                       quantize_block, sequential, fold_scales)
+
+
+def _refuse_outside(lists, linears: Dict[str, nn.Module]) -> None:
+    names = [name for name, _ in lists if name is not None]
+    outside = [n for n in linears if names and not any(n.startswith(name + ".") for name in names)]
+    if outside:
+        held = " and ".join(repr(name) for name in names)
+        raise ValueError(f"layer-streamed calibration handles Linears inside {held}; {outside[:3]} are "
+                         "outside it: exclude them with exclude_modules or use algorithm='max'")
+
+
+def _stream_blocks(model: nn.Module, blocks_name, blocks, linears: Dict[str, nn.Module], fmt: F.Format,
+                   group_size: int, algorithm: Algorithm, forward_loop: Callable, prepare_block: Callable,
+                   quantize_block: Callable, sequential: bool, fold_scales: bool) -> None:
+    """`streamed_calibration` over one list of blocks (named `blocks_name`; None: the model is the block)."""
 
     def prefix_of(index: int) -> str:  # no decoder blocks: the whole model is one block, every name in it
         return "" if blocks_name is None else f"{blocks_name}.{index}."
 
-    outside = [] if blocks_name is None else [n for n in linears if not n.startswith(blocks_name + ".")]
-    if outside:
-        raise ValueError(f"layer-streamed calibration handles Linears inside {blocks_name!r}; {outside[:3]} are "
-                         "outside it: exclude them with exclude_modules or use algorithm='max'")
     inputs = capture_block_inputs(model, blocks, forward_loop)
     token_mask = getattr(forward_loop, "token_mask", None) or TokenMask()
     total_tokens = sum(_batch_tokens(args, kwargs) for args, kwargs, _ in inputs)

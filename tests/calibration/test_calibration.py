@@ -5,7 +5,7 @@ import torch
 from conftest import sqnr_db, tiny_llama
 
 from hf_ptq_plugin import FORMATS, PTQConfig, quantize
-from hf_ptq_plugin.calibration.blocks import capture_block_inputs, decoder_blocks, run_block
+from hf_ptq_plugin.calibration.blocks import block_lists, capture_block_inputs, run_block
 from hf_ptq_plugin.calibration.clipping import mse_weight_scale, weighted_nvfp4_block_scales
 from hf_ptq_plugin.calibration.gptq import HessianStats, gptq_quantize
 from hf_ptq_plugin.calibration.selection import target_linears
@@ -102,7 +102,7 @@ def test_streaming_blocks_reproduces_the_models_hidden_states(calib_ids):
     with torch.no_grad():
         model(calib_ids)
     hook.remove()
-    _, blocks = decoder_blocks(model, target_linears(model))
+    [(_, blocks)] = block_lists(model, target_linears(model))
     inputs = capture_block_inputs(model, blocks, lambda m: m(calib_ids))
     for block in blocks:
         inputs = run_block(block, inputs)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import sqnr_db
 from transformers import T5Config, T5ForConditionalGeneration
 
 from hf_ptq_plugin import PTQConfig, QuantLinear, quantize
@@ -31,8 +32,48 @@ def test_t5_keeps_wo_in_fp32_quantizes_the_rest_and_reloads(tmp_path):
         assert torch.equal(T5ForConditionalGeneration.from_pretrained(tmp_path)(**inputs).logits, expected)
 
 
-def test_layer_streamed_algorithms_name_the_encoder_layers_they_cannot_stream():
+def block_inputs_seen_by_the_model(model, blocks, inputs):
+    """The hidden states each block receives in an ordinary forward pass."""
+    seen = []
+    handles = [block.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone())) for block in blocks]
+    with torch.no_grad():
+        model(**inputs)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("stack", ["encoder", "decoder"])
+def test_replaying_t5_blocks_one_at_a_time_reproduces_the_models_block_inputs(stack):
+    """T5's first block computes the attention biases and hands them on; the replay must too."""
+    from hf_ptq_plugin.calibration.blocks import block_lists, capture_block_inputs, run_block
+
     model, inputs = tiny_t5(), batch()
-    with pytest.raises(ValueError, match=r"layer-streamed calibration handles Linears inside 'decoder.block'; "
-                                         r"\['encoder.block.0.layer.0.SelfAttention.q'.* exclude them"):
-        quantize(model, PTQConfig(qformat="int4_awq", algorithm="awq_lite"), forward_loop=lambda m: m(**inputs))
+    lists = block_lists(model, [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)])
+    assert [name for name, _ in lists] == ["encoder.block", "decoder.block"]
+    blocks = dict(lists)[f"{stack}.block"]
+    expected = block_inputs_seen_by_the_model(model, blocks, inputs)
+    replayed = capture_block_inputs(model, blocks, lambda m: m(**inputs))
+    for index, block in enumerate(blocks):
+        torch.testing.assert_close(replayed[0][0][0], expected[index], rtol=0, atol=0)
+        replayed = run_block(block, replayed)
+
+
+@pytest.mark.parametrize("qformat, algorithm, sequential", [("int4_awq", "awq_lite", True), ("int4_awq", "gptq", False),
+                                                            ("int8_sq", "smoothquant", True)])
+def test_layer_streamed_algorithms_calibrate_the_encoder_then_the_decoder(qformat, algorithm, sequential, tmp_path):
+    model, inputs = tiny_t5(), batch()
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    rounded = tiny_t5()
+    quantize(rounded, PTQConfig(qformat=qformat, algorithm="max"), forward_loop=lambda m: m(**inputs))
+    config = PTQConfig(qformat=qformat, algorithm=algorithm, sequential=sequential)
+    quantize(model, config, forward_loop=lambda m: m(**inputs))
+    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    assert len(quantized) == 28 and {n.split(".")[0] for n in quantized} == {"encoder", "decoder"}
+    with torch.no_grad():
+        logits, rounded_logits = model(**inputs).logits, rounded(**inputs).logits
+    assert sqnr_db(reference, logits) > sqnr_db(reference, rounded_logits)  # calibrated beats round-to-nearest
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(T5ForConditionalGeneration.from_pretrained(tmp_path)(**inputs).logits, logits)
