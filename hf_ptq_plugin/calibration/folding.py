@@ -7,13 +7,16 @@ down_proj); for q/k/v and gate/up the scale must live in the preceding RMSNorm/L
 pipeline folds right after quantizing, so the model in memory (what perplexity is measured on)
 computes exactly what its checkpoint will hold, and saving changes nothing.
 Which norm feeds which Linears is found the way ModelOpt does it: one two-token forward with
-hooks that match a norm's output tensor to the Linears that receive it.
+hooks that match a norm's output tensor to the Linears that receive it. That cannot see a norm
+whose output also feeds the residual stream (post-norm models: BART), where a folded scale would
+change the model, so the outputs of a second forward are compared and every fold is undone if
+they moved.
 """
 
 import contextlib
 import logging
 from collections import defaultdict
-from typing import Dict, List
+from typing import List
 
 import torch
 from torch import nn
@@ -37,9 +40,10 @@ def fold_pre_quant_scales(model: nn.Module, smoothquant: bool = False) -> List[s
 
     if not any(_foldable(m) for m in model.modules()) or not any(_is_norm(m) for m in model.modules()):
         return []
-    folded = []
+    folded, undo = [], []
     modules = dict(model.named_modules())
-    for norm_name, consumers in _norm_consumers(model).items():
+    norm_consumers, before = _norm_consumers(model)
+    for norm_name, consumers in norm_consumers.items():
         members = [modules[name] for name in consumers]
         if not all(_foldable(m) for m in members):
             if any(_foldable(m) for m in members):
@@ -58,10 +62,18 @@ def fold_pre_quant_scales(model: nn.Module, smoothquant: bool = False) -> List[s
             raise ValueError(f"layers fed by {norm_name!r} carry different pre_quant_scale ({consumers[0]!r} vs "
                              f"{differing}); engines fold one scale into the norm, so calibration must give "
                              "the fused group one shared pre_quant_scale")
+        undo.append(_saved(modules[norm_name], members))
         _scale_norm(norm_name, modules[norm_name], scale)
         for m in members:
             m.pre_quant_scale = None
         folded.append(norm_name)
+    if folded and not _same_outputs(before, _tracing_outputs(model)):
+        for restore in undo:
+            restore()
+        logger.warning("folding pre_quant_scale into the norms changed the model's outputs (a norm whose output "
+                       "also feeds the residual stream, as in post-norm models such as BART); the scales stay on "
+                       "the layers")
+        return []
     logger.info("folded pre_quant_scale into %d norms", len(folded))
     return folded
 
@@ -71,8 +83,9 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _norm_consumers(model: nn.Module) -> Dict[str, List[str]]:
-    """{norm name: [names of the Linears whose input is exactly that norm's output]}."""
+def _norm_consumers(model: nn.Module):
+    """({norm name: [names of the Linears whose input is exactly that norm's output]}, the model's
+    outputs on the tracing inputs)."""
     producer, consumers, keep_alive = {}, defaultdict(list), []
 
     def on_norm(name):
@@ -93,16 +106,48 @@ def _norm_consumers(model: nn.Module) -> Dict[str, List[str]]:
                 hooks.enter_context(module.register_forward_hook(on_norm(name)))
             elif isinstance(module, (nn.Linear, QuantLinear)):
                 hooks.enter_context(module.register_forward_pre_hook(on_linear(name)))
-        model(**_tracing_inputs(model))
-    return dict(consumers)
+        outputs = _tracing_outputs(model)
+    return dict(consumers), outputs
+
+
+@torch.no_grad()
+def _tracing_outputs(model: nn.Module) -> torch.Tensor:
+    outputs = model(**_tracing_inputs(model))
+    return (outputs.logits if hasattr(outputs, "logits") else outputs[0]).detach().float()
+
+
+def _same_outputs(before: torch.Tensor, after: torch.Tensor, tolerance: float = 0.05) -> bool:
+    """True if a fold left the outputs as they were, up to the rounding it moves (relative L2 error)."""
+    return bool((after - before).norm() <= tolerance * before.norm())
+
+
+def _saved(norm: nn.Module, members: List[nn.Module]):
+    """A function that puts back the norm's parameters and the members' scales as they are now."""
+    weight = norm.weight.detach().clone()
+    bias = None if getattr(norm, "bias", None) is None else norm.bias.detach().clone()
+    scales = [m.pre_quant_scale for m in members]
+
+    def restore():
+        norm.weight.data.copy_(weight)
+        if bias is not None:
+            norm.bias.data.copy_(bias)
+        for m, scale in zip(members, scales):
+            m.pre_quant_scale = scale
+    return restore
 
 
 def _tracing_inputs(model: nn.Module) -> dict:
-    """Two tokens, for the encoder and the decoder of an encoder-decoder model."""
-    ids = torch.ones((1, 2), dtype=torch.long, device=input_device(model))
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        return {"input_ids": ids, "decoder_input_ids": ids}
-    return {"input_ids": ids}
+    """The smallest inputs that run every layer: two tokens (for the encoder and the decoder of an
+    encoder-decoder model); a speech encoder (Whisper) takes the silent log-mel frames of its length."""
+    config, device = getattr(model, "config", None), input_device(model)
+    ids = torch.ones((1, 2), dtype=torch.long, device=device)
+    inputs = {"input_ids": ids}
+    if getattr(model, "main_input_name", "input_ids") == "input_features":
+        frames = 2 * config.max_source_positions  # Whisper's convolutions halve the frames to its positions
+        inputs = {"input_features": torch.zeros((1, config.num_mel_bins, frames), dtype=model.dtype, device=device)}
+    if getattr(config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = ids
+    return inputs
 
 
 def _scale_norm(name: str, norm: nn.Module, scale: torch.Tensor) -> None:

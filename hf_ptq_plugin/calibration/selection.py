@@ -22,11 +22,13 @@ DEFAULT_EXCLUDE_PATTERNS = (
 
 # Sibling Linears that read the same input and that engines run as one fused GEMM; for NVFP4
 # and W4A8 they must share `input_scale` and `weight_scale_2` (TensorRT-LLM asserts it). Each
-# entry: (the parent module's name ends with this, "" for any parent; the siblings' names). T5's
-# cross-attention q reads the decoder's states, its k and v the encoder's outputs.
-FUSED_SIBLINGS = (("", ("q_proj", "k_proj", "v_proj")), ("", ("gate_proj", "up_proj")), ("", ("w1", "w3")),
-                  ("SelfAttention", ("q", "k", "v")), ("EncDecAttention", ("k", "v")),
-                  ("DenseReluDense", ("wi_0", "wi_1")))
+# entry: (the parent module's name ends with this, "" for any parent; the siblings' names); the
+# first entry whose parent matches decides. Cross-attention's q reads the decoder's states, its k
+# and v the encoder's outputs, so only k and v are siblings there (BART and Whisper's
+# `encoder_attn`, T5's `EncDecAttention`).
+FUSED_SIBLINGS = (("encoder_attn", ("k_proj", "v_proj")), ("EncDecAttention", ("k", "v")),
+                  ("SelfAttention", ("q", "k", "v")), ("DenseReluDense", ("wi_0", "wi_1")),
+                  ("", ("q_proj", "k_proj", "v_proj")), ("", ("gate_proj", "up_proj")), ("", ("w1", "w3")))
 
 
 def is_excluded(name: str, patterns: Iterable[str]) -> bool:
@@ -57,8 +59,9 @@ def fused_groups(names: Iterable[str]) -> List[List[str]]:
     groups = []
     for name in sorted(names):
         parent, _, leaf = name.rpartition(".")
-        for parent_suffix, siblings in FUSED_SIBLINGS:
-            if leaf == siblings[0] and parent.endswith(parent_suffix):
+        rules = [siblings for suffix, siblings in FUSED_SIBLINGS if suffix and parent.endswith(suffix)]
+        for siblings in rules or [siblings for suffix, siblings in FUSED_SIBLINGS if not suffix]:
+            if leaf == siblings[0]:
                 members = [f"{parent}.{s}" if parent else s for s in siblings]
                 members = [m for m in members if m in names]
                 if len(members) > 1:
