@@ -198,6 +198,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     _fix_model_argument(parser, args)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    for library in ("huggingface_hub", "transformers"):  # they print with their own handlers: once is enough
+        library_logger = logging.getLogger(library)
+        library_logger.propagate = library_logger.propagate and not library_logger.handlers
     try:
         COMMANDS[args.command](args)
     except (ValueError, OSError) as error:

@@ -7,10 +7,13 @@ sequence of library calls: load with transformers, `quantize` / `calibrate`, `ev
 """
 
 import logging
+import socket
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 from typing import List, Optional, Tuple
 
+import huggingface_hub.constants
 import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
@@ -72,9 +75,25 @@ def load_tokenizer(source: str, args):
 
 
 def check_source(source: str) -> None:
-    """A missing local folder is an error here, before transformers takes it for a Hub id and retries the network."""
-    if not Path(source).exists() and (source.startswith(("/", ".", "~")) or source.count("/") > 1):
+    """A missing local folder is an error here, before transformers takes it for a Hub id and retries the
+    network; a Hub id when the Hub's host does not resolve is read from the local cache only."""
+    if Path(source).exists():
+        return
+    if source.startswith(("/", ".", "~")) or source.count("/") > 1:
         raise ValueError(f"no such model folder: {source!r} (a Hub model id is 'name' or 'namespace/name')")
+    if not huggingface_hub.constants.HF_HUB_OFFLINE and not _resolves(urlparse(huggingface_hub.constants.ENDPOINT)):
+        # Without this, each file request retries for about a minute before transformers looks in the cache.
+        logger.warning("%s does not resolve: reading %r from the local Hub cache only (as HF_HUB_OFFLINE=1)",
+                       urlparse(huggingface_hub.constants.ENDPOINT).hostname, source)
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
+def _resolves(url) -> bool:
+    try:
+        socket.getaddrinfo(url.hostname, url.port or 443)
+        return True
+    except OSError:
+        return False
 
 
 def eval_windows(tokenizer, seq_len: int, windows: int, text: Optional[str] = None, dataset: Optional[str] = None):

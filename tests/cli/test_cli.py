@@ -203,3 +203,18 @@ def test_counts_out_of_range_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_hub_id_whose_host_does_not_resolve_is_read_from_the_cache_only(files, monkeypatch, capsys, caplog):
+    import socket
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    assert main(["eval", "someorg/not-cached", "--text", files["eval"]]) == 1
+    assert huggingface_hub.constants.HF_HUB_OFFLINE  # no request was retried: the cache was asked at once
+    assert "huggingface.co does not resolve: reading 'someorg/not-cached' from the local Hub cache only" in caplog.text
+    err = capsys.readouterr().err
+    assert "Retrying" not in err and len(err.strip().splitlines()) == 1 and err.startswith("hf-ptq: error:")
