@@ -10,8 +10,8 @@ import logging
 import socket
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 from typing import List, Optional, Tuple
+from urllib.parse import urlparse
 
 import huggingface_hub.constants
 import torch
