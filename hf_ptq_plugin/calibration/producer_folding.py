@@ -127,8 +127,11 @@ def _folds_exactly(block: nn.Module, inputs: List[tuple], linears, pair: FoldPai
 def _consumer_inputs(block: nn.Module, inputs: List[tuple], consumers: List[nn.Module]) -> List[torch.Tensor]:
     """The input each of `consumers` receives from the block's first batch, in one pass."""
     seen = {}
-    handles = [c.register_forward_pre_hook(lambda module, args: seen.setdefault(id(module), args[0].detach().float()))
-               for c in consumers]
+
+    def record(module, args) -> None:  # returns None: a pre-hook's return value would replace the input
+        seen.setdefault(id(module), args[0].detach().float())
+
+    handles = [c.register_forward_pre_hook(record) for c in consumers]
     try:
         observe_block(block, inputs[:1], consumers)
     finally:

@@ -44,6 +44,16 @@ def test_fold_leaves_no_pre_quant_scale_and_keep_leaves_modelopts_layout(qformat
     assert folded_error < 1.5 * kept_error, (folded_error, kept_error)  # folding is not a loss of accuracy
 
 
+@pytest.mark.parametrize("qformat, algorithm", [("int4_awq", "awq_lite"), ("int8_sq", "smoothquant")])
+def test_a_bf16_model_folds_as_an_fp32_one(qformat, algorithm):
+    """The fold checks observe the block's Linears in the model's dtype, without changing what they read."""
+    model = tiny_llama().to(torch.bfloat16)
+    quantize(model, PTQConfig(qformat=qformat, algorithm=algorithm, group_size=64 if qformat == "int4_awq" else None),
+             _loop(_ids()))
+    assert _scales_left(model) == []
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
 def test_without_grouped_query_attention_the_fold_moves_the_same_scale():
     """MHA: nothing is tied, so the folded model computes what the kept one does, up to the rounding of
     the scaled v_proj/up_proj weights (INT4 group scales absorb a row factor)."""
