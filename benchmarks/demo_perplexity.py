@@ -49,11 +49,11 @@ def parse_args():
     parser.add_argument("--calib-text", type=Path, help="calibration text (.txt or folder); default: Austen")
     parser.add_argument("--eval-text", type=Path, help="evaluation text (.txt or folder); default: Pride and Prejudice")
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=16,
+    parser.add_argument("--eval-windows", type=int, default=8,
                         help="evaluation windows (benchmarks/accuracy.py's protocol uses 64)")
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--mmlu-formats", default="fp8,int4_awq",
+    parser.add_argument("--mmlu-formats", default="int4_awq",
                         help="formats (among --formats) whose MMLU accuracy is measured; '' for none")
     parser.add_argument("--mmlu-per-subject", type=int, default=3, help="MMLU questions per subject (57 subjects)")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
