@@ -55,7 +55,7 @@ def parse_args():
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--mmlu-formats", default="int4_awq",
                         help="formats (among --formats) whose MMLU accuracy is measured; '' for none")
-    parser.add_argument("--mmlu-per-subject", type=int, default=3, help="MMLU questions per subject (57 subjects)")
+    parser.add_argument("--mmlu-per-subject", type=int, default=2, help="MMLU questions per subject (57 subjects)")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     return parser.parse_args()
 
