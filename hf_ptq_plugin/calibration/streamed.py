@@ -42,8 +42,22 @@ def streamed_calibration(model: nn.Module, linears: Dict[str, nn.Module], fmt: F
     lists = block_lists(model, linears)
     _refuse_outside(lists, linears)
     for blocks_name, blocks in lists:  # an encoder-decoder's encoder first: the decoder reads its outputs
-        _stream_blocks(model, blocks_name, blocks, linears, fmt, group_size, algorithm, forward_loop, prepare_block,
-                       quantize_block, sequential, fold_scales)
+        inputs, token_mask, stride = _first_block_inputs(model, blocks, forward_loop)
+        for index, block in enumerate(tqdm(blocks, desc=f"{algorithm.name} {fmt.name}", disable=None)):
+            prefix = _prefix(blocks_name, index)
+            block_linears = {n: m for n, m in linears.items() if n.startswith(prefix)}
+            last = index == len(blocks) - 1
+            if block_linears:
+                block_linears = prepare_block(prefix, block_linears)
+                outputs = None if sequential or last else []
+                context = BlockContext(block, inputs, token_mask, fmt, group_size, stride, outputs, fold_scales)
+                quantize_block(block_linears, algorithm.plan_block(context, block_linears))
+                if outputs:
+                    inputs = outputs
+                    continue
+            if not last:  # the last block's outputs feed nothing
+                with _feeding_weights(block, inputs):
+                    inputs = run_block(block, inputs)
 
 
 def _refuse_outside(lists, linears: Dict[str, nn.Module]) -> None:
@@ -55,32 +69,17 @@ def _refuse_outside(lists, linears: Dict[str, nn.Module]) -> None:
                          "outside it: exclude them with exclude_modules or use algorithm='max'")
 
 
-def _stream_blocks(model: nn.Module, blocks_name, blocks, linears: Dict[str, nn.Module], fmt: F.Format,
-                   group_size: int, algorithm: Algorithm, forward_loop: Callable, prepare_block: Callable,
-                   quantize_block: Callable, sequential: bool, fold_scales: bool) -> None:
-    """`streamed_calibration` over one list of blocks (named `blocks_name`; None: the model is the block)."""
+def _prefix(blocks_name, index: int) -> str:
+    """Block `index`'s name prefix; "" without blocks: the whole model is one block, every name in it."""
+    return "" if blocks_name is None else f"{blocks_name}.{index}."
 
-    def prefix_of(index: int) -> str:  # no decoder blocks: the whole model is one block, every name in it
-        return "" if blocks_name is None else f"{blocks_name}.{index}."
 
+def _first_block_inputs(model: nn.Module, blocks, forward_loop: Callable):
+    """(the first block's captured inputs, the loop's token mask, the search's token stride)."""
     inputs = capture_block_inputs(model, blocks, forward_loop)
     token_mask = getattr(forward_loop, "token_mask", None) or TokenMask()
     total_tokens = sum(_batch_tokens(args, kwargs) for args, kwargs, _ in inputs)
-    stride = max(1, total_tokens // MAX_SEARCH_TOKENS)
-    for index, block in enumerate(tqdm(blocks, desc=f"{algorithm.name} {fmt.name}", disable=None)):
-        block_linears = {n: m for n, m in linears.items() if n.startswith(prefix_of(index))}
-        last = index == len(blocks) - 1
-        if block_linears:
-            block_linears = prepare_block(prefix_of(index), block_linears)
-            outputs = None if sequential or last else []
-            context = BlockContext(block, inputs, token_mask, fmt, group_size, stride, outputs, fold_scales)
-            quantize_block(block_linears, algorithm.plan_block(context, block_linears))
-            if outputs:
-                inputs = outputs
-                continue
-        if not last:  # the last block's outputs feed nothing
-            with _feeding_weights(block, inputs):
-                inputs = run_block(block, inputs)
+    return inputs, token_mask, max(1, total_tokens // MAX_SEARCH_TOKENS)
 
 
 def _batch_tokens(args: tuple, kwargs: dict) -> int:
