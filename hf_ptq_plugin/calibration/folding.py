@@ -62,6 +62,7 @@ def fold_pre_quant_scales(model: nn.Module, smoothquant: bool = False) -> List[s
             raise ValueError(f"layers fed by {norm_name!r} carry different pre_quant_scale ({consumers[0]!r} vs "
                              f"{differing}); engines fold one scale into the norm, so calibration must give "
                              "the fused group one shared pre_quant_scale")
+        materialize(modules[norm_name])  # accelerate-offloaded: its weight in memory, to save and to change
         undo.append(_saved(modules[norm_name], members))
         _scale_norm(norm_name, modules[norm_name], scale)
         for m in members:
