@@ -241,11 +241,12 @@ def render_model_card(model: nn.Module, model_id: Optional[str] = None, base_mod
 
     facts = card_facts(model, base_model, evaluation)
     model_id = model_id or "path/to/this/checkpoint"
+    name = Path(model_id).name or Path(model_id).resolve().name  # saved to ".": the folder's own name
     template = resources.files("hf_ptq_plugin.model_cards").joinpath("quantized_model.md")
     with resources.as_file(template) as template_path:
         return ModelCard.from_template(
-            card_data(facts, dialect, Path(model_id).name), template_path=str(template_path), version=__version__,
-            title=f"{Path(model_id).name} ({', '.join(facts.qformats)})", summary=sections.summary(facts, dialect),
+            card_data(facts, dialect, name), template_path=str(template_path), version=__version__,
+            title=f"{name} ({', '.join(facts.qformats)})", summary=sections.summary(facts, dialect),
             qformat=sections.qformats(facts.qformats), quant_algo=facts.quant_algo,
             algorithm=sections.code_or(facts.algorithm),
             group_size=facts.group_size or "-", kv_cache=sections.kv_cache(facts.kv_cache_qformat),

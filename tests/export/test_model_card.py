@@ -137,3 +137,12 @@ def test_facts_survive_a_reload_even_without_a_base_model(tmp_path):
     again = read_card(tmp_path / "again")[0]
     assert again["hf_ptq_plugin"] == read_card(tmp_path / "q")[0]["hf_ptq_plugin"]
     assert "base_model" not in again  # not the quantized directory it was reloaded from
+
+
+def test_a_model_saved_to_the_current_folder_is_titled_by_the_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "my-int8-model"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    quantize(tiny_llama(), PTQConfig(qformat="int8_wo", algorithm="max")).save_pretrained(".")
+    _, body = read_card(folder)
+    assert "# my-int8-model (int8_wo)" in body and 'from_pretrained(".")' in body
