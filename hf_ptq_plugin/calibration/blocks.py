@@ -16,7 +16,7 @@ returns placeholders where a block returns them, and `run_block` passes them on 
 
 import contextlib
 import inspect
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -64,10 +64,11 @@ def _fullest_list(model: nn.Module, linear_names, taken: List[str]) -> Optional[
     return best
 
 
-def relayed_names(block: nn.Module) -> Tuple[str, ...]:
-    """The RELAYED arguments `block` takes (T5's blocks: both; other families: none)."""
-    parameters = inspect.signature(block.forward).parameters
-    return tuple(name for name in RELAYED if name in parameters)
+def relayed_positions(block: nn.Module) -> Dict[str, int]:
+    """{RELAYED argument `block` takes: its position in the block's signature} (T5's blocks: both;
+    other families: none)."""
+    parameters = list(inspect.signature(block.forward).parameters)
+    return {name: parameters.index(name) for name in RELAYED if name in parameters}
 
 
 class _Catcher(nn.Module):
@@ -76,7 +77,7 @@ class _Catcher(nn.Module):
     def __init__(self, block: nn.Module, record: list = None, token_mask=None):
         super().__init__()
         self.block, self.record, self.token_mask = block, record, token_mask
-        self.relayed = len(relayed_names(block))
+        self.relayed = len(relayed_positions(block))
 
     def forward(self, hidden_states, *args, **kwargs):
         if self.record is not None:
@@ -134,14 +135,14 @@ def run_block(block: nn.Module, inputs: List[tuple], token_mask=None) -> List[tu
 
     `token_mask` (a TokenMask) is set to each batch's real tokens while that batch runs.
     """
-    outputs, relayed = [], relayed_names(block)
+    outputs, relayed = [], relayed_positions(block)
     try:
         for args, kwargs, mask in tqdm(inputs, desc="block batches", leave=False, disable=None):
             if token_mask is not None:
                 token_mask.mask = mask
             result = block(*args, **kwargs)
             hidden, extra = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
-            args, kwargs = _relay(block, relayed, (hidden,) + tuple(args[1:]), kwargs, extra)
+            args, kwargs = _relay(relayed, (hidden,) + tuple(args[1:]), kwargs, extra)
             outputs.append((args, kwargs, mask))
     finally:
         if token_mask is not None:
@@ -149,17 +150,15 @@ def run_block(block: nn.Module, inputs: List[tuple], token_mask=None) -> List[tu
     return outputs
 
 
-def _relay(block: nn.Module, relayed: Tuple[str, ...], args: tuple, kwargs: dict, extra: tuple) -> Tuple[tuple, dict]:
-    """The next block's (args, kwargs): the RELAYED values `block` returned after its hidden states put
+def _relay(relayed: Dict[str, int], args: tuple, kwargs: dict, extra: tuple) -> Tuple[tuple, dict]:
+    """The next block's (args, kwargs): the RELAYED values a block returned after its hidden states put
     where the model passes them (positionally, as T5's stack does, or by keyword)."""
     if not relayed or not extra:
         return args, kwargs
-    positions = list(inspect.signature(block.forward).parameters)
     args, kwargs = list(args), dict(kwargs)
-    for name, value in zip(relayed, extra):
+    for (name, index), value in zip(relayed.items(), extra):
         if value is None:
             continue
-        index = positions.index(name)
         if index < len(args):
             args[index] = value
         else:

@@ -111,15 +111,8 @@ def image_text_forward_loop(processor, samples: Union[str, Path, Sequence[Captio
 def _batch(processor, samples: Sequence[CaptionedImage]) -> dict:
     """The processor's inputs for a few captioned images, right-padded (the model computes the positions)."""
     texts = [processor.apply_chat_template(_conversation(caption), tokenize=False) for _, caption in samples]
-    tokenizer = getattr(processor, "tokenizer", None)
-    padding_side = getattr(tokenizer, "padding_side", None)
-    try:
-        if tokenizer is not None:
-            tokenizer.padding_side = "right"
-        encoded = processor(images=[image for image, _ in samples], text=texts, padding=True, return_tensors="pt")
-    finally:
-        if tokenizer is not None and padding_side is not None:
-            tokenizer.padding_side = padding_side
+    encoded = processor(images=[image for image, _ in samples], text=texts, padding=True, padding_side="right",
+                        return_tensors="pt")
     return {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
 
 

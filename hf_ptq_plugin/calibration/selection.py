@@ -23,9 +23,9 @@ DEFAULT_EXCLUDE_PATTERNS = (
 # Sibling Linears that read the same input and that engines run as one fused GEMM; for NVFP4
 # and W4A8 they must share `input_scale` and `weight_scale_2` (TensorRT-LLM asserts it). Each
 # entry: (the parent module's name ends with this, "" for any parent; the siblings' names); the
-# first entry whose parent matches decides. Cross-attention's q reads the decoder's states, its k
-# and v the encoder's outputs, so only k and v are siblings there (BART and Whisper's
-# `encoder_attn`, T5's `EncDecAttention`).
+# entries for a matching parent replace the generic ones. Cross-attention's q reads the decoder's
+# states, its k and v the encoder's outputs, so only k and v are siblings there (BART and
+# Whisper's `encoder_attn`, T5's `EncDecAttention`).
 FUSED_SIBLINGS = (("encoder_attn", ("k_proj", "v_proj")), ("EncDecAttention", ("k", "v")),
                   ("SelfAttention", ("q", "k", "v")), ("DenseReluDense", ("wi_0", "wi_1")),
                   ("", ("q_proj", "k_proj", "v_proj")), ("", ("gate_proj", "up_proj")), ("", ("w1", "w3")))

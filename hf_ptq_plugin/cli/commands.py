@@ -81,10 +81,11 @@ def check_source(source: str) -> None:
         return
     if source.startswith(("/", ".", "~")) or source.count("/") > 1:
         raise ValueError(f"no such model folder: {source!r} (a Hub model id is 'name' or 'namespace/name')")
-    if not huggingface_hub.constants.HF_HUB_OFFLINE and not _resolves(urlparse(huggingface_hub.constants.ENDPOINT)):
+    hub = urlparse(huggingface_hub.constants.ENDPOINT)
+    if not huggingface_hub.constants.HF_HUB_OFFLINE and not _resolves(hub):
         # Without this, each file request retries for about a minute before transformers looks in the cache.
         logger.warning("%s does not resolve: reading %r from the local Hub cache only (as HF_HUB_OFFLINE=1)",
-                       urlparse(huggingface_hub.constants.ENDPOINT).hostname, source)
+                       hub.hostname, source)
         huggingface_hub.constants.HF_HUB_OFFLINE = True
 
 
@@ -130,7 +131,7 @@ def run_quantize(args) -> None:
                          "--auto_quantize_bits or --low_memory_mode pass images through the Python API "
                          "(hf_ptq_plugin.calibration.images)")
     images = captioned_images(args.calib_images) if args.calib_images else None  # a bad spec fails before loading
-    if not searched and config.cannot_run_without_data and config.calib_dataset is None and not args.calib_images:
+    if not searched and config.cannot_run_without_data and config.calib_dataset is None and images is None:
         raise ValueError(f"qformat {config.qformat!r} with algorithm {config.resolved_algorithm!r} and "
                          f"kv_cache_qformat {config.kv_cache_qformat!r} needs calibration data: "
                          "pass --dataset FILE (.txt, .json, .jsonl, .parquet or a folder of them)")
