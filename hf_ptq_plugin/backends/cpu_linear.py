@@ -11,6 +11,10 @@ form `cpu_weights` cached for the layer:
             fp16-rounded weight, see cpu_weights), accumulated in fp32 in another order.
   int4pack  torch's packed INT4 matmul on bf16 activations with bf16 group scales (<= 2**-9
             relative each) and a bf16 output (one more 2**-9).
+  native    `native.py`'s kernels on the checkpoint's codes: fp32 x_q times the weight decoded to fp32
+            (exact but for INT4's code x group scale, rounded once in fp32), fp32 sums; up to
+            NATIVE_GEMV_ROWS rows in the kernel's own loop, more through torch's fp32 GEMM on a few
+            hundred decoded weight rows at a time.
   int8pack  W8A16: torch's INT8 weight matmul on bf16 activations with unit scales; the fp32
             scales multiply its bf16 output. W8A8: torch's int8 x int8 GEMM on the integer
             activation codes, whose int32 sums are exact, so a row's output does not depend on
@@ -22,12 +26,16 @@ import torch.nn.functional as F_nn
 
 from .. import formats as F
 from ..numerics import int_quantize
+from . import native
 from .cpu_activations import fast_quantize_activation
 from .cpu_weights import aligned_for_int8pack, build_cpu_weight
 
 # W8A8 on torch._int_mm: up to INT_MM_BY_ROWS rows, one matrix-vector call per row beats one
 # GEMM call (BENCHMARKS.md, "W8A8 kernel by rows": 0.5 ms per row against about 3 ms).
 INT_MM_BY_ROWS = 6
+# The native kernels' matrix-vector loop up to this many rows; above it, decoding chunks of the weight for
+# torch's GEMM is faster (BENCHMARKS.md, "CPU speed per format").
+NATIVE_GEMV_ROWS = 8
 
 
 def cpu_linear(module, x: torch.Tensor) -> torch.Tensor:
@@ -55,12 +63,22 @@ def cpu_linear(module, x: torch.Tensor) -> torch.Tensor:
         y = y.float()
     elif weight.kind == "int8pack":
         y = _int8pack(module, weight, x2d)
+    elif weight.kind == "native":
+        y = _native(module, weight, x2d)
     else:
         x_q = fast_quantize_activation(x2d, module.fmt, module._activation_scale(x2d))  # fp32 (M, K)
         y = torch.ops.quantized.linear_dynamic_fp16(x_q.contiguous(), weight.matrix) * weight.out_scale
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _native(module, weight, x2d: torch.Tensor) -> torch.Tensor:
+    """The `native` kind's product, fp32 (M, N) (module docstring)."""
+    x_q = fast_quantize_activation(x2d, module.fmt, module._activation_scale(x2d)).contiguous()  # fp32 (M, K)
+    n, group = module.out_features, module.group_size or 0
+    multiply = native.gemv if x_q.shape[0] <= NATIVE_GEMV_ROWS else native.matmul_by_chunks
+    return multiply(weight.layout, x_q, weight.matrix, n, weight.scales, group) * weight.out_scale
 
 
 def _int8pack(module, weight, x2d: torch.Tensor) -> torch.Tensor:

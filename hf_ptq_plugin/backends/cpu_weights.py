@@ -7,8 +7,11 @@ copy of its weight in the form a fast torch kernel takes. Chosen by measurement 
 
   kind      used for                            what is cached                 extra memory
   dense     fp32 / fp16 activations, any format the reference's fp32 weight     4 B/weight
+  native    bf16 activations, fp8, fp8_pc_pt,   nothing: `native.py`'s kernels  none (int4_awq: fp32
+            int4_awq, nvfp4, nvfp4_awq,         decode the checkpoint codes     group scales if the
+            w4a16_nvfp4                         inside the dot product          checkpoint's are not)
   int4pack  bf16 activations, int4_awq          torch's CPU int4 layout,       0.5 B/weight + scales
-                                                bf16 group scales
+            without the native kernels          bf16 group scales
   int8pack  bf16 activations, int8_wo / int8_sq nothing (reads `weight`)       N bf16 ones
   fp16pack  bf16 activations, the other formats fbgemm's packed fp16 matrix    2 B/weight
   dense     bf16 activations, inside            the reference's weight         2 B/weight,
@@ -41,6 +44,7 @@ from ..numerics import dequantize_weight, fp8_quantize, unpack_int4_rows, unpack
 from ..numerics.mx import mxfp8_dequantize
 from ..numerics.nvfp4 import e2m1_values
 from ..numerics.weights import WEIGHT_BUFFERS, w4a8_group_ratio
+from . import native
 
 INT4PACK_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 kernel accepts
 INT8PACK_ALIGNMENT = 64  # bytes; see aligned_for_int8pack
@@ -61,14 +65,18 @@ def _dropped():
 class CpuWeight:
     """A layer's weight in a fast torch kernel's form; see the module docstring."""
 
-    kind: str  # "int4pack", "int8pack", "fp16pack" or "dense"
+    kind: str  # "native", "int4pack", "int8pack", "fp16pack" or "dense"
     sources: tuple  # ((name, tensor, data_ptr, version), ...) of the buffers it was built from
     bf16_activations: bool  # built for bf16 activations (the packed int kernels) or for any other dtype
-    # int4pack: uint8 (N, K/2); int8pack: the int8 weight; fp16pack: fbgemm packed; dense: fp32 or bf16 (N, K)
+    # native: the checkpoint's codes; int4pack: uint8 (N, K/2); int8pack: the int8 weight; fp16pack: fbgemm
+    # packed; dense: fp32 or bf16 (N, K)
     matrix: Any
-    scales: Optional[torch.Tensor] = None  # int4pack: bf16 (K/g, N, 2) scales and zeros; int8pack: bf16 ones (N,)
+    # native: NVFP4's e4m3 block scales (uint8) or INT4's fp32 group scales; int4pack: bf16 (K/g, N, 2) scales
+    # and zeros; int8pack: bf16 ones (N,)
+    scales: Optional[torch.Tensor] = None
     out_scale: Optional[torch.Tensor] = None  # fp32 () or (N,) multiplying the GEMM output
     nbytes: int = 0  # memory held beyond the checkpoint buffers
+    layout: str = ""  # native: "fp8", "nvfp4" or "int4", the kernel family of `native.py`
 
     def is_current(self, module_buffers: dict, act_dtype: torch.dtype) -> bool:
         """Built from `module_buffers` (a module's `_buffers`) as they are now, for `act_dtype`?
@@ -139,6 +147,9 @@ def build_cpu_weight(fmt: F.Format, buffers: dict, group_size: int, act_dtype: t
     if not bf16:
         dense = dequantize_weight(buffers, fmt, group_size)
         return CpuWeight("dense", sources, False, dense, nbytes=dense.nbytes)
+    native_weight = _native(fmt, buffers, group_size, sources)
+    if native_weight is not None:
+        return native_weight
     if fmt.weight == F.INT4 and fmt.act is None and n % INT4PACK_N_MULTIPLE == 0 and group_size in INT4PACK_GROUP_SIZES:
         return _int4pack(buffers, sources)
     if fmt.weight == F.INT8:
@@ -153,6 +164,24 @@ def build_cpu_weight(fmt: F.Format, buffers: dict, group_size: int, act_dtype: t
         return CpuWeight("fp16pack", sources, True, packed, out_scale=out_scale, nbytes=half.nbytes)
     dense = dequantize_weight(buffers, fmt, group_size)
     return CpuWeight("dense", sources, True, dense, nbytes=dense.nbytes)
+
+
+def _native(fmt: F.Format, buffers: dict, group_size: int, sources: tuple) -> Optional[CpuWeight]:
+    """The `native` kind for the formats `native.py`'s kernels decode, or None (no kernels, or another format)."""
+    q = buffers["weight"]
+    if native.library() is None or q.shape[-1] % native.BLOCK or not q.is_contiguous():
+        return None
+    if fmt.weight == F.FP8 and fmt.weight_granularity in (F.PER_TENSOR, F.PER_CHANNEL):
+        return CpuWeight("native", sources, True, q.view(torch.uint8), out_scale=buffers["weight_scale"].float(),
+                         layout="fp8")
+    if fmt.weight == F.NVFP4:
+        block_scales = buffers["weight_scale"].contiguous().view(torch.uint8)
+        return CpuWeight("native", sources, True, q, block_scales, buffers["weight_scale_2"].float(), layout="nvfp4")
+    if fmt.weight == F.INT4 and not fmt.fp8_weight_scale_2 and group_size % native.BLOCK == 0:
+        scales = buffers["weight_scale"].float().contiguous()  # no copy when the checkpoint's are fp32
+        extra = 0 if scales.data_ptr() == buffers["weight_scale"].data_ptr() else scales.nbytes
+        return CpuWeight("native", sources, True, q, scales, torch.ones(()), extra, layout="int4")
+    return None
 
 
 def _fp16_holds(matrix: torch.Tensor, half: torch.Tensor) -> bool:

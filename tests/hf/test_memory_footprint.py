@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_llama
 
 from hf_ptq_plugin import PTQConfig, quantize
+from hf_ptq_plugin.backends import native
 from hf_ptq_plugin.hf.footprint import derived_weight_bytes
 from hf_ptq_plugin.modules.quant_linear import QuantLinear
 
@@ -18,9 +19,13 @@ def _quantized(qformat, dtype):
     return quantize(model, PTQConfig(qformat=qformat, algorithm="max"), forward_loop=lambda m: m(ids)), ids
 
 
+NATIVE = native.library() is not None  # the native kernels read the checkpoint's codes: nothing derived
+
+
 @pytest.mark.parametrize("qformat, dtype, bytes_per_weight", [
-    ("fp8", torch.bfloat16, 2),  # fbgemm's packed fp16 matrix
-    ("nvfp4", torch.bfloat16, 2),
+    ("fp8", torch.bfloat16, 0 if NATIVE else 2),  # else fbgemm's packed fp16 matrix
+    ("nvfp4", torch.bfloat16, 0 if NATIVE else 2),
+    ("w4a8_awq", torch.bfloat16, 2),  # fbgemm's packed fp16 matrix
     ("fp8", torch.float32, 4),  # the reference's fp32 weight
     ("int4_awq", torch.float32, 4),
 ])

@@ -1,0 +1,140 @@
+"""The native dequantize-GEMV kernels of `native_gemv.c`: built once per machine, called through ctypes.
+
+The C file is compiled on first use with the system's C compiler for this CPU (`-march=native`) into
+the user's cache (`$XDG_CACHE_HOME/hf_ptq_plugin/native`, named by a hash of the source and flags, so
+an upgrade rebuilds it); later processes load the built library at once. Plain C without torch's
+headers keeps the build to about a second. Without a compiler, without AVX-512, or with
+`HF_PTQ_PLUGIN_NATIVE=0`, `library()` is None and the CPU backend keeps torch's own kernels.
+
+Each call passes raw data pointers of contiguous CPU tensors; ctypes releases the GIL for it.
+"""
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native_gemv.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+ENV_SWITCH = "HF_PTQ_PLUGIN_NATIVE"
+SIMD_WIDTH = 16  # the C file's AVX-512 path; 0 means it was built without one
+BLOCK = 16  # the kernels take K (in_features) and INT4 group sizes in multiples of one vector
+CHUNK_ROWS = 256  # weight rows `matmul_by_chunks` decodes at a time: 4 MB of fp32 at K = 4096
+
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+SIGNATURES = {
+    "hfptq_gemv_fp8": (_PTR, _I64, _I64, _PTR, _I64, _PTR, ctypes.c_int),
+    "hfptq_gemv_nvfp4": (_PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, ctypes.c_int),
+    "hfptq_gemv_int4": (_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, ctypes.c_int),
+    "hfptq_decode_fp8": (_PTR, _I64, _I64, _PTR, ctypes.c_int),  # writes fp32
+    "hfptq_decode_nvfp4": (_PTR, _PTR, _I64, _I64, _PTR, ctypes.c_int),
+    "hfptq_decode_int4": (_PTR, _PTR, _I64, _I64, _I64, _PTR, ctypes.c_int),
+}
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "hf_ptq_plugin" / "native"
+
+
+def _build(compiler: str, target: Path) -> None:
+    """Compile into a temporary file beside `target`, then rename: a concurrent process never loads half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
+        partial = Path(tmp.name)
+    try:
+        subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE)], check=True, capture_output=True,
+                       text=True, timeout=120)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+@functools.cache
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded kernels, or None where they cannot run (module docstring)."""
+    if os.environ.get(ENV_SWITCH, "1") == "0" or not SOURCE.exists():
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        logger.info("no C compiler: the CPU backend keeps torch's kernels, which hold a second copy of each weight")
+        return None
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"native_gemv-{digest}.so"
+    try:
+        if not target.exists():
+            _build(compiler, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", "") or error
+        logger.warning("could not build the native CPU kernels (%s); torch's kernels are used instead", detail)
+        return None
+    if lib.hfptq_simd_width() != SIMD_WIDTH:
+        return None
+    for name, argtypes in SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = None
+    return lib
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def gemv(layout: str, x: torch.Tensor, codes: torch.Tensor, n: int, scales: Optional[torch.Tensor] = None,
+         group: int = 0) -> torch.Tensor:
+    """fp32 (M, n): fp32 rows `x` (M, K) times the weight `codes` decode to, transposed.
+
+    layout "fp8": codes e4m3 (n, K); "nvfp4": codes (n, K / 2) and e4m3 block scales (n, K / 16), without the
+    global scale; "int4": codes (n / 2, K) and fp32 group scales (n, K / group). All contiguous.
+    """
+    lib, threads = library(), torch.get_num_threads()
+    m, k = x.shape
+    y = torch.empty(m, n, dtype=torch.float32)
+    if layout == "fp8":
+        lib.hfptq_gemv_fp8(_ptr(x), m, k, _ptr(codes), n, _ptr(y), threads)
+    elif layout == "nvfp4":
+        lib.hfptq_gemv_nvfp4(_ptr(x), m, k, _ptr(codes), _ptr(scales), n, _ptr(y), threads)
+    else:
+        lib.hfptq_gemv_int4(_ptr(x), m, k, _ptr(codes), _ptr(scales), group, n, _ptr(y), threads)
+    return y
+
+
+def decode(layout: str, codes: torch.Tensor, n: int, k: int, scales: Optional[torch.Tensor] = None,
+           group: int = 0) -> torch.Tensor:
+    """The fp32 weight (n, k) that `codes` (the arguments of `gemv`) decode to."""
+    lib, threads = library(), torch.get_num_threads()
+    out = torch.empty(n, k, dtype=torch.float32)
+    if layout == "fp8":
+        lib.hfptq_decode_fp8(_ptr(codes), n, k, _ptr(out), threads)
+    elif layout == "nvfp4":
+        lib.hfptq_decode_nvfp4(_ptr(codes), _ptr(scales), n, k, _ptr(out), threads)
+    else:
+        lib.hfptq_decode_int4(_ptr(codes), _ptr(scales), group, n, k, _ptr(out), threads)
+    return out
+
+
+def matmul_by_chunks(layout: str, x: torch.Tensor, codes: torch.Tensor, n: int, scales: Optional[torch.Tensor] = None,
+                     group: int = 0) -> torch.Tensor:
+    """`gemv`'s result for many rows of x: CHUNK_ROWS weight rows at a time decoded to fp32 for torch's fp32
+    GEMM, so only one chunk (a few MB) exists beside the codes."""
+    k = x.shape[1]
+    y_t = torch.empty(n, x.shape[0], dtype=torch.float32)  # transposed: each chunk fills contiguous rows
+    code_rows = CHUNK_ROWS // 2 if layout == "int4" else CHUNK_ROWS  # INT4 packs two rows per byte row
+    for start in range(0, n, CHUNK_ROWS):
+        stop = min(n, start + CHUNK_ROWS)
+        chunk_codes = codes[start // CHUNK_ROWS * code_rows:][:code_rows]
+        chunk_scales = None if scales is None else scales[start:stop]
+        weight = decode(layout, chunk_codes, stop - start, k, chunk_scales, group)
+        torch.mm(weight, x.t(), out=y_t[start:stop])
+    return y_t.t().contiguous()  # a row-major output, as F.linear gives: attention kernels round by layout

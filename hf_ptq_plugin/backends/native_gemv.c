@@ -1,0 +1,160 @@
+/* Dequantize-and-multiply kernels that read a QuantLinear's checkpoint codes directly.
+
+   Built on the user's machine by `native.py` (cc -O3 -march=native -fopenmp), loaded with ctypes.
+   They exist for memory: torch's CPU kernels need a second copy of each weight in their own layout
+   (2 bytes per weight for FP8 and NVFP4, a repacked copy for INT4), these decode the 1 or 0.5
+   bytes per weight the checkpoint holds, 16 weights per AVX-512 vector, inside the dot product.
+
+   Decoding without a table: an e4m3 code c (s eeee mmm) reinterpreted as the fp16 bit pattern
+   (s << 15) | ((c & 0x7f) << 7) is its value times 2**-8, subnormals included (fp16 has 5 exponent
+   bits to e4m3's 4), so one fp16 -> fp32 conversion decodes 16 codes. An e2m1 code (s ee m) as
+   (s << 15) | ((c & 7) << 9) is its value times 2**-14. The callers multiply the sums back. e4m3's
+   NaN code (0x7f / 0xff) decodes as 480: our quantizers never write it.
+
+   gemv_*: y (M, N) = x (M, K) fp32 times the decoded weight (N, K) transposed, fp32 sums; rows of
+   the weight are split across `threads` OpenMP threads; M is taken 8 rows at a time, so a weight
+   vector is decoded once per 8 activation rows. decode_*: rows of the decoded weight in fp32, for
+   many-row calls, which hand a few hundred rows at a time to torch's fp32 GEMM. Products of a
+   code and its scales are exact in fp32 (INT4's code x fp32 group scale rounds once). K and INT4
+   group sizes must be multiples of 16.
+*/
+#include <stdint.h>
+
+#if defined(__AVX512F__) && defined(__AVX2__)
+#include <immintrin.h>
+
+#define MAX_ROWS 8
+#define E4M3_UNIT 256.0f      /* decoded e4m3 value = vector value * 2**8 */
+#define E2M1_UNIT 16384.0f    /* decoded e2m1 value = vector value * 2**14 */
+
+int hfptq_simd_width(void) { return 16; }
+
+static float e4m3_value(uint8_t c) {
+    int e = (c >> 3) & 15, m = c & 7;
+    float v = e ? (float)(8 + m) * (float)(1 << e) / 1024.0f : (float)m / 512.0f;
+    return (c & 0x80) ? -v : v;
+}
+
+static inline __m512 e4m3x16(const uint8_t *p) {
+    __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+    __m256i sign = _mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x80)), 8);
+    __m256i rest = _mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x7f)), 7);
+    return _mm512_cvtph_ps(_mm256_or_si256(sign, rest));
+}
+
+/* 16 e2m1 codes from 8 bytes, element 2j in the low nibble of byte j (numerics.nvfp4.pack_nibbles). */
+static inline __m512 e2m1x16(const uint8_t *p) {
+    __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p));
+    __m128i lo = _mm_and_si128(b, _mm_set1_epi16(0xF)), hi = _mm_srli_epi16(b, 4);
+    __m256i c = _mm256_set_m128i(_mm_unpackhi_epi16(lo, hi), _mm_unpacklo_epi16(lo, hi));
+    __m256i sign = _mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(8)), 12);
+    __m256i rest = _mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(7)), 9);
+    return _mm512_cvtph_ps(_mm256_or_si256(sign, rest));
+}
+
+/* Signed int4 rows 2i (low nibbles) and 2i + 1 (high nibbles) of 16 bytes (numerics.integer.pack_int4_rows). */
+static inline void int4x16(const uint8_t *p, __m512 *low, __m512 *high) {
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    __m512i eight = _mm512_set1_epi32(8);
+    __m512i lo = _mm512_sub_epi32(_mm512_xor_si512(_mm512_and_si512(v, _mm512_set1_epi32(0xF)), eight), eight);
+    __m512i hi = _mm512_sub_epi32(_mm512_xor_si512(_mm512_srli_epi32(v, 4), eight), eight);
+    *low = _mm512_cvtepi32_ps(lo);
+    *high = _mm512_cvtepi32_ps(hi);
+}
+
+/* One weight row's dot products with up to MAX_ROWS activation rows, the row decoded by DECODE(k). */
+#define ROW_DOTS(DECODE, SCALE_OUT)                                                    \
+    for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {                                     \
+        int64_t rows = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;                          \
+        __m512 acc[MAX_ROWS];                                                          \
+        for (int64_t r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();               \
+        for (int64_t k = 0; k < K; k += 16) {                                          \
+            __m512 w = DECODE;                                                         \
+            for (int64_t r = 0; r < rows; r++)                                         \
+                acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (m0 + r) * K + k), w, acc[r]); \
+        }                                                                              \
+        for (int64_t r = 0; r < rows; r++) y[(m0 + r) * N + n] = _mm512_reduce_add_ps(acc[r]) * (SCALE_OUT); \
+    }
+
+void hfptq_gemv_fp8(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = w + n * K;
+        ROW_DOTS(e4m3x16(row + k), E4M3_UNIT)
+    }
+}
+
+/* NVFP4: codes uint8 (N, K / 2), block scales e4m3 (N, K / 16); the global scale is the caller's. */
+void hfptq_gemv_nvfp4(const float *x, int64_t M, int64_t K, const uint8_t *w, const uint8_t *block_scales,
+                      int64_t N, float *y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = w + n * (K / 2), *scales = block_scales + n * (K / 16);
+        ROW_DOTS(_mm512_mul_ps(e2m1x16(row + k / 2), _mm512_set1_ps(e4m3_value(scales[k / 16]))), E2M1_UNIT)
+    }
+}
+
+/* INT4: codes uint8 (N / 2, K), two rows per byte; scales fp32 (N, K / group). */
+void hfptq_gemv_int4(const float *x, int64_t M, int64_t K, const uint8_t *w, const float *scales, int64_t group,
+                     int64_t N, float *y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t pair = 0; pair < N / 2; pair++) {
+        const uint8_t *row = w + pair * K;
+        const float *s0 = scales + 2 * pair * (K / group), *s1 = s0 + K / group;
+        for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+            int64_t rows = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;
+            __m512 acc0[MAX_ROWS], acc1[MAX_ROWS];
+            for (int64_t r = 0; r < rows; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
+            for (int64_t k = 0; k < K; k += 16) {
+                __m512 low, high;
+                int4x16(row + k, &low, &high);
+                low = _mm512_mul_ps(low, _mm512_set1_ps(s0[k / group]));
+                high = _mm512_mul_ps(high, _mm512_set1_ps(s1[k / group]));
+                for (int64_t r = 0; r < rows; r++) {
+                    __m512 xv = _mm512_loadu_ps(x + (m0 + r) * K + k);
+                    acc0[r] = _mm512_fmadd_ps(xv, low, acc0[r]);
+                    acc1[r] = _mm512_fmadd_ps(xv, high, acc1[r]);
+                }
+            }
+            for (int64_t r = 0; r < rows; r++) {
+                y[(m0 + r) * N + 2 * pair] = _mm512_reduce_add_ps(acc0[r]);
+                y[(m0 + r) * N + 2 * pair + 1] = _mm512_reduce_add_ps(acc1[r]);
+            }
+        }
+    }
+}
+
+void hfptq_decode_fp8(const uint8_t *w, int64_t N, int64_t K, float *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t k = 0; k < K; k += 16)
+            _mm512_storeu_ps(out + n * K + k, _mm512_mul_ps(e4m3x16(w + n * K + k), _mm512_set1_ps(E4M3_UNIT)));
+}
+
+void hfptq_decode_nvfp4(const uint8_t *w, const uint8_t *block_scales, int64_t N, int64_t K, float *out,
+                        int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t k = 0; k < K; k += 16) {
+            float scale = e4m3_value(block_scales[n * (K / 16) + k / 16]) * E2M1_UNIT;
+            _mm512_storeu_ps(out + n * K + k, _mm512_mul_ps(e2m1x16(w + n * (K / 2) + k / 2), _mm512_set1_ps(scale)));
+        }
+}
+
+void hfptq_decode_int4(const uint8_t *w, const float *scales, int64_t group, int64_t N, int64_t K, float *out,
+                       int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t pair = 0; pair < N / 2; pair++)
+        for (int64_t k = 0; k < K; k += 16) {
+            __m512 low, high;
+            int4x16(w + pair * K + k, &low, &high);
+            const float *s0 = scales + 2 * pair * (K / group) + k / group;
+            _mm512_storeu_ps(out + 2 * pair * K + k, _mm512_mul_ps(low, _mm512_set1_ps(s0[0])));
+            _mm512_storeu_ps(out + (2 * pair + 1) * K + k, _mm512_mul_ps(high, _mm512_set1_ps(s0[K / group])));
+        }
+}
+
+#else
+/* Without AVX-512 the Python side keeps torch's kernels (native.py checks this). */
+int hfptq_simd_width(void) { return 0; }
+#endif

@@ -1,0 +1,114 @@
+"""The native dequantize-GEMV kernels (`backends/native.py`) against pure-torch decodes of the same codes.
+
+Every e4m3 code (subnormals and signs included, not NaN), every e2m1 code under every finite e4m3 block
+scale, every signed INT4 code; row counts on both sides of NATIVE_GEMV_ROWS and weights of more rows than
+one decoded chunk; codes at odd byte offsets, as a memory-mapped checkpoint holds them.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hf_ptq_plugin.backends import native
+from hf_ptq_plugin.backends.cpu_linear import NATIVE_GEMV_ROWS
+from hf_ptq_plugin.numerics.integer import pack_int4_rows
+from hf_ptq_plugin.numerics.nvfp4 import e2m1_values, pack_nibbles
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler or no AVX-512 on this machine")
+
+FINITE_E4M3 = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
+N, K = 2 * native.CHUNK_ROWS + 48, 256  # three decoded chunks, the last one partial
+
+
+def e4m3(codes):
+    return codes.view(torch.float8_e4m3fn).float()
+
+
+def random_codes(pool, shape, seed):
+    index = torch.randint(0, len(pool), shape, generator=torch.Generator().manual_seed(seed))
+    return pool[index]
+
+
+def fp8_case(seed=0):
+    codes = random_codes(FINITE_E4M3, (N, K), seed)
+    codes[0, :len(FINITE_E4M3)] = FINITE_E4M3  # every code at least once
+    return (codes, None, 0), e4m3(codes)
+
+
+def nvfp4_case(seed=0):
+    codes = torch.randint(0, 16, (N, K), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    block_scales = random_codes(FINITE_E4M3[FINITE_E4M3 < 0x80], (N, K // 16), seed + 1)  # scales are positive
+    weight = e2m1_values(codes) * e4m3(block_scales).repeat_interleave(16, dim=1)
+    return (pack_nibbles(codes), block_scales, 0), weight
+
+
+def int4_case(seed=0, group=32):
+    q = torch.randint(-8, 8, (N, K), generator=torch.Generator().manual_seed(seed), dtype=torch.int8)
+    scales = torch.rand(N, K // group, generator=torch.Generator().manual_seed(seed + 1)) + 1e-3
+    return (pack_int4_rows(q), scales, group), q.float() * scales.repeat_interleave(group, dim=1)
+
+
+CASES = {"fp8": fp8_case, "nvfp4": nvfp4_case, "int4": int4_case}
+
+
+def product(layout, x, args):
+    codes, scales, group = args  # (codes, scales or None, INT4 group size or 0)
+    multiply = native.gemv if x.shape[0] <= NATIVE_GEMV_ROWS else native.matmul_by_chunks
+    return multiply(layout, x, codes, N, scales, group)
+
+
+@pytest.mark.parametrize("rows", [1, 3, NATIVE_GEMV_ROWS, NATIVE_GEMV_ROWS + 1, 40])
+@pytest.mark.parametrize("layout", list(CASES))
+def test_products_equal_the_decoded_weights_within_fp32_summation(layout, rows):
+    args, weight = CASES[layout]()
+    x = torch.randn(rows, K, generator=torch.Generator().manual_seed(3))
+    y = product(layout, x, args)
+    exact = x.double() @ weight.double().t()
+    bound = (K + 1) * 2.0**-24 * (x.double().abs() @ weight.double().abs().t())  # fp32 sums, any order
+    assert y.dtype == torch.float32 and y.shape == (rows, N) and y.is_contiguous()
+    assert ((y.double() - exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("layout", list(CASES))
+def test_decoding_gives_the_weight_exactly(layout):
+    args, weight = CASES[layout]()
+    codes, scales, group = args
+    assert torch.equal(native.decode(layout, codes, N, K, scales, group), weight)  # INT4: code x scale in fp32
+
+
+def at_odd_offset(t, offset=3):
+    nbytes = t.numel() * t.element_size()
+    raw = torch.empty(nbytes + 16, dtype=torch.uint8)[offset:offset + nbytes]
+    return raw.view(t.dtype).view(t.shape).copy_(t)
+
+
+def test_codes_at_odd_byte_offsets_give_the_same_products():
+    args, _ = fp8_case()
+    x = torch.randn(2, K)
+    moved = at_odd_offset(args[0])
+    assert moved.data_ptr() % 4
+    assert torch.equal(native.gemv("fp8", x, moved, N), native.gemv("fp8", x, args[0], N))
+
+
+def test_the_switch_turns_the_kernels_off():
+    code = "from hf_ptq_plugin.backends import native; print(native.library() is None)"
+    env = dict(os.environ, HF_PTQ_PLUGIN_NATIVE="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+
+
+def test_a_failed_build_falls_back_and_leaves_no_file(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    native.library.cache_clear()
+    try:
+        assert native.library() is None
+    finally:
+        monkeypatch.undo()
+        native.library.cache_clear()
+    assert "could not build the native CPU kernels" in caplog.text
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+    assert native.library() is not None  # the real build is found again in the user's cache
