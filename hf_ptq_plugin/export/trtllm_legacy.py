@@ -34,7 +34,7 @@ names use stage-local layer indices, like the tensors (`quant_cfg` says why).
 Checked against the loaders' source, not against a built engine: how the padded GEMMs treat the padded
 activations is TensorRT-LLM's. Not handled: vocab padding (a vocab not divisible by tp_size is refused),
 NVFP4 KV cache (not a legacy algorithm), FP8_PER_CHANNEL_PER_TOKEN among per-layer formats
-(`trtllm_layers.py`), models other than Llama-style.
+(`trtllm_layers.py`), models other than Llama-style (encoder-decoders: `trtllm_encdec.py`).
 """
 
 import json
@@ -71,6 +71,12 @@ QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
 
 LayerFormat = Tuple[F.Format, Optional[int]]  # (format, group size) of one Linear
+
+# exclude_modules when lm_head is quantized: TensorRT-LLM's own defaults without '*lm_head'. Not []: older
+# releases replace an empty list by those defaults (tensorrt_llm/quantization/quantize.py, quantize_layers:
+# `quant_config.exclude_modules or [...]`), which would exclude the quantized lm_head; newer ones keep it.
+QUANTIZED_LM_HEAD_EXCLUDES = ["*router", "*vocab_embedding", "*position_embedding", "*block_embedding",
+                              "*shared_expert_gate"]
 
 
 def model_formats(model: nn.Module) -> Dict[str, LayerFormat]:
@@ -202,7 +208,7 @@ def _quantization_fields(model: nn.Module, plan) -> dict:
     return {"quant_algo": LEGACY_QUANT_ALGO[fmt.name], "kv_cache_quant_algo": kv,
             "group_size": plan.group_size if fmt.weight in (F.INT4, F.NVFP4) else None,
             "has_zero_point": False, "pre_quant_scale": fmt.pre_quant_scale,  # every Linear has the factor
-            "exclude_modules": [] if isinstance(model.lm_head, QuantLinear) else ["lm_head"]}
+            "exclude_modules": QUANTIZED_LM_HEAD_EXCLUDES if isinstance(model.lm_head, QuantLinear) else ["lm_head"]}
 
 
 def quant_cfg(model: nn.Module, plan, pp_size: int) -> dict:
@@ -257,6 +263,10 @@ def save_trtllm_legacy(model: nn.Module, export_dir, config, tp_size: int = 1, p
     """Write the legacy TensorRT-LLM checkpoint of `model` for tp_size x pp_size ranks, atomically."""
     from safetensors.torch import save_file
 
+    if getattr(model.config, "is_encoder_decoder", False):  # encoder/ + decoder/ checkpoints
+        from .trtllm_encdec import save_trtllm_encdec
+
+        return save_trtllm_encdec(model, export_dir, config, tp_size, pp_size, sidecars)
     plan = plan_export(model, config)
     if plan.kv_format is not None and plan.kv_format.values != F.FP8:
         raise ValueError(f"the legacy TensorRT-LLM checkpoint has an FP8 or no KV cache, not {plan.kv_format.name!r}; "

@@ -196,3 +196,17 @@ def test_smoothquant_scales_travel_as_prequant_factors_and_shared_buffers_are_wr
                        layer.self_attn.q_proj.pre_quant_scale)
     assert torch.equal(rank1["transformer.layers.0.mlp.proj.prequant_scaling_factor"],
                        layer.mlp.down_proj.pre_quant_scale.chunk(2)[1])  # row-parallel: split along the input
+
+
+def test_a_quantized_lm_head_is_not_excluded_by_tensorrt_llm_defaults(token_ids, tmp_path):
+    """Older TensorRT-LLM releases replace an empty exclude_modules by their defaults, '*lm_head' among them."""
+    from hf_ptq_plugin import QuantLinear, get_format
+    from hf_ptq_plugin.modules.layer_plan import LayerPlan
+
+    model = quantized("fp8", token_ids)
+    model.lm_head = QuantLinear.from_linear(model.lm_head, get_format("fp8"),
+                                            plan=LayerPlan(input_amax=torch.tensor(3.0)))
+    export_checkpoint(model, tmp_path, target="trtllm-legacy")
+    excludes = json.loads((tmp_path / "config.json").read_text())["quantization"]["exclude_modules"]
+    assert excludes and not any("lm_head" in pattern for pattern in excludes)
+    assert load_file(tmp_path / "rank0.safetensors")["lm_head.weight"].dtype == torch.float8_e4m3fn
