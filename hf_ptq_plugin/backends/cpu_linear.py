@@ -48,8 +48,7 @@ def cpu_linear(module, x: torch.Tensor) -> torch.Tensor:
         x = x * pre_quant_scale  # in the activation dtype, as the reference (and engines) do
     weight = module.cpu_weight_cache
     if weight is None or not weight.is_current(buffers, x.dtype):
-        weight = module.cpu_weight_cache = build_cpu_weight(module.fmt, module.weight_buffers(), module.group_size,
-                                                            x.dtype)
+        weight = module.cpu_weight_cache = _build(module, x.dtype)
     if weight.kind == "dense":  # the reference's weight, activations quantized to the reference's values
         x_q = fast_quantize_activation(x, module.fmt, module._activation_scale(x))  # fp32
         dtype = weight.matrix.dtype  # fp32, or bf16 inside `bf16_dense_weights`
@@ -71,6 +70,17 @@ def cpu_linear(module, x: torch.Tensor) -> torch.Tensor:
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _build(module, act_dtype: torch.dtype):
+    """The layer's cached weight form. When torch's int8 kernel needs an aligned copy of the int8 weight (one
+    memory-mapped from a file at an odd offset), the layer adopts that copy as its `weight`: the same values,
+    held once instead of twice, and the mapped original is released."""
+    weight = build_cpu_weight(module.fmt, module.weight_buffers(), module.group_size, act_dtype)
+    if weight.kind == "int8pack" and weight.matrix is not module._buffers["weight"]:
+        module._buffers["weight"] = weight.matrix
+        weight = build_cpu_weight(module.fmt, module.weight_buffers(), module.group_size, act_dtype)
+    return weight
 
 
 def _native(module, weight, x2d: torch.Tensor) -> torch.Tensor:

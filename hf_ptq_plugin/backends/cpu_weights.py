@@ -7,9 +7,9 @@ copy of its weight in the form a fast torch kernel takes. Chosen by measurement 
 
   kind      used for                            what is cached                 extra memory
   dense     fp32 / fp16 activations, any format the reference's fp32 weight     4 B/weight
-  native    bf16 activations, fp8, fp8_pc_pt,   nothing: `native.py`'s kernels  none (int4_awq: fp32
-            int4_awq, nvfp4, nvfp4_awq,         decode the checkpoint codes     group scales if the
-            w4a16_nvfp4                         inside the dot product          checkpoint's are not)
+  native    bf16 activations, every format      nothing: `native.py`'s kernels  none (int4_awq,
+            but int8_* and w4a8_awq             decode the checkpoint codes     fp8_pb_wo: fp32 scales
+                                                inside the dot product          if the checkpoint's are not)
   int4pack  bf16 activations, int4_awq          torch's CPU int4 layout,       0.5 B/weight + scales
             without the native kernels          bf16 group scales
   int8pack  bf16 activations, int8_wo / int8_sq nothing (reads `weight`)       N bf16 ones
@@ -174,6 +174,14 @@ def _native(fmt: F.Format, buffers: dict, group_size: int, sources: tuple) -> Op
     if fmt.weight == F.FP8 and fmt.weight_granularity in (F.PER_TENSOR, F.PER_CHANNEL):
         return CpuWeight("native", sources, True, q.view(torch.uint8), out_scale=buffers["weight_scale"].float(),
                          layout="fp8")
+    if fmt.weight == F.FP8 and fmt.weight_granularity == F.PER_TILE and group_size % native.BLOCK == 0:
+        scales = buffers["weight_scale"].float().contiguous()
+        extra = 0 if scales.data_ptr() == buffers["weight_scale"].data_ptr() else scales.nbytes
+        return CpuWeight("native", sources, True, q.view(torch.uint8), scales, torch.ones(()), extra,
+                         layout="fp8_tiles")
+    if fmt.weight == F.MXFP8:
+        exponents = buffers["weight_scale"].contiguous()
+        return CpuWeight("native", sources, True, q.view(torch.uint8), exponents, torch.ones(()), layout="mxfp8")
     if fmt.weight == F.NVFP4:
         block_scales = buffers["weight_scale"].contiguous().view(torch.uint8)
         return CpuWeight("native", sources, True, q, block_scales, buffers["weight_scale_2"].float(), layout="nvfp4")

@@ -36,9 +36,13 @@ SIGNATURES = {
     "hfptq_gemv_fp8": (_PTR, _I64, _I64, _PTR, _I64, _PTR, ctypes.c_int),
     "hfptq_gemv_nvfp4": (_PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, ctypes.c_int),
     "hfptq_gemv_int4": (_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, ctypes.c_int),
+    "hfptq_gemv_mxfp8": (_PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, ctypes.c_int),
+    "hfptq_gemv_fp8_tiles": (_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, ctypes.c_int),
     "hfptq_decode_fp8": (_PTR, _I64, _I64, _PTR, ctypes.c_int),  # writes fp32
     "hfptq_decode_nvfp4": (_PTR, _PTR, _I64, _I64, _PTR, ctypes.c_int),
     "hfptq_decode_int4": (_PTR, _PTR, _I64, _I64, _I64, _PTR, ctypes.c_int),
+    "hfptq_decode_mxfp8": (_PTR, _PTR, _I64, _I64, _PTR, ctypes.c_int),
+    "hfptq_decode_fp8_tiles": (_PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, ctypes.c_int),
 }
 
 
@@ -93,34 +97,38 @@ def _ptr(t: torch.Tensor) -> int:
 
 def gemv(layout: str, x: torch.Tensor, codes: torch.Tensor, n: int, scales: Optional[torch.Tensor] = None,
          group: int = 0) -> torch.Tensor:
-    """fp32 (M, n): fp32 rows `x` (M, K) times the weight `codes` decode to, transposed.
+    """fp32 (M, n): fp32 rows `x` (M, K) times the weight `codes` decode to, transposed. All contiguous.
 
-    layout "fp8": codes e4m3 (n, K); "nvfp4": codes (n, K / 2) and e4m3 block scales (n, K / 16), without the
-    global scale; "int4": codes (n / 2, K) and fp32 group scales (n, K / group). All contiguous.
+    layout "fp8": codes e4m3 (n, K); "mxfp8": codes e4m3 and E8M0 exponents (n, K / 32); "fp8_tiles": codes
+    e4m3 and fp32 scales (n / group, K / group); "nvfp4": codes (n, K / 2) and e4m3 block scales (n, K / 16),
+    without the global scale; "int4": codes (n / 2, K) and fp32 group scales (n, K / group).
     """
     lib, threads = library(), torch.get_num_threads()
     m, k = x.shape
     y = torch.empty(m, n, dtype=torch.float32)
     if layout == "fp8":
         lib.hfptq_gemv_fp8(_ptr(x), m, k, _ptr(codes), n, _ptr(y), threads)
-    elif layout == "nvfp4":
-        lib.hfptq_gemv_nvfp4(_ptr(x), m, k, _ptr(codes), _ptr(scales), n, _ptr(y), threads)
-    else:
-        lib.hfptq_gemv_int4(_ptr(x), m, k, _ptr(codes), _ptr(scales), group, n, _ptr(y), threads)
+    elif layout in ("nvfp4", "mxfp8"):
+        getattr(lib, f"hfptq_gemv_{layout}")(_ptr(x), m, k, _ptr(codes), _ptr(scales), n, _ptr(y), threads)
+    else:  # "int4", "fp8_tiles"
+        getattr(lib, f"hfptq_gemv_{layout}")(_ptr(x), m, k, _ptr(codes), _ptr(scales), group, n, _ptr(y), threads)
     return y
 
 
 def decode(layout: str, codes: torch.Tensor, n: int, k: int, scales: Optional[torch.Tensor] = None,
-           group: int = 0) -> torch.Tensor:
-    """The fp32 weight (n, k) that `codes` (the arguments of `gemv`) decode to."""
+           group: int = 0, row0: int = 0) -> torch.Tensor:
+    """The fp32 weight (n, k) that `codes` (the arguments of `gemv`) decode to. For "fp8_tiles", `codes` may be
+    rows row0.. of the weight and `scales` the whole weight's."""
     lib, threads = library(), torch.get_num_threads()
     out = torch.empty(n, k, dtype=torch.float32)
     if layout == "fp8":
         lib.hfptq_decode_fp8(_ptr(codes), n, k, _ptr(out), threads)
-    elif layout == "nvfp4":
-        lib.hfptq_decode_nvfp4(_ptr(codes), _ptr(scales), n, k, _ptr(out), threads)
-    else:
+    elif layout in ("nvfp4", "mxfp8"):
+        getattr(lib, f"hfptq_decode_{layout}")(_ptr(codes), _ptr(scales), n, k, _ptr(out), threads)
+    elif layout == "int4":
         lib.hfptq_decode_int4(_ptr(codes), _ptr(scales), group, n, k, _ptr(out), threads)
+    else:
+        lib.hfptq_decode_fp8_tiles(_ptr(codes), _ptr(scales), group, n, k, row0, _ptr(out), threads)
     return out
 
 
@@ -134,7 +142,7 @@ def matmul_by_chunks(layout: str, x: torch.Tensor, codes: torch.Tensor, n: int, 
     for start in range(0, n, CHUNK_ROWS):
         stop = min(n, start + CHUNK_ROWS)
         chunk_codes = codes[start // CHUNK_ROWS * code_rows:][:code_rows]
-        chunk_scales = None if scales is None else scales[start:stop]
-        weight = decode(layout, chunk_codes, stop - start, k, chunk_scales, group)
+        chunk_scales = scales if scales is None or layout == "fp8_tiles" else scales[start:stop]
+        weight = decode(layout, chunk_codes, stop - start, k, chunk_scales, group, row0=start)
         torch.mm(weight, x.t(), out=y_t[start:stop])
     return y_t.t().contiguous()  # a row-major output, as F.linear gives: attention kernels round by layout

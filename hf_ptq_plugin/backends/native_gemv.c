@@ -35,6 +35,13 @@ static float e4m3_value(uint8_t c) {
     return (c & 0x80) ? -v : v;
 }
 
+/* 2**(e - 127), E8M0's value; e = 0 gives 2**-127, an fp32 subnormal (exact). */
+static float e8m0_value(uint8_t e) {
+    union { uint32_t u; float f; } v;
+    v.u = e ? (uint32_t)e << 23 : 0x00400000u;
+    return v.f;
+}
+
 static inline __m512 e4m3x16(const uint8_t *p) {
     __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
     __m256i sign = _mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x80)), 8);
@@ -84,6 +91,28 @@ void hfptq_gemv_fp8(const float *x, int64_t M, int64_t K, const uint8_t *w, int6
     }
 }
 
+/* MXFP8: codes e4m3 (N, K), E8M0 exponents (N, K / 32). Exact for ordinary exponents (block scales above
+   2**-100; far smaller ones round as fp32 subnormals). */
+void hfptq_gemv_mxfp8(const float *x, int64_t M, int64_t K, const uint8_t *w, const uint8_t *exponents, int64_t N,
+                      float *y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = w + n * K, *e = exponents + n * (K / 32);
+        ROW_DOTS(_mm512_mul_ps(e4m3x16(row + k), _mm512_set1_ps(e8m0_value(e[k / 32]))), E4M3_UNIT)
+    }
+}
+
+/* FP8 with fp32 scales per (tile x tile) block (fp8_pb_wo): codes e4m3 (N, K), scales (N / tile, K / tile). */
+void hfptq_gemv_fp8_tiles(const float *x, int64_t M, int64_t K, const uint8_t *w, const float *scales, int64_t tile,
+                          int64_t N, float *y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = w + n * K;
+        const float *s = scales + (n / tile) * (K / tile);
+        ROW_DOTS(_mm512_mul_ps(e4m3x16(row + k), _mm512_set1_ps(s[k / tile])), E4M3_UNIT)
+    }
+}
+
 /* NVFP4: codes uint8 (N, K / 2), block scales e4m3 (N, K / 16); the global scale is the caller's. */
 void hfptq_gemv_nvfp4(const float *x, int64_t M, int64_t K, const uint8_t *w, const uint8_t *block_scales,
                       int64_t N, float *y, int threads) {
@@ -129,6 +158,27 @@ void hfptq_decode_fp8(const uint8_t *w, int64_t N, int64_t K, float *out, int th
     for (int64_t n = 0; n < N; n++)
         for (int64_t k = 0; k < K; k += 16)
             _mm512_storeu_ps(out + n * K + k, _mm512_mul_ps(e4m3x16(w + n * K + k), _mm512_set1_ps(E4M3_UNIT)));
+}
+
+void hfptq_decode_mxfp8(const uint8_t *w, const uint8_t *exponents, int64_t N, int64_t K, float *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t k = 0; k < K; k += 16) {
+            float scale = e8m0_value(exponents[n * (K / 32) + k / 32]) * E4M3_UNIT;
+            _mm512_storeu_ps(out + n * K + k, _mm512_mul_ps(e4m3x16(w + n * K + k), _mm512_set1_ps(scale)));
+        }
+}
+
+/* `row0`: the first row's index in the whole weight, which picks its tile row of `scales`. */
+void hfptq_decode_fp8_tiles(const uint8_t *w, const float *scales, int64_t tile, int64_t N, int64_t K, int64_t row0,
+                            float *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t k = 0; k < K; k += 16) {
+            float scale = scales[((row0 + n) / tile) * (K / tile) + k / tile];
+            __m512 v = _mm512_mul_ps(e4m3x16(w + n * K + k), _mm512_set1_ps(E4M3_UNIT));
+            _mm512_storeu_ps(out + n * K + k, _mm512_mul_ps(v, _mm512_set1_ps(scale)));
+        }
 }
 
 void hfptq_decode_nvfp4(const uint8_t *w, const uint8_t *block_scales, int64_t N, int64_t K, float *out,

@@ -48,7 +48,8 @@ logger = logging.getLogger(__name__)
 # would keep its generation_config.json). Other files (tokenizer, the user's) are carried over.
 STALE_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "rank*.safetensors",
                   "pytorch_model.bin.index.json", "hf_quant_config.json", "config.json", "generation_config.json",
-                  "quant_cfg.json", "README.md", "encoder", "decoder")  # the last two: encoder-decoder legacy TensorRT-LLM
+                  "quant_cfg.json", "README.md",
+                  "encoder", "decoder")  # the directories of an encoder-decoder legacy TensorRT-LLM checkpoint
 
 # Written into a staging directory once everything else is in it, removed just before it is renamed into place.
 COMPLETE_MARKER = ".save-complete"

@@ -10,7 +10,7 @@ bf16 activations take the fast kernels; per output element, with S = sum_k |x_q[
   int4pack: bf16 group scales (2**-9 per weight) and the kernel's own bf16 output (2**-9 of
       |y| <= S): <= 2**-8 * S, doubled for margin.
   int8pack: the kernel's bf16 output before the fp32 scales: <= 2**-9 * S, doubled for margin.
-  native: fp32 sums of exact products (INT4: code x scale rounded in fp32), <= (K + 1) * 2**-24 * S.
+  native: fp32 sums of exact products (INT4, fp8_pb_wo: code x scale rounded in fp32), <= (K + 1) * 2**-24 * S.
 """
 
 import copy
@@ -32,7 +32,7 @@ from hf_ptq_plugin.numerics import quantize_activation
 N, K = 96, 384  # K: INT4 group 128 x 3, NVFP4 16 x 24, MXFP8 32 x 12; N % 16 == 0 for torch's int4 kernel
 PB_SHAPE = (256, 384)  # fp8_pb_wo: 128 x 128 tiles
 
-NATIVE_FORMATS = ("fp8", "fp8_pc_pt", "int4_awq", "nvfp4", "nvfp4_awq", "w4a16_nvfp4")
+NATIVE_FORMATS = ("fp8", "fp8_pc_pt", "fp8_pb_wo", "int4_awq", "nvfp4", "nvfp4_awq", "w4a16_nvfp4", "mxfp8")
 BF16_KINDS = {"int4_awq": "int4pack", "int8_wo": "int8pack", "int8_sq": "int8pack"}
 if native.library() is not None:
     BF16_KINDS |= {name: "native" for name in NATIVE_FORMATS}
@@ -115,6 +115,8 @@ def test_int8_kernel_gets_64_byte_aligned_operands(name):
     assert module.weight.data_ptr() % 64 and x_view.data_ptr() % 64
     assert torch.equal(module(x_view), expected)
     assert module.cpu_weight_cache.kind == "int8pack" and module.cpu_weight_cache.matrix.data_ptr() % 64 == 0
+    assert module.weight is module.cpu_weight_cache.matrix  # adopted: the int8 weight is held once
+    assert module.cpu_weight_cache.nbytes == N * 2  # only the kernel's bf16 unit scales
 
 
 def test_lean_activation_quantizers_give_the_reference_bits():
@@ -144,7 +146,7 @@ def test_int4_layers_torch_cannot_pack_fall_back_to_an_exact_path(without_native
     assert ((out.float() - ref.float()).abs() - bf16_bound(module, x, ref, "fp16pack")).max() <= 0
 
 
-def test_weights_fp16_cannot_hold_fall_back_to_dense():
+def test_weights_fp16_cannot_hold_fall_back_to_dense(without_native):
     module = make_module("fp8_pb_wo", torch.bfloat16, n=256, k=384)
     module.weight_scale.mul_(2.0**-30)  # dequantized weights ~1e-11: below fp16's smallest subnormal
     x = torch.randn(3, 384, dtype=torch.bfloat16)

@@ -1,8 +1,9 @@
 """The native dequantize-GEMV kernels (`backends/native.py`) against pure-torch decodes of the same codes.
 
 Every e4m3 code (subnormals and signs included, not NaN), every e2m1 code under every finite e4m3 block
-scale, every signed INT4 code; row counts on both sides of NATIVE_GEMV_ROWS and weights of more rows than
-one decoded chunk; codes at odd byte offsets, as a memory-mapped checkpoint holds them.
+scale, every signed INT4 code, MXFP8 block exponents and fp8_pb_wo tile scales; row counts on both sides of
+NATIVE_GEMV_ROWS and weights of more rows than one decoded chunk; codes at odd byte offsets, as a
+memory-mapped checkpoint holds them.
 """
 
 import os
@@ -51,7 +52,20 @@ def int4_case(seed=0, group=32):
     return (pack_int4_rows(q), scales, group), q.float() * scales.repeat_interleave(group, dim=1)
 
 
-CASES = {"fp8": fp8_case, "nvfp4": nvfp4_case, "int4": int4_case}
+def mxfp8_case(seed=0):
+    (codes, _, _), weight = fp8_case(seed)
+    exponents = torch.randint(100, 155, (N, K // 32), generator=torch.Generator().manual_seed(seed + 1),
+                              dtype=torch.uint8)  # block scales 2**-27 .. 2**27
+    return (codes, exponents, 0), weight * torch.exp2(exponents.float() - 127).repeat_interleave(32, dim=1)
+
+
+def fp8_tiles_case(seed=0, tile=128):
+    (codes, _, _), weight = fp8_case(seed)
+    scales = torch.rand(-(-N // tile), K // tile, generator=torch.Generator().manual_seed(seed + 1)) + 1e-3
+    return (codes, scales, tile), weight * scales.repeat_interleave(tile, 0)[:N].repeat_interleave(tile, 1)
+
+
+CASES = {"fp8": fp8_case, "nvfp4": nvfp4_case, "int4": int4_case, "mxfp8": mxfp8_case, "fp8_tiles": fp8_tiles_case}
 
 
 def product(layout, x, args):
@@ -76,7 +90,7 @@ def test_products_equal_the_decoded_weights_within_fp32_summation(layout, rows):
 def test_decoding_gives_the_weight_exactly(layout):
     args, weight = CASES[layout]()
     codes, scales, group = args
-    assert torch.equal(native.decode(layout, codes, N, K, scales, group), weight)  # INT4: code x scale in fp32
+    assert torch.equal(native.decode(layout, codes, N, K, scales, group), weight)  # code x scales in fp32
 
 
 def at_odd_offset(t, offset=3):
