@@ -8,8 +8,9 @@ copy of its weight in the form a fast torch kernel takes. Chosen by measurement 
   kind      used for                            what is cached                 extra memory
   dense     fp32 / fp16 activations, any format the reference's fp32 weight     4 B/weight
   native    bf16 activations, every format      nothing: `native.py`'s kernels  none (int4_awq,
-            but int8_* and w4a8_awq             decode the checkpoint codes     fp8_pb_wo: fp32 scales
-                                                inside the dot product          if the checkpoint's are not)
+            but int8_wo / int8_sq               decode the checkpoint codes     fp8_pb_wo: fp32 scales
+                                                inside the dot product          if the checkpoint's are not;
+                                                                                w4a8_awq: fp32 group ratios)
   int4pack  bf16 activations, int4_awq          torch's CPU int4 layout,       0.5 B/weight + scales
             without the native kernels          bf16 group scales
   int8pack  bf16 activations, int8_wo / int8_sq nothing (reads `weight`)       N bf16 ones
@@ -185,7 +186,11 @@ def _native(fmt: F.Format, buffers: dict, group_size: int, sources: tuple) -> Op
     if fmt.weight == F.NVFP4:
         block_scales = buffers["weight_scale"].contiguous().view(torch.uint8)
         return CpuWeight("native", sources, True, q, block_scales, buffers["weight_scale_2"].float(), layout="nvfp4")
-    if fmt.weight == F.INT4 and not fmt.fp8_weight_scale_2 and group_size % native.BLOCK == 0:
+    if fmt.weight == F.INT4 and group_size % native.BLOCK == 0 and fmt.fp8_weight_scale_2:
+        ratios = w4a8_group_ratio(buffers["weight_scale"], buffers["weight_scale_2"]).contiguous()
+        return CpuWeight("native", sources, True, q, ratios, buffers["weight_scale_2"].float(), ratios.nbytes,
+                         layout="w4a8")
+    if fmt.weight == F.INT4 and group_size % native.BLOCK == 0:
         scales = buffers["weight_scale"].float().contiguous()  # no copy when the checkpoint's are fp32
         extra = 0 if scales.data_ptr() == buffers["weight_scale"].data_ptr() else scales.nbytes
         return CpuWeight("native", sources, True, q, scales, torch.ones(()), extra, layout="int4")

@@ -35,12 +35,12 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 SIGNATURES = {
     "hfptq_gemv_fp8": (_PTR, _I64, _I64, _PTR, _I64, _PTR, ctypes.c_int),
     "hfptq_gemv_nvfp4": (_PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, ctypes.c_int),
-    "hfptq_gemv_int4": (_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, ctypes.c_int),
+    "hfptq_gemv_int4": (_PTR, _I64, _I64, _PTR, _PTR, _I64, ctypes.c_int, _I64, _PTR, ctypes.c_int),
     "hfptq_gemv_mxfp8": (_PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, ctypes.c_int),
     "hfptq_gemv_fp8_tiles": (_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, ctypes.c_int),
     "hfptq_decode_fp8": (_PTR, _I64, _I64, _PTR, ctypes.c_int),  # writes fp32
     "hfptq_decode_nvfp4": (_PTR, _PTR, _I64, _I64, _PTR, ctypes.c_int),
-    "hfptq_decode_int4": (_PTR, _PTR, _I64, _I64, _I64, _PTR, ctypes.c_int),
+    "hfptq_decode_int4": (_PTR, _PTR, _I64, ctypes.c_int, _I64, _I64, _PTR, ctypes.c_int),
     "hfptq_decode_mxfp8": (_PTR, _PTR, _I64, _I64, _PTR, ctypes.c_int),
     "hfptq_decode_fp8_tiles": (_PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, ctypes.c_int),
 }
@@ -101,7 +101,8 @@ def gemv(layout: str, x: torch.Tensor, codes: torch.Tensor, n: int, scales: Opti
 
     layout "fp8": codes e4m3 (n, K); "mxfp8": codes e4m3 and E8M0 exponents (n, K / 32); "fp8_tiles": codes
     e4m3 and fp32 scales (n / group, K / group); "nvfp4": codes (n, K / 2) and e4m3 block scales (n, K / 16),
-    without the global scale; "int4": codes (n / 2, K) and fp32 group scales (n, K / group).
+    without the global scale; "int4": codes (n / 2, K) and fp32 group scales (n, K / group); "w4a8": as "int4"
+    with W4A8's group ratios for scales, each product rounded to e4m3, without weight_scale_2.
     """
     lib, threads = library(), torch.get_num_threads()
     m, k = x.shape
@@ -110,8 +111,10 @@ def gemv(layout: str, x: torch.Tensor, codes: torch.Tensor, n: int, scales: Opti
         lib.hfptq_gemv_fp8(_ptr(x), m, k, _ptr(codes), n, _ptr(y), threads)
     elif layout in ("nvfp4", "mxfp8"):
         getattr(lib, f"hfptq_gemv_{layout}")(_ptr(x), m, k, _ptr(codes), _ptr(scales), n, _ptr(y), threads)
-    else:  # "int4", "fp8_tiles"
-        getattr(lib, f"hfptq_gemv_{layout}")(_ptr(x), m, k, _ptr(codes), _ptr(scales), group, n, _ptr(y), threads)
+    elif layout == "fp8_tiles":
+        lib.hfptq_gemv_fp8_tiles(_ptr(x), m, k, _ptr(codes), _ptr(scales), group, n, _ptr(y), threads)
+    else:  # "int4", "w4a8"
+        lib.hfptq_gemv_int4(_ptr(x), m, k, _ptr(codes), _ptr(scales), group, layout == "w4a8", n, _ptr(y), threads)
     return y
 
 
@@ -125,8 +128,8 @@ def decode(layout: str, codes: torch.Tensor, n: int, k: int, scales: Optional[to
         lib.hfptq_decode_fp8(_ptr(codes), n, k, _ptr(out), threads)
     elif layout in ("nvfp4", "mxfp8"):
         getattr(lib, f"hfptq_decode_{layout}")(_ptr(codes), _ptr(scales), n, k, _ptr(out), threads)
-    elif layout == "int4":
-        lib.hfptq_decode_int4(_ptr(codes), _ptr(scales), group, n, k, _ptr(out), threads)
+    elif layout in ("int4", "w4a8"):
+        lib.hfptq_decode_int4(_ptr(codes), _ptr(scales), group, layout == "w4a8", n, k, _ptr(out), threads)
     else:
         lib.hfptq_decode_fp8_tiles(_ptr(codes), _ptr(scales), group, n, k, row0, _ptr(out), threads)
     return out
@@ -138,7 +141,7 @@ def matmul_by_chunks(layout: str, x: torch.Tensor, codes: torch.Tensor, n: int, 
     GEMM, so only one chunk (a few MB) exists beside the codes."""
     k = x.shape[1]
     y_t = torch.empty(n, x.shape[0], dtype=torch.float32)  # transposed: each chunk fills contiguous rows
-    code_rows = CHUNK_ROWS // 2 if layout == "int4" else CHUNK_ROWS  # INT4 packs two rows per byte row
+    code_rows = CHUNK_ROWS // 2 if layout in ("int4", "w4a8") else CHUNK_ROWS  # INT4 packs two rows per byte row
     for start in range(0, n, CHUNK_ROWS):
         stop = min(n, start + CHUNK_ROWS)
         chunk_codes = codes[start // CHUNK_ROWS * code_rows:][:code_rows]

@@ -69,6 +69,23 @@ static inline void int4x16(const uint8_t *p, __m512 *low, __m512 *high) {
     *high = _mm512_cvtepi32_ps(hi);
 }
 
+/* v clamped to +-448 and rounded to e4m3 (nearest, ties to even), as `numerics.fp8_quantize` clamps and torch
+   casts to float8_e4m3fn. Normal range: keep 3 mantissa bits; below 2**-6 the step is 2**-9. */
+static inline __m512 e4m3_round(__m512 v) {
+    __m512i bits = _mm512_castps_si512(v), sign = _mm512_and_si512(bits, _mm512_set1_epi32((int)0x80000000u));
+    __m512 a = _mm512_min_ps(_mm512_abs_ps(v), _mm512_set1_ps(448.0f));
+    __m512i magnitude = _mm512_castps_si512(a);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(magnitude, 20), _mm512_set1_epi32(1));
+    __m512i normal = _mm512_and_si512(_mm512_add_epi32(magnitude, _mm512_add_epi32(_mm512_set1_epi32(0x7FFFF), odd)),
+                                      _mm512_set1_epi32((int)0xFFF00000u));
+    __m512 steps = _mm512_roundscale_ps(_mm512_mul_ps(a, _mm512_set1_ps(512.0f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 subnormal = _mm512_mul_ps(steps, _mm512_set1_ps(1.0f / 512.0f));
+    __mmask16 small = _mm512_cmp_ps_mask(a, _mm512_set1_ps(1.0f / 64.0f), _CMP_LT_OQ);
+    __m512 rounded = _mm512_mask_blend_ps(small, _mm512_castsi512_ps(normal), subnormal);
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(rounded), sign));
+}
+
 /* One weight row's dot products with up to MAX_ROWS activation rows, the row decoded by DECODE(k). */
 #define ROW_DOTS(DECODE, SCALE_OUT)                                                    \
     for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {                                     \
@@ -123,9 +140,10 @@ void hfptq_gemv_nvfp4(const float *x, int64_t M, int64_t K, const uint8_t *w, co
     }
 }
 
-/* INT4: codes uint8 (N / 2, K), two rows per byte; scales fp32 (N, K / group). */
+/* INT4: codes uint8 (N / 2, K), two rows per byte; scales fp32 (N, K / group). With `fp8_round`, W4A8: each
+   code x scale is rounded to e4m3 (numerics.weights: the weight is fp8(q * ratio) * weight_scale_2). */
 void hfptq_gemv_int4(const float *x, int64_t M, int64_t K, const uint8_t *w, const float *scales, int64_t group,
-                     int64_t N, float *y, int threads) {
+                     int fp8_round, int64_t N, float *y, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t pair = 0; pair < N / 2; pair++) {
         const uint8_t *row = w + pair * K;
@@ -139,6 +157,10 @@ void hfptq_gemv_int4(const float *x, int64_t M, int64_t K, const uint8_t *w, con
                 int4x16(row + k, &low, &high);
                 low = _mm512_mul_ps(low, _mm512_set1_ps(s0[k / group]));
                 high = _mm512_mul_ps(high, _mm512_set1_ps(s1[k / group]));
+                if (fp8_round) {
+                    low = e4m3_round(low);
+                    high = e4m3_round(high);
+                }
                 for (int64_t r = 0; r < rows; r++) {
                     __m512 xv = _mm512_loadu_ps(x + (m0 + r) * K + k);
                     acc0[r] = _mm512_fmadd_ps(xv, low, acc0[r]);
@@ -191,16 +213,22 @@ void hfptq_decode_nvfp4(const uint8_t *w, const uint8_t *block_scales, int64_t N
         }
 }
 
-void hfptq_decode_int4(const uint8_t *w, const float *scales, int64_t group, int64_t N, int64_t K, float *out,
-                       int threads) {
+void hfptq_decode_int4(const uint8_t *w, const float *scales, int64_t group, int fp8_round, int64_t N, int64_t K,
+                       float *out, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t pair = 0; pair < N / 2; pair++)
         for (int64_t k = 0; k < K; k += 16) {
             __m512 low, high;
             int4x16(w + pair * K + k, &low, &high);
             const float *s0 = scales + 2 * pair * (K / group) + k / group;
-            _mm512_storeu_ps(out + 2 * pair * K + k, _mm512_mul_ps(low, _mm512_set1_ps(s0[0])));
-            _mm512_storeu_ps(out + (2 * pair + 1) * K + k, _mm512_mul_ps(high, _mm512_set1_ps(s0[K / group])));
+            low = _mm512_mul_ps(low, _mm512_set1_ps(s0[0]));
+            high = _mm512_mul_ps(high, _mm512_set1_ps(s0[K / group]));
+            if (fp8_round) {
+                low = e4m3_round(low);
+                high = e4m3_round(high);
+            }
+            _mm512_storeu_ps(out + 2 * pair * K + k, low);
+            _mm512_storeu_ps(out + (2 * pair + 1) * K + k, high);
         }
 }
 

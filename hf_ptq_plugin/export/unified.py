@@ -80,6 +80,11 @@ def plan_export(model: nn.Module, config) -> ExportPlan:
     unquantized = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)] + moe_unquantized(model)
     to_checkpoint = checkpoint_namer(model)
     exclude = summarize_exclude_modules(map(to_checkpoint, unquantized), map(to_checkpoint, layers))
+    if "lm_head" in unquantized and to_checkpoint("lm_head") != "lm_head":
+        # A VLM saved under legacy names (Llava: language_model.lm_head). TensorRT-LLM builds the text model without
+        # that prefix and matches exclude_modules against its own names (tensorrt_llm/_torch/models/modeling_utils.py,
+        # apply_quant_config_exclude_modules); vLLM matches either name (modelopt.py, is_layer_excluded).
+        exclude = sorted({*exclude, "lm_head"})
     mixed = len(set(names)) > 1
     group_size = next(iter(int4_group_sizes), None if mixed else next(iter(layers.values())).group_size)
     layer_formats = {to_checkpoint(name): (m.fmt, m.group_size) for name, m in layers.items()} if mixed else None

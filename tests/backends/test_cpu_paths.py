@@ -32,7 +32,8 @@ from hf_ptq_plugin.numerics import quantize_activation
 N, K = 96, 384  # K: INT4 group 128 x 3, NVFP4 16 x 24, MXFP8 32 x 12; N % 16 == 0 for torch's int4 kernel
 PB_SHAPE = (256, 384)  # fp8_pb_wo: 128 x 128 tiles
 
-NATIVE_FORMATS = ("fp8", "fp8_pc_pt", "fp8_pb_wo", "int4_awq", "nvfp4", "nvfp4_awq", "w4a16_nvfp4", "mxfp8")
+NATIVE_FORMATS = ("fp8", "fp8_pc_pt", "fp8_pb_wo", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq", "w4a16_nvfp4",
+                  "mxfp8")
 BF16_KINDS = {"int4_awq": "int4pack", "int8_wo": "int8pack", "int8_sq": "int8pack"}
 if native.library() is not None:
     BF16_KINDS |= {name: "native" for name in NATIVE_FORMATS}

@@ -1,7 +1,8 @@
 """The native dequantize-GEMV kernels (`backends/native.py`) against pure-torch decodes of the same codes.
 
 Every e4m3 code (subnormals and signs included, not NaN), every e2m1 code under every finite e4m3 block
-scale, every signed INT4 code, MXFP8 block exponents and fp8_pb_wo tile scales; row counts on both sides of
+scale, every signed INT4 code (also times W4A8 ratios, rounded to e4m3 as torch casts), MXFP8 block
+exponents and fp8_pb_wo tile scales; row counts on both sides of
 NATIVE_GEMV_ROWS and weights of more rows than one decoded chunk; codes at odd byte offsets, as a
 memory-mapped checkpoint holds them.
 """
@@ -15,7 +16,8 @@ import torch
 
 from hf_ptq_plugin.backends import native
 from hf_ptq_plugin.backends.cpu_linear import NATIVE_GEMV_ROWS
-from hf_ptq_plugin.numerics.integer import pack_int4_rows
+from hf_ptq_plugin.numerics import fp8_quantize
+from hf_ptq_plugin.numerics.integer import pack_int4_rows, unpack_int4_rows
 from hf_ptq_plugin.numerics.nvfp4 import e2m1_values, pack_nibbles
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler or no AVX-512 on this machine")
@@ -52,6 +54,13 @@ def int4_case(seed=0, group=32):
     return (pack_int4_rows(q), scales, group), q.float() * scales.repeat_interleave(group, dim=1)
 
 
+def w4a8_case(seed=0, group=32):
+    (codes, ratios, _), _ = int4_case(seed, group)
+    ratios = ratios * torch.logspace(-4, 4, N)[:, None]  # products across e4m3's normal and subnormal ranges
+    products = unpack_int4_rows(codes).float() * ratios.repeat_interleave(group, dim=1)
+    return (codes, ratios, group), fp8_quantize(products, torch.ones(())).float()  # clamped to 448, then cast
+
+
 def mxfp8_case(seed=0):
     (codes, _, _), weight = fp8_case(seed)
     exponents = torch.randint(100, 155, (N, K // 32), generator=torch.Generator().manual_seed(seed + 1),
@@ -65,7 +74,8 @@ def fp8_tiles_case(seed=0, tile=128):
     return (codes, scales, tile), weight * scales.repeat_interleave(tile, 0)[:N].repeat_interleave(tile, 1)
 
 
-CASES = {"fp8": fp8_case, "nvfp4": nvfp4_case, "int4": int4_case, "mxfp8": mxfp8_case, "fp8_tiles": fp8_tiles_case}
+CASES = {"fp8": fp8_case, "nvfp4": nvfp4_case, "int4": int4_case, "w4a8": w4a8_case, "mxfp8": mxfp8_case,
+         "fp8_tiles": fp8_tiles_case}
 
 
 def product(layout, x, args):

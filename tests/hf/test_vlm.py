@@ -74,7 +74,10 @@ def test_llava_exclusions_are_written_under_the_checkpoints_names(tmp_path):
     quantize(model, PTQConfig(qformat="fp8", algorithm="max"), forward_loop=lambda m: m(input_ids=ids))
     model.save_pretrained(tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["ignore"]
-    assert written == ["language_model.lm_head", "multi_modal_projector*", "vision_tower*"]
+    # "lm_head" too: TensorRT-LLM matches the names of the text model it builds, which drop "language_model."
+    assert written == ["language_model.lm_head", "lm_head", "multi_modal_projector*", "vision_tower*"]
+    hub = json.loads((tmp_path / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
+    assert hub == written
 
 
 def test_llava_quantized_while_loading_saves_and_reloads(tmp_path):
