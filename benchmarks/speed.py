@@ -133,7 +133,11 @@ def kernel_weight_bytes(module: nn.Module) -> int:
     if not isinstance(module, QuantLinear):
         return module.weight.nbytes
     cache = module.cpu_weight_cache
-    return module.weight.nbytes if cache.kind == "int8pack" else cache.nbytes
+    if cache.kind == "int8pack":
+        return module.weight.nbytes
+    if cache.kind == "native":  # the checkpoint's codes and scales, and any scales converted for the kernel
+        return sum(t.nbytes for t in module.weight_buffers().values() if t is not None) + cache.nbytes
+    return cache.nbytes
 
 
 def gemm(args, read_bandwidth: float) -> None:

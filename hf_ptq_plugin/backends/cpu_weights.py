@@ -8,12 +8,13 @@ copy of its weight in the form a fast torch kernel takes. Chosen by measurement 
   kind      used for                            what is cached                 extra memory
   dense     fp32 / fp16 activations, any format the reference's fp32 weight     4 B/weight
   native    bf16 activations, every format      nothing: `native.py`'s kernels  none (int4_awq,
-            but int8_wo / int8_sq               decode the checkpoint codes     fp8_pb_wo: fp32 scales
+            but int8_sq                         decode the checkpoint codes     fp8_pb_wo: fp32 scales
                                                 inside the dot product          if the checkpoint's are not;
                                                                                 w4a8_awq: fp32 group ratios)
   int4pack  bf16 activations, int4_awq          torch's CPU int4 layout,       0.5 B/weight + scales
             without the native kernels          bf16 group scales
-  int8pack  bf16 activations, int8_wo / int8_sq nothing (reads `weight`)       N bf16 ones
+  int8pack  bf16 activations, int8_sq, and      nothing (reads `weight`)       int8_wo: N bf16 ones
+            int8_wo without the native kernels
   fp16pack  bf16 activations, the other formats fbgemm's packed fp16 matrix    2 B/weight
   dense     bf16 activations, inside            the reference's weight         2 B/weight,
   (bf16)    `bf16_dense_weights` only           rounded to bf16                while inside
@@ -153,6 +154,8 @@ def build_cpu_weight(fmt: F.Format, buffers: dict, group_size: int, act_dtype: t
         return native_weight
     if fmt.weight == F.INT4 and fmt.act is None and n % INT4PACK_N_MULTIPLE == 0 and group_size in INT4PACK_GROUP_SIZES:
         return _int4pack(buffers, sources)
+    if fmt.weight == F.INT8 and fmt.act == F.INT8:  # W8A8: torch._int_mm, which reads any alignment
+        return CpuWeight("int8pack", sources, True, buffers["weight"], None, buffers["weight_scale"])
     if fmt.weight == F.INT8:
         ones = torch.ones(n, dtype=torch.bfloat16)
         weight = aligned_for_int8pack(buffers["weight"])
@@ -175,6 +178,9 @@ def _native(fmt: F.Format, buffers: dict, group_size: int, sources: tuple) -> Op
     if fmt.weight == F.FP8 and fmt.weight_granularity in (F.PER_TENSOR, F.PER_CHANNEL):
         return CpuWeight("native", sources, True, q.view(torch.uint8), out_scale=buffers["weight_scale"].float(),
                          layout="fp8")
+    if fmt.weight == F.INT8 and fmt.act is None:  # W8A8 keeps torch's exact int8 x int8 GEMM
+        return CpuWeight("native", sources, True, q.view(torch.uint8), out_scale=buffers["weight_scale"].float(),
+                         layout="int8")
     if fmt.weight == F.FP8 and fmt.weight_granularity == F.PER_TILE and group_size % native.BLOCK == 0:
         scales = buffers["weight_scale"].float().contiguous()
         extra = 0 if scales.data_ptr() == buffers["weight_scale"].data_ptr() else scales.nbytes

@@ -17,12 +17,14 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 logger = logging.getLogger(__name__)
+_scratch = threading.local()
 
 SOURCE = Path(__file__).with_name("native_gemv.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
@@ -34,11 +36,13 @@ CHUNK_ROWS = 256  # weight rows `matmul_by_chunks` decodes at a time: 4 MB of fp
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 SIGNATURES = {
     "hfptq_gemv_fp8": (_PTR, _I64, _I64, _PTR, _I64, _PTR, ctypes.c_int),
+    "hfptq_gemv_int8": (_PTR, _I64, _I64, _PTR, _I64, _PTR, ctypes.c_int),
     "hfptq_gemv_nvfp4": (_PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, ctypes.c_int),
     "hfptq_gemv_int4": (_PTR, _I64, _I64, _PTR, _PTR, _I64, ctypes.c_int, _I64, _PTR, ctypes.c_int),
     "hfptq_gemv_mxfp8": (_PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, ctypes.c_int),
     "hfptq_gemv_fp8_tiles": (_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, ctypes.c_int),
     "hfptq_decode_fp8": (_PTR, _I64, _I64, _PTR, ctypes.c_int),  # writes fp32
+    "hfptq_decode_int8": (_PTR, _I64, _I64, _PTR, ctypes.c_int),
     "hfptq_decode_nvfp4": (_PTR, _PTR, _I64, _I64, _PTR, ctypes.c_int),
     "hfptq_decode_int4": (_PTR, _PTR, _I64, ctypes.c_int, _I64, _I64, _PTR, ctypes.c_int),
     "hfptq_decode_mxfp8": (_PTR, _PTR, _I64, _I64, _PTR, ctypes.c_int),
@@ -99,16 +103,17 @@ def gemv(layout: str, x: torch.Tensor, codes: torch.Tensor, n: int, scales: Opti
          group: int = 0) -> torch.Tensor:
     """fp32 (M, n): fp32 rows `x` (M, K) times the weight `codes` decode to, transposed. All contiguous.
 
-    layout "fp8": codes e4m3 (n, K); "mxfp8": codes e4m3 and E8M0 exponents (n, K / 32); "fp8_tiles": codes
-    e4m3 and fp32 scales (n / group, K / group); "nvfp4": codes (n, K / 2) and e4m3 block scales (n, K / 16),
-    without the global scale; "int4": codes (n / 2, K) and fp32 group scales (n, K / group); "w4a8": as "int4"
-    with W4A8's group ratios for scales, each product rounded to e4m3, without weight_scale_2.
+    layout "fp8": codes e4m3 (n, K); "int8": int8 codes (n, K); "mxfp8": codes e4m3 and E8M0 exponents
+    (n, K / 32); "fp8_tiles": codes e4m3 and fp32 scales (n / group, K / group); "nvfp4": codes (n, K / 2)
+    and e4m3 block scales (n, K / 16), without the global scale; "int4": codes (n / 2, K) and fp32 group scales
+    (n, K / group); "w4a8": as "int4" with W4A8's group ratios for scales, each product rounded to e4m3,
+    without weight_scale_2. Per-tensor and per-channel scales are the caller's.
     """
     lib, threads = library(), torch.get_num_threads()
     m, k = x.shape
     y = torch.empty(m, n, dtype=torch.float32)
-    if layout == "fp8":
-        lib.hfptq_gemv_fp8(_ptr(x), m, k, _ptr(codes), n, _ptr(y), threads)
+    if layout in ("fp8", "int8"):
+        getattr(lib, f"hfptq_gemv_{layout}")(_ptr(x), m, k, _ptr(codes), n, _ptr(y), threads)
     elif layout in ("nvfp4", "mxfp8"):
         getattr(lib, f"hfptq_gemv_{layout}")(_ptr(x), m, k, _ptr(codes), _ptr(scales), n, _ptr(y), threads)
     elif layout == "fp8_tiles":
@@ -119,13 +124,13 @@ def gemv(layout: str, x: torch.Tensor, codes: torch.Tensor, n: int, scales: Opti
 
 
 def decode(layout: str, codes: torch.Tensor, n: int, k: int, scales: Optional[torch.Tensor] = None,
-           group: int = 0, row0: int = 0) -> torch.Tensor:
-    """The fp32 weight (n, k) that `codes` (the arguments of `gemv`) decode to. For "fp8_tiles", `codes` may be
-    rows row0.. of the weight and `scales` the whole weight's."""
+           group: int = 0, row0: int = 0, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The fp32 weight (n, k) that `codes` (the arguments of `gemv`) decode to, in `out` if given. For
+    "fp8_tiles", `codes` may be rows row0.. of the weight and `scales` the whole weight's."""
     lib, threads = library(), torch.get_num_threads()
-    out = torch.empty(n, k, dtype=torch.float32)
-    if layout == "fp8":
-        lib.hfptq_decode_fp8(_ptr(codes), n, k, _ptr(out), threads)
+    out = torch.empty(n, k, dtype=torch.float32) if out is None else out
+    if layout in ("fp8", "int8"):
+        getattr(lib, f"hfptq_decode_{layout}")(_ptr(codes), n, k, _ptr(out), threads)
     elif layout in ("nvfp4", "mxfp8"):
         getattr(lib, f"hfptq_decode_{layout}")(_ptr(codes), _ptr(scales), n, k, _ptr(out), threads)
     elif layout in ("int4", "w4a8"):
@@ -133,6 +138,15 @@ def decode(layout: str, codes: torch.Tensor, n: int, k: int, scales: Optional[to
     else:
         lib.hfptq_decode_fp8_tiles(_ptr(codes), _ptr(scales), group, n, k, row0, _ptr(out), threads)
     return out
+
+
+def _chunk_buffer(n: int, k: int) -> torch.Tensor:
+    """A reused fp32 buffer for one decoded chunk, one per thread (at most CHUNK_ROWS x the widest layer's K: 15 MB
+    at K = 14336). A fresh buffer each call would cost a page fault per 4 KB, more than decoding into it."""
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < n * k:
+        buffer = _scratch.buffer = torch.empty(n * k, dtype=torch.float32)
+    return buffer[:n * k].view(n, k)
 
 
 def matmul_by_chunks(layout: str, x: torch.Tensor, codes: torch.Tensor, n: int, scales: Optional[torch.Tensor] = None,
@@ -146,6 +160,7 @@ def matmul_by_chunks(layout: str, x: torch.Tensor, codes: torch.Tensor, n: int, 
         stop = min(n, start + CHUNK_ROWS)
         chunk_codes = codes[start // CHUNK_ROWS * code_rows:][:code_rows]
         chunk_scales = scales if scales is None or layout == "fp8_tiles" else scales[start:stop]
-        weight = decode(layout, chunk_codes, stop - start, k, chunk_scales, group, row0=start)
+        buffer = _chunk_buffer(stop - start, k)
+        weight = decode(layout, chunk_codes, stop - start, k, chunk_scales, group, start, buffer)
         torch.mm(weight, x.t(), out=y_t[start:stop])
     return y_t.t().contiguous()  # a row-major output, as F.linear gives: attention kernels round by layout

@@ -59,6 +59,10 @@ static inline __m512 e2m1x16(const uint8_t *p) {
     return _mm512_cvtph_ps(_mm256_or_si256(sign, rest));
 }
 
+static inline __m512 int8x16(const uint8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+
 /* Signed int4 rows 2i (low nibbles) and 2i + 1 (high nibbles) of 16 bytes (numerics.integer.pack_int4_rows). */
 static inline void int4x16(const uint8_t *p, __m512 *low, __m512 *high) {
     __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
@@ -105,6 +109,15 @@ void hfptq_gemv_fp8(const float *x, int64_t M, int64_t K, const uint8_t *w, int6
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = w + n * K;
         ROW_DOTS(e4m3x16(row + k), E4M3_UNIT)
+    }
+}
+
+/* INT8 weight-only: codes int8 (N, K); the per-channel scales are the caller's. */
+void hfptq_gemv_int8(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = w + n * K;
+        ROW_DOTS(int8x16(row + k), 1.0f)
     }
 }
 
@@ -180,6 +193,13 @@ void hfptq_decode_fp8(const uint8_t *w, int64_t N, int64_t K, float *out, int th
     for (int64_t n = 0; n < N; n++)
         for (int64_t k = 0; k < K; k += 16)
             _mm512_storeu_ps(out + n * K + k, _mm512_mul_ps(e4m3x16(w + n * K + k), _mm512_set1_ps(E4M3_UNIT)));
+}
+
+void hfptq_decode_int8(const uint8_t *w, int64_t N, int64_t K, float *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t k = 0; k < K; k += 16)
+            _mm512_storeu_ps(out + n * K + k, int8x16(w + n * K + k));
 }
 
 void hfptq_decode_mxfp8(const uint8_t *w, const uint8_t *exponents, int64_t N, int64_t K, float *out, int threads) {

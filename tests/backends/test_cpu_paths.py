@@ -32,8 +32,8 @@ from hf_ptq_plugin.numerics import quantize_activation
 N, K = 96, 384  # K: INT4 group 128 x 3, NVFP4 16 x 24, MXFP8 32 x 12; N % 16 == 0 for torch's int4 kernel
 PB_SHAPE = (256, 384)  # fp8_pb_wo: 128 x 128 tiles
 
-NATIVE_FORMATS = ("fp8", "fp8_pc_pt", "fp8_pb_wo", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq", "w4a16_nvfp4",
-                  "mxfp8")
+NATIVE_FORMATS = ("fp8", "fp8_pc_pt", "fp8_pb_wo", "int8_wo", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq",
+                  "w4a16_nvfp4", "mxfp8")
 BF16_KINDS = {"int4_awq": "int4pack", "int8_wo": "int8pack", "int8_sq": "int8pack"}
 if native.library() is not None:
     BF16_KINDS |= {name: "native" for name in NATIVE_FORMATS}
@@ -97,6 +97,12 @@ def test_w8a8_rows_get_the_same_output_however_many_share_the_call():
         assert torch.equal(module(x[:m]), alone[:m]), f"{m} rows"
 
 
+@pytest.fixture
+def without_native(monkeypatch):
+    """The CPU backend as on a machine where the native kernels cannot be built."""
+    monkeypatch.setattr(native, "library", lambda: None)
+
+
 def at_byte_offset(t, offset=24):
     """A copy of t that starts `offset` bytes into its storage, as a weight mapped from a file can."""
     nbytes = t.numel() * t.element_size()
@@ -104,10 +110,9 @@ def at_byte_offset(t, offset=24):
     return raw.view(t.dtype).view(t.shape).copy_(t)
 
 
-@pytest.mark.parametrize("name", ["int8_wo", "int8_sq"])
-def test_int8_kernel_gets_64_byte_aligned_operands(name):
+def test_int8_kernel_gets_64_byte_aligned_operands(without_native):
     """torch's AVX-512 int8 matmul crashes on operands off a 64-byte boundary (see cpu_weights)."""
-    module = make_module(name, torch.bfloat16)
+    module = make_module("int8_wo", torch.bfloat16)
     torch.manual_seed(1)
     x = torch.randn(3, K, dtype=torch.bfloat16)
     expected = module(x)
@@ -118,6 +123,16 @@ def test_int8_kernel_gets_64_byte_aligned_operands(name):
     assert module.cpu_weight_cache.kind == "int8pack" and module.cpu_weight_cache.matrix.data_ptr() % 64 == 0
     assert module.weight is module.cpu_weight_cache.matrix  # adopted: the int8 weight is held once
     assert module.cpu_weight_cache.nbytes == N * 2  # only the kernel's bf16 unit scales
+
+
+def test_w8a8_reads_an_unaligned_weight_in_place():
+    """torch._int_mm takes any alignment: no copy of a memory-mapped int8 weight."""
+    module = make_module("int8_sq", torch.bfloat16)
+    x = torch.randn(3, K, dtype=torch.bfloat16)
+    expected = module(x)
+    module.weight = at_byte_offset(module.weight)
+    assert torch.equal(module(x), expected)
+    assert module.cpu_weight_cache.matrix is module.weight and module.cpu_weight_cache.nbytes == 0
 
 
 def test_lean_activation_quantizers_give_the_reference_bits():
@@ -131,12 +146,6 @@ def test_lean_activation_quantizers_give_the_reference_bits():
         for dtype in (torch.float32, torch.bfloat16):
             fast, ref = fast_quantize_activation(x.to(dtype), fmt, scale), quantize_activation(x.to(dtype), fmt, scale)
             assert torch.equal(fast.view(torch.int32), ref.view(torch.int32)), (name, dtype)
-
-
-@pytest.fixture
-def without_native(monkeypatch):
-    """The CPU backend as on a machine where the native kernels cannot be built."""
-    monkeypatch.setattr(native, "library", lambda: None)
 
 
 def test_int4_layers_torch_cannot_pack_fall_back_to_an_exact_path(without_native):
@@ -191,7 +200,7 @@ def test_changing_the_activation_dtype_rebuilds_the_cache():
     module(torch.randn(2, K))
     assert module.cpu_weight_cache.kind == "dense"
     module(torch.randn(2, K, dtype=torch.bfloat16))
-    assert module.cpu_weight_cache.kind == "int8pack"
+    assert module.cpu_weight_cache.kind == BF16_KINDS["int8_wo"]
 
 
 def test_deepcopy_drops_the_cache_and_rebuilds_it():

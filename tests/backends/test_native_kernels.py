@@ -1,7 +1,7 @@
 """The native dequantize-GEMV kernels (`backends/native.py`) against pure-torch decodes of the same codes.
 
 Every e4m3 code (subnormals and signs included, not NaN), every e2m1 code under every finite e4m3 block
-scale, every signed INT4 code (also times W4A8 ratios, rounded to e4m3 as torch casts), MXFP8 block
+scale, every int8 code, every signed INT4 code (also times W4A8 ratios, rounded to e4m3 as torch casts), MXFP8 block
 exponents and fp8_pb_wo tile scales; row counts on both sides of
 NATIVE_GEMV_ROWS and weights of more rows than one decoded chunk; codes at odd byte offsets, as a
 memory-mapped checkpoint holds them.
@@ -41,6 +41,11 @@ def fp8_case(seed=0):
     return (codes, None, 0), e4m3(codes)
 
 
+def int8_case(seed=0):
+    codes = torch.randint(-128, 128, (N, K), generator=torch.Generator().manual_seed(seed), dtype=torch.int8)
+    return (codes.view(torch.uint8), None, 0), codes.float()
+
+
 def nvfp4_case(seed=0):
     codes = torch.randint(0, 16, (N, K), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
     block_scales = random_codes(FINITE_E4M3[FINITE_E4M3 < 0x80], (N, K // 16), seed + 1)  # scales are positive
@@ -74,8 +79,8 @@ def fp8_tiles_case(seed=0, tile=128):
     return (codes, scales, tile), weight * scales.repeat_interleave(tile, 0)[:N].repeat_interleave(tile, 1)
 
 
-CASES = {"fp8": fp8_case, "nvfp4": nvfp4_case, "int4": int4_case, "w4a8": w4a8_case, "mxfp8": mxfp8_case,
-         "fp8_tiles": fp8_tiles_case}
+CASES = {"fp8": fp8_case, "int8": int8_case, "nvfp4": nvfp4_case, "int4": int4_case, "w4a8": w4a8_case,
+         "mxfp8": mxfp8_case, "fp8_tiles": fp8_tiles_case}
 
 
 def product(layout, x, args):

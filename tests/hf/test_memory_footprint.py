@@ -25,7 +25,7 @@ NATIVE = native.library() is not None  # the native kernels read the checkpoint'
 @pytest.mark.parametrize("qformat, dtype, bytes_per_weight", [
     ("fp8", torch.bfloat16, 0 if NATIVE else 2),  # else fbgemm's packed fp16 matrix
     ("nvfp4", torch.bfloat16, 0 if NATIVE else 2),
-    ("w4a8_awq", torch.bfloat16, 2),  # fbgemm's packed fp16 matrix
+    ("w4a8_awq", torch.bfloat16, 1 / 32 if NATIVE else 2),  # fp32 group ratios (group 128), else fp16pack's matrix
     ("fp8", torch.float32, 4),  # the reference's fp32 weight
     ("int4_awq", torch.float32, 4),
 ])
