@@ -9,7 +9,10 @@
    (s << 15) | ((c & 0x7f) << 7) is its value times 2**-8, subnormals included (fp16 has 5 exponent
    bits to e4m3's 4), so one fp16 -> fp32 conversion decodes 16 codes. An e2m1 code (s ee m) as
    (s << 15) | ((c & 7) << 9) is its value times 2**-14. The callers multiply the sums back. e4m3's
-   NaN code (0x7f / 0xff) decodes as 480: our quantizers never write it.
+   NaN code (0x7f / 0xff) decodes as 480: our quantizers never write it. 4-bit codes instead index a
+   16-entry table of their values already times their scale (one vector, `_mm512_permutexvar_ps`
+   reads each lane's entry), rebuilt per NVFP4 block or INT4 group: a table lookup replaces the
+   conversion and the scale multiply, and W4A8's e4m3 rounding is paid 16 times per group, not per weight.
 
    gemv_*: y (M, N) = x (M, K) fp32 times the decoded weight (N, K) transposed, fp32 sums; rows of
    the weight are split across `threads` OpenMP threads; M is taken 8 rows at a time, so a weight
@@ -25,7 +28,6 @@
 
 #define MAX_ROWS 8
 #define E4M3_UNIT 256.0f      /* decoded e4m3 value = vector value * 2**8 */
-#define E2M1_UNIT 16384.0f    /* decoded e2m1 value = vector value * 2**14 */
 
 int hfptq_simd_width(void) { return 16; }
 
@@ -49,28 +51,29 @@ static inline __m512 e4m3x16(const uint8_t *p) {
     return _mm512_cvtph_ps(_mm256_or_si256(sign, rest));
 }
 
-/* 16 e2m1 codes from 8 bytes, element 2j in the low nibble of byte j (numerics.nvfp4.pack_nibbles). */
-static inline __m512 e2m1x16(const uint8_t *p) {
-    __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p));
-    __m128i lo = _mm_and_si128(b, _mm_set1_epi16(0xF)), hi = _mm_srli_epi16(b, 4);
-    __m256i c = _mm256_set_m128i(_mm_unpackhi_epi16(lo, hi), _mm_unpacklo_epi16(lo, hi));
-    __m256i sign = _mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(8)), 12);
-    __m256i rest = _mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(7)), 9);
-    return _mm512_cvtph_ps(_mm256_or_si256(sign, rest));
+/* The 16 codes of 8 bytes as lane indices for a 16-entry table (element 2j in the low nibble of byte j,
+   numerics.nvfp4.pack_nibbles); `_mm512_permutexvar_ps` reads only an index's low 4 bits. */
+static inline __m512i nibbles16(const uint8_t *p) {
+    __m128i b = _mm_loadl_epi64((const __m128i *)p);
+    __m512i twice = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));  /* byte j in lanes 2j and 2j + 1 */
+    return _mm512_srlv_epi32(twice, _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0));
+}
+
+static inline __m512 table16(const float *values, float scale) {
+    return _mm512_mul_ps(_mm512_loadu_ps(values), _mm512_set1_ps(scale));
+}
+
+/* Value of each 4-bit code: E2M1 (s ee m), and signed INT4 (two's complement). */
+static const float E2M1_VALUES[16] = {0, 0.5f, 1, 1.5f, 2, 3, 4, 6, -0.0f, -0.5f, -1, -1.5f, -2, -3, -4, -6};
+static const float INT4_VALUES[16] = {0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1};
+static float E4M3_VALUES[256];
+
+__attribute__((constructor)) static void fill_e4m3_values(void) {
+    for (int c = 0; c < 256; c++) E4M3_VALUES[c] = e4m3_value((uint8_t)c);
 }
 
 static inline __m512 int8x16(const uint8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-}
-
-/* Signed int4 rows 2i (low nibbles) and 2i + 1 (high nibbles) of 16 bytes (numerics.integer.pack_int4_rows). */
-static inline void int4x16(const uint8_t *p, __m512 *low, __m512 *high) {
-    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
-    __m512i eight = _mm512_set1_epi32(8);
-    __m512i lo = _mm512_sub_epi32(_mm512_xor_si512(_mm512_and_si512(v, _mm512_set1_epi32(0xF)), eight), eight);
-    __m512i hi = _mm512_sub_epi32(_mm512_xor_si512(_mm512_srli_epi32(v, 4), eight), eight);
-    *low = _mm512_cvtepi32_ps(lo);
-    *high = _mm512_cvtepi32_ps(hi);
 }
 
 /* v clamped to +-448 and rounded to e4m3 (nearest, ties to even), as `numerics.fp8_quantize` clamps and torch
@@ -149,7 +152,18 @@ void hfptq_gemv_nvfp4(const float *x, int64_t M, int64_t K, const uint8_t *w, co
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = w + n * (K / 2), *scales = block_scales + n * (K / 16);
-        ROW_DOTS(_mm512_mul_ps(e2m1x16(row + k / 2), _mm512_set1_ps(e4m3_value(scales[k / 16]))), E2M1_UNIT)
+        ROW_DOTS(_mm512_permutexvar_ps(nibbles16(row + k / 2), table16(E2M1_VALUES, E4M3_VALUES[scales[k / 16]])),
+                 1.0f)
+    }
+}
+
+/* The INT4 value tables of rows 2i and 2i + 1 in one group: code x scale, rounded to e4m3 for W4A8. */
+static inline void int4_tables(float scale0, float scale1, int fp8_round, __m512 *table0, __m512 *table1) {
+    *table0 = table16(INT4_VALUES, scale0);
+    *table1 = table16(INT4_VALUES, scale1);
+    if (fp8_round) {
+        *table0 = e4m3_round(*table0);
+        *table1 = e4m3_round(*table1);
     }
 }
 
@@ -164,16 +178,13 @@ void hfptq_gemv_int4(const float *x, int64_t M, int64_t K, const uint8_t *w, con
         for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
             int64_t rows = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;
             __m512 acc0[MAX_ROWS], acc1[MAX_ROWS];
+            __m512 table0 = _mm512_setzero_ps(), table1 = table0;
             for (int64_t r = 0; r < rows; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
             for (int64_t k = 0; k < K; k += 16) {
-                __m512 low, high;
-                int4x16(row + k, &low, &high);
-                low = _mm512_mul_ps(low, _mm512_set1_ps(s0[k / group]));
-                high = _mm512_mul_ps(high, _mm512_set1_ps(s1[k / group]));
-                if (fp8_round) {
-                    low = e4m3_round(low);
-                    high = e4m3_round(high);
-                }
+                if (k % group == 0) int4_tables(s0[k / group], s1[k / group], fp8_round, &table0, &table1);
+                __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + k)));
+                __m512 low = _mm512_permutexvar_ps(codes, table0);
+                __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table1);
                 for (int64_t r = 0; r < rows; r++) {
                     __m512 xv = _mm512_loadu_ps(x + (m0 + r) * K + k);
                     acc0[r] = _mm512_fmadd_ps(xv, low, acc0[r]);
@@ -228,8 +239,8 @@ void hfptq_decode_nvfp4(const uint8_t *w, const uint8_t *block_scales, int64_t N
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++)
         for (int64_t k = 0; k < K; k += 16) {
-            float scale = e4m3_value(block_scales[n * (K / 16) + k / 16]) * E2M1_UNIT;
-            _mm512_storeu_ps(out + n * K + k, _mm512_mul_ps(e2m1x16(w + n * (K / 2) + k / 2), _mm512_set1_ps(scale)));
+            __m512 table = table16(E2M1_VALUES, E4M3_VALUES[block_scales[n * (K / 16) + k / 16]]);
+            _mm512_storeu_ps(out + n * K + k, _mm512_permutexvar_ps(nibbles16(w + n * (K / 2) + k / 2), table));
         }
 }
 
@@ -238,17 +249,12 @@ void hfptq_decode_int4(const uint8_t *w, const float *scales, int64_t group, int
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t pair = 0; pair < N / 2; pair++)
         for (int64_t k = 0; k < K; k += 16) {
-            __m512 low, high;
-            int4x16(w + pair * K + k, &low, &high);
             const float *s0 = scales + 2 * pair * (K / group) + k / group;
-            low = _mm512_mul_ps(low, _mm512_set1_ps(s0[0]));
-            high = _mm512_mul_ps(high, _mm512_set1_ps(s0[K / group]));
-            if (fp8_round) {
-                low = e4m3_round(low);
-                high = e4m3_round(high);
-            }
-            _mm512_storeu_ps(out + 2 * pair * K + k, low);
-            _mm512_storeu_ps(out + (2 * pair + 1) * K + k, high);
+            __m512 table0, table1;
+            int4_tables(s0[0], s0[K / group], fp8_round, &table0, &table1);
+            __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + pair * K + k)));
+            _mm512_storeu_ps(out + 2 * pair * K + k, _mm512_permutexvar_ps(codes, table0));
+            _mm512_storeu_ps(out + (2 * pair + 1) * K + k, _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table1));
         }
 }
 
