@@ -84,9 +84,13 @@ def load_child(checkpoint: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     import hf_ptq_plugin  # noqa: F401  registers the quantizer
+    from hf_ptq_plugin.backends import native
 
-    with torch.no_grad():  # one op first: the runtime's own allocations are not the model's
+    with torch.no_grad():  # the runtime's own one-time allocations first: they are not the model's
         torch.ones(8, 8) @ torch.ones(8, 8)
+        x, w = torch.ones(64, 2048, dtype=torch.bfloat16), torch.ones(256, 2048, dtype=torch.bfloat16)
+        torch.nn.functional.linear(x, w)  # oneDNN's bf16 GEMM state
+        native.library()  # the CPU kernels' shared library and its OpenMP threads
     baseline = rss()
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
     loaded = rss() - baseline

@@ -149,6 +149,12 @@ def _chunk_buffer(n: int, k: int) -> torch.Tensor:
     return buffer[:n * k].view(n, k)
 
 
+def scratch_bytes() -> int:
+    """Bytes of this thread's decode buffer (0 until a many-row call made one)."""
+    buffer = getattr(_scratch, "buffer", None)
+    return 0 if buffer is None else buffer.nbytes
+
+
 def matmul_by_chunks(layout: str, x: torch.Tensor, codes: torch.Tensor, n: int, scales: Optional[torch.Tensor] = None,
                      group: int = 0) -> torch.Tensor:
     """`gemv`'s result for many rows of x: CHUNK_ROWS weight rows at a time decoded to fp32 for torch's fp32

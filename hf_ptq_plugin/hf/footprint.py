@@ -1,12 +1,15 @@
 """`get_memory_footprint()` that counts what a quantized model really holds.
 
 transformers sums parameters and buffers. On CPU each QuantLinear also keeps a derived weight
-(`backends/cpu_weights.py`: a packed or dense copy built on its first forward), which is not a
-buffer; counting it makes the footprint the memory the model takes once it has run.
+(`backends/cpu_weights.py`: a packed or dense copy built on its first forward, or nothing for the
+native kernels), which is not a buffer, and the native kernels keep one decode buffer per thread for
+many-row calls (`backends/native.py`); counting them makes the footprint the memory the model takes
+once it has run.
 """
 
 from torch import nn
 
+from ..backends import native
 from ..modules.quant_linear import QuantLinear
 
 
@@ -25,4 +28,6 @@ class MemoryFootprint:
 
     def __call__(self, return_buffers: bool = True) -> int:
         stored = type(self.model).get_memory_footprint(self.model, return_buffers=return_buffers)
-        return stored + derived_weight_bytes(self.model)
+        uses_native = any(getattr(m.cpu_weight_cache, "kind", None) == "native" for m in self.model.modules()
+                          if isinstance(m, QuantLinear))
+        return stored + derived_weight_bytes(self.model) + (native.scratch_bytes() if uses_native else 0)

@@ -40,7 +40,8 @@ def test_the_footprint_grows_by_the_derived_weights_after_a_forward(qformat, dty
         model(ids)
     weights = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
     assert derived_weight_bytes(model) == bytes_per_weight * weights
-    assert model.get_memory_footprint() == stored + bytes_per_weight * weights
+    scratch = native.scratch_bytes() if NATIVE and dtype == torch.bfloat16 else 0  # 32 rows: chunked decoding
+    assert model.get_memory_footprint() == stored + bytes_per_weight * weights + scratch
     assert model.get_memory_footprint(return_buffers=False) < model.get_memory_footprint()
 
 
