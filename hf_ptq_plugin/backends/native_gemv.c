@@ -93,8 +93,28 @@ static inline __m512 e4m3_round(__m512 v) {
     return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(rounded), sign));
 }
 
-/* One weight row's dot products with up to MAX_ROWS activation rows, the row decoded by DECODE(k). */
+/* One weight row's dot product with one activation row (decode): four accumulators in registers, so
+   consecutive FMAs do not wait for each other. */
+#define ROW_DOT_ONE(DECODE, SCALE_OUT)                                                 \
+    {                                                                                  \
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                    \
+        int64_t k0 = 0;                                                                \
+        for (; k0 + 64 <= K; k0 += 64) {                                               \
+            { const int64_t k = k0; a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), DECODE, a0); }      \
+            { const int64_t k = k0 + 16; a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), DECODE, a1); } \
+            { const int64_t k = k0 + 32; a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), DECODE, a2); } \
+            { const int64_t k = k0 + 48; a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), DECODE, a3); } \
+        }                                                                              \
+        for (; k0 < K; k0 += 16) {                                                     \
+            const int64_t k = k0;                                                      \
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), DECODE, a0);                  \
+        }                                                                              \
+        y[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))) * (SCALE_OUT); \
+    }
+
+/* ... with up to MAX_ROWS activation rows at a time, the weight vector decoded once for them. */
 #define ROW_DOTS(DECODE, SCALE_OUT)                                                    \
+    if (M == 1) ROW_DOT_ONE(DECODE, SCALE_OUT) else                                    \
     for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {                                     \
         int64_t rows = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;                          \
         __m512 acc[MAX_ROWS];                                                          \
@@ -167,6 +187,26 @@ static inline void int4_tables(float scale0, float scale1, int fp8_round, __m512
     }
 }
 
+/* Rows 2i and 2i + 1 (byte row `row`) times one activation row: two accumulators per weight row, in registers. */
+static inline void int4_pair_one(const float *x, const uint8_t *row, const float *s0, const float *s1, int64_t K,
+                                 int64_t group, int fp8_round, float *y0, float *y1) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, table0, table1;
+    for (int64_t g = 0; g < K; g += group) {
+        int4_tables(s0[g / group], s1[g / group], fp8_round, &table0, &table1);
+        for (int64_t k = g; k < g + group; k += 32) {
+            __m512i c0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + k)));
+            __m512i c1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + k + 16)));
+            __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+            a0 = _mm512_fmadd_ps(x0, _mm512_permutexvar_ps(c0, table0), a0);
+            b0 = _mm512_fmadd_ps(x0, _mm512_permutexvar_ps(_mm512_srli_epi32(c0, 4), table1), b0);
+            a1 = _mm512_fmadd_ps(x1, _mm512_permutexvar_ps(c1, table0), a1);
+            b1 = _mm512_fmadd_ps(x1, _mm512_permutexvar_ps(_mm512_srli_epi32(c1, 4), table1), b1);
+        }
+    }
+    *y0 = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    *y1 = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
+}
+
 /* INT4: codes uint8 (N / 2, K), two rows per byte; scales fp32 (N, K / group). With `fp8_round`, W4A8: each
    code x scale is rounded to e4m3 (numerics.weights: the weight is fp8(q * ratio) * weight_scale_2). */
 void hfptq_gemv_int4(const float *x, int64_t M, int64_t K, const uint8_t *w, const float *scales, int64_t group,
@@ -175,6 +215,10 @@ void hfptq_gemv_int4(const float *x, int64_t M, int64_t K, const uint8_t *w, con
     for (int64_t pair = 0; pair < N / 2; pair++) {
         const uint8_t *row = w + pair * K;
         const float *s0 = scales + 2 * pair * (K / group), *s1 = s0 + K / group;
+        if (M == 1 && group % 32 == 0) {
+            int4_pair_one(x, row, s0, s1, K, group, fp8_round, y + 2 * pair, y + 2 * pair + 1);
+            continue;
+        }
         for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
             int64_t rows = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;
             __m512 acc0[MAX_ROWS], acc1[MAX_ROWS];
