@@ -1,10 +1,12 @@
-"""Shared fixtures: tiny Llama models built from a config (no hub access), a word-level tokenizer, and an SQNR
-helper."""
+"""Shared fixtures: tiny Llama, MoE and BART models built from a config (no hub access), a word-level tokenizer,
+and an SQNR helper."""
 
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
     LlamaConfig,
     LlamaForCausalLM,
     MixtralConfig,
@@ -15,6 +17,13 @@ from transformers import (
 )
 
 WORDS = "the a of and to in is it that was he she you with for his her on at by not be had".split()
+
+
+def tiny_bart():
+    torch.manual_seed(0)
+    config = BartConfig(vocab_size=320, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64)
+    return BartForConditionalGeneration(config).eval()
 
 
 def tiny_llama_config(hidden_size=128, intermediate_size=256, layers=2, heads=4, kv_heads=2, vocab=320):

@@ -14,10 +14,9 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_bart
 from safetensors.torch import load_file
 from transformers import (
-    BartConfig,
-    BartForConditionalGeneration,
     T5Config,
     T5ForConditionalGeneration,
     WhisperConfig,
@@ -35,13 +34,6 @@ def tiny_t5(gated=False):
     config = T5Config(vocab_size=320, d_model=64, d_kv=8, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
                       decoder_start_token_id=0, feed_forward_proj="gated-gelu" if gated else "relu")
     return T5ForConditionalGeneration(config).eval()
-
-
-def tiny_bart():
-    torch.manual_seed(0)
-    config = BartConfig(vocab_size=320, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64)
-    return BartForConditionalGeneration(config).eval()
 
 
 def text_batch():

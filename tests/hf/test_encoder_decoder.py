@@ -3,10 +3,8 @@ layer-streamed algorithms calibrate the encoder then the decoder, and the checkp
 
 import pytest
 import torch
-from conftest import sqnr_db
+from conftest import sqnr_db, tiny_bart
 from transformers import (
-    BartConfig,
-    BartForConditionalGeneration,
     T5Config,
     T5ForConditionalGeneration,
     WhisperConfig,
@@ -65,13 +63,6 @@ def test_replaying_t5_blocks_one_at_a_time_reproduces_the_models_block_inputs(st
     for index, block in enumerate(blocks):
         torch.testing.assert_close(replayed[0][0][0], expected[index], rtol=0, atol=0)
         replayed = run_block(block, replayed)
-
-
-def tiny_bart():
-    torch.manual_seed(0)
-    config = BartConfig(vocab_size=320, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64)
-    return BartForConditionalGeneration(config).eval()
 
 
 def tiny_whisper():
