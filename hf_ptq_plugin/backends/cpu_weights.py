@@ -73,12 +73,13 @@ class CpuWeight:
     # native: the checkpoint's codes; int4pack: uint8 (N, K/2); int8pack: the int8 weight; fp16pack: fbgemm
     # packed; dense: fp32 or bf16 (N, K)
     matrix: Any
-    # native: NVFP4's e4m3 block scales (uint8) or INT4's fp32 group scales; int4pack: bf16 (K/g, N, 2) scales
-    # and zeros; int8pack: bf16 ones (N,)
+    # native: the per-block scales the kernel reads (NVFP4's e4m3 codes, MXFP8's exponents, fp32 INT4 group
+    # scales, W4A8 group ratios or fp8_pb_wo tile scales); int4pack: bf16 (K/g, N, 2) scales and zeros;
+    # int8pack: bf16 ones (N,)
     scales: Optional[torch.Tensor] = None
     out_scale: Optional[torch.Tensor] = None  # fp32 () or (N,) multiplying the GEMM output
     nbytes: int = 0  # memory held beyond the checkpoint buffers
-    layout: str = ""  # native: "fp8", "nvfp4" or "int4", the kernel family of `native.py`
+    layout: str = ""  # native: the kernel family of `native.py` ("fp8", "int8", "fp8_tiles", "mxfp8", "nvfp4", ...)
 
     def is_current(self, module_buffers: dict, act_dtype: torch.dtype) -> bool:
         """Built from `module_buffers` (a module's `_buffers`) as they are now, for `act_dtype`?
