@@ -174,7 +174,8 @@ def build_cpu_weight(fmt: F.Format, buffers: dict, group_size: int, act_dtype: t
 def _native(fmt: F.Format, buffers: dict, group_size: int, sources: tuple) -> Optional[CpuWeight]:
     """The `native` kind for the formats `native.py`'s kernels decode, or None (no kernels, or another format)."""
     q = buffers["weight"]
-    if native.library() is None or q.shape[-1] % native.BLOCK or not q.is_contiguous():
+    in_features = q.shape[-1] * (2 if fmt.weight == F.NVFP4 else 1)  # NVFP4 packs two codes per byte along K
+    if native.library() is None or in_features % native.BLOCK or not q.is_contiguous():
         return None
     if fmt.weight == F.FP8 and fmt.weight_granularity in (F.PER_TENSOR, F.PER_CHANNEL):
         return CpuWeight("native", sources, True, q.view(torch.uint8), out_scale=buffers["weight_scale"].float(),

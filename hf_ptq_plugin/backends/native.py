@@ -161,10 +161,10 @@ def matmul_by_chunks(layout: str, x: torch.Tensor, codes: torch.Tensor, n: int, 
     GEMM, so only one chunk (a few MB) exists beside the codes."""
     k = x.shape[1]
     y_t = torch.empty(n, x.shape[0], dtype=torch.float32)  # transposed: each chunk fills contiguous rows
-    code_rows = CHUNK_ROWS // 2 if layout in ("int4", "w4a8") else CHUNK_ROWS  # INT4 packs two rows per byte row
-    for start in range(0, n, CHUNK_ROWS):
+    rows_per_code_row = 2 if layout in ("int4", "w4a8") else 1  # INT4 packs two weight rows per byte row
+    for start in range(0, n, CHUNK_ROWS):  # CHUNK_ROWS and n are even: an INT4 chunk starts on a byte row
         stop = min(n, start + CHUNK_ROWS)
-        chunk_codes = codes[start // CHUNK_ROWS * code_rows:][:code_rows]
+        chunk_codes = codes[start // rows_per_code_row:stop // rows_per_code_row]
         chunk_scales = scales if scales is None or layout == "fp8_tiles" else scales[start:stop]
         buffer = _chunk_buffer(stop - start, k)
         weight = decode(layout, chunk_codes, stop - start, k, chunk_scales, group, start, buffer)

@@ -261,3 +261,15 @@ def test_the_package_imports_and_runs_without_triton(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, check=True, capture_output=True, text=True)
     assert out.stdout.split("\n")[0] == "False (2, 64) []"
+
+
+@pytest.mark.skipif(native.library() is None, reason="no C compiler or no AVX-512 on this machine")
+@pytest.mark.parametrize("m", [1, 17])
+def test_nvfp4_with_in_features_an_odd_number_of_blocks_takes_the_native_kernel(m):
+    """48 inputs: three 16-element blocks, 24 bytes of codes per row (not a multiple of one 16-byte load)."""
+    module = make_module("nvfp4", torch.bfloat16, k=48)
+    torch.manual_seed(1)
+    x = torch.randn(m, 48, dtype=torch.bfloat16)
+    out, ref = module(x), module._reference_forward(x)
+    assert module.cpu_weight_cache.kind == "native"
+    assert ((out.float() - ref.float()).abs() - bf16_bound(module, x, ref, "native")).max() <= 0
