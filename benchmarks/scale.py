@@ -20,8 +20,8 @@ Time split (from outside the library, by wrapping its functions in the child; it
   the loader hands every Linear weight to the quantizer, which only allocates its buffers, because
   calibration re-reads the weights) plus each block's re-read of its full-precision weights from the
   checkpoint (`sources.restore_full_precision`: allocate, read, copy);
-- calibration: tokenizing the text, the capture pass (embeddings, and lm_head on every token: the model's
-  own forward runs with the blocks bypassed), each block's statistics pass and its feed pass;
+- calibration: tokenizing the text, the capture pass (the model's own forward with the blocks and the
+  output head bypassed: embeddings), each block's statistics pass and its feed pass;
 - search: the rest of calibration: the AWQ scale search or the GPTQ solve, rounding and packing into
   QuantLinears, folding scales into norms, loading the tokenizer.
 Each step also records CPU seconds (all threads) and its peak RssAnon: CPU / wall near the number of
@@ -37,7 +37,7 @@ kernels), the compressed-tensors (vLLM) one through transformers' compressed-ten
 so only fp32, where both multiply the same exact weights, can be compared bit for bit).
 
     nice -n 19 python benchmarks/scale.py [--work-dir DIR] [--algorithms awq,gptq] [--layers 32] [--markdown]
-    nice -n 19 python benchmarks/scale.py --layers 2 --limit-gb 14   # full width, 2 layers: ~10-15 min per algorithm
+    nice -n 19 python benchmarks/scale.py --layers 2   # full width, 2 layers: a few minutes per algorithm
     nice -n 19 python benchmarks/scale.py --layers 2 --hidden 1024   # about a minute per algorithm
 """
 

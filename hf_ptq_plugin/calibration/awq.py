@@ -12,6 +12,11 @@ quantization of formats that quantize activations (W4A8, NVFP4-AWQ), with the st
 that the smoothed input will get: from the per-channel max |x| over every calibration token (of
 every process), max_c(x_amax[c] / s[c]), not from the sample's own max. Weight-only formats are
 unaffected by this.
+
+The loss is a sum over output rows, and the scale is one per input channel, so a group wider than
+MAX_SEARCH_ROWS rows is scored on an evenly strided subset of its rows: an estimate of the same loss
+at a fraction of the cost (a Llama-3-8B gate/up pair has 28672 rows, 7x the cap, and its search
+was most of that model's calibration time). Groups up to the cap (every SmolLM2 group) use all rows.
 """
 
 from typing import Callable, Optional
@@ -24,6 +29,7 @@ from ..numerics.weights import fake_quantize_weight
 from .distributed import all_reduce
 
 ALPHA_GRID = tuple(i * 0.1 for i in range(11))  # 0, 0.1, ..., 1
+MAX_SEARCH_ROWS = 4096  # output rows a group's loss is measured on (an evenly strided subset above this)
 
 
 def awq_search(w: torch.Tensor, x: torch.Tensor, x_mean: torch.Tensor, x_amax: torch.Tensor, fmt: F.Format,
@@ -42,9 +48,15 @@ def alpha_losses(w: torch.Tensor, x: torch.Tensor, x_mean: torch.Tensor, x_amax:
     `x_mean`, `x_amax` and `w_mean` (K,) may describe more than w and x (all experts of a MoE
     layer, whose losses are then summed to choose their one shared scale).
     """
-    w, x = w.float(), x.float()
+    w, x = search_rows(w).float(), x.float()
     output_error = _squared_output_error(w, x, x_amax.float(), fmt, group_size, len(ALPHA_GRID))
     return torch.stack([output_error(scale_for(a, x_mean, w_mean, tie)) for a in ALPHA_GRID])
+
+
+def search_rows(w: torch.Tensor) -> torch.Tensor:
+    """The rows of w (N, K) the loss is measured on: all, or every n-th when N > MAX_SEARCH_ROWS."""
+    stride = -(-w.shape[0] // MAX_SEARCH_ROWS)
+    return w if stride == 1 else w[::stride]
 
 
 def best_scale(losses: torch.Tensor, x_mean: torch.Tensor, w_mean: torch.Tensor,

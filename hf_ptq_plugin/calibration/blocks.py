@@ -2,7 +2,8 @@
 
 `capture_block_inputs` runs the user's forward loop once with the decoder blocks replaced by a
 catcher that records the first block's inputs (hidden states plus keyword arguments such as
-position embeddings and the attention mask) and skips the blocks themselves. `run_block` then
+position embeddings and the attention mask) and skips the blocks themselves; the output head is
+skipped too (`_skipping_output_head`), since logits of bypassed blocks are meaningless. `run_block` then
 feeds those inputs through one block, producing the next block's inputs. Algorithms that need
 a layer's inputs (AWQ, GPTQ) quantize block i before computing block i+1's inputs, so every
 block is calibrated on the activations the quantized model will really produce (unless
@@ -123,10 +124,29 @@ def _recording_inputs(model: nn.Module, blocks: Sequence[nn.Module], record: lis
     try:
         for i, block in enumerate(originals):
             blocks[i] = _Catcher(block, record if i == 0 else None, token_mask)
-        yield
+        with _skipping_output_head(model):
+            yield
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
+
+
+@contextlib.contextmanager
+def _skipping_output_head(model: nn.Module) -> Iterator[None]:
+    """The output head returns zeros of its logits' shape without computing them: with the blocks
+    bypassed they are meaningless, and at a 128k vocabulary (Llama 3) the head's GEMM over every
+    calibration token costs as much as a few blocks. A zero-stride tensor takes no memory."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    out_features = getattr(head, "out_features", None)
+    if not isinstance(head, nn.Module) or not isinstance(out_features, int) or "forward" in vars(head):
+        yield
+        return
+    head.forward = lambda x, *args, **kwargs: x.new_zeros(()).expand(*x.shape[:-1], out_features)
+    try:
+        yield
+    finally:
+        del head.forward
 
 
 @torch.no_grad()

@@ -45,6 +45,7 @@ PERC_DAMP = 0.01
 COLUMN_BLOCK = 128
 ACT_ORDER = True
 INT4_GPTQ_MAX = 7.5  # amax / 7.5: all 16 codes, see the module docstring
+TRIANGULAR_BLOCK = 512  # columns of L^-1 solved at a time: a few (K, 512) temporaries
 GRAM_STRIP = 192  # rows of x^T x per GEMM in symmetric_gram: the fastest of 96-512 at K = 576 and 1536
 
 
@@ -122,50 +123,101 @@ def _column_grid(w: torch.Tensor, scale: torch.Tensor, fmt: F.Format, group_size
     return step.clone(), lambda y: fp8_quantize(y, torch.ones((), device=y.device)).float()
 
 
-@torch.no_grad()
+class InverseHessian:
+    """What GPTQ takes from one input's Hessian, computed once for every Linear that reads it
+    (q/k/v, gate/up): dead input channels, the column order, and the upper Cholesky factor of the
+    damped H^-1 in that order."""
+
+    def __init__(self, hessian, perc_damp: float = PERC_DAMP, act_order: bool = ACT_ORDER):
+        """`hessian`: the (K, K) matrix, or a HessianStats whose matrix is taken out of it, so that
+        it is freed as soon as it is copied into column order (a down_proj's is K^2 fp32)."""
+        if isinstance(hessian, HessianStats):
+            stats, hessian = hessian, hessian.hessian
+            stats.hessian = None
+        energy = hessian.diagonal().float().clone()
+        self.dead = energy == 0
+        energy[self.dead] = 1.0  # a dead channel's row and column are zero: a unit pivot isolates it
+        self.act_order = act_order
+        self.order = torch.argsort(energy, descending=True, stable=True) if act_order else torch.arange(len(energy))
+        self.energy = energy  # each input channel's, the weights of the scale search
+        reverse = self.order.flip(0)
+        reversed_h = hessian.float()[reverse[:, None], reverse]  # one gather: no intermediate copy
+        del hessian
+        reversed_h.diagonal().copy_(energy[reverse] + perc_damp * energy.mean())
+        self.factor = _inverse_hessian_factor(reversed_h)
+
+    @torch.no_grad()
+    def quantize(self, w: torch.Tensor, fmt: F.Format, group_size: int, global_amax=None):
+        """(dequantized weight (N, K) fp32 on the format's grid, its scale) for weight w (N, K).
+
+        `global_amax` (NVFP4; per-tensor FP8) is the amax behind `weight_scale_2` (the FP8
+        `weight_scale`), shared by fused layers.
+        """
+        w = w.float().clone()
+        if global_amax is None:  # the original weight's, as QuantLinear will derive weight_scale_2
+            global_amax = w.abs().amax()
+        w[:, self.dead] = 0.0
+        scale = gptq_weight_scale(w, fmt, group_size, global_amax, self.energy)
+        step, to_grid = _column_grid(w, scale, fmt, group_size, global_amax)
+        # Work on the transpose: column i of w is then the contiguous row i, which the updates sweep.
+        wt, step_t = w[:, self.order].t().contiguous(), step[:, self.order].t().contiguous()
+        del w, step
+        dynamic_groups = fmt.weight == F.INT4 and not self.act_order
+        energy, hinv, k = self.energy[self.order], self.factor, wt.shape[0]
+        for start in range(0, k, COLUMN_BLOCK):
+            end = min(start + COLUMN_BLOCK, k)
+            errors = torch.empty_like(wt[start:end])
+            for i in range(start, end):
+                if dynamic_groups and i % group_size == 0:  # the group's scale, from the updated weights
+                    group_w, group_energy = wt[i:i + group_size].t(), energy[i:i + group_size]
+                    scale[:, i // group_size] = gptq_weight_scale(group_w, fmt, group_size, global_amax,
+                                                                  group_energy)[:, 0]
+                    step_t[i:i + group_size] = scale[None, :, i // group_size]
+                s = step_t[i]
+                q = to_grid(wt[i] / s) * s
+                error = (wt[i] - q) / hinv[i, i]
+                wt[i + 1:end].addr_(hinv[i, i + 1:end], error, alpha=-1.0)  # spread over the block's later columns
+                wt[i] = q
+                errors[i - start] = error
+            wt[end:].addmm_(hinv[start:end, end:].t(), errors, alpha=-1.0)  # and over every later block
+        return wt.t()[:, torch.argsort(self.order)].contiguous(), scale
+
+
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: F.Format, group_size: int,
                   perc_damp: float = PERC_DAMP, act_order: bool = ACT_ORDER, global_amax=None):
-    """(dequantized weight (N, K) fp32 on the format's grid, its scale) for weight w (N, K).
+    """GPTQ of one weight w (N, K) on its input Hessian: `InverseHessian(...).quantize(...)`."""
+    return InverseHessian(hessian, perc_damp, act_order).quantize(w, fmt, group_size, global_amax)
 
-    `global_amax` (NVFP4; per-tensor FP8) is the amax behind `weight_scale_2` (the FP8 `weight_scale`),
-    shared by fused layers.
+
+def _inverse_hessian_factor(reversed_h: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), given J H J (J the reversal), which it consumes.
+
+    Cholesky J H J = L L^T gives H = (J L J)(J L J)^T, so H^-1 = U^T U with U = J L^-1 J: upper
+    triangular with a positive diagonal, hence the factor itself. One Cholesky and one triangular
+    inverse take half the operations of inverting H and factoring the inverse, and no more than
+    two K x K matrices live at once.
     """
-    w, h = w.float().clone(), hessian.float().clone()
-    if global_amax is None:  # the original weight's, as QuantLinear will derive weight_scale_2
-        global_amax = w.abs().amax()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    energy = torch.diag(h)  # each input channel's, the weights of the scale search
-    scale = gptq_weight_scale(w, fmt, group_size, global_amax, energy)
-    step, to_grid = _column_grid(w, scale, fmt, group_size, global_amax)
-    dynamic_groups = fmt.weight == F.INT4 and not act_order
-    order = torch.argsort(energy, descending=True, stable=True) if act_order else torch.arange(w.shape[1])
-    # Work on the transpose: column i of w is then the contiguous row i, which the updates sweep.
-    wt, step_t, h = w[:, order].t().contiguous(), step[:, order].t().contiguous(), h[order][:, order]
-    energy = energy[order]
-    hinv = _inverse_hessian_factor(h, perc_damp)
-    k = wt.shape[0]
-    for start in range(0, k, COLUMN_BLOCK):
-        end = min(start + COLUMN_BLOCK, k)
-        errors = torch.empty_like(wt[start:end])
-        for i in range(start, end):
-            if dynamic_groups and i % group_size == 0:  # the group's scale, from the updated weights
-                group_w, group_energy = wt[i:i + group_size].t(), energy[i:i + group_size]
-                scale[:, i // group_size] = gptq_weight_scale(group_w, fmt, group_size, global_amax, group_energy)[:, 0]
-                step_t[i:i + group_size] = scale[None, :, i // group_size]
-            s = step_t[i]
-            q = to_grid(wt[i] / s) * s
-            error = (wt[i] - q) / hinv[i, i]
-            wt[i + 1:end].addr_(hinv[i, i + 1:end], error, alpha=-1.0)  # spread over the block's later columns
-            wt[i] = q
-            errors[i - start] = error
-        wt[end:].addmm_(hinv[start:end, end:].t(), errors, alpha=-1.0)  # and over every later block
-    return wt.t()[:, torch.argsort(order)].contiguous(), scale
+    lower = torch.linalg.cholesky(reversed_h)
+    reversed_h.set_()  # frees it now: the caller's reference would keep it through the inverse
+    return _flipped_lower_inverse(lower)
 
 
-def _inverse_hessian_factor(h: torch.Tensor, perc_damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of the damped H^-1."""
-    h = h + perc_damp * torch.diag(h).mean() * torch.eye(h.shape[0], device=h.device)
-    h_inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(h_inv, upper=True)
+def _flipped_lower_inverse(lower: torch.Tensor) -> torch.Tensor:
+    """U = J L^-1 J for lower-triangular L: the inverse of the upper-triangular R = J L J.
+
+    Block rows of U from the bottom up: R[I, I] U[I, a:] = I[I, a:] - R[I, b:] U[b:, a:] for the
+    block I = a:b, whose right side is one GEMM with the rows already solved. R's blocks are read
+    from L flipped, so beside L and U only (block, K) temporaries exist.
+    """
+    n = lower.shape[0]
+    upper = torch.zeros(n, n, dtype=lower.dtype, device=lower.device)
+    for a in reversed(range(0, n, TRIANGULAR_BLOCK)):
+        b = min(a + TRIANGULAR_BLOCK, n)
+        rhs = torch.zeros(b - a, n - a, dtype=lower.dtype, device=lower.device)
+        rhs[:, :b - a].diagonal().fill_(1.0)
+        if b < n:
+            r_right = lower[n - b:n - a, :n - b].flip(0, 1)  # R[a:b, b:], as R[i, j] = L[n-1-i, n-1-j]
+            rhs[:, b - a:] = -(r_right @ upper[b:, b:])
+        r_diagonal = lower[n - b:n - a, n - b:n - a].flip(0, 1)  # R[a:b, a:b], upper triangular
+        upper[a:b, a:] = torch.linalg.solve_triangular(r_diagonal, rhs, upper=True)
+    return upper

@@ -2,7 +2,9 @@
 
 Pure functions turn our unified-checkpoint tensors into compressed-tensors ones (`convert_layer`,
 `convert_state_dict`) and build config.json's `quantization_config` (`quantization_config`);
-`save_compressed_tensors` writes a model atomically. It is what the "vllm" / "sglang" export
+`save_compressed_tensors` writes a model atomically, converting one layer at a time as its
+tensors are written (`Conversion`, streamed_safetensors.py), so a converted copy of the whole model
+never exists. It is what the "vllm" / "sglang" export
 targets write for the formats `engines.py` says those engines serve in this dialect.
 
 Layouts, as the compressed-tensors package (0.20) reads them (compressors/*/base.py):
@@ -37,9 +39,11 @@ from ..modules.quant_linear import QuantLinear
 from ..numerics.integer import unpack_int4_rows
 from .atomic import atomic_directory
 from .save import Sidecars, write_sidecars
+from .streamed_safetensors import write_streamed
 from .unified import ExportPlan, plan_export
 
 logger = logging.getLogger(__name__)
+PACK_ROWS = 1024  # rows packed into int32 words at a time
 
 PACK_QUANTIZED, INT_QUANTIZED, FLOAT_QUANTIZED, NVFP4_PACKED = (
     "pack-quantized", "int-quantized", "float-quantized", "nvfp4-pack-quantized")
@@ -83,15 +87,20 @@ COMPRESSED_TENSORS_QFORMATS = ("fp8", "fp8_pc_pt", "int8_sq", "int8_wo", "int4_a
 
 
 def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Signed ints (N, K) in [-2^(bits-1), 2^(bits-1)) -> int32 (N, K * bits / 32), packed along K."""
+    """Signed ints (N, K) in [-2^(bits-1), 2^(bits-1)) -> int32 (N, K * bits / 32), packed along K.
+    Packed PACK_ROWS rows at a time: the int64 intermediates are 8 bytes per weight."""
     per_word = 32 // bits
     n, k = q.shape
     if k % per_word:
         raise ValueError(f"cannot pack {k} inputs {per_word} to an int32 word; the input size must be a multiple")
-    unsigned = (q.to(torch.int64) + (1 << (bits - 1))).view(n, k // per_word, per_word)
     shifts = torch.arange(per_word, dtype=torch.int64, device=q.device) * bits
-    words = (unsigned << shifts).sum(dim=-1)  # (N, K / per_word) in [0, 2^32)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    words = torch.empty(n, k // per_word, dtype=torch.int32, device=q.device)
+    for start in range(0, n, PACK_ROWS):
+        rows = q[start:start + PACK_ROWS]
+        unsigned = (rows.to(torch.int64) + (1 << (bits - 1))).view(len(rows), k // per_word, per_word)
+        packed = (unsigned << shifts).sum(dim=-1)  # in [0, 2^32)
+        words[start:start + PACK_ROWS] = torch.where(packed >= 2**31, packed - 2**32, packed)
+    return words
 
 
 def _column(scale: torch.Tensor) -> torch.Tensor:
@@ -129,21 +138,51 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], layers: Dict[str, F.
     `layers` maps each quantized Linear's name to its Format; `attention` names the attention modules
     whose `k_proj.k_scale` / `v_proj.v_scale` move to `<attn>.k_scale` / `<attn>.v_scale` (shape (1,)).
     """
-    out, taken = {}, set()
-    for name, fmt in layers.items():
-        prefix = name + "."
-        local = {key[len(prefix):]: value for key, value in state_dict.items()
-                 if key.startswith(prefix) and "." not in key[len(prefix):]}
-        taken.update(prefix + key for key in local)
-        out.update({prefix + key: value for key, value in convert_layer(local, fmt).items()})
-    for attn in attention:
-        for proj, kind in (("k_proj", "k"), ("v_proj", "v")):
-            key = f"{attn}.{proj}.{kind}_scale"
-            if key in state_dict:
-                out[f"{attn}.{kind}_scale"] = state_dict[key].reshape(1).clone()
-                taken.add(key)
-    out.update({key: value for key, value in state_dict.items() if key not in taken})
-    return out
+    conversion = Conversion(state_dict, layers, attention)
+    return {key: conversion.take(key) for key in conversion.specs()}
+
+
+class Conversion:
+    """`convert_state_dict`, a layer at a time on demand: `specs()` gives every output tensor's shape
+    and dtype (as meta tensors) without converting anything, `take(key)` the tensor itself, converting
+    its layer when first asked and keeping that layer's other tensors only until they are taken."""
+
+    def __init__(self, state_dict: Dict[str, torch.Tensor], layers: Dict[str, F.Format], attention: List[str] = ()):
+        self.state_dict, self.layers = state_dict, layers
+        self.leaves = {}  # quantized layer -> the names of its own tensors
+        for key in state_dict:
+            layer, _, leaf = key.rpartition(".")
+            if layer in layers:
+                self.leaves.setdefault(layer, []).append(leaf)
+        self.renamed = {f"{attn}.{kind}_scale": f"{attn}.{proj}.{kind}_scale" for attn in attention
+                        for proj, kind in (("k_proj", "k"), ("v_proj", "v"))
+                        if f"{attn}.{proj}.{kind}_scale" in state_dict}
+        taken = {f"{layer}.{leaf}" for layer, leaves in self.leaves.items() for leaf in leaves}
+        taken |= set(self.renamed.values())
+        self.kept = [key for key in state_dict if key not in taken]
+        self.owner, self.pending = {}, {}
+
+    def specs(self) -> Dict[str, torch.Tensor]:
+        out = {}
+        for layer in self.leaves:
+            for key, value in self._convert(layer, lambda t: t.to("meta")).items():
+                out[key], self.owner[key] = value, layer
+        out.update({new: self.state_dict[old].reshape(1).to("meta") for new, old in self.renamed.items()})
+        out.update({key: self.state_dict[key].to("meta") for key in self.kept})
+        return out
+
+    def take(self, key: str) -> torch.Tensor:
+        if key in self.owner:
+            if key not in self.pending:
+                self.pending.update(self._convert(self.owner[key], lambda t: t))
+            return self.pending.pop(key)
+        if key in self.renamed:
+            return self.state_dict[self.renamed[key]].reshape(1).clone()
+        return self.state_dict[key]
+
+    def _convert(self, layer: str, placed) -> Dict[str, torch.Tensor]:
+        local = {leaf: placed(self.state_dict[f"{layer}.{leaf}"]) for leaf in self.leaves[layer]}
+        return {f"{layer}.{leaf}": value for leaf, value in convert_layer(local, self.layers[layer]).items()}
 
 
 def quantization_config(fmt: F.Format, group_size: Optional[int], kv_format: Optional[F.KVFormat],
@@ -179,8 +218,6 @@ def check_convertible(model: nn.Module, plan: ExportPlan, target: str) -> None:
 def save_compressed_tensors(model: nn.Module, export_dir, config, target: str = "vllm", max_shard_size="5GB",
                             sidecars: Sidecars = Sidecars()) -> None:
     """Write `model` (quantized per PTQConfig `config`) as a compressed-tensors checkpoint, atomically."""
-    from huggingface_hub import save_torch_state_dict
-
     plan = plan_export(model, config)
     if plan.layer_formats:
         raise ValueError("a model with per-layer formats (MIXED_PRECISION) exports only as the unified checkpoint "
@@ -188,15 +225,44 @@ def save_compressed_tensors(model: nn.Module, export_dir, config, target: str = 
     check_convertible(model, plan, target)
     layers = {name: m.fmt for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     attention = [name for name, m in model.named_modules() if getattr(m, "kv_format", None) is not None]
-    state_dict = convert_state_dict(model.state_dict(), layers, attention)
+    conversion = Conversion(_without_tied_copies(model), layers, attention)
     ignore = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     with atomic_directory(export_dir) as staging:
-        save_torch_state_dict(state_dict, staging, max_shard_size=max_shard_size,
-                              metadata={"format": "pt", "quant_method": "compressed-tensors"})
+        _write_shards(conversion, staging, max_shard_size, {"format": "pt", "quant_method": "compressed-tensors"})
         _write_config(model, staging, quantization_config(plan.fmt, plan.group_size, plan.kv_format, ignore),
                       checkpoint_dtype(model, plan.fmt))
         write_sidecars(model, staging, Path(export_dir), "compressed-tensors", sidecars)
     logger.info("wrote a compressed-tensors (%s) checkpoint to %s", plan.fmt.name, export_dir)
+
+
+def _without_tied_copies(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The state dict without the tied copies (lm_head.weight of a tied model), as transformers saves
+    one: its loader re-ties them, and vLLM skips lm_head.weight of tied models, so the input embedding
+    must be the name stored."""
+    state_dict = model.state_dict()
+    for copy, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        if copy in state_dict and source in state_dict and _same_tensor(state_dict[copy], state_dict[source]):
+            del state_dict[copy]
+    return state_dict
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype
+
+
+def _write_shards(conversion: Conversion, directory: Path, max_shard_size, metadata: dict) -> None:
+    """The converted tensors as safetensors shards (and their index when there are several), each
+    tensor converted just before it is written (streamed_safetensors.py)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    specs = conversion.specs()
+    split = split_torch_state_dict_into_shards(specs, max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        write_streamed(directory / filename, {name: specs[name] for name in names}, conversion.take, metadata)
+    if split.is_sharded:
+        index = {"metadata": {**split.metadata, **metadata}, "weight_map": split.tensor_to_filename}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n",
+                                                                encoding="utf-8")
 
 
 def checkpoint_dtype(model: nn.Module, fmt: F.Format) -> str:

@@ -110,6 +110,22 @@ def test_streaming_blocks_reproduces_the_models_hidden_states(calib_ids):
     torch.testing.assert_close(inputs[0][0][0], final["x"], rtol=1e-5, atol=1e-5)
 
 
+def test_capturing_block_inputs_skips_the_output_head_and_restores_it(calib_ids):
+    """The head's logits are meaningless with the blocks bypassed: it is not run (zeros of their
+    shape come back, without memory) and runs again afterwards."""
+    model = tiny_llama()
+    calls, seen = [], {}
+    model.lm_head.register_forward_hook(lambda m, args, out: calls.append(out))
+    [(_, blocks)] = block_lists(model, target_linears(model))
+    capture_block_inputs(model, blocks, lambda m: seen.update(logits=m(calib_ids).logits))
+    logits = seen["logits"]
+    assert logits.shape == (*calib_ids.shape, model.config.vocab_size) and not logits.any()
+    assert logits.stride()[-1] == 0 and "forward" not in vars(model.lm_head)
+    with torch.no_grad():
+        assert model(calib_ids).logits.any() and len(calls) == 2  # the stand-in ran in the head's place
+    assert torch.equal(calls[1], model.lm_head(model.model(calib_ids).last_hidden_state))
+
+
 @pytest.mark.parametrize("qformat, algorithm", [("int4_awq", "awq_full"), ("int8_sq", "smoothquant"),
                                               ("nvfp4", "gptq")])
 def test_non_sequential_calibration_feeds_each_block_the_full_precision_outputs(qformat, algorithm, calib_ids):

@@ -2,6 +2,8 @@
 
 - AWQ's loss through the Gram matrix x^T x equals the loss on the outputs themselves, and
   awq_clip's per-group Gram matrices choose the clip ratios the partial outputs choose.
+- AWQ's search on a group wider than MAX_SEARCH_ROWS scores every n-th row, and on a group whose
+  rows share their statistics chooses the scale that all rows choose.
 - A just-quantized bf16 block feeds the next block through bf16 dense weights
   (`bf16_dense_weights`): within bf16 rounding of the kernels' outputs, and back to the kernels after.
 - The NaN/Inf check's one-sum fast path still finds every non-finite value.
@@ -17,6 +19,7 @@ from conftest import sqnr_db, tiny_llama
 
 from hf_ptq_plugin import FORMATS, PTQConfig, quantize
 from hf_ptq_plugin.backends.cpu_weights import bf16_dense_weights
+from hf_ptq_plugin.calibration import awq
 from hf_ptq_plugin.calibration.awq import _quantized_output, _squared_output_error
 from hf_ptq_plugin.calibration.blocks import capture_block_inputs, observe_block
 from hf_ptq_plugin.calibration.clipping import CLIP_RATIOS, clip_int_scale, clip_weight_scale
@@ -40,6 +43,35 @@ def test_awq_gram_loss_equals_the_output_loss():
     for scale in (torch.ones(256), torch.rand(256) + 0.5, torch.rand(256) * 3 + 0.1):
         direct = (_quantized_output(w, x, x_amax, scale, fmt, 64) - reference).pow(2).sum()
         torch.testing.assert_close(gram_form(scale), direct, rtol=1e-4, atol=0)
+
+
+def test_awq_search_scores_a_wide_group_on_every_nth_row(monkeypatch):
+    torch.manual_seed(0)
+    monkeypatch.setattr(awq, "MAX_SEARCH_ROWS", 64)
+    w, x = torch.randn(200, 128), torch.randn(256, 128) * (torch.rand(128) * 4)
+    fmt, x_mean, x_amax = FORMATS["int4_awq"], x.abs().mean(dim=0), x.abs().amax(dim=0)
+    w_mean = awq.normalized_weight_mean(w, 64)
+    assert awq.search_rows(w).shape[0] == 50  # stride 4 = ceil(200 / 64)
+    losses = awq.alpha_losses(w, x, x_mean, x_amax, w_mean, fmt, 64)
+    monkeypatch.setattr(awq, "MAX_SEARCH_ROWS", 4096)
+    assert torch.equal(losses, awq.alpha_losses(w[::4], x, x_mean, x_amax, w_mean, fmt, 64))
+
+
+def test_awq_search_on_a_row_subset_chooses_what_all_rows_choose(monkeypatch):
+    """Rows drawn alike (one outlier input channel, one weight-heavy channel): the strided subset's
+    loss curve has its minimum at the same alpha as the whole group's."""
+    torch.manual_seed(0)
+    x = torch.randn(512, 256)
+    x[:, 7] *= 30
+    w = torch.randn(4096, 256) * 0.02
+    w[:, 11] *= 10
+    fmt, x_mean, x_amax = FORMATS["int4_awq"], x.abs().mean(dim=0), x.abs().amax(dim=0)
+    w_mean = awq.normalized_weight_mean(w, 128)
+    full = awq.alpha_losses(w, x, x_mean, x_amax, w_mean, fmt, 128)
+    monkeypatch.setattr(awq, "MAX_SEARCH_ROWS", 512)
+    subset = awq.alpha_losses(w, x, x_mean, x_amax, w_mean, fmt, 128)
+    assert int(subset.argmin()) == int(full.argmin()) and 0 < int(full.argmin()) < len(awq.ALPHA_GRID) - 1
+    torch.testing.assert_close(subset * 8, full, rtol=0.05, atol=0)
 
 
 def test_awq_loss_quantizes_activations_of_formats_that_do():

@@ -13,7 +13,7 @@ from ... import formats as F
 from ...modules.layer_plan import LayerPlan
 from ..blocks import statistics_pass
 from ..expert_smoothing import ExpertPlan
-from ..gptq import HessianStats, gptq_quantize
+from ..gptq import HessianStats, InverseHessian, gptq_quantize
 from ..selection import fused_groups, fused_weight_amax
 from ..smoothing import groups_sharing_input
 from ..stats import InputStats, input_hooks
@@ -45,9 +45,11 @@ class GPTQ(Algorithm):
         global_amax = fused_weight_amax(linears) if fmt.fused_siblings_share_weight_scale else {}
         plans = {}
         for group in groups:
+            # One factorization per input, for every Linear that reads it (q/k/v, gate/up).
+            inverse = InverseHessian(hessians.pop(group[0]))
             for name in group:
-                weight, scale = gptq_quantize(linears[name].weight, hessians[group[0]].hessian, fmt,
-                                              context.group_size, global_amax=global_amax.get(name))
+                weight, scale = inverse.quantize(linears[name].weight, fmt, context.group_size,
+                                                 global_amax=global_amax.get(name))
                 amax = stats[group[0]].amax if stats else None
                 plans[name] = LayerPlan(input_amax=amax, weight=weight, weight_scale=scale)
         return plans
