@@ -1,10 +1,11 @@
 """The native dequantize-GEMV kernels of `native_gemv.c`: built once per machine, called through ctypes.
 
-The C file is compiled on first use with the system's C compiler for this CPU (`-march=native`) into
-the user's cache (`$XDG_CACHE_HOME/hf_ptq_plugin/native`, named by a hash of the source and flags, so
-an upgrade rebuilds it); later processes load the built library at once. Plain C without torch's
-headers keeps the build to about a second. Without a compiler, without AVX-512, or with
-`HF_PTQ_PLUGIN_NATIVE=0`, `library()` is None and the CPU backend keeps torch's own kernels.
+The C files (`SOURCES`: these kernels and the weight quantizers of `native_quantize.c`, which
+`native_quantize.py` wraps) are compiled on first use with the system's C compiler for this CPU
+(`-march=native`) into one library in the user's cache (`$XDG_CACHE_HOME/hf_ptq_plugin/native`, named
+by a hash of the sources and flags, so an upgrade rebuilds it); later processes load the built library
+at once. Plain C without torch's headers keeps the build to about a second. Without a compiler, without
+AVX-512, or with `HF_PTQ_PLUGIN_NATIVE=0`, `library()` is None and the CPU backend keeps torch's own kernels.
 
 Each call passes raw data pointers of contiguous CPU tensors; ctypes releases the GIL for it.
 """
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 _scratch = threading.local()
 
 SOURCE = Path(__file__).with_name("native_gemv.c")
+SOURCES = (SOURCE, Path(__file__).with_name("native_quantize.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 ENV_SWITCH = "HF_PTQ_PLUGIN_NATIVE"
 SIMD_WIDTH = 16  # the C file's AVX-512 path; 0 means it was built without one
@@ -48,6 +50,15 @@ SIGNATURES = {
     "hfptq_decode_mxfp8": (_PTR, _PTR, _I64, _I64, _PTR, ctypes.c_int),
     "hfptq_decode_fp8_tiles": (_PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, ctypes.c_int),
 }
+# native_quantize.c's kernels return the largest 16-bit magnitude pattern they read (native_quantize.py)
+QUANTIZE_SIGNATURES = {
+    "hfptq_quantize_int4": (_PTR, _I64, _I64, _I64, ctypes.c_int, _PTR, _PTR, ctypes.c_int),
+    "hfptq_quantize_int8": (_PTR, _I64, _I64, ctypes.c_int, _PTR, _PTR, ctypes.c_int),
+    "hfptq_amax16": (_PTR, _I64, ctypes.c_int),
+    "hfptq_quantize_fp8": (_PTR, _I64, ctypes.c_float, ctypes.c_int, _PTR, ctypes.c_int),
+    "hfptq_quantize_nvfp4": (_PTR, _I64, _I64, ctypes.c_float, ctypes.c_float, ctypes.c_int, _PTR, _PTR,
+                             ctypes.c_int),
+}
 
 
 def _cache_dir() -> Path:
@@ -61,7 +72,7 @@ def _build(compiler: str, target: Path) -> None:
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
         partial = Path(tmp.name)
     try:
-        subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE)], check=True, capture_output=True,
+        subprocess.run([compiler, *FLAGS, "-o", str(partial), *map(str, SOURCES)], check=True, capture_output=True,
                        text=True, timeout=120)
         os.replace(partial, target)
     finally:
@@ -71,13 +82,14 @@ def _build(compiler: str, target: Path) -> None:
 @functools.cache
 def library() -> Optional[ctypes.CDLL]:
     """The loaded kernels, or None where they cannot run (module docstring)."""
-    if os.environ.get(ENV_SWITCH, "1") == "0" or not SOURCE.exists():
+    if os.environ.get(ENV_SWITCH, "1") == "0" or not all(source.exists() for source in SOURCES):
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         logger.info("no C compiler: the CPU backend keeps torch's kernels, which hold a second copy of each weight")
         return None
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    code = b"".join(source.read_bytes() for source in SOURCES)
+    digest = hashlib.sha256(code + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
     target = _cache_dir() / f"native_gemv-{digest}.so"
     try:
         if not target.exists():
@@ -92,7 +104,17 @@ def library() -> Optional[ctypes.CDLL]:
     for name, argtypes in SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
         getattr(lib, name).restype = None
+    if lib.hfptq_quantize_simd_width() == SIMD_WIDTH:  # else built without them (no AVX-512 BW / VL or F16C)
+        for name, argtypes in QUANTIZE_SIGNATURES.items():
+            getattr(lib, name).argtypes = argtypes
+            getattr(lib, name).restype = ctypes.c_uint32
     return lib
+
+
+def quantize_library() -> Optional[ctypes.CDLL]:
+    """`library()` where it also holds the weight quantizers of `native_quantize.c`, else None."""
+    lib = library()
+    return lib if lib is not None and lib.hfptq_quantize_simd_width() == SIMD_WIDTH else None
 
 
 def _ptr(t: torch.Tensor) -> int:

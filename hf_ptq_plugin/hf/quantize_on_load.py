@@ -5,9 +5,11 @@ transformers' loader then reads one weight at a time, and `QuantizeOnLoad` turns
 layer's checkpoint tensors before the next is read, so the full-precision model never exists.
 Engines need one `weight_scale_2` per fused group (q/k/v, gate/up) for NVFP4 and W4A8; since the
 group's other weights are not loaded yet when the first one is quantized, their amax is read
-ahead from the checkpoint files, a few rows at a time. Each weight is quantized in blocks of rows
-(every format's scales are per row, per row block or per tensor), so the temporaries stay a few
-MiB however large the layer: peak memory is the quantized model plus about one layer. Static
+ahead from the checkpoint files, a few rows at a time. On the CPU the native kernels
+(`backends/native_quantize.py`) quantize a weight in one pass straight into its checkpoint tensors
+where they cover the format; otherwise torch's ops run on blocks of rows (every format's scales are
+per row, per row block or per tensor), so the temporaries stay a few MiB however large the layer:
+peak memory is the quantized model plus about one layer. Static
 activation scales cannot come from weights: such layers stay uncalibrated (dynamic scales, a
 warning) until `calibrate()`. When a layer-streamed algorithm (SmoothQuant, AWQ, GPTQ) will
 calibrate right after loading (`PTQConfig.calib_dataset`), nothing is quantized here: it re-reads
@@ -16,6 +18,7 @@ each block's weights from the checkpoint, so loading only allocates the tensors 
 
 import dataclasses
 import logging
+import math
 from typing import Dict, Iterable, Optional
 
 import torch
@@ -24,6 +27,7 @@ from torch import nn
 from transformers.core_model_loading import ConversionOps
 
 from .. import formats as F
+from ..backends.native_quantize import abs_amax_native, quantize_weight_native
 from ..backends.triton_linear import triton_available
 from ..backends.triton_quantize import quantize_weight_triton
 from ..calibration.algorithms import Algorithm
@@ -39,7 +43,9 @@ from .memory import release_freed_heap
 
 logger = logging.getLogger(__name__)
 
-AMAX_ROWS = 256  # rows read at a time when pre-reading a fused sibling's amax
+# Bytes of model-dtype rows read at a time when pre-reading a fused sibling's amax: the rows are a view of
+# the memory-mapped file unless a cast copies them, and fewer, larger reads spend less per read.
+AMAX_CHUNK_BYTES = 8 << 20
 
 
 def prepare_load_time(model: nn.Module, fmt: F.Format, exclude_modules: Iterable[str],
@@ -88,9 +94,16 @@ def _weight_amax(path: str, key: str, dtype: torch.dtype) -> torch.Tensor:
     # The caller runs inside transformers' meta-device init context; real data needs a real device.
     with torch.device("cpu"), safe_open(path, framework="pt") as handle:
         tensor = handle.get_slice(key)
-        rows = tensor.get_shape()[0]
-        chunks = (abs_amax(tensor[i:i + AMAX_ROWS].to(dtype)) for i in range(0, rows, AMAX_ROWS))
+        rows, *rest = tensor.get_shape()
+        row_bytes = max(1, math.prod(rest) * dtype.itemsize)
+        step = max(1, AMAX_CHUNK_BYTES // row_bytes)
+        chunks = (_rows_amax(tensor[i:i + step].to(dtype)) for i in range(0, rows, step))
         return torch.stack(list(chunks)).amax()
+
+
+def _rows_amax(rows: torch.Tensor) -> torch.Tensor:
+    amax = abs_amax_native(rows)  # the native kernels' single pass where they apply: the same value
+    return abs_amax(rows) if amax is None else amax
 
 
 class QuantizeOnLoad(ConversionOps):
@@ -117,8 +130,10 @@ class QuantizeOnLoad(ConversionOps):
             weight_scale = weight_scale if shared_scale is None else shared_scale
         if w.is_cuda and weight_scale is None and triton_available():  # the quantize kernels, same bits
             tensors = quantize_weight_triton(w, module.fmt, module.group_size, amax)
-        else:
-            tensors = quantize_weight_in_row_blocks(w, module.fmt, module.group_size, amax, weight_scale)
+        else:  # the native CPU kernels where they apply (one pass, same bits), else torch's ops
+            tensors = quantize_weight_native(w, module.fmt, module.group_size, amax, weight_scale)
+            if tensors is None:
+                tensors = quantize_weight_in_row_blocks(w, module.fmt, module.group_size, amax, weight_scale)
         out = {f"{layer}.{name}": tensor for name, tensor in tensors.items()}
         if module.fmt.needs_calibration_data:
             # A placeholder, never saved: the layer stays uncalibrated (dynamic scales) until calibrate().

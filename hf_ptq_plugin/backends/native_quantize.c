@@ -1,0 +1,305 @@
+/* Round-to-nearest weight quantizers that read a bf16 or fp16 weight and write its checkpoint tensors.
+
+   Built with `native_gemv.c` into one library by `native.py`, called through `native_quantize.py`. Each
+   kernel computes exactly what the torch reference (`numerics.weights.quantize_weight`) computes, in the
+   same fp32 operations, so the tensors are bit-identical: the weight widened to fp32 (exact), divided by
+   its fp32 scale (a true division, as torch divides; never a multiply by the reciprocal), rounded half
+   to even (`_mm512_roundscale_ps`, as `torch.round`), clamped, converted. Scales are amax / bound in fp32,
+   1.0 for an all-zero group, row or tensor (`numerics.scales.scale_from_amax`).
+
+   max |w| is taken on the 16-bit patterns: with the sign bit cleared, bf16 and fp16 patterns of finite
+   values order as their magnitudes, so an integer max over 32 lanes at a time gives the amax without a
+   conversion, and NaN and infinity order above every finite value. Every kernel returns that maximum
+   pattern over what it read, so the caller sees a non-finite weight (and then takes the torch path,
+   whose NaN handling it does not reproduce) and, for free, the tensor amax.
+
+   Each kernel reads the weight once; a per-tensor scale from the weight's own amax (FP8's scale, NVFP4's
+   second-level scale) needs one more pass before, `hfptq_amax16`. Work is split across `threads` OpenMP
+   threads: row pairs for INT4 (two output rows share a byte row), rows for INT8 and NVFP4, blocks of
+   elements for per-tensor FP8.
+*/
+#include <stdint.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
+#include <immintrin.h>
+
+#define FP8_BLOCK 65536 /* elements per OpenMP work item of the per-tensor passes */
+
+int hfptq_quantize_simd_width(void) { return 16; }
+
+static inline __m512 widen16(__m256i h, const int fp16) {
+    if (fp16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); /* bf16: an fp32's high half */
+}
+
+static inline __m512 load16(const uint16_t *p, const int fp16) {
+    return widen16(_mm256_loadu_si256((const __m256i *)p), fp16);
+}
+
+/* The first n (< 16) weights of p, zeros after: a row or tensor whose length is not a multiple of 16. */
+static inline __m512 load16_tail(const uint16_t *p, int64_t n, const int fp16) {
+    return widen16(_mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p), fp16);
+}
+
+static inline uint32_t reduce_max_u16_256(__m256i a) {
+    __m128i b = _mm_max_epu16(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    __m128i smallest_complement = _mm_minpos_epu16(_mm_xor_si128(b, _mm_set1_epi16(-1)));
+    return 0xFFFFu ^ ((uint32_t)_mm_cvtsi128_si32(smallest_complement) & 0xFFFFu);
+}
+
+static inline uint32_t reduce_max_u16(__m512i m) {
+    return reduce_max_u16_256(_mm256_max_epu16(_mm512_castsi512_si256(m), _mm512_extracti64x4_epi64(m, 1)));
+}
+
+/* max over n 16-bit weights of their pattern without the sign bit (see the top). */
+static inline uint32_t amax_bits(const uint16_t *p, int64_t n) {
+    const __m512i magnitude = _mm512_set1_epi16(0x7FFF);
+    __m512i m = _mm512_setzero_si512();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) m = _mm512_max_epu16(m, _mm512_and_si512(_mm512_loadu_si512(p + i), magnitude));
+    if (i < n) {
+        __mmask32 tail = (__mmask32)((1ull << (n - i)) - 1);
+        m = _mm512_max_epu16(m, _mm512_and_si512(_mm512_maskz_loadu_epi16(tail, p + i), magnitude));
+    }
+    return reduce_max_u16(m);
+}
+
+static inline float value_of_bits(uint32_t bits, const int fp16) {
+    if (fp16) return _cvtsh_ss((unsigned short)bits);
+    union { uint32_t u; float f; } v;
+    v.u = bits << 16;
+    return v.f;
+}
+
+/* `scale_from_amax`: amax / bound in fp32, 1.0 for a zero amax. */
+static inline float scale_of_bits(uint32_t bits, float bound, const int fp16) {
+    float amax = value_of_bits(bits, fp16);
+    return amax > 0.0f ? amax / bound : 1.0f;
+}
+
+/* round-half-even(x / scale) clamped to [low, high], as int32 lanes (`numerics.integer.int_quantize`). */
+static inline __m512i int_codes(__m512 x, __m512 scale, float low, float high) {
+    __m512 r = _mm512_roundscale_ps(_mm512_div_ps(x, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, _mm512_set1_ps(low)), _mm512_set1_ps(high)));
+}
+
+/* INT4, one pair of rows: byte k of the output row holds row 0's code in its low nibble and row 1's in its
+   high nibble (`numerics.integer.pack_int4_rows`); each group's scale goes to s0 / s1. */
+static inline __attribute__((always_inline)) uint32_t int4_row_pair(const uint16_t *r0, const uint16_t *r1,
+                                                                    int64_t K, int64_t group, uint8_t *out,
+                                                                    float *s0, float *s1, const int fp16) {
+    uint32_t seen = 0;
+    for (int64_t g = 0; g < K; g += group) {
+        uint32_t a0 = amax_bits(r0 + g, group), a1 = amax_bits(r1 + g, group);
+        seen = a0 > seen ? a0 : seen;
+        seen = a1 > seen ? a1 : seen;
+        float scale0 = scale_of_bits(a0, 7.0f, fp16), scale1 = scale_of_bits(a1, 7.0f, fp16);
+        s0[g / group] = scale0;
+        s1[g / group] = scale1;
+        const __m512 v0 = _mm512_set1_ps(scale0), v1 = _mm512_set1_ps(scale1);
+        const __m512i nibble = _mm512_set1_epi32(0xF);
+        for (int64_t k = g; k < g + group; k += 16) {
+            __m512i low = _mm512_and_si512(int_codes(load16(r0 + k, fp16), v0, -8.0f, 7.0f), nibble);
+            __m512i high = _mm512_slli_epi32(int_codes(load16(r1 + k, fp16), v1, -8.0f, 7.0f), 4);
+            _mm_storeu_si128((__m128i *)(out + k), _mm512_cvtepi32_epi8(_mm512_or_si512(low, high)));
+        }
+    }
+    return seen;
+}
+
+/* INT4 group-wise: w (N, K) -> codes uint8 (N / 2, K), scales fp32 (N, K / group). N even, group a multiple
+   of 32 dividing K. Returns the largest magnitude pattern read (top). */
+uint32_t hfptq_quantize_int4(const uint16_t *w, int64_t N, int64_t K, int64_t group, int fp16, uint8_t *codes,
+                             float *scales, int threads) {
+    uint32_t seen = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : seen)
+    for (int64_t pair = 0; pair < N / 2; pair++) {
+        const uint16_t *r0 = w + 2 * pair * K;
+        float *s0 = scales + 2 * pair * (K / group);
+        uint32_t a = fp16 ? int4_row_pair(r0, r0 + K, K, group, codes + pair * K, s0, s0 + K / group, 1)
+                          : int4_row_pair(r0, r0 + K, K, group, codes + pair * K, s0, s0 + K / group, 0);
+        seen = a > seen ? a : seen;
+    }
+    return seen;
+}
+
+static inline __attribute__((always_inline)) uint32_t int8_row(const uint16_t *row, int64_t K, int8_t *out,
+                                                               float *scale, const int fp16) {
+    uint32_t a = amax_bits(row, K);
+    *scale = scale_of_bits(a, 127.0f, fp16);
+    const __m512 s = _mm512_set1_ps(*scale);
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16)
+        _mm_storeu_si128((__m128i *)(out + k), _mm512_cvtepi32_epi8(int_codes(load16(row + k, fp16), s, -128.0f,
+                                                                              127.0f)));
+    if (k < K) {
+        __m512i q = int_codes(load16_tail(row + k, K - k, fp16), s, -128.0f, 127.0f);
+        _mm_mask_storeu_epi8(out + k, (__mmask16)((1u << (K - k)) - 1), _mm512_cvtepi32_epi8(q));
+    }
+    return a;
+}
+
+/* INT8 per output channel: w (N, K) -> codes int8 (N, K), scales fp32 (N,). */
+uint32_t hfptq_quantize_int8(const uint16_t *w, int64_t N, int64_t K, int fp16, int8_t *codes, float *scales,
+                             int threads) {
+    uint32_t seen = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : seen)
+    for (int64_t n = 0; n < N; n++) {
+        uint32_t a = fp16 ? int8_row(w + n * K, K, codes + n * K, scales + n, 1)
+                          : int8_row(w + n * K, K, codes + n * K, scales + n, 0);
+        seen = a > seen ? a : seen;
+    }
+    return seen;
+}
+
+/* The largest magnitude pattern of `count` 16-bit weights: the per-tensor amax (top). */
+uint32_t hfptq_amax16(const uint16_t *w, int64_t count, int threads) {
+    uint32_t seen = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : seen)
+    for (int64_t start = 0; start < count; start += FP8_BLOCK) {
+        uint32_t a = amax_bits(w + start, count - start < FP8_BLOCK ? count - start : FP8_BLOCK);
+        seen = a > seen ? a : seen;
+    }
+    return seen;
+}
+
+/* e4m3 codes of finite fp32 lanes already clamped to +-448, rounded to nearest even like torch's cast to
+   float8_e4m3fn (c10's fp8e4m3fn_from_fp32_value): normal results keep 3 mantissa bits by an integer add
+   of half an ulp (plus one when the kept mantissa is odd) and a shift that also rebiases the exponent;
+   below 2**-6 an fp32 add of 2**14 rounds |v| to a multiple of 2**-9, whose count is the subnormal code. */
+static inline __m128i e4m3_codes(__m512 v) {
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i sign = _mm512_and_si512(bits, _mm512_set1_epi32((int)0x80000000u));
+    __m512i magnitude = _mm512_xor_si512(bits, sign);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(magnitude, 20), _mm512_set1_epi32(1));
+    __m512i rebias = _mm512_set1_epi32((int)(((uint32_t)(7 - 127) << 23) + 0x7FFFFu));
+    __m512i normal = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(magnitude, rebias), odd), 20);
+    __m512 shifted = _mm512_add_ps(_mm512_castsi512_ps(magnitude), _mm512_set1_ps(16384.0f));
+    __m512i subnormal = _mm512_sub_epi32(_mm512_castps_si512(shifted), _mm512_set1_epi32(141 << 23));
+    __mmask16 small = _mm512_cmplt_epu32_mask(magnitude, _mm512_set1_epi32(121 << 23));
+    __m512i code = _mm512_or_si512(_mm512_mask_blend_epi32(small, normal, subnormal), _mm512_srli_epi32(sign, 24));
+    return _mm512_cvtepi32_epi8(code);
+}
+
+/* `numerics.fp8.fp8_quantize`: x / scale clamped to +-448, to e4m3. */
+static inline __m128i fp8_codes(__m512 x, __m512 scale) {
+    __m512 y = _mm512_div_ps(x, scale);
+    return e4m3_codes(_mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-448.0f)), _mm512_set1_ps(448.0f)));
+}
+
+/* One block of per-tensor FP8, with the block's largest magnitude pattern taken from the same loads. */
+static inline __attribute__((always_inline)) uint32_t fp8_block(const uint16_t *w, int64_t n, float scale,
+                                                                uint8_t *out, const int fp16) {
+    const __m512 s = _mm512_set1_ps(scale);
+    const __m256i magnitude = _mm256_set1_epi16(0x7FFF);
+    __m256i m = _mm256_setzero_si256();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)(w + i));
+        m = _mm256_max_epu16(m, _mm256_and_si256(h, magnitude));
+        _mm_storeu_si128((__m128i *)(out + i), fp8_codes(widen16(h, fp16), s));
+    }
+    if (i < n) {
+        __mmask16 tail = (__mmask16)((1u << (n - i)) - 1);
+        __m256i h = _mm256_maskz_loadu_epi16(tail, w + i);
+        m = _mm256_max_epu16(m, _mm256_and_si256(h, magnitude));
+        _mm_mask_storeu_epi8(out + i, tail, fp8_codes(widen16(h, fp16), s));
+    }
+    return reduce_max_u16_256(m);
+}
+
+/* Per-tensor FP8: `count` weights -> e4m3 codes under one fp32 scale (finite, positive; the caller checks). */
+uint32_t hfptq_quantize_fp8(const uint16_t *w, int64_t count, float scale, int fp16, uint8_t *codes, int threads) {
+    uint32_t seen = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : seen)
+    for (int64_t start = 0; start < count; start += FP8_BLOCK) {
+        int64_t n = count - start < FP8_BLOCK ? count - start : FP8_BLOCK;
+        uint32_t a = fp16 ? fp8_block(w + start, n, scale, codes + start, 1)
+                          : fp8_block(w + start, n, scale, codes + start, 0);
+        seen = a > seen ? a : seen;
+    }
+    return seen;
+}
+
+/* `e4m3_codes` for one finite value in [2**-9, 448] (an NVFP4 block scale, already clamped). */
+static inline uint8_t e4m3_code(float v) {
+    union { float f; uint32_t u; } x = {v};
+    if (x.u < (121u << 23)) {
+        union { float f; uint32_t u; } shifted = {v + 16384.0f};
+        return (uint8_t)(shifted.u - (141u << 23));
+    }
+    return (uint8_t)((x.u + ((uint32_t)(7 - 127) << 23) + 0x7FFFFu + ((x.u >> 20) & 1u)) >> 20);
+}
+
+/* The value of a non-negative e4m3 code: (8 + m) * 2**(e - 10), or m * 2**-9 for e = 0; exact in fp32. */
+static inline float e4m3_value_of(uint8_t c) {
+    int e = (c >> 3) & 15, m = c & 7;
+    if (e == 0) return (float)m * (1.0f / 512.0f);
+    union { uint32_t u; float f; } power = {(uint32_t)(e - 10 + 127) << 23};
+    return (float)(8 + m) * power.f;
+}
+
+/* E2M1 codes (sign in bit 3) of 16 fp32 lanes, as `numerics.nvfp4.e2m1_codes`: the index counts the grid
+   midpoints |y| passes, ties going to the even grid point (> then >= in turn); NaN gives 0 as there. */
+static inline __m512i e2m1_codes16(__m512 y) {
+    static const float midpoints[7] = {0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.0f};
+    const __m512i one = _mm512_set1_epi32(1);
+    __m512 m = _mm512_abs_ps(y);
+    __m512i index = _mm512_setzero_si512();
+    for (int i = 0; i < 7; i++) {
+        __mmask16 past = (i % 2) ? _mm512_cmp_ps_mask(m, _mm512_set1_ps(midpoints[i]), _CMP_GE_OQ)
+                                 : _mm512_cmp_ps_mask(m, _mm512_set1_ps(midpoints[i]), _CMP_GT_OQ);
+        index = _mm512_mask_add_epi32(index, past, index, one);
+    }
+    __mmask16 negative = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_LT_OQ);
+    return _mm512_mask_or_epi32(index, negative, index, _mm512_set1_epi32(8));
+}
+
+/* 16 codes (one per int32 lane) to 8 bytes, element 2j in the low nibble of byte j (`pack_nibbles`): each
+   64-bit lane holds an even element in its low half and the next odd one in its high half. */
+static inline void store_nibbles16(uint8_t *out, __m512i codes) {
+    __m512i pairs = _mm512_or_si512(codes, _mm512_srli_epi64(codes, 28));
+    _mm_storel_epi64((__m128i *)out, _mm512_cvtepi64_epi8(pairs));
+}
+
+/* One NVFP4 row: per 16-weight block, scale = e4m3(clamp(amax / (6 * scale_2) or 1 when 0, 2**-9, 448)),
+   codes = e2m1(x / (scale * scale_2)) (`numerics.nvfp4.nvfp4_quantize`). `denominator` is the fp32 6 * scale_2. */
+static inline __attribute__((always_inline)) uint32_t nvfp4_row(const uint16_t *row, int64_t K, float scale_2,
+                                                                float denominator, uint8_t *codes,
+                                                                uint8_t *scales, const int fp16) {
+    const __m256i magnitude = _mm256_set1_epi16(0x7FFF);
+    uint32_t seen = 0;
+    for (int64_t k = 0; k < K; k += 16) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)(row + k));
+        uint32_t a = reduce_max_u16_256(_mm256_and_si256(h, magnitude));
+        seen = a > seen ? a : seen;
+        float block = value_of_bits(a, fp16) / denominator;
+        block = block == 0.0f ? 1.0f : block;
+        block = block < 1.0f / 512.0f ? 1.0f / 512.0f : (block > 448.0f ? 448.0f : block);
+        uint8_t code = e4m3_code(block);
+        scales[k / 16] = code;
+        __m512 step = _mm512_set1_ps(e4m3_value_of(code) * scale_2);
+        store_nibbles16(codes + k / 2, e2m1_codes16(_mm512_div_ps(widen16(h, fp16), step)));
+    }
+    return seen;
+}
+
+/* NVFP4: w (N, K) -> codes uint8 (N, K / 2), e4m3 block scales (N, K / 16), under the fp32 global scale
+   `scale_2` (finite, positive; the caller's). K a multiple of 16. */
+uint32_t hfptq_quantize_nvfp4(const uint16_t *w, int64_t N, int64_t K, float scale_2, float denominator, int fp16,
+                              uint8_t *codes, uint8_t *scales, int threads) {
+    uint32_t seen = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : seen)
+    for (int64_t n = 0; n < N; n++) {
+        const uint16_t *row = w + n * K;
+        uint32_t a = fp16 ? nvfp4_row(row, K, scale_2, denominator, codes + n * (K / 2), scales + n * (K / 16), 1)
+                          : nvfp4_row(row, K, scale_2, denominator, codes + n * (K / 2), scales + n * (K / 16), 0);
+        seen = a > seen ? a : seen;
+    }
+    return seen;
+}
+
+#else
+/* Without AVX-512 (BW, VL) and F16C the Python side keeps torch's quantizers (native_quantize.py checks this). */
+int hfptq_quantize_simd_width(void) { return 0; }
+#endif
