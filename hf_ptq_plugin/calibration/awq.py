@@ -29,6 +29,7 @@ from ..numerics.weights import fake_quantize_weight
 from .distributed import all_reduce
 
 ALPHA_GRID = tuple(i * 0.1 for i in range(11))  # 0, 0.1, ..., 1
+MEAN_ELEMENTS = 2**24  # weights made fp32 at a time for the normalized weight mean (64 MB)
 MAX_SEARCH_ROWS = 4096  # output rows a group's loss is measured on (an evenly strided subset above this)
 
 
@@ -37,7 +38,7 @@ def awq_search(w: torch.Tensor, x: torch.Tensor, x_mean: torch.Tensor, x_amax: t
     """The best smoothing factor s (K,) for stacked weights w (N, K) and sampled inputs x (T, K),
     given the per-channel mean and max |x| (K,) over all calibration tokens. `tie` (scale -> scale)
     constrains every candidate scale, e.g. to one that folds into the layer before."""
-    w_mean = normalized_weight_mean(w.float(), block_size(fmt, group_size))
+    w_mean = normalized_weight_mean(w, block_size(fmt, group_size))
     return best_scale(alpha_losses(w, x, x_mean, x_amax, w_mean, fmt, group_size, tie), x_mean, w_mean, tie)
 
 
@@ -71,10 +72,18 @@ def block_size(fmt: F.Format, group_size: Optional[int]) -> int:
 
 
 def normalized_weight_mean(w: torch.Tensor, block: int) -> torch.Tensor:
+    """mean over rows of |w| / (its block's amax), (K,) fp32. A weight over MEAN_ELEMENTS is summed
+    a slice of rows at a time, so its fp32 temporaries stay small."""
     n, k = w.shape
-    blocks = w.abs().view(n, k // block, block)
-    normalized = blocks / blocks.amax(dim=-1, keepdim=True).clamp(min=1e-12)
-    return normalized.view(n, k).mean(dim=0)
+    rows = max(1, MEAN_ELEMENTS // k)
+    if n <= rows:
+        return _normalized(w, block).mean(dim=0)
+    return sum(_normalized(w[start:start + rows], block).sum(dim=0) for start in range(0, n, rows)) / n
+
+
+def _normalized(w: torch.Tensor, block: int) -> torch.Tensor:
+    blocks = w.float().abs().view(w.shape[0], -1, block)
+    return (blocks / blocks.amax(dim=-1, keepdim=True).clamp(min=1e-12)).view(w.shape)
 
 
 def scale_for(alpha: float, x_mean: torch.Tensor, w_mean: torch.Tensor, tie: Optional[Callable] = None) -> torch.Tensor:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .. import formats as F
 from ..backends.cpu_weights import bf16_dense_weights
+from ..hf.memory import release_freed_heap
 from ..modules.quant_linear import QuantLinear
 from .algorithms import Algorithm, BlockContext
 from .blocks import block_lists, capture_block_inputs, run_block
@@ -52,6 +53,7 @@ def streamed_calibration(model: nn.Module, linears: Dict[str, nn.Module], fmt: F
                 outputs = None if sequential or last else []
                 context = BlockContext(block, inputs, token_mask, fmt, group_size, stride, outputs, fold_scales)
                 quantize_block(block_linears, algorithm.plan_block(context, block_linears))
+                release_freed_heap()  # the block's search temporaries: the allocator would keep them resident
                 if outputs:
                     inputs = outputs
                     continue
