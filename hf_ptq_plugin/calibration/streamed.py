@@ -53,7 +53,10 @@ def streamed_calibration(model: nn.Module, linears: Dict[str, nn.Module], fmt: F
                 outputs = None if sequential or last else []
                 context = BlockContext(block, inputs, token_mask, fmt, group_size, stride, outputs, fold_scales)
                 quantize_block(block_linears, algorithm.plan_block(context, block_linears))
-                release_freed_heap()  # the block's search temporaries: the allocator would keep them resident
+                # The replaced full-precision Linears and the search's temporaries go before the feed pass,
+                # which adds the block's dense feeding weights and activations.
+                block_linears = context = None
+                release_freed_heap()
                 if outputs:
                     inputs = outputs
                     continue
