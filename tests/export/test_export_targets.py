@@ -101,8 +101,9 @@ def test_a_failed_write_leaves_the_destination_as_it_was(target, name, token_ids
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("huggingface_hub.save_torch_state_dict", fail)
     monkeypatch.setattr("safetensors.torch.save_file", fail)
+    # compressed-tensors files are written a tensor at a time: fail after a file's header is on disk
+    monkeypatch.setattr("hf_ptq_plugin.export.compressed_tensors.Conversion.take", fail)
     with pytest.raises(OSError, match="disk full"):
         export_checkpoint(quantized(name, token_ids), destination, target=target)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"] and [p.name for p in destination.iterdir()] == ["notes.txt"]
