@@ -139,11 +139,11 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], layers: Dict[str, F.
     whose `k_proj.k_scale` / `v_proj.v_scale` move to `<attn>.k_scale` / `<attn>.v_scale` (shape (1,)).
     """
     conversion = Conversion(state_dict, layers, attention)
-    return {key: conversion.take(key) for key in conversion.specs()}
+    return {key: conversion.take(key) for key in conversion.specs}
 
 
 class Conversion:
-    """`convert_state_dict`, a layer at a time on demand: `specs()` gives every output tensor's shape
+    """`convert_state_dict`, a layer at a time on demand: `specs` holds every output tensor's shape
     and dtype (as meta tensors) without converting anything, `take(key)` the tensor itself, converting
     its layer when first asked and keeping that layer's other tensors only until they are taken."""
 
@@ -159,17 +159,14 @@ class Conversion:
                         if f"{attn}.{proj}.{kind}_scale" in state_dict}
         taken = {f"{layer}.{leaf}" for layer, leaves in self.leaves.items() for leaf in leaves}
         taken |= set(self.renamed.values())
-        self.kept = [key for key in state_dict if key not in taken]
-        self.owner, self.pending = {}, {}
-
-    def specs(self) -> Dict[str, torch.Tensor]:
-        out = {}
+        kept = [key for key in state_dict if key not in taken]
+        self.owner, self.pending = {}, {}  # output key -> its quantized layer; converted, not yet taken
+        self.specs = {}  # every output tensor as a meta tensor: its shape and dtype, nothing converted
         for layer in self.leaves:
             for key, value in self._convert(layer, lambda t: t.to("meta")).items():
-                out[key], self.owner[key] = value, layer
-        out.update({new: self.state_dict[old].reshape(1).to("meta") for new, old in self.renamed.items()})
-        out.update({key: self.state_dict[key].to("meta") for key in self.kept})
-        return out
+                self.specs[key], self.owner[key] = value, layer
+        self.specs.update({new: state_dict[old].reshape(1).to("meta") for new, old in self.renamed.items()})
+        self.specs.update({key: state_dict[key].to("meta") for key in kept})
 
     def take(self, key: str) -> torch.Tensor:
         if key in self.owner:
@@ -255,7 +252,7 @@ def _write_shards(conversion: Conversion, directory: Path, max_shard_size, metad
     tensor converted just before it is written (streamed_safetensors.py)."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
-    specs = conversion.specs()
+    specs = conversion.specs
     split = split_torch_state_dict_into_shards(specs, max_shard_size=max_shard_size)
     for filename, names in split.filename_to_tensors.items():
         write_streamed(directory / filename, {name: specs[name] for name in names}, conversion.take, metadata)
