@@ -112,17 +112,33 @@ class CheckpointWeights:
             return handle.get_tensor(name)
 
 
+def _source_weight(source: "CheckpointWeights", name: str, module: QuantLinear, device) -> torch.Tensor:
+    """The source weight `name` of `module`, cast as the loader casts it (round to nearest), on `device`."""
+    weight = source.read(name)
+    expected = (module.out_features, module.in_features)
+    if tuple(weight.shape) != expected:
+        raise ValueError(f"source weight {name}: expected shape {list(expected)}, found {list(weight.shape)}")
+    return weight.to(device=device, dtype=module.dtype)  # the tensor itself when nothing changes
+
+
 @torch.no_grad()
 def restore_full_precision(model: nn.Module, modules: Dict[str, QuantLinear],
                            source: CheckpointWeights) -> Dict[str, nn.Linear]:
-    """Swap each QuantLinear for an nn.Linear holding its source weight (in the layer's dtype)."""
+    """Swap each QuantLinear for an nn.Linear holding its source weight (in the layer's dtype).
+
+    A CPU weight already in the layer's dtype stays the safetensors memory map that `read` returns:
+    file-backed pages the kernel can drop and read again, not anonymous memory (an 8B model's block
+    is 0.44 GB of it). The map is private, so an algorithm that scales the weight in place
+    (producer folding) writes a copy of the pages it touches, never the file.
+    """
     restored = {}
     for name, module in modules.items():
         device = execution_device(module)  # an accelerate-offloaded layer's weights sit on meta
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                           dtype=module.dtype, device=device)
-        linear.weight.copy_(source.read(f"{name}.weight"))  # cast as the loader casts it
+                           dtype=module.dtype, device="meta")
+        linear.weight = nn.Parameter(_source_weight(source, f"{name}.weight", module, device), requires_grad=False)
         if module.bias is not None:
+            linear.bias = nn.Parameter(torch.empty_like(linear.bias, device=device), requires_grad=False)
             with onloaded(module):
                 linear.bias.copy_(module.bias)
         linear.requires_grad_(False)
