@@ -4,8 +4,10 @@ The C files (`SOURCES`: these kernels and the weight quantizers of `native_quant
 `native_quantize.py` wraps) are compiled on first use with the system's C compiler for this CPU
 (`-march=native`) into one library in the user's cache (`$XDG_CACHE_HOME/hf_ptq_plugin/native`, named
 by a hash of the sources and flags, so an upgrade rebuilds it); later processes load the built library
-at once. Plain C without torch's headers keeps the build to about a second. Without a compiler, without
-AVX-512, or with `HF_PTQ_PLUGIN_NATIVE=0`, `library()` is None and the CPU backend keeps torch's own kernels.
+at once. Plain C without torch's headers keeps the build to about a second. The kernels need AVX-512, or
+AVX2 with F16C and FMA; the weight quantizers need AVX-512 (BW, VL) and F16C: on an AVX2-only CPU `library()` holds
+the kernels and `quantize_library()` is None. Without a compiler, without AVX-512 or AVX2 (+F16C, FMA), or
+with `HF_PTQ_PLUGIN_NATIVE=0`, `library()` is None and the CPU backend keeps torch's own kernels.
 
 Each call passes raw data pointers of contiguous CPU tensors; ctypes releases the GIL for it.
 """
@@ -31,8 +33,9 @@ SOURCE = Path(__file__).with_name("native_gemv.c")
 SOURCES = (SOURCE, Path(__file__).with_name("native_quantize.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 ENV_SWITCH = "HF_PTQ_PLUGIN_NATIVE"
-SIMD_WIDTH = 16  # the C file's AVX-512 path; 0 means it was built without one
-BLOCK = 16  # the kernels take K (in_features) and INT4 group sizes in multiples of one vector
+SIMD_WIDTHS = (16, 8)  # native_gemv.c's AVX-512 and AVX2 paths; 0 means it was built without either
+QUANTIZE_SIMD_WIDTH = 16  # native_quantize.c's AVX-512 path, its only one; 0 means it was built without it
+BLOCK = 16  # the kernels take K (in_features) and INT4 group sizes in multiples of 16 (one AVX-512 vector, two AVX2)
 CHUNK_ROWS = 256  # weight rows `matmul_by_chunks` decodes at a time: 4 MB of fp32 at K = 4096
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -99,12 +102,12 @@ def library() -> Optional[ctypes.CDLL]:
         detail = getattr(error, "stderr", "") or error
         logger.warning("could not build the native CPU kernels (%s); torch's kernels are used instead", detail)
         return None
-    if lib.hfptq_simd_width() != SIMD_WIDTH:
+    if lib.hfptq_simd_width() not in SIMD_WIDTHS:
         return None
     for name, argtypes in SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
         getattr(lib, name).restype = None
-    if lib.hfptq_quantize_simd_width() == SIMD_WIDTH:  # else built without them (no AVX-512 BW / VL or F16C)
+    if lib.hfptq_quantize_simd_width() == QUANTIZE_SIMD_WIDTH:  # else built without them (no AVX-512 BW / VL or F16C)
         for name, argtypes in QUANTIZE_SIGNATURES.items():
             getattr(lib, name).argtypes = argtypes
             getattr(lib, name).restype = ctypes.c_uint32
@@ -114,7 +117,7 @@ def library() -> Optional[ctypes.CDLL]:
 def quantize_library() -> Optional[ctypes.CDLL]:
     """`library()` where it also holds the weight quantizers of `native_quantize.c`, else None."""
     lib = library()
-    return lib if lib is not None and lib.hfptq_quantize_simd_width() == SIMD_WIDTH else None
+    return lib if lib is not None and lib.hfptq_quantize_simd_width() == QUANTIZE_SIMD_WIDTH else None
 
 
 def _ptr(t: torch.Tensor) -> int:

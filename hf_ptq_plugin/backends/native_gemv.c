@@ -3,15 +3,19 @@
    Built on the user's machine by `native.py` (cc -O3 -march=native -fopenmp), loaded with ctypes.
    They exist for memory: torch's CPU kernels need a second copy of each weight in their own layout
    (2 bytes per weight for FP8 and NVFP4, a repacked copy for INT4), these decode the 1 or 0.5
-   bytes per weight the checkpoint holds, 16 weights per AVX-512 vector, inside the dot product.
+   bytes per weight the checkpoint holds inside the dot product: 16 weights per AVX-512 vector or, on
+   CPUs with AVX2, F16C and FMA but no AVX-512, per two 8-lane AVX2 vectors. `hfptq_simd_width()`
+   says which path was built (16, 8, or 0 for neither: native.py then keeps torch's kernels). Both
+   paths decode to the same fp32 values; only the order of the fp32 sums differs.
 
    Decoding without a table: an e4m3 code c (s eeee mmm) reinterpreted as the fp16 bit pattern
    (s << 15) | ((c & 0x7f) << 7) is its value times 2**-8, subnormals included (fp16 has 5 exponent
-   bits to e4m3's 4), so one fp16 -> fp32 conversion decodes 16 codes. An e2m1 code (s ee m) as
+   bits to e4m3's 4), so one fp16 -> fp32 conversion decodes a vector of codes. An e2m1 code (s ee m) as
    (s << 15) | ((c & 7) << 9) is its value times 2**-14. The callers multiply the sums back. e4m3's
    NaN code (0x7f / 0xff) decodes as 480: our quantizers never write it. 4-bit codes instead index a
-   16-entry table of their values already times their scale (one vector, `_mm512_permutexvar_ps`
-   reads each lane's entry), rebuilt per NVFP4 block or INT4 group: a table lookup replaces the
+   16-entry table of their values already times their scale (AVX-512: one vector, `_mm512_permutexvar_ps`
+   reads each lane's entry; AVX2: two 8-entry halves, `_mm256_permutevar8x32_ps` reads both and the
+   index's bit 3 picks one), rebuilt per NVFP4 block or INT4 group: a table lookup replaces the
    conversion and the scale multiply, and W4A8's e4m3 rounding is paid 16 times per group, not per weight.
 
    gemv_*: y (M, N) = x (M, K) fp32 times the decoded weight (N, K) transposed, fp32 sums; rows of
@@ -24,12 +28,21 @@
 #include <stdint.h>
 
 #if defined(__AVX512F__) && defined(__AVX2__)
+#define HFPTQ_SIMD_WIDTH 16
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#define HFPTQ_SIMD_WIDTH 8
+#else
+#define HFPTQ_SIMD_WIDTH 0 /* neither: the Python side keeps torch's kernels (native.py checks this) */
+#endif
+
+int hfptq_simd_width(void) { return HFPTQ_SIMD_WIDTH; }
+
+#if HFPTQ_SIMD_WIDTH
+/* Shared by both paths: scalar decodes and the 4-bit value tables. */
 #include <immintrin.h>
 
 #define MAX_ROWS 8
 #define E4M3_UNIT 256.0f      /* decoded e4m3 value = vector value * 2**8 */
-
-int hfptq_simd_width(void) { return 16; }
 
 static float e4m3_value(uint8_t c) {
     int e = (c >> 3) & 15, m = c & 7;
@@ -44,6 +57,18 @@ static float e8m0_value(uint8_t e) {
     return v.f;
 }
 
+/* Value of each 4-bit code: E2M1 (s ee m), and signed INT4 (two's complement). */
+static const float E2M1_VALUES[16] = {0, 0.5f, 1, 1.5f, 2, 3, 4, 6, -0.0f, -0.5f, -1, -1.5f, -2, -3, -4, -6};
+static const float INT4_VALUES[16] = {0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1};
+static float E4M3_VALUES[256];
+
+__attribute__((constructor)) static void fill_e4m3_values(void) {
+    for (int c = 0; c < 256; c++) E4M3_VALUES[c] = e4m3_value((uint8_t)c);
+}
+#endif
+
+#if HFPTQ_SIMD_WIDTH == 16
+/* AVX-512: 16 weights per vector. */
 static inline __m512 e4m3x16(const uint8_t *p) {
     __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
     __m256i sign = _mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x80)), 8);
@@ -61,15 +86,6 @@ static inline __m512i nibbles16(const uint8_t *p) {
 
 static inline __m512 table16(const float *values, float scale) {
     return _mm512_mul_ps(_mm512_loadu_ps(values), _mm512_set1_ps(scale));
-}
-
-/* Value of each 4-bit code: E2M1 (s ee m), and signed INT4 (two's complement). */
-static const float E2M1_VALUES[16] = {0, 0.5f, 1, 1.5f, 2, 3, 4, 6, -0.0f, -0.5f, -1, -1.5f, -2, -3, -4, -6};
-static const float INT4_VALUES[16] = {0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1};
-static float E4M3_VALUES[256];
-
-__attribute__((constructor)) static void fill_e4m3_values(void) {
-    for (int c = 0; c < 256; c++) E4M3_VALUES[c] = e4m3_value((uint8_t)c);
 }
 
 static inline __m512 int8x16(const uint8_t *p) {
@@ -302,7 +318,298 @@ void hfptq_decode_int4(const uint8_t *w, const float *scales, int64_t group, int
         }
 }
 
-#else
-/* Without AVX-512 the Python side keeps torch's kernels (native.py checks this). */
-int hfptq_simd_width(void) { return 0; }
+#elif HFPTQ_SIMD_WIDTH == 8
+/* AVX2 (with F16C and FMA): the AVX-512 path's steps of 16 weights, each held in two 8-lane vectors. */
+
+typedef struct { __m256 lo, hi; } f32x16;     /* 16 weights, or a 16-entry table: entries 0-7 and 8-15 */
+typedef struct { __m256i lo, hi; } i32x16;    /* 16 table indices */
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static inline f32x16 scaled16(f32x16 v, float scale) {
+    __m256 s = _mm256_set1_ps(scale);
+    return (f32x16){_mm256_mul_ps(v.lo, s), _mm256_mul_ps(v.hi, s)};
+}
+
+static inline void store16(float *p, f32x16 v) {
+    _mm256_storeu_ps(p, v.lo);
+    _mm256_storeu_ps(p + 8, v.hi);
+}
+
+/* 8 e4m3 codes, each the high byte of a 16-bit lane (c << 8): an arithmetic shift by one and clearing bit 14
+   give (s << 15) | ((c & 0x7f) << 7), the fp16 pattern of the header comment. */
+static inline __m256 e4m3x8(__m128i high_bytes) {
+    return _mm256_cvtph_ps(_mm_and_si128(_mm_srai_epi16(high_bytes, 1), _mm_set1_epi16((short)0xBFFF)));
+}
+
+static inline f32x16 e4m3x16(const uint8_t *p) {
+    __m128i c = _mm_loadu_si128((const __m128i *)p), zero = _mm_setzero_si128();
+    return (f32x16){e4m3x8(_mm_unpacklo_epi8(zero, c)), e4m3x8(_mm_unpackhi_epi8(zero, c))};
+}
+
+static inline f32x16 int8x16(const uint8_t *p) {
+    return (f32x16){_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))),
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))))};
+}
+
+/* The 16 codes of 8 bytes as table indices (element 2j in the low nibble of byte j,
+   numerics.nvfp4.pack_nibbles); `lookup16` reads only an index's low 4 bits. */
+static inline i32x16 nibbles16(const uint8_t *p) {
+    __m128i b = _mm_loadl_epi64((const __m128i *)p);
+    __m128i twice = _mm_unpacklo_epi8(b, b);  /* byte j in bytes 2j and 2j + 1 */
+    __m256i shifts = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
+    return (i32x16){_mm256_srlv_epi32(_mm256_cvtepu8_epi32(twice), shifts),
+                    _mm256_srlv_epi32(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(twice, twice)), shifts)};
+}
+
+/* Entry (index & 15) of a 16-entry table: `_mm256_permutevar8x32_ps` reads an index's low 3 bits in both
+   halves, bit 3 (shifted to the sign bit, which `_mm256_blendv_ps` reads) picks the half. */
+static inline __m256 lookup16(__m256i index, f32x16 table) {
+    __m256 low = _mm256_permutevar8x32_ps(table.lo, index), high = _mm256_permutevar8x32_ps(table.hi, index);
+    return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(index, 28)));
+}
+
+static inline f32x16 lookup16x16(i32x16 index, f32x16 table) {
+    return (f32x16){lookup16(index.lo, table), lookup16(index.hi, table)};
+}
+
+static inline f32x16 table16(const float *values, float scale) {
+    __m256 s = _mm256_set1_ps(scale);
+    return (f32x16){_mm256_mul_ps(_mm256_loadu_ps(values), s), _mm256_mul_ps(_mm256_loadu_ps(values + 8), s)};
+}
+
+/* v clamped to +-448 and rounded to e4m3 (nearest, ties to even), as the AVX-512 path's e4m3_round. */
+static inline __m256 e4m3_round(__m256 v) {
+    __m256 sign = _mm256_and_ps(v, _mm256_set1_ps(-0.0f));
+    __m256 a = _mm256_min_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), v), _mm256_set1_ps(448.0f));
+    __m256i magnitude = _mm256_castps_si256(a);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(magnitude, 20), _mm256_set1_epi32(1));
+    __m256i normal = _mm256_and_si256(_mm256_add_epi32(magnitude, _mm256_add_epi32(_mm256_set1_epi32(0x7FFFF), odd)),
+                                      _mm256_set1_epi32((int)0xFFF00000u));
+    __m256 steps = _mm256_round_ps(_mm256_mul_ps(a, _mm256_set1_ps(512.0f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 subnormal = _mm256_mul_ps(steps, _mm256_set1_ps(1.0f / 512.0f));
+    __m256 small = _mm256_cmp_ps(a, _mm256_set1_ps(1.0f / 64.0f), _CMP_LT_OQ);
+    return _mm256_or_ps(_mm256_blendv_ps(_mm256_castsi256_ps(normal), subnormal, small), sign);
+}
+
+/* One weight row's dot product with one activation row (DECODE: the f32x16 of weights k .. k + 15): four
+   accumulators in registers, so consecutive FMAs do not wait for each other. */
+#define ROW_DOT_ONE(DECODE, SCALE_OUT)                                                 \
+    {                                                                                  \
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                    \
+        int64_t k0 = 0;                                                                \
+        for (; k0 + 32 <= K; k0 += 32) {                                               \
+            { const int64_t k = k0; f32x16 w = DECODE;                                 \
+              a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), w.lo, a0);                  \
+              a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), w.hi, a1); }            \
+            { const int64_t k = k0 + 16; f32x16 w = DECODE;                            \
+              a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), w.lo, a2);                  \
+              a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), w.hi, a3); }            \
+        }                                                                              \
+        for (; k0 < K; k0 += 16) {                                                     \
+            const int64_t k = k0;                                                      \
+            f32x16 w = DECODE;                                                         \
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), w.lo, a0);                    \
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), w.hi, a1);                \
+        }                                                                              \
+        y[n] = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) * (SCALE_OUT); \
+    }
+
+/* acc + x[0:16] . w, the two halves' products summed off acc's dependency chain (one add on it per step). */
+static inline __m256 dot16_add(__m256 acc, const float *x, f32x16 w) {
+    return _mm256_add_ps(acc, _mm256_fmadd_ps(_mm256_loadu_ps(x), w.lo, _mm256_mul_ps(_mm256_loadu_ps(x + 8), w.hi)));
+}
+
+/* ... with up to MAX_ROWS activation rows at a time, the weight vector decoded once for them. */
+#define ROW_DOTS(DECODE, SCALE_OUT)                                                    \
+    if (M == 1) ROW_DOT_ONE(DECODE, SCALE_OUT) else                                    \
+    for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {                                     \
+        int64_t rows = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;                          \
+        __m256 acc[MAX_ROWS];                                                          \
+        for (int64_t r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();               \
+        for (int64_t k = 0; k < K; k += 16) {                                          \
+            f32x16 w = DECODE;                                                         \
+            for (int64_t r = 0; r < rows; r++) acc[r] = dot16_add(acc[r], x + (m0 + r) * K + k, w); \
+        }                                                                              \
+        for (int64_t r = 0; r < rows; r++) y[(m0 + r) * N + n] = hsum8(acc[r]) * (SCALE_OUT); \
+    }
+
+void hfptq_gemv_fp8(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = w + n * K;
+        ROW_DOTS(e4m3x16(row + k), E4M3_UNIT)
+    }
+}
+
+void hfptq_gemv_int8(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = w + n * K;
+        ROW_DOTS(int8x16(row + k), 1.0f)
+    }
+}
+
+void hfptq_gemv_mxfp8(const float *x, int64_t M, int64_t K, const uint8_t *w, const uint8_t *exponents, int64_t N,
+                      float *y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = w + n * K, *e = exponents + n * (K / 32);
+        ROW_DOTS(scaled16(e4m3x16(row + k), e8m0_value(e[k / 32])), E4M3_UNIT)
+    }
+}
+
+void hfptq_gemv_fp8_tiles(const float *x, int64_t M, int64_t K, const uint8_t *w, const float *scales, int64_t tile,
+                          int64_t N, float *y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = w + n * K;
+        const float *s = scales + (n / tile) * (K / tile);
+        ROW_DOTS(scaled16(e4m3x16(row + k), s[k / tile]), E4M3_UNIT)
+    }
+}
+
+void hfptq_gemv_nvfp4(const float *x, int64_t M, int64_t K, const uint8_t *w, const uint8_t *block_scales,
+                      int64_t N, float *y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = w + n * (K / 2), *scales = block_scales + n * (K / 16);
+        ROW_DOTS(lookup16x16(nibbles16(row + k / 2), table16(E2M1_VALUES, E4M3_VALUES[scales[k / 16]])), 1.0f)
+    }
+}
+
+/* The INT4 value tables of rows 2i and 2i + 1 in one group: code x scale, rounded to e4m3 for W4A8. */
+static inline void int4_tables(float scale0, float scale1, int fp8_round, f32x16 *table0, f32x16 *table1) {
+    *table0 = table16(INT4_VALUES, scale0);
+    *table1 = table16(INT4_VALUES, scale1);
+    if (fp8_round) {
+        *table0 = (f32x16){e4m3_round(table0->lo), e4m3_round(table0->hi)};
+        *table1 = (f32x16){e4m3_round(table1->lo), e4m3_round(table1->hi)};
+    }
+}
+
+/* The 16 bytes of codes at p as indices: the low nibbles are row 2i's (lookup16 reads only those), a shift by 4
+   gives row 2i + 1's. */
+static inline i32x16 int4_codes16(const uint8_t *p) {
+    return (i32x16){_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)),
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)))};
+}
+
+static inline i32x16 high_nibbles(i32x16 codes) {
+    return (i32x16){_mm256_srli_epi32(codes.lo, 4), _mm256_srli_epi32(codes.hi, 4)};
+}
+
+/* Rows 2i and 2i + 1 (byte row `row`) times one activation row: two accumulators per weight row, in registers. */
+static inline void int4_pair_one(const float *x, const uint8_t *row, const float *s0, const float *s1, int64_t K,
+                                 int64_t group, int fp8_round, float *y0, float *y1) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+    f32x16 table0, table1;
+    for (int64_t g = 0; g < K; g += group) {
+        int4_tables(s0[g / group], s1[g / group], fp8_round, &table0, &table1);
+        for (int64_t k = g; k < g + group; k += 16) {
+            i32x16 codes = int4_codes16(row + k), high = high_nibbles(codes);
+            __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+            a0 = _mm256_fmadd_ps(x0, lookup16(codes.lo, table0), a0);
+            a1 = _mm256_fmadd_ps(x1, lookup16(codes.hi, table0), a1);
+            b0 = _mm256_fmadd_ps(x0, lookup16(high.lo, table1), b0);
+            b1 = _mm256_fmadd_ps(x1, lookup16(high.hi, table1), b1);
+        }
+    }
+    *y0 = hsum8(_mm256_add_ps(a0, a1));
+    *y1 = hsum8(_mm256_add_ps(b0, b1));
+}
+
+void hfptq_gemv_int4(const float *x, int64_t M, int64_t K, const uint8_t *w, const float *scales, int64_t group,
+                     int fp8_round, int64_t N, float *y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t pair = 0; pair < N / 2; pair++) {
+        const uint8_t *row = w + pair * K;
+        const float *s0 = scales + 2 * pair * (K / group), *s1 = s0 + K / group;
+        if (M == 1) {
+            int4_pair_one(x, row, s0, s1, K, group, fp8_round, y + 2 * pair, y + 2 * pair + 1);
+            continue;
+        }
+        for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+            int64_t rows = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;
+            __m256 acc0[MAX_ROWS], acc1[MAX_ROWS];
+            f32x16 table0 = {_mm256_setzero_ps(), _mm256_setzero_ps()}, table1 = table0;
+            for (int64_t r = 0; r < rows; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();
+            for (int64_t k = 0; k < K; k += 16) {
+                if (k % group == 0) int4_tables(s0[k / group], s1[k / group], fp8_round, &table0, &table1);
+                i32x16 codes = int4_codes16(row + k);
+                f32x16 low = lookup16x16(codes, table0), high = lookup16x16(high_nibbles(codes), table1);
+                for (int64_t r = 0; r < rows; r++) {
+                    const float *xr = x + (m0 + r) * K + k;
+                    acc0[r] = dot16_add(acc0[r], xr, low);
+                    acc1[r] = dot16_add(acc1[r], xr, high);
+                }
+            }
+            for (int64_t r = 0; r < rows; r++) {
+                y[(m0 + r) * N + 2 * pair] = hsum8(acc0[r]);
+                y[(m0 + r) * N + 2 * pair + 1] = hsum8(acc1[r]);
+            }
+        }
+    }
+}
+
+void hfptq_decode_fp8(const uint8_t *w, int64_t N, int64_t K, float *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t k = 0; k < K; k += 16)
+            store16(out + n * K + k, scaled16(e4m3x16(w + n * K + k), E4M3_UNIT));
+}
+
+void hfptq_decode_int8(const uint8_t *w, int64_t N, int64_t K, float *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t k = 0; k < K; k += 16)
+            store16(out + n * K + k, int8x16(w + n * K + k));
+}
+
+void hfptq_decode_mxfp8(const uint8_t *w, const uint8_t *exponents, int64_t N, int64_t K, float *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t k = 0; k < K; k += 16) {
+            float scale = e8m0_value(exponents[n * (K / 32) + k / 32]) * E4M3_UNIT;
+            store16(out + n * K + k, scaled16(e4m3x16(w + n * K + k), scale));
+        }
+}
+
+void hfptq_decode_fp8_tiles(const uint8_t *w, const float *scales, int64_t tile, int64_t N, int64_t K, int64_t row0,
+                            float *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t k = 0; k < K; k += 16) {
+            float scale = scales[((row0 + n) / tile) * (K / tile) + k / tile];
+            store16(out + n * K + k, scaled16(scaled16(e4m3x16(w + n * K + k), E4M3_UNIT), scale));
+        }
+}
+
+void hfptq_decode_nvfp4(const uint8_t *w, const uint8_t *block_scales, int64_t N, int64_t K, float *out,
+                        int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t k = 0; k < K; k += 16) {
+            f32x16 table = table16(E2M1_VALUES, E4M3_VALUES[block_scales[n * (K / 16) + k / 16]]);
+            store16(out + n * K + k, lookup16x16(nibbles16(w + n * (K / 2) + k / 2), table));
+        }
+}
+
+void hfptq_decode_int4(const uint8_t *w, const float *scales, int64_t group, int fp8_round, int64_t N, int64_t K,
+                       float *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t pair = 0; pair < N / 2; pair++)
+        for (int64_t k = 0; k < K; k += 16) {
+            const float *s0 = scales + 2 * pair * (K / group) + k / group;
+            f32x16 table0, table1;
+            int4_tables(s0[0], s0[K / group], fp8_round, &table0, &table1);
+            i32x16 codes = int4_codes16(w + pair * K + k);
+            store16(out + 2 * pair * K + k, lookup16x16(codes, table0));
+            store16(out + (2 * pair + 1) * K + k, lookup16x16(high_nibbles(codes), table1));
+        }
+}
 #endif

@@ -263,7 +263,8 @@ def test_the_package_imports_and_runs_without_triton(tmp_path):
     assert out.stdout.split("\n")[0] == "False (2, 64) []"
 
 
-@pytest.mark.skipif(native.library() is None, reason="no C compiler or no AVX-512 on this machine")
+@pytest.mark.skipif(native.library() is None,
+                    reason="no C compiler, or neither AVX-512 nor AVX2 (+F16C, FMA) on this machine")
 @pytest.mark.parametrize("m", [1, 17])
 def test_nvfp4_with_in_features_an_odd_number_of_blocks_takes_the_native_kernel(m):
     """48 inputs: three 16-element blocks, 24 bytes of codes per row (not a multiple of one 16-byte load)."""

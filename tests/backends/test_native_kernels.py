@@ -20,7 +20,8 @@ from hf_ptq_plugin.numerics import fp8_quantize
 from hf_ptq_plugin.numerics.integer import pack_int4_rows, unpack_int4_rows
 from hf_ptq_plugin.numerics.nvfp4 import e2m1_values, pack_nibbles
 
-pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler or no AVX-512 on this machine")
+pytestmark = pytest.mark.skipif(native.library() is None,
+                                reason="no C compiler, or neither AVX-512 nor AVX2 (+F16C, FMA) on this machine")
 
 FINITE_E4M3 = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
 N, K = 2 * native.CHUNK_ROWS + 48, 256  # three decoded chunks, the last one partial
