@@ -33,6 +33,10 @@ from hf_ptq_plugin.evaluation import model_bytes, perplexity
 from hf_ptq_plugin.multiple_choice import choice_accuracy, read_questions
 
 DEFAULT_FORMATS = "fp8,int8_sq,int4_awq"
+# What the demo runs by default. In fp32 (a CPU without native bf16) every forward pass costs several times
+# more, so the demo calibrates on fewer windows and leaves MMLU out, to stay within a few minutes.
+FULL_RUN = {"calib_samples": 64, "mmlu_formats": "int4_awq"}
+FP32_RUN = {"calib_samples": 16, "mmlu_formats": ""}
 
 
 def parse_args():
@@ -51,10 +55,13 @@ def parse_args():
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=8,
                         help="evaluation windows (benchmarks/accuracy.py's protocol uses 64)")
-    parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--calib-samples", type=int,
+                        help=f"calibration windows (default: {FULL_RUN['calib_samples']} in bf16, "
+                             f"{FP32_RUN['calib_samples']} in fp32)")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--mmlu-formats", default="int4_awq",
-                        help="formats (among --formats) whose MMLU accuracy is measured; '' for none")
+    parser.add_argument("--mmlu-formats",
+                        help="formats (among --formats) whose MMLU accuracy is measured, '' for none (default: "
+                             f"{FULL_RUN['mmlu_formats']!r} in bf16, {FP32_RUN['mmlu_formats']!r} in fp32)")
     parser.add_argument("--mmlu-per-subject", type=int, default=2, help="MMLU questions per subject (57 subjects)")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     return parser.parse_args()
@@ -75,6 +82,18 @@ def compute_dtype(requested: str) -> torch.dtype:
         return getattr(torch, requested)
     native = torch.cuda.is_available() or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return torch.bfloat16 if native else torch.float32
+
+
+def resolve_run_size(args) -> None:
+    """Fill the options left unset from FULL_RUN (bf16) or FP32_RUN, and say so when fp32 shrinks the run."""
+    defaults = FULL_RUN if args.compute_dtype == torch.bfloat16 else FP32_RUN
+    unset = [key for key in defaults if getattr(args, key) is None]
+    for key in unset:
+        setattr(args, key, defaults[key])
+    if defaults is FP32_RUN and unset:
+        print(f"fp32 forward passes are slow on this CPU: {args.calib_samples} calibration windows"
+              + ("" if args.mmlu_formats else " and no MMLU") + " keep the demo to a few minutes (the full run: "
+              f"--calib-samples {FULL_RUN['calib_samples']} --mmlu-formats {FULL_RUN['mmlu_formats']})", flush=True)
 
 
 def load_model(path: Path, dtype: torch.dtype):
@@ -154,17 +173,18 @@ def main():
     torch.manual_seed(0)
     model_path = args.model or smollm2_checkpoint(args.cache_dir)
     tokenizer = args.tokenizer = AutoTokenizer.from_pretrained(model_path)
-    args.mmlu_formats = [name for name in args.mmlu_formats.split(",") if name]
-    args.mmlu_questions = per_subject(read_questions(mmlu_file(args.cache_dir)), args.mmlu_per_subject)
-    calib_text, eval_text = load_texts(args)
-    calib_windows = spread_windows(tokenize(tokenizer, calib_text), args.seq_len, args.calib_samples)
-    eval_windows = first_windows(tokenize(tokenizer, eval_text), args.seq_len, args.eval_windows)
-
     args.compute_dtype = compute_dtype(args.dtype)
     print(f"computing in {str(args.compute_dtype).removeprefix('torch.')}"
           + (" (this CPU has native bf16 instructions)" if args.compute_dtype == torch.bfloat16 and args.dtype == "auto"
              else " (no native bf16 instructions on this CPU: fp32 is faster)" if args.dtype == "auto" else ""),
           flush=True)
+    resolve_run_size(args)
+    args.mmlu_formats = [name for name in args.mmlu_formats.split(",") if name]
+    args.mmlu_questions = (per_subject(read_questions(mmlu_file(args.cache_dir)), args.mmlu_per_subject)
+                           if args.mmlu_formats else [])
+    calib_text, eval_text = load_texts(args)
+    calib_windows = spread_windows(tokenize(tokenizer, calib_text), args.seq_len, args.calib_samples)
+    eval_windows = first_windows(tokenize(tokenizer, eval_text), args.seq_len, args.eval_windows)
     model = load_model(model_path, args.compute_dtype)
     start = time.perf_counter()
     baseline = {"ppl": perplexity(model, eval_windows, args.batch_size, progress="perplexity unquantized"),
