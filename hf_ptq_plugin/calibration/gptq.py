@@ -33,7 +33,7 @@ from typing import Callable, Tuple
 import torch
 
 from .. import formats as F
-from ..numerics.fp8 import FP8_MAX, fp8_quantize
+from ..numerics.fp8 import FP8_MAX
 from ..numerics.integer import INT8_MAX
 from ..numerics.nvfp4 import NVFP4_BLOCK, e2m1_round, nvfp4_global_scale
 from ..numerics.scales import scale_from_amax
@@ -120,7 +120,8 @@ def _column_grid(w: torch.Tensor, scale: torch.Tensor, fmt: F.Format, group_size
         step = (scale.float() * nvfp4_global_scale(global_amax)).repeat_interleave(NVFP4_BLOCK, dim=1)
         return step, e2m1_round
     step = scale.expand_as(w) if scale.dim() == 0 else scale[:, None].expand_as(w)
-    return step.clone(), lambda y: fp8_quantize(y, torch.ones((), device=y.device)).float()
+    # fp8_quantize(y, 1): y / 1 is y, so only the clamp and the cast remain (y is a fresh tensor).
+    return step.clone(), lambda y: y.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
 
 
 class InverseHessian:
@@ -164,6 +165,7 @@ class InverseHessian:
         del w, step
         dynamic_groups = fmt.weight == F.INT4 and not self.act_order
         energy, hinv, k = self.energy[self.order], self.factor, wt.shape[0]
+        pivots = hinv.diagonal()
         for start in range(0, k, COLUMN_BLOCK):
             end = min(start + COLUMN_BLOCK, k)
             errors = torch.empty_like(wt[start:end])
@@ -173,12 +175,12 @@ class InverseHessian:
                     scale[:, i // group_size] = gptq_weight_scale(group_w, fmt, group_size, global_amax,
                                                                   group_energy)[:, 0]
                     step_t[i:i + group_size] = scale[None, :, i // group_size]
-                s = step_t[i]
-                q = to_grid(wt[i] / s) * s
-                error = (wt[i] - q) / hinv[i, i]
+                # One column at a time, where the op count is the cost: results go straight into place.
+                s, column = step_t[i], wt[i]
+                q = to_grid(column / s).mul_(s)
+                error = torch.div(column.sub_(q), pivots[i], out=errors[i - start])
                 wt[i + 1:end].addr_(hinv[i, i + 1:end], error, alpha=-1.0)  # spread over the block's later columns
-                wt[i] = q
-                errors[i - start] = error
+                column.copy_(q)
             wt[end:].addmm_(hinv[start:end, end:].t(), errors, alpha=-1.0)  # and over every later block
         return wt.t()[:, torch.argsort(self.order)].contiguous(), scale
 
