@@ -27,6 +27,7 @@ from .. import formats as F
 from ..numerics import input_scale_from_amax, quantize_activation
 from ..numerics.weights import fake_quantize_weight
 from .distributed import all_reduce
+from .smoothing import evenly_strided
 
 ALPHA_GRID = tuple(i * 0.1 for i in range(11))  # 0, 0.1, ..., 1
 MEAN_ELEMENTS = 2**24  # weights made fp32 at a time for the normalized weight mean (64 MB)
@@ -56,8 +57,7 @@ def alpha_losses(w: torch.Tensor, x: torch.Tensor, x_mean: torch.Tensor, x_amax:
 
 def search_rows(w: torch.Tensor) -> torch.Tensor:
     """The rows of w (N, K) the loss is measured on: all, or every n-th when N > MAX_SEARCH_ROWS."""
-    stride = -(-w.shape[0] // MAX_SEARCH_ROWS)
-    return w if stride == 1 else w[::stride]
+    return evenly_strided(w, MAX_SEARCH_ROWS)
 
 
 def best_scale(losses: torch.Tensor, x_mean: torch.Tensor, w_mean: torch.Tensor,

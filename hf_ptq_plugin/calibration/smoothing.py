@@ -36,3 +36,10 @@ def stacked_weight(linears: Dict[str, nn.Linear], group: List[str]) -> torch.Ten
     """The group's weights concatenated along the output dim (sum N_i, K), in the model dtype: the
     searches widen to fp32 only the rows they work on (a Llama-3-8B gate/up pair is 0.5 GB in fp32)."""
     return torch.cat([linears[name].weight.detach() for name in group])
+
+
+def evenly_strided(t: torch.Tensor, limit: int) -> torch.Tensor:
+    """t, or every n-th row of it (the smallest n leaving at most `limit` rows): a search's loss, a
+    sum over rows (output rows, or tokens), estimated on a subset spread over all of them."""
+    stride = -(-t.shape[0] // limit)
+    return t if stride == 1 else t[::stride]

@@ -3,7 +3,8 @@
 - AWQ's loss through the Gram matrix x^T x equals the loss on the outputs themselves, and
   awq_clip's per-group Gram matrices choose the clip ratios the partial outputs choose.
 - AWQ's search on a group wider than MAX_SEARCH_ROWS scores every n-th row, and on a group whose
-  rows share their statistics chooses the scale that all rows choose.
+  rows share their statistics chooses the scale that all rows choose; SmoothQuant's alpha search
+  likewise scores every n-th token and row above its caps.
 - A just-quantized bf16 block feeds the next block through bf16 dense weights
   (`bf16_dense_weights`): within bf16 rounding of the kernels' outputs, and back to the kernels after.
 - The NaN/Inf check's one-sum fast path still finds every non-finite value.
@@ -19,7 +20,7 @@ from conftest import sqnr_db, tiny_llama
 
 from hf_ptq_plugin import FORMATS, PTQConfig, quantize
 from hf_ptq_plugin.backends.cpu_weights import bf16_dense_weights
-from hf_ptq_plugin.calibration import awq
+from hf_ptq_plugin.calibration import awq, smoothquant
 from hf_ptq_plugin.calibration.awq import _quantized_output, _squared_output_error
 from hf_ptq_plugin.calibration.blocks import capture_block_inputs, observe_block
 from hf_ptq_plugin.calibration.clipping import CLIP_RATIOS, clip_int_scale, clip_weight_scale
@@ -72,6 +73,24 @@ def test_awq_search_on_a_row_subset_chooses_what_all_rows_choose(monkeypatch):
     subset = awq.alpha_losses(w, x, x_mean, x_amax, w_mean, fmt, 128)
     assert int(subset.argmin()) == int(full.argmin()) and 0 < int(full.argmin()) < len(awq.ALPHA_GRID) - 1
     torch.testing.assert_close(subset * 8, full, rtol=0.05, atol=0)
+
+
+def test_smoothquant_search_scores_every_nth_token_and_row_with_the_scale_of_all_rows(monkeypatch):
+    """Above SEARCH_TOKENS / SEARCH_ROWS the loss is the loss on the strided subsets, where the
+    smoothing scale still takes each channel's max |w| over every row (the scale the layer gets)."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(smoothquant, "SEARCH_TOKENS", 100)
+    monkeypatch.setattr(smoothquant, "SEARCH_ROWS", 64)
+    fmt = FORMATS["int8_sq"]
+    w, x = torch.randn(200, 128), torch.randn(300, 128) * (torch.rand(128) * 4)
+    w[1, :] *= 5  # a row outside the subset (stride 4) sets every channel's max |w|
+    x_amax = x.abs().amax(dim=0)
+    errors = smoothquant.alpha_errors(w, x_amax, x, fmt)
+    monkeypatch.setattr(smoothquant, "SEARCH_TOKENS", 4096)
+    monkeypatch.setattr(smoothquant, "SEARCH_ROWS", 4096)
+    expected = smoothquant.alpha_errors(w[::4], x_amax, x[::3], fmt, w_channel_amax=w.abs().amax(dim=0))
+    assert torch.equal(errors, expected)
+    assert not torch.equal(errors, smoothquant.alpha_errors(w[::4], x_amax, x[::3], fmt))
 
 
 def test_awq_loss_quantizes_activations_of_formats_that_do():
