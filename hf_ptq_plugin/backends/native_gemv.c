@@ -6,17 +6,22 @@
    bytes per weight the checkpoint holds inside the dot product: 16 weights per AVX-512 vector or, on
    CPUs with AVX2, F16C and FMA but no AVX-512, per two 8-lane AVX2 vectors. `hfptq_simd_width()`
    says which path was built (16, 8, or 0 for neither: native.py then keeps torch's kernels). Both
-   paths decode to the same fp32 values; only the order of the fp32 sums differs.
+   paths decode to the same fp32 values (but for AVX2's NVFP4 gemv, see nvfp4x16); only the order of the
+   fp32 sums differs.
 
    Decoding without a table: an e4m3 code c (s eeee mmm) reinterpreted as the fp16 bit pattern
    (s << 15) | ((c & 0x7f) << 7) is its value times 2**-8, subnormals included (fp16 has 5 exponent
    bits to e4m3's 4), so one fp16 -> fp32 conversion decodes a vector of codes. An e2m1 code (s ee m) as
    (s << 15) | ((c & 7) << 9) is its value times 2**-14. The callers multiply the sums back. e4m3's
    NaN code (0x7f / 0xff) decodes as 480: our quantizers never write it. 4-bit codes instead index a
-   16-entry table of their values already times their scale (AVX-512: one vector, `_mm512_permutexvar_ps`
-   reads each lane's entry; AVX2: two 8-entry halves, `_mm256_permutevar8x32_ps` reads both and the
-   index's bit 3 picks one), rebuilt per NVFP4 block or INT4 group: a table lookup replaces the
+   16-entry table of their values already times their scale, rebuilt per NVFP4 block or INT4 group
+   (AVX-512: one vector, `_mm512_permutexvar_ps` reads each lane's entry): a table lookup replaces the
    conversion and the scale multiply, and W4A8's e4m3 rounding is paid 16 times per group, not per weight.
+   AVX2 has no one-instruction lookup in 16 fp32 entries (two 8-entry halves cost two
+   `_mm256_permutevar8x32_ps` and a blend per 8 weights), so it keeps the tables for W4A8 only and turns
+   other 4-bit codes into small integers, converted exactly and times the scale (nvfp4x16, int4x16):
+   `_mm256_shuffle_epi8` maps NVFP4 codes to bytes of twice their value, and sign extension splits an
+   INT4 byte into its two codes.
 
    gemv_*: y (M, N) = x (M, K) fp32 times the decoded weight (N, K) transposed, fp32 sums; rows of
    the weight are split across `threads` OpenMP threads; M is taken 8 rows at a time, so a weight
@@ -322,7 +327,6 @@ void hfptq_decode_int4(const uint8_t *w, const float *scales, int64_t group, int
 /* AVX2 (with F16C and FMA): the AVX-512 path's steps of 16 weights, each held in two 8-lane vectors. */
 
 typedef struct { __m256 lo, hi; } f32x16;     /* 16 weights, or a 16-entry table: entries 0-7 and 8-15 */
-typedef struct { __m256i lo, hi; } i32x16;    /* 16 table indices */
 
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -356,14 +360,47 @@ static inline f32x16 int8x16(const uint8_t *p) {
                     _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))))};
 }
 
-/* The 16 codes of 8 bytes as table indices (element 2j in the low nibble of byte j,
-   numerics.nvfp4.pack_nibbles); `lookup16` reads only an index's low 4 bits. */
-static inline i32x16 nibbles16(const uint8_t *p) {
-    __m128i b = _mm_loadl_epi64((const __m128i *)p);
-    __m128i twice = _mm_unpacklo_epi8(b, b);  /* byte j in bytes 2j and 2j + 1 */
-    __m256i shifts = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
-    return (i32x16){_mm256_srlv_epi32(_mm256_cvtepu8_epi32(twice), shifts),
-                    _mm256_srlv_epi32(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(twice, twice)), shifts)};
+/* nvfp4x16's tables: e4m3 values times 2**-25, exact (the smallest scale, 2**-9, gives 2**-34, an fp32 normal); per
+   e2m1 code, the byte 2v (two's complement) and the byte sign << 7 | 2|v|, both in each 128-bit lane's 16 bytes. */
+static float E4M3_SCALED[256];
+static int8_t E2M1_TWICE[32], E2M1_SIGN_TWICE[32];
+
+__attribute__((constructor)) static void fill_nvfp4_tables(void) {
+    for (int c = 0; c < 256; c++) E4M3_SCALED[c] = e4m3_value((uint8_t)c) * 0x1p-25f;
+    for (int c = 0; c < 32; c++) {
+        float v = E2M1_VALUES[c & 15];
+        E2M1_TWICE[c] = (int8_t)(2 * v);
+        E2M1_SIGN_TWICE[c] = (int8_t)((__builtin_signbit(v) ? 0x80 : 0) | (int)(2 * __builtin_fabsf(v)));
+    }
+}
+
+/* NVFP4 values v times an e4m3 scale s (s x 2**-25 given) of the 16 codes of 8 bytes (element 2j in the low nibble of
+   byte j, numerics.nvfp4.pack_nibbles), without a float table. In each 128-bit lane, a copy of the bytes and a copy
+   shifted right by 4 (one 64-bit shift), masked, hold the codes as bytes: elements 0, 2, .., 14 in bytes 0-7 and
+   1, 3, .., 15 in bytes 8-15. `_mm256_shuffle_epi8` maps each code to a byte of a table, then moves element e's byte
+   to the top byte of lane e (zeros below): an int32 of byte x 2**24, exact in fp32, times s x 2**-25. gemv: the bytes
+   E2M1_TWICE give v x s, exact (a product of 2 and 4 significant bits) as E2M1_VALUES[c] x s, but +0.0 for code 8
+   (-0.0), which can change a sum only in the sign of a zero result. `signed_zeros` (decode): E2M1_SIGN_TWICE, its
+   magnitude converted and its sign xor-ed into the product as a multiply would: v x s bit for bit. */
+static inline __attribute__((always_inline)) f32x16 nvfp4x16(const uint8_t *p, float scale, int signed_zeros) {
+    __m256i copies = _mm256_broadcastq_epi64(_mm_loadl_epi64((const __m128i *)p));
+    __m256i codes = _mm256_and_si256(_mm256_srlv_epi64(copies, _mm256_setr_epi64x(0, 4, 0, 4)), _mm256_set1_epi8(15));
+    __m256i table = _mm256_loadu_si256((const __m256i *)(signed_zeros ? E2M1_SIGN_TWICE : E2M1_TWICE));
+    __m256i bytes = _mm256_shuffle_epi8(table, codes);
+    __m256i first = _mm256_shuffle_epi8(bytes, _mm256_setr_epi8(-1, -1, -1, 0, -1, -1, -1, 8, -1, -1, -1, 1,
+                                                                -1, -1, -1, 9, -1, -1, -1, 2, -1, -1, -1, 10,
+                                                                -1, -1, -1, 3, -1, -1, -1, 11));
+    __m256i second = _mm256_shuffle_epi8(bytes, _mm256_setr_epi8(-1, -1, -1, 4, -1, -1, -1, 12, -1, -1, -1, 5,
+                                                                 -1, -1, -1, 13, -1, -1, -1, 6, -1, -1, -1, 14,
+                                                                 -1, -1, -1, 7, -1, -1, -1, 15));
+    __m256 s = _mm256_set1_ps(scale);
+    if (!signed_zeros)
+        return (f32x16){_mm256_mul_ps(_mm256_cvtepi32_ps(first), s), _mm256_mul_ps(_mm256_cvtepi32_ps(second), s)};
+    __m256i sign_bit = _mm256_set1_epi32((int)0x80000000u);
+    __m256i sign0 = _mm256_and_si256(first, sign_bit), sign1 = _mm256_and_si256(second, sign_bit);
+    __m256 v0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_xor_si256(first, sign0)), s);
+    __m256 v1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_xor_si256(second, sign1)), s);
+    return (f32x16){_mm256_xor_ps(v0, _mm256_castsi256_ps(sign0)), _mm256_xor_ps(v1, _mm256_castsi256_ps(sign1))};
 }
 
 /* Entry (index & 15) of a 16-entry table: `_mm256_permutevar8x32_ps` reads an index's low 3 bits in both
@@ -371,10 +408,6 @@ static inline i32x16 nibbles16(const uint8_t *p) {
 static inline __m256 lookup16(__m256i index, f32x16 table) {
     __m256 low = _mm256_permutevar8x32_ps(table.lo, index), high = _mm256_permutevar8x32_ps(table.hi, index);
     return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(index, 28)));
-}
-
-static inline f32x16 lookup16x16(i32x16 index, f32x16 table) {
-    return (f32x16){lookup16(index.lo, table), lookup16(index.hi, table)};
 }
 
 static inline f32x16 table16(const float *values, float scale) {
@@ -478,50 +511,107 @@ void hfptq_gemv_nvfp4(const float *x, int64_t M, int64_t K, const uint8_t *w, co
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = w + n * (K / 2), *scales = block_scales + n * (K / 16);
-        ROW_DOTS(lookup16x16(nibbles16(row + k / 2), table16(E2M1_VALUES, E4M3_VALUES[scales[k / 16]])), 1.0f)
+        ROW_DOTS(nvfp4x16(row + k / 2, E4M3_SCALED[scales[k / 16]], 0), 1.0f)
     }
 }
 
-/* The INT4 value tables of rows 2i and 2i + 1 in one group: code x scale, rounded to e4m3 for W4A8. */
-static inline void int4_tables(float scale0, float scale1, int fp8_round, f32x16 *table0, f32x16 *table1) {
-    *table0 = table16(INT4_VALUES, scale0);
-    *table1 = table16(INT4_VALUES, scale1);
-    if (fp8_round) {
-        *table0 = (f32x16){e4m3_round(table0->lo), e4m3_round(table0->hi)};
-        *table1 = (f32x16){e4m3_round(table1->lo), e4m3_round(table1->hi)};
+/* W4A8's value tables of rows 2i and 2i + 1 in one group: code x scale, rounded to e4m3. */
+static inline void w4a8_tables(float scale0, float scale1, f32x16 *table0, f32x16 *table1) {
+    f32x16 t0 = table16(INT4_VALUES, scale0), t1 = table16(INT4_VALUES, scale1);
+    *table0 = (f32x16){e4m3_round(t0.lo), e4m3_round(t0.hi)};
+    *table1 = (f32x16){e4m3_round(t1.lo), e4m3_round(t1.hi)};
+}
+
+/* W4A8: the 16 bytes of codes at p as indices, the low nibbles row 2i's (lookup16 reads only those), a shift by 4 gives
+   row 2i + 1's. */
+static inline void w4a8x16(const uint8_t *p, f32x16 table0, f32x16 table1, f32x16 *low, f32x16 *high) {
+    __m256i c0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    __m256i c1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
+    *low = (f32x16){lookup16(c0, table0), lookup16(c1, table0)};
+    *high = (f32x16){lookup16(_mm256_srli_epi32(c0, 4), table1), lookup16(_mm256_srli_epi32(c1, 4), table1)};
+}
+
+/* INT4 without a table: the 16 bytes of codes at p sign-extended to int32 are c = 16 x (row 2i + 1's code) + row 2i's
+   code read unsigned (two's complement nibbles, numerics.integer.pack_int4_rows). c >> 4 (arithmetic) is row 2i + 1's
+   code and (c << 28) >> 28 row 2i's, exact in fp32; one multiply by the fp32 group scale rounds code x scale once:
+   INT4_VALUES[c] x scale. */
+static inline void int4x16(const uint8_t *p, __m256 scale0, __m256 scale1, f32x16 *low, f32x16 *high) {
+    __m256i c0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    __m256i c1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
+    *low = (f32x16){_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(c0, 28), 28)), scale0),
+                    _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(c1, 28), 28)), scale0)};
+    *high = (f32x16){_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(c0, 4)), scale1),
+                     _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(c1, 4)), scale1)};
+}
+
+/* The same products in fewer operations, for the one-row loop: c << 28 is row 2i's code x 2**28 and c & -16 row
+   2i + 1's x 16, exact in fp32; times scale x 2**-28 and scale x 2**-4 they are code x scale rounded once, where those
+   factors are exact (int4_factors). */
+static inline void int4x16_scaled(const uint8_t *p, __m256 factor0, __m256 factor1, f32x16 *low, f32x16 *high) {
+    __m256i c0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    __m256i c1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
+    __m256i high_bits = _mm256_set1_epi32(-16);
+    *low = (f32x16){_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_slli_epi32(c0, 28)), factor0),
+                    _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_slli_epi32(c1, 28)), factor0)};
+    *high = (f32x16){_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(c0, high_bits)), factor1),
+                     _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(c1, high_bits)), factor1)};
+}
+
+/* int4x16_scaled's factors for two group scales, and whether both are exact (any scale but one below 2**-98 in
+   magnitude, or NaN): an inexact factor does not scale back to the scale. */
+static inline int int4_factors(float scale0, float scale1, __m256 *factor0, __m256 *factor1) {
+    float f0 = scale0 * 0x1p-28f, f1 = scale1 * 0x1p-4f;
+    *factor0 = _mm256_set1_ps(f0);
+    *factor1 = _mm256_set1_ps(f1);
+    return f0 * 0x1p28f == scale0 && f1 * 0x1p4f == scale1;
+}
+
+/* One group (k = g .. g + group) of rows 2i and 2i + 1 times one activation row; DECODE sets `low` and `high`, the 16
+   weights at k of each row. */
+#define INT4_GROUP_ONE(DECODE)                                                         \
+    for (int64_t k = g; k < g + group; k += 16) {                                      \
+        f32x16 low, high;                                                              \
+        DECODE;                                                                        \
+        __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);           \
+        a0 = _mm256_fmadd_ps(x0, low.lo, a0);                                          \
+        a1 = _mm256_fmadd_ps(x1, low.hi, a1);                                          \
+        b0 = _mm256_fmadd_ps(x0, high.lo, b0);                                         \
+        b1 = _mm256_fmadd_ps(x1, high.hi, b1);                                         \
     }
-}
-
-/* The 16 bytes of codes at p as indices: the low nibbles are row 2i's (lookup16 reads only those), a shift by 4
-   gives row 2i + 1's. */
-static inline i32x16 int4_codes16(const uint8_t *p) {
-    return (i32x16){_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)),
-                    _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)))};
-}
-
-static inline i32x16 high_nibbles(i32x16 codes) {
-    return (i32x16){_mm256_srli_epi32(codes.lo, 4), _mm256_srli_epi32(codes.hi, 4)};
-}
 
 /* Rows 2i and 2i + 1 (byte row `row`) times one activation row: two accumulators per weight row, in registers. */
 static inline void int4_pair_one(const float *x, const uint8_t *row, const float *s0, const float *s1, int64_t K,
                                  int64_t group, int fp8_round, float *y0, float *y1) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
-    f32x16 table0, table1;
     for (int64_t g = 0; g < K; g += group) {
-        int4_tables(s0[g / group], s1[g / group], fp8_round, &table0, &table1);
-        for (int64_t k = g; k < g + group; k += 16) {
-            i32x16 codes = int4_codes16(row + k), high = high_nibbles(codes);
-            __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-            a0 = _mm256_fmadd_ps(x0, lookup16(codes.lo, table0), a0);
-            a1 = _mm256_fmadd_ps(x1, lookup16(codes.hi, table0), a1);
-            b0 = _mm256_fmadd_ps(x0, lookup16(high.lo, table1), b0);
-            b1 = _mm256_fmadd_ps(x1, lookup16(high.hi, table1), b1);
+        float scale0 = s0[g / group], scale1 = s1[g / group];
+        __m256 factor0, factor1;
+        if (fp8_round) {
+            f32x16 table0, table1;
+            w4a8_tables(scale0, scale1, &table0, &table1);
+            INT4_GROUP_ONE(w4a8x16(row + k, table0, table1, &low, &high))
+        } else if (int4_factors(scale0, scale1, &factor0, &factor1)) {
+            INT4_GROUP_ONE(int4x16_scaled(row + k, factor0, factor1, &low, &high))
+        } else {
+            __m256 v0 = _mm256_set1_ps(scale0), v1 = _mm256_set1_ps(scale1);
+            INT4_GROUP_ONE(int4x16(row + k, v0, v1, &low, &high))
         }
     }
     *y0 = hsum8(_mm256_add_ps(a0, a1));
     *y1 = hsum8(_mm256_add_ps(b0, b1));
 }
+
+/* ... and times `rows` activation rows from m0, each decoded vector used for all of them. */
+#define INT4_GROUP_ROWS(DECODE)                                                        \
+    for (int64_t k = g; k < g + group; k += 16) {                                      \
+        f32x16 low, high;                                                              \
+        DECODE;                                                                        \
+        for (int64_t r = 0; r < rows; r++) {                                           \
+            const float *xr = x + (m0 + r) * K + k;                                    \
+            acc0[r] = dot16_add(acc0[r], xr, low);                                     \
+            acc1[r] = dot16_add(acc1[r], xr, high);                                    \
+        }                                                                              \
+    }
 
 void hfptq_gemv_int4(const float *x, int64_t M, int64_t K, const uint8_t *w, const float *scales, int64_t group,
                      int fp8_round, int64_t N, float *y, int threads) {
@@ -536,16 +626,15 @@ void hfptq_gemv_int4(const float *x, int64_t M, int64_t K, const uint8_t *w, con
         for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
             int64_t rows = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;
             __m256 acc0[MAX_ROWS], acc1[MAX_ROWS];
-            f32x16 table0 = {_mm256_setzero_ps(), _mm256_setzero_ps()}, table1 = table0;
             for (int64_t r = 0; r < rows; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();
-            for (int64_t k = 0; k < K; k += 16) {
-                if (k % group == 0) int4_tables(s0[k / group], s1[k / group], fp8_round, &table0, &table1);
-                i32x16 codes = int4_codes16(row + k);
-                f32x16 low = lookup16x16(codes, table0), high = lookup16x16(high_nibbles(codes), table1);
-                for (int64_t r = 0; r < rows; r++) {
-                    const float *xr = x + (m0 + r) * K + k;
-                    acc0[r] = dot16_add(acc0[r], xr, low);
-                    acc1[r] = dot16_add(acc1[r], xr, high);
+            for (int64_t g = 0; g < K; g += group) {
+                if (fp8_round) {
+                    f32x16 table0, table1;
+                    w4a8_tables(s0[g / group], s1[g / group], &table0, &table1);
+                    INT4_GROUP_ROWS(w4a8x16(row + k, table0, table1, &low, &high))
+                } else {
+                    __m256 scale0 = _mm256_set1_ps(s0[g / group]), scale1 = _mm256_set1_ps(s1[g / group]);
+                    INT4_GROUP_ROWS(int4x16(row + k, scale0, scale1, &low, &high))
                 }
             }
             for (int64_t r = 0; r < rows; r++) {
@@ -594,8 +683,8 @@ void hfptq_decode_nvfp4(const uint8_t *w, const uint8_t *block_scales, int64_t N
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++)
         for (int64_t k = 0; k < K; k += 16) {
-            f32x16 table = table16(E2M1_VALUES, E4M3_VALUES[block_scales[n * (K / 16) + k / 16]]);
-            store16(out + n * K + k, lookup16x16(nibbles16(w + n * (K / 2) + k / 2), table));
+            float scale = E4M3_SCALED[block_scales[n * (K / 16) + k / 16]];
+            store16(out + n * K + k, nvfp4x16(w + n * (K / 2) + k / 2, scale, 1));
         }
 }
 
@@ -603,13 +692,27 @@ void hfptq_decode_int4(const uint8_t *w, const float *scales, int64_t group, int
                        float *out, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t pair = 0; pair < N / 2; pair++)
-        for (int64_t k = 0; k < K; k += 16) {
-            const float *s0 = scales + 2 * pair * (K / group) + k / group;
-            f32x16 table0, table1;
-            int4_tables(s0[0], s0[K / group], fp8_round, &table0, &table1);
-            i32x16 codes = int4_codes16(w + pair * K + k);
-            store16(out + 2 * pair * K + k, lookup16x16(codes, table0));
-            store16(out + (2 * pair + 1) * K + k, lookup16x16(high_nibbles(codes), table1));
+        for (int64_t g = 0; g < K; g += group) {
+            const uint8_t *row = w + pair * K;
+            const float *s0 = scales + 2 * pair * (K / group) + g / group, *s1 = s0 + K / group;
+            float *out0 = out + 2 * pair * K, *out1 = out0 + K;
+            f32x16 low, high;
+            if (fp8_round) {
+                f32x16 table0, table1;
+                w4a8_tables(*s0, *s1, &table0, &table1);
+                for (int64_t k = g; k < g + group; k += 16) {
+                    w4a8x16(row + k, table0, table1, &low, &high);
+                    store16(out0 + k, low);
+                    store16(out1 + k, high);
+                }
+            } else {
+                __m256 scale0 = _mm256_set1_ps(*s0), scale1 = _mm256_set1_ps(*s1);
+                for (int64_t k = g; k < g + group; k += 16) {
+                    int4x16(row + k, scale0, scale1, &low, &high);
+                    store16(out0 + k, low);
+                    store16(out1 + k, high);
+                }
+            }
         }
 }
 #endif
