@@ -70,6 +70,13 @@ static float E4M3_VALUES[256];
 __attribute__((constructor)) static void fill_e4m3_values(void) {
     for (int c = 0; c < 256; c++) E4M3_VALUES[c] = e4m3_value((uint8_t)c);
 }
+
+/* fp8_tiles: a row's tile scales, one per 16 weights (`per16[k / 16]` is the scale of weight k), so the loops over
+   k index by a shift instead of dividing by the run-time tile size every 16 weights. */
+static inline void tile_scales_per16(const float *tile_scales, int64_t K, int64_t tile, float *per16) {
+    for (int64_t t = 0, j = 0; t < K / tile; t++)
+        for (int64_t i = 0; i < tile / 16; i++) per16[j++] = tile_scales[t];
+}
 #endif
 
 #if HFPTQ_SIMD_WIDTH == 16
@@ -182,8 +189,9 @@ void hfptq_gemv_fp8_tiles(const float *x, int64_t M, int64_t K, const uint8_t *w
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = w + n * K;
-        const float *s = scales + (n / tile) * (K / tile);
-        ROW_DOTS(_mm512_mul_ps(e4m3x16(row + k), _mm512_set1_ps(s[k / tile])), E4M3_UNIT)
+        float s[K / 16];
+        tile_scales_per16(scales + (n / tile) * (K / tile), K, tile, s);
+        ROW_DOTS(_mm512_mul_ps(e4m3x16(row + k), _mm512_set1_ps(s[k / 16])), E4M3_UNIT)
     }
 }
 
@@ -291,12 +299,14 @@ void hfptq_decode_mxfp8(const uint8_t *w, const uint8_t *exponents, int64_t N, i
 void hfptq_decode_fp8_tiles(const uint8_t *w, const float *scales, int64_t tile, int64_t N, int64_t K, int64_t row0,
                             float *out, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++)
+    for (int64_t n = 0; n < N; n++) {
+        float s[K / 16];
+        tile_scales_per16(scales + ((row0 + n) / tile) * (K / tile), K, tile, s);
         for (int64_t k = 0; k < K; k += 16) {
-            float scale = scales[((row0 + n) / tile) * (K / tile) + k / tile];
             __m512 v = _mm512_mul_ps(e4m3x16(w + n * K + k), _mm512_set1_ps(E4M3_UNIT));
-            _mm512_storeu_ps(out + n * K + k, _mm512_mul_ps(v, _mm512_set1_ps(scale)));
+            _mm512_storeu_ps(out + n * K + k, _mm512_mul_ps(v, _mm512_set1_ps(s[k / 16])));
         }
+    }
 }
 
 void hfptq_decode_nvfp4(const uint8_t *w, const uint8_t *block_scales, int64_t N, int64_t K, float *out,
@@ -501,8 +511,9 @@ void hfptq_gemv_fp8_tiles(const float *x, int64_t M, int64_t K, const uint8_t *w
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = w + n * K;
-        const float *s = scales + (n / tile) * (K / tile);
-        ROW_DOTS(scaled16(e4m3x16(row + k), s[k / tile]), E4M3_UNIT)
+        float s[K / 16];
+        tile_scales_per16(scales + (n / tile) * (K / tile), K, tile, s);
+        ROW_DOTS(scaled16(e4m3x16(row + k), s[k / 16]), E4M3_UNIT)
     }
 }
 
@@ -671,11 +682,12 @@ void hfptq_decode_mxfp8(const uint8_t *w, const uint8_t *exponents, int64_t N, i
 void hfptq_decode_fp8_tiles(const uint8_t *w, const float *scales, int64_t tile, int64_t N, int64_t K, int64_t row0,
                             float *out, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t k = 0; k < K; k += 16) {
-            float scale = scales[((row0 + n) / tile) * (K / tile) + k / tile];
-            store16(out + n * K + k, scaled16(scaled16(e4m3x16(w + n * K + k), E4M3_UNIT), scale));
-        }
+    for (int64_t n = 0; n < N; n++) {
+        float s[K / 16];
+        tile_scales_per16(scales + ((row0 + n) / tile) * (K / tile), K, tile, s);
+        for (int64_t k = 0; k < K; k += 16)
+            store16(out + n * K + k, scaled16(scaled16(e4m3x16(w + n * K + k), E4M3_UNIT), s[k / 16]));
+    }
 }
 
 void hfptq_decode_nvfp4(const uint8_t *w, const uint8_t *block_scales, int64_t N, int64_t K, float *out,
