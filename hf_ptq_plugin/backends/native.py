@@ -9,6 +9,8 @@ AVX2 with F16C and FMA; the weight quantizers need AVX-512 (BW, VL) and F16C: on
 the kernels and `quantize_library()` is None. Without a compiler, without AVX-512 or AVX2 (+F16C, FMA), or
 with `HF_PTQ_PLUGIN_NATIVE=0`, `library()` is None and the CPU backend keeps torch's own kernels.
 
+`w8a8` is W8A8's int8 x int8 product with exact int32 sums (torch._int_mm's result, faster on AVX2).
+
 Each call passes raw data pointers of contiguous CPU tensors; ctypes releases the GIL for it.
 """
 
@@ -36,6 +38,8 @@ ENV_SWITCH = "HF_PTQ_PLUGIN_NATIVE"
 SIMD_WIDTHS = (16, 8)  # native_gemv.c's AVX-512 and AVX2 paths; 0 means it was built without either
 QUANTIZE_SIMD_WIDTH = 16  # native_quantize.c's AVX-512 path, its only one; 0 means it was built without it
 BLOCK = 16  # the kernels take K (in_features) and INT4 group sizes in multiples of 16 (one AVX-512 vector, two AVX2)
+# hfptq_gemv_w8a8's int32 sums are exact up to this K (a multiple of BLOCK): K x 128 x 128 < 2**31
+W8A8_MAX_K = 2**17 - BLOCK
 CHUNK_ROWS = 256  # weight rows `matmul_by_chunks` decodes at a time: 4 MB of fp32 at K = 4096
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -46,6 +50,7 @@ SIGNATURES = {
     "hfptq_gemv_int4": (_PTR, _I64, _I64, _PTR, _PTR, _I64, ctypes.c_int, _I64, _PTR, ctypes.c_int),
     "hfptq_gemv_mxfp8": (_PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, ctypes.c_int),
     "hfptq_gemv_fp8_tiles": (_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, ctypes.c_int),
+    "hfptq_gemv_w8a8": (_PTR, _I64, _I64, _PTR, _I64, _PTR, ctypes.c_int),  # int8 x int8, writes int32
     "hfptq_decode_fp8": (_PTR, _I64, _I64, _PTR, ctypes.c_int),  # writes fp32
     "hfptq_decode_int8": (_PTR, _I64, _I64, _PTR, ctypes.c_int),
     "hfptq_decode_nvfp4": (_PTR, _PTR, _I64, _I64, _PTR, ctypes.c_int),
@@ -120,6 +125,12 @@ def quantize_library() -> Optional[ctypes.CDLL]:
     return lib if lib is not None and lib.hfptq_quantize_simd_width() == QUANTIZE_SIMD_WIDTH else None
 
 
+def simd_width() -> int:
+    """Which path of `native_gemv.c` the loaded library holds: 16 (AVX-512), 8 (AVX2), or 0 without the kernels."""
+    lib = library()
+    return 0 if lib is None else lib.hfptq_simd_width()
+
+
 def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
@@ -145,6 +156,20 @@ def gemv(layout: str, x: torch.Tensor, codes: torch.Tensor, n: int, scales: Opti
         lib.hfptq_gemv_fp8_tiles(_ptr(x), m, k, _ptr(codes), _ptr(scales), group, n, _ptr(y), threads)
     else:  # "int4", "w4a8"
         lib.hfptq_gemv_int4(_ptr(x), m, k, _ptr(codes), _ptr(scales), group, layout == "w4a8", n, _ptr(y), threads)
+    return y
+
+
+def w8a8(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """int32 (M, N): int8 codes `x` (M, K) times int8 codes `w` (N, K) transposed, exact int32 sums, so
+    `torch._int_mm(x, w.t())` bit for bit. Both contiguous; K a multiple of BLOCK and at most W8A8_MAX_K."""
+    (m, k), n = x.shape, w.shape[0]
+    int8 = x.dtype == w.dtype == torch.int8
+    if not int8 or w.shape[1] != k or not (x.is_contiguous() and w.is_contiguous()):
+        raise ValueError("w8a8 takes contiguous int8 (M, K) and (N, K)")
+    if k % BLOCK or k > W8A8_MAX_K:
+        raise ValueError(f"w8a8 takes K a multiple of {BLOCK} up to {W8A8_MAX_K}, not {k}")
+    y = torch.empty(m, n, dtype=torch.int32)
+    library().hfptq_gemv_w8a8(_ptr(x), m, k, _ptr(w), n, _ptr(y), torch.get_num_threads())
     return y
 
 

@@ -28,9 +28,11 @@
    vector is decoded once per 8 activation rows. decode_*: rows of the decoded weight in fp32, for
    many-row calls, which hand a few hundred rows at a time to torch's fp32 GEMM. Products of a
    code and its scales are exact in fp32 (INT4's code x fp32 group scale rounds once). K and INT4
-   group sizes must be multiples of 16.
+   group sizes must be multiples of 16. gemv_w8a8 (W8A8): int8 activation codes times int8 weight codes with
+   exact int32 sums, one AVX2 version for both builds (see there).
 */
 #include <stdint.h>
+#include <stdlib.h>
 
 #if defined(__AVX512F__) && defined(__AVX2__)
 #define HFPTQ_SIMD_WIDTH 16
@@ -76,6 +78,93 @@ __attribute__((constructor)) static void fill_e4m3_values(void) {
 static inline void tile_scales_per16(const float *tile_scales, int64_t K, int64_t tile, float *per16) {
     for (int64_t t = 0, j = 0; t < K / tile; t++)
         for (int64_t i = 0; i < tile / 16; i++) per16[j++] = tile_scales[t];
+}
+
+/* W8A8: y (M, N) int32 = x (M, K) int8 activation codes times w (N, K) int8 weight codes transposed, summed exactly
+   in int32, so the result is torch._int_mm(x, w.t()) bit for bit whatever the order of the sums. Shared by both
+   builds (AVX2 instructions; the AVX-512 build's CPU has them too). 16 codes sign-extended to int16
+   (`_mm256_cvtepi8_epi16`), `_mm256_madd_epi16` gives 8 int32 sums of two products, added into int32 accumulators.
+   Exact while no sum, partial or whole, overflows int32: |product| <= 128 x 128 = 2**14, so K x 2**14 < 2**31, i.e.
+   K < 2**17 (K <= 131056 as a multiple of 16, HFPTQ_W8A8_MAX_K; native.py's caller keeps torch._int_mm above it).
+   The activation rows are sign-extended to int16 once (M x K x 2 bytes, malloc'd; widened per use if that fails);
+   each weight vector, widened once, serves up to MAX_ROWS activation rows. K must be a multiple of 16. */
+#define HFPTQ_W8A8_MAX_K 131056
+
+static inline int32_t hsum8_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1))));
+}
+
+static inline __m256i widen16(const int8_t *p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p)); }
+
+/* The 16 activation codes at k of row `xr` as int16: from the widened copy, or widened here without one. */
+static inline __attribute__((always_inline)) __m256i w8a8_x16(const int16_t *xw, const int8_t *xr, int64_t k) {
+    return xw ? _mm256_loadu_si256((const __m256i *)(xw + k)) : widen16(xr + k);
+}
+
+/* Weight row `row` times one activation row: four accumulators, so consecutive adds do not wait for each other. */
+static inline __attribute__((always_inline)) int32_t w8a8_one(const int16_t *xw, const int8_t *x, const int8_t *row,
+                                                               int64_t K) {
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(w8a8_x16(xw, x, k), widen16(row + k)));
+        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(w8a8_x16(xw, x, k + 16), widen16(row + k + 16)));
+        a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(w8a8_x16(xw, x, k + 32), widen16(row + k + 32)));
+        a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(w8a8_x16(xw, x, k + 48), widen16(row + k + 48)));
+    }
+    for (; k < K; k += 16) a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(w8a8_x16(xw, x, k), widen16(row + k)));
+    return hsum8_epi32(_mm256_add_epi32(_mm256_add_epi32(a0, a1), _mm256_add_epi32(a2, a3)));
+}
+
+/* Weight row n times `rows` (<= MAX_ROWS) activation rows from m0, each widened weight vector used for all of them;
+   inlined with rows = MAX_ROWS, a constant, the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void w8a8_rows(const int16_t *xw, const int8_t *x, int64_t m0,
+                                                             int64_t rows, int64_t K, const int8_t *row, int64_t n,
+                                                             int64_t N, int32_t *y) {
+    __m256i acc[MAX_ROWS];
+    for (int64_t r = 0; r < rows; r++) acc[r] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < K; k += 16) {
+        __m256i wv = widen16(row + k);
+        for (int64_t r = 0; r < rows; r++)
+            acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(
+                w8a8_x16(xw ? xw + (m0 + r) * K : 0, x + (m0 + r) * K, k), wv));
+    }
+    for (int64_t r = 0; r < rows; r++) y[(m0 + r) * N + n] = hsum8_epi32(acc[r]);
+}
+
+/* Weight row n times every activation row. */
+static inline __attribute__((always_inline)) void w8a8_row(const int16_t *xw, const int8_t *x, int64_t M, int64_t K,
+                                                            const int8_t *row, int64_t n, int64_t N, int32_t *y) {
+    if (M == 1) {
+        y[n] = w8a8_one(xw, x, row, K);
+        return;
+    }
+    int64_t m0 = 0;
+    for (; m0 + MAX_ROWS <= M; m0 += MAX_ROWS) w8a8_rows(xw, x, m0, MAX_ROWS, K, row, n, N, y);
+    if (m0 < M) w8a8_rows(xw, x, m0, M - m0, K, row, n, N, y);
+}
+
+/* OpenMP over weight rows; the test of xw outside the inlined loops, which then know which load they make. */
+static void w8a8_all(const int16_t *xw, const int8_t *x, int64_t M, int64_t K, const int8_t *w, int64_t N, int32_t *y,
+                     int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        if (xw) w8a8_row(xw, x, M, K, w + n * K, n, N, y);
+        else w8a8_row(NULL, x, M, K, w + n * K, n, N, y);
+    }
+}
+
+void hfptq_gemv_w8a8(const int8_t *x, int64_t M, int64_t K, const int8_t *w, int64_t N, int32_t *y, int threads) {
+    int16_t *xw = (int16_t *)malloc((size_t)(M * K) * sizeof(int16_t));
+    if (xw == NULL) {  /* widen the activations per use instead */
+        w8a8_all(NULL, x, M, K, w, N, y, threads);
+        return;
+    }
+    for (int64_t i = 0; i < M * K; i += 16) _mm256_storeu_si256((__m256i *)(xw + i), widen16(x + i));
+    w8a8_all(xw, x, M, K, w, N, y, threads);
+    free(xw);
 }
 #endif
 

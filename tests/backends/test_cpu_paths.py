@@ -9,7 +9,8 @@ bf16 activations take the fast kernels; per output element, with S = sum_k |x_q[
       rounding) + 2**-25 * sum_k |x_q| (half of fp16's subnormal spacing, for tiny weights).
   int4pack: bf16 group scales (2**-9 per weight) and the kernel's own bf16 output (2**-9 of
       |y| <= S): <= 2**-8 * S, doubled for margin.
-  int8pack: the kernel's bf16 output before the fp32 scales: <= 2**-9 * S, doubled for margin.
+  int8pack: the kernel's bf16 output before the fp32 scales: <= 2**-9 * S, doubled for margin (W8A16; W8A8's
+      int32 sums are exact, on torch._int_mm or, on the AVX2 build of the native kernels, native.w8a8).
   native: fp32 sums of exact products (INT4, fp8_pb_wo: code x scale rounded in fp32), <= (K + 1) * 2**-24 * S.
 """
 
@@ -23,7 +24,7 @@ from conftest import sqnr_db, tiny_llama
 from torch import nn
 
 from hf_ptq_plugin import FORMATS, PTQConfig, QuantLinear, get_format, quantize
-from hf_ptq_plugin.backends import native
+from hf_ptq_plugin.backends import cpu_linear, native
 from hf_ptq_plugin.backends.cpu_activations import fast_quantize_activation
 from hf_ptq_plugin.modules.layer_plan import LayerPlan
 from hf_ptq_plugin.modules.quant_linear import reference_forward
@@ -31,6 +32,7 @@ from hf_ptq_plugin.numerics import quantize_activation
 
 N, K = 96, 384  # K: INT4 group 128 x 3, NVFP4 16 x 24, MXFP8 32 x 12; N % 16 == 0 for torch's int4 kernel
 PB_SHAPE = (256, 384)  # fp8_pb_wo: 128 x 128 tiles
+native_w8a8 = native.w8a8  # the kernel itself, which a test wraps to see it called
 
 NATIVE_FORMATS = ("fp8", "fp8_pc_pt", "fp8_pb_wo", "int8_wo", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq",
                   "w4a16_nvfp4", "mxfp8")
@@ -95,6 +97,22 @@ def test_w8a8_rows_get_the_same_output_however_many_share_the_call():
     alone = torch.cat([module(row) for row in x.split(1)])
     for m in range(1, 21):
         assert torch.equal(module(x[:m]), alone[:m]), f"{m} rows"
+
+
+@pytest.mark.skipif(native.simd_width() not in cpu_linear.W8A8_NATIVE_SIMD_WIDTHS,
+                    reason="W8A8 takes torch._int_mm here: the native library is not the AVX2 build")
+@pytest.mark.parametrize("m", [1, 3, 17])  # torch._int_mm row by row at 1 and 3 rows, at once at 17
+def test_w8a8_native_path_equals_the_int_mm_path_bit_for_bit(m, monkeypatch):
+    module = make_module("int8_sq", torch.bfloat16)
+    torch.manual_seed(1)
+    x = torch.randn(m, K, dtype=torch.bfloat16)
+    calls = []
+    monkeypatch.setattr(native, "w8a8", lambda *args: calls.append(1) or native_w8a8(*args))
+    out = module(x)
+    assert calls, "the native kernel was not used"
+    monkeypatch.setattr(cpu_linear, "W8A8_NATIVE_SIMD_WIDTHS", ())  # torch._int_mm
+    calls.clear()
+    assert torch.equal(module(x), out) and not calls
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ Every e4m3 code (subnormals and signs included, not NaN), every e2m1 code under 
 scale, every int8 code, every signed INT4 code (also times W4A8 ratios, rounded to e4m3 as torch casts), MXFP8 block
 exponents and fp8_pb_wo tile scales; row counts on both sides of
 NATIVE_GEMV_ROWS and weights of more rows than one decoded chunk; codes at odd byte offsets, as a
-memory-mapped checkpoint holds them.
+memory-mapped checkpoint holds them. W8A8's int8 x int8 kernel against torch._int_mm, bit for bit.
 """
 
 import os
@@ -146,6 +146,42 @@ def test_codes_at_odd_byte_offsets_give_the_same_products():
     moved = at_odd_offset(args[0])
     assert moved.data_ptr() % 4
     assert torch.equal(native.gemv("fp8", x, moved, N), native.gemv("fp8", x, args[0], N))
+
+
+def int8_codes(shape, seed):
+    codes = torch.randint(-128, 128, shape, generator=torch.Generator().manual_seed(seed), dtype=torch.int8)
+    codes.view(-1)[:2] = torch.tensor([-128, 127], dtype=torch.int8)  # both ends of the range at least once
+    return codes
+
+
+@pytest.mark.parametrize("k", [16, 48, 4096])
+@pytest.mark.parametrize("rows", [1, 3, 9, 17])
+def test_w8a8_equals_torch_int_mm_exactly(rows, k):
+    x, w = int8_codes((rows, k), 1), int8_codes((37, k), 2)
+    y = native.w8a8(x, w)
+    assert y.dtype == torch.int32 and y.shape == (rows, 37)
+    assert torch.equal(y, torch._int_mm(x, w.t()))
+
+
+def test_w8a8_sums_are_exact_up_to_its_largest_k():
+    k = native.W8A8_MAX_K
+    assert k % native.BLOCK == 0 and k * 128 * 128 < 2**31 <= (k + native.BLOCK) * 128 * 128
+    x = torch.full((2, k), -128, dtype=torch.int8)
+    x[1, ::2] = 127
+    w = torch.full((3, k), -128, dtype=torch.int8)
+    w[1] = 127
+    w[2, 1::2] = 127
+    y = native.w8a8(x, w)
+    assert y[0, 0] == k * 128 * 128  # the largest sum there is: 2**31 - 2**18
+    assert torch.equal(y, torch._int_mm(x, w.t()))
+    assert torch.equal(y.double(), x.double() @ w.double().t())
+
+
+def test_w8a8_reads_codes_at_odd_byte_offsets():
+    x, w = int8_codes((3, 96), 1), int8_codes((37, 96), 2)
+    x_moved, w_moved = at_odd_offset(x), at_odd_offset(w, offset=5)
+    assert x_moved.data_ptr() % 4 and w_moved.data_ptr() % 4
+    assert torch.equal(native.w8a8(x_moved, w_moved), torch._int_mm(x, w.t()))
 
 
 def test_the_switch_turns_the_kernels_off():
