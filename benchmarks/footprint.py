@@ -133,7 +133,7 @@ def main():
         else:
             print(json.dumps(load_child(Path(path))))
         return
-    source = make_checkpoint(args.work_dir, args.layers)
+    source = make_checkpoint(args.work_dir, "1b", args.layers)
     rows = []
     for qformat in args.formats.split(","):
         result = measure(quantized_checkpoint(source, qformat))
