@@ -5,9 +5,10 @@ The C files (`SOURCES`: these kernels and the weight quantizers of `native_quant
 (`-march=native`) into one library in the user's cache (`$XDG_CACHE_HOME/hf_ptq_plugin/native`, named
 by a hash of the sources and flags, so an upgrade rebuilds it); later processes load the built library
 at once. Plain C without torch's headers keeps the build to about a second. The kernels need AVX-512, or
-AVX2 with F16C and FMA; the weight quantizers need AVX-512 (BW, VL) and F16C: on an AVX2-only CPU `library()` holds
-the kernels and `quantize_library()` is None. Without a compiler, without AVX-512 or AVX2 (+F16C, FMA), or
-with `HF_PTQ_PLUGIN_NATIVE=0`, `library()` is None and the CPU backend keeps torch's own kernels.
+AVX2 with F16C and FMA; so do the weight quantizers (AVX-512 with BW, VL and F16C, or AVX2 with F16C and
+FMA), which `quantize_library()` offers where the library holds them. Without a compiler, without AVX-512
+or AVX2 (+F16C, FMA), or with `HF_PTQ_PLUGIN_NATIVE=0`, `library()` is None and the CPU backend keeps
+torch's own kernels.
 
 `w8a8` is W8A8's int8 x int8 product with exact int32 sums (torch._int_mm's result, faster on AVX2).
 
@@ -36,7 +37,7 @@ SOURCES = (SOURCE, Path(__file__).with_name("native_quantize.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 ENV_SWITCH = "HF_PTQ_PLUGIN_NATIVE"
 SIMD_WIDTHS = (16, 8)  # native_gemv.c's AVX-512 and AVX2 paths; 0 means it was built without either
-QUANTIZE_SIMD_WIDTH = 16  # native_quantize.c's AVX-512 path, its only one; 0 means it was built without it
+QUANTIZE_SIMD_WIDTHS = (16, 8)  # native_quantize.c's AVX-512 and AVX2 paths; 0 means it was built without either
 BLOCK = 16  # the kernels take K (in_features) and INT4 group sizes in multiples of 16 (one AVX-512 vector, two AVX2)
 # hfptq_gemv_w8a8's int32 sums are exact up to this K (a multiple of BLOCK): K x 128 x 128 < 2**31
 W8A8_MAX_K = 2**17 - BLOCK
@@ -112,7 +113,7 @@ def library() -> Optional[ctypes.CDLL]:
     for name, argtypes in SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
         getattr(lib, name).restype = None
-    if lib.hfptq_quantize_simd_width() == QUANTIZE_SIMD_WIDTH:  # else built without them (no AVX-512 BW / VL or F16C)
+    if lib.hfptq_quantize_simd_width() in QUANTIZE_SIMD_WIDTHS:  # else built without them
         for name, argtypes in QUANTIZE_SIGNATURES.items():
             getattr(lib, name).argtypes = argtypes
             getattr(lib, name).restype = ctypes.c_uint32
@@ -122,7 +123,7 @@ def library() -> Optional[ctypes.CDLL]:
 def quantize_library() -> Optional[ctypes.CDLL]:
     """`library()` where it also holds the weight quantizers of `native_quantize.c`, else None."""
     lib = library()
-    return lib if lib is not None and lib.hfptq_quantize_simd_width() == QUANTIZE_SIMD_WIDTH else None
+    return lib if lib is not None and lib.hfptq_quantize_simd_width() in QUANTIZE_SIMD_WIDTHS else None
 
 
 def simd_width() -> int:

@@ -17,14 +17,54 @@
    second-level scale) needs one more pass before, `hfptq_amax16`. Work is split across `threads` OpenMP
    threads: row pairs for INT4 (two output rows share a byte row), rows for INT8 and NVFP4, blocks of
    elements for per-tensor FP8.
+
+   Two paths with the same functions and bits: AVX-512 (BW, VL) with F16C, and AVX2 with F16C and FMA on
+   8-lane vectors (`_mm256_round_ps` rounds half to even as well); `hfptq_quantize_simd_width` says which
+   was built (16, 8; 0 for neither, then the library holds no quantizers).
 */
 #include <stdint.h>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
+#if (defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)) || \
+    (defined(__AVX2__) && defined(__F16C__) && defined(__FMA__))
 #include <immintrin.h>
 
 #define FP8_BLOCK 65536 /* elements per OpenMP work item of the per-tensor passes */
 
+/* Scalar helpers of both paths. */
+static inline float value_of_bits(uint32_t bits, const int fp16) {
+    if (fp16) return _cvtsh_ss((unsigned short)bits);
+    union { uint32_t u; float f; } v;
+    v.u = bits << 16;
+    return v.f;
+}
+
+/* `scale_from_amax`: amax / bound in fp32, 1.0 for a zero amax. */
+static inline float scale_of_bits(uint32_t bits, float bound, const int fp16) {
+    float amax = value_of_bits(bits, fp16);
+    return amax > 0.0f ? amax / bound : 1.0f;
+}
+
+/* `e4m3_codes` (below) for one finite value in [2**-9, 448] (an NVFP4 block scale, already clamped). */
+static inline uint8_t e4m3_code(float v) {
+    union { float f; uint32_t u; } x = {v};
+    if (x.u < (121u << 23)) {
+        union { float f; uint32_t u; } shifted = {v + 16384.0f};
+        return (uint8_t)(shifted.u - (141u << 23));
+    }
+    return (uint8_t)((x.u + ((uint32_t)(7 - 127) << 23) + 0x7FFFFu + ((x.u >> 20) & 1u)) >> 20);
+}
+
+/* The value of a non-negative e4m3 code: (8 + m) * 2**(e - 10), or m * 2**-9 for e = 0; exact in fp32. */
+static inline float e4m3_value_of(uint8_t c) {
+    int e = (c >> 3) & 15, m = c & 7;
+    if (e == 0) return (float)m * (1.0f / 512.0f);
+    union { uint32_t u; float f; } power = {(uint32_t)(e - 10 + 127) << 23};
+    return (float)(8 + m) * power.f;
+}
+
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
 int hfptq_quantize_simd_width(void) { return 16; }
 
 static inline __m512 widen16(__m256i h, const int fp16) {
@@ -62,19 +102,6 @@ static inline uint32_t amax_bits(const uint16_t *p, int64_t n) {
         m = _mm512_max_epu16(m, _mm512_and_si512(_mm512_maskz_loadu_epi16(tail, p + i), magnitude));
     }
     return reduce_max_u16(m);
-}
-
-static inline float value_of_bits(uint32_t bits, const int fp16) {
-    if (fp16) return _cvtsh_ss((unsigned short)bits);
-    union { uint32_t u; float f; } v;
-    v.u = bits << 16;
-    return v.f;
-}
-
-/* `scale_from_amax`: amax / bound in fp32, 1.0 for a zero amax. */
-static inline float scale_of_bits(uint32_t bits, float bound, const int fp16) {
-    float amax = value_of_bits(bits, fp16);
-    return amax > 0.0f ? amax / bound : 1.0f;
 }
 
 /* round-half-even(x / scale) clamped to [low, high], as int32 lanes (`numerics.integer.int_quantize`). */
@@ -221,24 +248,6 @@ uint32_t hfptq_quantize_fp8(const uint16_t *w, int64_t count, float scale, int f
     return seen;
 }
 
-/* `e4m3_codes` for one finite value in [2**-9, 448] (an NVFP4 block scale, already clamped). */
-static inline uint8_t e4m3_code(float v) {
-    union { float f; uint32_t u; } x = {v};
-    if (x.u < (121u << 23)) {
-        union { float f; uint32_t u; } shifted = {v + 16384.0f};
-        return (uint8_t)(shifted.u - (141u << 23));
-    }
-    return (uint8_t)((x.u + ((uint32_t)(7 - 127) << 23) + 0x7FFFFu + ((x.u >> 20) & 1u)) >> 20);
-}
-
-/* The value of a non-negative e4m3 code: (8 + m) * 2**(e - 10), or m * 2**-9 for e = 0; exact in fp32. */
-static inline float e4m3_value_of(uint8_t c) {
-    int e = (c >> 3) & 15, m = c & 7;
-    if (e == 0) return (float)m * (1.0f / 512.0f);
-    union { uint32_t u; float f; } power = {(uint32_t)(e - 10 + 127) << 23};
-    return (float)(8 + m) * power.f;
-}
-
 /* E2M1 codes (sign in bit 3) of 16 fp32 lanes, as `numerics.nvfp4.e2m1_codes`: the index counts the grid
    midpoints |y| passes, ties going to the even grid point (> then >= in turn); NaN gives 0 as there. */
 static inline __m512i e2m1_codes16(__m512 y) {
@@ -299,7 +308,283 @@ uint32_t hfptq_quantize_nvfp4(const uint16_t *w, int64_t N, int64_t K, float sca
     return seen;
 }
 
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+/* The same kernels on 8-lane AVX2 vectors, each lane computing what an AVX-512 lane computes (so the same
+   bits as the torch reference). AVX2 has no masked 16-bit loads or stores: a row or tensor tail shorter
+   than 16 weights goes through a zero-padded copy on the stack. */
+#include <string.h>
+
+int hfptq_quantize_simd_width(void) { return 8; }
+
+static inline __m256 widen8(__m128i h, const int fp16) {
+    if (fp16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); /* bf16: an fp32's high half */
+}
+
+/* The low and high 8 of 16 weights held in h. */
+static inline __m256 widen_low(__m256i h, const int fp16) { return widen8(_mm256_castsi256_si128(h), fp16); }
+static inline __m256 widen_high(__m256i h, const int fp16) { return widen8(_mm256_extracti128_si256(h, 1), fp16); }
+
+static inline uint32_t reduce_max_u16_256(__m256i a) {
+    __m128i b = _mm_max_epu16(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    __m128i smallest_complement = _mm_minpos_epu16(_mm_xor_si128(b, _mm_set1_epi16(-1)));
+    return 0xFFFFu ^ ((uint32_t)_mm_cvtsi128_si32(smallest_complement) & 0xFFFFu);
+}
+
+/* max over n 16-bit weights of their pattern without the sign bit (see the top). */
+static inline uint32_t amax_bits(const uint16_t *p, int64_t n) {
+    const __m256i magnitude = _mm256_set1_epi16(0x7FFF);
+    __m256i m0 = _mm256_setzero_si256(), m1 = _mm256_setzero_si256();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        m0 = _mm256_max_epu16(m0, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(p + i)), magnitude));
+        m1 = _mm256_max_epu16(m1, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(p + i + 16)), magnitude));
+    }
+    for (; i + 16 <= n; i += 16)
+        m0 = _mm256_max_epu16(m0, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(p + i)), magnitude));
+    uint32_t seen = reduce_max_u16_256(_mm256_max_epu16(m0, m1));
+    for (; i < n; i++) {
+        uint32_t a = p[i] & 0x7FFFu;
+        seen = a > seen ? a : seen;
+    }
+    return seen;
+}
+
+/* The low byte of each int32 lane of a (the low 8 codes) and b (the high 8), in order: the truncation
+   `_mm512_cvtepi32_epi8` makes, here of values in [-128, 255] masked to their low byte and packed. */
+static inline __m128i narrow16(__m256i a, __m256i b) {
+    const __m256i byte = _mm256_set1_epi32(0xFF);
+    __m256i words = _mm256_packus_epi32(_mm256_and_si256(a, byte), _mm256_and_si256(b, byte)); /* per 128 lane */
+    words = _mm256_permute4x64_epi64(words, 0xD8);
+    return _mm_packus_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
+}
+
+/* round-half-even(x / scale) clamped to [low, high], as int32 lanes (`numerics.integer.int_quantize`). */
+static inline __m256i int_codes(__m256 x, __m256 scale, float low, float high) {
+    __m256 r = _mm256_round_ps(_mm256_div_ps(x, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(low)), _mm256_set1_ps(high)));
+}
+
+/* INT4, one pair of rows, as the AVX-512 path: row 0's code in the low nibble, row 1's in the high one. */
+static inline __attribute__((always_inline)) uint32_t int4_row_pair(const uint16_t *r0, const uint16_t *r1,
+                                                                    int64_t K, int64_t group, uint8_t *out,
+                                                                    float *s0, float *s1, const int fp16) {
+    uint32_t seen = 0;
+    for (int64_t g = 0; g < K; g += group) {
+        uint32_t a0 = amax_bits(r0 + g, group), a1 = amax_bits(r1 + g, group);
+        seen = a0 > seen ? a0 : seen;
+        seen = a1 > seen ? a1 : seen;
+        float scale0 = scale_of_bits(a0, 7.0f, fp16), scale1 = scale_of_bits(a1, 7.0f, fp16);
+        s0[g / group] = scale0;
+        s1[g / group] = scale1;
+        const __m256 v0 = _mm256_set1_ps(scale0), v1 = _mm256_set1_ps(scale1);
+        const __m256i nibble = _mm256_set1_epi32(0xF);
+        for (int64_t k = g; k < g + group; k += 16) {
+            __m256i h0 = _mm256_loadu_si256((const __m256i *)(r0 + k));
+            __m256i h1 = _mm256_loadu_si256((const __m256i *)(r1 + k));
+            __m256i lo0 = _mm256_and_si256(int_codes(widen_low(h0, fp16), v0, -8.0f, 7.0f), nibble);
+            __m256i lo1 = _mm256_and_si256(int_codes(widen_high(h0, fp16), v0, -8.0f, 7.0f), nibble);
+            __m256i hi0 = _mm256_slli_epi32(int_codes(widen_low(h1, fp16), v1, -8.0f, 7.0f), 4);
+            __m256i hi1 = _mm256_slli_epi32(int_codes(widen_high(h1, fp16), v1, -8.0f, 7.0f), 4);
+            _mm_storeu_si128((__m128i *)(out + k), narrow16(_mm256_or_si256(lo0, hi0), _mm256_or_si256(lo1, hi1)));
+        }
+    }
+    return seen;
+}
+
+/* INT4 group-wise: w (N, K) -> codes uint8 (N / 2, K), scales fp32 (N, K / group). N even, group a multiple
+   of 32 dividing K. Returns the largest magnitude pattern read (top). */
+uint32_t hfptq_quantize_int4(const uint16_t *w, int64_t N, int64_t K, int64_t group, int fp16, uint8_t *codes,
+                             float *scales, int threads) {
+    uint32_t seen = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : seen)
+    for (int64_t pair = 0; pair < N / 2; pair++) {
+        const uint16_t *r0 = w + 2 * pair * K;
+        float *s0 = scales + 2 * pair * (K / group);
+        uint32_t a = fp16 ? int4_row_pair(r0, r0 + K, K, group, codes + pair * K, s0, s0 + K / group, 1)
+                          : int4_row_pair(r0, r0 + K, K, group, codes + pair * K, s0, s0 + K / group, 0);
+        seen = a > seen ? a : seen;
+    }
+    return seen;
+}
+
+static inline __m128i int8_codes16(__m256i h, __m256 s, const int fp16) {
+    return narrow16(int_codes(widen_low(h, fp16), s, -128.0f, 127.0f),
+                    int_codes(widen_high(h, fp16), s, -128.0f, 127.0f));
+}
+
+static inline __attribute__((always_inline)) uint32_t int8_row(const uint16_t *row, int64_t K, int8_t *out,
+                                                               float *scale, const int fp16) {
+    uint32_t a = amax_bits(row, K);
+    *scale = scale_of_bits(a, 127.0f, fp16);
+    const __m256 s = _mm256_set1_ps(*scale);
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)(row + k));
+        _mm_storeu_si128((__m128i *)(out + k), int8_codes16(h, s, fp16));
+    }
+    if (k < K) {
+        uint16_t in[16] = {0};
+        uint8_t q[16];
+        memcpy(in, row + k, (size_t)(K - k) * sizeof(uint16_t));
+        _mm_storeu_si128((__m128i *)q, int8_codes16(_mm256_loadu_si256((const __m256i *)in), s, fp16));
+        memcpy(out + k, q, (size_t)(K - k));
+    }
+    return a;
+}
+
+/* INT8 per output channel: w (N, K) -> codes int8 (N, K), scales fp32 (N,). */
+uint32_t hfptq_quantize_int8(const uint16_t *w, int64_t N, int64_t K, int fp16, int8_t *codes, float *scales,
+                             int threads) {
+    uint32_t seen = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : seen)
+    for (int64_t n = 0; n < N; n++) {
+        uint32_t a = fp16 ? int8_row(w + n * K, K, codes + n * K, scales + n, 1)
+                          : int8_row(w + n * K, K, codes + n * K, scales + n, 0);
+        seen = a > seen ? a : seen;
+    }
+    return seen;
+}
+
+/* The largest magnitude pattern of `count` 16-bit weights: the per-tensor amax (top). */
+uint32_t hfptq_amax16(const uint16_t *w, int64_t count, int threads) {
+    uint32_t seen = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : seen)
+    for (int64_t start = 0; start < count; start += FP8_BLOCK) {
+        uint32_t a = amax_bits(w + start, count - start < FP8_BLOCK ? count - start : FP8_BLOCK);
+        seen = a > seen ? a : seen;
+    }
+    return seen;
+}
+
+/* The AVX-512 path's `e4m3_codes` on 8 lanes, as int32 (finite lanes clamped to +-448; see there). The
+   magnitudes have no sign bit, so the signed compare is the unsigned one. */
+static inline __m256i e4m3_codes(__m256 v) {
+    __m256i bits = _mm256_castps_si256(v);
+    __m256i sign = _mm256_and_si256(bits, _mm256_set1_epi32((int)0x80000000u));
+    __m256i magnitude = _mm256_xor_si256(bits, sign);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(magnitude, 20), _mm256_set1_epi32(1));
+    __m256i rebias = _mm256_set1_epi32((int)(((uint32_t)(7 - 127) << 23) + 0x7FFFFu));
+    __m256i normal = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(magnitude, rebias), odd), 20);
+    __m256 shifted = _mm256_add_ps(_mm256_castsi256_ps(magnitude), _mm256_set1_ps(16384.0f));
+    __m256i subnormal = _mm256_sub_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(141 << 23));
+    __m256i small = _mm256_cmpgt_epi32(_mm256_set1_epi32(121 << 23), magnitude);
+    return _mm256_or_si256(_mm256_blendv_epi8(normal, subnormal, small), _mm256_srli_epi32(sign, 24));
+}
+
+/* `numerics.fp8.fp8_quantize`: x / scale clamped to +-448, to e4m3. */
+static inline __m256i fp8_codes(__m256 x, __m256 scale) {
+    __m256 y = _mm256_div_ps(x, scale);
+    return e4m3_codes(_mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(-448.0f)), _mm256_set1_ps(448.0f)));
+}
+
+static inline __m128i fp8_codes16(__m256i h, __m256 s, const int fp16) {
+    return narrow16(fp8_codes(widen_low(h, fp16), s), fp8_codes(widen_high(h, fp16), s));
+}
+
+/* One block of per-tensor FP8, with the block's largest magnitude pattern taken from the same loads. */
+static inline __attribute__((always_inline)) uint32_t fp8_block(const uint16_t *w, int64_t n, float scale,
+                                                                uint8_t *out, const int fp16) {
+    const __m256 s = _mm256_set1_ps(scale);
+    const __m256i magnitude = _mm256_set1_epi16(0x7FFF);
+    __m256i m = _mm256_setzero_si256();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)(w + i));
+        m = _mm256_max_epu16(m, _mm256_and_si256(h, magnitude));
+        _mm_storeu_si128((__m128i *)(out + i), fp8_codes16(h, s, fp16));
+    }
+    if (i < n) {
+        uint16_t in[16] = {0};
+        uint8_t q[16];
+        memcpy(in, w + i, (size_t)(n - i) * sizeof(uint16_t));
+        __m256i h = _mm256_loadu_si256((const __m256i *)in);
+        m = _mm256_max_epu16(m, _mm256_and_si256(h, magnitude));
+        _mm_storeu_si128((__m128i *)q, fp8_codes16(h, s, fp16));
+        memcpy(out + i, q, (size_t)(n - i));
+    }
+    return reduce_max_u16_256(m);
+}
+
+/* Per-tensor FP8: `count` weights -> e4m3 codes under one fp32 scale (finite, positive; the caller checks). */
+uint32_t hfptq_quantize_fp8(const uint16_t *w, int64_t count, float scale, int fp16, uint8_t *codes, int threads) {
+    uint32_t seen = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : seen)
+    for (int64_t start = 0; start < count; start += FP8_BLOCK) {
+        int64_t n = count - start < FP8_BLOCK ? count - start : FP8_BLOCK;
+        uint32_t a = fp16 ? fp8_block(w + start, n, scale, codes + start, 1)
+                          : fp8_block(w + start, n, scale, codes + start, 0);
+        seen = a > seen ? a : seen;
+    }
+    return seen;
+}
+
+/* E2M1 codes (sign in bit 3) of 8 fp32 lanes, as the AVX-512 path's `e2m1_codes16`: the index counts the
+   grid midpoints |y| passes (> then >= in turn, ties to the even grid point); NaN gives 0. */
+static inline __m256i e2m1_codes8(__m256 y) {
+    static const float midpoints[7] = {0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.0f};
+    __m256 m = _mm256_and_ps(y, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)));
+    __m256i index = _mm256_setzero_si256();
+    for (int i = 0; i < 7; i++) {
+        __m256 past = (i % 2) ? _mm256_cmp_ps(m, _mm256_set1_ps(midpoints[i]), _CMP_GE_OQ)
+                              : _mm256_cmp_ps(m, _mm256_set1_ps(midpoints[i]), _CMP_GT_OQ);
+        index = _mm256_sub_epi32(index, _mm256_castps_si256(past)); /* an all-ones lane is -1 */
+    }
+    __m256 negative = _mm256_cmp_ps(y, _mm256_setzero_ps(), _CMP_LT_OQ);
+    return _mm256_or_si256(index, _mm256_and_si256(_mm256_castps_si256(negative), _mm256_set1_epi32(8)));
+}
+
+/* 16 codes (elements 0-7 in a, 8-15 in b, one per int32 lane) to 8 bytes, element 2j in the low nibble of
+   byte j (`pack_nibbles`): each 64-bit lane's low half becomes its even element | the odd one << 4. */
+static inline void store_nibbles16(uint8_t *out, __m256i a, __m256i b) {
+    __m256 pa = _mm256_castsi256_ps(_mm256_or_si256(a, _mm256_srli_epi64(a, 28)));
+    __m256 pb = _mm256_castsi256_ps(_mm256_or_si256(b, _mm256_srli_epi64(b, 28)));
+    /* the even int32 lanes: bytes 0 1 4 5 in the low 128 bits, 2 3 6 7 in the high; then in order */
+    __m256i bytes = _mm256_castps_si256(_mm256_shuffle_ps(pa, pb, _MM_SHUFFLE(2, 0, 2, 0)));
+    bytes = _mm256_permute4x64_epi64(bytes, 0xD8);
+    __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(bytes), _mm256_extracti128_si256(bytes, 1));
+    _mm_storel_epi64((__m128i *)out, _mm_packus_epi16(words, words));
+}
+
+/* One NVFP4 row, as the AVX-512 path's `nvfp4_row`. */
+static inline __attribute__((always_inline)) uint32_t nvfp4_row(const uint16_t *row, int64_t K, float scale_2,
+                                                                float denominator, uint8_t *codes,
+                                                                uint8_t *scales, const int fp16) {
+    const __m256i magnitude = _mm256_set1_epi16(0x7FFF);
+    uint32_t seen = 0;
+    for (int64_t k = 0; k < K; k += 16) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)(row + k));
+        uint32_t a = reduce_max_u16_256(_mm256_and_si256(h, magnitude));
+        seen = a > seen ? a : seen;
+        float block = value_of_bits(a, fp16) / denominator;
+        block = block == 0.0f ? 1.0f : block;
+        block = block < 1.0f / 512.0f ? 1.0f / 512.0f : (block > 448.0f ? 448.0f : block);
+        uint8_t code = e4m3_code(block);
+        scales[k / 16] = code;
+        __m256 step = _mm256_set1_ps(e4m3_value_of(code) * scale_2);
+        store_nibbles16(codes + k / 2, e2m1_codes8(_mm256_div_ps(widen_low(h, fp16), step)),
+                        e2m1_codes8(_mm256_div_ps(widen_high(h, fp16), step)));
+    }
+    return seen;
+}
+
+/* NVFP4: w (N, K) -> codes uint8 (N, K / 2), e4m3 block scales (N, K / 16), under the fp32 global scale
+   `scale_2` (finite, positive; the caller's). K a multiple of 16. */
+uint32_t hfptq_quantize_nvfp4(const uint16_t *w, int64_t N, int64_t K, float scale_2, float denominator, int fp16,
+                              uint8_t *codes, uint8_t *scales, int threads) {
+    uint32_t seen = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : seen)
+    for (int64_t n = 0; n < N; n++) {
+        const uint16_t *row = w + n * K;
+        uint32_t a = fp16 ? nvfp4_row(row, K, scale_2, denominator, codes + n * (K / 2), scales + n * (K / 16), 1)
+                          : nvfp4_row(row, K, scale_2, denominator, codes + n * (K / 2), scales + n * (K / 16), 0);
+        seen = a > seen ? a : seen;
+    }
+    return seen;
+}
+
 #else
-/* Without AVX-512 (BW, VL) and F16C the Python side keeps torch's quantizers (native_quantize.py checks this). */
+/* Without AVX-512 (BW, VL) and F16C, or AVX2 with F16C and FMA, the Python side keeps torch's quantizers
+   (native_quantize.py checks this). */
 int hfptq_quantize_simd_width(void) { return 0; }
 #endif

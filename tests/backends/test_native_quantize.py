@@ -26,8 +26,9 @@ from hf_ptq_plugin.backends.native_quantize import abs_amax_native, quantize_wei
 from hf_ptq_plugin.numerics.scales import abs_amax
 from hf_ptq_plugin.numerics.weights import CHUNK_ELEMENTS, quantize_weight, quantize_weight_in_row_blocks
 
-pytestmark = pytest.mark.skipif(native.quantize_library() is None,
-                                reason="no C compiler or no AVX-512 (BW, VL) on this machine")
+pytestmark = pytest.mark.skipif(
+    native.quantize_library() is None,
+    reason="no C compiler, or neither AVX-512 (BW, VL, F16C) nor AVX2 (F16C, FMA) on this machine")
 
 FORMATS = ["int4_awq", "w4a8_awq", "int8_wo", "fp8", "nvfp4"]
 DTYPES = [torch.bfloat16, torch.float16]
