@@ -244,23 +244,6 @@ static inline __m512 e4m3_round(__m512 v) {
         for (int64_t r = 0; r < rows; r++) y[(m0 + r) * N + n] = _mm512_reduce_add_ps(acc[r]) * (SCALE_OUT); \
     }
 
-void hfptq_gemv_fp8(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *row = w + n * K;
-        ROW_DOTS(e4m3x16(row + k), E4M3_UNIT)
-    }
-}
-
-/* INT8 weight-only: codes int8 (N, K); the per-channel scales are the caller's. */
-void hfptq_gemv_int8(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *row = w + n * K;
-        ROW_DOTS(int8x16(row + k), 1.0f)
-    }
-}
-
 /* MXFP8: codes e4m3 (N, K), E8M0 exponents (N, K / 32). Exact for ordinary exponents (block scales above
    2**-100; far smaller ones round as fp32 subnormals). */
 void hfptq_gemv_mxfp8(const float *x, int64_t M, int64_t K, const uint8_t *w, const uint8_t *exponents, int64_t N,
@@ -570,22 +553,6 @@ static inline __m256 dot16_add(__m256 acc, const float *x, f32x16 w) {
         for (int64_t r = 0; r < rows; r++) y[(m0 + r) * N + n] = hsum8(acc[r]) * (SCALE_OUT); \
     }
 
-void hfptq_gemv_fp8(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *row = w + n * K;
-        ROW_DOTS(e4m3x16(row + k), E4M3_UNIT)
-    }
-}
-
-void hfptq_gemv_int8(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *row = w + n * K;
-        ROW_DOTS(int8x16(row + k), 1.0f)
-    }
-}
-
 void hfptq_gemv_mxfp8(const float *x, int64_t M, int64_t K, const uint8_t *w, const uint8_t *exponents, int64_t N,
                       float *y, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -815,5 +782,26 @@ void hfptq_decode_int4(const uint8_t *w, const float *scales, int64_t group, int
                 }
             }
         }
+}
+#endif
+
+#if HFPTQ_SIMD_WIDTH
+/* One text for both paths: ROW_DOTS and the decoders are each path's own. */
+
+void hfptq_gemv_fp8(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = w + n * K;
+        ROW_DOTS(e4m3x16(row + k), E4M3_UNIT)
+    }
+}
+
+/* INT8 weight-only: codes int8 (N, K); the per-channel scales are the caller's. */
+void hfptq_gemv_int8(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = w + n * K;
+        ROW_DOTS(int8x16(row + k), 1.0f)
+    }
 }
 #endif

@@ -65,7 +65,7 @@ static inline float e4m3_value_of(uint8_t c) {
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
-int hfptq_quantize_simd_width(void) { return 16; }
+#define HFPTQ_QUANTIZE_SIMD_WIDTH 16
 
 static inline __m512 widen16(__m256i h, const int fp16) {
     if (fp16) return _mm512_cvtph_ps(h);
@@ -134,22 +134,6 @@ static inline __attribute__((always_inline)) uint32_t int4_row_pair(const uint16
     return seen;
 }
 
-/* INT4 group-wise: w (N, K) -> codes uint8 (N / 2, K), scales fp32 (N, K / group). N even, group a multiple
-   of 32 dividing K. Returns the largest magnitude pattern read (top). */
-uint32_t hfptq_quantize_int4(const uint16_t *w, int64_t N, int64_t K, int64_t group, int fp16, uint8_t *codes,
-                             float *scales, int threads) {
-    uint32_t seen = 0;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : seen)
-    for (int64_t pair = 0; pair < N / 2; pair++) {
-        const uint16_t *r0 = w + 2 * pair * K;
-        float *s0 = scales + 2 * pair * (K / group);
-        uint32_t a = fp16 ? int4_row_pair(r0, r0 + K, K, group, codes + pair * K, s0, s0 + K / group, 1)
-                          : int4_row_pair(r0, r0 + K, K, group, codes + pair * K, s0, s0 + K / group, 0);
-        seen = a > seen ? a : seen;
-    }
-    return seen;
-}
-
 static inline __attribute__((always_inline)) uint32_t int8_row(const uint16_t *row, int64_t K, int8_t *out,
                                                                float *scale, const int fp16) {
     uint32_t a = amax_bits(row, K);
@@ -164,30 +148,6 @@ static inline __attribute__((always_inline)) uint32_t int8_row(const uint16_t *r
         _mm_mask_storeu_epi8(out + k, (__mmask16)((1u << (K - k)) - 1), _mm512_cvtepi32_epi8(q));
     }
     return a;
-}
-
-/* INT8 per output channel: w (N, K) -> codes int8 (N, K), scales fp32 (N,). */
-uint32_t hfptq_quantize_int8(const uint16_t *w, int64_t N, int64_t K, int fp16, int8_t *codes, float *scales,
-                             int threads) {
-    uint32_t seen = 0;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : seen)
-    for (int64_t n = 0; n < N; n++) {
-        uint32_t a = fp16 ? int8_row(w + n * K, K, codes + n * K, scales + n, 1)
-                          : int8_row(w + n * K, K, codes + n * K, scales + n, 0);
-        seen = a > seen ? a : seen;
-    }
-    return seen;
-}
-
-/* The largest magnitude pattern of `count` 16-bit weights: the per-tensor amax (top). */
-uint32_t hfptq_amax16(const uint16_t *w, int64_t count, int threads) {
-    uint32_t seen = 0;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : seen)
-    for (int64_t start = 0; start < count; start += FP8_BLOCK) {
-        uint32_t a = amax_bits(w + start, count - start < FP8_BLOCK ? count - start : FP8_BLOCK);
-        seen = a > seen ? a : seen;
-    }
-    return seen;
 }
 
 /* e4m3 codes of finite fp32 lanes already clamped to +-448, rounded to nearest even like torch's cast to
@@ -235,19 +195,6 @@ static inline __attribute__((always_inline)) uint32_t fp8_block(const uint16_t *
     return reduce_max_u16_256(m);
 }
 
-/* Per-tensor FP8: `count` weights -> e4m3 codes under one fp32 scale (finite, positive; the caller checks). */
-uint32_t hfptq_quantize_fp8(const uint16_t *w, int64_t count, float scale, int fp16, uint8_t *codes, int threads) {
-    uint32_t seen = 0;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : seen)
-    for (int64_t start = 0; start < count; start += FP8_BLOCK) {
-        int64_t n = count - start < FP8_BLOCK ? count - start : FP8_BLOCK;
-        uint32_t a = fp16 ? fp8_block(w + start, n, scale, codes + start, 1)
-                          : fp8_block(w + start, n, scale, codes + start, 0);
-        seen = a > seen ? a : seen;
-    }
-    return seen;
-}
-
 /* E2M1 codes (sign in bit 3) of 16 fp32 lanes, as `numerics.nvfp4.e2m1_codes`: the index counts the grid
    midpoints |y| passes, ties going to the even grid point (> then >= in turn); NaN gives 0 as there. */
 static inline __m512i e2m1_codes16(__m512 y) {
@@ -293,28 +240,13 @@ static inline __attribute__((always_inline)) uint32_t nvfp4_row(const uint16_t *
     return seen;
 }
 
-/* NVFP4: w (N, K) -> codes uint8 (N, K / 2), e4m3 block scales (N, K / 16), under the fp32 global scale
-   `scale_2` (finite, positive; the caller's). K a multiple of 16. */
-uint32_t hfptq_quantize_nvfp4(const uint16_t *w, int64_t N, int64_t K, float scale_2, float denominator, int fp16,
-                              uint8_t *codes, uint8_t *scales, int threads) {
-    uint32_t seen = 0;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : seen)
-    for (int64_t n = 0; n < N; n++) {
-        const uint16_t *row = w + n * K;
-        uint32_t a = fp16 ? nvfp4_row(row, K, scale_2, denominator, codes + n * (K / 2), scales + n * (K / 16), 1)
-                          : nvfp4_row(row, K, scale_2, denominator, codes + n * (K / 2), scales + n * (K / 16), 0);
-        seen = a > seen ? a : seen;
-    }
-    return seen;
-}
-
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 /* The same kernels on 8-lane AVX2 vectors, each lane computing what an AVX-512 lane computes (so the same
    bits as the torch reference). AVX2 has no masked 16-bit loads or stores: a row or tensor tail shorter
    than 16 weights goes through a zero-padded copy on the stack. */
 #include <string.h>
 
-int hfptq_quantize_simd_width(void) { return 8; }
+#define HFPTQ_QUANTIZE_SIMD_WIDTH 8
 
 static inline __m256 widen8(__m128i h, const int fp16) {
     if (fp16) return _mm256_cvtph_ps(h);
@@ -392,22 +324,6 @@ static inline __attribute__((always_inline)) uint32_t int4_row_pair(const uint16
     return seen;
 }
 
-/* INT4 group-wise: w (N, K) -> codes uint8 (N / 2, K), scales fp32 (N, K / group). N even, group a multiple
-   of 32 dividing K. Returns the largest magnitude pattern read (top). */
-uint32_t hfptq_quantize_int4(const uint16_t *w, int64_t N, int64_t K, int64_t group, int fp16, uint8_t *codes,
-                             float *scales, int threads) {
-    uint32_t seen = 0;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : seen)
-    for (int64_t pair = 0; pair < N / 2; pair++) {
-        const uint16_t *r0 = w + 2 * pair * K;
-        float *s0 = scales + 2 * pair * (K / group);
-        uint32_t a = fp16 ? int4_row_pair(r0, r0 + K, K, group, codes + pair * K, s0, s0 + K / group, 1)
-                          : int4_row_pair(r0, r0 + K, K, group, codes + pair * K, s0, s0 + K / group, 0);
-        seen = a > seen ? a : seen;
-    }
-    return seen;
-}
-
 static inline __m128i int8_codes16(__m256i h, __m256 s, const int fp16) {
     return narrow16(int_codes(widen_low(h, fp16), s, -128.0f, 127.0f),
                     int_codes(widen_high(h, fp16), s, -128.0f, 127.0f));
@@ -431,30 +347,6 @@ static inline __attribute__((always_inline)) uint32_t int8_row(const uint16_t *r
         memcpy(out + k, q, (size_t)(K - k));
     }
     return a;
-}
-
-/* INT8 per output channel: w (N, K) -> codes int8 (N, K), scales fp32 (N,). */
-uint32_t hfptq_quantize_int8(const uint16_t *w, int64_t N, int64_t K, int fp16, int8_t *codes, float *scales,
-                             int threads) {
-    uint32_t seen = 0;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : seen)
-    for (int64_t n = 0; n < N; n++) {
-        uint32_t a = fp16 ? int8_row(w + n * K, K, codes + n * K, scales + n, 1)
-                          : int8_row(w + n * K, K, codes + n * K, scales + n, 0);
-        seen = a > seen ? a : seen;
-    }
-    return seen;
-}
-
-/* The largest magnitude pattern of `count` 16-bit weights: the per-tensor amax (top). */
-uint32_t hfptq_amax16(const uint16_t *w, int64_t count, int threads) {
-    uint32_t seen = 0;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : seen)
-    for (int64_t start = 0; start < count; start += FP8_BLOCK) {
-        uint32_t a = amax_bits(w + start, count - start < FP8_BLOCK ? count - start : FP8_BLOCK);
-        seen = a > seen ? a : seen;
-    }
-    return seen;
 }
 
 /* The AVX-512 path's `e4m3_codes` on 8 lanes, as int32 (finite lanes clamped to +-448; see there). The
@@ -506,19 +398,6 @@ static inline __attribute__((always_inline)) uint32_t fp8_block(const uint16_t *
     return reduce_max_u16_256(m);
 }
 
-/* Per-tensor FP8: `count` weights -> e4m3 codes under one fp32 scale (finite, positive; the caller checks). */
-uint32_t hfptq_quantize_fp8(const uint16_t *w, int64_t count, float scale, int fp16, uint8_t *codes, int threads) {
-    uint32_t seen = 0;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : seen)
-    for (int64_t start = 0; start < count; start += FP8_BLOCK) {
-        int64_t n = count - start < FP8_BLOCK ? count - start : FP8_BLOCK;
-        uint32_t a = fp16 ? fp8_block(w + start, n, scale, codes + start, 1)
-                          : fp8_block(w + start, n, scale, codes + start, 0);
-        seen = a > seen ? a : seen;
-    }
-    return seen;
-}
-
 /* E2M1 codes (sign in bit 3) of 8 fp32 lanes, as the AVX-512 path's `e2m1_codes16`: the index counts the
    grid midpoints |y| passes (> then >= in turn, ties to the even grid point); NaN gives 0. */
 static inline __m256i e2m1_codes8(__m256 y) {
@@ -568,6 +447,71 @@ static inline __attribute__((always_inline)) uint32_t nvfp4_row(const uint16_t *
     return seen;
 }
 
+#else
+/* Without AVX-512 (BW, VL) and F16C, or AVX2 with F16C and FMA, the Python side keeps torch's quantizers
+   (native_quantize.py checks this). */
+#define HFPTQ_QUANTIZE_SIMD_WIDTH 0
+#endif
+
+int hfptq_quantize_simd_width(void) { return HFPTQ_QUANTIZE_SIMD_WIDTH; }
+
+#if HFPTQ_QUANTIZE_SIMD_WIDTH
+/* The exported quantizers, one text for both paths: OpenMP over the rows (or blocks) that the path's own kernels
+   above quantize. */
+
+/* INT4 group-wise: w (N, K) -> codes uint8 (N / 2, K), scales fp32 (N, K / group). N even, group a multiple
+   of 32 dividing K. Returns the largest magnitude pattern read (top). */
+uint32_t hfptq_quantize_int4(const uint16_t *w, int64_t N, int64_t K, int64_t group, int fp16, uint8_t *codes,
+                             float *scales, int threads) {
+    uint32_t seen = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : seen)
+    for (int64_t pair = 0; pair < N / 2; pair++) {
+        const uint16_t *r0 = w + 2 * pair * K;
+        float *s0 = scales + 2 * pair * (K / group);
+        uint32_t a = fp16 ? int4_row_pair(r0, r0 + K, K, group, codes + pair * K, s0, s0 + K / group, 1)
+                          : int4_row_pair(r0, r0 + K, K, group, codes + pair * K, s0, s0 + K / group, 0);
+        seen = a > seen ? a : seen;
+    }
+    return seen;
+}
+
+/* INT8 per output channel: w (N, K) -> codes int8 (N, K), scales fp32 (N,). */
+uint32_t hfptq_quantize_int8(const uint16_t *w, int64_t N, int64_t K, int fp16, int8_t *codes, float *scales,
+                             int threads) {
+    uint32_t seen = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : seen)
+    for (int64_t n = 0; n < N; n++) {
+        uint32_t a = fp16 ? int8_row(w + n * K, K, codes + n * K, scales + n, 1)
+                          : int8_row(w + n * K, K, codes + n * K, scales + n, 0);
+        seen = a > seen ? a : seen;
+    }
+    return seen;
+}
+
+/* The largest magnitude pattern of `count` 16-bit weights: the per-tensor amax (top). */
+uint32_t hfptq_amax16(const uint16_t *w, int64_t count, int threads) {
+    uint32_t seen = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : seen)
+    for (int64_t start = 0; start < count; start += FP8_BLOCK) {
+        uint32_t a = amax_bits(w + start, count - start < FP8_BLOCK ? count - start : FP8_BLOCK);
+        seen = a > seen ? a : seen;
+    }
+    return seen;
+}
+
+/* Per-tensor FP8: `count` weights -> e4m3 codes under one fp32 scale (finite, positive; the caller checks). */
+uint32_t hfptq_quantize_fp8(const uint16_t *w, int64_t count, float scale, int fp16, uint8_t *codes, int threads) {
+    uint32_t seen = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : seen)
+    for (int64_t start = 0; start < count; start += FP8_BLOCK) {
+        int64_t n = count - start < FP8_BLOCK ? count - start : FP8_BLOCK;
+        uint32_t a = fp16 ? fp8_block(w + start, n, scale, codes + start, 1)
+                          : fp8_block(w + start, n, scale, codes + start, 0);
+        seen = a > seen ? a : seen;
+    }
+    return seen;
+}
+
 /* NVFP4: w (N, K) -> codes uint8 (N, K / 2), e4m3 block scales (N, K / 16), under the fp32 global scale
    `scale_2` (finite, positive; the caller's). K a multiple of 16. */
 uint32_t hfptq_quantize_nvfp4(const uint16_t *w, int64_t N, int64_t K, float scale_2, float denominator, int fp16,
@@ -582,9 +526,4 @@ uint32_t hfptq_quantize_nvfp4(const uint16_t *w, int64_t N, int64_t K, float sca
     }
     return seen;
 }
-
-#else
-/* Without AVX-512 (BW, VL) and F16C, or AVX2 with F16C and FMA, the Python side keeps torch's quantizers
-   (native_quantize.py checks this). */
-int hfptq_quantize_simd_width(void) { return 0; }
 #endif
