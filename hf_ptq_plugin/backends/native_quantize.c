@@ -54,6 +54,15 @@ static inline uint8_t e4m3_code(float v) {
     return (uint8_t)((x.u + ((uint32_t)(7 - 127) << 23) + 0x7FFFFu + ((x.u >> 20) & 1u)) >> 20);
 }
 
+/* An NVFP4 block's e4m3 scale code from its amax pattern: e4m3(clamp(amax / (6 * scale_2) or 1 when 0, 2**-9, 448)),
+   `denominator` being the fp32 6 * scale_2. */
+static inline uint8_t nvfp4_block_code(uint32_t amax_bits, float denominator, const int fp16) {
+    float block = value_of_bits(amax_bits, fp16) / denominator;
+    block = block == 0.0f ? 1.0f : block;
+    block = block < 1.0f / 512.0f ? 1.0f / 512.0f : (block > 448.0f ? 448.0f : block);
+    return e4m3_code(block);
+}
+
 /* The value of a non-negative e4m3 code: (8 + m) * 2**(e - 10), or m * 2**-9 for e = 0; exact in fp32. */
 static inline float e4m3_value_of(uint8_t c) {
     int e = (c >> 3) & 15, m = c & 7;
@@ -229,10 +238,7 @@ static inline __attribute__((always_inline)) uint32_t nvfp4_row(const uint16_t *
         __m256i h = _mm256_loadu_si256((const __m256i *)(row + k));
         uint32_t a = reduce_max_u16_256(_mm256_and_si256(h, magnitude));
         seen = a > seen ? a : seen;
-        float block = value_of_bits(a, fp16) / denominator;
-        block = block == 0.0f ? 1.0f : block;
-        block = block < 1.0f / 512.0f ? 1.0f / 512.0f : (block > 448.0f ? 448.0f : block);
-        uint8_t code = e4m3_code(block);
+        uint8_t code = nvfp4_block_code(a, denominator, fp16);
         scales[k / 16] = code;
         __m512 step = _mm512_set1_ps(e4m3_value_of(code) * scale_2);
         store_nibbles16(codes + k / 2, e2m1_codes16(_mm512_div_ps(widen16(h, fp16), step)));
@@ -435,10 +441,7 @@ static inline __attribute__((always_inline)) uint32_t nvfp4_row(const uint16_t *
         __m256i h = _mm256_loadu_si256((const __m256i *)(row + k));
         uint32_t a = reduce_max_u16_256(_mm256_and_si256(h, magnitude));
         seen = a > seen ? a : seen;
-        float block = value_of_bits(a, fp16) / denominator;
-        block = block == 0.0f ? 1.0f : block;
-        block = block < 1.0f / 512.0f ? 1.0f / 512.0f : (block > 448.0f ? 448.0f : block);
-        uint8_t code = e4m3_code(block);
+        uint8_t code = nvfp4_block_code(a, denominator, fp16);
         scales[k / 16] = code;
         __m256 step = _mm256_set1_ps(e4m3_value_of(code) * scale_2);
         store_nibbles16(codes + k / 2, e2m1_codes8(_mm256_div_ps(widen_low(h, fp16), step)),
