@@ -35,11 +35,6 @@ from .cpu_weights import aligned_for_int8pack, build_cpu_weight
 # W8A8 on torch._int_mm: up to INT_MM_BY_ROWS rows, one matrix-vector call per row beats one
 # GEMM call (BENCHMARKS.md, "W8A8 kernel by rows": 0.5 ms per row against about 3 ms).
 INT_MM_BY_ROWS = 6
-# W8A8 takes native.w8a8 on the AVX2 build of the native kernels and torch._int_mm elsewhere, chosen by
-# measurement (4096 x 4096 layer, 2 threads). AVX2: _int_mm 8 to 16 ms at M = 1 and 0.5 to 1 s at M = 64, slower
-# than bf16 F.linear (3 to 8 ms, 0.2 to 0.3 s); native.w8a8 0.5 to 0.7 ms and about 40 ms. AVX-512: _int_mm
-# 0.52 ms at M = 1 and 5.8 ms at M = 64, faster than bf16, so it stays there.
-W8A8_NATIVE_SIMD_WIDTHS = (8,)
 # The native kernels' matrix-vector loop up to this many rows; above it, decoding chunks of the weight for
 # torch's GEMM is faster (BENCHMARKS.md, "CPU speed per format").
 NATIVE_GEMV_ROWS = 8
@@ -98,20 +93,12 @@ def _native(module, weight, x2d: torch.Tensor) -> torch.Tensor:
     return multiply(weight.layout, x_q, weight.matrix, n, weight.scales, group) * weight.out_scale
 
 
-def _native_w8a8(matrix: torch.Tensor) -> bool:
-    """Whether W8A8's int8 weight `matrix` (N, K) takes `native.w8a8` (see W8A8_NATIVE_SIMD_WIDTHS): a contiguous
-    int8 matrix whose K the kernel takes (a multiple of native.BLOCK, within its exact int32 bound)."""
-    k = matrix.shape[-1]
-    return (native.simd_width() in W8A8_NATIVE_SIMD_WIDTHS and matrix.dtype == torch.int8 and matrix.dim() == 2
-            and matrix.is_contiguous() and k % native.BLOCK == 0 and k <= native.W8A8_MAX_K)
-
-
 def _int8pack(module, weight, x2d: torch.Tensor) -> torch.Tensor:
     """The `int8pack` kind's GEMM: W8A16's int8pack, or W8A8's exact int8 x int8 (module docstring)."""
     if module.fmt.act == F.INT8:
         x_scale = module._activation_scale(x2d)
         codes = int_quantize(x2d, x_scale, 8)  # a new tensor, so 64-byte aligned
-        if _native_w8a8(weight.matrix):
+        if weight.layout == "w8a8":  # chosen once, when the weight form was built (cpu_weights)
             y = native.w8a8(codes, weight.matrix).float()
         elif 1 < codes.shape[0] <= INT_MM_BY_ROWS:  # one row (decode) is one call either way
             y = torch.cat([torch._int_mm(row, weight.matrix.t()) for row in codes.split(1)]).float()

@@ -51,6 +51,11 @@ from . import native
 INT4PACK_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 kernel accepts
 INT8PACK_ALIGNMENT = 64  # bytes; see aligned_for_int8pack
 INT4PACK_N_MULTIPLE = 16
+# W8A8 takes native.w8a8 on the AVX2 build of the native kernels and torch._int_mm elsewhere, chosen by
+# measurement (4096 x 4096 layer, 2 threads). AVX2: _int_mm 8 to 16 ms at M = 1 and 0.5 to 1 s at M = 64, slower
+# than bf16 F.linear (3 to 8 ms, 0.2 to 0.3 s); native.w8a8 0.5 to 0.7 ms and about 40 ms. AVX-512: _int_mm
+# 0.52 ms at M = 1 and 5.8 ms at M = 64, faster than bf16, so it stays there. Both sum exactly in int32.
+W8A8_NATIVE_SIMD_WIDTHS = (8,)
 
 
 @functools.cache
@@ -79,7 +84,9 @@ class CpuWeight:
     scales: Optional[torch.Tensor] = None
     out_scale: Optional[torch.Tensor] = None  # fp32 () or (N,) multiplying the GEMM output
     nbytes: int = 0  # memory held beyond the checkpoint buffers
-    layout: str = ""  # native: the kernel family of `native.py` ("fp8", "int8", "fp8_tiles", "mxfp8", "nvfp4", ...)
+    # native: the kernel family of `native.py` ("fp8", "int8", "fp8_tiles", "mxfp8", "nvfp4", ...); int8pack: "w8a8"
+    # when W8A8 runs `native.w8a8`
+    layout: str = ""
 
     def is_current(self, module_buffers: dict, act_dtype: torch.dtype) -> bool:
         """Built from `module_buffers` (a module's `_buffers`) as they are now, for `act_dtype`?
@@ -108,8 +115,8 @@ def bf16_dense_weights(modules: Iterable) -> Iterator[None]:
     block's outputs on to the next block. At that many rows, on CPUs with native bf16 instructions,
     the packed INT4 / INT8 / fp16 kernels are much slower than bf16 F.linear (BENCHMARKS.md, "CPU
     speed per format"). The bf16 rounding of the weight (<= 2**-9 relative) is the size of
-    int4pack's bf16 group scales. W8A8 keeps torch's int8 GEMM, which is faster than bf16 there and
-    exact. Costs 2 B/weight of the modules while inside.
+    int4pack's bf16 group scales. W8A8 keeps its exact int8 GEMM, which is faster than bf16 there.
+    Costs 2 B/weight of the modules while inside.
     """
     modules = [m for m in modules if m.fmt.act != F.INT8]
     try:
@@ -155,8 +162,9 @@ def build_cpu_weight(fmt: F.Format, buffers: dict, group_size: int, act_dtype: t
         return native_weight
     if fmt.weight == F.INT4 and fmt.act is None and n % INT4PACK_N_MULTIPLE == 0 and group_size in INT4PACK_GROUP_SIZES:
         return _int4pack(buffers, sources)
-    if fmt.weight == F.INT8 and fmt.act == F.INT8:  # W8A8: torch._int_mm, which reads any alignment
-        return CpuWeight("int8pack", sources, True, buffers["weight"], None, buffers["weight_scale"])
+    if fmt.weight == F.INT8 and fmt.act == F.INT8:  # W8A8: torch._int_mm, which reads any alignment, or native.w8a8
+        layout = "w8a8" if _native_w8a8(buffers["weight"]) else ""
+        return CpuWeight("int8pack", sources, True, buffers["weight"], None, buffers["weight_scale"], layout=layout)
     if fmt.weight == F.INT8:
         ones = torch.ones(n, dtype=torch.bfloat16)
         weight = aligned_for_int8pack(buffers["weight"])
@@ -169,6 +177,14 @@ def build_cpu_weight(fmt: F.Format, buffers: dict, group_size: int, act_dtype: t
         return CpuWeight("fp16pack", sources, True, packed, out_scale=out_scale, nbytes=half.nbytes)
     dense = dequantize_weight(buffers, fmt, group_size)
     return CpuWeight("dense", sources, True, dense, nbytes=dense.nbytes)
+
+
+def _native_w8a8(matrix: torch.Tensor) -> bool:
+    """Whether W8A8's int8 weight `matrix` (N, K) takes `native.w8a8` (see W8A8_NATIVE_SIMD_WIDTHS): a contiguous
+    int8 matrix whose K the kernel takes (a multiple of native.BLOCK, within its exact int32 bound)."""
+    k = matrix.shape[-1]
+    return (native.simd_width() in W8A8_NATIVE_SIMD_WIDTHS and matrix.dtype == torch.int8 and matrix.dim() == 2
+            and matrix.is_contiguous() and k % native.BLOCK == 0 and k <= native.W8A8_MAX_K)
 
 
 def _native(fmt: F.Format, buffers: dict, group_size: int, sources: tuple) -> Optional[CpuWeight]:

@@ -24,7 +24,7 @@ from conftest import sqnr_db, tiny_llama
 from torch import nn
 
 from hf_ptq_plugin import FORMATS, PTQConfig, QuantLinear, get_format, quantize
-from hf_ptq_plugin.backends import cpu_linear, native
+from hf_ptq_plugin.backends import cpu_weights, native
 from hf_ptq_plugin.backends.cpu_activations import fast_quantize_activation
 from hf_ptq_plugin.modules.layer_plan import LayerPlan
 from hf_ptq_plugin.modules.quant_linear import reference_forward
@@ -99,7 +99,7 @@ def test_w8a8_rows_get_the_same_output_however_many_share_the_call():
         assert torch.equal(module(x[:m]), alone[:m]), f"{m} rows"
 
 
-@pytest.mark.skipif(native.simd_width() not in cpu_linear.W8A8_NATIVE_SIMD_WIDTHS,
+@pytest.mark.skipif(native.simd_width() not in cpu_weights.W8A8_NATIVE_SIMD_WIDTHS,
                     reason="W8A8 takes torch._int_mm here: the native library is not the AVX2 build")
 @pytest.mark.parametrize("m", [1, 3, 17])  # torch._int_mm row by row at 1 and 3 rows, at once at 17
 def test_w8a8_native_path_equals_the_int_mm_path_bit_for_bit(m, monkeypatch):
@@ -110,7 +110,8 @@ def test_w8a8_native_path_equals_the_int_mm_path_bit_for_bit(m, monkeypatch):
     monkeypatch.setattr(native, "w8a8", lambda *args: calls.append(1) or native_w8a8(*args))
     out = module(x)
     assert calls, "the native kernel was not used"
-    monkeypatch.setattr(cpu_linear, "W8A8_NATIVE_SIMD_WIDTHS", ())  # torch._int_mm
+    monkeypatch.setattr(cpu_weights, "W8A8_NATIVE_SIMD_WIDTHS", ())  # torch._int_mm
+    module.cpu_weight_cache = None  # the choice is made when the weight form is built
     calls.clear()
     assert torch.equal(module(x), out) and not calls
 
