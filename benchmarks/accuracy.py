@@ -52,8 +52,7 @@ def parse_args():
                         help="unquantized perplexity measured earlier with the same protocol (skips that run)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="the model's dtype for calibration and evaluation: bfloat16 (the checkpoint's and the "
-                             "issue's protocol; fast on CPUs with AVX512-BF16 or AMX) or float32 (faster on AVX2-only "
-                             "CPUs; quantized layers then compute the reference's numbers bit for bit)")
+                             "protocol's; fast on CPUs with AVX512-BF16 or AMX) or float32 (faster on AVX2-only CPUs)")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--defaults", action="store_true",
                         help="run every qformat (or those --runs names) with its default configuration and print "

@@ -33,8 +33,9 @@ Correctness: on a small model of the same family (`--check-layers 2 --check-hidd
 loaded back in a fresh model and its layer-0 outputs compared with the in-memory quantized model's,
 bit for bit: the unified (TensorRT-LLM) checkpoint through hf_ptq_plugin in bf16 (same buffers, same
 kernels), the compressed-tensors (vLLM) one through transformers' compressed-tensors support in fp32
-(it decompresses to dense weights; in bf16 its dense GEMM and our packed INT4 kernel round differently,
-so only fp32, where both multiply the same exact weights, can be compared bit for bit).
+against our model in fp32 on its reference path (`reference_forward`). That loader decompresses to dense
+weights, so only F.linear on the same exact weights in fp32 can agree bit for bit; its bf16 GEMM, and our
+INT4 kernel in any dtype, sum and round differently.
 
     nice -n 19 python benchmarks/scale.py [--work-dir DIR] [--algorithms awq,gptq] [--layers 32] [--markdown]
     nice -n 19 python benchmarks/scale.py --layers 2   # full width, 2 layers: a few minutes per algorithm
@@ -387,6 +388,8 @@ def layer0_check(model, exports: dict, checkpoint: str, seq_len: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from hf_ptq_plugin.modules.quant_linear import reference_forward
+
     text = Path(model.ptq_config.calib_dataset).read_text(encoding="utf-8")[:100_000]
     length = min(seq_len, 128)
     ids = torch.tensor(AutoTokenizer.from_pretrained(checkpoint)(text)["input_ids"][:2 * length]).view(2, length)
@@ -399,7 +402,8 @@ def layer0_check(model, exports: dict, checkpoint: str, seq_len: int) -> dict:
     unified_equal = torch.equal(layer0_output(unified, ids), expected)
     del unified
     torch.nn.Module.float(model)  # exact (bf16 -> fp32); transformers' .float() refuses quantized models
-    expected = layer0_output(model, ids)
+    with reference_forward(model):  # F.linear on the dense fp32 weights, as transformers' decompressed layers
+        expected = layer0_output(model, ids)
     compressed = AutoModelForCausalLM.from_pretrained(exports["vllm"], dtype=torch.float32)
     got = layer0_output(compressed, ids)
     return {"differs_from_source": differs, "trtllm_loader": unified_loader, "trtllm_bf16_equal": unified_equal,

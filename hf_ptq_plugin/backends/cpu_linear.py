@@ -7,6 +7,7 @@ form `cpu_weights` cached for the layer:
 
   dense     F.linear on the reference's fp32 weight: the reference's output, bit for bit (or,
             inside `cpu_weights.bf16_dense_weights`, on its weight and activations rounded to bf16).
+            fp32 / fp16 activations only where the native kernels cannot run.
   fp16pack  fbgemm's fp16-weight GEMM with fp32 activations: the reference's products (or an
             fp16-rounded weight, see cpu_weights), accumulated in fp32 in another order.
   int4pack  torch's packed INT4 matmul on bf16 activations with bf16 group scales (<= 2**-9

@@ -1,29 +1,35 @@
 """The CPU compute form of a QuantLinear's weight: built once from the checkpoint buffers, cached.
 
 On a CPU, dequantizing the checkpoint tensors on every call is far too slow (an fp8 -> fp32 cast
-of a weight takes many times longer than the GEMM it would feed), so each layer keeps one derived
-copy of its weight in the form a fast torch kernel takes. Chosen by measurement (BENCHMARKS.md,
-"CPU speed per format"):
+of a weight takes many times longer than the GEMM it would feed), so each layer keeps its weight in
+the form a fast kernel takes: the checkpoint's own codes for the native kernels, else a derived copy
+for torch's. Chosen by measurement (BENCHMARKS.md, "CPU speed per format"):
 
   kind      used for                            what is cached                 extra memory
-  dense     fp32 / fp16 activations, any format the reference's fp32 weight     4 B/weight
-  native    bf16 activations, every format      nothing: `native.py`'s kernels  none (int4_awq,
+  native    any activation dtype, every format  nothing: `native.py`'s kernels  none (int4_awq,
             but int8_sq                         decode the checkpoint codes     fp8_pb_wo: fp32 scales
                                                 inside the dot product          if the checkpoint's are not;
                                                                                 w4a8_awq: fp32 group ratios)
+  int8pack  int8_sq (any activation dtype), and nothing (reads `weight`)       int8_wo: N bf16 ones
+            bf16 int8_wo without the native
+            kernels
+  dense     fp32 / fp16 activations, without    the reference's fp32 weight     4 B/weight
+            the native kernels
   int4pack  bf16 activations, int4_awq          torch's CPU int4 layout,       0.5 B/weight + scales
             without the native kernels          bf16 group scales
-  int8pack  bf16 activations, int8_sq, and      nothing (reads `weight`)       int8_wo: N bf16 ones
-            int8_wo without the native kernels
   fp16pack  bf16 activations, the other formats fbgemm's packed fp16 matrix    2 B/weight
+            without the native kernels
   dense     bf16 activations, inside            the reference's weight         2 B/weight,
   (bf16)    `bf16_dense_weights` only           rounded to bf16                while inside
 
-`dense` runs the reference's own F.linear on the reference's own operands, so fp32 models get
-the reference's numbers bit for bit (batch for batch, too). bf16 models take the faster kernels,
-which are never coarser than bf16: fp16pack stores a matrix C with W = C * out_scale, where
-`out_scale` is the per-tensor or per-channel factor the format lets us pull out of the dot
-product; C is exact in fp16 for FP8 codes, NVFP4's e2m1 x e4m3 products, W4A8's e4m3 weights and
+The native kernels take fp32 activations (bf16 and fp16 ones are widened first), so fp32 and fp16
+models use them too and hold no copy of the weight; their fp32 sums run in another order than the
+reference's F.linear (`modules.quant_linear.reference_forward` runs the reference itself, as a
+loader that decompresses the checkpoint to dense weights does). `dense` runs the reference's own
+F.linear on the reference's own operands, bit for bit. Without the native kernels, bf16 models
+take torch's packed kernels, which are never coarser than bf16: fp16pack stores a matrix C with
+W = C * out_scale, where `out_scale` is the per-tensor or per-channel factor the format lets us
+pull out of the dot product; C is exact in fp16 for FP8 codes, NVFP4's e2m1 x e4m3 products, W4A8's e4m3 weights and
 MXFP8 values of ordinary range, and rounded to fp16 (<= 2**-11 relative) for fp8_pb_wo (its 128 x
 128 tile scales cannot be pulled out) and INT4 layers torch's int4 kernel cannot take.
 
@@ -151,20 +157,21 @@ def _sources(buffers: dict) -> tuple:
 @torch.no_grad()
 def build_cpu_weight(fmt: F.Format, buffers: dict, group_size: int, act_dtype: torch.dtype) -> CpuWeight:
     """The cached compute form of one layer's weight (checkpoint tensors `buffers`) for activations of
-    `act_dtype`: a packed kernel's for bf16 ones, else the reference's `dense` (module docstring)."""
+    `act_dtype`: the native kernels' where they exist, else a packed torch kernel's for bf16 activations and
+    the reference's `dense` for others (module docstring)."""
     sources, bf16 = _sources(buffers), act_dtype == torch.bfloat16
     n = buffers["weight_scale"].shape[0] if fmt.weight == F.INT4 else buffers["weight"].shape[0]
-    if not bf16:
-        dense = dequantize_weight(buffers, fmt, group_size)
-        return CpuWeight("dense", sources, False, dense, nbytes=dense.nbytes)
-    native_weight = _native(fmt, buffers, group_size, sources)
+    native_weight = _native(fmt, buffers, group_size, sources, bf16)
     if native_weight is not None:
         return native_weight
-    if fmt.weight == F.INT4 and fmt.act is None and n % INT4PACK_N_MULTIPLE == 0 and group_size in INT4PACK_GROUP_SIZES:
-        return _int4pack(buffers, sources)
     if fmt.weight == F.INT8 and fmt.act == F.INT8:  # W8A8: torch._int_mm, which reads any alignment, or native.w8a8
         layout = "w8a8" if _native_w8a8(buffers["weight"]) else ""
-        return CpuWeight("int8pack", sources, True, buffers["weight"], None, buffers["weight_scale"], layout=layout)
+        return CpuWeight("int8pack", sources, bf16, buffers["weight"], None, buffers["weight_scale"], layout=layout)
+    if not bf16:  # torch's packed kernels are slow or absent for fp32 / fp16 activations
+        dense = dequantize_weight(buffers, fmt, group_size)
+        return CpuWeight("dense", sources, False, dense, nbytes=dense.nbytes)
+    if fmt.weight == F.INT4 and fmt.act is None and n % INT4PACK_N_MULTIPLE == 0 and group_size in INT4PACK_GROUP_SIZES:
+        return _int4pack(buffers, sources)
     if fmt.weight == F.INT8:
         ones = torch.ones(n, dtype=torch.bfloat16)
         weight = aligned_for_int8pack(buffers["weight"])
@@ -187,37 +194,37 @@ def _native_w8a8(matrix: torch.Tensor) -> bool:
             and matrix.is_contiguous() and k % native.BLOCK == 0 and k <= native.W8A8_MAX_K)
 
 
-def _native(fmt: F.Format, buffers: dict, group_size: int, sources: tuple) -> Optional[CpuWeight]:
+def _native(fmt: F.Format, buffers: dict, group_size: int, sources: tuple, bf16: bool) -> Optional[CpuWeight]:
     """The `native` kind for the formats `native.py`'s kernels decode, or None (no kernels, or another format)."""
     q = buffers["weight"]
     in_features = q.shape[-1] * (2 if fmt.weight == F.NVFP4 else 1)  # NVFP4 packs two codes per byte along K
     if native.library() is None or in_features % native.BLOCK or not q.is_contiguous():
         return None
     if fmt.weight == F.FP8 and fmt.weight_granularity in (F.PER_TENSOR, F.PER_CHANNEL):
-        return CpuWeight("native", sources, True, q.view(torch.uint8), out_scale=buffers["weight_scale"].float(),
+        return CpuWeight("native", sources, bf16, q.view(torch.uint8), out_scale=buffers["weight_scale"].float(),
                          layout="fp8")
     if fmt.weight == F.INT8 and fmt.act is None:  # W8A8 keeps torch's exact int8 x int8 GEMM
-        return CpuWeight("native", sources, True, q.view(torch.uint8), out_scale=buffers["weight_scale"].float(),
+        return CpuWeight("native", sources, bf16, q.view(torch.uint8), out_scale=buffers["weight_scale"].float(),
                          layout="int8")
     if fmt.weight == F.FP8 and fmt.weight_granularity == F.PER_TILE and group_size % native.BLOCK == 0:
         scales = buffers["weight_scale"].float().contiguous()
         extra = 0 if scales.data_ptr() == buffers["weight_scale"].data_ptr() else scales.nbytes
-        return CpuWeight("native", sources, True, q.view(torch.uint8), scales, torch.ones(()), extra,
+        return CpuWeight("native", sources, bf16, q.view(torch.uint8), scales, torch.ones(()), extra,
                          layout="fp8_tiles")
     if fmt.weight == F.MXFP8:
         exponents = buffers["weight_scale"].contiguous()
-        return CpuWeight("native", sources, True, q.view(torch.uint8), exponents, torch.ones(()), layout="mxfp8")
+        return CpuWeight("native", sources, bf16, q.view(torch.uint8), exponents, torch.ones(()), layout="mxfp8")
     if fmt.weight == F.NVFP4:
         block_scales = buffers["weight_scale"].contiguous().view(torch.uint8)
-        return CpuWeight("native", sources, True, q, block_scales, buffers["weight_scale_2"].float(), layout="nvfp4")
+        return CpuWeight("native", sources, bf16, q, block_scales, buffers["weight_scale_2"].float(), layout="nvfp4")
     if fmt.weight == F.INT4 and group_size % native.BLOCK == 0 and fmt.fp8_weight_scale_2:
         ratios = w4a8_group_ratio(buffers["weight_scale"], buffers["weight_scale_2"]).contiguous()
-        return CpuWeight("native", sources, True, q, ratios, buffers["weight_scale_2"].float(), ratios.nbytes,
+        return CpuWeight("native", sources, bf16, q, ratios, buffers["weight_scale_2"].float(), ratios.nbytes,
                          layout="w4a8")
     if fmt.weight == F.INT4 and group_size % native.BLOCK == 0:
         scales = buffers["weight_scale"].float().contiguous()  # no copy when the checkpoint's are fp32
         extra = 0 if scales.data_ptr() == buffers["weight_scale"].data_ptr() else scales.nbytes
-        return CpuWeight("native", sources, True, q, scales, torch.ones(()), extra, layout="int4")
+        return CpuWeight("native", sources, bf16, q, scales, torch.ones(()), extra, layout="int4")
     return None
 
 

@@ -95,7 +95,7 @@ def _batch_tokens(args: tuple, kwargs: dict) -> int:
 
 def _feeding_weights(block: nn.Module, inputs: list):
     """The weights a just-quantized block feeds the next one with: bf16 dense ones on CPU for bf16
-    hidden states (`bf16_dense_weights`), else the layers' own forward (fp32 runs the reference)."""
+    hidden states (`bf16_dense_weights`), else the layers' own forward."""
     hidden = inputs[0][0][0]
     if hidden.dtype != torch.bfloat16 or hidden.device.type != "cpu":
         return contextlib.nullcontext()

@@ -11,7 +11,7 @@ from conftest import tiny_llama
 from hf_ptq_plugin import get_format
 from hf_ptq_plugin.autoquant.groups import LayerGroup, search_groups
 from hf_ptq_plugin.autoquant.scores import SAMPLING_SEED, causal_lm_loss, gradient_scores, kl_div_scores, sampled_labels
-from hf_ptq_plugin.modules.quant_linear import QuantLinear
+from hf_ptq_plugin.modules.quant_linear import QuantLinear, reference_forward
 
 GATE_UP = ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj")
 O_PROJ = ("model.layers.1.self_attn.o_proj",)
@@ -96,13 +96,15 @@ def test_sampled_labels_follow_the_models_distribution():
 
 
 def direct_kl(model, members, layers, batch) -> float:
-    """Sum over real tokens of KL(p_full || p_quantized), the group's layers swapped in by hand."""
+    """Sum over real tokens of KL(p_full || p_quantized), the group's layers swapped in by hand and run as the
+    scores run candidates: on the reference."""
     with torch.no_grad():
         log_p = F_nn.log_softmax(model(**batch).logits.float(), dim=-1)
         originals = {m: model.get_submodule(m) for m in members}
         for m in members:
             model.set_submodule(m, layers[m])
-        log_q = F_nn.log_softmax(model(**batch).logits.float(), dim=-1)
+        with reference_forward(model):
+            log_q = F_nn.log_softmax(model(**batch).logits.float(), dim=-1)
         for m, module in originals.items():
             model.set_submodule(m, module)
     kl = F_nn.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)  # (B, S)

@@ -1,8 +1,7 @@
 """QuantLinear's CPU backend against the reference, its weight cache, and the backend switch.
 
-fp32 activations run the reference's own F.linear on the cached fp32 weight: bit-identical.
-bf16 activations take the fast kernels; per output element, with S = sum_k |x_q[m, k] w[n, k]|
-+ |bias| and both sides rounding the output to bf16 once (two half-ulps: 2**-7 |reference|):
+Per output element, with S = sum_k |x_q[m, k] w[n, k]| + |bias| and both sides rounding the output to
+the activation dtype once (bf16: two half-ulps, 2**-7 |reference|; fp16: 2**-10; fp32: 2**-23):
   fp16pack, fp16-exact matrix (FP8, NVFP4, W4A8, MXFP8): only fp32 accumulation order differs,
       <= K * 2**-24 * S (gamma_K).
   fp16pack, rounded matrix (fp8_pb_wo; INT4 torch cannot pack): + 2**-11 * S (fp16's relative
@@ -12,6 +11,8 @@ bf16 activations take the fast kernels; per output element, with S = sum_k |x_q[
   int8pack: the kernel's bf16 output before the fp32 scales: <= 2**-9 * S, doubled for margin (W8A16; W8A8's
       int32 sums are exact, on torch._int_mm or, on the AVX2 build of the native kernels, native.w8a8).
   native: fp32 sums of exact products (INT4, fp8_pb_wo: code x scale rounded in fp32), <= (K + 1) * 2**-24 * S.
+fp32 and fp16 activations take the same native kernels (and W8A8's exact int8 GEMM), with no fp32 copy of
+the weight; without the native kernels they run the reference's own F.linear on a cached fp32 weight.
 """
 
 import copy
@@ -37,8 +38,10 @@ native_w8a8 = native.w8a8  # the kernel itself, which a test wraps to see it cal
 NATIVE_FORMATS = ("fp8", "fp8_pc_pt", "fp8_pb_wo", "int8_wo", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq",
                   "w4a16_nvfp4", "mxfp8")
 BF16_KINDS = {"int4_awq": "int4pack", "int8_wo": "int8pack", "int8_sq": "int8pack"}
+FP32_KINDS = {"int8_sq": "int8pack"}  # other formats run `dense` without the native kernels
 if native.library() is not None:
     BF16_KINDS |= {name: "native" for name in NATIVE_FORMATS}
+    FP32_KINDS |= {name: "native" for name in NATIVE_FORMATS}
 
 
 def make_module(name, dtype, seed=0, n=N, k=K):
@@ -50,10 +53,15 @@ def make_module(name, dtype, seed=0, n=N, k=K):
     return QuantLinear.from_linear(linear, fmt, plan=LayerPlan(input_amax=torch.tensor(2.5), pre_quant_scale=pqs))
 
 
-def bf16_bound(module, x, ref, kind):
+def quantized_input_and_magnitude(module, x):
+    """(x_q, S): the reference's quantized activations and S of the module docstring."""
     x_in = x if module.pre_quant_scale is None else x * module.pre_quant_scale
     x_q = quantize_activation(x_in, module.fmt, module._activation_scale(x_in))
-    s = x_q.abs() @ module.dequantized_weight().abs().t() + module.bias.float().abs()
+    return x_q, x_q.abs() @ module.dequantized_weight().abs().t() + module.bias.float().abs()
+
+
+def bf16_bound(module, x, ref, kind):
+    x_q, s = quantized_input_and_magnitude(module, x)
     rel = {"int4pack": 2.0**-7, "int8pack": 2.0**-8}.get(kind, (x.shape[-1] + 1) * 2.0**-24)
     extra = 0.0
     if kind == "fp16pack" and module.fmt.name in ("fp8_pb_wo", "int4_awq"):  # the fp16-rounded matrices
@@ -62,13 +70,31 @@ def bf16_bound(module, x, ref, kind):
     return rel * s + extra + 2.0**-7 * ref.float().abs()
 
 
-@pytest.mark.parametrize("m", [1, 17])
+@pytest.mark.parametrize("m", [1, 17])  # the native kernels' matrix-vector loop, and torch's GEMM on decoded chunks
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("name", list(FORMATS))
-def test_fp32_activations_get_the_reference_bit_for_bit(name, m):
+def test_fp32_and_fp16_activations_match_the_reference_within_the_bound(name, dtype, m):
+    n, k = PB_SHAPE if name == "fp8_pb_wo" else (N, K)
+    module = make_module(name, dtype, n=n, k=k)
+    torch.manual_seed(1)
+    x = torch.randn(2, m, k).to(dtype)
+    out, ref = module(x), module._reference_forward(x)
+    weight = module.cpu_weight_cache
+    assert weight.kind == FP32_KINDS.get(name, "dense") and out.dtype == ref.dtype == dtype
+    if weight.kind != "dense":  # no fp32 copy of the weight beside the checkpoint's codes
+        assert weight.nbytes < n * k
+    _, s = quantized_input_and_magnitude(module, x)
+    output_rounding = 2.0**-23 if dtype == torch.float32 else 2.0**-10
+    excess = (out.float() - ref.float()).abs() - ((k + 2) * 2.0**-24 * s + output_rounding * ref.float().abs())
+    assert excess.max() <= 0, f"exceeds the bound by {excess.max().item():.3g}"
+
+
+@pytest.mark.parametrize("name", [n for n in FORMATS if n != "int8_sq"])  # W8A8: its int8 GEMM, tested above
+def test_without_the_native_kernels_fp32_activations_get_the_reference_bit_for_bit(name, without_native):
     n, k = PB_SHAPE if name == "fp8_pb_wo" else (N, K)
     module = make_module(name, torch.float32, n=n, k=k)
     torch.manual_seed(1)
-    x = torch.randn(2, m, k)
+    x = torch.randn(2, 17, k)
     assert torch.equal(module(x), module._reference_forward(x))
     assert module.cpu_weight_cache.kind == "dense"
 
@@ -214,12 +240,12 @@ def test_in_place_and_replaced_buffers_invalidate_the_cache():
     torch.testing.assert_close(module(x).float(), before, rtol=0, atol=0)
 
 
-def test_changing_the_activation_dtype_rebuilds_the_cache():
+def test_changing_the_activation_dtype_rebuilds_the_cache(without_native):
     module = make_module("int8_wo", torch.float32)
     module(torch.randn(2, K))
     assert module.cpu_weight_cache.kind == "dense"
     module(torch.randn(2, K, dtype=torch.bfloat16))
-    assert module.cpu_weight_cache.kind == BF16_KINDS["int8_wo"]
+    assert module.cpu_weight_cache.kind == "int8pack"
 
 
 def test_deepcopy_drops_the_cache_and_rebuilds_it():

@@ -2,11 +2,13 @@
 imports hf_ptq_plugin (`load_without_plugin.py`), compute what our model computes.
 
 compressed-tensors computes in the model dtype. In float32 (every format but NVFP4, whose weights it
-unpacks to bfloat16) the logits are bit-identical to ours. In bfloat16 it rounds where our layers keep
-float32, so each Linear is compared on the very input it saw there: its difference from our layer must
-be no larger than what a one-bfloat16-ulp change of that input does to our own layer (1.5x margin), the
-size of the rounding compressed-tensors adds. A wrong scale is outside that: NVFP4 declared without FP8
-block scales differs 1.7x what the nudge does (q_proj: 7.5% against 4.4%); declared right, at most 0.7x.
+unpacks to bfloat16) the logits are bit-identical to our reference's (`reference_forward`: F.linear on the
+same dense weights), and close to our CPU kernels', which sum in another order. In bfloat16 it rounds
+where our layers keep float32, so each Linear is compared on the very input it saw there: its difference
+from our layer must be no larger than what a one-bfloat16-ulp change of that input does to our own layer
+(1.5x margin), the size of the rounding compressed-tensors adds. A wrong scale is outside that: NVFP4
+declared without FP8 block scales differs 1.7x what the nudge does (q_proj: 7.5% against 4.4%); declared
+right, at most 0.7x.
 """
 
 import subprocess
@@ -19,6 +21,7 @@ from conftest import tiny_llama
 
 from hf_ptq_plugin import PTQConfig, QuantLinear, quantize
 from hf_ptq_plugin.export.compressed_tensors import COMPRESSED_TENSORS_QFORMATS, save_compressed_tensors
+from hf_ptq_plugin.modules.quant_linear import reference_forward
 
 SCRIPT = Path(__file__).with_name("load_without_plugin.py")
 NVFP4 = ("nvfp4", "nvfp4_awq", "w4a16_nvfp4")
@@ -66,7 +69,12 @@ def test_float32_logits_are_bit_identical(name, algorithm, loaded):
     model, record = records[(name, torch.float32, algorithm)]
     assert not any(getattr(m, "pre_quant_scale", None) is not None for m in model.modules())
     with torch.no_grad():
-        assert torch.equal(record["logits"], model(token_ids).logits)
+        with reference_forward(model):
+            assert torch.equal(record["logits"], model(token_ids).logits)
+        # The kernels sum in another order; an activation that then lands across a rounding boundary of its
+        # format moves by one step, so only the norm is close (each layer's bound: tests/backends/test_cpu_paths.py).
+        ours = model(token_ids).logits
+    assert (ours - record["logits"]).norm() <= 1e-3 * record["logits"].norm()
 
 
 @pytest.mark.parametrize("name, dtype, algorithm", [(n, torch.bfloat16, "max") for n in COMPRESSED_TENSORS_QFORMATS] + [
