@@ -10,9 +10,10 @@ large freed blocks at once (MALLOC_MMAP_THRESHOLD_), so that it counts live memo
 allocator keeps. It is compared with `get_memory_footprint()` minus the input embedding: a decode
 step reads one row of that memory-mapped table, so the rest of it never becomes resident. Bytes
 per weight: the quantized Linears' bytes over their weight elements, at rest (checkpoint buffers),
-at decode and after prefill (plus derived weights).
+at decode and after prefill (plus derived weights). `--dtype float32` loads the checkpoints as an fp32
+model: its unquantized tensors are then converted copies, the input embedding included (so it counts).
 
-    python benchmarks/footprint.py [--formats fp8,int4_awq] [--work-dir DIR] [--markdown]
+    python benchmarks/footprint.py [--formats fp8,int4_awq] [--dtype float32] [--work-dir DIR] [--markdown]
 """
 
 import argparse
@@ -35,6 +36,8 @@ def parse_args():
     parser.add_argument("--formats", default=DEFAULT_FORMATS)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/hf_ptq_load_memory"))
     parser.add_argument("--layers", type=int, default=LLAMA_1B["num_hidden_layers"])
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="the dtype the quantized checkpoints are loaded in (they are saved from bf16)")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)  # internal: (quantize|load, checkpoint)
     return parser.parse_args()
@@ -79,7 +82,7 @@ def quantized_bytes(model) -> tuple:
     return buffers, derived_weight_bytes(model), sum(m.in_features * m.out_features for m in linears)
 
 
-def load_child(checkpoint: Path) -> dict:
+def load_child(checkpoint: Path, dtype_name: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -90,9 +93,11 @@ def load_child(checkpoint: Path) -> dict:
         torch.ones(8, 8) @ torch.ones(8, 8)
         x, w = torch.ones(64, 2048, dtype=torch.bfloat16), torch.ones(256, 2048, dtype=torch.bfloat16)
         torch.nn.functional.linear(x, w)  # oneDNN's bf16 GEMM state
+        torch.nn.functional.linear(x.float(), w.float())
         native.library()  # the CPU kernels' shared library and its OpenMP threads
     baseline = rss()
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
+    dtype = getattr(torch, dtype_name)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).eval()
     loaded = rss() - baseline
     rest, _, elements = quantized_bytes(model)
     with torch.no_grad():
@@ -104,14 +109,15 @@ def load_child(checkpoint: Path) -> dict:
     prefill = {"rss": rss() - baseline, "footprint": model.get_memory_footprint(),
                "derived": quantized_bytes(model)[1]}
     embedding = model.get_input_embeddings().weight
+    mapped = embedding.dtype == torch.bfloat16  # the checkpoint's own tensor, memory-mapped; else a converted copy
     return {"loaded": loaded, "rest": rest, "elements": elements, "decode": decode, "prefill": prefill,
-            "embedding": embedding.numel() * embedding.element_size()}
+            "embedding": embedding.numel() * embedding.element_size() if mapped else 0}
 
 
-def measure(checkpoint: Path) -> dict:
+def measure(checkpoint: Path, dtype: str) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
-    out = subprocess.run([sys.executable, __file__, "--child", "load", str(checkpoint)], capture_output=True,
-                         text=True, check=True, env=env)
+    out = subprocess.run([sys.executable, __file__, "--child", "load", str(checkpoint), "--dtype", dtype],
+                         capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -131,19 +137,19 @@ def main():
         if mode == "quantize":
             quantize_child(Path(path), args.formats)
         else:
-            print(json.dumps(load_child(Path(path))))
+            print(json.dumps(load_child(Path(path), args.dtype)))
         return
     source = make_checkpoint(args.work_dir, "1b", args.layers)
     rows = []
     for qformat in args.formats.split(","):
-        result = measure(quantized_checkpoint(source, qformat))
+        result = measure(quantized_checkpoint(source, qformat), args.dtype)
         print(f"done: {qformat} {result}", flush=True)
         rows.append(row(qformat, result))
     header = ["qformat", "bytes/weight at rest", "at decode", "after prefill", "footprint MiB (decode)",
               "RSS growth MiB (decode)", "RSS vs footprint - embedding, decode",
               "same, after prefill"]
-    print(f"model: synthetic Llama, {args.layers} layers of TinyLlama-1.1B's shape, bf16; glibc "
-          f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}")
+    print(f"model: synthetic Llama, {args.layers} layers of TinyLlama-1.1B's shape, saved from bf16, loaded in "
+          f"{args.dtype}; glibc MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}")
     print_table(header, rows, args.markdown)
 
 
