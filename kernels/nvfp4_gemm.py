@@ -92,6 +92,8 @@ def nvfp4_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     n, half_k = weight.shape
     k = 2 * half_k
     require(weight.dtype == torch.uint8, f"NVFP4 weight must be uint8 (N, K/2), got {weight.dtype}")
+    # A partial last block would read a masked (zero) block scale and drop its weights without a word.
+    require(k % NVFP4_BLOCK == 0, f"NVFP4 in_features must be a multiple of {NVFP4_BLOCK}, got {k}")
     require(weight_scale.shape == (n, k // NVFP4_BLOCK) and weight_scale.dtype == torch.float8_e4m3fn,
             f"weight_scale must be float8_e4m3fn ({n}, {k // NVFP4_BLOCK}), got {weight_scale.dtype} "
             f"{tuple(weight_scale.shape)}")

@@ -3,12 +3,12 @@
 The C files (`SOURCES`: these kernels and the weight quantizers of `native_quantize.c`, which
 `native_quantize.py` wraps) are compiled on first use with the system's C compiler for this CPU
 (`-march=native`) into one library in the user's cache (`$XDG_CACHE_HOME/hf_ptq_plugin/native`, named
-by a hash of the sources and flags, so an upgrade rebuilds it); later processes load the built library
-at once. Plain C without torch's headers keeps the build to about a second. The kernels need AVX-512, or
-AVX2 with F16C and FMA; so do the weight quantizers (AVX-512 with BW, VL and F16C, or AVX2 with F16C and
-FMA), which `quantize_library()` offers where the library holds them. Without a compiler, without AVX-512
-or AVX2 (+F16C, FMA), or with `HF_PTQ_PLUGIN_NATIVE=0`, `library()` is None and the CPU backend keeps
-torch's own kernels.
+by a hash of the sources and flags, so an upgrade rebuilds it, and only the KEPT_BUILDS newest builds
+stay); later processes load the built library at once. Plain C without torch's headers keeps the build to
+about a second. The kernels need AVX-512, or AVX2 with F16C and FMA; so do the weight quantizers (AVX-512
+with BW, VL and F16C, or AVX2 with F16C and FMA), which `quantize_library()` offers where the library
+holds them. Without a compiler, without AVX-512 or AVX2 (+F16C, FMA), or with `HF_PTQ_PLUGIN_NATIVE=0`,
+`library()` is None and the CPU backend keeps torch's own kernels.
 
 `w8a8` is W8A8's int8 x int8 product with exact int32 sums (torch._int_mm's result, faster on AVX2).
 
@@ -41,6 +41,7 @@ QUANTIZE_SIMD_WIDTHS = (16, 8)  # native_quantize.c's AVX-512 and AVX2 paths; 0 
 BLOCK = 16  # the kernels take K (in_features) and INT4 group sizes in multiples of 16 (one AVX-512 vector, two AVX2)
 # hfptq_gemv_w8a8's int32 sums are exact up to this K (a multiple of BLOCK): K x 128 x 128 < 2**31
 W8A8_MAX_K = 2**17 - BLOCK
+KEPT_BUILDS = 3  # builds left in the cache after a new one: other installed versions may still load theirs
 CHUNK_ROWS = 256  # weight rows `matmul_by_chunks` decodes at a time: 4 MB of fp32 at K = 4096
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -86,6 +87,15 @@ def _build(compiler: str, target: Path) -> None:
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
+    _prune_builds(target.parent)
+
+
+def _prune_builds(directory: Path) -> None:
+    """Delete all but the KEPT_BUILDS newest libraries: each source change makes one. A process that has
+    one loaded keeps its mapping; one about to load a deleted build falls back to torch's kernels."""
+    builds = sorted(directory.glob("native_gemv-*.so"), key=lambda path: path.stat().st_mtime, reverse=True)
+    for stale in builds[KEPT_BUILDS:]:
+        stale.unlink(missing_ok=True)
 
 
 @functools.cache

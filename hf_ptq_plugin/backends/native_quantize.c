@@ -288,13 +288,18 @@ static inline uint32_t amax_bits(const uint16_t *p, int64_t n) {
     return seen;
 }
 
-/* The low byte of each int32 lane of a (the low 8 codes) and b (the high 8), in order: the truncation
-   `_mm512_cvtepi32_epi8` makes, here of values in [-128, 255] masked to their low byte and packed. */
-static inline __m128i narrow16(__m256i a, __m256i b) {
-    const __m256i byte = _mm256_set1_epi32(0xFF);
-    __m256i words = _mm256_packus_epi32(_mm256_and_si256(a, byte), _mm256_and_si256(b, byte)); /* per 128 lane */
+/* The int32 lanes of a (the low 8) and b (the high 8), each in [0, 255], as 16 bytes in order. */
+static inline __m128i pack16(__m256i a, __m256i b) {
+    __m256i words = _mm256_packus_epi32(a, b); /* per 128-bit lane */
     words = _mm256_permute4x64_epi64(words, 0xD8);
     return _mm_packus_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
+}
+
+/* The low byte of each int32 lane of a and b, in order: the truncation `_mm512_cvtepi32_epi8` makes, here of
+   values in [-128, 255] masked to their low byte and packed. */
+static inline __m128i narrow16(__m256i a, __m256i b) {
+    const __m256i byte = _mm256_set1_epi32(0xFF);
+    return pack16(_mm256_and_si256(a, byte), _mm256_and_si256(b, byte));
 }
 
 /* round-half-even(x / scale) clamped to [low, high], as int32 lanes (`numerics.integer.int_quantize`). */
@@ -355,29 +360,32 @@ static inline __attribute__((always_inline)) uint32_t int8_row(const uint16_t *r
     return a;
 }
 
-/* The AVX-512 path's `e4m3_codes` on 8 lanes, as int32 (finite lanes clamped to +-448; see there). The
-   magnitudes have no sign bit, so the signed compare is the unsigned one. */
-static inline __m256i e4m3_codes(__m256 v) {
-    __m256i bits = _mm256_castps_si256(v);
-    __m256i sign = _mm256_and_si256(bits, _mm256_set1_epi32((int)0x80000000u));
-    __m256i magnitude = _mm256_xor_si256(bits, sign);
+/* The AVX-512 path's `e4m3_codes` on 8 lanes, as int32, of magnitudes in [0, 448] (see there); `sign` holds
+   each lane's sign bit (and nothing else), put back in the code's bit 7. Magnitudes have no sign bit, so
+   the signed compare is the unsigned one. */
+static inline __m256i e4m3_codes(__m256 magnitude_ps, __m256 sign) {
+    __m256i magnitude = _mm256_castps_si256(magnitude_ps);
     __m256i odd = _mm256_and_si256(_mm256_srli_epi32(magnitude, 20), _mm256_set1_epi32(1));
     __m256i rebias = _mm256_set1_epi32((int)(((uint32_t)(7 - 127) << 23) + 0x7FFFFu));
     __m256i normal = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(magnitude, rebias), odd), 20);
-    __m256 shifted = _mm256_add_ps(_mm256_castsi256_ps(magnitude), _mm256_set1_ps(16384.0f));
+    __m256 shifted = _mm256_add_ps(magnitude_ps, _mm256_set1_ps(16384.0f));
     __m256i subnormal = _mm256_sub_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(141 << 23));
     __m256i small = _mm256_cmpgt_epi32(_mm256_set1_epi32(121 << 23), magnitude);
-    return _mm256_or_si256(_mm256_blendv_epi8(normal, subnormal, small), _mm256_srli_epi32(sign, 24));
+    __m256i code = _mm256_blendv_epi8(normal, subnormal, small);
+    return _mm256_or_si256(code, _mm256_srli_epi32(_mm256_castps_si256(sign), 24));
 }
 
-/* `numerics.fp8.fp8_quantize`: x / scale clamped to +-448, to e4m3. */
+/* `numerics.fp8.fp8_quantize`: x / scale clamped to +-448, to e4m3, as |x| / scale clamped to 448 with x's
+   sign (division and clamping are symmetric in the sign): fewer operations than clamping both ends and
+   splitting the quotient's sign off again. */
 static inline __m256i fp8_codes(__m256 x, __m256 scale) {
-    __m256 y = _mm256_div_ps(x, scale);
-    return e4m3_codes(_mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(-448.0f)), _mm256_set1_ps(448.0f)));
+    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+    __m256 y = _mm256_div_ps(_mm256_andnot_ps(sign_bit, x), scale);
+    return e4m3_codes(_mm256_min_ps(y, _mm256_set1_ps(448.0f)), _mm256_and_ps(sign_bit, x));
 }
 
 static inline __m128i fp8_codes16(__m256i h, __m256 s, const int fp16) {
-    return narrow16(fp8_codes(widen_low(h, fp16), s), fp8_codes(widen_high(h, fp16), s));
+    return pack16(fp8_codes(widen_low(h, fp16), s), fp8_codes(widen_high(h, fp16), s)); /* codes: 0 to 255 */
 }
 
 /* One block of per-tensor FP8, with the block's largest magnitude pattern taken from the same loads. */

@@ -219,6 +219,9 @@ def test_launchers_name_bad_shapes():
         kernels.nvfp4_gemm(torch.randn(2, 32, device=DEVICE), torch.zeros(4, 16, dtype=torch.uint8, device=DEVICE),
                            torch.ones(4, 2, device=DEVICE).to(torch.float8_e4m3fn), torch.ones((), device=DEVICE),
                            block_k=24)
+    with pytest.raises(ValueError, match="multiple of 16, got 40"):  # 2.5 blocks of 16
+        kernels.nvfp4_gemm(torch.randn(2, 40, device=DEVICE), torch.zeros(4, 20, dtype=torch.uint8, device=DEVICE),
+                           torch.ones(4, 2, device=DEVICE).to(torch.float8_e4m3fn), torch.ones((), device=DEVICE))
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="QuantLinear.forward takes the Triton path only for CUDA inputs")

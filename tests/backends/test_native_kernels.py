@@ -203,3 +203,21 @@ def test_a_failed_build_falls_back_and_leaves_no_file(tmp_path, monkeypatch, cap
     assert "could not build the native CPU kernels" in caplog.text
     assert not any(p.is_file() for p in tmp_path.rglob("*"))
     assert native.library() is not None  # the real build is found again in the user's cache
+
+
+def test_a_new_build_leaves_only_the_newest_builds(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache = tmp_path / "hf_ptq_plugin" / "native"
+    cache.mkdir(parents=True)
+    for age in range(5):  # earlier builds, old0 the newest of them
+        stale = cache / f"native_gemv-old{age}.so"
+        stale.write_bytes(b"")
+        os.utime(stale, (1000 - age, 1000 - age))
+    native.library.cache_clear()
+    try:
+        assert native.library() is not None
+    finally:
+        monkeypatch.undo()
+        native.library.cache_clear()
+    kept = {path.name for path in cache.iterdir()}
+    assert len(kept) == native.KEPT_BUILDS and {"native_gemv-old0.so", "native_gemv-old1.so"} < kept

@@ -9,6 +9,7 @@ Quantizing while loading a bf16 checkpoint stores the torch path's tensors, the 
 per-tensor scales included.
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -139,11 +140,21 @@ def test_zeros_equal_groups_subnormals_and_huge_values(qformat, dtype):
     check(w, qformat, 128)
 
 
+def many_fp8_scales(count=200):
+    """The ends of the AVX2 path's range for dividing by a multiplication (2**-60, 2**60) and just past them,
+    ordinary and extreme scales, and random fp32 values log-uniform in 2**-64 to 2**64."""
+    generator = torch.Generator().manual_seed(0)
+    exponents = torch.empty(count, dtype=torch.float64).uniform_(-64, 64, generator=generator)
+    ends = [2.0**-60, 2.0**60, math.nextafter(2.0**-60, 0), math.nextafter(2.0**60, math.inf)]
+    return [*ends, 1.0, 0.5, 3.0, 1e-3, 7.1e-5, 1e30, 1e-30, 2.0**-140, *torch.exp2(exponents).float().tolist()]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("scale", [1.0, 0.5, 3.0, 1e-3, 7.1e-5, 1e30, 1e-30, 2.0**-140])
-def test_the_fp8_conversion_of_every_input_under_a_given_scale(dtype, scale):
+def test_the_fp8_conversion_of_every_input_under_many_given_scales(dtype):
+    """Every finite input, so every quotient the AVX2 path's division by a multiplication can meet at each scale."""
     w = all_finite_values(dtype)[None].contiguous()
-    check(w, "fp8", weight_scale=torch.tensor(scale))
+    for scale in many_fp8_scales():
+        check(w, "fp8", weight_scale=torch.tensor(scale))
 
 
 @pytest.mark.parametrize("qformat", ["fp8", "w4a8_awq", "nvfp4"])
