@@ -1,13 +1,9 @@
 """Loading a pre-quantized unified checkpoint (ours or ModelOpt's) through `from_pretrained`.
 
-Before any tensor is read, `prepare_prequantized` reads the safetensors headers (names, dtypes,
-shapes; no data), decides which Linears are quantized, checks that every tensor their format needs
-is present with the dtype and shape of `docs/modelopt-facts.md` §6.4, and swaps in QuantLinears on the
-meta device whose buffers have exactly those names, so transformers' loader fills them with no
-translation. It also checks that a smoothing format's `pre_quant_scale` is present on every layer
-whose export peers carry one, that k/v cache scales are there for every attention layer or for
-none, and that full-precision parameters the checkpoint holds by name are float tensors of the
-model's shapes. A problem (a damaged or truncated file included) raises a
+Before any tensor is read, `prepare_prequantized` decides from the safetensors headers which Linears
+are quantized, checks the checkpoint's tensors against what their formats need (`prequantized_header`),
+and swaps in QuantLinears on the meta device whose buffers have exactly those names, so transformers'
+loader fills them with no translation. A problem (a damaged or truncated file included) raises a
 ValueError naming the tensor or file, what was expected and what was found.
 `finalize_prequantized` runs after loading: refuses a parameter the checkpoint did not provide
 (which transformers would initialize at random), marks static scales as calibrated and turns KV
@@ -17,62 +13,29 @@ default writes).
 
 import functools
 import logging
-import re
-from collections import defaultdict
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .. import formats as F
-from ..calibration.selection import fused_groups, target_linears
+from ..calibration.selection import target_linears
 from ..modules.kv_cache import attention_modules, use_kv_attention
-from ..modules.quant_experts import QuantExperts
 from ..modules.quant_linear import QuantLinear
-from ..numerics.weights import weight_buffer_specs
 from .prequantized_experts import prepare_mixed_experts, prepare_prequantized_experts
+from .prequantized_header import (
+    KV_PROJECTIONS,
+    SCALAR,
+    Header,
+    check_layer,
+    check_pre_quant_scales,
+    check_unquantized_parameters,
+    declare_kv_scales,
+    expected_tensors,
+)
 from .scale_checks import check_model_scales
 
 logger = logging.getLogger(__name__)
-
-Header = Dict[str, Tuple[str, Tuple[int, ...]]]  # tensor name -> (safetensors dtype, shape)
-SAFETENSORS_DTYPES = {torch.float8_e4m3fn: "F8_E4M3", torch.uint8: "U8", torch.int8: "I8",
-                      torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-FLOAT_DTYPES = ("F32", "BF16", "F16")
-UNQUANTIZED_DTYPES = ("F64",) + FLOAT_DTYPES
-SCALAR = ()
-KV_PROJECTIONS = (("k_proj", "k"), ("v_proj", "v"))
-
-
-def model_named(header: Header, model: nn.Module) -> Header:
-    """The header under the checkpoint's names and also under the model's own: the renamings
-    transformers applies when it loads (a VLM saved as `language_model.model.layers...` loads as
-    `model.language_model.layers...`). Linears are checked under the model's names; MoE experts,
-    which loading converts, under the checkpoint's."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, rename_source_key
-    except ImportError:
-        return header
-    renamings = [t for t in get_model_conversion_mapping(model) if not isinstance(t, WeightConverter)]
-    if not renamings:
-        return header
-    return {**{rename_source_key(key, renamings, [])[0]: value for key, value in header.items()}, **header}
-
-
-def read_header(checkpoint_files: Iterable[str]) -> Header:
-    """Names, dtypes and shapes of every tensor in the checkpoint files (reads no tensor data)."""
-    header = {}
-    for path in checkpoint_files:
-        try:
-            with safe_open(path, framework="pt") as handle:
-                for key in handle.keys():
-                    tensor = handle.get_slice(key)
-                    header[key] = (tensor.get_dtype(), tuple(tensor.get_shape()))
-        except SafetensorError as error:  # a damaged or truncated file: its own error names no file
-            raise ValueError(f"{str(path)!r} is not a readable safetensors file: {error}") from None
-    return header
 
 
 def prepare_prequantized(model: nn.Module, fmt: F.Format, exclude_modules, group_size: Optional[int],
@@ -83,7 +46,7 @@ def prepare_prequantized(model: nn.Module, fmt: F.Format, exclude_modules, group
     `layer_qformats` (a MIXED_PRECISION checkpoint) names every quantized Linear and its format.
     """
     checked = {}  # header name -> Format of every quantized layer, filled by `check`
-    check = functools.partial(_check_layer, header=header, checked=checked)
+    check = functools.partial(check_layer, header=header, checked=checked)
     if layer_qformats:
         group_size = _prepare_mixed(model, layer_qformats, group_size, header, check)
     else:
@@ -95,10 +58,10 @@ def prepare_prequantized(model: nn.Module, fmt: F.Format, exclude_modules, group
                              f"(exclude_modules={list(exclude_modules)})")
         for name, linear in linears.items():
             _swap_in(model, name, linear, fmt, group_size, check)
-    _check_pre_quant_scales(checked, header)
-    _check_unquantized_parameters(model, header)
+    check_pre_quant_scales(checked, header)
+    check_unquantized_parameters(model, header)
     if kv_format is not None:  # after the swaps: the scales go on the k/v projections the model keeps
-        _declare_kv_scales(model, header)
+        declare_kv_scales(model, header)
     return group_size
 
 
@@ -154,137 +117,13 @@ def _group_size(fmt: F.Format, linears: Dict[str, nn.Linear], requested: Optiona
     return next(iter(found), fmt.group_size)
 
 
-def _expected(module: QuantLinear) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
-    specs = dict(weight_buffer_specs(module.fmt, module.out_features, module.in_features, module.group_size))
-    if module.fmt.needs_calibration_data:
-        specs["input_scale"] = (SCALAR, torch.float32)
-    return specs
-
-
-def _check_layer(name: str, module: QuantLinear, header: Header, checked: Dict[str, F.Format]) -> None:
-    """The header has every tensor `module` needs, as it needs it; the optional ones it has are declared.
-    `checked` records the layer's format under its checkpoint name."""
-    checked[name] = module.fmt
-    for suffix, (shape, dtype) in _expected(module).items():
-        key = f"{name}.{suffix}"
-        want = f"{SAFETENSORS_DTYPES[dtype]} {list(shape)}"
-        if key not in header:
-            raise ValueError(f"checkpoint tensor {key!r} is missing: {module.fmt.quant_algo} expects {want}; "
-                             "found no such tensor")
-        found_dtype, found_shape = header[key]
-        shape_ok = found_shape == shape or (shape == SCALAR and found_shape == (1,))
-        if found_dtype != SAFETENSORS_DTYPES[dtype] or not shape_ok:
-            raise ValueError(f"checkpoint tensor {key!r}: {module.fmt.quant_algo} expects {want}; "
-                             f"found {found_dtype} {list(found_shape)}")
-    _declare_optional_tensors(name, module, header)
-
-
-def _declare_optional_tensors(name: str, module: QuantLinear, header: Header) -> None:
-    """Give the meta module the optional tensors the checkpoint has, in the checkpoint's shapes."""
-    for suffix, (shape, dtype) in _expected(module).items():
-        if shape == SCALAR and header[f"{name}.{suffix}"][1] == (1,):  # a [1] scale, squeezed after loading
-            setattr(module, suffix, torch.empty(1, dtype=dtype, device="meta"))
-    key = f"{name}.pre_quant_scale"
-    if key not in header:
-        return
-    found_dtype, found_shape = header[key]
-    if found_dtype not in FLOAT_DTYPES or found_shape != (module.in_features,):
-        raise ValueError(f"checkpoint tensor {key!r}: expects a float tensor [{module.in_features}] "
-                         f"({' or '.join(FLOAT_DTYPES)}); found {found_dtype} {list(found_shape)}")
-    if not module.fmt.pre_quant_scale:
-        raise ValueError(f"checkpoint tensor {key!r}: {module.fmt.quant_algo} has no pre_quant_scale; "
-                         "found one (formats with it: int8_sq and the AWQ formats)")
-    module.pre_quant_scale = torch.empty(module.in_features, dtype=module.dtype, device="meta")
-
-
-def _check_pre_quant_scales(layers: Dict[str, F.Format], header: Header) -> None:
-    """A layer of a smoothing format (AWQ, SmoothQuant) must carry `pre_quant_scale` where its peers do.
-
-    The tensor may rightly be absent: exports fold AWQ scales into the norm before q/k/v and gate/up
-    (NVFP4-AWQ ones also into v_proj / up_proj), and algorithms that do not smooth write none. But an
-    export treats alike the engine-fused siblings of a group, and the layers in the same place of
-    blocks whose quantized layers are the same: one of them without the scale while another has it
-    is a damaged checkpoint, which would load computing on unsmoothed inputs.
-    """
-    smoothed = {name: fmt for name, fmt in layers.items() if fmt.pre_quant_scale}
-    for peers in _smoothing_peers(smoothed):
-        having = [name for name in peers if f"{name}.pre_quant_scale" in header]
-        missing = [name for name in peers if f"{name}.pre_quant_scale" not in header]
-        if having and missing:
-            raise ValueError(f"checkpoint tensor '{missing[0]}.pre_quant_scale' is missing: {missing[0]!r} is "
-                             f"{layers[missing[0]].quant_algo} and layers exported alike carry one (e.g. "
-                             f"'{having[0]}.pre_quant_scale'); found no such tensor")
-
-
-def _smoothing_peers(layers: Dict[str, F.Format]) -> List[List[str]]:
-    """Groups of layers an export gives a pre_quant_scale alike: engine-fused siblings, and layers in the
-    same place (block and expert indices aside) and format of blocks quantized alike."""
-    signature = defaultdict(set)  # block -> {(place in the block, format)} of its quantized layers
-    for name, fmt in layers.items():
-        block, rest = _split_block(name)
-        signature[block].add((_place(rest), fmt.name))
-    by_place = defaultdict(list)
-    for name, fmt in layers.items():
-        block, _ = _split_block(name)
-        by_place[_place(name), fmt.name, frozenset(signature[block])].append(name)
-    return fused_groups(layers) + list(by_place.values())
-
-
-def _split_block(name: str) -> Tuple[str, str]:
-    """("model.layers.3", "mlp.down_proj") for "model.layers.3.mlp.down_proj"; ("", name) outside blocks."""
-    match = re.match(r"(.*?\.\d+)\.(.*)", name)
-    return (match.group(1), match.group(2)) if match else ("", name)
-
-
-def _place(name: str) -> str:
-    return ".".join("*" if part.isdigit() else part for part in name.split("."))
-
-
-def _check_unquantized_parameters(model: nn.Module, header: Header) -> None:
-    """A full-precision parameter the checkpoint holds under its own name is a float tensor of its shape.
-
-    transformers would cast integer or FP8 codes into it without a word, and a wrong shape fails
-    there without naming the tensor.
-    """
-    for module_name, module in model.named_modules():
-        if isinstance(module, (QuantLinear, QuantExperts)):  # checked against their format already
-            continue
-        for leaf, parameter in module.named_parameters(recurse=False):
-            key = f"{module_name}.{leaf}" if module_name else leaf
-            if key not in header or not parameter.is_floating_point():
-                continue
-            found_dtype, found_shape = header[key]
-            if found_dtype not in UNQUANTIZED_DTYPES or found_shape != tuple(parameter.shape):
-                raise ValueError(f"checkpoint tensor {key!r}: the model's full-precision parameter expects a float "
-                                 f"tensor {list(parameter.shape)} ({' or '.join(UNQUANTIZED_DTYPES)}); found "
-                                 f"{found_dtype} {list(found_shape)}")
-
-
-def _declare_kv_scales(model: nn.Module, header: Header) -> None:
-    """Placeholders for the checkpoint's k/v scales: all of them, or none (ModelOpt's `fp8_cast` writes none)."""
-    projections = {f"{name}.{proj}.{kind}_scale": (getattr(attention, proj), kind)
-                   for name, attention in attention_modules(model).items() for proj, kind in KV_PROJECTIONS}
-    present = [key for key in projections if key in header]
-    missing = [key for key in projections if key not in header]
-    if present and missing:  # the lost scale would default to 1.0 beside calibrated ones
-        raise ValueError(f"checkpoint tensor {missing[0]!r} is missing: the checkpoint has KV cache scales for "
-                         f"other layers (e.g. {present[0]!r}); found no such tensor")
-    for key in present:
-        found_dtype, found_shape = header[key]
-        if found_dtype != "F32" or found_shape not in (SCALAR, (1,)):
-            raise ValueError(f"checkpoint tensor {key!r}: KV cache expects F32 []; found {found_dtype} "
-                             f"{list(found_shape)}")
-        projection, kind = projections[key]
-        projection.register_buffer(f"{kind}_scale", torch.empty(found_shape, dtype=torch.float32, device="meta"))
-
-
 def finalize_prequantized(model: nn.Module, kv_format: Optional[F.KVFormat]) -> None:
     """After loading: the parameters came from the checkpoint, scales are calibrated, 1-element scales
     become 0-d, KV quantization is on."""
     _check_parameters_loaded(model)
     for module in model.modules():
         if isinstance(module, QuantLinear):
-            for suffix, (shape, _) in _expected(module).items():
+            for suffix, (shape, _) in expected_tensors(module).items():
                 if shape == SCALAR and getattr(module, suffix).shape == (1,):
                     setattr(module, suffix, getattr(module, suffix).reshape(()))
             module.input_calibrated = True
@@ -312,7 +151,7 @@ def _check_parameters_loaded(model: nn.Module) -> None:
 def _scale_specs(model: nn.Module) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
     """Expected (shape, dtype) of every QuantLinear scale and KV scale, by full buffer name."""
     specs = {f"{name}.{suffix}": spec for name, module in model.named_modules() if isinstance(module, QuantLinear)
-             for suffix, spec in _expected(module).items() if suffix != "weight"}
+             for suffix, spec in expected_tensors(module).items() if suffix != "weight"}
     for name, attention in attention_modules(model).items():
         for proj, kind in KV_PROJECTIONS:
             specs[f"{name}.{proj}.{kind}_scale"] = (SCALAR, torch.float32)

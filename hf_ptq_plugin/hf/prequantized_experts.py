@@ -27,7 +27,7 @@ def prepare_prequantized_experts(model: nn.Module, fmt: F.Format, exclude_module
     """Swap the fused experts the checkpoint holds quantized for meta QuantExperts; returns how many.
 
     `check(header_name, quant_linear)` validates one projection against the checkpoint header
-    (hf/prequantized.py). A checkpoint quantizing some MoE layers' experts and not others is refused.
+    (`prequantized_header.check_layer`). A checkpoint quantizing some MoE layers' experts and not others is refused.
     """
     fused = {name: m for name, m in model.named_modules() if is_fused_experts(m)}
     if not fused:

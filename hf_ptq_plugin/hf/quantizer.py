@@ -4,7 +4,7 @@ With a PTQConfig passed to `from_pretrained`, it swaps Linears for QuantLinears 
 device and quantizes each weight as the loader reads it (`quantize_on_load.py`). With a checkpoint whose
 config.json says "modelopt" (ours or ModelOpt's own), it checks that hf_quant_config.json agrees
 with it (`config_checks.py`), validates the tensors and builds modules whose buffers are the
-checkpoint's tensors (`prequantized.py`). Either way the model's
+checkpoint's tensors (`prequantized.py`, `prequantized_header.py`). Either way the model's
 `save_pretrained` then writes the unified checkpoint (`export/save.py`). `register()` runs once,
 at `import hf_ptq_plugin`; `attach_quantizer` gives a model quantized in memory the same
 save/metadata behaviour.
@@ -29,7 +29,8 @@ from ..modules.quant_linear import QuantLinear
 from .config_checks import check_checkpoint_configs
 from .dequantize import dequantize_model
 from .model_methods import install_model_methods
-from .prequantized import finalize_prequantized, model_named, prepare_prequantized, read_header
+from .prequantized import finalize_prequantized, prepare_prequantized
+from .prequantized_header import model_named, read_header
 from .quantize_on_load import QuantizeOnLoad, calibrate_while_loading, finalize_load_time, prepare_load_time
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Value checks of a loaded checkpoint's scale tensors.
 
-The safetensors header gives names, dtypes and shapes only (checked before loading, `prequantized.py`);
+The safetensors header gives names, dtypes and shapes only (checked before loading, `prequantized_header.py`);
 a NaN, infinite, zero or negative scale loads without complaint and gives finite but wrong logits,
 which an export would then republish. After loading, every scale buffer is checked once, with one
 vectorized test per tensor (scales are small): finite and > 0, with the dtype and shape its format
