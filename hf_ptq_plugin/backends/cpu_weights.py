@@ -29,15 +29,16 @@ loader that decompresses the checkpoint to dense weights does). `dense` runs the
 F.linear on the reference's own operands, bit for bit. Without the native kernels, bf16 models
 take torch's packed kernels, which are never coarser than bf16: fp16pack stores a matrix C with
 W = C * out_scale, where `out_scale` is the per-tensor or per-channel factor the format lets us
-pull out of the dot product; C is exact in fp16 for FP8 codes, NVFP4's e2m1 x e4m3 products, W4A8's e4m3 weights and
-MXFP8 values of ordinary range, and rounded to fp16 (<= 2**-11 relative) for fp8_pb_wo (its 128 x
-128 tile scales cannot be pulled out) and INT4 layers torch's int4 kernel cannot take.
+pull out of the dot product; C is exact in fp16 for FP8 codes, NVFP4's e2m1 x e4m3 products,
+W4A8's e4m3 weights and MXFP8 values of ordinary range, and rounded to fp16 (<= 2**-11 relative)
+for fp8_pb_wo (its 128 x 128 tile scales cannot be pulled out) and INT4 layers torch's int4
+kernel cannot take.
 
 The cache is a plain attribute, not a buffer: it never enters state_dict (the checkpoint),
 `.to(dtype)` cannot cast it, and deepcopy/pickle drop it. It remembers the buffer tensors it was
 built from and their version counters, so any in-place update (load_state_dict, calibration,
 `.copy_`) or replacement (`.to(device)`, assign=True loading) rebuilds it on the next call, as
-does a change of activation dtype.
+does a change between bf16 and other activation dtypes for the forms built for one of them.
 """
 
 import contextlib
@@ -80,7 +81,8 @@ class CpuWeight:
 
     kind: str  # "native", "int4pack", "int8pack", "fp16pack" or "dense"
     sources: tuple  # ((name, tensor, data_ptr, version), ...) of the buffers it was built from
-    bf16_activations: bool  # built for bf16 activations (the packed int kernels) or for any other dtype
+    # built for bf16 activations (torch's packed kernels), for other dtypes (dense), or None: for any (native, W8A8)
+    bf16_activations: Optional[bool]
     # native: the checkpoint's codes; int4pack: uint8 (N, K/2); int8pack: the int8 weight; fp16pack: fbgemm
     # packed; dense: fp32 or bf16 (N, K)
     matrix: Any
@@ -99,7 +101,7 @@ class CpuWeight:
 
         Runs on every forward (hundreds per decoded token), hence plain loops and no new objects.
         """
-        if self.bf16_activations != (act_dtype == torch.bfloat16):
+        if self.bf16_activations is not None and self.bf16_activations != (act_dtype == torch.bfloat16):
             return False
         for name, tensor, data_ptr, version in self.sources:
             current = module_buffers.get(name)
@@ -161,12 +163,12 @@ def build_cpu_weight(fmt: F.Format, buffers: dict, group_size: int, act_dtype: t
     the reference's `dense` for others (module docstring)."""
     sources, bf16 = _sources(buffers), act_dtype == torch.bfloat16
     n = buffers["weight_scale"].shape[0] if fmt.weight == F.INT4 else buffers["weight"].shape[0]
-    native_weight = _native(fmt, buffers, group_size, sources, bf16)
+    native_weight = _native(fmt, buffers, group_size, sources)
     if native_weight is not None:
         return native_weight
     if fmt.weight == F.INT8 and fmt.act == F.INT8:  # W8A8: torch._int_mm, which reads any alignment, or native.w8a8
         layout = "w8a8" if _native_w8a8(buffers["weight"]) else ""
-        return CpuWeight("int8pack", sources, bf16, buffers["weight"], None, buffers["weight_scale"], layout=layout)
+        return CpuWeight("int8pack", sources, None, buffers["weight"], None, buffers["weight_scale"], layout=layout)
     if not bf16:  # torch's packed kernels are slow or absent for fp32 / fp16 activations
         dense = dequantize_weight(buffers, fmt, group_size)
         return CpuWeight("dense", sources, False, dense, nbytes=dense.nbytes)
@@ -194,37 +196,37 @@ def _native_w8a8(matrix: torch.Tensor) -> bool:
             and matrix.is_contiguous() and k % native.BLOCK == 0 and k <= native.W8A8_MAX_K)
 
 
-def _native(fmt: F.Format, buffers: dict, group_size: int, sources: tuple, bf16: bool) -> Optional[CpuWeight]:
+def _native(fmt: F.Format, buffers: dict, group_size: int, sources: tuple) -> Optional[CpuWeight]:
     """The `native` kind for the formats `native.py`'s kernels decode, or None (no kernels, or another format)."""
     q = buffers["weight"]
     in_features = q.shape[-1] * (2 if fmt.weight == F.NVFP4 else 1)  # NVFP4 packs two codes per byte along K
     if native.library() is None or in_features % native.BLOCK or not q.is_contiguous():
         return None
     if fmt.weight == F.FP8 and fmt.weight_granularity in (F.PER_TENSOR, F.PER_CHANNEL):
-        return CpuWeight("native", sources, bf16, q.view(torch.uint8), out_scale=buffers["weight_scale"].float(),
+        return CpuWeight("native", sources, None, q.view(torch.uint8), out_scale=buffers["weight_scale"].float(),
                          layout="fp8")
     if fmt.weight == F.INT8 and fmt.act is None:  # W8A8 keeps torch's exact int8 x int8 GEMM
-        return CpuWeight("native", sources, bf16, q.view(torch.uint8), out_scale=buffers["weight_scale"].float(),
+        return CpuWeight("native", sources, None, q.view(torch.uint8), out_scale=buffers["weight_scale"].float(),
                          layout="int8")
     if fmt.weight == F.FP8 and fmt.weight_granularity == F.PER_TILE and group_size % native.BLOCK == 0:
         scales = buffers["weight_scale"].float().contiguous()
         extra = 0 if scales.data_ptr() == buffers["weight_scale"].data_ptr() else scales.nbytes
-        return CpuWeight("native", sources, bf16, q.view(torch.uint8), scales, torch.ones(()), extra,
+        return CpuWeight("native", sources, None, q.view(torch.uint8), scales, torch.ones(()), extra,
                          layout="fp8_tiles")
     if fmt.weight == F.MXFP8:
         exponents = buffers["weight_scale"].contiguous()
-        return CpuWeight("native", sources, bf16, q.view(torch.uint8), exponents, torch.ones(()), layout="mxfp8")
+        return CpuWeight("native", sources, None, q.view(torch.uint8), exponents, torch.ones(()), layout="mxfp8")
     if fmt.weight == F.NVFP4:
         block_scales = buffers["weight_scale"].contiguous().view(torch.uint8)
-        return CpuWeight("native", sources, bf16, q, block_scales, buffers["weight_scale_2"].float(), layout="nvfp4")
+        return CpuWeight("native", sources, None, q, block_scales, buffers["weight_scale_2"].float(), layout="nvfp4")
     if fmt.weight == F.INT4 and group_size % native.BLOCK == 0 and fmt.fp8_weight_scale_2:
         ratios = w4a8_group_ratio(buffers["weight_scale"], buffers["weight_scale_2"]).contiguous()
-        return CpuWeight("native", sources, bf16, q, ratios, buffers["weight_scale_2"].float(), ratios.nbytes,
+        return CpuWeight("native", sources, None, q, ratios, buffers["weight_scale_2"].float(), ratios.nbytes,
                          layout="w4a8")
     if fmt.weight == F.INT4 and group_size % native.BLOCK == 0:
         scales = buffers["weight_scale"].float().contiguous()  # no copy when the checkpoint's are fp32
         extra = 0 if scales.data_ptr() == buffers["weight_scale"].data_ptr() else scales.nbytes
-        return CpuWeight("native", sources, bf16, q, scales, torch.ones(()), extra, layout="int4")
+        return CpuWeight("native", sources, None, q, scales, torch.ones(()), extra, layout="int4")
     return None
 
 
