@@ -175,13 +175,23 @@ def fake_quantize_weight(w: torch.Tensor, fmt: F.Format, group_size: Optional[in
     if fmt.weight != F.INT4:
         return dequantize_weight(quantize_weight(w, fmt, group_size, global_amax), fmt, group_size)
     w = w.detach().float()
+    if not fmt.fp8_weight_scale_2:
+        return _fake_quantize_int4(w, group_size)
     step = scale_from_amax(block_amax(w, group_size), INT4_MAX).repeat_interleave(group_size, dim=1)
     q = int_quantize(w, step, 4).float()
-    if not fmt.fp8_weight_scale_2:
-        return q * step
     scale_2 = scale_from_amax(w.abs().amax() if global_amax is None else global_amax, FP8_MAX)
     ratio = w4a8_group_ratio(step, scale_2)
     return fp8_dequantize(fp8_quantize(q * ratio, torch.tensor(1.0)), scale_2)
+
+
+def _fake_quantize_int4(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """INT4 group-wise `fake_quantize_weight` of fp32 w (N, K): the same divisions, roundings and products as
+    `int_quantize` then `int_dequantize`, with each group's step broadcast instead of repeated and the codes
+    kept in fp32 (integers in [-8, 7], exact), so four passes over the weight instead of about nine."""
+    n, k = w.shape
+    step = scale_from_amax(block_amax(w, group_size), INT4_MAX).unsqueeze(-1)  # (N, K / g, 1)
+    q = (w.reshape(n, k // group_size, group_size) / step).round_().clamp_(-8, 7)  # a new tensor: w is untouched
+    return q.mul_(step).view(n, k)
 
 
 def w4a8_group_ratio(weight_scale: torch.Tensor, weight_scale_2: torch.Tensor) -> torch.Tensor:

@@ -199,3 +199,18 @@ def test_block_amax_and_abs_amax_are_the_plain_max_of_magnitudes(block, dtype):
     for dim in (None, 1, -1):
         expected = x.float().abs().amax() if dim is None else x.float().abs().amax(dim=dim)
         assert torch.equal(abs_amax(x, dim), expected)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_fake_quantize_equals_the_round_trip_on_strided_rows_and_zero_groups(group):
+    """The searches' fast INT4 path: every other row (a strided view), groups of zeros and of one value."""
+    torch.manual_seed(1)
+    fmt = get_format("int4_awq")
+    w = torch.randn(96, 4 * group) * torch.logspace(-4, 2, 96)[:, None]
+    w[3, :group] = 0
+    w[5, group:2 * group] = -0.37
+    rows = w[::2]
+    before = rows.clone()
+    expected = dequantize_weight(quantize_weight(rows.contiguous(), fmt, group), fmt, group)
+    assert torch.equal(fake_quantize_weight(rows, fmt, group), expected)
+    assert torch.equal(rows, before)  # the input is not rounded in place
