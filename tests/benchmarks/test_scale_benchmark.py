@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import WORDS, word_tokenizer
 from safetensors import safe_open
-from scale import HEADER, llama3_shape, make_checkpoint, run_watched
+from scale import HEADER, run_watched
+from synthetic_llama3 import llama3_shape, make_checkpoint
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "scale.py"
 TINY = ["--layers", "2", "--hidden", "256", "--vocab", "512", "--calib-samples", "4", "--calib-seq-len", "64",
