@@ -55,20 +55,34 @@ class FoldPair:
         return scale.view(-1, self.query_heads_per_kv, self.head_dim)[:, 0].reshape(-1)
 
 
-def find_fold_pairs(block: nn.Module, linears: Dict[str, nn.Linear], inputs: List[tuple]) -> Dict[str, FoldPair]:
-    """{consumer name: its FoldPair} for the block's consumer/producer pairs that fold exactly."""
+def find_fold_pairs(block: nn.Module, linears: Dict[str, nn.Linear], inputs: List[tuple],
+                    verdicts: Optional[dict] = None) -> Dict[str, FoldPair]:
+    """{consumer name: its FoldPair} for the block's consumer/producer pairs that fold exactly.
+
+    `verdicts` ({(block class, consumer, producer within the block, heads tied): bool}), shared by
+    the blocks of one model, keeps each test's result: blocks of one class compute the same function
+    of their weights, so the first block's test holds for the rest. That saves the test's passes
+    (up to three forward passes of a batch, more than the block's statistics pass) on every later block.
+    """
+    verdicts = {} if verdicts is None else verdicts
+    names_in_block = {id(module): name for name, module in block.named_modules()}
     candidates = {}
     for name in linears:
         parent, _, leaf = name.rpartition(".")
         producer = f"{parent}.{PRODUCERS[leaf]}" if leaf in PRODUCERS else None
         if producer in linears:
-            candidates[name] = (producer, _shaped_pair(block, linears, producer, name))
-    shaped = [name for name, (_, pair) in candidates.items() if pair is not None]
+            pair = _shaped_pair(block, linears, producer, name)
+            key = (type(block), names_in_block.get(id(linears[name])), names_in_block.get(id(linears[producer])),
+                   None if pair is None else pair.query_heads_per_kv)
+            candidates[name] = (producer, pair, key)
+    untested = [name for name, (_, pair, key) in candidates.items() if pair is not None and key not in verdicts]
     # One pass records every consumer's input as it is; each test scale then needs one pass of its own.
-    before = dict(zip(shaped, _consumer_inputs(block, inputs, [linears[name] for name in shaped]))) if shaped else {}
+    before = dict(zip(untested, _consumer_inputs(block, inputs, [linears[name] for name in untested]))) if untested else {}
     pairs = {}
-    for name, (producer, pair) in candidates.items():
-        if pair is not None and _folds_exactly(block, inputs, linears, pair, before[name]):
+    for name, (producer, pair, key) in candidates.items():
+        if pair is not None and key not in verdicts:
+            verdicts[key] = _folds_exactly(block, inputs, linears, pair, before[name])
+        if pair is not None and verdicts[key]:
             pairs[name] = pair
         else:
             logger.warning("%s's smoothing scale cannot fold into %s; it stays on %s as pre_quant_scale "

@@ -5,12 +5,13 @@ what it needs about every distinct Linear input (per-channel statistics and a to
 Hessian) and returns the block's plans; `quantize_block` swaps in the QuantLinears; then the
 now-quantized block runs to produce the next block's inputs (bf16 on CPU: on the block's
 dequantized weights, `bf16_dense_weights`, faster than the packed kernels at this many tokens).
+On a CPU without native bf16 GEMMs these passes compute in fp32 (compute_dtype.py).
 Memory holds one block's activations and statistics, never the whole model's; the token samples
 exist only because one block at a time can hold them. A model without decoder blocks is one block.
 """
 
 import contextlib
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -19,9 +20,12 @@ from tqdm.auto import tqdm
 from .. import formats as F
 from ..backends.cpu_weights import bf16_dense_weights
 from ..hf.memory import release_freed_heap
+from ..modules.fused_experts import is_fused_experts
+from ..modules.quant_experts import QuantExperts
 from ..modules.quant_linear import QuantLinear
 from .algorithms import Algorithm, BlockContext
 from .blocks import block_lists, capture_block_inputs, run_block
+from .compute_dtype import calibration_dtype, cast_inputs, computing_in
 from .data import TokenMask
 
 MAX_SEARCH_TOKENS = 2048  # tokens per input kept for the search: loss estimates, not statistics
@@ -42,27 +46,44 @@ def streamed_calibration(model: nn.Module, linears: Dict[str, nn.Module], fmt: F
     """
     lists = block_lists(model, linears)
     _refuse_outside(lists, linears)
+    fold_verdicts = {}
     for blocks_name, blocks in lists:  # an encoder-decoder's encoder first: the decoder reads its outputs
         inputs, token_mask, stride = _first_block_inputs(model, blocks, forward_loop)
+        dtype = _compute_dtype(blocks, inputs)
+        inputs = cast_inputs(inputs, dtype)
         for index, block in enumerate(tqdm(blocks, desc=f"{algorithm.name} {fmt.name}", disable=None)):
             prefix = _prefix(blocks_name, index)
             block_linears = {n: m for n, m in linears.items() if n.startswith(prefix)}
             last = index == len(blocks) - 1
             if block_linears:
                 block_linears = prepare_block(prefix, block_linears)
-                outputs = None if sequential or last else []
-                context = BlockContext(block, inputs, token_mask, fmt, group_size, stride, outputs, fold_scales)
-                quantize_block(block_linears, algorithm.plan_block(context, block_linears))
-                # The replaced full-precision Linears and the search's temporaries go before the feed pass,
-                # which adds the block's dense feeding weights and activations.
-                block_linears = context = None
-                release_freed_heap()
-                if outputs:
-                    inputs = outputs
-                    continue
-            if not last:  # the last block's outputs feed nothing
-                with _feeding_weights(block, inputs):
-                    inputs = run_block(block, inputs)
+            with computing_in(block, dtype):
+                if block_linears:
+                    outputs = None if sequential or last else []
+                    context = BlockContext(block, inputs, token_mask, fmt, group_size, stride, outputs, fold_scales,
+                                           fold_verdicts)
+                    quantize_block(block_linears, algorithm.plan_block(context, block_linears))
+                    # The replaced full-precision Linears and the search's temporaries go before the feed
+                    # pass, which adds the block's dense feeding weights and activations.
+                    block_linears = context = None
+                    release_freed_heap()
+                    if outputs:
+                        inputs = outputs
+                        continue
+                if not last:  # the last block's outputs feed nothing
+                    with _feeding_weights(block, inputs):
+                        inputs = run_block(block, inputs)
+
+
+def _compute_dtype(blocks, inputs: list) -> Optional[torch.dtype]:
+    """fp32 for half-precision hidden states on a CPU without native half-precision GEMMs
+    (compute_dtype.py); None (the model's own dtype) otherwise, and for blocks with modules that
+    must keep their weights' dtype: accelerate's offload hooks (which load the half-precision
+    weights on each call) and fused experts (whose QuantExperts take their weights' dtype)."""
+    modules = [m for block in blocks for m in block.modules()]
+    if any(hasattr(m, "_hf_hook") or is_fused_experts(m) or isinstance(m, QuantExperts) for m in modules):
+        return None
+    return calibration_dtype(inputs)
 
 
 def _refuse_outside(lists, linears: Dict[str, nn.Module]) -> None:

@@ -153,8 +153,11 @@ def test_streamed_bf16_calibration_on_dense_weights_matches_it_on_the_kernels(mo
     there: scales a few percent apart, and a model as close to the unquantized one."""
     import contextlib
 
+    import hf_ptq_plugin.calibration.compute_dtype as compute_dtype
     import hf_ptq_plugin.calibration.streamed as streamed
 
+    # bf16 calibration, as on a CPU with native bf16 (without, it computes in fp32: test_compute_dtype.py)
+    monkeypatch.setattr(compute_dtype, "cpu_computes_natively", lambda dtype: True)
     torch.manual_seed(2)
     ids = torch.randint(0, 320, (8, 64))
     with torch.no_grad():

@@ -34,6 +34,7 @@ class BlockContext:
     sample_stride: int  # keep every n-th token in the search samples
     outputs: Optional[list] = None  # not sequential: the full-precision block outputs are collected here
     fold_scales: bool = False  # smoothing scales of o_proj / down_proj go into v_proj / up_proj rows
+    fold_verdicts: Optional[dict] = None  # find_fold_pairs' test results, shared by a model's blocks
 
 
 def observe_group_inputs(context: BlockContext, linears: Dict[str, nn.Linear]
@@ -60,7 +61,7 @@ def plan_smoothed_groups(context: BlockContext, linears: Dict[str, nn.Linear], p
     producers' rows, so each producer is then planned (and quantized) with the scale in its weight.
     """
     groups, stats = observe_group_inputs(context, linears)
-    pairs = find_fold_pairs(context.block, linears, context.inputs) if context.fold_scales else {}
+    pairs = find_fold_pairs(context.block, linears, context.inputs, context.fold_verdicts) if context.fold_scales else {}
     plans = {}
     for group in sorted(groups, key=lambda g: g[0] not in pairs):  # consumers first (a stable sort)
         pair = pairs.get(group[0])
