@@ -83,6 +83,8 @@ def parse_args(argv=None):
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--calib-seq-len", type=int, default=512)
     parser.add_argument("--calib-batch-size", type=int, default=4)
+    parser.add_argument("--sequential", choices=("default", "yes", "no"), default="default",
+                        help="PTQConfig.sequential: the format's default, True or False")
     parser.add_argument("--check-layers", type=int, default=2, help="the layer-0 check's model")
     parser.add_argument("--check-hidden", type=int, default=1024)
     parser.add_argument("--no-check", action="store_true", help="skip the layer-0 check")
@@ -225,7 +227,7 @@ def run_case(spec: dict) -> None:
     from hf_ptq_plugin import PTQConfig, QuantLinear, export_checkpoint
     from hf_ptq_plugin.hf.memory import release_freed_heap
 
-    result = {"algorithm": spec["algorithm"]}
+    result = {"algorithm": case_name(spec["algorithm"], spec["sequential"])}
 
     def record(**values):
         result.update(values, phase_peaks=dict(sampler.peaks), cpu=dict(buckets.cpu), wall=dict(buckets.wall))
@@ -234,7 +236,7 @@ def run_case(spec: dict) -> None:
 
     config = PTQConfig(qformat="int4_awq", algorithm=spec["algorithm"], calib_dataset=spec["calib_file"],
                        calib_size=spec["samples"], calib_seq_len=spec["seq_len"],
-                       calib_batch_size=spec["batch_size"])
+                       calib_batch_size=spec["batch_size"], sequential=spec["sequential"])
     sampler.phase("load")
     record(baseline_anon=rss()["RssAnon"])
     start, cpu = time.perf_counter(), time.process_time()
@@ -320,18 +322,24 @@ def layer0_check(model, exports: dict, checkpoint: str, seq_len: int) -> dict:
 
 # --- the parent -----------------------------------------------------------------------------------------
 
+def case_name(algorithm: str, sequential) -> str:
+    return algorithm if sequential is None else f"{algorithm}, sequential={sequential}"
+
+
 def measure(checkpoint: Path, algorithm: str, args, calib_file: Path, check: bool) -> dict:
     """One case in a watched child process; its results, the watchdog's peak and whether it was killed."""
     out_dir = args.work_dir / "exports" / f"{checkpoint.name}-{algorithm}"
     result_file = args.work_dir / f"result-{checkpoint.name}-{algorithm}.json"
     result_file.unlink(missing_ok=True)
+    sequential = {"default": None, "yes": True, "no": False}[args.sequential]
     spec = {"checkpoint": str(checkpoint), "algorithm": algorithm, "calib_file": str(calib_file),
             "samples": args.calib_samples, "seq_len": args.calib_seq_len, "batch_size": args.calib_batch_size,
-            "out_dir": str(out_dir), "result": str(result_file), "check": check}
+            "sequential": sequential, "out_dir": str(out_dir), "result": str(result_file), "check": check}
     if not args.keep_page_cache:
         evict_page_cache(checkpoint)
     watched = run_watched([sys.executable, __file__, "--child", json.dumps(spec)], int(args.limit_gb * GIB))
-    result = json.loads(result_file.read_text()) if result_file.exists() else {"algorithm": algorithm}
+    name = case_name(algorithm, sequential)
+    result = json.loads(result_file.read_text()) if result_file.exists() else {"algorithm": name}
     if not args.keep_exports:
         shutil.rmtree(out_dir, ignore_errors=True)
     return {**result, **watched}

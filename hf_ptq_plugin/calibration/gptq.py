@@ -208,18 +208,21 @@ def _flipped_lower_inverse(lower: torch.Tensor) -> torch.Tensor:
     """U = J L^-1 J for lower-triangular L: the inverse of the upper-triangular R = J L J.
 
     Block rows of U from the bottom up: R[I, I] U[I, a:] = I[I, a:] - R[I, b:] U[b:, a:] for the
-    block I = a:b, whose right side is one GEMM with the rows already solved. R's blocks are read
-    from L flipped, so beside L and U only (block, K) temporaries exist.
+    block I = a:b, whose right side is GEMMs with the rows already solved. U[b:, b:] is upper
+    triangular, so its column block c:d is zero below row d and needs only R[I, b:d]: half the
+    multiply-adds of one full product (n^3 / 3 in all, a down_proj's 14336-column inverse's whole
+    cost). R's blocks are read from L flipped, so beside L and U only (block, K) temporaries exist.
     """
-    n = lower.shape[0]
+    n, block = lower.shape[0], TRIANGULAR_BLOCK
     upper = torch.zeros(n, n, dtype=lower.dtype, device=lower.device)
-    for a in reversed(range(0, n, TRIANGULAR_BLOCK)):
-        b = min(a + TRIANGULAR_BLOCK, n)
+    for a in reversed(range(0, n, block)):
+        b = min(a + block, n)
         rhs = torch.zeros(b - a, n - a, dtype=lower.dtype, device=lower.device)
         rhs[:, :b - a].diagonal().fill_(1.0)
-        if b < n:
-            r_right = lower[n - b:n - a, :n - b].flip(0, 1)  # R[a:b, b:], as R[i, j] = L[n-1-i, n-1-j]
-            rhs[:, b - a:] = -(r_right @ upper[b:, b:])
+        r_right = lower[n - b:n - a, :n - b].flip(0, 1)  # R[a:b, b:], as R[i, j] = L[n-1-i, n-1-j]
+        for c in range(b, n, block):
+            d = min(c + block, n)
+            torch.mm(r_right[:, :d - b], upper[b:d, c:d], out=rhs[:, c - a:d - a]).neg_()
         r_diagonal = lower[n - b:n - a, n - b:n - a].flip(0, 1)  # R[a:b, a:b], upper triangular
         upper[a:b, a:] = torch.linalg.solve_triangular(r_diagonal, rhs, upper=True)
     return upper

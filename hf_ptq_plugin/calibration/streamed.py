@@ -78,11 +78,13 @@ def streamed_calibration(model: nn.Module, linears: Dict[str, nn.Module], fmt: F
 def _compute_dtype(blocks, inputs: list) -> Optional[torch.dtype]:
     """fp32 for half-precision hidden states on a CPU without native half-precision GEMMs
     (compute_dtype.py); None (the model's own dtype) otherwise, and for blocks with modules that
-    must keep their weights' dtype: accelerate's offload hooks (which load the half-precision
-    weights on each call) and fused experts (whose QuantExperts take their weights' dtype)."""
-    modules = [m for block in blocks for m in block.modules()]
-    if any(hasattr(m, "_hf_hook") or is_fused_experts(m) or isinstance(m, QuantExperts) for m in modules):
-        return None
+    must keep their weights' dtype or their own forward: accelerate's offload hooks (which load
+    the half-precision weights on each call), a Linear whose forward something else replaced, and
+    fused experts (whose QuantExperts take their weights' dtype)."""
+    for module in (m for block in blocks for m in block.modules()):
+        if hasattr(module, "_hf_hook") or "forward" in vars(module) or is_fused_experts(module) \
+                or isinstance(module, QuantExperts):
+            return None
     return calibration_dtype(inputs)
 
 

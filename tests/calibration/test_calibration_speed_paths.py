@@ -8,8 +8,9 @@
 - A just-quantized bf16 block feeds the next block through bf16 dense weights
   (`bf16_dense_weights`): within bf16 rounding of the kernels' outputs, and back to the kernels after.
 - The NaN/Inf check's one-sum fast path still finds every non-finite value.
-- GPTQ's Hessian from half the Gram matrix equals x^T x; the statistics pass that stops a block
-  once every Linear had its input collects what the full run collects.
+- GPTQ's Hessian from half the Gram matrix equals x^T x, and its blocked inverse factor is the
+  upper Cholesky factor of H^-1; the statistics pass that stops a block once every Linear had its
+  input collects what the full run collects.
 """
 
 import logging
@@ -210,6 +211,22 @@ def test_symmetric_gram_is_x_transpose_x(k):
     gram = symmetric_gram(x)
     torch.testing.assert_close(gram, x.T @ x, rtol=1e-5, atol=1e-4)
     assert torch.equal(gram, gram.T)
+
+
+@pytest.mark.parametrize("n, block", [(37, 16), (300, 64), (1100, 512)])
+def test_gptq_inverse_factor_is_the_upper_cholesky_factor_of_the_inverse(monkeypatch, n, block):
+    """One Cholesky and a blocked triangular inverse that skips U's zero blocks: U^T U = H^-1."""
+    from hf_ptq_plugin.calibration import gptq
+
+    monkeypatch.setattr(gptq, "TRIANGULAR_BLOCK", block)
+    torch.manual_seed(0)
+    x = torch.randn(4 * n, n, dtype=torch.float64)
+    hessian = x.T @ x / n
+    reverse = torch.arange(n - 1, -1, -1)
+    factor = gptq._inverse_hessian_factor(hessian[reverse[:, None], reverse].clone())
+    expected = torch.linalg.cholesky(torch.linalg.inv(hessian), upper=True)
+    assert torch.equal(factor, factor.triu())
+    torch.testing.assert_close(factor, expected, rtol=1e-9, atol=1e-12)
 
 
 def test_statistics_pass_stops_after_the_last_observed_input_with_the_same_statistics():

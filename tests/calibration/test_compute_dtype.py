@@ -25,6 +25,14 @@ def _native(monkeypatch, native: bool) -> None:
     monkeypatch.setattr(compute_dtype, "cpu_computes_natively", lambda dtype: native or dtype == torch.float32)
 
 
+def _spy_on_computing_in(monkeypatch) -> list:
+    """The dtypes streamed calibration's blocks compute in, appended as they start."""
+    used, original = [], compute_dtype.computing_in
+    monkeypatch.setattr("hf_ptq_plugin.calibration.streamed.computing_in",
+                        lambda block, dtype: used.append(dtype) or original(block, dtype))
+    return used
+
+
 def _inputs(dtype, ids=None):
     model = tiny_llama().to(dtype)
     ids = torch.randint(0, 320, (2, 16)) if ids is None else ids
@@ -90,11 +98,13 @@ def test_fp32_calibration_of_a_bf16_model_leaves_it_bf16_and_as_accurate(monkeyp
     ids = torch.randint(0, 320, (8, 64))
     with torch.no_grad():
         unquantized = tiny_llama(0, layers=3).to(torch.bfloat16)(ids).logits
-    accuracy = {}
+    accuracy, used = {}, _spy_on_computing_in(monkeypatch)
     for native in (True, False):
         _native(monkeypatch, native)
         model = tiny_llama(0, layers=3).to(torch.bfloat16)
         quantize(model, PTQConfig(qformat="int4_awq", algorithm=algorithm), forward_loop=lambda m: m(ids))
+        assert set(used) == {None if native else torch.float32}
+        used.clear()
         assert all(t.dtype == torch.bfloat16 for t in model.parameters())
         assert all(m.dtype == torch.bfloat16 for m in model.modules() if isinstance(m, QuantLinear))
         with torch.no_grad():
@@ -122,10 +132,7 @@ def test_moe_blocks_calibrate_in_the_models_dtype(monkeypatch):
     from hf_ptq_plugin.modules.quant_experts import QuantExperts
 
     _native(monkeypatch, False)
-    upcast = []
-    original = compute_dtype.computing_in
-    monkeypatch.setattr("hf_ptq_plugin.calibration.streamed.computing_in",
-                        lambda block, dtype: upcast.append(dtype) or original(block, dtype))
+    upcast = _spy_on_computing_in(monkeypatch)
     model = tiny_moe("qwen3_moe").to(torch.bfloat16)
     quantize(model, PTQConfig(qformat="int4_awq", algorithm="awq_lite", group_size=64),
              lambda m: m(torch.randint(0, 320, (2, 16))))
