@@ -43,6 +43,12 @@ BLOCK = 16  # the kernels take K (in_features) and INT4 group sizes in multiples
 W8A8_MAX_K = 2**17 - BLOCK
 KEPT_BUILDS = 3  # builds left in the cache after a new one: other installed versions may still load theirs
 CHUNK_ROWS = 256  # weight rows `matmul_by_chunks` decodes at a time: 4 MB of fp32 at K = 4096
+# From this many rows of x on, `matmul_by_chunks` decodes up to WIDE_CHUNK_ELEMENTS weights at a time (64 MB of
+# fp32) into a buffer of the call's own: torch's GEMM on those wider chunks runs about as fast as on the whole
+# dense weight, faster than on CHUNK_ROWS ones (BENCHMARKS.md, "Wide decode chunks"), and faulting in a fresh
+# buffer costs far less than a product this size; the thread's small scratch buffer stays as it is.
+WIDE_CHUNK_MIN_ROWS = 512
+WIDE_CHUNK_ELEMENTS = 2**24
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 SIGNATURES = {
@@ -210,6 +216,14 @@ def _chunk_buffer(n: int, k: int) -> torch.Tensor:
     return buffer[:n * k].view(n, k)
 
 
+def _chunk_rows(m: int, n: int, k: int) -> int:
+    """Weight rows decoded at a time: CHUNK_ROWS, or for m >= WIDE_CHUNK_MIN_ROWS rows of x as many whole
+    CHUNK_ROWS as WIDE_CHUNK_ELEMENTS hold (at least one, at most enough for all n rows)."""
+    if m < WIDE_CHUNK_MIN_ROWS:
+        return CHUNK_ROWS
+    return max(CHUNK_ROWS, min(-(-n // CHUNK_ROWS), WIDE_CHUNK_ELEMENTS // (k * CHUNK_ROWS)) * CHUNK_ROWS)
+
+
 def scratch_bytes() -> int:
     """Bytes of this thread's decode buffer (0 until a many-row call made one)."""
     buffer = getattr(_scratch, "buffer", None)
@@ -219,15 +233,17 @@ def scratch_bytes() -> int:
 def matmul_by_chunks(layout: str, x: torch.Tensor, codes: torch.Tensor, n: int, scales: Optional[torch.Tensor] = None,
                      group: int = 0) -> torch.Tensor:
     """`gemv`'s result for many rows of x: CHUNK_ROWS weight rows at a time decoded to fp32 for torch's fp32
-    GEMM, so only one chunk (a few MB) exists beside the codes."""
-    k = x.shape[1]
-    y_t = torch.empty(n, x.shape[0], dtype=torch.float32)  # transposed: each chunk fills contiguous rows
+    GEMM, so only one chunk (a few MB) exists beside the codes; wider chunks for WIDE_CHUNK_MIN_ROWS rows or more."""
+    m, k = x.shape
+    y_t = torch.empty(n, m, dtype=torch.float32)  # transposed: each chunk fills contiguous rows
     rows_per_code_row = 2 if layout in ("int4", "w4a8") else 1  # INT4 packs two weight rows per byte row
-    for start in range(0, n, CHUNK_ROWS):  # CHUNK_ROWS and n are even: an INT4 chunk starts on a byte row
-        stop = min(n, start + CHUNK_ROWS)
+    chunk_rows = _chunk_rows(m, n, k)
+    wide = torch.empty(chunk_rows * k, dtype=torch.float32) if chunk_rows > CHUNK_ROWS else None
+    for start in range(0, n, chunk_rows):  # chunk_rows and n are even: an INT4 chunk starts on a byte row
+        stop = min(n, start + chunk_rows)
         chunk_codes = codes[start // rows_per_code_row:stop // rows_per_code_row]
         chunk_scales = scales if scales is None or layout == "fp8_tiles" else scales[start:stop]
-        buffer = _chunk_buffer(stop - start, k)
+        buffer = _chunk_buffer(stop - start, k) if wide is None else wide[:(stop - start) * k].view(stop - start, k)
         weight = decode(layout, chunk_codes, stop - start, k, chunk_scales, group, start, buffer)
         torch.mm(weight, x.t(), out=y_t[start:stop])
     return y_t.t().contiguous()  # a row-major output, as F.linear gives: attention kernels round by layout

@@ -105,6 +105,26 @@ def test_products_equal_the_decoded_weights_within_fp32_summation(layout, rows):
     assert ((y.double() - exact).abs() <= fp32_sums_bound(x, weight)).all()
 
 
+@pytest.mark.parametrize("layout", list(CASES))
+def test_many_rows_decode_wider_chunks_into_their_own_buffer(monkeypatch, layout):
+    """From WIDE_CHUNK_MIN_ROWS rows on: chunks of as many CHUNK_ROWS as WIDE_CHUNK_ELEMENTS hold (here
+    two, so N's rows are one wide chunk and a partial one), the same products, and no larger scratch buffer."""
+    monkeypatch.setattr(native, "WIDE_CHUNK_MIN_ROWS", 40)
+    monkeypatch.setattr(native, "WIDE_CHUNK_ELEMENTS", 2 * native.CHUNK_ROWS * K + 1)
+    assert native._chunk_rows(40, N, K) == 2 * native.CHUNK_ROWS and native._chunk_rows(39, N, K) == native.CHUNK_ROWS
+    args, weight = CASES[layout]()
+    x = torch.randn(40, K, generator=torch.Generator().manual_seed(3))
+    scratch = native.scratch_bytes()
+    y = native.matmul_by_chunks(layout, x, args[0], N, args[1], args[2])
+    assert ((y.double() - x.double() @ weight.double().t()).abs() <= fp32_sums_bound(x, weight)).all()
+    assert native.scratch_bytes() == scratch
+
+
+def test_wide_chunks_stop_at_the_weights_rows():
+    assert native._chunk_rows(4096, 300, 64) == 2 * native.CHUNK_ROWS  # 300 rows: two CHUNK_ROWS cover them
+    assert native._chunk_rows(4096, 14336, 14336) == 4 * native.CHUNK_ROWS  # 2**24 / 14336 = 1170 rows
+
+
 def four_bit_case(layout, group, k):
     if layout == "nvfp4":
         return nvfp4_case(k=k)
