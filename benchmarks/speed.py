@@ -6,6 +6,8 @@ Sections (all by default):
   w8a8rows    W8A8's int8pack against torch._int_mm by rows (where cpu_linear switches)
   gemm        Llama-3-8B layer shapes (K, N) in {4096, 14336}, M = 1 and 64: every format, bf16 and
               fp32 activations, time, speed-up over bf16 and weight bytes/s the chosen kernel reads
+  widechunks  the same shapes at M = 512 and 2048, fp32 x (prefill, calibration passes): the native
+              kernels decoding 256 weight rows at a time or wide chunks, against dense fp32 and bf16
   model       a synthetic ~1.1B Llama: decode (batch 1, --new-tokens) and prefill (--prefill tokens)
   smollm2     SmolLM2-135M-Instruct greedy decode (batch 1, 64 new tokens)
 
@@ -15,6 +17,7 @@ Times are medians; the CPU may be shared with other jobs, so compare rows of one
 
 import argparse
 import copy
+import functools
 import gc
 import os
 import statistics
@@ -28,6 +31,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from hf_ptq_plugin import FORMATS, PTQConfig, QuantLinear, get_format, quantize
+from hf_ptq_plugin.backends import native
 from hf_ptq_plugin.modules.layer_plan import LayerPlan
 
 GEMM_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (K, N): q/o, gate/up, down of Llama-3-8B
@@ -174,6 +178,42 @@ def gemm(args, read_bandwidth: float) -> None:
         gc.collect()
 
 
+def wide_chunks(args) -> None:
+    """Many-row fp32 products (prefill, calibration's passes) through the native kernels: decoding CHUNK_ROWS
+    weight rows at a time against up to WIDE_CHUNK_ELEMENTS weights, next to torch's dense fp32 and bf16 GEMMs."""
+    print(f"### Wide decode chunks: fp32 x at many rows ({torch.get_num_threads()} threads)\n")
+    rows = []
+    for k, n in GEMM_SHAPES:
+        torch.manual_seed(0)
+        linear = nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
+        linear.weight.data.normal_(0, 0.02)
+        dense = copy.deepcopy(linear).float()
+        layers = {name: QuantLinear.from_linear(linear, get_format(name), plan=LayerPlan(input_amax=torch.tensor(4.0)))
+                  for name in args.formats}
+        for m in (512, 2048):
+            x = torch.randn(m, k)
+            x_bf16, flop = x.bfloat16(), 2 * m * k * n
+            cells = [("unquantized bf16 F.linear", lambda: linear(x_bf16)),
+                     ("unquantized fp32 F.linear", lambda: dense(x))]
+            for name, layer in layers.items():
+                for label, min_rows in (("256-row chunks", 10**9), ("wide chunks", native.WIDE_CHUNK_MIN_ROWS)):
+                    cells.append((f"{name}, {label}", functools.partial(_with_wide_from, min_rows, layer, x)))
+            for label, call in cells:
+                seconds = median_seconds(call, 2)
+                rows.append([f"{k} x {n}", str(m), label, f"{seconds * 1e3:.0f}", f"{flop / seconds / 1e9:.0f}"])
+        del layers, dense
+        gc.collect()
+    table(["K x N", "M", "product", "ms", "GFLOP/s"], rows)
+
+
+def _with_wide_from(min_rows: int, layer, x):
+    wide, native.WIDE_CHUNK_MIN_ROWS = native.WIDE_CHUNK_MIN_ROWS, min_rows
+    try:
+        return layer(x)
+    finally:
+        native.WIDE_CHUNK_MIN_ROWS = wide
+
+
 def synthetic_llama(args) -> LlamaForCausalLM:
     size = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=4) if args.quick else \
         dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16)
@@ -255,7 +295,7 @@ def smollm2_section(args) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="bandwidth,candidates,w8a8rows,gemm,model,smollm2")
+    parser.add_argument("--sections", default="bandwidth,candidates,w8a8rows,gemm,widechunks,model,smollm2")
     parser.add_argument("--formats", default=",".join(FORMATS), help="formats of the gemm section")
     parser.add_argument("--model-formats", default=",".join(MODEL_FORMATS))
     parser.add_argument("--smollm2-formats", default=",".join(SMOLLM2_FORMATS))
@@ -282,6 +322,8 @@ def main():
         w8a8_rows(args)
     if "gemm" in sections:
         gemm(args, read_bandwidth)
+    if "widechunks" in sections:
+        wide_chunks(args)
     if "model" in sections:
         model_section(args, read_bandwidth)
     if "smollm2" in sections:

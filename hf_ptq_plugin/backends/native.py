@@ -47,7 +47,7 @@ CHUNK_ROWS = 256  # weight rows `matmul_by_chunks` decodes at a time: 4 MB of fp
 # fp32) into a buffer of the call's own: torch's GEMM on those wider chunks runs about as fast as on the whole
 # dense weight, faster than on CHUNK_ROWS ones (BENCHMARKS.md, "Wide decode chunks"), and faulting in a fresh
 # buffer costs far less than a product this size; the thread's small scratch buffer stays as it is.
-WIDE_CHUNK_MIN_ROWS = 512
+WIDE_CHUNK_MIN_ROWS = 1024
 WIDE_CHUNK_ELEMENTS = 2**24
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
