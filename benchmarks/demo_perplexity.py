@@ -30,6 +30,7 @@ from smollm2 import smollm2_checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_ptq_plugin
+from hf_ptq_plugin.calibration.compute_dtype import cpu_computes_natively
 from hf_ptq_plugin.calibration.text import first_windows, read_text, spread_windows, tokenize
 from hf_ptq_plugin.evaluation import model_bytes, perplexity
 from hf_ptq_plugin.multiple_choice import choice_accuracy, read_questions
@@ -83,7 +84,7 @@ def compute_dtype(requested: str) -> torch.dtype:
     matmuls are several times slower, and the checkpoint's bf16 weights upcast to fp32 exactly."""
     if requested != "auto":
         return getattr(torch, requested)
-    native = torch.cuda.is_available() or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    native = torch.cuda.is_available() or cpu_computes_natively(torch.bfloat16)
     return torch.bfloat16 if native else torch.float32
 
 

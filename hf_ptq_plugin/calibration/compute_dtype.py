@@ -7,7 +7,8 @@ search and feed passes run in fp32: the captured block inputs are made fp32 once
 outputs, the next one's inputs, then stay fp32), the block's full-precision Linears multiply
 with their weight upcast per call, which is exact (every bf16 or fp16 value is an fp32 value) and
 holds one Linear's fp32 weight at a time, not the block's, and the block's other half-precision
-parameters (norms, routers, experts) are fp32 while it calibrates, then cast back.
+parameters (norms) are fp32 while it calibrates, then cast back. Blocks with fused experts, offload
+hooks or replaced forwards keep the model's dtype (`streamed._compute_dtype`).
 
 The model itself keeps its dtype: only the calibration arithmetic is wider, as on a GPU, where
 GEMMs accumulate in fp32 anyway. Activations between blocks are no longer rounded to bf16.
@@ -95,7 +96,10 @@ def _upcasting_forward(linear: nn.Linear):
     return forward
 
 
-def _upcast_other_tensors(block: nn.Module, dtype: torch.dtype) -> List[Tuple[nn.Module, str, torch.Tensor, torch.dtype]]:
+Upcast = Tuple[nn.Module, str, torch.Tensor, torch.dtype]  # (module, tensor name, the tensor, its own dtype)
+
+
+def _upcast_other_tensors(block: nn.Module, dtype: torch.dtype) -> List[Upcast]:
     """Make the half-precision parameters and buffers of the block's modules other than nn.Linear
     and quantized ones (whose scales keep their dtype) `dtype`, in place; [(module, name, tensor, its dtype)]."""
     upcast = []

@@ -77,7 +77,8 @@ def find_fold_pairs(block: nn.Module, linears: Dict[str, nn.Linear], inputs: Lis
             candidates[name] = (producer, pair, key)
     untested = [name for name, (_, pair, key) in candidates.items() if pair is not None and key not in verdicts]
     # One pass records every consumer's input as it is; each test scale then needs one pass of its own.
-    before = dict(zip(untested, _consumer_inputs(block, inputs, [linears[name] for name in untested]))) if untested else {}
+    consumers = [linears[name] for name in untested]
+    before = dict(zip(untested, _consumer_inputs(block, inputs, consumers))) if untested else {}
     pairs = {}
     for name, (producer, pair, key) in candidates.items():
         if pair is not None and key not in verdicts:

@@ -61,7 +61,8 @@ def plan_smoothed_groups(context: BlockContext, linears: Dict[str, nn.Linear], p
     producers' rows, so each producer is then planned (and quantized) with the scale in its weight.
     """
     groups, stats = observe_group_inputs(context, linears)
-    pairs = find_fold_pairs(context.block, linears, context.inputs, context.fold_verdicts) if context.fold_scales else {}
+    pairs = (find_fold_pairs(context.block, linears, context.inputs, context.fold_verdicts)
+             if context.fold_scales else {})
     plans = {}
     for group in sorted(groups, key=lambda g: g[0] not in pairs):  # consumers first (a stable sort)
         pair = pairs.get(group[0])
