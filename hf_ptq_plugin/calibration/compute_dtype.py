@@ -8,7 +8,7 @@ outputs, the next one's inputs, then stay fp32), the block's full-precision Line
 with their weight upcast per call, which is exact (every bf16 or fp16 value is an fp32 value) and
 holds one Linear's fp32 weight at a time, not the block's, and the block's other half-precision
 parameters (norms) are fp32 while it calibrates, then cast back. Blocks with fused experts, offload
-hooks or replaced forwards keep the model's dtype (`streamed._compute_dtype`).
+hooks or replaced forwards keep the model's dtype (`calibration_dtype`).
 
 The model itself keeps its dtype: only the calibration arithmetic is wider, as on a GPU, where
 GEMMs accumulate in fp32 anyway. Activations between blocks are no longer rounded to bf16.
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F_nn
 from torch import nn
 
+from ..modules.fused_experts import is_fused_experts
 from ..modules.quant_experts import QuantExperts
 from ..modules.quant_linear import QuantLinear
 
@@ -36,9 +37,16 @@ def cpu_computes_natively(dtype: torch.dtype) -> bool:
     return True
 
 
-def calibration_dtype(inputs: list) -> Optional[torch.dtype]:
+def calibration_dtype(blocks, inputs: list) -> Optional[torch.dtype]:
     """fp32 for captured block inputs [(args, kwargs, mask)] whose hidden states are half-precision
-    on a CPU without native instructions for them; None (compute as the model does) otherwise."""
+    on a CPU without native instructions for them; None (compute as the model does) otherwise, and
+    for `blocks` with modules that must keep their weights' dtype or their own forward: accelerate's
+    offload hooks (which load the half-precision weights on each call), a module whose forward
+    something else replaced, and fused experts (whose QuantExperts take their weights' dtype)."""
+    for module in (m for block in blocks for m in block.modules()):
+        if hasattr(module, "_hf_hook") or "forward" in vars(module) or is_fused_experts(module) \
+                or isinstance(module, QuantExperts):
+            return None
     args, kwargs, _ = inputs[0]
     hidden = next(t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
     if hidden.device.type == "cpu" and hidden.dtype in HALF and not cpu_computes_natively(hidden.dtype):

@@ -11,7 +11,7 @@ exist only because one block at a time can hold them. A model without decoder bl
 """
 
 import contextlib
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 import torch
 from torch import nn
@@ -20,8 +20,6 @@ from tqdm.auto import tqdm
 from .. import formats as F
 from ..backends.cpu_weights import bf16_dense_weights
 from ..hf.memory import release_freed_heap
-from ..modules.fused_experts import is_fused_experts
-from ..modules.quant_experts import QuantExperts
 from ..modules.quant_linear import QuantLinear
 from .algorithms import Algorithm, BlockContext
 from .blocks import block_lists, capture_block_inputs, run_block
@@ -49,7 +47,7 @@ def streamed_calibration(model: nn.Module, linears: Dict[str, nn.Module], fmt: F
     fold_verdicts = {}
     for blocks_name, blocks in lists:  # an encoder-decoder's encoder first: the decoder reads its outputs
         inputs, token_mask, stride = _first_block_inputs(model, blocks, forward_loop)
-        dtype = _compute_dtype(blocks, inputs)
+        dtype = calibration_dtype(blocks, inputs)
         inputs = cast_inputs(inputs, dtype)
         for index, block in enumerate(tqdm(blocks, desc=f"{algorithm.name} {fmt.name}", disable=None)):
             prefix = _prefix(blocks_name, index)
@@ -73,19 +71,6 @@ def streamed_calibration(model: nn.Module, linears: Dict[str, nn.Module], fmt: F
                 if not last:  # the last block's outputs feed nothing
                     with _feeding_weights(block, inputs):
                         inputs = run_block(block, inputs)
-
-
-def _compute_dtype(blocks, inputs: list) -> Optional[torch.dtype]:
-    """fp32 for half-precision hidden states on a CPU without native half-precision GEMMs
-    (compute_dtype.py); None (the model's own dtype) otherwise, and for blocks with modules that
-    must keep their weights' dtype or their own forward: accelerate's offload hooks (which load
-    the half-precision weights on each call), a Linear whose forward something else replaced, and
-    fused experts (whose QuantExperts take their weights' dtype)."""
-    for module in (m for block in blocks for m in block.modules()):
-        if hasattr(module, "_hf_hook") or "forward" in vars(module) or is_fused_experts(module) \
-                or isinstance(module, QuantExperts):
-            return None
-    return calibration_dtype(inputs)
 
 
 def _refuse_outside(lists, linears: Dict[str, nn.Module]) -> None:

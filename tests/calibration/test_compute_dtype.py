@@ -33,10 +33,9 @@ def _spy_on_computing_in(monkeypatch) -> list:
     return used
 
 
-def _inputs(dtype, ids=None):
+def _inputs(dtype):
     model = tiny_llama().to(dtype)
-    ids = torch.randint(0, 320, (2, 16)) if ids is None else ids
-    return model, capture_block_inputs(model, model.model.layers, lambda m: m(ids))
+    return model, capture_block_inputs(model, model.model.layers, lambda m: m(torch.randint(0, 320, (2, 16))))
 
 
 @pytest.mark.parametrize("dtype, native, expected", [
@@ -44,7 +43,8 @@ def _inputs(dtype, ids=None):
     (torch.bfloat16, True, None), (torch.float32, False, None)])
 def test_fp32_only_for_half_precision_without_native_instructions(monkeypatch, dtype, native, expected):
     _native(monkeypatch, native)
-    assert compute_dtype.calibration_dtype(_inputs(dtype)[1]) == expected
+    model, inputs = _inputs(dtype)
+    assert compute_dtype.calibration_dtype(model.model.layers, inputs) == expected
 
 
 def test_cast_inputs_upcasts_every_half_precision_tensor_and_nothing_else():
