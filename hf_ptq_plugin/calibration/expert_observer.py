@@ -18,7 +18,7 @@ from torch import nn
 
 from ..modules.fused_experts import route_tokens
 from .distributed import all_reduce
-from .gptq import symmetric_gram
+from .gptq import add_upper_gram_, mirror_upper_
 from .offload import execution_device, onloaded
 from .stats import finite_values
 
@@ -61,7 +61,7 @@ class ExpertStats:
                                                x.detach().abs().amax().float().to(self.amax[kind].device))
             if kind in self.outer:
                 x = x.detach().float().to(self.outer[kind].device)
-                self.outer[kind][e].add_(symmetric_gram(x))  # exactly symmetric, as the Cholesky needs
+                add_upper_gram_(self.outer[kind][e], x)  # the upper triangle; `hessian` mirrors it
         if self.samples:
             self._observe_for_smoothing(e, kind, x.detach())
 
@@ -84,7 +84,7 @@ class ExpertStats:
 
     def hessian(self, kind: str, e: int) -> torch.Tensor:
         """GPTQ's H = (2 / n) sum x x^T over the n tokens expert e saw (reduced across processes)."""
-        return self.outer[kind][e] * (2.0 / max(int(self.tokens[e]), 1))
+        return mirror_upper_(self.outer[kind][e] * (2.0 / max(int(self.tokens[e]), 1)))
 
     def reduce_across_processes(self) -> None:
         """Sum tokens and x x^T and max the amax over calibrating processes (no-op when alone); once."""

@@ -43,48 +43,77 @@ from .distributed import all_reduce, all_reduce_number
 
 PERC_DAMP = 0.01
 COLUMN_BLOCK = 128
+COLUMN_SUBBLOCK = 32  # columns whose errors spread one by one, within a block
 ACT_ORDER = True
 INT4_GPTQ_MAX = 7.5  # amax / 7.5: all 16 codes, see the module docstring
-TRIANGULAR_BLOCK = 512  # columns of L^-1 solved at a time: a few (K, 512) temporaries
-GRAM_STRIP = 192  # rows of x^T x per GEMM in symmetric_gram: the fastest of 96-512 at K = 576 and 1536
+TRIANGULAR_BLOCK = 512  # block columns of the Cholesky and of L^-1: (K, 512) temporaries
+GRAM_STRIP = 192  # rows of x^T x per GEMM in add_upper_gram_: the fastest of 96-512 at K = 576, 1536 and 4096,
+GRAM_STRIPS = 28  # or K / 28 when wider: 512 rows at K = 14336 are 15% faster than 192
 
 
-def symmetric_gram(x: torch.Tensor) -> torch.Tensor:
-    """x^T x (K, K) for x (T, K), computing only the strips on and right of the diagonal and
-    mirroring them. These GEMMs are GPTQ's largest cost after the forward passes, and this takes
-    fewer multiply-adds than `x.T @ x` (about half for wide inputs).
-    Exactly symmetric, as the Cholesky needs."""
+def add_upper_gram_(gram: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """gram += x^T x (K, K) for x (T, K), in place, on and above the diagonal only: strips of rows,
+    each one GEMM from the diagonal rightwards, about half the multiply-adds of `x.T @ x` for wide
+    inputs and no (K, K) temporary (a down_proj's is K^2 fp32). `mirror_upper_` completes it."""
     k = x.shape[1]
-    gram = torch.empty(k, k, dtype=x.dtype, device=x.device)
-    for start in range(0, k, GRAM_STRIP):
-        stop = min(start + GRAM_STRIP, k)
-        strip = x[:, start:stop].T @ x[:, start:]  # rows start:stop, columns start: (strided views: no copy)
-        gram[start:stop, start:] = strip
-        gram[stop:, start:stop] = strip[:, stop - start:].T
+    strip = max(GRAM_STRIP, k // GRAM_STRIPS)
+    for start in range(0, k, strip):
+        stop = min(start + strip, k)
+        gram[start:stop, start:].addmm_(x[:, start:stop].T, x[:, start:])  # strided views: no copy
     return gram
 
 
+def mirror_upper_(m: torch.Tensor) -> torch.Tensor:
+    """Copies m's upper triangle onto its lower one, in place: exactly symmetric, as the Cholesky needs."""
+    k = m.shape[0]
+    for start in range(0, k, GRAM_STRIP):
+        stop = min(start + GRAM_STRIP, k)
+        m[stop:, start:stop] = m[start:stop, stop:].T
+        m[start:stop, start:stop] = m[start:stop, start:stop].triu() + m[start:stop, start:stop].triu(1).T
+    return m
+
+
+def symmetric_gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x (K, K) for x (T, K), exactly symmetric."""
+    gram = torch.zeros(x.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
+    return mirror_upper_(add_upper_gram_(gram, x))
+
+
 class HessianStats:
-    """Running (2/n) sum x x^T of a Linear's inputs, in fp32."""
+    """(2/n) sum x x^T of a Linear's inputs, in fp32. The sum grows in place (upper triangle only);
+    `hessian` finishes it once, in place, when it is first read."""
 
     def __init__(self):
-        self.hessian, self.num_tokens = None, 0
+        self._gram, self.num_tokens, self._finished = None, 0, False
 
     def update(self, x: torch.Tensor) -> None:
+        if self._finished:
+            raise RuntimeError("HessianStats.update after its hessian was read")
         x = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, K)
-        total = self.num_tokens + x.shape[0]
-        contribution = symmetric_gram(x).mul_(2.0 / total)
-        if self.hessian is None:
-            self.hessian = contribution
-        else:
-            self.hessian = self.hessian.mul_(self.num_tokens / total).add_(contribution)
-        self.num_tokens = total
+        if self._gram is None:
+            self._gram = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+        add_upper_gram_(self._gram, x)
+        self.num_tokens += x.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        if self._gram is not None and not self._finished:
+            mirror_upper_(self._gram).mul_(2.0 / max(self.num_tokens, 1))
+            self._finished = True
+        return self._gram
+
+    def take_hessian(self) -> torch.Tensor:
+        """The Hessian, which this no longer holds: its new owner may change it in place and free it."""
+        hessian, self._gram = self.hessian, None
+        return hessian
 
     def reduce_across_processes(self) -> None:
-        """The Hessian of all processes' tokens: token-weighted sum, divided by the total count."""
+        """The Hessian of all processes' tokens: their sums of x x^T and token counts are added."""
+        if self._finished:
+            raise RuntimeError("HessianStats.reduce_across_processes after its hessian was read")
         total = all_reduce_number(self.num_tokens, "sum")
-        if self.hessian is not None and total > self.num_tokens:
-            self.hessian = all_reduce(self.hessian * self.num_tokens, "sum") / total
+        if self._gram is not None and total > self.num_tokens:
+            self._gram = all_reduce(self._gram, "sum")
         self.num_tokens = int(total)
 
 
@@ -109,19 +138,21 @@ def gptq_weight_scale(w: torch.Tensor, fmt: F.Format, group_size: int, global_am
                      f"got qformat {fmt.name!r}")
 
 
-def _column_grid(w: torch.Tensor, scale: torch.Tensor, fmt: F.Format, group_size: int,
-                 global_amax: torch.Tensor) -> Tuple[torch.Tensor, Callable]:
-    """(per-element step (N, K), rounding of a column of w / step onto the format's grid)."""
+def _column_steps(scale: torch.Tensor, fmt: F.Format, group_size: int, global_amax: torch.Tensor,
+                  shape) -> Tuple[torch.Tensor, int, Callable]:
+    """(steps (G, N): the grid step of each group of `width` consecutive columns, width, rounding of a
+    column of w / step onto the format's grid, in place: it is given a fresh tensor), for w of `shape` (N, K).
+    A table per group rather than per weight: a down_proj's would be two more copies of it."""
+    n, k = shape
     if fmt.weight == F.INT4:
-        return scale.repeat_interleave(group_size, dim=1), lambda y: torch.round(y).clamp(-8, 7)
+        return scale.t().contiguous(), group_size, lambda y: y.round_().clamp_(-8, 7)
     if fmt.weight == F.INT8:
-        return scale[:, None].expand_as(w).clone(), lambda y: torch.round(y).clamp(-128, 127)
+        return scale[None, :].clone(), k, lambda y: y.round_().clamp_(-128, 127)
     if fmt.weight == F.NVFP4:
-        step = (scale.float() * nvfp4_global_scale(global_amax)).repeat_interleave(NVFP4_BLOCK, dim=1)
-        return step, e2m1_round
-    step = scale.expand_as(w) if scale.dim() == 0 else scale[:, None].expand_as(w)
-    # fp8_quantize(y, 1): y / 1 is y, so only the clamp and the cast remain (y is a fresh tensor).
-    return step.clone(), lambda y: y.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+        return (scale.float() * nvfp4_global_scale(global_amax)).t().contiguous(), NVFP4_BLOCK, e2m1_round
+    steps = scale.expand(1, n) if scale.dim() == 0 else scale[None, :]
+    # fp8_quantize(y, 1): y / 1 is y, so only the clamp and the cast remain.
+    return steps.float().clone(), k, lambda y: y.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
 
 
 class InverseHessian:
@@ -130,22 +161,23 @@ class InverseHessian:
     damped H^-1 in that order."""
 
     def __init__(self, hessian, perc_damp: float = PERC_DAMP, act_order: bool = ACT_ORDER):
-        """`hessian`: the (K, K) matrix, or a HessianStats whose matrix is taken out of it, so that
-        it is freed as soon as it is copied into column order (a down_proj's is K^2 fp32)."""
+        """`hessian`: the (K, K) matrix, which is copied, or a HessianStats whose matrix is taken
+        and turned into the factor in place: a down_proj's is K^2 fp32, and a second one would be
+        the largest allocation of the whole calibration."""
         if isinstance(hessian, HessianStats):
-            stats, hessian = hessian, hessian.hessian
-            stats.hessian = None
-        energy = hessian.diagonal().float().clone()
+            hessian = hessian.take_hessian().float()
+        else:
+            hessian = hessian.float().clone()
+        energy = hessian.diagonal().clone()
         self.dead = energy == 0
         energy[self.dead] = 1.0  # a dead channel's row and column are zero: a unit pivot isolates it
         self.act_order = act_order
         self.order = torch.argsort(energy, descending=True, stable=True) if act_order else torch.arange(len(energy))
         self.energy = energy  # each input channel's, the weights of the scale search
         reverse = self.order.flip(0)
-        reversed_h = hessian.float()[reverse[:, None], reverse]  # one gather: no intermediate copy
-        del hessian
-        reversed_h.diagonal().copy_(energy[reverse] + perc_damp * energy.mean())
-        self.factor = _inverse_hessian_factor(reversed_h)
+        _permute_symmetric_(hessian, reverse)
+        hessian.diagonal().copy_(energy[reverse] + perc_damp * energy.mean())
+        self.factor = _inverse_hessian_factor_(hessian)
 
     @torch.no_grad()
     def quantize(self, w: torch.Tensor, fmt: F.Format, group_size: int, global_amax=None):
@@ -154,35 +186,44 @@ class InverseHessian:
         `global_amax` (NVFP4; per-tensor FP8) is the amax behind `weight_scale_2` (the FP8
         `weight_scale`), shared by fused layers.
         """
-        w = w.float().clone()
+        w = w.detach().to(torch.float32, copy=True)
         if global_amax is None:  # the original weight's, as QuantLinear will derive weight_scale_2
             global_amax = w.abs().amax()
         w[:, self.dead] = 0.0
         scale = gptq_weight_scale(w, fmt, group_size, global_amax, self.energy)
-        step, to_grid = _column_grid(w, scale, fmt, group_size, global_amax)
-        # Work on the transpose: column i of w is then the contiguous row i, which the updates sweep.
-        wt, step_t = w[:, self.order].t().contiguous(), step[:, self.order].t().contiguous()
-        del w, step
+        steps, width, to_grid = _column_steps(scale, fmt, group_size, global_amax, w.shape)
+        # Work on the transpose in column order: column i is then the contiguous row i, which the updates
+        # sweep. Transposing first makes the reordering a permutation of whole rows, done in place.
+        wt = w.t().contiguous()
+        del w
+        _permute_rows_(wt, self.order)
         dynamic_groups = fmt.weight == F.INT4 and not self.act_order
         energy, hinv, k = self.energy[self.order], self.factor, wt.shape[0]
-        pivots = hinv.diagonal()
+        pivots, column_group = hinv.diagonal(), (self.order // width).tolist()
         for start in range(0, k, COLUMN_BLOCK):
             end = min(start + COLUMN_BLOCK, k)
             errors = torch.empty_like(wt[start:end])
-            for i in range(start, end):
-                if dynamic_groups and i % group_size == 0:  # the group's scale, from the updated weights
-                    group_w, group_energy = wt[i:i + group_size].t(), energy[i:i + group_size]
-                    scale[:, i // group_size] = gptq_weight_scale(group_w, fmt, group_size, global_amax,
-                                                                  group_energy)[:, 0]
-                    step_t[i:i + group_size] = scale[None, :, i // group_size]
-                # One column at a time, where the op count is the cost: results go straight into place.
-                s, column = step_t[i], wt[i]
-                q = to_grid(column / s).mul_(s)
-                error = torch.div(column.sub_(q), pivots[i], out=errors[i - start])
-                wt[i + 1:end].addr_(hinv[i, i + 1:end], error, alpha=-1.0)  # spread over the block's later columns
-                column.copy_(q)
+            # Sub-blocks: each column's error goes to the rest of its sub-block one column at a time (memory
+            # bound), and each sub-block's to the rest of the block in one product.
+            for sub_start in range(start, end, COLUMN_SUBBLOCK):
+                sub_end = min(sub_start + COLUMN_SUBBLOCK, end)
+                for i in range(sub_start, sub_end):
+                    if dynamic_groups and i % group_size == 0:  # the group's scale, from the updated weights
+                        group_w, group_energy = wt[i:i + group_size].t(), energy[i:i + group_size]
+                        scale[:, i // group_size] = gptq_weight_scale(group_w, fmt, group_size, global_amax,
+                                                                      group_energy)[:, 0]
+                        steps[i // group_size] = scale[:, i // group_size]
+                    # One column at a time, where the op count is the cost: results go straight into place.
+                    s, column = steps[column_group[i]], wt[i]
+                    q = to_grid(column / s).mul_(s)
+                    error = torch.div(column.sub_(q), pivots[i], out=errors[i - start])
+                    wt[i + 1:sub_end].addr_(hinv[i, i + 1:sub_end], error, alpha=-1.0)
+                    column.copy_(q)
+                sub_errors = errors[sub_start - start:sub_end - start]
+                wt[sub_end:end].addmm_(hinv[sub_start:sub_end, sub_end:end].t(), sub_errors, alpha=-1.0)
             wt[end:].addmm_(hinv[start:end, end:].t(), errors, alpha=-1.0)  # and over every later block
-        return wt.t()[:, torch.argsort(self.order)].contiguous(), scale
+        _permute_rows_(wt, torch.argsort(self.order))
+        return wt.t().contiguous(), scale
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: F.Format, group_size: int,
@@ -191,38 +232,109 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: F.Format, group_s
     return InverseHessian(hessian, perc_damp, act_order).quantize(w, fmt, group_size, global_amax)
 
 
-def _inverse_hessian_factor(reversed_h: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), given J H J (J the reversal), which it consumes.
+def _permute_symmetric_(m: torch.Tensor, order: torch.Tensor) -> None:
+    """m <- m[order][:, order] for a symmetric m, in place: rows, then the transpose (m[order]^T is
+    m[:, order], as m is symmetric), then rows again."""
+    _permute_rows_(m, order)
+    _transpose_square_(m)
+    _permute_rows_(m, order)
+
+
+def _permute_rows_(m: torch.Tensor, order: torch.Tensor) -> None:
+    """m[i] <- m[order[i]] for every row, in place: each cycle of the permutation with one row of scratch."""
+    order = order.tolist()
+    moved = [False] * len(order)
+    for first in range(len(order)):
+        if moved[first] or order[first] == first:
+            continue
+        saved, i = m[first].clone(), first
+        while order[i] != first:  # row order[i] is still unmoved: it is the cycle's next
+            m[i] = m[order[i]]
+            moved[i], i = True, order[i]
+        m[i], moved[i] = saved, True
+
+
+def _transpose_square_(m: torch.Tensor, tile: int = 256) -> None:
+    """m <- m^T in place, swapping tiles across the diagonal through one tile of scratch."""
+    n = m.shape[0]
+    for a in range(0, n, tile):
+        b = min(a + tile, n)
+        m[a:b, a:b] = m[a:b, a:b].T.clone()
+        for c in range(b, n, tile):
+            d = min(c + tile, n)
+            saved = m[a:b, c:d].clone()
+            m[a:b, c:d] = m[c:d, a:b].T
+            m[c:d, a:b] = saved.T
+
+
+def _inverse_hessian_factor_(reversed_h: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), given J H J (J the reversal), computed in its
+    storage, which it returns: beside it only (K, TRIANGULAR_BLOCK) temporaries exist.
 
     Cholesky J H J = L L^T gives H = (J L J)(J L J)^T, so H^-1 = U^T U with U = J L^-1 J: upper
     triangular with a positive diagonal, hence the factor itself. One Cholesky and one triangular
-    inverse take half the operations of inverting H and factoring the inverse, and no more than
-    two K x K matrices live at once.
+    inverse take half the operations of inverting H and factoring the inverse.
     """
-    lower = torch.linalg.cholesky(reversed_h)
-    reversed_h.set_()  # frees it now: the caller's reference would keep it through the inverse
-    return _flipped_lower_inverse(lower)
+    _cholesky_lower_(reversed_h)
+    _invert_lower_(reversed_h)
+    _rotate_half_turn_(reversed_h)  # J M J: element (i, j) from (n-1-i, n-1-j)
+    return reversed_h
 
 
-def _flipped_lower_inverse(lower: torch.Tensor) -> torch.Tensor:
-    """U = J L^-1 J for lower-triangular L: the inverse of the upper-triangular R = J L J.
+def _cholesky_lower_(m: torch.Tensor) -> None:
+    """m <- L, lower triangular with m = L L^T, in place, by block columns from the left (faster than LAPACK's
+    here: the trailing updates are GEMMs).
 
-    Block rows of U from the bottom up: R[I, I] U[I, a:] = I[I, a:] - R[I, b:] U[b:, a:] for the
-    block I = a:b, whose right side is GEMMs with the rows already solved. U[b:, b:] is upper
-    triangular, so its column block c:d is zero below row d and needs only R[I, b:d]: half the
-    multiply-adds of one full product (n^3 / 3 in all, a down_proj's 14336-column inverse's whole
-    cost). R's blocks are read from L flipped, so beside L and U only (block, K) temporaries exist.
+    With m = [[A, B^T], [B, C]]: A = L11 L11^T (a small Cholesky), L21 = B L11^-T, and C - L21 L21^T is
+    factored next. Only its lower triangle is updated, a row strip at a time up to the diagonal.
     """
-    n, block = lower.shape[0], TRIANGULAR_BLOCK
-    upper = torch.zeros(n, n, dtype=lower.dtype, device=lower.device)
+    n, block = m.shape[0], TRIANGULAR_BLOCK
+    for a in range(0, n, block):
+        b = min(a + block, n)
+        l11, info = torch.linalg.cholesky_ex(m[a:b, a:b])
+        if info.item() > 0:
+            raise torch.linalg.LinAlgError(
+                f"GPTQ's damped Hessian is not positive-definite (the leading minor of order {a + info.item()} is "
+                f"not); raise perc_damp or calibrate on more tokens")
+        m[a:b, a:b], m[a:b, b:] = l11, 0.0
+        if b == n:
+            break
+        eye = torch.eye(b - a, dtype=m.dtype, device=m.device)
+        l21 = m[b:, a:b] @ torch.linalg.solve_triangular(l11, eye, upper=False).T
+        m[b:, a:b] = l21
+        for r in range(b, n, block):
+            s = min(r + block, n)
+            m[r:s, b:s].addmm_(l21[r - b:s - b], l21[:s - b].T, alpha=-1.0)
+
+
+def _invert_lower_(m: torch.Tensor) -> None:
+    """m <- L^-1 for lower-triangular L, in place, by block columns from the right.
+
+    With L = [[A, 0], [B, C]] and C^-1 already in place: L^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]. C^-1 is
+    lower triangular, so the row block r of C^-1 B needs only C^-1's columns up to r's end: half the
+    multiply-adds of one full product (n^3 / 3 in all, a down_proj's 14336-column inverse's whole cost).
+    -B A^-1 is the one (K, TRIANGULAR_BLOCK) temporary.
+    """
+    n, block = m.shape[0], TRIANGULAR_BLOCK
     for a in reversed(range(0, n, block)):
         b = min(a + block, n)
-        rhs = torch.zeros(b - a, n - a, dtype=lower.dtype, device=lower.device)
-        rhs[:, :b - a].diagonal().fill_(1.0)
-        r_right = lower[n - b:n - a, :n - b].flip(0, 1)  # R[a:b, b:], as R[i, j] = L[n-1-i, n-1-j]
-        for c in range(b, n, block):
-            d = min(c + block, n)
-            torch.mm(r_right[:, :d - b], upper[b:d, c:d], out=rhs[:, c - a:d - a]).neg_()
-        r_diagonal = lower[n - b:n - a, n - b:n - a].flip(0, 1)  # R[a:b, a:b], upper triangular
-        upper[a:b, a:] = torch.linalg.solve_triangular(r_diagonal, rhs, upper=True)
-    return upper
+        eye = torch.eye(b - a, dtype=m.dtype, device=m.device)
+        a_inverse = torch.linalg.solve_triangular(m[a:b, a:b], eye, upper=False)
+        b_a_inverse = m[b:, a:b] @ a_inverse.neg()  # -B A^-1, a new tensor: m's B can be overwritten
+        for r in range(b, n, block):
+            s = min(r + block, n)
+            m[r:s, a:b] = m[r:s, b:s] @ b_a_inverse[:s - b]
+        m[a:b, a:b] = a_inverse
+
+
+def _rotate_half_turn_(m: torch.Tensor, chunk: int = 1 << 22) -> None:
+    """m <- J m J (m[i, j] <- m[n-1-i, n-1-j]) in place: the flattened storage reversed, a chunk from each
+    end at a time."""
+    flat = m.view(-1)
+    total = flat.numel()
+    for start in range(0, total // 2, chunk):
+        stop = min(start + chunk, total // 2)
+        front, back = flat[start:stop], flat[total - stop:total - start]
+        saved = front.clone()
+        front.copy_(back.flip(0))
+        back.copy_(saved.flip(0))

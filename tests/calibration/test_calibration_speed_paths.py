@@ -25,7 +25,7 @@ from hf_ptq_plugin.calibration import awq, smoothquant
 from hf_ptq_plugin.calibration.awq import _quantized_output, _squared_output_error
 from hf_ptq_plugin.calibration.blocks import capture_block_inputs, observe_block
 from hf_ptq_plugin.calibration.clipping import CLIP_RATIOS, clip_int_scale, clip_weight_scale
-from hf_ptq_plugin.calibration.gptq import symmetric_gram
+from hf_ptq_plugin.calibration.gptq import HessianStats, symmetric_gram
 from hf_ptq_plugin.calibration.stats import InputStats, finite_values, input_hooks
 from hf_ptq_plugin.modules.layer_plan import LayerPlan
 from hf_ptq_plugin.modules.quant_linear import QuantLinear
@@ -214,19 +214,58 @@ def test_symmetric_gram_is_x_transpose_x(k):
 
 
 @pytest.mark.parametrize("n, block", [(37, 16), (300, 64), (1100, 512)])
-def test_gptq_inverse_factor_is_the_upper_cholesky_factor_of_the_inverse(monkeypatch, n, block):
-    """One Cholesky and a blocked triangular inverse that skips U's zero blocks: U^T U = H^-1."""
+def test_gptq_inverse_factor_is_the_upper_cholesky_factor_of_the_inverse_in_place(monkeypatch, n, block):
+    """One Cholesky and a blocked triangular inverse that skips the zero blocks, in H's own storage: U^T U = H^-1."""
     from hf_ptq_plugin.calibration import gptq
 
     monkeypatch.setattr(gptq, "TRIANGULAR_BLOCK", block)
     torch.manual_seed(0)
     x = torch.randn(4 * n, n, dtype=torch.float64)
-    hessian = x.T @ x / n
+    hessian = gptq.symmetric_gram(x) / n
     reverse = torch.arange(n - 1, -1, -1)
-    factor = gptq._inverse_hessian_factor(hessian[reverse[:, None], reverse].clone())
+    reversed_h = hessian[reverse[:, None], reverse].clone()
+    factor = gptq._inverse_hessian_factor_(reversed_h)
     expected = torch.linalg.cholesky(torch.linalg.inv(hessian), upper=True)
+    assert factor.data_ptr() == reversed_h.data_ptr()
     assert torch.equal(factor, factor.triu())
     torch.testing.assert_close(factor, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 7, 300, 600])
+def test_symmetric_permutation_in_place_is_the_gather(n):
+    from hf_ptq_plugin.calibration import gptq
+
+    torch.manual_seed(n)
+    hessian = gptq.symmetric_gram(torch.randn(2 * n, n))
+    order = torch.randperm(n)
+    permuted = hessian.clone()
+    gptq._permute_symmetric_(permuted, order)
+    assert torch.equal(permuted, hessian[order[:, None], order])
+
+
+def test_gptq_takes_a_hessian_from_its_statistics_and_copies_one_given_as_a_tensor():
+    from hf_ptq_plugin.calibration.gptq import InverseHessian
+
+    torch.manual_seed(0)
+    stats = HessianStats()
+    stats.update(torch.randn(256, 64))
+    given = stats.hessian.clone()
+    InverseHessian(given)
+    assert torch.equal(given, stats.hessian)  # untouched
+    finished = stats.hessian
+    inverse = InverseHessian(stats)
+    assert stats.take_hessian() is None  # handed over: the factor is computed in its storage
+    assert inverse.factor.data_ptr() == finished.data_ptr()
+    with pytest.raises(RuntimeError, match="update after its hessian was read"):
+        stats.update(torch.randn(4, 64))
+
+
+def test_gptq_on_a_hessian_that_is_not_positive_definite_names_the_fix():
+    from hf_ptq_plugin.calibration.gptq import InverseHessian
+
+    hessian = torch.diag(torch.tensor([4.0, 1.0, -3.0, 2.0]))
+    with pytest.raises(torch.linalg.LinAlgError, match="not positive-definite.*raise perc_damp"):
+        InverseHessian(hessian, act_order=False)
 
 
 def test_statistics_pass_stops_after_the_last_observed_input_with_the_same_statistics():

@@ -44,7 +44,9 @@ class GPTQ(Algorithm):
         # NVFP4's weight_scale_2, per-tensor FP8's weight_scale: one per fused group, as engines need.
         global_amax = fused_weight_amax(linears) if fmt.fused_siblings_share_weight_scale else {}
         plans = {}
-        for group in groups:
+        # The widest input first: its factor, calibration's largest allocation (a down_proj's is K^2 fp32),
+        # is then made while no plan holds a weight yet.
+        for group in sorted(groups, key=lambda g: -linears[g[0]].in_features):
             # One factorization per input, for every Linear that reads it (q/k/v, gate/up).
             inverse = InverseHessian(hessians.pop(group[0]))
             for name in group:
