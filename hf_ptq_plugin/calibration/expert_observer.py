@@ -18,7 +18,7 @@ from torch import nn
 
 from ..modules.fused_experts import route_tokens
 from .distributed import all_reduce
-from .gptq import add_upper_gram_, mirror_upper_
+from .hessian_algebra import add_upper_gram_, mirror_upper_
 from .offload import execution_device, onloaded
 from .stats import finite_values
 

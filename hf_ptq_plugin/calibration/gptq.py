@@ -26,6 +26,10 @@ summed relative output error by 18% (0.120 -> 0.098) and the amax / 7.5 scales b
 
 The scales are returned, so the QuantLinear stores exactly the codes GPTQ chose: recomputing
 scales afterwards would re-round them.
+
+Memory: each Hessian is summed in place and becomes its factor in its own storage
+(`hessian_algebra.py`), and a block's widest input (a down_proj's) is factored first, before any
+plan holds a weight. A Llama-3-8B block then needs one 14336 x 14336 fp32 matrix at a time, not three.
 """
 
 from typing import Callable, Tuple
@@ -40,43 +44,13 @@ from ..numerics.scales import scale_from_amax
 from ..numerics.weights import fp8_weight_scale
 from .clipping import mse_weight_scale, weighted_nvfp4_block_scales
 from .distributed import all_reduce, all_reduce_number
+from .hessian_algebra import add_upper_gram_, inverse_hessian_factor_, mirror_upper_, permute_rows_, permute_symmetric_
 
 PERC_DAMP = 0.01
 COLUMN_BLOCK = 128
 COLUMN_SUBBLOCK = 32  # columns whose errors spread one by one, within a block
 ACT_ORDER = True
 INT4_GPTQ_MAX = 7.5  # amax / 7.5: all 16 codes, see the module docstring
-TRIANGULAR_BLOCK = 512  # block columns of the Cholesky and of L^-1: (K, 512) temporaries
-GRAM_STRIP = 192  # rows of x^T x per GEMM in add_upper_gram_: the fastest of 96-512 at K = 576, 1536 and 4096,
-GRAM_STRIPS = 28  # or K / 28 when wider: 512 rows at K = 14336 are 15% faster than 192
-
-
-def add_upper_gram_(gram: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """gram += x^T x (K, K) for x (T, K), in place, on and above the diagonal only: strips of rows,
-    each one GEMM from the diagonal rightwards, about half the multiply-adds of `x.T @ x` for wide
-    inputs and no (K, K) temporary (a down_proj's is K^2 fp32). `mirror_upper_` completes it."""
-    k = x.shape[1]
-    strip = max(GRAM_STRIP, k // GRAM_STRIPS)
-    for start in range(0, k, strip):
-        stop = min(start + strip, k)
-        gram[start:stop, start:].addmm_(x[:, start:stop].T, x[:, start:])  # strided views: no copy
-    return gram
-
-
-def mirror_upper_(m: torch.Tensor) -> torch.Tensor:
-    """Copies m's upper triangle onto its lower one, in place: exactly symmetric, as the Cholesky needs."""
-    k = m.shape[0]
-    for start in range(0, k, GRAM_STRIP):
-        stop = min(start + GRAM_STRIP, k)
-        m[stop:, start:stop] = m[start:stop, stop:].T
-        m[start:stop, start:stop] = m[start:stop, start:stop].triu() + m[start:stop, start:stop].triu(1).T
-    return m
-
-
-def symmetric_gram(x: torch.Tensor) -> torch.Tensor:
-    """x^T x (K, K) for x (T, K), exactly symmetric."""
-    gram = torch.zeros(x.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
-    return mirror_upper_(add_upper_gram_(gram, x))
 
 
 class HessianStats:
@@ -175,9 +149,9 @@ class InverseHessian:
         self.order = torch.argsort(energy, descending=True, stable=True) if act_order else torch.arange(len(energy))
         self.energy = energy  # each input channel's, the weights of the scale search
         reverse = self.order.flip(0)
-        _permute_symmetric_(hessian, reverse)
+        permute_symmetric_(hessian, reverse)
         hessian.diagonal().copy_(energy[reverse] + perc_damp * energy.mean())
-        self.factor = _inverse_hessian_factor_(hessian)
+        self.factor = inverse_hessian_factor_(hessian)
 
     @torch.no_grad()
     def quantize(self, w: torch.Tensor, fmt: F.Format, group_size: int, global_amax=None):
@@ -196,7 +170,7 @@ class InverseHessian:
         # sweep. Transposing first makes the reordering a permutation of whole rows, done in place.
         wt = w.t().contiguous()
         del w
-        _permute_rows_(wt, self.order)
+        permute_rows_(wt, self.order)
         dynamic_groups = fmt.weight == F.INT4 and not self.act_order
         energy, hinv, k = self.energy[self.order], self.factor, wt.shape[0]
         pivots, column_group = hinv.diagonal(), (self.order // width).tolist()
@@ -222,7 +196,7 @@ class InverseHessian:
                 sub_errors = errors[sub_start - start:sub_end - start]
                 wt[sub_end:end].addmm_(hinv[sub_start:sub_end, sub_end:end].t(), sub_errors, alpha=-1.0)
             wt[end:].addmm_(hinv[start:end, end:].t(), errors, alpha=-1.0)  # and over every later block
-        _permute_rows_(wt, torch.argsort(self.order))
+        permute_rows_(wt, torch.argsort(self.order))
         return wt.t().contiguous(), scale
 
 
@@ -230,111 +204,3 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: F.Format, group_s
                   perc_damp: float = PERC_DAMP, act_order: bool = ACT_ORDER, global_amax=None):
     """GPTQ of one weight w (N, K) on its input Hessian: `InverseHessian(...).quantize(...)`."""
     return InverseHessian(hessian, perc_damp, act_order).quantize(w, fmt, group_size, global_amax)
-
-
-def _permute_symmetric_(m: torch.Tensor, order: torch.Tensor) -> None:
-    """m <- m[order][:, order] for a symmetric m, in place: rows, then the transpose (m[order]^T is
-    m[:, order], as m is symmetric), then rows again."""
-    _permute_rows_(m, order)
-    _transpose_square_(m)
-    _permute_rows_(m, order)
-
-
-def _permute_rows_(m: torch.Tensor, order: torch.Tensor) -> None:
-    """m[i] <- m[order[i]] for every row, in place: each cycle of the permutation with one row of scratch."""
-    order = order.tolist()
-    moved = [False] * len(order)
-    for first in range(len(order)):
-        if moved[first] or order[first] == first:
-            continue
-        saved, i = m[first].clone(), first
-        while order[i] != first:  # row order[i] is still unmoved: it is the cycle's next
-            m[i] = m[order[i]]
-            moved[i], i = True, order[i]
-        m[i], moved[i] = saved, True
-
-
-def _transpose_square_(m: torch.Tensor, tile: int = 256) -> None:
-    """m <- m^T in place, swapping tiles across the diagonal through one tile of scratch."""
-    n = m.shape[0]
-    for a in range(0, n, tile):
-        b = min(a + tile, n)
-        m[a:b, a:b] = m[a:b, a:b].T.clone()
-        for c in range(b, n, tile):
-            d = min(c + tile, n)
-            saved = m[a:b, c:d].clone()
-            m[a:b, c:d] = m[c:d, a:b].T
-            m[c:d, a:b] = saved.T
-
-
-def _inverse_hessian_factor_(reversed_h: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), given J H J (J the reversal), computed in its
-    storage, which it returns: beside it only (K, TRIANGULAR_BLOCK) temporaries exist.
-
-    Cholesky J H J = L L^T gives H = (J L J)(J L J)^T, so H^-1 = U^T U with U = J L^-1 J: upper
-    triangular with a positive diagonal, hence the factor itself. One Cholesky and one triangular
-    inverse take half the operations of inverting H and factoring the inverse.
-    """
-    _cholesky_lower_(reversed_h)
-    _invert_lower_(reversed_h)
-    _rotate_half_turn_(reversed_h)  # J M J: element (i, j) from (n-1-i, n-1-j)
-    return reversed_h
-
-
-def _cholesky_lower_(m: torch.Tensor) -> None:
-    """m <- L, lower triangular with m = L L^T, in place, by block columns from the left (faster than LAPACK's
-    here: the trailing updates are GEMMs).
-
-    With m = [[A, B^T], [B, C]]: A = L11 L11^T (a small Cholesky), L21 = B L11^-T, and C - L21 L21^T is
-    factored next. Only its lower triangle is updated, a row strip at a time up to the diagonal.
-    """
-    n, block = m.shape[0], TRIANGULAR_BLOCK
-    for a in range(0, n, block):
-        b = min(a + block, n)
-        l11, info = torch.linalg.cholesky_ex(m[a:b, a:b])
-        if info.item() > 0:
-            raise torch.linalg.LinAlgError(
-                f"GPTQ's damped Hessian is not positive-definite (the leading minor of order {a + info.item()} is "
-                f"not); raise perc_damp or calibrate on more tokens")
-        m[a:b, a:b], m[a:b, b:] = l11, 0.0
-        if b == n:
-            break
-        eye = torch.eye(b - a, dtype=m.dtype, device=m.device)
-        l21 = m[b:, a:b] @ torch.linalg.solve_triangular(l11, eye, upper=False).T
-        m[b:, a:b] = l21
-        for r in range(b, n, block):
-            s = min(r + block, n)
-            m[r:s, b:s].addmm_(l21[r - b:s - b], l21[:s - b].T, alpha=-1.0)
-
-
-def _invert_lower_(m: torch.Tensor) -> None:
-    """m <- L^-1 for lower-triangular L, in place, by block columns from the right.
-
-    With L = [[A, 0], [B, C]] and C^-1 already in place: L^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]. C^-1 is
-    lower triangular, so the row block r of C^-1 B needs only C^-1's columns up to r's end: half the
-    multiply-adds of one full product (n^3 / 3 in all, a down_proj's 14336-column inverse's whole cost).
-    -B A^-1 is the one (K, TRIANGULAR_BLOCK) temporary.
-    """
-    n, block = m.shape[0], TRIANGULAR_BLOCK
-    for a in reversed(range(0, n, block)):
-        b = min(a + block, n)
-        eye = torch.eye(b - a, dtype=m.dtype, device=m.device)
-        a_inverse = torch.linalg.solve_triangular(m[a:b, a:b], eye, upper=False)
-        b_a_inverse = m[b:, a:b] @ a_inverse.neg()  # -B A^-1, a new tensor: m's B can be overwritten
-        for r in range(b, n, block):
-            s = min(r + block, n)
-            m[r:s, a:b] = m[r:s, b:s] @ b_a_inverse[:s - b]
-        m[a:b, a:b] = a_inverse
-
-
-def _rotate_half_turn_(m: torch.Tensor, chunk: int = 1 << 22) -> None:
-    """m <- J m J (m[i, j] <- m[n-1-i, n-1-j]) in place: the flattened storage reversed, a chunk from each
-    end at a time."""
-    flat = m.view(-1)
-    total = flat.numel()
-    for start in range(0, total // 2, chunk):
-        stop = min(start + chunk, total // 2)
-        front, back = flat[start:stop], flat[total - stop:total - start]
-        saved = front.clone()
-        front.copy_(back.flip(0))
-        back.copy_(saved.flip(0))

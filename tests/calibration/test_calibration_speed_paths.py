@@ -25,7 +25,7 @@ from hf_ptq_plugin.calibration import awq, smoothquant
 from hf_ptq_plugin.calibration.awq import _quantized_output, _squared_output_error
 from hf_ptq_plugin.calibration.blocks import capture_block_inputs, observe_block
 from hf_ptq_plugin.calibration.clipping import CLIP_RATIOS, clip_int_scale, clip_weight_scale
-from hf_ptq_plugin.calibration.gptq import HessianStats, symmetric_gram
+from hf_ptq_plugin.calibration.gptq import HessianStats, InverseHessian
 from hf_ptq_plugin.calibration.stats import InputStats, finite_values, input_hooks
 from hf_ptq_plugin.modules.layer_plan import LayerPlan
 from hf_ptq_plugin.modules.quant_linear import QuantLinear
@@ -204,48 +204,7 @@ def test_calibrating_on_activations_with_no_finite_value_is_an_error():
         quantize(tiny_llama(), PTQConfig(qformat="fp8"), loop)
 
 
-@pytest.mark.parametrize("k", [96, 200, 576])
-def test_symmetric_gram_is_x_transpose_x(k):
-    torch.manual_seed(0)
-    x = torch.randn(300, k)
-    gram = symmetric_gram(x)
-    torch.testing.assert_close(gram, x.T @ x, rtol=1e-5, atol=1e-4)
-    assert torch.equal(gram, gram.T)
-
-
-@pytest.mark.parametrize("n, block", [(37, 16), (300, 64), (1100, 512)])
-def test_gptq_inverse_factor_is_the_upper_cholesky_factor_of_the_inverse_in_place(monkeypatch, n, block):
-    """One Cholesky and a blocked triangular inverse that skips the zero blocks, in H's own storage: U^T U = H^-1."""
-    from hf_ptq_plugin.calibration import gptq
-
-    monkeypatch.setattr(gptq, "TRIANGULAR_BLOCK", block)
-    torch.manual_seed(0)
-    x = torch.randn(4 * n, n, dtype=torch.float64)
-    hessian = gptq.symmetric_gram(x) / n
-    reverse = torch.arange(n - 1, -1, -1)
-    reversed_h = hessian[reverse[:, None], reverse].clone()
-    factor = gptq._inverse_hessian_factor_(reversed_h)
-    expected = torch.linalg.cholesky(torch.linalg.inv(hessian), upper=True)
-    assert factor.data_ptr() == reversed_h.data_ptr()
-    assert torch.equal(factor, factor.triu())
-    torch.testing.assert_close(factor, expected, rtol=1e-9, atol=1e-12)
-
-
-@pytest.mark.parametrize("n", [1, 7, 300, 600])
-def test_symmetric_permutation_in_place_is_the_gather(n):
-    from hf_ptq_plugin.calibration import gptq
-
-    torch.manual_seed(n)
-    hessian = gptq.symmetric_gram(torch.randn(2 * n, n))
-    order = torch.randperm(n)
-    permuted = hessian.clone()
-    gptq._permute_symmetric_(permuted, order)
-    assert torch.equal(permuted, hessian[order[:, None], order])
-
-
 def test_gptq_takes_a_hessian_from_its_statistics_and_copies_one_given_as_a_tensor():
-    from hf_ptq_plugin.calibration.gptq import InverseHessian
-
     torch.manual_seed(0)
     stats = HessianStats()
     stats.update(torch.randn(256, 64))
@@ -261,8 +220,6 @@ def test_gptq_takes_a_hessian_from_its_statistics_and_copies_one_given_as_a_tens
 
 
 def test_gptq_on_a_hessian_that_is_not_positive_definite_names_the_fix():
-    from hf_ptq_plugin.calibration.gptq import InverseHessian
-
     hessian = torch.diag(torch.tensor([4.0, 1.0, -3.0, 2.0]))
     with pytest.raises(torch.linalg.LinAlgError, match="not positive-definite.*raise perc_damp"):
         InverseHessian(hessian, act_order=False)

@@ -1,0 +1,150 @@
+"""The K x K algebra GPTQ needs, in the matrix's own storage: a down_proj's Hessian is K^2 fp32 (822 MB at
+K = 14336), and a second copy of it would be the largest allocation of a whole calibration.
+
+- `add_upper_gram_` / `mirror_upper_`: x^T x summed over batches on and above the diagonal, then mirrored;
+- `permute_symmetric_`: the column order (and its reversal) applied to both sides;
+- `inverse_hessian_factor_`: the upper Cholesky factor of H^-1 from J H J: a blocked Cholesky, a blocked
+  triangular inverse and a half-turn, each in place, beside (K, TRIANGULAR_BLOCK) temporaries.
+"""
+
+import torch
+
+TRIANGULAR_BLOCK = 512  # block columns of the Cholesky and of L^-1: (K, 512) temporaries
+GRAM_STRIP = 192  # rows of x^T x per GEMM in add_upper_gram_: the fastest of 96-2048 at K = 576, 1536 and 4096
+GRAM_STRIPS = 28  # wider inputs take K / 28 rows: 512 at K = 14336, 15% faster there than 192
+
+
+def add_upper_gram_(gram: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """gram += x^T x (K, K) for x (T, K), in place, on and above the diagonal only: strips of rows,
+    each one GEMM from the diagonal rightwards, about half the multiply-adds of `x.T @ x` for wide
+    inputs and no (K, K) temporary (a down_proj's is K^2 fp32). `mirror_upper_` completes it."""
+    k = x.shape[1]
+    strip = max(GRAM_STRIP, k // GRAM_STRIPS)
+    for start in range(0, k, strip):
+        stop = min(start + strip, k)
+        gram[start:stop, start:].addmm_(x[:, start:stop].T, x[:, start:])  # strided views: no copy
+    return gram
+
+
+def mirror_upper_(m: torch.Tensor) -> torch.Tensor:
+    """Copies m's upper triangle onto its lower one, in place: exactly symmetric, as the Cholesky needs."""
+    k = m.shape[0]
+    for start in range(0, k, GRAM_STRIP):
+        stop = min(start + GRAM_STRIP, k)
+        m[stop:, start:stop] = m[start:stop, stop:].T
+        m[start:stop, start:stop] = m[start:stop, start:stop].triu() + m[start:stop, start:stop].triu(1).T
+    return m
+
+
+def symmetric_gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x (K, K) for x (T, K), exactly symmetric."""
+    gram = torch.zeros(x.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
+    return mirror_upper_(add_upper_gram_(gram, x))
+
+
+def permute_symmetric_(m: torch.Tensor, order: torch.Tensor) -> None:
+    """m <- m[order][:, order] for a symmetric m, in place: rows, then the transpose (m[order]^T is
+    m[:, order], as m is symmetric), then rows again."""
+    permute_rows_(m, order)
+    transpose_square_(m)
+    permute_rows_(m, order)
+
+
+def permute_rows_(m: torch.Tensor, order: torch.Tensor) -> None:
+    """m[i] <- m[order[i]] for every row, in place: each cycle of the permutation with one row of scratch."""
+    order = order.tolist()
+    moved = [False] * len(order)
+    for first in range(len(order)):
+        if moved[first] or order[first] == first:
+            continue
+        saved, i = m[first].clone(), first
+        while order[i] != first:  # row order[i] is still unmoved: it is the cycle's next
+            m[i] = m[order[i]]
+            moved[i], i = True, order[i]
+        m[i], moved[i] = saved, True
+
+
+def transpose_square_(m: torch.Tensor, tile: int = 256) -> None:
+    """m <- m^T in place, swapping tiles across the diagonal through one tile of scratch."""
+    n = m.shape[0]
+    for a in range(0, n, tile):
+        b = min(a + tile, n)
+        m[a:b, a:b] = m[a:b, a:b].T.clone()
+        for c in range(b, n, tile):
+            d = min(c + tile, n)
+            saved = m[a:b, c:d].clone()
+            m[a:b, c:d] = m[c:d, a:b].T
+            m[c:d, a:b] = saved.T
+
+
+def inverse_hessian_factor_(reversed_h: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), given J H J (J the reversal), computed in its
+    storage, which it returns: beside it only (K, TRIANGULAR_BLOCK) temporaries exist.
+
+    Cholesky J H J = L L^T gives H = (J L J)(J L J)^T, so H^-1 = U^T U with U = J L^-1 J: upper
+    triangular with a positive diagonal, hence the factor itself. One Cholesky and one triangular
+    inverse take half the operations of inverting H and factoring the inverse.
+    """
+    cholesky_lower_(reversed_h)
+    invert_lower_(reversed_h)
+    rotate_half_turn_(reversed_h)  # J M J: element (i, j) from (n-1-i, n-1-j)
+    return reversed_h
+
+
+def cholesky_lower_(m: torch.Tensor) -> None:
+    """m <- L, lower triangular with m = L L^T, in place, by block columns from the left (faster than LAPACK's
+    here: the trailing updates are GEMMs).
+
+    With m = [[A, B^T], [B, C]]: A = L11 L11^T (a small Cholesky), L21 = B L11^-T, and C - L21 L21^T is
+    factored next. Only its lower triangle is updated, a row strip at a time up to the diagonal.
+    """
+    n, block = m.shape[0], TRIANGULAR_BLOCK
+    for a in range(0, n, block):
+        b = min(a + block, n)
+        l11, info = torch.linalg.cholesky_ex(m[a:b, a:b])
+        if info.item() > 0:
+            raise torch.linalg.LinAlgError(
+                f"GPTQ's damped Hessian is not positive-definite (the leading minor of order {a + info.item()} is "
+                f"not); raise perc_damp or calibrate on more tokens")
+        m[a:b, a:b], m[a:b, b:] = l11, 0.0
+        if b == n:
+            break
+        eye = torch.eye(b - a, dtype=m.dtype, device=m.device)
+        l21 = m[b:, a:b] @ torch.linalg.solve_triangular(l11, eye, upper=False).T
+        m[b:, a:b] = l21
+        for r in range(b, n, block):
+            s = min(r + block, n)
+            m[r:s, b:s].addmm_(l21[r - b:s - b], l21[:s - b].T, alpha=-1.0)
+
+
+def invert_lower_(m: torch.Tensor) -> None:
+    """m <- L^-1 for lower-triangular L, in place, by block columns from the right.
+
+    With L = [[A, 0], [B, C]] and C^-1 already in place: L^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]. C^-1 is
+    lower triangular, so the row block r of C^-1 B needs only C^-1's columns up to r's end: half the
+    multiply-adds of one full product (n^3 / 3 in all, a down_proj's 14336-column inverse's whole cost).
+    -B A^-1 is the one (K, TRIANGULAR_BLOCK) temporary.
+    """
+    n, block = m.shape[0], TRIANGULAR_BLOCK
+    for a in reversed(range(0, n, block)):
+        b = min(a + block, n)
+        eye = torch.eye(b - a, dtype=m.dtype, device=m.device)
+        a_inverse = torch.linalg.solve_triangular(m[a:b, a:b], eye, upper=False)
+        b_a_inverse = m[b:, a:b] @ a_inverse.neg()  # -B A^-1, a new tensor: m's B can be overwritten
+        for r in range(b, n, block):
+            s = min(r + block, n)
+            m[r:s, a:b] = m[r:s, b:s] @ b_a_inverse[:s - b]
+        m[a:b, a:b] = a_inverse
+
+
+def rotate_half_turn_(m: torch.Tensor, chunk: int = 1 << 22) -> None:
+    """m <- J m J (m[i, j] <- m[n-1-i, n-1-j]) in place: the flattened storage reversed, a chunk from each
+    end at a time."""
+    flat = m.view(-1)
+    total = flat.numel()
+    for start in range(0, total // 2, chunk):
+        stop = min(start + chunk, total // 2)
+        front, back = flat[start:stop], flat[total - stop:total - start]
+        saved = front.clone()
+        front.copy_(back.flip(0))
+        back.copy_(saved.flip(0))
