@@ -28,6 +28,7 @@ KV cache (FP8 only): `<attn>.k_scale` / `<attn>.v_scale` (1,), the names the pac
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -43,7 +44,6 @@ from .streamed_safetensors import write_streamed
 from .unified import ExportPlan, plan_export
 
 logger = logging.getLogger(__name__)
-PACK_ROWS = 1024  # rows packed into int32 words at a time
 
 PACK_QUANTIZED, INT_QUANTIZED, FLOAT_QUANTIZED, NVFP4_PACKED = (
     "pack-quantized", "int-quantized", "float-quantized", "nvfp4-pack-quantized")
@@ -87,20 +87,22 @@ COMPRESSED_TENSORS_QFORMATS = ("fp8", "fp8_pc_pt", "int8_sq", "int8_wo", "int4_a
 
 
 def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Signed ints (N, K) in [-2^(bits-1), 2^(bits-1)) -> int32 (N, K * bits / 32), packed along K.
-    Packed PACK_ROWS rows at a time: the int64 intermediates are 8 bytes per weight."""
+    """Signed ints (N, K) in [-2^(bits-1), 2^(bits-1)) -> int32 (N, K * bits / 32), packed along K: value j
+    of a word, plus 2^(bits-1), in its bits [j * bits, (j + 1) * bits).
+
+    Built from bytes (two 4-bit values, or one 8-bit value, each) read as little-endian int32 words: a few
+    passes of one byte per weight, instead of shifting and summing int64s. Adding 2^(bits-1) is flipping
+    the top bit of the two's-complement value; the mask drops a 4-bit value's sign extension."""
     per_word = 32 // bits
     n, k = q.shape
     if k % per_word:
         raise ValueError(f"cannot pack {k} inputs {per_word} to an int32 word; the input size must be a multiple")
-    shifts = torch.arange(per_word, dtype=torch.int64, device=q.device) * bits
-    words = torch.empty(n, k // per_word, dtype=torch.int32, device=q.device)
-    for start in range(0, n, PACK_ROWS):
-        rows = q[start:start + PACK_ROWS]
-        unsigned = (rows.to(torch.int64) + (1 << (bits - 1))).view(len(rows), k // per_word, per_word)
-        packed = (unsigned << shifts).sum(dim=-1)  # in [0, 2^32)
-        words[start:start + PACK_ROWS] = torch.where(packed >= 2**31, packed - 2**32, packed)
-    return words
+    unsigned = (q.to(torch.int8).view(torch.uint8) ^ (1 << (bits - 1))) & ((1 << bits) - 1)
+    packed_bytes = unsigned[:, 0::2] | (unsigned[:, 1::2] << 4) if bits == 4 else unsigned
+    packed_bytes = packed_bytes.contiguous()
+    if sys.byteorder == "big":  # the words' least significant byte first, as on little-endian machines
+        packed_bytes = packed_bytes.view(n, -1, 4).flip(-1).contiguous()
+    return packed_bytes.view(n, -1).view(torch.int32)
 
 
 def _column(scale: torch.Tensor) -> torch.Tensor:

@@ -54,14 +54,6 @@ def test_a_produced_tensor_unlike_its_header_is_an_error(tmp_path):
         write_streamed(tmp_path / "x.safetensors", {"w": torch.zeros(2, 3)}, lambda n: torch.zeros(3, 2))
 
 
-def test_packing_in_row_chunks_packs_what_one_pass_packs(monkeypatch):
-    torch.manual_seed(0)
-    q = torch.randint(-8, 8, (10, 64), dtype=torch.int8)
-    whole = ct.pack_int32(q, 4)
-    monkeypatch.setattr(ct, "PACK_ROWS", 3)
-    assert torch.equal(ct.pack_int32(q, 4), whole)
-
-
 def _quantized(qformat="int4_awq", tied=False):
     torch.manual_seed(0)
     ids = torch.randint(0, 300, (2, 16))
