@@ -18,7 +18,6 @@ from .. import formats as F
 from ..numerics import FP8_MAX, scale_from_amax
 from ..numerics.nvfp4 import E2M1_MAX, NVFP4_BLOCK, nvfp4_global_scale
 from . import native
-from .huge_pages import empty_on_huge_pages
 
 # The kernels' weight dtypes and the flag that selects fp16's conversion.
 FP16_FLAG = {torch.bfloat16: 0, torch.float16: 1}
@@ -76,7 +75,7 @@ def _int4(lib, w: torch.Tensor, fmt: F.Format, group_size: int, global_amax) -> 
     n, k = w.shape
     if n % 2 or k % group_size or group_size % INT4_GROUP_MULTIPLE:
         return None  # the torch path, which stores or rejects such shapes as it always has
-    codes = empty_on_huge_pages(n // 2, k, dtype=torch.uint8)
+    codes = torch.empty(n // 2, k, dtype=torch.uint8, device=CPU)
     scales = torch.empty(n, k // group_size, dtype=torch.float32, device=CPU)
     bits = lib.hfptq_quantize_int4(w.data_ptr(), n, k, group_size, FP16_FLAG[w.dtype], codes.data_ptr(),
                                    scales.data_ptr(), torch.get_num_threads())
@@ -91,7 +90,7 @@ def _int4(lib, w: torch.Tensor, fmt: F.Format, group_size: int, global_amax) -> 
 
 def _int8(lib, w: torch.Tensor) -> Optional[dict]:
     n, k = w.shape
-    codes = empty_on_huge_pages(n, k, dtype=torch.int8)
+    codes = torch.empty(n, k, dtype=torch.int8, device=CPU)
     scales = torch.empty(n, dtype=torch.float32, device=CPU)
     bits = lib.hfptq_quantize_int8(w.data_ptr(), n, k, FP16_FLAG[w.dtype], codes.data_ptr(), scales.data_ptr(),
                                    torch.get_num_threads())
@@ -110,7 +109,7 @@ def _fp8(lib, w: torch.Tensor, weight_scale: Optional[torch.Tensor]) -> Optional
     scale = weight_scale.float().item()
     if not (math.isfinite(scale) and scale > 0):  # x / scale would make NaNs, which the kernel does not round
         return None
-    codes = empty_on_huge_pages(*w.shape, dtype=torch.float8_e4m3fn)
+    codes = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=CPU)
     bits = lib.hfptq_quantize_fp8(w.data_ptr(), w.numel(), scale, FP16_FLAG[w.dtype], codes.data_ptr(), threads)
     return None if _amax(bits, w.dtype) is None else {"weight": codes, "weight_scale": weight_scale}
 
@@ -128,7 +127,7 @@ def _nvfp4(lib, w: torch.Tensor, global_amax: Optional[torch.Tensor]) -> Optiona
     if scale_2.dim() != 0 or not (math.isfinite(scale_2.item()) and scale_2.item() > 0):
         return None
     denominator = (E2M1_MAX * scale_2).item()  # the block amax's divisor, rounded as `nvfp4_block_scales` rounds it
-    codes = empty_on_huge_pages(n, k // 2, dtype=torch.uint8)
+    codes = torch.empty(n, k // 2, dtype=torch.uint8, device=CPU)
     block_scales = torch.empty(n, k // NVFP4_BLOCK, dtype=torch.float8_e4m3fn, device=CPU)
     bits = lib.hfptq_quantize_nvfp4(w.data_ptr(), n, k, scale_2.item(), denominator, FP16_FLAG[w.dtype],
                                     codes.data_ptr(), block_scales.data_ptr(), threads)
