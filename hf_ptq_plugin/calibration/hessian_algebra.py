@@ -12,6 +12,7 @@ import torch
 TRIANGULAR_BLOCK = 512  # block columns of the Cholesky and of L^-1: (K, 512) temporaries
 GRAM_STRIP = 192  # rows of x^T x per GEMM in add_upper_gram_: the fastest of 96-2048 at K = 576, 1536 and 4096
 GRAM_STRIPS = 28  # wider inputs take K / 28 rows: 512 at K = 14336, 15% faster there than 192
+GATHER_ELEMENTS = 1 << 24  # permute_rows_ copies matrices up to this size (64 MB of fp32)
 
 
 def add_upper_gram_(gram: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +52,12 @@ def permute_symmetric_(m: torch.Tensor, order: torch.Tensor) -> None:
 
 
 def permute_rows_(m: torch.Tensor, order: torch.Tensor) -> None:
-    """m[i] <- m[order[i]] for every row, in place: each cycle of the permutation with one row of scratch."""
+    """m[i] <- m[order[i]] for every row, in place. Up to GATHER_ELEMENTS through one permuted copy (the
+    Python loop over cycles costs more than such a copy weighs); larger, each cycle of the permutation with
+    one row of scratch."""
+    if m.numel() <= GATHER_ELEMENTS:
+        m.copy_(m[order])
+        return
     order = order.tolist()
     moved = [False] * len(order)
     for first in range(len(order)):
@@ -64,17 +70,19 @@ def permute_rows_(m: torch.Tensor, order: torch.Tensor) -> None:
         m[i], moved[i] = saved, True
 
 
-def transpose_square_(m: torch.Tensor, tile: int = 256) -> None:
-    """m <- m^T in place, swapping tiles across the diagonal through one tile of scratch."""
+def transpose_square_(m: torch.Tensor, tile: int = 128) -> None:
+    """m <- m^T in place, swapping tiles across the diagonal through one tile of scratch. Each tile is
+    transposed by `contiguous()` (torch's blocked transpose) before it is written; 128 rows, as 256-row
+    tiles of a large m copy many times slower (their rows fall in the same cache sets)."""
     n = m.shape[0]
     for a in range(0, n, tile):
         b = min(a + tile, n)
-        m[a:b, a:b] = m[a:b, a:b].T.clone()
+        m[a:b, a:b] = m[a:b, a:b].T.contiguous()
         for c in range(b, n, tile):
             d = min(c + tile, n)
-            saved = m[a:b, c:d].clone()
-            m[a:b, c:d] = m[c:d, a:b].T
-            m[c:d, a:b] = saved.T
+            saved = m[a:b, c:d].T.contiguous()
+            m[a:b, c:d] = m[c:d, a:b].T.contiguous()
+            m[c:d, a:b] = saved
 
 
 def inverse_hessian_factor_(reversed_h: torch.Tensor) -> torch.Tensor:

@@ -66,8 +66,11 @@ def test_gptq_inverse_factor_is_the_upper_cholesky_factor_of_the_inverse_in_plac
     torch.testing.assert_close(factor, expected, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("gather_elements", [1 << 24, 0])
 @pytest.mark.parametrize("n", [1, 7, 300, 600])
-def test_symmetric_permutation_in_place_is_the_gather(n):
+def test_symmetric_permutation_in_place_is_the_gather(monkeypatch, n, gather_elements):
+    """Through a permuted copy, and (0) through the permutation's cycles, as large matrices are."""
+    monkeypatch.setattr(hessian_algebra, "GATHER_ELEMENTS", gather_elements)
     torch.manual_seed(n)
     hessian = symmetric_gram(torch.randn(2 * n, n))
     order = torch.randperm(n)
