@@ -117,8 +117,7 @@ def cholesky_lower_(m: torch.Tensor) -> None:
         m[a:b, a:b], m[a:b, b:] = l11, 0.0
         if b == n:
             break
-        eye = torch.eye(b - a, dtype=m.dtype, device=m.device)
-        l21 = m[b:, a:b] @ torch.linalg.solve_triangular(l11, eye, upper=False).T
+        l21 = m[b:, a:b] @ _lower_inverse(l11).T
         m[b:, a:b] = l21
         for r in range(b, n, block):
             s = min(r + block, n)
@@ -136,13 +135,18 @@ def invert_lower_(m: torch.Tensor) -> None:
     n, block = m.shape[0], TRIANGULAR_BLOCK
     for a in reversed(range(0, n, block)):
         b = min(a + block, n)
-        eye = torch.eye(b - a, dtype=m.dtype, device=m.device)
-        a_inverse = torch.linalg.solve_triangular(m[a:b, a:b], eye, upper=False)
+        a_inverse = _lower_inverse(m[a:b, a:b])
         b_a_inverse = m[b:, a:b] @ a_inverse.neg()  # -B A^-1, a new tensor: m's B can be overwritten
         for r in range(b, n, block):
             s = min(r + block, n)
             m[r:s, a:b] = m[r:s, b:s] @ b_a_inverse[:s - b]
         m[a:b, a:b] = a_inverse
+
+
+def _lower_inverse(block: torch.Tensor) -> torch.Tensor:
+    """The inverse of a small lower-triangular block (a diagonal block of TRIANGULAR_BLOCK columns)."""
+    eye = torch.eye(block.shape[0], dtype=block.dtype, device=block.device)
+    return torch.linalg.solve_triangular(block, eye, upper=False)
 
 
 def rotate_half_turn_(m: torch.Tensor, chunk: int = 1 << 22) -> None:

@@ -38,6 +38,7 @@ from torch import nn
 from .. import formats as F
 from ..modules.quant_linear import QuantLinear
 from ..numerics.integer import unpack_int4_rows
+from ..numerics.nvfp4 import pack_nibbles
 from .atomic import atomic_directory
 from .save import Sidecars, write_sidecars
 from .streamed_safetensors import write_streamed
@@ -98,7 +99,7 @@ def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
     if k % per_word:
         raise ValueError(f"cannot pack {k} inputs {per_word} to an int32 word; the input size must be a multiple")
     unsigned = (q.to(torch.int8).view(torch.uint8) ^ (1 << (bits - 1))) & ((1 << bits) - 1)
-    packed_bytes = unsigned[:, 0::2] | (unsigned[:, 1::2] << 4) if bits == 4 else unsigned
+    packed_bytes = pack_nibbles(unsigned) if bits == 4 else unsigned
     packed_bytes = packed_bytes.contiguous()
     if sys.byteorder == "big":  # the words' least significant byte first, as on little-endian machines
         packed_bytes = packed_bytes.view(n, -1, 4).flip(-1).contiguous()
