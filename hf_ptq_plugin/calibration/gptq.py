@@ -3,9 +3,12 @@ per-channel, and NVFP4 weights.
 
 Per Linear, with the Hessian H = (2/n) sum x x^T of its inputs: dead columns are zeroed, H is
 damped by `perc_damp * mean(diag H)`, and columns are quantized in blocks of 128, each column's
-rounding error spread over the columns not yet quantized through the upper Cholesky factor of
-H^-1. Error feedback needs only a rounding grid, so FP8's (E4M3 values times a fixed scale) and
-NVFP4's (E2M1 values times fixed FP8 block scales and the global scale) work as the integers' do.
+rounding error spread over the columns not yet quantized. GPTQ states the spread with the upper
+Cholesky factor of H^-1; it is computed here in its equivalent nearest-plane form (Babai's
+algorithm on H's own Cholesky factor, `hessian_algebra.feedback_factor_`), which needs no inverse:
+the same rounding in exact arithmetic, for half the factorization's work. Error feedback needs
+only a rounding grid, so FP8's (E4M3 values times a fixed scale) and NVFP4's (E2M1 values times
+fixed FP8 block scales and the global scale) work as the integers' do.
 
 Column order: with `act_order` (the default, llm-compressor's "static" activation ordering) the
 columns are visited by decreasing diag(H), so the inputs that carry the most energy are rounded
@@ -44,7 +47,7 @@ from ..numerics.scales import scale_from_amax
 from ..numerics.weights import fp8_weight_scale
 from .clipping import mse_weight_scale, weighted_nvfp4_block_scales
 from .distributed import all_reduce, all_reduce_number
-from .hessian_algebra import add_upper_gram_, inverse_hessian_factor_, mirror_upper_, permute_rows_, permute_symmetric_
+from .hessian_algebra import add_upper_gram_, feedback_factor_, mirror_upper_, permute_rows_, permute_symmetric_
 
 PERC_DAMP = 0.01
 COLUMN_BLOCK = 128
@@ -129,19 +132,19 @@ def _column_steps(scale: torch.Tensor, fmt: F.Format, group_size: int, global_am
     return steps.float().clone(), k, lambda y: y.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
 
 
-class InverseHessian:
+class HessianFactor:
     """What GPTQ takes from one input's Hessian, computed once for every Linear that reads it
-    (q/k/v, gate/up): dead input channels, the column order, and the upper Cholesky factor of the
-    damped H^-1 in that order."""
+    (q/k/v, gate/up): dead input channels, the column order, and the error-feedback coefficients of
+    the damped H in that order (`feedback_factor_`)."""
 
-    def __init__(self, hessian, perc_damp: float = PERC_DAMP, act_order: bool = ACT_ORDER):
-        """`hessian`: the (K, K) matrix, which is copied, or a HessianStats whose matrix is taken
-        and turned into the factor in place: a down_proj's is K^2 fp32, and a second one would be
-        the largest allocation of the whole calibration."""
+    def __init__(self, hessian, perc_damp: float = PERC_DAMP, act_order: bool = ACT_ORDER, in_place: bool = False):
+        """`hessian`: the (K, K) matrix, copied unless `in_place` (a matrix made for this call), or a
+        HessianStats whose matrix is taken. Taken matrices become the factor in their own storage: a
+        down_proj's is K^2 fp32, and a second one would be the largest allocation of the whole calibration."""
         if isinstance(hessian, HessianStats):
             hessian = hessian.take_hessian().float()
         else:
-            hessian = hessian.float().clone()
+            hessian = hessian.float() if in_place else hessian.float().clone()
         energy = hessian.diagonal().clone()
         self.dead = energy == 0
         energy[self.dead] = 1.0  # a dead channel's row and column are zero: a unit pivot isolates it
@@ -151,7 +154,7 @@ class InverseHessian:
         reverse = self.order.flip(0)
         permute_symmetric_(hessian, reverse)
         hessian.diagonal().copy_(energy[reverse] + perc_damp * energy.mean())
-        self.factor = inverse_hessian_factor_(hessian)
+        self.factor = feedback_factor_(hessian)
 
     @torch.no_grad()
     def quantize(self, w: torch.Tensor, fmt: F.Format, group_size: int, global_amax=None):
@@ -160,6 +163,7 @@ class InverseHessian:
         `global_amax` (NVFP4; per-tensor FP8) is the amax behind `weight_scale_2` (the FP8
         `weight_scale`), shared by fused layers.
         """
+        dtype = w.dtype
         w = w.detach().to(torch.float32, copy=True)
         if global_amax is None:  # the original weight's, as QuantLinear will derive weight_scale_2
             global_amax = w.abs().amax()
@@ -171,36 +175,48 @@ class InverseHessian:
         wt = w.t().contiguous()
         del w
         permute_rows_(wt, self.order)
+        # The errors are against the original weights (`feedback_factor_`), which the updates overwrite in wt: they
+        # are kept in the weight's own dtype (exact), where fp32 w was (a bf16 weight's take half of it).
+        original = wt.to(dtype, copy=True)
         dynamic_groups = fmt.weight == F.INT4 and not self.act_order
-        energy, hinv, k = self.energy[self.order], self.factor, wt.shape[0]
-        pivots, column_group = hinv.diagonal(), (self.order // width).tolist()
+        energy, feedback, k = self.energy[self.order], self.factor, wt.shape[0]
+        column_group = (self.order // width).tolist()
         for start in range(0, k, COLUMN_BLOCK):
             end = min(start + COLUMN_BLOCK, k)
-            errors = torch.empty_like(wt[start:end])
+            errors = original[start:end].to(torch.float32, copy=True)
             # Sub-blocks: each column's error goes to the rest of its sub-block one column at a time (memory
             # bound), and each sub-block's to the rest of the block in one product.
             for sub_start in range(start, end, COLUMN_SUBBLOCK):
                 sub_end = min(sub_start + COLUMN_SUBBLOCK, end)
                 for i in range(sub_start, sub_end):
                     if dynamic_groups and i % group_size == 0:  # the group's scale, from the updated weights
-                        group_w, group_energy = wt[i:i + group_size].t(), energy[i:i + group_size]
+                        group_w = self._updated_group(wt, original, i, i + group_size)
                         scale[:, i // group_size] = gptq_weight_scale(group_w, fmt, group_size, global_amax,
-                                                                      group_energy)[:, 0]
+                                                                      energy[i:i + group_size])[:, 0]
                         steps[i // group_size] = scale[:, i // group_size]
                     # One column at a time, where the op count is the cost: results go straight into place.
                     s, column = steps[column_group[i]], wt[i]
                     q = to_grid(column / s).mul_(s)
-                    error = torch.div(column.sub_(q), pivots[i], out=errors[i - start])
-                    wt[i + 1:sub_end].addr_(hinv[i, i + 1:sub_end], error, alpha=-1.0)
+                    error = errors[i - start].sub_(q)
+                    wt[i + 1:sub_end].addr_(feedback[i, i + 1:sub_end], error)
                     column.copy_(q)
                 sub_errors = errors[sub_start - start:sub_end - start]
-                wt[sub_end:end].addmm_(hinv[sub_start:sub_end, sub_end:end].t(), sub_errors, alpha=-1.0)
-            wt[end:].addmm_(hinv[start:end, end:].t(), errors, alpha=-1.0)  # and over every later block
+                wt[sub_end:end].addmm_(feedback[sub_start:sub_end, sub_end:end].t(), sub_errors)
+            wt[end:].addmm_(feedback[start:end, end:].t(), errors)  # and over every later block
         permute_rows_(wt, torch.argsort(self.order))
         return wt.t().contiguous(), scale
 
+    def _updated_group(self, wt: torch.Tensor, original: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Columns start:end (N, end - start) as GPTQ's updates leave them once every earlier column is
+        rounded: the least-loss values given those roundings. The nearest-plane sums in wt hold only the earlier
+        columns' part y; that optimum is original + V^-T y over the group (V's block of it, unit upper)."""
+        group = original[start:end].to(torch.float32, copy=True)
+        block = self.factor[start:end, start:end].t()
+        shift = torch.linalg.solve_triangular(block, wt[start:end] - group, upper=False, unitriangular=True)
+        return group.add_(shift).t()
+
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: F.Format, group_size: int,
-                  perc_damp: float = PERC_DAMP, act_order: bool = ACT_ORDER, global_amax=None):
-    """GPTQ of one weight w (N, K) on its input Hessian: `InverseHessian(...).quantize(...)`."""
-    return InverseHessian(hessian, perc_damp, act_order).quantize(w, fmt, group_size, global_amax)
+                  perc_damp: float = PERC_DAMP, act_order: bool = ACT_ORDER, global_amax=None, in_place: bool = False):
+    """GPTQ of one weight w (N, K) on its input Hessian: `HessianFactor(...).quantize(...)`."""
+    return HessianFactor(hessian, perc_damp, act_order, in_place).quantize(w, fmt, group_size, global_amax)

@@ -3,13 +3,13 @@ K = 14336), and a second copy of it would be the largest allocation of a whole c
 
 - `add_upper_gram_` / `mirror_upper_`: x^T x summed over batches on and above the diagonal, then mirrored;
 - `permute_symmetric_`: the column order (and its reversal) applied to both sides;
-- `inverse_hessian_factor_`: the upper Cholesky factor of H^-1 from J H J: a blocked Cholesky, a blocked
-  triangular inverse and a half-turn, each in place, beside (K, TRIANGULAR_BLOCK) temporaries.
+- `feedback_factor_`: GPTQ's error-feedback coefficients from J H J: a blocked Cholesky, a half-turn and a
+  column scaling, each in place, beside (K, TRIANGULAR_BLOCK) temporaries.
 """
 
 import torch
 
-TRIANGULAR_BLOCK = 512  # block columns of the Cholesky and of L^-1: (K, 512) temporaries
+TRIANGULAR_BLOCK = 512  # block columns of the Cholesky: (K, 512) temporaries
 GRAM_STRIP = 192  # rows of x^T x per GEMM in add_upper_gram_: the fastest of 96-2048 at K = 576, 1536 and 4096
 GRAM_STRIPS = 28  # wider inputs take K / 28 rows: 512 at K = 14336, 15% faster there than 192
 GATHER_ELEMENTS = 1 << 24  # permute_rows_ copies matrices up to this size (64 MB of fp32)
@@ -85,18 +85,20 @@ def transpose_square_(m: torch.Tensor, tile: int = 128) -> None:
             m[c:d, a:b] = saved
 
 
-def inverse_hessian_factor_(reversed_h: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), given J H J (J the reversal), computed in its
-    storage, which it returns: beside it only (K, TRIANGULAR_BLOCK) temporaries exist.
+def feedback_factor_(reversed_h: torch.Tensor) -> torch.Tensor:
+    """V = R D^-1, where H = R R^T with R upper triangular and D = diag(R), given J H J (J the reversal),
+    computed in its storage, which it returns: beside it only (K, TRIANGULAR_BLOCK) temporaries exist.
 
-    Cholesky J H J = L L^T gives H = (J L J)(J L J)^T, so H^-1 = U^T U with U = J L^-1 J: upper
-    triangular with a positive diagonal, hence the factor itself. One Cholesky and one triangular
-    inverse take half the operations of inverting H and factoring the inverse.
+    Cholesky J H J = L L^T gives H = R R^T with R = J L J. A weight row's loss (w - q)^T H (w - q) is then
+    |R^T (w - q)|^2, whose component i involves columns 0..i only: rounding the columns in order, column i
+    made closest to zero is q_i = round(w_i + sum_{j<i} V[j, i] (w_j - q_j)), the errors against the
+    original weights (Babai's nearest plane). That is GPTQ's error feedback exactly (with H^-1's upper
+    Cholesky factor U = R^-1 and errors against the updated weights) without inverting anything: one
+    Cholesky instead of a Cholesky and a triangular inverse, half the work.
     """
     cholesky_lower_(reversed_h)
-    invert_lower_(reversed_h)
     rotate_half_turn_(reversed_h)  # J M J: element (i, j) from (n-1-i, n-1-j)
-    return reversed_h
+    return reversed_h.div_(reversed_h.diagonal().clone())  # column j over R[j, j]
 
 
 def cholesky_lower_(m: torch.Tensor) -> None:
@@ -122,25 +124,6 @@ def cholesky_lower_(m: torch.Tensor) -> None:
         for r in range(b, n, block):
             s = min(r + block, n)
             m[r:s, b:s].addmm_(l21[r - b:s - b], l21[:s - b].T, alpha=-1.0)
-
-
-def invert_lower_(m: torch.Tensor) -> None:
-    """m <- L^-1 for lower-triangular L, in place, by block columns from the right.
-
-    With L = [[A, 0], [B, C]] and C^-1 already in place: L^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]. C^-1 is
-    lower triangular, so the row block r of C^-1 B needs only C^-1's columns up to r's end: half the
-    multiply-adds of one full product (n^3 / 3 in all, a down_proj's 14336-column inverse's whole cost).
-    -B A^-1 is the one (K, TRIANGULAR_BLOCK) temporary.
-    """
-    n, block = m.shape[0], TRIANGULAR_BLOCK
-    for a in reversed(range(0, n, block)):
-        b = min(a + block, n)
-        a_inverse = _lower_inverse(m[a:b, a:b])
-        b_a_inverse = m[b:, a:b] @ a_inverse.neg()  # -B A^-1, a new tensor: m's B can be overwritten
-        for r in range(b, n, block):
-            s = min(r + block, n)
-            m[r:s, a:b] = m[r:s, b:s] @ b_a_inverse[:s - b]
-        m[a:b, a:b] = a_inverse
 
 
 def _lower_inverse(block: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,8 @@
 - A just-quantized bf16 block feeds the next block through bf16 dense weights
   (`bf16_dense_weights`): within bf16 rounding of the kernels' outputs, and back to the kernels after.
 - The NaN/Inf check's one-sum fast path still finds every non-finite value.
-- GPTQ's Hessian from half the Gram matrix equals x^T x, and its blocked inverse factor is the
-  upper Cholesky factor of H^-1; the statistics pass that stops a block once every Linear had its
+- GPTQ's Hessian from half the Gram matrix equals x^T x, and its factor is computed in the Hessian's
+  own storage; the statistics pass that stops a block once every Linear had its
   input collects what the full run collects.
 """
 
@@ -25,7 +25,7 @@ from hf_ptq_plugin.calibration import awq, smoothquant
 from hf_ptq_plugin.calibration.awq import _quantized_output, _squared_output_error
 from hf_ptq_plugin.calibration.blocks import capture_block_inputs, observe_block
 from hf_ptq_plugin.calibration.clipping import CLIP_RATIOS, clip_int_scale, clip_weight_scale
-from hf_ptq_plugin.calibration.gptq import HessianStats, InverseHessian
+from hf_ptq_plugin.calibration.gptq import HessianFactor, HessianStats
 from hf_ptq_plugin.calibration.stats import InputStats, finite_values, input_hooks
 from hf_ptq_plugin.modules.layer_plan import LayerPlan
 from hf_ptq_plugin.modules.quant_linear import QuantLinear
@@ -204,17 +204,18 @@ def test_calibrating_on_activations_with_no_finite_value_is_an_error():
         quantize(tiny_llama(), PTQConfig(qformat="fp8"), loop)
 
 
-def test_gptq_takes_a_hessian_from_its_statistics_and_copies_one_given_as_a_tensor():
+def test_gptq_takes_a_hessian_from_its_statistics_and_copies_one_given_as_a_tensor_unless_in_place():
     torch.manual_seed(0)
     stats = HessianStats()
     stats.update(torch.randn(256, 64))
     given = stats.hessian.clone()
-    InverseHessian(given)
+    HessianFactor(given)
     assert torch.equal(given, stats.hessian)  # untouched
+    assert HessianFactor(given, in_place=True).factor.data_ptr() == given.data_ptr()  # a matrix made for the call
     finished = stats.hessian
-    inverse = InverseHessian(stats)
+    factor = HessianFactor(stats)
     assert stats.take_hessian() is None  # handed over: the factor is computed in its storage
-    assert inverse.factor.data_ptr() == finished.data_ptr()
+    assert factor.factor.data_ptr() == finished.data_ptr()
     with pytest.raises(RuntimeError, match="update after its hessian was read"):
         stats.update(torch.randn(4, 64))
 
@@ -222,7 +223,7 @@ def test_gptq_takes_a_hessian_from_its_statistics_and_copies_one_given_as_a_tens
 def test_gptq_on_a_hessian_that_is_not_positive_definite_names_the_fix():
     hessian = torch.diag(torch.tensor([4.0, 1.0, -3.0, 2.0]))
     with pytest.raises(torch.linalg.LinAlgError, match="not positive-definite.*raise perc_damp"):
-        InverseHessian(hessian, act_order=False)
+        HessianFactor(hessian, act_order=False)
 
 
 def test_statistics_pass_stops_after_the_last_observed_input_with_the_same_statistics():

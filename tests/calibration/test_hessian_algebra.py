@@ -1,4 +1,4 @@
-"""The in-place K x K algebra of GPTQ against torch's own: grams, permutation, Cholesky, the factor of H^-1."""
+"""The in-place K x K algebra of GPTQ against torch's own: grams, permutation, Cholesky, the feedback factor."""
 
 import pytest
 import torch
@@ -51,19 +51,21 @@ def test_blocked_cholesky_names_the_first_minor_that_is_not_positive_definite(mo
 
 
 @pytest.mark.parametrize("n, block", [(37, 16), (300, 64), (1100, 512)])
-def test_gptq_inverse_factor_is_the_upper_cholesky_factor_of_the_inverse_in_place(monkeypatch, n, block):
-    """One Cholesky and a blocked triangular inverse that skips the zero blocks, in H's own storage: U^T U = H^-1."""
+def test_gptq_feedback_factor_is_h_upper_lower_factor_over_its_diagonal_in_place(monkeypatch, n, block):
+    """From J H J, in its own storage: V = R D^-1 with H = R R^T, R upper triangular, D = diag(R); so V is unit
+    upper triangular, and V^-1 is H^-1's upper Cholesky factor with its rows over their diagonal (GPTQ's)."""
     monkeypatch.setattr(hessian_algebra, "TRIANGULAR_BLOCK", block)
     torch.manual_seed(0)
     x = torch.randn(4 * n, n, dtype=torch.float64)
     hessian = symmetric_gram(x) / n
     reverse = torch.arange(n - 1, -1, -1)
     reversed_h = hessian[reverse[:, None], reverse].clone()
-    factor = hessian_algebra.inverse_hessian_factor_(reversed_h)
-    expected = torch.linalg.cholesky(torch.linalg.inv(hessian), upper=True)
+    factor = hessian_algebra.feedback_factor_(reversed_h)
     assert factor.data_ptr() == reversed_h.data_ptr()
     assert torch.equal(factor, factor.triu())
-    torch.testing.assert_close(factor, expected, rtol=1e-9, atol=1e-12)
+    assert torch.equal(factor.diagonal(), torch.ones(n, dtype=torch.float64))
+    upper = torch.linalg.cholesky(torch.linalg.inv(hessian), upper=True)
+    torch.testing.assert_close(torch.linalg.inv(factor), upper / upper.diagonal()[:, None], rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("gather_elements", [1 << 24, 0])

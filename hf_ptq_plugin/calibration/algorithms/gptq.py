@@ -13,7 +13,7 @@ from ... import formats as F
 from ...modules.layer_plan import LayerPlan
 from ..blocks import statistics_pass
 from ..expert_smoothing import ExpertPlan
-from ..gptq import HessianStats, InverseHessian, gptq_quantize
+from ..gptq import HessianFactor, HessianStats, gptq_quantize
 from ..selection import fused_groups, fused_weight_amax
 from ..smoothing import groups_sharing_input
 from ..stats import InputStats, input_hooks
@@ -48,10 +48,10 @@ class GPTQ(Algorithm):
         # is then made while no plan holds a weight yet.
         for group in sorted(groups, key=lambda g: -linears[g[0]].in_features):
             # One factorization per input, for every Linear that reads it (q/k/v, gate/up).
-            inverse = InverseHessian(hessians.pop(group[0]))
+            factor = HessianFactor(hessians.pop(group[0]))
             for name in group:
-                weight, scale = inverse.quantize(linears[name].weight, fmt, context.group_size,
-                                                 global_amax=global_amax.get(name))
+                weight, scale = factor.quantize(linears[name].weight, fmt, context.group_size,
+                                                global_amax=global_amax.get(name))
                 amax = stats[group[0]].amax if stats else None
                 plans[name] = LayerPlan(input_amax=amax, weight=weight, weight_scale=scale)
         return plans
@@ -61,6 +61,7 @@ class GPTQ(Algorithm):
         chosen = {}
         for e in range(w.shape[0]):
             if int(stat.tokens[e]) > 0:
-                weight, scale = gptq_quantize(w[e], stat.hessian(kind, e), fmt, group_size)
+                # The expert's Hessian is made for this call: it becomes the factor in its own storage.
+                weight, scale = gptq_quantize(w[e], stat.hessian(kind, e), fmt, group_size, in_place=True)
                 chosen[e] = LayerPlan(weight=weight, weight_scale=scale)
         return ExpertPlan(None, None, chosen)
