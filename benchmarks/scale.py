@@ -260,6 +260,8 @@ def run_case(spec: dict) -> None:
         start = time.perf_counter()
         export_checkpoint(model, folder, target=target)
         record(**{f"write_{target}_s": time.perf_counter() - start})
+        if not spec["check"] and not spec["keep_exports"]:  # timed: the next export can have its disk space
+            shutil.rmtree(folder)
     if spec["check"]:
         sampler.phase("check")
         record(check=layer0_check(model, exports, spec["checkpoint"], spec["seq_len"]))
@@ -322,6 +324,30 @@ def layer0_check(model, exports: dict, checkpoint: str, seq_len: int) -> dict:
 
 # --- the parent -----------------------------------------------------------------------------------------
 
+# Bytes per weight of an int4_awq export: the packed codes and one fp32 scale per group of 128.
+INT4_EXPORT_BYTES = 0.5 + 4 / 128
+LAYER_LINEAR = re.compile(r"layers\.\d+\..*_proj\.weight$")
+
+
+def require_disk_space(checkpoint: Path, out_dir: Path, exports_at_once: int) -> None:
+    """Refuses to start an hour of calibration whose exports cannot be written: each is about the decoder
+    Linears at INT4_EXPORT_BYTES per weight plus every other tensor as stored (the checkpoint's headers)."""
+    from safetensors import safe_open
+
+    export = 0.0
+    for shard in checkpoint.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            for name in f.keys():
+                tensor = f.get_slice(name)
+                count = functools.reduce(lambda a, b: a * b, tensor.get_shape(), 1)
+                export += count * (INT4_EXPORT_BYTES if LAYER_LINEAR.search(name) else 2)  # bf16 otherwise
+    out_dir.mkdir(parents=True, exist_ok=True)
+    needed, free = export * exports_at_once, shutil.disk_usage(out_dir).free
+    if free < needed:
+        raise SystemExit(f"{out_dir}: {exports_at_once} export(s) of {checkpoint.name} need about "
+                         f"{needed / 1e9:.1f} GB; {free / 1e9:.1f} GB are free (use another --work-dir or free some)")
+
+
 def case_name(algorithm: str, sequential) -> str:
     return algorithm if sequential is None else f"{algorithm}, sequential={sequential}"
 
@@ -334,7 +360,9 @@ def measure(checkpoint: Path, algorithm: str, args, calib_file: Path, check: boo
     sequential = {"default": None, "yes": True, "no": False}[args.sequential]
     spec = {"checkpoint": str(checkpoint), "algorithm": algorithm, "calib_file": str(calib_file),
             "samples": args.calib_samples, "seq_len": args.calib_seq_len, "batch_size": args.calib_batch_size,
-            "sequential": sequential, "out_dir": str(out_dir), "result": str(result_file), "check": check}
+            "sequential": sequential, "out_dir": str(out_dir), "result": str(result_file), "check": check,
+            "keep_exports": args.keep_exports}
+    require_disk_space(checkpoint, out_dir, exports_at_once=len(EXPORT_TARGETS) if check or args.keep_exports else 1)
     if not args.keep_page_cache:
         evict_page_cache(checkpoint)
     watched = run_watched([sys.executable, __file__, "--child", json.dumps(spec)], int(args.limit_gb * GIB))

@@ -7,8 +7,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import scale
 from conftest import WORDS, word_tokenizer
 from safetensors import safe_open
 from scale import HEADER, run_watched
@@ -79,6 +81,20 @@ def test_the_checkpoint_is_written_shard_by_shard_with_the_family_shape_and_outl
     written = (path / "config.json").stat().st_mtime_ns
     assert make_checkpoint(tmp_path, shape, inputs / "tokenizer", seed=0) == path  # reused, not rewritten
     assert (path / "config.json").stat().st_mtime_ns == written
+
+
+def test_a_case_whose_exports_would_not_fit_on_disk_is_refused_before_it_calibrates(inputs, tmp_path, monkeypatch):
+    shape = llama3_shape(layers=2, hidden=256, vocab=512)
+    path = make_checkpoint(tmp_path, shape, inputs / "tokenizer", seed=0)
+    exports = tmp_path / "exports"
+    scale.require_disk_space(path, exports, exports_at_once=2)  # a tiny model's exports fit
+    linears = 2 * (256 * (256 + 2 * 64 + 256) + 3 * 256 * 896)  # q, k, v, o and gate, up, down per layer
+    others = 2 * 512 * 256 + 2 * 2 * 256 + 256  # embeddings and head, the layers' two norms, the final norm
+    expected = linears * scale.INT4_EXPORT_BYTES + 2 * others
+    monkeypatch.setattr(scale.shutil, "disk_usage", lambda folder: SimpleNamespace(free=int(3 * expected) - 1))
+    with pytest.raises(SystemExit, match=r"3 export\(s\) of .* need about .* GB; .* GB are free"):
+        scale.require_disk_space(path, exports, exports_at_once=3)
+    scale.require_disk_space(path, exports, exports_at_once=2)
 
 
 def test_the_watchdog_kills_a_child_above_the_limit_and_spares_one_below():
