@@ -47,6 +47,7 @@ import functools
 import gc
 import importlib
 import json
+import math
 import os
 import re
 import shutil
@@ -338,8 +339,7 @@ def require_disk_space(checkpoint: Path, out_dir: Path, exports_at_once: int) ->
     for shard in checkpoint.glob("*.safetensors"):
         with safe_open(str(shard), "pt") as f:
             for name in f.keys():
-                tensor = f.get_slice(name)
-                count = functools.reduce(lambda a, b: a * b, tensor.get_shape(), 1)
+                count = math.prod(f.get_slice(name).get_shape())
                 export += count * (INT4_EXPORT_BYTES if LAYER_LINEAR.search(name) else 2)  # bf16 otherwise
     out_dir.mkdir(parents=True, exist_ok=True)
     needed, free = export * exports_at_once, shutil.disk_usage(out_dir).free

@@ -51,7 +51,7 @@ def test_blocked_cholesky_names_the_first_minor_that_is_not_positive_definite(mo
 
 
 @pytest.mark.parametrize("n, block", [(37, 16), (300, 64), (1100, 512)])
-def test_gptq_feedback_factor_is_h_upper_lower_factor_over_its_diagonal_in_place(monkeypatch, n, block):
+def test_gptq_feedback_factor_is_the_upper_factor_of_h_over_its_diagonal_in_place(monkeypatch, n, block):
     """From J H J, in its own storage: V = R D^-1 with H = R R^T, R upper triangular, D = diag(R); so V is unit
     upper triangular, and V^-1 is H^-1's upper Cholesky factor with its rows over their diagonal (GPTQ's)."""
     monkeypatch.setattr(hessian_algebra, "TRIANGULAR_BLOCK", block)
