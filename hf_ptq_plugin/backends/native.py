@@ -29,6 +29,8 @@ from typing import Optional
 
 import torch
 
+from . import cpu_blas
+
 logger = logging.getLogger(__name__)
 _scratch = threading.local()
 
@@ -245,5 +247,5 @@ def matmul_by_chunks(layout: str, x: torch.Tensor, codes: torch.Tensor, n: int, 
         chunk_scales = scales if scales is None or layout == "fp8_tiles" else scales[start:stop]
         buffer = _chunk_buffer(stop - start, k) if wide is None else wide[:(stop - start) * k].view(stop - start, k)
         weight = decode(layout, chunk_codes, stop - start, k, chunk_scales, group, start, buffer)
-        torch.mm(weight, x.t(), out=y_t[start:stop])
+        cpu_blas.addmm_(y_t[start:stop], weight, x.t(), beta=0.0)
     return y_t.t().contiguous()  # a row-major output, as F.linear gives: attention kernels round by layout

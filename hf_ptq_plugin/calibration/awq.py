@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import formats as F
+from ..backends import cpu_blas
 from ..numerics import input_scale_from_amax, quantize_activation
 from ..numerics.weights import fake_quantize_weight
 from .distributed import all_reduce
@@ -103,17 +104,17 @@ def _squared_output_error(w, x, x_amax, fmt: F.Format, group_size: int, evaluati
     """
     (n, k), tokens = w.shape, x.shape[0]
     if fmt.act is None and k * (tokens + evaluations * n) < evaluations * tokens * n:
-        gram = x.T @ x
+        gram = cpu_blas.mm(x.T, x)
         return lambda scale: _gram_error(fake_quantize_weight(w * scale, fmt, group_size) / scale - w, gram)
-    reference = x @ w.T
+    reference = cpu_blas.mm(x, w.T)
     return lambda scale: (_quantized_output(w, x, x_amax, scale, fmt, group_size) - reference).pow(2).sum()
 
 
 def _gram_error(error: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    return ((error @ gram) * error).sum()
+    return (cpu_blas.mm(error, gram) * error).sum()
 
 
 def _quantized_output(w, x, x_amax, scale, fmt: F.Format, group_size: int) -> torch.Tensor:
     w_q = fake_quantize_weight(w * scale, fmt, group_size)
     input_scale = input_scale_from_amax((x_amax / scale).amax(), fmt) if fmt.needs_calibration_data else None
-    return quantize_activation(x / scale, fmt, input_scale) @ w_q.T
+    return cpu_blas.mm(quantize_activation(x / scale, fmt, input_scale), w_q.T)

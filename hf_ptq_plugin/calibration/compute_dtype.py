@@ -18,9 +18,9 @@ import contextlib
 from typing import Iterator, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F_nn
 from torch import nn
 
+from ..backends import cpu_blas
 from ..modules.fused_experts import is_fused_experts
 from ..modules.quant_experts import QuantExperts
 from ..modules.quant_linear import QuantLinear
@@ -98,9 +98,9 @@ def computing_in(block: nn.Module, dtype: Optional[torch.dtype]) -> Iterator[Non
 def _upcasting_forward(linear: nn.Linear):
     def forward(x: torch.Tensor) -> torch.Tensor:
         if x.dtype == linear.weight.dtype:
-            return F_nn.linear(x, linear.weight, linear.bias)
+            return cpu_blas.linear(x, linear.weight, linear.bias)
         bias = None if linear.bias is None else linear.bias.to(x.dtype)
-        return F_nn.linear(x, linear.weight.to(x.dtype), bias)
+        return cpu_blas.linear(x, linear.weight.to(x.dtype), bias)
     return forward
 
 

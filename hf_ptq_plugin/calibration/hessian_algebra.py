@@ -9,6 +9,8 @@ K = 14336), and a second copy of it would be the largest allocation of a whole c
 
 import torch
 
+from ..backends import cpu_blas
+
 TRIANGULAR_BLOCK = 512  # block columns of the Cholesky: (K, 512) temporaries
 GRAM_STRIP = 192  # rows of x^T x per GEMM in add_upper_gram_: the fastest of 96-2048 at K = 576, 1536 and 4096
 GRAM_STRIPS = 28  # wider inputs take K / 28 rows: 512 at K = 14336, 15% faster there than 192
@@ -18,7 +20,10 @@ GATHER_ELEMENTS = 1 << 24  # permute_rows_ copies matrices up to this size (64 M
 def add_upper_gram_(gram: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """gram += x^T x (K, K) for x (T, K), in place, on and above the diagonal only: strips of rows,
     each one GEMM from the diagonal rightwards, about half the multiply-adds of `x.T @ x` for wide
-    inputs and no (K, K) temporary (a down_proj's is K^2 fp32). `mirror_upper_` completes it."""
+    inputs and no (K, K) temporary (a down_proj's is K^2 fp32). `mirror_upper_` completes it. On a CPU where
+    OpenBLAS is the faster BLAS, its syrk does the same in one call (`cpu_blas`)."""
+    if cpu_blas.add_upper_gram_(gram, x):
+        return gram
     k = x.shape[1]
     strip = max(GRAM_STRIP, k // GRAM_STRIPS)
     for start in range(0, k, strip):
@@ -102,20 +107,23 @@ def feedback_factor_(reversed_h: torch.Tensor) -> torch.Tensor:
 
 
 def cholesky_lower_(m: torch.Tensor) -> None:
-    """m <- L, lower triangular with m = L L^T, in place, by block columns from the left (faster than LAPACK's
-    here: the trailing updates are GEMMs).
+    """m <- L, lower triangular with m = L L^T, in place, by block columns from the left (faster than torch's
+    LAPACK call, which also copies m: the trailing updates are GEMMs).
 
     With m = [[A, B^T], [B, C]]: A = L11 L11^T (a small Cholesky), L21 = B L11^-T, and C - L21 L21^T is
     factored next. Only its lower triangle is updated, a row strip at a time up to the diagonal.
+    On a CPU where OpenBLAS is the faster BLAS, its LAPACK potrf factors m in place instead (`cpu_blas`).
     """
+    info = cpu_blas.cholesky_lower_(m)
+    if info is not None:
+        _raise_if_not_positive_definite(info)
+        _zero_above_diagonal_(m)
+        return
     n, block = m.shape[0], TRIANGULAR_BLOCK
     for a in range(0, n, block):
         b = min(a + block, n)
         l11, info = torch.linalg.cholesky_ex(m[a:b, a:b])
-        if info.item() > 0:
-            raise torch.linalg.LinAlgError(
-                f"GPTQ's damped Hessian is not positive-definite (the leading minor of order {a + info.item()} is "
-                f"not); raise perc_damp or calibrate on more tokens")
+        _raise_if_not_positive_definite(a + info.item() if info.item() > 0 else 0)
         m[a:b, a:b], m[a:b, b:] = l11, 0.0
         if b == n:
             break
@@ -124,6 +132,23 @@ def cholesky_lower_(m: torch.Tensor) -> None:
         for r in range(b, n, block):
             s = min(r + block, n)
             m[r:s, b:s].addmm_(l21[r - b:s - b], l21[:s - b].T, alpha=-1.0)
+
+
+def _zero_above_diagonal_(m: torch.Tensor) -> None:
+    """m's strict upper triangle <- 0, a strip of rows at a time (no (K, K) temporary)."""
+    n = m.shape[0]
+    for a in range(0, n, TRIANGULAR_BLOCK):
+        b = min(a + TRIANGULAR_BLOCK, n)
+        m[a:b, a:b] = m[a:b, a:b].tril()
+        m[a:b, b:] = 0.0
+
+
+def _raise_if_not_positive_definite(order: int) -> None:
+    """`order`: the first leading minor that is not positive, 0 if none (LAPACK's info)."""
+    if order > 0:
+        raise torch.linalg.LinAlgError(
+            f"GPTQ's damped Hessian is not positive-definite (the leading minor of order {order} is not); raise "
+            f"perc_damp or calibrate on more tokens")
 
 
 def _lower_inverse(block: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .. import formats as F
+from ..backends import cpu_blas
 from ..config import PTQConfig
 from ..modules.kv_cache import check_kv_support, enable_kv_quantization, observe_kv_amax
 from ..modules.layer_plan import LayerPlan
@@ -68,7 +69,7 @@ def run(model: nn.Module, config: PTQConfig, forward_loop: Optional[Callable] = 
     moe = ExpertQuantization(model, {} if source.streams_blocks else experts, fmt, algorithm,
                              source.expert_names(model, experts))
     token_mask = getattr(forward_loop, "token_mask", None)
-    with WeightGuard(model).watching() as guard:
+    with cpu_blas.calibrating(), WeightGuard(model).watching() as guard:
         kv_observation = observe_kv_amax(model, token_mask) if kv_format else contextlib.nullcontext({})
         with kv_observation as kv_amax, moe.observing(token_mask):
             if algorithm.streamed or source.streams_blocks:
