@@ -172,8 +172,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 
 
 def add_upper_gram_(gram: torch.Tensor, x: torch.Tensor) -> bool:
-    """gram += x^T x on and above the diagonal (BLAS's syrk), in place; False (nothing done) when this process
-    does not multiply with OpenBLAS or the tensors do not fit it."""
+    """gram += x^T x on and above the diagonal (BLAS's syrk), in place; False (nothing done) when this thread
+    does not multiply with OpenBLAS now (`calibrating()`) or the tensors do not fit it."""
     k = x.shape[1]
     fits = _takes(gram, x) and gram.shape == (k, k) and x.shape[0] * k * k >= 2 * MIN_MULTIPLY_ADDS
     if not fits or _operand(gram) != (_NO_TRANS, gram.stride(0)) or _operand(x) != (_NO_TRANS, max(x.stride(0), k)):
@@ -189,7 +189,7 @@ def add_upper_gram_(gram: torch.Tensor, x: torch.Tensor) -> bool:
 def cholesky_lower_(m: torch.Tensor) -> Optional[int]:
     """m <- L (m = L L^T) on and below the diagonal, in place, through LAPACK's potrf; the upper triangle is left
     as it was. Returns LAPACK's info (0, or the order of the first leading minor that is not positive), or
-    None (nothing done) when this process does not factor with OpenBLAS or m is not a contiguous fp32 matrix."""
+    None (nothing done) when this thread does not factor with OpenBLAS now or m is not a contiguous fp32 matrix."""
     if not _takes(m) or not m.is_contiguous() or m.shape[0] != m.shape[1] or m.shape[0] ** 3 < 3 * MIN_MULTIPLY_ADDS:
         return None
     lib = _openblas()
