@@ -15,7 +15,6 @@ import argparse
 import os
 import platform
 import time
-from pathlib import Path
 
 import torch
 from tables import print_table  # benchmarks/ is on sys.path
@@ -88,13 +87,6 @@ def best_seconds(runs: dict, repeats: int) -> dict:
     return best
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else ():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def main():
     args = parse_args()
     if cpu_blas._library() is None:
@@ -108,7 +100,8 @@ def main():
                      f"{rates['openblas']:.0f}", f"{seconds['torch'] / seconds['openblas']:.2f}"])
     os.environ.pop(cpu_blas.ENV)
     cpu_blas.backend.cache_clear()
-    print(f"{cpu_model()}, {torch.get_num_threads()} threads; calibration here multiplies with: {cpu_blas.backend()}")
+    cpu = cpu_blas.cpuinfo_field("model name") or platform.processor() or platform.machine()
+    print(f"{cpu}, {torch.get_num_threads()} threads; calibration here multiplies with: {cpu_blas.backend()}")
     print_table(["operation", "torch s", "torch GFLOP/s", "OpenBLAS s", "OpenBLAS GFLOP/s", "speed-up"], rows,
                 args.markdown)
 

@@ -76,12 +76,17 @@ def backend() -> str:
 
 
 def _cpu_vendor() -> str:
-    """The x86 vendor string ("AuthenticAMD", "GenuineIntel"), or "" where /proc/cpuinfo does not say."""
+    return cpuinfo_field("vendor_id")  # "AuthenticAMD", "GenuineIntel"
+
+
+def cpuinfo_field(name: str) -> str:
+    """The first `name : value` of /proc/cpuinfo (e.g. "vendor_id", "model name"), or "" where it does not say."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
     return ""
