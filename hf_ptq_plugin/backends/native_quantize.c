@@ -23,6 +23,9 @@
    was built (16, 8; 0 for neither, then the library holds no quantizers).
 */
 #include <stdint.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #if (defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)) || \
     (defined(__AVX2__) && defined(__F16C__) && defined(__FMA__))
@@ -254,14 +257,19 @@ static inline __attribute__((always_inline)) uint32_t nvfp4_row(const uint16_t *
 
 #define HFPTQ_QUANTIZE_SIMD_WIDTH 8
 
-static inline __m256 widen8(__m128i h, const int fp16) {
-    if (fp16) return _mm256_cvtph_ps(h);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); /* bf16: an fp32's high half */
+/* The 16 weights held in h as two fp32 vectors in the order of AVX2's in-lane unpacking: elements 0-3 and 8-11
+   in *a, 4-7 and 12-15 in *b. bf16 then widens in one instruction per vector (the pattern into an fp32's high
+   half), and `pack16` and `store_nibbles16` put that order back for free (their packs work per 128-bit lane too). */
+static inline void widen16(__m256i h, const int fp16, __m256 *a, __m256 *b) {
+    if (fp16) {
+        __m256i quads = _mm256_permute4x64_epi64(h, 0xD8); /* 0-3, 8-11, 4-7, 12-15 */
+        *a = _mm256_cvtph_ps(_mm256_castsi256_si128(quads));
+        *b = _mm256_cvtph_ps(_mm256_extracti128_si256(quads, 1));
+        return;
+    }
+    *a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), h));
+    *b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), h));
 }
-
-/* The low and high 8 of 16 weights held in h. */
-static inline __m256 widen_low(__m256i h, const int fp16) { return widen8(_mm256_castsi256_si128(h), fp16); }
-static inline __m256 widen_high(__m256i h, const int fp16) { return widen8(_mm256_extracti128_si256(h, 1), fp16); }
 
 static inline uint32_t reduce_max_u16_256(__m256i a) {
     __m128i b = _mm_max_epu16(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
@@ -288,10 +296,9 @@ static inline uint32_t amax_bits(const uint16_t *p, int64_t n) {
     return seen;
 }
 
-/* The int32 lanes of a (the low 8) and b (the high 8), each in [0, 255], as 16 bytes in order. */
+/* The int32 lanes of a and b, each in [0, 255], in `widen16`'s order, as 16 bytes in the weights' order. */
 static inline __m128i pack16(__m256i a, __m256i b) {
-    __m256i words = _mm256_packus_epi32(a, b); /* per 128-bit lane */
-    words = _mm256_permute4x64_epi64(words, 0xD8);
+    __m256i words = _mm256_packus_epi32(a, b); /* per 128-bit lane: elements 0-7, then 8-15 */
     return _mm_packus_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
 }
 
@@ -325,10 +332,13 @@ static inline __attribute__((always_inline)) uint32_t int4_row_pair(const uint16
         for (int64_t k = g; k < g + group; k += 16) {
             __m256i h0 = _mm256_loadu_si256((const __m256i *)(r0 + k));
             __m256i h1 = _mm256_loadu_si256((const __m256i *)(r1 + k));
-            __m256i lo0 = _mm256_and_si256(int_codes(widen_low(h0, fp16), v0, -8.0f, 7.0f), nibble);
-            __m256i lo1 = _mm256_and_si256(int_codes(widen_high(h0, fp16), v0, -8.0f, 7.0f), nibble);
-            __m256i hi0 = _mm256_slli_epi32(int_codes(widen_low(h1, fp16), v1, -8.0f, 7.0f), 4);
-            __m256i hi1 = _mm256_slli_epi32(int_codes(widen_high(h1, fp16), v1, -8.0f, 7.0f), 4);
+            __m256 a0, b0, a1, b1;
+            widen16(h0, fp16, &a0, &b0);
+            widen16(h1, fp16, &a1, &b1);
+            __m256i lo0 = _mm256_and_si256(int_codes(a0, v0, -8.0f, 7.0f), nibble);
+            __m256i lo1 = _mm256_and_si256(int_codes(b0, v0, -8.0f, 7.0f), nibble);
+            __m256i hi0 = _mm256_slli_epi32(int_codes(a1, v1, -8.0f, 7.0f), 4);
+            __m256i hi1 = _mm256_slli_epi32(int_codes(b1, v1, -8.0f, 7.0f), 4);
             _mm_storeu_si128((__m128i *)(out + k), narrow16(_mm256_or_si256(lo0, hi0), _mm256_or_si256(lo1, hi1)));
         }
     }
@@ -336,8 +346,9 @@ static inline __attribute__((always_inline)) uint32_t int4_row_pair(const uint16
 }
 
 static inline __m128i int8_codes16(__m256i h, __m256 s, const int fp16) {
-    return narrow16(int_codes(widen_low(h, fp16), s, -128.0f, 127.0f),
-                    int_codes(widen_high(h, fp16), s, -128.0f, 127.0f));
+    __m256 a, b;
+    widen16(h, fp16, &a, &b);
+    return narrow16(int_codes(a, s, -128.0f, 127.0f), int_codes(b, s, -128.0f, 127.0f));
 }
 
 static inline __attribute__((always_inline)) uint32_t int8_row(const uint16_t *row, int64_t K, int8_t *out,
@@ -360,32 +371,31 @@ static inline __attribute__((always_inline)) uint32_t int8_row(const uint16_t *r
     return a;
 }
 
-/* The AVX-512 path's `e4m3_codes` on 8 lanes, as int32, of magnitudes in [0, 448] (see there); `sign` holds
-   each lane's sign bit (and nothing else), put back in the code's bit 7. Magnitudes have no sign bit, so
-   the signed compare is the unsigned one. */
-static inline __m256i e4m3_codes(__m256 magnitude_ps, __m256 sign) {
-    __m256i magnitude = _mm256_castps_si256(magnitude_ps);
-    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(magnitude, 20), _mm256_set1_epi32(1));
-    __m256i rebias = _mm256_set1_epi32((int)(((uint32_t)(7 - 127) << 23) + 0x7FFFFu));
-    __m256i normal = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(magnitude, rebias), odd), 20);
-    __m256 shifted = _mm256_add_ps(magnitude_ps, _mm256_set1_ps(16384.0f));
-    __m256i subnormal = _mm256_sub_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(141 << 23));
-    __m256i small = _mm256_cmpgt_epi32(_mm256_set1_epi32(121 << 23), magnitude);
-    __m256i code = _mm256_blendv_epi8(normal, subnormal, small);
-    return _mm256_or_si256(code, _mm256_srli_epi32(_mm256_castps_si256(sign), 24));
+/* e4m3 codes (without sign) of fp32 magnitudes y in [0, 448], rounded to nearest even like the AVX-512 path's
+   `e4m3_codes`, by one fp32 add: for y in [2**e, 2**(e+1)), e >= -6, the add of c = 2**(e+20) rounds y to a
+   multiple of c's ulp, 2**(e-3), i.e. to 3 mantissa bits; t = y + c then lies j steps of 2**(e-3) above c, j in
+   [8, 16], and the code is (e + 6) * 8 + j (j = 16, a round up to 2**(e+1), is the next binade's first code).
+   Below 2**-6, c stays 2**14, its ulp 2**-9 is the subnormal step, and the same sum gives the subnormal code j. */
+static inline __m256i e4m3_magnitude_codes(__m256 y) {
+    __m256i binade = _mm256_and_si256(_mm256_castps_si256(y), _mm256_set1_epi32(0x7F800000)); /* 2**e's pattern */
+    binade = _mm256_max_epi32(binade, _mm256_set1_epi32(121 << 23));                         /* e >= -6 */
+    __m256i c = _mm256_add_epi32(binade, _mm256_set1_epi32(20 << 23));
+    __m256i j = _mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(y, _mm256_castsi256_ps(c))), c);
+    return _mm256_add_epi32(j, _mm256_srli_epi32(_mm256_sub_epi32(binade, _mm256_set1_epi32(121 << 23)), 20));
 }
 
-/* `numerics.fp8.fp8_quantize`: x / scale clamped to +-448, to e4m3, as |x| / scale clamped to 448 with x's
-   sign (division and clamping are symmetric in the sign): fewer operations than clamping both ends and
-   splitting the quotient's sign off again. */
-static inline __m256i fp8_codes(__m256 x, __m256 scale) {
-    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
-    __m256 y = _mm256_div_ps(_mm256_andnot_ps(sign_bit, x), scale);
-    return e4m3_codes(_mm256_min_ps(y, _mm256_set1_ps(448.0f)), _mm256_and_ps(sign_bit, x));
-}
-
+/* `numerics.fp8.fp8_quantize` of 16 weights: x / scale clamped to +-448, to e4m3, as |x| / scale clamped to 448
+   (division and clamping are symmetric in the sign) with x's sign bit put back in bit 7 from the 16-bit
+   patterns. */
 static inline __m128i fp8_codes16(__m256i h, __m256 s, const int fp16) {
-    return pack16(fp8_codes(widen_low(h, fp16), s), fp8_codes(widen_high(h, fp16), s)); /* codes: 0 to 255 */
+    const __m256 sign_bit = _mm256_set1_ps(-0.0f), bound = _mm256_set1_ps(448.0f);
+    __m256 a, b;
+    widen16(h, fp16, &a, &b);
+    __m256 y_a = _mm256_min_ps(_mm256_div_ps(_mm256_andnot_ps(sign_bit, a), s), bound);
+    __m256 y_b = _mm256_min_ps(_mm256_div_ps(_mm256_andnot_ps(sign_bit, b), s), bound);
+    __m128i codes = pack16(e4m3_magnitude_codes(y_a), e4m3_magnitude_codes(y_b)); /* 0 to 126 */
+    __m256i signs = _mm256_srli_epi16(_mm256_and_si256(h, _mm256_set1_epi16((short)0x8000)), 8); /* 0x80 or 0 */
+    return _mm_or_si128(codes, _mm_packus_epi16(_mm256_castsi256_si128(signs), _mm256_extracti128_si256(signs, 1)));
 }
 
 /* One block of per-tensor FP8, with the block's largest magnitude pattern taken from the same loads. */
@@ -427,14 +437,13 @@ static inline __m256i e2m1_codes8(__m256 y) {
     return _mm256_or_si256(index, _mm256_and_si256(_mm256_castps_si256(negative), _mm256_set1_epi32(8)));
 }
 
-/* 16 codes (elements 0-7 in a, 8-15 in b, one per int32 lane) to 8 bytes, element 2j in the low nibble of
+/* 16 codes (in `widen16`'s order, one per int32 lane of a and b) to 8 bytes, element 2j in the low nibble of
    byte j (`pack_nibbles`): each 64-bit lane's low half becomes its even element | the odd one << 4. */
 static inline void store_nibbles16(uint8_t *out, __m256i a, __m256i b) {
     __m256 pa = _mm256_castsi256_ps(_mm256_or_si256(a, _mm256_srli_epi64(a, 28)));
     __m256 pb = _mm256_castsi256_ps(_mm256_or_si256(b, _mm256_srli_epi64(b, 28)));
-    /* the even int32 lanes: bytes 0 1 4 5 in the low 128 bits, 2 3 6 7 in the high; then in order */
+    /* the even int32 lanes: bytes 0 1 2 3 in the low 128 bits, 4 5 6 7 in the high */
     __m256i bytes = _mm256_castps_si256(_mm256_shuffle_ps(pa, pb, _MM_SHUFFLE(2, 0, 2, 0)));
-    bytes = _mm256_permute4x64_epi64(bytes, 0xD8);
     __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(bytes), _mm256_extracti128_si256(bytes, 1));
     _mm_storel_epi64((__m128i *)out, _mm_packus_epi16(words, words));
 }
@@ -452,8 +461,9 @@ static inline __attribute__((always_inline)) uint32_t nvfp4_row(const uint16_t *
         uint8_t code = nvfp4_block_code(a, denominator, fp16);
         scales[k / 16] = code;
         __m256 step = _mm256_set1_ps(e4m3_value_of(code) * scale_2);
-        store_nibbles16(codes + k / 2, e2m1_codes8(_mm256_div_ps(widen_low(h, fp16), step)),
-                        e2m1_codes8(_mm256_div_ps(widen_high(h, fp16), step)));
+        __m256 x_a, x_b;
+        widen16(h, fp16, &x_a, &x_b);
+        store_nibbles16(codes + k / 2, e2m1_codes8(_mm256_div_ps(x_a, step)), e2m1_codes8(_mm256_div_ps(x_b, step)));
     }
     return seen;
 }
@@ -470,10 +480,35 @@ int hfptq_quantize_simd_width(void) { return HFPTQ_QUANTIZE_SIMD_WIDTH; }
 /* The exported quantizers, one text for both paths: OpenMP over the rows (or blocks) that the path's own kernels
    above quantize. */
 
+/* The output tensors are fresh memory (the loader gives freed pages back to the OS before each weight), so every
+   4 KiB page of codes would cost a page fault on its first write, about as long as quantizing the page's
+   weights. Linux's MADV_POPULATE_WRITE maps a whole range in one call instead, each thread a share of it:
+   the same pages, zero-filled, without a trap per page. Elsewhere, or on kernels before 5.14, the call fails
+   and the writes fault the pages in as before. Only pages wholly inside the tensor are touched. */
+#if defined(__linux__)
+#define POPULATE_WRITE 23 /* MADV_POPULATE_WRITE, which older C library headers lack */
+#define PAGE 4096
+#define PREFAULT_CHUNK (256 << 10)
+static void prefault(void *p, int64_t bytes, int threads) {
+    uintptr_t first = ((uintptr_t)p + PAGE - 1) & ~(uintptr_t)(PAGE - 1);
+    uintptr_t end = ((uintptr_t)p + (uintptr_t)bytes) & ~(uintptr_t)(PAGE - 1);
+    if (end <= first) return;
+    int64_t size = (int64_t)(end - first);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t at = 0; at < size; at += PREFAULT_CHUNK) {
+        int64_t chunk = size - at < PREFAULT_CHUNK ? size - at : PREFAULT_CHUNK;
+        madvise((void *)(first + at), (size_t)chunk, POPULATE_WRITE);
+    }
+}
+#else
+static void prefault(void *p, int64_t bytes, int threads) { (void)p, (void)bytes, (void)threads; }
+#endif
+
 /* INT4 group-wise: w (N, K) -> codes uint8 (N / 2, K), scales fp32 (N, K / group). N even, group a multiple
    of 32 dividing K. Returns the largest magnitude pattern read (top). */
 uint32_t hfptq_quantize_int4(const uint16_t *w, int64_t N, int64_t K, int64_t group, int fp16, uint8_t *codes,
                              float *scales, int threads) {
+    prefault(codes, N / 2 * K, threads);
     uint32_t seen = 0;
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(max : seen)
     for (int64_t pair = 0; pair < N / 2; pair++) {
@@ -489,6 +524,7 @@ uint32_t hfptq_quantize_int4(const uint16_t *w, int64_t N, int64_t K, int64_t gr
 /* INT8 per output channel: w (N, K) -> codes int8 (N, K), scales fp32 (N,). */
 uint32_t hfptq_quantize_int8(const uint16_t *w, int64_t N, int64_t K, int fp16, int8_t *codes, float *scales,
                              int threads) {
+    prefault(codes, N * K, threads);
     uint32_t seen = 0;
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(max : seen)
     for (int64_t n = 0; n < N; n++) {
@@ -512,6 +548,7 @@ uint32_t hfptq_amax16(const uint16_t *w, int64_t count, int threads) {
 
 /* Per-tensor FP8: `count` weights -> e4m3 codes under one fp32 scale (finite, positive; the caller checks). */
 uint32_t hfptq_quantize_fp8(const uint16_t *w, int64_t count, float scale, int fp16, uint8_t *codes, int threads) {
+    prefault(codes, count, threads);
     uint32_t seen = 0;
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(max : seen)
     for (int64_t start = 0; start < count; start += FP8_BLOCK) {
@@ -527,6 +564,7 @@ uint32_t hfptq_quantize_fp8(const uint16_t *w, int64_t count, float scale, int f
    `scale_2` (finite, positive; the caller's). K a multiple of 16. */
 uint32_t hfptq_quantize_nvfp4(const uint16_t *w, int64_t N, int64_t K, float scale_2, float denominator, int fp16,
                               uint8_t *codes, uint8_t *scales, int threads) {
+    prefault(codes, N * K / 2, threads);
     uint32_t seen = 0;
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(max : seen)
     for (int64_t n = 0; n < N; n++) {

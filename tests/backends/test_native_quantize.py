@@ -141,8 +141,8 @@ def test_zeros_equal_groups_subnormals_and_huge_values(qformat, dtype):
 
 
 def many_fp8_scales(count=200):
-    """The ends of the AVX2 path's range for dividing by a multiplication (2**-60, 2**60) and just past them,
-    ordinary and extreme scales, and random fp32 values log-uniform in 2**-64 to 2**64."""
+    """Ordinary and extreme scales (powers of two far out, just past them, fp32's ends, a subnormal) and
+    random fp32 values log-uniform in 2**-64 to 2**64."""
     generator = torch.Generator().manual_seed(0)
     exponents = torch.empty(count, dtype=torch.float64).uniform_(-64, 64, generator=generator)
     ends = [2.0**-60, 2.0**60, math.nextafter(2.0**-60, 0), math.nextafter(2.0**60, math.inf)]
@@ -151,7 +151,8 @@ def many_fp8_scales(count=200):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_the_fp8_conversion_of_every_input_under_many_given_scales(dtype):
-    """Every finite input, so every quotient the AVX2 path's division by a multiplication can meet at each scale."""
+    """Every finite input at each scale: the kernels' e4m3 rounding (one fp32 add on the AVX2 path) meets quotients
+    in every binade, on the ties between codes, in the subnormal band and past 448."""
     w = all_finite_values(dtype)[None].contiguous()
     for scale in many_fp8_scales():
         check(w, "fp8", weight_scale=torch.tensor(scale))
@@ -193,6 +194,19 @@ def test_thread_counts_and_unaligned_weights_give_the_same_bits(qformat):
             assert_same(quantize_weight_native(moved, fmt, 128), reference)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_fp8_kernel_writes_only_its_codes_around_prefaulted_pages():
+    """The kernels map their output's whole pages before writing: around an output that starts and ends mid-page,
+    the neighbouring bytes keep their values, and the codes are the torch path's."""
+    lib = native.quantize_library()
+    w = random_weight(3, 4096 + 5, torch.bfloat16)
+    buffer = torch.full((w.numel() + 3 * 4096,), 0xA5, dtype=torch.uint8)
+    start = 4096 - 7  # the codes begin 7 bytes before a page boundary and end mid-page
+    reference = quantize_weight(w, F.get_format("fp8"))
+    lib.hfptq_quantize_fp8(w.data_ptr(), w.numel(), reference["weight_scale"].item(), 0, buffer.data_ptr() + start, 2)
+    assert torch.equal(buffer[start:start + w.numel()].view(w.shape), reference["weight"].view(torch.uint8))
+    assert bool((buffer[:start] == 0xA5).all()) and bool((buffer[start + w.numel():] == 0xA5).all())
 
 
 @pytest.mark.parametrize("qformat", FORMATS)
