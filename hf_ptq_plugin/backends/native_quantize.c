@@ -376,12 +376,23 @@ static inline __attribute__((always_inline)) uint32_t int8_row(const uint16_t *r
    multiple of c's ulp, 2**(e-3), i.e. to 3 mantissa bits; t = y + c then lies j steps of 2**(e-3) above c, j in
    [8, 16], and the code is (e + 6) * 8 + j (j = 16, a round up to 2**(e+1), is the next binade's first code).
    Below 2**-6, c stays 2**14, its ulp 2**-9 is the subnormal step, and the same sum gives the subnormal code j. */
-static inline __m256i e4m3_magnitude_codes(__m256 y) {
+static inline __m256 e4m3_rounder(__m256 y) {
     __m256i binade = _mm256_and_si256(_mm256_castps_si256(y), _mm256_set1_epi32(0x7F800000)); /* 2**e's pattern */
     binade = _mm256_max_epi32(binade, _mm256_set1_epi32(121 << 23));                         /* e >= -6 */
-    __m256i c = _mm256_add_epi32(binade, _mm256_set1_epi32(20 << 23));
-    __m256i j = _mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(y, _mm256_castsi256_ps(c))), c);
-    return _mm256_add_epi32(j, _mm256_srli_epi32(_mm256_sub_epi32(binade, _mm256_set1_epi32(121 << 23)), 20));
+    return _mm256_castsi256_ps(_mm256_add_epi32(binade, _mm256_set1_epi32(20 << 23)));         /* c */
+}
+
+static inline __m256i e4m3_magnitude_codes(__m256 y) {
+    __m256 c = e4m3_rounder(y);
+    __m256i j = _mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(y, c)), _mm256_castps_si256(c));
+    __m256i binade_code = _mm256_srli_epi32(_mm256_sub_epi32(_mm256_castps_si256(c), _mm256_set1_epi32(141 << 23)), 20);
+    return _mm256_add_epi32(j, binade_code); /* (e + 6) * 8 + j */
+}
+
+/* y in [0, 448] rounded to e4m3 (the value of `e4m3_magnitude_codes(y)`), exactly: t - c has both in one binade. */
+static inline __m256 e4m3_rounded(__m256 y) {
+    __m256 c = e4m3_rounder(y);
+    return _mm256_sub_ps(_mm256_add_ps(y, c), c);
 }
 
 /* `numerics.fp8.fp8_quantize` of 16 weights: x / scale clamped to +-448, to e4m3, as |x| / scale clamped to 448
@@ -448,22 +459,81 @@ static inline void store_nibbles16(uint8_t *out, __m256i a, __m256i b) {
     _mm_storel_epi64((__m128i *)out, _mm_packus_epi16(words, words));
 }
 
-/* One NVFP4 row, as the AVX-512 path's `nvfp4_row`. */
+static inline __m256i max_epi32_ps(__m256 a, __m256 b) {
+    return _mm256_max_epi32(_mm256_castps_si256(a), _mm256_castps_si256(b));
+}
+
+/* The largest magnitude pattern of each of 8 blocks of 16 weights (block b at row + 16 b), as int32 lanes in block
+   order: each block's 16 patterns folded to 8 int32 lanes, then the 8 vectors reduced together in three rounds of
+   in-lane shuffles (a transpose that keeps only the maxima). Patterns of positive values order as integers. */
+static inline __m256i block_amax_bits8(const uint16_t *row) {
+    const __m256i magnitude = _mm256_set1_epi16(0x7FFF), zero = _mm256_setzero_si256();
+    __m256 m[8], pairs[4], quads[2];
+    for (int b = 0; b < 8; b++) {
+        __m256i h = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(row + 16 * b)), magnitude);
+        m[b] = _mm256_castsi256_ps(_mm256_max_epi32(_mm256_unpacklo_epi16(h, zero), _mm256_unpackhi_epi16(h, zero)));
+    }
+    for (int i = 0; i < 4; i++) /* lanes: blocks 2i, 2i+1, 2i, 2i+1 in each 128-bit half */
+        pairs[i] = _mm256_castsi256_ps(max_epi32_ps(_mm256_unpacklo_ps(m[2 * i], m[2 * i + 1]),
+                                                    _mm256_unpackhi_ps(m[2 * i], m[2 * i + 1])));
+    for (int i = 0; i < 2; i++) /* lanes: blocks 4i to 4i+3 in each 128-bit half */
+        quads[i] = _mm256_castsi256_ps(max_epi32_ps(_mm256_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], 0x44),
+                                                    _mm256_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], 0xEE)));
+    return max_epi32_ps(_mm256_permute2f128_ps(quads[0], quads[1], 0x20),
+                        _mm256_permute2f128_ps(quads[0], quads[1], 0x31));
+}
+
+/* `nvfp4_block_code` of 8 blocks at once: their e4m3 scale codes as 8 bytes at `out`; returns the scales' values
+   times `scale_2`, each block's step. */
+static inline __m256 nvfp4_block_scales8(__m256i amax_bits, float scale_2, float denominator, uint8_t *out,
+                                         const int fp16) {
+    __m256 amax = fp16 ? _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(amax_bits),
+                                                           _mm256_extracti128_si256(amax_bits, 1)))
+                       : _mm256_castsi256_ps(_mm256_slli_epi32(amax_bits, 16));
+    __m256 block = _mm256_div_ps(amax, _mm256_set1_ps(denominator));
+    block = _mm256_blendv_ps(block, _mm256_set1_ps(1.0f), _mm256_cmp_ps(block, _mm256_setzero_ps(), _CMP_EQ_OQ));
+    block = _mm256_max_ps(_mm256_min_ps(block, _mm256_set1_ps(448.0f)), _mm256_set1_ps(1.0f / 512.0f));
+    __m256i codes = e4m3_magnitude_codes(block);
+    __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(codes), _mm256_extracti128_si256(codes, 1));
+    _mm_storel_epi64((__m128i *)out, _mm_packus_epi16(words, words));
+    return _mm256_mul_ps(e4m3_rounded(block), _mm256_set1_ps(scale_2));
+}
+
+/* 16 weights' E2M1 codes under their block's step, as 8 bytes at `out`. */
+static inline void nvfp4_codes16(__m256i h, __m256 step, uint8_t *out, const int fp16) {
+    __m256 x_a, x_b;
+    widen16(h, fp16, &x_a, &x_b);
+    store_nibbles16(out, e2m1_codes8(_mm256_div_ps(x_a, step)), e2m1_codes8(_mm256_div_ps(x_b, step)));
+}
+
+/* One NVFP4 row, as the AVX-512 path's `nvfp4_row`: 8 blocks at a time (their scales in one vector), then the
+   remaining blocks one by one. */
 static inline __attribute__((always_inline)) uint32_t nvfp4_row(const uint16_t *row, int64_t K, float scale_2,
                                                                 float denominator, uint8_t *codes,
                                                                 uint8_t *scales, const int fp16) {
     const __m256i magnitude = _mm256_set1_epi16(0x7FFF);
-    uint32_t seen = 0;
-    for (int64_t k = 0; k < K; k += 16) {
+    __m256i seen8 = _mm256_setzero_si256();
+    int64_t k = 0;
+    for (; k + 128 <= K; k += 128) {
+        __m256i amax_bits = block_amax_bits8(row + k);
+        seen8 = _mm256_max_epi32(seen8, amax_bits);
+        float steps[8];
+        _mm256_storeu_ps(steps, nvfp4_block_scales8(amax_bits, scale_2, denominator, scales + k / 16, fp16));
+        for (int b = 0; b < 8; b++)
+            nvfp4_codes16(_mm256_loadu_si256((const __m256i *)(row + k + 16 * b)), _mm256_set1_ps(steps[b]),
+                          codes + (k + 16 * b) / 2, fp16);
+    }
+    __m128i seen4 = _mm_max_epi32(_mm256_castsi256_si128(seen8), _mm256_extracti128_si256(seen8, 1));
+    seen4 = _mm_max_epi32(seen4, _mm_shuffle_epi32(seen4, 0x4E));
+    seen4 = _mm_max_epi32(seen4, _mm_shuffle_epi32(seen4, 0xB1));
+    uint32_t seen = (uint32_t)_mm_cvtsi128_si32(seen4);
+    for (; k < K; k += 16) {
         __m256i h = _mm256_loadu_si256((const __m256i *)(row + k));
         uint32_t a = reduce_max_u16_256(_mm256_and_si256(h, magnitude));
         seen = a > seen ? a : seen;
         uint8_t code = nvfp4_block_code(a, denominator, fp16);
         scales[k / 16] = code;
-        __m256 step = _mm256_set1_ps(e4m3_value_of(code) * scale_2);
-        __m256 x_a, x_b;
-        widen16(h, fp16, &x_a, &x_b);
-        store_nibbles16(codes + k / 2, e2m1_codes8(_mm256_div_ps(x_a, step)), e2m1_codes8(_mm256_div_ps(x_b, step)));
+        nvfp4_codes16(h, _mm256_set1_ps(e4m3_value_of(code) * scale_2), codes + k / 2, fp16);
     }
     return seen;
 }
