@@ -76,7 +76,12 @@ def nvfp4_block_scales(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Ten
 
     (..., K) -> float8_e4m3fn (..., K // 16). An all-zero block gets 1.0, so it divides cleanly.
     """
-    scales = block_amax(x, NVFP4_BLOCK) / (E2M1_MAX * global_scale)
+    return nvfp4_block_scales_of_amax(block_amax(x, NVFP4_BLOCK), global_scale)
+
+
+def nvfp4_block_scales_of_amax(amax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """`nvfp4_block_scales` from the blocks' fp32 amax (..., K // 16)."""
+    scales = amax / (E2M1_MAX * global_scale)
     scales = torch.where(scales == 0, torch.ones_like(scales), scales)
     return scales.clamp(FP8_MIN_SUBNORMAL, FP8_MAX).to(torch.float8_e4m3fn)
 

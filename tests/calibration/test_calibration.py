@@ -7,13 +7,19 @@ from conftest import sqnr_db, tiny_llama
 from hf_ptq_plugin import FORMATS, PTQConfig, quantize
 from hf_ptq_plugin import formats as F
 from hf_ptq_plugin.calibration.blocks import block_lists, capture_block_inputs, run_block
-from hf_ptq_plugin.calibration.clipping import mse_weight_scale, weighted_nvfp4_block_scales
+from hf_ptq_plugin.calibration.clipping import MSE_RATIOS, mse_weight_scale, weighted_nvfp4_block_scales
 from hf_ptq_plugin.calibration.gptq import HessianFactor, HessianStats, _column_steps, gptq_quantize, gptq_weight_scale
 from hf_ptq_plugin.calibration.selection import target_linears
 from hf_ptq_plugin.calibration.smoothing import apply_pre_quant_scale
 from hf_ptq_plugin.calibration.smoothquant import ALPHAS, search_alpha, smoothquant_scale
 from hf_ptq_plugin.numerics import dequantize_weight, input_scale_from_amax, quantize_activation, quantize_weight
-from hf_ptq_plugin.numerics.nvfp4 import nvfp4_block_scales, nvfp4_dequantize, nvfp4_global_scale, nvfp4_quantize
+from hf_ptq_plugin.numerics.nvfp4 import (
+    e2m1_round,
+    nvfp4_block_scales,
+    nvfp4_dequantize,
+    nvfp4_global_scale,
+    nvfp4_quantize,
+)
 from hf_ptq_plugin.numerics.scales import block_amax
 from hf_ptq_plugin.numerics.weights import fake_quantize_weight
 
@@ -231,6 +237,36 @@ def test_gptq_nvfp4_block_scales_minimize_the_rounding_error_weighted_by_input_e
     assert weighted_error(searched) < 0.95 * weighted_error(nvfp4_block_scales(w, global_scale))
     _, gptq_scale = gptq_quantize(w, torch.diag(energy), fmt, group_size=16)
     assert torch.equal(gptq_scale.float(), searched.float())
+
+
+def every_ratio_nvfp4_block_scales(w, global_scale, importance):
+    """The weighted NVFP4 block-scale search as its definition states it: every ratio's scale, scored."""
+    blocks, weights = w.unflatten(-1, (-1, 16)), importance.view(1, -1, 16)
+    best_scales, best_errors = None, None
+    for ratio in MSE_RATIOS:
+        scales = nvfp4_block_scales(w * ratio, global_scale)
+        step = (scales.float() * global_scale)[..., None]
+        errors = ((blocks - e2m1_round(blocks / step) * step).pow(2) * weights).sum(dim=-1)
+        better = torch.ones_like(errors, dtype=torch.bool) if best_errors is None else errors < best_errors
+        best_scales = scales if best_scales is None else torch.where(better, scales, best_scales)
+        best_errors = errors if best_errors is None else torch.where(better, errors, best_errors)
+    return best_scales
+
+
+@pytest.mark.parametrize("global_share", [1.0, 0.05, 1e-4])  # ordinary scales, many at 448, all at 448
+def test_the_nvfp4_block_scale_search_scores_the_same_candidates_as_every_ratio(global_share):
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 512, generator=generator) * 0.02
+    w[:, :16] *= 50  # outlier channels
+    w[3, 32:48] = 0  # an all-zero block: scale 1.0
+    w[5, 48:64] = 1e-9  # a tiny block: the smallest scale, 2**-9
+    importance = torch.rand(512, generator=generator) ** 4 * 10
+    importance[64:80] = 0  # dead input channels: every scale scores 0 there, and the smallest wins
+    global_scale = nvfp4_global_scale(w.abs().amax() * global_share)
+    for weights in (importance, torch.ones(512)):
+        expected = every_ratio_nvfp4_block_scales(w, global_scale, weights)
+        got = weighted_nvfp4_block_scales(w, global_scale, weights)
+        assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
 
 
 @pytest.mark.parametrize("qformat", ["int8_wo", "fp8_pc_pt"])
