@@ -15,6 +15,7 @@ import torch
 from .. import formats as F
 from ..numerics import FP8_MAX, quantize_activation
 from ..numerics.nvfp4 import E2M1_GRID, NVFP4_BLOCK, nvfp4_activation_block_scales
+from . import native
 
 # The reference rounds |y| to E2M1 with alternating strict / non-strict comparisons
 # (m > 0.25, m >= 0.75, m > 1.25, ...; ties to the even mantissa). `bucketize(right=True)`
@@ -39,7 +40,14 @@ def fast_quantize_activation(x: torch.Tensor, fmt: F.Format, input_scale: Option
 def nvfp4_fake_quantize(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
     """NVFP4 round trip under the calibrated `input_scale`; the reference's
     `nvfp4_activation_fake_quantize` values, in the engine's order (vLLM
-    csrc/quantization/fp4/nvfp4_utils.cuh, cvt_warp_fp16_to_fp4; see `numerics.nvfp4`)."""
+    csrc/quantization/fp4/nvfp4_utils.cuh, cvt_warp_fp16_to_fp4; see `numerics.nvfp4`). One pass of
+    the native kernel where it runs (`native_activations.c`, the same values), else the torch ops below."""
+    if x.device.type == "cpu" and native.library() is not None and input_scale.numel() == 1:
+        g = torch.reciprocal(input_scale.float())  # as the reference rounds them
+        x32 = x.float().contiguous()
+        out = native.nvfp4_fake_quantize(x32, g.item(), torch.reciprocal(g).item(), input_scale.float().item())
+        if out is not None:
+            return out
     block_scales, output_scales = nvfp4_activation_block_scales(x, input_scale)  # the reference's scales
     y = x.float().unflatten(-1, (-1, NVFP4_BLOCK)) * output_scales[..., None]  # (..., K / 16, 16)
     magnitude = E2M1_VALUES[torch.bucketize(y.abs(), E2M1_BOUNDARIES, right=True)]

@@ -1,14 +1,14 @@
 """The native dequantize-GEMV kernels of `native_gemv.c`: built once per machine, called through ctypes.
 
-The C files (`SOURCES`: these kernels and the weight quantizers of `native_quantize.c`, which
-`native_quantize.py` wraps) are compiled on first use with the system's C compiler for this CPU
-(`-march=native`) into one library in the user's cache (`$XDG_CACHE_HOME/hf_ptq_plugin/native`, named
-by a hash of the sources and flags, so an upgrade rebuilds it, and only the KEPT_BUILDS newest builds
-stay); later processes load the built library at once. Plain C without torch's headers keeps the build to
-about a second. The kernels need AVX-512, or AVX2 with F16C and FMA; so do the weight quantizers (AVX-512
-with BW, VL and F16C, or AVX2 with F16C and FMA), which `quantize_library()` offers where the library
-holds them. Without a compiler, without AVX-512 or AVX2 (+F16C, FMA), or with `HF_PTQ_PLUGIN_NATIVE=0`,
-`library()` is None and the CPU backend keeps torch's own kernels.
+The C files (`SOURCES`: these kernels, the weight quantizers of `native_quantize.c`, which
+`native_quantize.py` wraps, and the NVFP4 activation fake quantizer of `native_activations.c`) are compiled on
+first use with the system's C compiler for this CPU (`-march=native`) into one library in the user's cache
+(`$XDG_CACHE_HOME/hf_ptq_plugin/native`, named by a hash of the sources and flags, so an upgrade rebuilds it,
+and only the KEPT_BUILDS newest builds stay); later processes load the built library at once. Plain C without
+torch's headers keeps the build to about a second. The kernels need AVX-512, or AVX2 with F16C and FMA; so do
+the weight quantizers (AVX-512 with BW, VL and F16C, or AVX2 with F16C and FMA), which `quantize_library()`
+offers where the library holds them. Without a compiler, without AVX-512 or AVX2 (+F16C, FMA), or with
+`HF_PTQ_PLUGIN_NATIVE=0`, `library()` is None and the CPU backend keeps torch's own kernels.
 
 `w8a8` is W8A8's int8 x int8 product with exact int32 sums (torch._int_mm's result, faster on AVX2).
 
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 _scratch = threading.local()
 
 SOURCE = Path(__file__).with_name("native_gemv.c")
-SOURCES = (SOURCE, Path(__file__).with_name("native_quantize.c"))
+SOURCES = (SOURCE, Path(__file__).with_name("native_quantize.c"), Path(__file__).with_name("native_activations.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 ENV_SWITCH = "HF_PTQ_PLUGIN_NATIVE"
 SIMD_WIDTHS = (16, 8)  # native_gemv.c's AVX-512 and AVX2 paths; 0 means it was built without either
@@ -67,6 +67,11 @@ SIGNATURES = {
     "hfptq_decode_int4": (_PTR, _PTR, _I64, ctypes.c_int, _I64, _I64, _PTR, ctypes.c_int),
     "hfptq_decode_mxfp8": (_PTR, _PTR, _I64, _I64, _PTR, ctypes.c_int),
     "hfptq_decode_fp8_tiles": (_PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, ctypes.c_int),
+}
+# native_activations.c's fake quantizer returns 1 when its input holds a NaN or an infinity
+ACTIVATION_SIGNATURES = {
+    "hfptq_nvfp4_activation_fake_quantize": (_PTR, _I64, ctypes.c_float, ctypes.c_float, ctypes.c_float, _PTR,
+                                             ctypes.c_int),
 }
 # native_quantize.c's kernels return the largest 16-bit magnitude pattern they read (native_quantize.py)
 QUANTIZE_SIGNATURES = {
@@ -131,6 +136,9 @@ def library() -> Optional[ctypes.CDLL]:
     for name, argtypes in SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
         getattr(lib, name).restype = None
+    for name, argtypes in ACTIVATION_SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = ctypes.c_int
     if lib.hfptq_quantize_simd_width() in QUANTIZE_SIMD_WIDTHS:  # else built without them
         for name, argtypes in QUANTIZE_SIGNATURES.items():
             getattr(lib, name).argtypes = argtypes
@@ -176,6 +184,15 @@ def gemv(layout: str, x: torch.Tensor, codes: torch.Tensor, n: int, scales: Opti
     else:  # "int4", "w4a8"
         lib.hfptq_gemv_int4(_ptr(x), m, k, _ptr(codes), _ptr(scales), group, layout == "w4a8", n, _ptr(y), threads)
     return y
+
+
+def nvfp4_fake_quantize(x: torch.Tensor, g: float, rcp_g: float, input_scale: float) -> Optional[torch.Tensor]:
+    """NVFP4 activation fake quantization of fp32 `x` (..., K), K a multiple of 16, contiguous: a new fp32 tensor
+    (`native_activations.c`), or None when x holds a NaN or an infinity."""
+    out = torch.empty_like(x)
+    non_finite = library().hfptq_nvfp4_activation_fake_quantize(_ptr(x), x.numel(), g, rcp_g, input_scale, _ptr(out),
+                                                               torch.get_num_threads())
+    return None if non_finite else out
 
 
 def w8a8(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -193,6 +193,28 @@ def test_lean_activation_quantizers_give_the_reference_bits():
             assert torch.equal(fast.view(torch.int32), ref.view(torch.int32)), (name, dtype)
 
 
+@pytest.mark.skipif(native.library() is None, reason="the native kernels cannot be built here")
+@pytest.mark.parametrize("rows", [1, 300])  # a decode row on one thread; 300 x 256 values split across threads
+def test_the_native_nvfp4_activation_quantizer_gives_the_reference_bits(rows, monkeypatch):
+    calls = []
+    kernel = native.nvfp4_fake_quantize
+    monkeypatch.setattr(native, "nvfp4_fake_quantize", lambda *args: calls.append(1) or kernel(*args))
+    torch.manual_seed(5)
+    x = torch.randn(rows, 256) * torch.logspace(-8, 6, 16).repeat_interleave(16)  # every block its own magnitude
+    x[0, :16] = torch.tensor([6, .25, .75, 1.25, 1.75, 2.5, 3.5, 5, -.25, -.75, -1.25, -1.75, -2.5, -3.5, -5, -0.0])
+    x[0, 16:32] = 0
+    fmt = get_format("nvfp4")
+    for scale in (torch.tensor(0.25), torch.tensor(3e-3), torch.tensor(1e-30), torch.tensor(1e4)):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            xd = x.to(dtype)
+            fast, ref = fast_quantize_activation(xd, fmt, scale), quantize_activation(xd, fmt, scale)
+            assert torch.equal(fast.view(torch.int32), ref.view(torch.int32)), (scale, dtype)
+    assert len(calls) == 12
+    x[-1, 100] = float("nan")  # the torch ops' NaN handling, which the kernel leaves to them
+    fast, ref = fast_quantize_activation(x, fmt, torch.tensor(0.25)), quantize_activation(x, fmt, torch.tensor(0.25))
+    assert torch.equal(fast.isnan(), ref.isnan()) and torch.equal(fast.nan_to_num(), ref.nan_to_num())
+
+
 def test_int4_layers_torch_cannot_pack_fall_back_to_an_exact_path(without_native):
     module = make_module("int4_awq", torch.bfloat16, n=40)  # 40 % 16 != 0
     x = torch.randn(3, K, dtype=torch.bfloat16)
