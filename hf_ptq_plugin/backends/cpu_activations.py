@@ -29,7 +29,10 @@ MX_BLOCK = 32
 
 
 def fast_quantize_activation(x: torch.Tensor, fmt: F.Format, input_scale: Optional[torch.Tensor]) -> torch.Tensor:
-    """`numerics.quantize_activation(x, fmt, input_scale)`, bit for bit; fp32 (..., K)."""
+    """`numerics.quantize_activation(x, fmt, input_scale)`, bit for bit; fp32 (..., K). Off the CPU (a calibration
+    search on a GPU) it is that function."""
+    if x.device.type != "cpu":
+        return quantize_activation(x, fmt, input_scale)
     if fmt.act == F.NVFP4:
         return nvfp4_fake_quantize(x, input_scale)
     if fmt.act == F.MXFP8:
@@ -41,7 +44,7 @@ def nvfp4_fake_quantize(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Ten
     """NVFP4 round trip under the calibrated `input_scale`; the reference's
     `nvfp4_activation_fake_quantize` values, in the engine's order (vLLM
     csrc/quantization/fp4/nvfp4_utils.cuh, cvt_warp_fp16_to_fp4; see `numerics.nvfp4`). One pass of
-    the native kernel where it runs (`native_activations.c`, the same values), else the torch ops below."""
+    the native kernel where it runs (`native_fake_quantize.c`, the same values), else the torch ops below."""
     if x.device.type == "cpu" and native.library() is not None and input_scale.numel() == 1:
         g = torch.reciprocal(input_scale.float())  # as the reference rounds them
         x32 = x.float().contiguous()

@@ -1,7 +1,7 @@
 """The native dequantize-GEMV kernels of `native_gemv.c`: built once per machine, called through ctypes.
 
 The C files (`SOURCES`: these kernels, the weight quantizers of `native_quantize.c`, which
-`native_quantize.py` wraps, and the NVFP4 activation fake quantizer of `native_activations.c`) are compiled on
+`native_quantize.py` wraps, and the NVFP4 fake quantizers of `native_fake_quantize.c`) are compiled on
 first use with the system's C compiler for this CPU (`-march=native`) into one library in the user's cache
 (`$XDG_CACHE_HOME/hf_ptq_plugin/native`, named by a hash of the sources and flags, so an upgrade rebuilds it,
 and only the KEPT_BUILDS newest builds stay); later processes load the built library at once. Plain C without
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 _scratch = threading.local()
 
 SOURCE = Path(__file__).with_name("native_gemv.c")
-SOURCES = (SOURCE, Path(__file__).with_name("native_quantize.c"), Path(__file__).with_name("native_activations.c"))
+SOURCES = (SOURCE, Path(__file__).with_name("native_quantize.c"), Path(__file__).with_name("native_fake_quantize.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 ENV_SWITCH = "HF_PTQ_PLUGIN_NATIVE"
 SIMD_WIDTHS = (16, 8)  # native_gemv.c's AVX-512 and AVX2 paths; 0 means it was built without either
@@ -68,10 +68,11 @@ SIGNATURES = {
     "hfptq_decode_mxfp8": (_PTR, _PTR, _I64, _I64, _PTR, ctypes.c_int),
     "hfptq_decode_fp8_tiles": (_PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, ctypes.c_int),
 }
-# native_activations.c's fake quantizer returns 1 when its input holds a NaN or an infinity
-ACTIVATION_SIGNATURES = {
+# native_fake_quantize.c's fake quantizers return 1 when their input holds a NaN or an infinity
+FAKE_QUANTIZE_SIGNATURES = {
     "hfptq_nvfp4_activation_fake_quantize": (_PTR, _I64, ctypes.c_float, ctypes.c_float, ctypes.c_float, _PTR,
                                              ctypes.c_int),
+    "hfptq_nvfp4_weight_fake_quantize": (_PTR, _I64, ctypes.c_float, _PTR, ctypes.c_int),
 }
 # native_quantize.c's kernels return the largest 16-bit magnitude pattern they read (native_quantize.py)
 QUANTIZE_SIGNATURES = {
@@ -136,7 +137,7 @@ def library() -> Optional[ctypes.CDLL]:
     for name, argtypes in SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
         getattr(lib, name).restype = None
-    for name, argtypes in ACTIVATION_SIGNATURES.items():
+    for name, argtypes in FAKE_QUANTIZE_SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
         getattr(lib, name).restype = ctypes.c_int
     if lib.hfptq_quantize_simd_width() in QUANTIZE_SIMD_WIDTHS:  # else built without them
@@ -188,10 +189,19 @@ def gemv(layout: str, x: torch.Tensor, codes: torch.Tensor, n: int, scales: Opti
 
 def nvfp4_fake_quantize(x: torch.Tensor, g: float, rcp_g: float, input_scale: float) -> Optional[torch.Tensor]:
     """NVFP4 activation fake quantization of fp32 `x` (..., K), K a multiple of 16, contiguous: a new fp32 tensor
-    (`native_activations.c`), or None when x holds a NaN or an infinity."""
+    (`native_fake_quantize.c`), or None when x holds a NaN or an infinity."""
     out = torch.empty_like(x)
     non_finite = library().hfptq_nvfp4_activation_fake_quantize(_ptr(x), x.numel(), g, rcp_g, input_scale, _ptr(out),
                                                                torch.get_num_threads())
+    return None if non_finite else out
+
+
+def nvfp4_fake_quantize_weight(w: torch.Tensor, scale_2: float) -> Optional[torch.Tensor]:
+    """NVFP4 weight fake quantization of fp32 `w` (..., K), K a multiple of 16, contiguous, under the second-level
+    scale `scale_2`: a new fp32 tensor (`native_fake_quantize.c`), or None when w holds a NaN or an infinity."""
+    out = torch.empty_like(w)
+    non_finite = library().hfptq_nvfp4_weight_fake_quantize(_ptr(w), w.numel(), scale_2, _ptr(out),
+                                                           torch.get_num_threads())
     return None if non_finite else out
 
 

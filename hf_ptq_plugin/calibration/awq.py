@@ -25,8 +25,9 @@ import torch
 
 from .. import formats as F
 from ..backends import cpu_blas
-from ..numerics import input_scale_from_amax, quantize_activation
-from ..numerics.weights import fake_quantize_weight
+from ..backends.cpu_activations import fast_quantize_activation
+from ..backends.fake_quantize import fake_quantize_weight
+from ..numerics import input_scale_from_amax
 from .distributed import all_reduce
 from .smoothing import evenly_strided
 
@@ -117,4 +118,4 @@ def _gram_error(error: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
 def _quantized_output(w, x, x_amax, scale, fmt: F.Format, group_size: int) -> torch.Tensor:
     w_q = fake_quantize_weight(w * scale, fmt, group_size)
     input_scale = input_scale_from_amax((x_amax / scale).amax(), fmt) if fmt.needs_calibration_data else None
-    return cpu_blas.mm(quantize_activation(x / scale, fmt, input_scale), w_q.T)
+    return cpu_blas.mm(fast_quantize_activation(x / scale, fmt, input_scale), w_q.T)

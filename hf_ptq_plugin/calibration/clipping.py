@@ -15,10 +15,10 @@ Each returns the scale (or global amax) the QuantLinear then stores as is.
 import torch
 
 from .. import formats as F
+from ..backends.fake_quantize import fake_quantize_weight
 from ..numerics.integer import INT4_MAX, INT8_MAX, int_quantize
 from ..numerics.nvfp4 import NVFP4_BLOCK, e2m1_round, nvfp4_block_scales_of_amax
 from ..numerics.scales import block_amax, scale_from_amax
-from ..numerics.weights import fake_quantize_weight
 from .distributed import all_reduce
 
 CLIP_RATIOS = tuple(0.5 + 0.05 * i for i in range(11))

@@ -14,7 +14,16 @@ from .. import formats as F
 from .fp8 import FP8_MAX, fp8_dequantize, fp8_quantize
 from .integer import INT4_MAX, INT8_MAX, int_dequantize, int_quantize, pack_int4_rows, unpack_int4_rows
 from .mx import MX_BLOCK, mxfp8_dequantize, mxfp8_quantize
-from .nvfp4 import nvfp4_dequantize, nvfp4_global_scale, nvfp4_quantize, pack_nibbles, unpack_nibbles
+from .nvfp4 import (
+    NVFP4_BLOCK,
+    e2m1_round,
+    nvfp4_block_scales,
+    nvfp4_dequantize,
+    nvfp4_global_scale,
+    nvfp4_quantize,
+    pack_nibbles,
+    unpack_nibbles,
+)
 from .scales import abs_amax, block_amax, scale_from_amax
 
 WEIGHT_BUFFERS = ("weight", "weight_scale", "weight_scale_2")  # the names quantize_weight returns
@@ -172,6 +181,10 @@ def fake_quantize_weight(w: torch.Tensor, fmt: F.Format, group_size: Optional[in
     Searches (AWQ, clipping) quantize a weight dozens of times and only need the values.
     """
     group_size = group_size or fmt.group_size
+    if fmt.weight == F.NVFP4:
+        fake = _fake_quantize_nvfp4(w.detach().float(), global_amax)
+        if not fake.isnan().any():  # a NaN weight, or 0 / 0 under an underflowed step: the codes' own rule
+            return fake
     if fmt.weight != F.INT4:
         return dequantize_weight(quantize_weight(w, fmt, group_size, global_amax), fmt, group_size)
     w = w.detach().float()
@@ -192,6 +205,17 @@ def _fake_quantize_int4(w: torch.Tensor, group_size: int) -> torch.Tensor:
     step = scale_from_amax(block_amax(w, group_size), INT4_MAX).unsqueeze(-1)  # (N, K / g, 1)
     q = (w.reshape(n, k // group_size, group_size) / step).round_().clamp_(-8, 7)  # a new tensor: w is untouched
     return q.mul_(step).view(n, k)
+
+
+def _fake_quantize_nvfp4(w: torch.Tensor, global_amax: Optional[torch.Tensor]) -> torch.Tensor:
+    """NVFP4 `fake_quantize_weight` of fp32 w (N, K): `nvfp4_quantize`'s quotients, rounded onto E2M1 by
+    `e2m1_round` (the values of `e2m1_codes`, for every quotient but NaN) and times the same step, with no codes
+    packed and unpacked: about a third of the passes over the weight. NaN quotients come out NaN here (the codes
+    make them 0); the caller then takes the codes' path."""
+    scale_2 = nvfp4_global_scale(abs_amax(w) if global_amax is None else global_amax)
+    step = (nvfp4_block_scales(w, scale_2).float() * scale_2).unsqueeze(-1)  # (N, K / 16, 1)
+    blocks = w.unflatten(-1, (-1, NVFP4_BLOCK))
+    return e2m1_round(blocks / step).mul_(step).flatten(-2)
 
 
 def w4a8_group_ratio(weight_scale: torch.Tensor, weight_scale_2: torch.Tensor) -> torch.Tensor:
