@@ -45,7 +45,7 @@ def nvfp4_fake_quantize(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Ten
     `nvfp4_activation_fake_quantize` values, in the engine's order (vLLM
     csrc/quantization/fp4/nvfp4_utils.cuh, cvt_warp_fp16_to_fp4; see `numerics.nvfp4`). One pass of
     the native kernel where it runs (`native_fake_quantize.c`, the same values), else the torch ops below."""
-    if x.device.type == "cpu" and native.library() is not None and input_scale.numel() == 1:
+    if x.device.type == "cpu" and x.shape[-1] % NVFP4_BLOCK == 0 and input_scale.numel() == 1 and native.library():
         g = torch.reciprocal(input_scale.float())  # as the reference rounds them
         x32 = x.float().contiguous()
         out = native.nvfp4_fake_quantize(x32, g.item(), torch.reciprocal(g).item(), input_scale.float().item())

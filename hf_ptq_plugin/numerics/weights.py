@@ -210,7 +210,7 @@ def _fake_quantize_int4(w: torch.Tensor, group_size: int) -> torch.Tensor:
 def _fake_quantize_nvfp4(w: torch.Tensor, global_amax: Optional[torch.Tensor]) -> torch.Tensor:
     """NVFP4 `fake_quantize_weight` of fp32 w (N, K): `nvfp4_quantize`'s quotients, rounded onto E2M1 by
     `e2m1_round` (the values of `e2m1_codes`, for every quotient but NaN) and times the same step, with no codes
-    packed and unpacked: about a third of the passes over the weight. NaN quotients come out NaN here (the codes
+    made, packed, unpacked and looked up: fewer passes over the weight. NaN quotients come out NaN here (the codes
     make them 0); the caller then takes the codes' path."""
     scale_2 = nvfp4_global_scale(abs_amax(w) if global_amax is None else global_amax)
     step = (nvfp4_block_scales(w, scale_2).float() * scale_2).unsqueeze(-1)  # (N, K / 16, 1)

@@ -53,8 +53,9 @@ def test_the_native_nvfp4_weight_fake_quantizer_gives_the_codes_values(global_am
 def test_the_torch_nvfp4_weight_fake_quantizer_gives_the_codes_values(global_amax, monkeypatch):
     monkeypatch.setattr(native, "library", lambda: None)
     amax = None if global_amax is None else torch.tensor(global_amax)
-    assert_same_bits(fake_quantize_weight(weight(), NVFP4, None, amax), codes_round_trip(weight(), amax))
-    assert_same_bits(numerics_weights.fake_quantize_weight(weight(), NVFP4, None, amax), codes_round_trip(weight(), amax))
+    expected = codes_round_trip(weight(), amax)
+    assert_same_bits(fake_quantize_weight(weight(), NVFP4, None, amax), expected)
+    assert_same_bits(numerics_weights.fake_quantize_weight(weight(), NVFP4, None, amax), expected)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
