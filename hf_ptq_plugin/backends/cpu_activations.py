@@ -46,9 +46,7 @@ def nvfp4_fake_quantize(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Ten
     csrc/quantization/fp4/nvfp4_utils.cuh, cvt_warp_fp16_to_fp4; see `numerics.nvfp4`). One pass of
     the native kernel where it runs (`native_fake_quantize.c`, the same values), else the torch ops below."""
     if x.device.type == "cpu" and x.shape[-1] % NVFP4_BLOCK == 0 and input_scale.numel() == 1 and native.library():
-        g = torch.reciprocal(input_scale.float())  # as the reference rounds them
-        x32 = x.float().contiguous()
-        out = native.nvfp4_fake_quantize(x32, g.item(), torch.reciprocal(g).item(), input_scale.float().item())
+        out = native.nvfp4_fake_quantize(x.float().contiguous(), input_scale.float().item())
         if out is not None:
             return out
     block_scales, output_scales = nvfp4_activation_block_scales(x, input_scale)  # the reference's scales

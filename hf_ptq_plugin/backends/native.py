@@ -70,8 +70,7 @@ SIGNATURES = {
 }
 # native_fake_quantize.c's fake quantizers return 1 when their input holds a NaN or an infinity
 FAKE_QUANTIZE_SIGNATURES = {
-    "hfptq_nvfp4_activation_fake_quantize": (_PTR, _I64, ctypes.c_float, ctypes.c_float, ctypes.c_float, _PTR,
-                                             ctypes.c_int),
+    "hfptq_nvfp4_activation_fake_quantize": (_PTR, _I64, ctypes.c_float, _PTR, ctypes.c_int),
     "hfptq_nvfp4_weight_fake_quantize": (_PTR, _I64, ctypes.c_float, _PTR, ctypes.c_int),
 }
 # native_quantize.c's kernels return the largest 16-bit magnitude pattern they read (native_quantize.py)
@@ -187,21 +186,21 @@ def gemv(layout: str, x: torch.Tensor, codes: torch.Tensor, n: int, scales: Opti
     return y
 
 
-def nvfp4_fake_quantize(x: torch.Tensor, g: float, rcp_g: float, input_scale: float) -> Optional[torch.Tensor]:
-    """NVFP4 activation fake quantization of fp32 `x` (..., K), K a multiple of 16, contiguous: a new fp32 tensor
-    (`native_fake_quantize.c`), or None when x holds a NaN or an infinity."""
-    out = torch.empty_like(x)
-    non_finite = library().hfptq_nvfp4_activation_fake_quantize(_ptr(x), x.numel(), g, rcp_g, input_scale, _ptr(out),
-                                                               torch.get_num_threads())
-    return None if non_finite else out
+def nvfp4_fake_quantize(x: torch.Tensor, input_scale: float) -> Optional[torch.Tensor]:
+    """NVFP4 activation fake quantization of fp32 `x` (..., K), K a multiple of 16, contiguous, under
+    `input_scale`: a new fp32 tensor (`native_fake_quantize.c`), or None when x holds a NaN or an infinity."""
+    return _fake_quantize(library().hfptq_nvfp4_activation_fake_quantize, x, input_scale)
 
 
 def nvfp4_fake_quantize_weight(w: torch.Tensor, scale_2: float) -> Optional[torch.Tensor]:
     """NVFP4 weight fake quantization of fp32 `w` (..., K), K a multiple of 16, contiguous, under the second-level
     scale `scale_2`: a new fp32 tensor (`native_fake_quantize.c`), or None when w holds a NaN or an infinity."""
-    out = torch.empty_like(w)
-    non_finite = library().hfptq_nvfp4_weight_fake_quantize(_ptr(w), w.numel(), scale_2, _ptr(out),
-                                                           torch.get_num_threads())
+    return _fake_quantize(library().hfptq_nvfp4_weight_fake_quantize, w, scale_2)
+
+
+def _fake_quantize(kernel, x: torch.Tensor, scale: float) -> Optional[torch.Tensor]:
+    out = torch.empty_like(x)
+    non_finite = kernel(_ptr(x), x.numel(), scale, _ptr(out), torch.get_num_threads())
     return None if non_finite else out
 
 

@@ -69,8 +69,8 @@ static inline float block_amax(const float *x, int *non_finite) {
         out[i] = (y < 0.0f ? -magnitude : magnitude) * step;                           \
     }
 
-/* One block of activations: returns 0, or 1 if it holds a NaN or an infinity (the caller then keeps the torch
-   version). */
+/* One block of activations, g = 1 / input_scale and rcp_g = 1 / g: returns 0, or 1 if it holds a NaN or an
+   infinity (the caller then keeps the torch version). */
 static inline int activation_block(const float *x, float g, float rcp_g, float input_scale, float *out) {
     int non_finite = 0;
     float scale = block_amax(x, &non_finite) * 0x1.555556p-3f; /* rcp(6) in fp32, as numerics.nvfp4.RCP_E2M1_MAX */
@@ -94,13 +94,12 @@ static inline int weight_block(const float *x, float scale_2, float denominator,
     return non_finite;
 }
 
-/* x (count values, count a multiple of 16, contiguous fp32) -> out, the fake-quantized activations. g = 1 / input_scale
-   and rcp_g = 1 / g, both rounded to fp32 as the reference rounds them. Returns 1 if x holds a NaN or an infinity
-   (out is then not the reference's), else 0. */
-int hfptq_nvfp4_activation_fake_quantize(const float *x, int64_t count, float g, float rcp_g, float input_scale,
-                                         float *out, int threads) {
+/* x (count values, count a multiple of 16, contiguous fp32) -> out, the fake-quantized activations under the fp32
+   `input_scale`. Returns 1 if x holds a NaN or an infinity (out is then not the reference's), else 0. */
+int hfptq_nvfp4_activation_fake_quantize(const float *x, int64_t count, float input_scale, float *out, int threads) {
     int non_finite = 0;
     int64_t blocks = count / NVFP4_BLOCK;
+    const float g = 1.0f / input_scale, rcp_g = 1.0f / g; /* correctly rounded, as torch.reciprocal */
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(| : non_finite) if (count >= PARALLEL_VALUES)
     for (int64_t b = 0; b < blocks; b++)
         non_finite |= activation_block(x + b * NVFP4_BLOCK, g, rcp_g, input_scale, out + b * NVFP4_BLOCK);

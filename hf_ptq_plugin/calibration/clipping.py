@@ -126,7 +126,7 @@ def _weighted_nvfp4_rows_scales(w: torch.Tensor, global_scale: torch.Tensor, imp
     w = w.float()
     blocks = w.unflatten(-1, (-1, NVFP4_BLOCK))  # (N, K / 16, 16)
     weights = importance.float().view(1, -1, NVFP4_BLOCK)
-    amax = blocks.abs().amax(dim=-1)  # (N, K / 16)
+    amax = block_amax(w, NVFP4_BLOCK)  # (N, K / 16)
     lowest = nvfp4_block_scales_of_amax(amax * MSE_RATIOS[0], global_scale).view(torch.uint8)
     highest = nvfp4_block_scales_of_amax(amax * MSE_RATIOS[-1], global_scale).view(torch.uint8)
     best_codes, best_errors = None, None
